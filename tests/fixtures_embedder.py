@@ -1,0 +1,1 @@
+"""Session fixtures for the embedder tier (real process over loopback)."""

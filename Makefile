@@ -16,6 +16,7 @@ PYTEST_ARGS ?=
 install: $(STAMP) $(BUF)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
+	bash tools/system-packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first: 2.13.0 is the CPU wheel on this kind of machine.

@@ -61,13 +61,20 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def python_module(cls, name: str, module: str, *args: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def python_module(
+        cls, name: str, module: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> ServiceProcess:
         return cls(name, [sys.executable, "-m", module, *args], env=env)
 
     def start(self) -> ServiceProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         return self
@@ -93,12 +100,16 @@ class ServiceProcess:
         status = "UNREACHABLE"
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.process and self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process and self.process.returncode}:\n{self.log_tail()}"
+                )
             status = health_status(address, service)
             if status == "SERVING":
                 return
             time.sleep(0.25)
-        raise TimeoutError(f"{self.name} at {address} still {status} after {timeout:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} at {address} still {status} after {timeout:.0f}s:\n{self.log_tail()}"
+        )
 
     def wait_until_port_open(self, port: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

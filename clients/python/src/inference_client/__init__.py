@@ -1,1 +1,84 @@
-"""Typed client for the inference stack."""
+"""Typed client for the inference stack: `InferenceClient` (blocking) and `AsyncInferenceClient`
+(asyncio) over gRPC, returning plain dataclasses and raising `InferenceError` subclasses that carry
+the status code and the google.rpc details."""
+
+from inference_client._channel import NO_RETRY, RetryPolicy
+from inference_client.aio import AsyncInferenceClient, AsyncTokenStream
+from inference_client.client import DEFAULT_TIMEOUT, InferenceClient, TokenStream
+from inference_client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    InferenceError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from inference_client.options import ChatOptions, GenerateOptions
+from inference_client.types import (
+    ChatMessage,
+    ChatReply,
+    ComponentHealth,
+    DeviceInfo,
+    EmbeddingInput,
+    Embeddings,
+    EncodingFormat,
+    FinishReason,
+    GeneratedSequence,
+    Generation,
+    Health,
+    MemoryInfo,
+    Model,
+    ServingStatus,
+    StreamSummary,
+    StreamToken,
+    Usage,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "NO_RETRY",
+    "AsyncInferenceClient",
+    "AsyncTokenStream",
+    "CancelledError",
+    "ChatMessage",
+    "ChatOptions",
+    "ChatReply",
+    "ComponentHealth",
+    "DeadlineExceededError",
+    "DeviceInfo",
+    "EmbeddingInput",
+    "Embeddings",
+    "EncodingFormat",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "FinishReason",
+    "GenerateOptions",
+    "GeneratedSequence",
+    "Generation",
+    "Health",
+    "InferenceClient",
+    "InferenceError",
+    "InternalError",
+    "InvalidArgumentError",
+    "MemoryInfo",
+    "Model",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "ServingStatus",
+    "StreamSummary",
+    "StreamToken",
+    "TokenStream",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "Usage",
+]

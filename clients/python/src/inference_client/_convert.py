@@ -1,0 +1,296 @@
+"""Protobuf at the edge: request messages from Python arguments, dataclasses from replies. Shared
+by the sync and asyncio clients so that both behave the same."""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+
+from google.protobuf import struct_pb2
+from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2
+
+from inference_client.options import ChatOptions, GenerateOptions
+from inference_client.types import (
+    ChatMessage,
+    ChatReply,
+    ComponentHealth,
+    DeviceInfo,
+    EmbeddingInput,
+    Embeddings,
+    EncodingFormat,
+    FinishReason,
+    GeneratedSequence,
+    Generation,
+    Health,
+    MemoryInfo,
+    Model,
+    ServingStatus,
+    StreamSummary,
+    StreamToken,
+    Usage,
+)
+
+MessageLike = ChatMessage | tuple[str, str]
+"""A chat turn: a ChatMessage or a (role, content) pair."""
+
+
+def _stop_value(stop: str | Sequence[str] | None) -> struct_pb2.Value | None:
+    if stop is None:
+        return None
+    value = struct_pb2.Value()
+    if isinstance(stop, str):
+        value.string_value = stop
+    else:
+        value.list_value.extend(list(stop))
+    return value
+
+
+def _messages(messages: Iterable[MessageLike]) -> list[common_pb2.ChatMessage]:
+    result = []
+    for message in messages:
+        if isinstance(message, ChatMessage):
+            result.append(common_pb2.ChatMessage(role=message.role, content=message.content))
+        else:
+            role, content = message
+            result.append(common_pb2.ChatMessage(role=role, content=content))
+    return result
+
+
+def generate_request(
+    prompt: str, messages: Iterable[MessageLike] | None, options: GenerateOptions
+) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        prompt=prompt,
+        messages=_messages(messages or ()),
+        model=options.get("model", ""),
+        max_new_tokens=options.get("max_new_tokens"),
+        temperature=options.get("temperature"),
+        top_p=options.get("top_p"),
+        top_k=options.get("top_k"),
+        repetition_penalty=options.get("repetition_penalty"),
+        do_sample=options.get("do_sample"),
+        num_return_sequences=options.get("num_return_sequences"),
+        num_beams=options.get("num_beams"),
+        stop=_stop_value(options.get("stop")),
+        seed=options.get("seed"),
+    )
+
+
+def stream_request(
+    prompt: str, messages: Iterable[MessageLike] | None, options: GenerateOptions
+) -> generation_pb2.GenerateStreamRequest:
+    request = generation_pb2.GenerateStreamRequest()
+    # The two request messages have the same fields with the same numbers (the proto says so).
+    request.ParseFromString(generate_request(prompt, messages, options).SerializeToString())
+    return request
+
+
+def chat_request(messages: Iterable[MessageLike], options: ChatOptions) -> generation_pb2.ChatRequest:
+    return generation_pb2.ChatRequest(
+        messages=_messages(messages),
+        model=options.get("model", ""),
+        max_new_tokens=options.get("max_new_tokens"),
+        temperature=options.get("temperature"),
+        top_p=options.get("top_p"),
+        top_k=options.get("top_k"),
+        repetition_penalty=options.get("repetition_penalty"),
+        do_sample=options.get("do_sample"),
+        stop=_stop_value(options.get("stop")),
+        seed=options.get("seed"),
+    )
+
+
+def _input_value(inputs: EmbeddingInput) -> struct_pb2.Value:
+    value = struct_pb2.Value()
+    if isinstance(inputs, str):
+        value.string_value = inputs
+        return value
+    items = value.list_value
+    for item in inputs:
+        if isinstance(item, str | int):
+            items.append(item)
+        else:
+            items.add_list().extend(list(item))
+    return value
+
+
+_ENCODINGS: dict[str, embedding_pb2.EncodingFormat.ValueType] = {
+    "float": embedding_pb2.ENCODING_FORMAT_FLOAT,
+    "base64": embedding_pb2.ENCODING_FORMAT_BASE64,
+}
+
+
+def embed_request(
+    inputs: EmbeddingInput,
+    model: str,
+    normalize: bool | None,
+    dimensions: int | None,
+    encoding_format: EncodingFormat,
+    truncate: bool | None,
+) -> embedding_pb2.EmbedRequest:
+    return embedding_pb2.EmbedRequest(
+        input=_input_value(inputs),
+        model=model,
+        normalize=normalize,
+        dimensions=dimensions,
+        encoding_format=_ENCODINGS[encoding_format],
+        truncate=truncate,
+    )
+
+
+def finish_reason(value: common_pb2.FinishReason.ValueType) -> FinishReason:
+    return {
+        common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+        common_pb2.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
+        common_pb2.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    }.get(value, FinishReason.UNSPECIFIED)
+
+
+def usage(value: common_pb2.Usage) -> Usage:
+    return Usage(value.prompt_tokens, value.completion_tokens, value.total_tokens)
+
+
+def generation(reply: generation_pb2.GenerateResponse) -> Generation:
+    return Generation(
+        request_id=reply.request_id,
+        text=reply.generated_text,
+        tokens_generated=reply.tokens_generated,
+        generation_time=reply.generation_time,
+        tokens_per_second=reply.tokens_per_second,
+        finish_reason=finish_reason(reply.finish_reason),
+        usage=usage(reply.usage),
+        model=reply.model,
+        sequences=tuple(
+            GeneratedSequence(item.index, item.text, item.tokens_generated, finish_reason(item.finish_reason))
+            for item in reply.sequences
+        ),
+    )
+
+
+def chat_reply(reply: generation_pb2.ChatResponse) -> ChatReply:
+    return ChatReply(
+        request_id=reply.request_id,
+        message=ChatMessage(reply.message.role, reply.message.content),
+        tokens_generated=reply.tokens_generated,
+        generation_time=reply.generation_time,
+        tokens_per_second=reply.tokens_per_second,
+        finish_reason=finish_reason(reply.finish_reason),
+        usage=usage(reply.usage),
+        model=reply.model,
+    )
+
+
+def decode_float32(data: bytes) -> list[float]:
+    """Little-endian float32 bytes (the BASE64 encoding format) as floats."""
+    values = array("f")
+    values.frombytes(data)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+def embeddings(reply: embedding_pb2.EmbedResponse) -> Embeddings:
+    ordered = sorted(reply.data, key=lambda item: item.index)
+    vectors = [
+        list(item.embedding) if item.embedding else decode_float32(item.embedding_bytes) for item in ordered
+    ]
+    return Embeddings(
+        vectors=vectors,
+        model=reply.model,
+        dimensions=reply.dimensions,
+        prompt_tokens=reply.usage.prompt_tokens,
+        total_tokens=reply.usage.total_tokens,
+    )
+
+
+def _serving(value: info_pb2.ServingStatus.ValueType) -> ServingStatus:
+    return {
+        info_pb2.SERVING_STATUS_SERVING: ServingStatus.SERVING,
+        info_pb2.SERVING_STATUS_NOT_SERVING: ServingStatus.NOT_SERVING,
+    }.get(value, ServingStatus.UNSPECIFIED)
+
+
+def health(reply: info_pb2.GetHealthResponse) -> Health:
+    return Health(
+        status=_serving(reply.status),
+        components=tuple(
+            ComponentHealth(
+                component=item.component,
+                address=item.address,
+                status=_serving(item.status),
+                device=DeviceInfo(item.device.type, item.device.name, item.device.count),
+                memory=MemoryInfo(
+                    process_rss_mib=item.memory.process_rss_mib,
+                    system_total_mib=item.memory.system_total_mib,
+                    system_available_mib=item.memory.system_available_mib,
+                    gpu_allocated_mib=item.memory.gpu_allocated_mib,
+                    gpu_total_mib=item.memory.gpu_total_mib,
+                ),
+                models=tuple(item.models),
+                uptime_seconds=item.uptime_seconds,
+                message=item.message,
+            )
+            for item in reply.components
+        ),
+    )
+
+
+def models(reply: info_pb2.ListServedModelsResponse) -> list[Model]:
+    return [
+        Model(
+            id=item.id,
+            task=item.task,
+            source=item.source,
+            dtype=item.dtype,
+            device=item.device,
+            max_sequence_length=item.max_sequence_length,
+            dimensions=item.dimensions,
+            loaded=item.loaded,
+        )
+        for item in reply.models
+    ]
+
+
+class StreamState:
+    """What a token stream has delivered so far: the text per sequence and, once the last
+    messages arrived, each sequence's summary and the request's usage."""
+
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.texts: dict[int, list[str]] = {}
+        self.summaries: dict[int, StreamSummary] = {}
+        self.usage: Usage | None = None
+        self.done = False
+
+    def feed(self, message: generation_pb2.GenerateStreamResponse) -> StreamToken | None:
+        self.request_id = self.request_id or message.request_id
+        token: StreamToken | None = None
+        if message.HasField("token"):
+            token = StreamToken(
+                text=message.token.text,
+                id=message.token.id,
+                logprob=message.token.logprob,
+                special=message.token.special,
+                index=message.index,
+            )
+            self.texts.setdefault(message.index, []).append(token.text)
+        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self.summaries[message.index] = StreamSummary(
+                index=message.index,
+                text=message.generated_text,
+                tokens_generated=message.tokens_generated,
+                generation_time=message.generation_time,
+                tokens_per_second=message.tokens_per_second,
+                finish_reason=finish_reason(message.finish_reason),
+            )
+        if message.HasField("usage"):
+            self.usage = usage(message.usage)
+        return token
+
+    def text(self, index: int = 0) -> str:
+        return "".join(self.texts.get(index, ()))
+
+    def finish_reason(self, index: int = 0) -> FinishReason | None:
+        summary = self.summaries.get(index)
+        return summary.finish_reason if summary else None

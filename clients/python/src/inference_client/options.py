@@ -1,0 +1,29 @@
+"""Keyword options of the generation calls, as TypedDicts: mypy checks every keyword name and
+type at the call site, and the sync and asyncio clients share one definition."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypedDict
+
+
+class ChatOptions(TypedDict, total=False):
+    """Sampling knobs; a knob left out means the server's default (greedy decoding unless
+    temperature, top_p or top_k is set)."""
+
+    model: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    do_sample: bool
+    stop: str | Sequence[str]
+    """Generation stops before any of these strings and omits it."""
+    seed: int
+    """The same seed gives the same sampled text."""
+
+
+class GenerateOptions(ChatOptions, total=False):
+    num_return_sequences: int
+    num_beams: int

@@ -1,0 +1,178 @@
+"""The plain values the client returns: frozen dataclasses, so that callers never handle protobuf
+messages and mypy checks every field they read."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+EncodingFormat = Literal["float", "base64"]
+"""How the server sends vectors: a float list, or little-endian float32 bytes (smaller on the
+wire). The client returns floats either way."""
+
+EmbeddingInput = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+"""A string, strings, token ids, or lists of token ids."""
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped."""
+
+    UNSPECIFIED = "unspecified"
+    LENGTH = "length"
+    """max_new_tokens was reached."""
+    EOS_TOKEN = "eos_token"
+    """The model produced its end-of-sequence token."""
+    STOP_SEQUENCE = "stop_sequence"
+    """One of the request's stop sequences was produced (it is not part of the text)."""
+
+
+class ServingStatus(enum.Enum):
+    UNSPECIFIED = "unspecified"
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    """"system", "user" or "assistant"."""
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GeneratedSequence:
+    """One of the num_return_sequences results of a request."""
+
+    index: int
+    text: str
+    tokens_generated: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The whole answer of a unary generate call."""
+
+    request_id: str
+    text: str
+    """The text of the first sequence (all of them are in `sequences`)."""
+    tokens_generated: int
+    generation_time: float
+    """Seconds from admission to the last token."""
+    tokens_per_second: float
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+    sequences: tuple[GeneratedSequence, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamToken:
+    """One generated token as it arrives."""
+
+    text: str
+    """The text this token adds; empty while it completes only part of a UTF-8 character or may
+    still turn out to be part of a stop sequence (that text arrives with a later token)."""
+    id: int
+    logprob: float
+    special: bool
+    index: int = 0
+    """Which of the num_return_sequences sequences it belongs to."""
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What the last message of a sequence carries."""
+
+    index: int
+    text: str
+    tokens_generated: int
+    generation_time: float
+    tokens_per_second: float
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    request_id: str
+    message: ChatMessage
+    tokens_generated: int
+    generation_time: float
+    tokens_per_second: float
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+
+    @property
+    def text(self) -> str:
+        return self.message.content
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    """One vector per input, in input order."""
+    model: str
+    dimensions: int
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    process_rss_mib: float
+    system_total_mib: float
+    system_available_mib: float
+    gpu_allocated_mib: float
+    gpu_total_mib: float
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    component: str
+    address: str
+    status: ServingStatus
+    device: DeviceInfo
+    memory: MemoryInfo
+    models: tuple[str, ...]
+    uptime_seconds: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Health:
+    status: ServingStatus
+    components: tuple[ComponentHealth, ...] = field(default_factory=tuple)
+
+    @property
+    def serving(self) -> bool:
+        return self.status is ServingStatus.SERVING
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    task: str
+    """"generation" or "embedding"."""
+    source: str
+    dtype: str
+    device: str
+    max_sequence_length: int
+    dimensions: int
+    loaded: bool

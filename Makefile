@@ -11,12 +11,11 @@ BUF := .tools/node_modules/.bin/buf
 DESCRIPTOR := build/inference.pb
 PYTEST_ARGS ?=
 
-.PHONY: install protos descriptor run test lint clean
+.PHONY: install system-packages protos descriptor run test lint clean
 
 install: $(STAMP) $(BUF)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
-	bash tools/system-packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first: 2.13.0 is the CPU wheel on this kind of machine.
@@ -41,7 +40,11 @@ $(DESCRIPTOR): $(STAMP) $(wildcard protos/inference/v1/*.proto)
 run: install $(DESCRIPTOR)
 	$(PY) -m tools.run
 
-test: install $(DESCRIPTOR)
+# Debian packages only the tests use (docker-compose, promtool); skipped when present.
+system-packages:
+	bash tools/system-packages.sh
+
+test: install system-packages $(DESCRIPTOR)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -51,11 +51,19 @@ def generate(python_out: Path, descriptor_out: Path) -> None:
         f"--grpc_python_out={python_out}",
         f"--mypy_out={python_out}",
         f"--mypy_grpc_out={python_out}",
-        f"--descriptor_set_out={descriptor_out}",
-        "--include_imports",
         *proto_files(),
     ]
     subprocess.run(command, check=True, cwd=ROOT)
+    # Envoy writes google.rpc details into JSON error bodies only when their types are in the
+    # descriptor set, and no inference proto imports error_details.proto.
+    descriptor_command = [
+        *command[:6],
+        f"--descriptor_set_out={descriptor_out}",
+        "--include_imports",
+        *proto_files(),
+        "google/rpc/error_details.proto",
+    ]
+    subprocess.run(descriptor_command, check=True, cwd=ROOT)
     for package in (python_out / "inference", python_out / GENERATED_PACKAGE):
         (package / "__init__.py").write_text(PACKAGE_DOC)
         (package / "py.typed").write_text("")

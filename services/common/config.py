@@ -24,6 +24,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+LogLevel = typing.Literal["debug", "info", "warning", "error"]
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in _TRUE:
@@ -46,6 +49,9 @@ def _field_parser(annotation: Any) -> tuple[Any, Any]:
             return _field_parser(inner[0])
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
+        if all(isinstance(c, str) and c == c.lower() for c in choices):
+            # Lower-case choices match in any case, so LOG_LEVEL=INFO and --log-level info agree.
+            return str.lower, choices
         return type(choices[0]), choices
     if origin in (list, tuple):
         return _parse_list, None

@@ -1,0 +1,225 @@
+"""Gateway and Envoy overhead, measured in one run (ratios, not absolute numbers).
+
+1. Unary latency: GetModelCounter (trivial backend work) straight to the embedder over gRPC,
+   through the gateway over gRPC, and as REST through Envoy and the gateway. Target: REST p50
+   overhead over the direct call at most 2 ms.
+2. Streaming: aggregate tokens/s of N concurrent greedy streams (default 16 and 32) as REST SSE
+   through Envoy and the gateway, against the same streams over gRPC straight to the generator.
+   Target: at least 0.95x.
+
+Uses a running stack when given its addresses; otherwise starts generator, embedder, gateway
+and Envoy on free ports (the test helpers) and stops them at the end:
+
+    .venv/bin/python bench/bench_gateway.py --requests 300 --streams 16,32 --tokens 32
+    .venv/bin/python bench/bench_gateway.py --envoy-url http://127.0.0.1:8080 \
+        --gateway 127.0.0.1:50051 --generator 127.0.0.1:50052 --embedder 127.0.0.1:50053
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import httpx2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inference.v1 import (  # noqa: E402
+    common_pb2,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    info_pb2,
+    info_pb2_grpc,
+)
+
+PROMPT = "Tell me about the history of Paris."
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def unary_latencies(args: argparse.Namespace, model: str) -> dict[str, list[float]]:
+    request = embedding_pb2.GetModelCounterRequest(model=model)
+    results: dict[str, list[float]] = {"direct gRPC (embedder)": [], "gateway gRPC": [], "Envoy REST": []}
+    async with (
+        grpc.aio.insecure_channel(args.embedder) as direct,
+        grpc.aio.insecure_channel(args.gateway) as gw,
+    ):
+        stubs = {
+            "direct gRPC (embedder)": embedding_pb2_grpc.EmbeddingServiceStub(direct),
+            "gateway gRPC": embedding_pb2_grpc.EmbeddingServiceStub(gw),
+        }
+        async with httpx2.AsyncClient(base_url=args.envoy_url, timeout=30) as rest:
+            for _ in range(20):  # warm up connections and caches
+                for stub in stubs.values():
+                    await stub.GetModelCounter(request, timeout=10)
+                await rest.get(f"/embeddings/counter/{model}")
+            for _ in range(args.requests):
+                # Interleaved, so that load from elsewhere on the machine hits all paths alike.
+                for name, stub in stubs.items():
+                    started = time.perf_counter()
+                    await stub.GetModelCounter(request, timeout=10)
+                    results[name].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                reply = await rest.get(f"/embeddings/counter/{model}")
+                results["Envoy REST"].append(time.perf_counter() - started)
+                reply.raise_for_status()
+    return results
+
+
+async def grpc_streams(address: str, count: int, tokens: int) -> tuple[int, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        async def one() -> int:
+            request = generation_pb2.GenerateStreamRequest(
+                messages=[common_pb2.ChatMessage(role="user", content=PROMPT)],
+                max_new_tokens=tokens,
+                do_sample=False,
+            )
+            produced = 0
+            async for message in stub.GenerateStream(request, timeout=600):
+                if message.HasField("usage"):
+                    produced = message.usage.completion_tokens
+            return produced
+
+        started = time.perf_counter()
+        produced = await asyncio.gather(*(one() for _ in range(count)))
+        return sum(produced), time.perf_counter() - started
+
+
+async def rest_streams(url: str, count: int, tokens: int) -> tuple[int, float]:
+    limits = httpx2.Limits(max_connections=count + 4, max_keepalive_connections=count + 4)
+    async with httpx2.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one() -> int:
+            body = {
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_new_tokens": tokens,
+                "do_sample": False,
+                "stream": True,
+            }
+            produced = 0
+            async with client.stream("POST", "/generate", json=body) as reply:
+                reply.raise_for_status()
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        if "usage" in event:
+                            produced = event["usage"]["completion_tokens"]
+                        if event.get("error"):
+                            raise RuntimeError(event["error"])
+            return produced
+
+        started = time.perf_counter()
+        produced = await asyncio.gather(*(one() for _ in range(count)))
+        return sum(produced), time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def own_stack() -> Iterator[dict[str, str]]:
+    from tests.fixtures_embedder import start_embedder
+    from tests.fixtures_gateway import start_envoy, start_gateway
+    from tests.fixtures_generator import start_generator
+
+    generator = start_generator()
+    embedder = start_embedder()
+    embedder_address = embedder.address
+    gateway_process, gateway_address, _ = start_gateway(
+        generator.address,
+        embedder_address,
+        ("--cache-size", "0", "--tracing", "false", "--metrics-port", "0"),
+    )
+    envoy = start_envoy(gateway_address, Path(tempfile.mkdtemp(prefix="bench-envoy-")))
+    try:
+        yield {
+            "envoy_url": envoy.url,
+            "gateway": gateway_address,
+            "generator": generator.address,
+            "embedder": embedder_address,
+        }
+    finally:
+        envoy.process.stop()
+        gateway_process.stop()
+        embedder.process.stop()
+        generator.stop()
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with grpc.aio.insecure_channel(args.embedder) as channel:
+        served = await info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
+            info_pb2.ListServedModelsRequest(), timeout=30
+        )
+    model = served.models[0].id
+    latencies = await unary_latencies(args, model)
+    direct = statistics.median(latencies["direct gRPC (embedder)"])
+    print(f"unary GetModelCounter, {args.requests} calls per path (interleaved):")
+    for name, values in latencies.items():
+        p50, p90 = statistics.median(values), percentile(values, 0.9)
+        print(
+            f"  {name:24s} p50 {p50 * 1e3:6.2f} ms  p90 {p90 * 1e3:6.2f} ms  "
+            f"p50 overhead {(p50 - direct) * 1e3:+.2f} ms"
+        )
+    for count in args.streams:
+        # ABBA order, so that a drift in the machine's load hits both paths alike.
+        direct_tokens, direct_seconds, rest_tokens, rest_seconds = 0, 0.0, 0, 0.0
+        for path in ("direct", "rest", "rest", "direct")[: 4 if args.abba else 2]:
+            if path == "direct":
+                tokens, seconds = await grpc_streams(args.generator, count, args.tokens)
+                direct_tokens, direct_seconds = direct_tokens + tokens, direct_seconds + seconds
+            else:
+                tokens, seconds = await rest_streams(args.envoy_url, count, args.tokens)
+                rest_tokens, rest_seconds = rest_tokens + tokens, rest_seconds + seconds
+        direct_rate, rest_rate = direct_tokens / direct_seconds, rest_tokens / rest_seconds
+        print(
+            f"{count} concurrent streams x {args.tokens} tokens: direct gRPC {direct_rate:6.1f} tok/s "
+            f"({direct_tokens} in {direct_seconds:.1f}s), REST via Envoy {rest_rate:6.1f} tok/s "
+            f"({rest_tokens} in {rest_seconds:.1f}s), ratio {rest_rate / direct_rate:.3f}x"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--envoy-url")
+    parser.add_argument("--gateway")
+    parser.add_argument("--generator")
+    parser.add_argument("--embedder")
+    parser.add_argument("--requests", type=int, default=300, help="unary calls per path")
+    parser.add_argument("--streams", type=lambda text: [int(x) for x in text.split(",")], default=[16, 32])
+    parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens per stream")
+    parser.add_argument(
+        "--no-abba", dest="abba", action="store_false", help="run each streaming path once instead of ABBA"
+    )
+    args = parser.parse_args()
+    given = [args.envoy_url, args.gateway, args.generator, args.embedder]
+    if all(given):
+        asyncio.run(run(args))
+        return
+    if any(given):
+        parser.error("give all of --envoy-url, --gateway, --generator and --embedder, or none")
+    with own_stack() as stack:
+        for key, value in stack.items():
+            setattr(args, key, value)
+        print(f"started a stack: {stack}")
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

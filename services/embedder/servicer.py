@@ -1,0 +1,243 @@
+"""gRPC servicers: protobuf in, an engine call, protobuf out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import psutil
+import torch
+from google.protobuf import json_format
+from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
+
+from services.embedder import metrics
+from services.embedder.engine import EmbeddingEngine, EmbedParams, as_lists
+from services.embedder.errors import EmbedderError, InvalidInput
+from services.embedder.status import abort, status_of
+
+Context = grpc.aio.ServicerContext[Any, Any]
+ReplyT = TypeVar("ReplyT")
+MIB = 1024 * 1024
+
+
+async def _handle(method: str, context: Context, call: Callable[[], Awaitable[ReplyT]]) -> ReplyT:
+    """Run one RPC: engine errors become statuses; count and time it."""
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        return await call()
+    except EmbedderError as error:
+        code = status_of(error)[0].name
+        await abort(context, error)
+    except BaseException:
+        code = "CANCELLED_OR_FAILED"
+        raise
+    finally:
+        metrics.REQUESTS.labels(method, code).inc()
+        metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self.engine = engine
+
+    async def Embed(
+        self, request: embedding_pb2.EmbedRequest, context: Context
+    ) -> embedding_pb2.EmbedResponse:
+        return await _handle("Embed", context, lambda: self._embed(request))
+
+    async def _embed(self, request: embedding_pb2.EmbedRequest) -> embedding_pb2.EmbedResponse:
+        encoding = request.encoding_format
+        if encoding not in (
+            embedding_pb2.ENCODING_FORMAT_UNSPECIFIED,
+            embedding_pb2.ENCODING_FORMAT_FLOAT,
+            embedding_pb2.ENCODING_FORMAT_BASE64,
+        ):
+            raise InvalidInput(
+                "encoding_format", f"must be ENCODING_FORMAT_FLOAT or ENCODING_FORMAT_BASE64, got {encoding}"
+            )
+        params = EmbedParams(
+            input=json_format.MessageToDict(request.input) if request.HasField("input") else None,
+            model=request.model,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            dimensions=request.dimensions if request.HasField("dimensions") else None,
+            truncate=request.truncate if request.HasField("truncate") else False,
+        )
+        result = await self.engine.embed(params)
+        reply = embedding_pb2.EmbedResponse(model=result.model, dimensions=int(result.vectors.shape[1]))
+        reply.usage.prompt_tokens = result.prompt_tokens
+        reply.usage.total_tokens = result.prompt_tokens
+        if encoding == embedding_pb2.ENCODING_FORMAT_BASE64:
+            little = result.vectors.astype("<f4", copy=False)
+            reply.data.extend(
+                embedding_pb2.Embedding(index=index, embedding_bytes=row.tobytes())
+                for index, row in enumerate(little)
+            )
+        else:
+            reply.data.extend(
+                embedding_pb2.Embedding(index=index, embedding=row)
+                for index, row in enumerate(as_lists(result.vectors))
+            )
+        return reply
+
+    async def PreloadModels(
+        self, request: embedding_pb2.PreloadModelsRequest, context: Context
+    ) -> embedding_pb2.PreloadModelsResponse:
+        async def call() -> embedding_pb2.PreloadModelsResponse:
+            if not request.models:
+                raise InvalidInput("models", "must name at least one model")
+            return embedding_pb2.PreloadModelsResponse(accepted=self.engine.cache.preload(request.models))
+
+        return await _handle("PreloadModels", context, call)
+
+    async def GetCacheStatus(
+        self, request: embedding_pb2.GetCacheStatusRequest, context: Context
+    ) -> embedding_pb2.GetCacheStatusResponse:
+        async def call() -> embedding_pb2.GetCacheStatusResponse:
+            status = self.engine.cache.status()
+            return embedding_pb2.GetCacheStatusResponse(
+                strategy=status.strategy,
+                max_models=status.max_models,
+                memory_budget_mib=status.memory_budget_mib,
+                memory_used_mib=status.memory_used_mib,
+                models=[
+                    embedding_pb2.CachedModel(
+                        name=model.name,
+                        size_mib=model.size_mib,
+                        device=model.device,
+                        dimensions=model.dimensions,
+                        max_seq_length=model.max_seq_length,
+                        hits=model.hits,
+                        loaded_at=model.loaded_at,
+                        last_used_at=model.last_used_at,
+                    )
+                    for model in status.models
+                ],
+                loading=status.loading,
+                evictions=status.evictions,
+            )
+
+        return await _handle("GetCacheStatus", context, call)
+
+    async def ClearCache(
+        self, request: embedding_pb2.ClearCacheRequest, context: Context
+    ) -> embedding_pb2.ClearCacheResponse:
+        async def call() -> embedding_pb2.ClearCacheResponse:
+            return embedding_pb2.ClearCacheResponse(cleared=self.engine.cache.clear(request.models))
+
+        return await _handle("ClearCache", context, call)
+
+    async def GetModelCounter(
+        self, request: embedding_pb2.GetModelCounterRequest, context: Context
+    ) -> embedding_pb2.GetModelCounterResponse:
+        async def call() -> embedding_pb2.GetModelCounterResponse:
+            name, counter = self.engine.counter(request.model)
+            return embedding_pb2.GetModelCounterResponse(
+                model=name,
+                requests=counter.requests,
+                inputs=counter.inputs,
+                tokens=counter.tokens,
+                errors=counter.errors,
+            )
+
+        return await _handle("GetModelCounter", context, call)
+
+
+def device_info(device: str) -> info_pb2.DeviceInfo:
+    if device.startswith("cuda"):
+        return info_pb2.DeviceInfo(
+            type="cuda", name=torch.cuda.get_device_name(), count=torch.cuda.device_count()
+        )
+    return info_pb2.DeviceInfo(type=device, name="", count=1)
+
+
+def memory_info(device: str) -> info_pb2.MemoryInfo:
+    system = psutil.virtual_memory()
+    memory = info_pb2.MemoryInfo(
+        process_rss_mib=psutil.Process().memory_info().rss / MIB,
+        system_total_mib=system.total / MIB,
+        system_available_mib=system.available / MIB,
+    )
+    if device.startswith("cuda"):
+        memory.gpu_allocated_mib = torch.cuda.memory_allocated() / MIB
+        memory.gpu_total_mib = torch.cuda.mem_get_info()[1] / MIB
+    return memory
+
+
+class InfoServicer(info_pb2_grpc.InfoServiceServicer):
+    def __init__(self, engine: EmbeddingEngine, address: str) -> None:
+        self.engine = engine
+        self.address = address
+
+    async def GetHealth(
+        self, request: info_pb2.GetHealthRequest, context: Context
+    ) -> info_pb2.GetHealthResponse:
+        engine = self.engine
+        serving = engine.ready and not engine.draining
+        status = info_pb2.SERVING_STATUS_SERVING if serving else info_pb2.SERVING_STATUS_NOT_SERVING
+        message = ""
+        if engine.draining:
+            message = "shutting down"
+        elif not engine.ready:
+            message = f"loading {engine.default_name}"
+        component = info_pb2.ComponentHealth(
+            component="embedder",
+            address=self.address,
+            status=status,
+            device=device_info(engine.device),
+            memory=memory_info(engine.device),
+            models=[model.name for model in engine.cache.entries()],
+            uptime_seconds=time.time() - engine.started_at,
+            message=message,
+        )
+        return info_pb2.GetHealthResponse(status=status, components=[component])
+
+    async def GetStats(
+        self, request: info_pb2.GetStatsRequest, context: Context
+    ) -> info_pb2.GetStatsResponse:
+        stats = self.engine.stats()
+        component = info_pb2.ComponentStats(
+            component="embedder",
+            address=self.address,
+            uptime_seconds=stats.uptime_seconds,
+            requests_total=stats.requests_total,
+            requests_failed=stats.requests_failed,
+            requests_running=stats.requests_running,
+            requests_waiting=stats.inputs_waiting,
+            prompt_tokens_total=stats.prompt_tokens_total,
+            embedded_inputs_total=stats.embedded_inputs_total,
+            mean_batch_size=stats.mean_batch_size,
+            cache_hits=stats.cache_hits,
+        )
+        return info_pb2.GetStatsResponse(components=[component])
+
+    async def ListServedModels(
+        self, request: info_pb2.ListServedModelsRequest, context: Context
+    ) -> info_pb2.ListServedModelsResponse:
+        engine = self.engine
+        reply = info_pb2.ListServedModelsResponse()
+        loaded = {model.name: model for model in engine.cache.entries()}
+        if engine.default_name not in loaded:
+            spec = engine.cache.resolve(engine.default_name)
+            reply.models.add(
+                id=spec.name,
+                task="embedding",
+                source=spec.source,
+                dtype=spec.dtype,
+                device=spec.device,
+                loaded=False,
+            )
+        for model in loaded.values():
+            reply.models.add(
+                id=model.name,
+                task="embedding",
+                source=model.spec.source,
+                dtype=model.dtype,
+                device=model.device,
+                max_sequence_length=model.max_seq_length,
+                dimensions=model.dimensions,
+                loaded=True,
+            )
+        return reply

@@ -1,0 +1,73 @@
+"""The gateway's configuration (flags and GATEWAY_* environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.config import LogLevel
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to listen on."})
+    port: int = field(default=50051, metadata={"help": "gRPC port."})
+    metrics_port: int = field(default=9101, metadata={"help": "Prometheus metrics port (0 disables)."})
+    log_level: LogLevel = field(default="info", metadata={"help": "Logging level."})
+    generator_addresses: str = field(
+        default="127.0.0.1:50052",
+        metadata={"help": "Generator replicas: host:port[,host:port...] or a dns:///name:port target."},
+    )
+    embedder_addresses: str = field(
+        default="127.0.0.1:50053",
+        metadata={"help": "Embedder replicas: host:port[,host:port...] or a dns:///name:port target."},
+    )
+    api_keys_file: str = field(
+        default="",
+        metadata={
+            "help": "JSON file of API keys (sha256 hashes, scopes, limits); reloaded when it changes. "
+            "With neither this nor --api-keys the gateway is open."
+        },
+    )
+    api_keys: str = field(default="", metadata={"help": "The same JSON as --api-keys-file, inline."})
+    default_requests_per_minute: float = field(
+        default=0.0, metadata={"help": "Request rate per key when the key sets none (0: unlimited)."}
+    )
+    default_tokens_per_minute: float = field(
+        default=0.0, metadata={"help": "Token rate per key when the key sets none (0: unlimited)."}
+    )
+    default_burst: int = field(
+        default=0, metadata={"help": "Requests a key may send at once (0: one minute's worth)."}
+    )
+    cache_size: int = field(
+        default=1024, metadata={"help": "Entries of the response cache for deterministic requests (0: off)."}
+    )
+    retry_attempts: int = field(
+        default=3, metadata={"help": "Attempts of a unary backend call that fails with UNAVAILABLE."}
+    )
+    max_prompt_chars: int = field(default=100_000, metadata={"help": "Longest prompt or message text."})
+    max_messages: int = field(default=256, metadata={"help": "Most chat messages in one request."})
+    max_new_tokens: int = field(default=4096, metadata={"help": "Largest max_new_tokens / max_tokens."})
+    max_sequences: int = field(default=8, metadata={"help": "Largest num_return_sequences, n and num_beams."})
+    max_stop_sequences: int = field(default=4, metadata={"help": "Most stop sequences."})
+    max_embedding_inputs: int = field(
+        default=2048, metadata={"help": "Most inputs in one embedding request."}
+    )
+    otlp_endpoint: str = field(
+        default="",
+        metadata={"help": "OTLP/gRPC collector (host:port) for traces; empty: traces are not exported."},
+    )
+    tracing: bool = field(
+        default=True, metadata={"help": "Create spans and pass W3C trace context on to the backends."}
+    )
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be 1..65535, got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be 0..65535, got {self.metrics_port}")
+        if not self.generator_addresses.strip() or not self.embedder_addresses.strip():
+            raise ValueError("--generator-addresses and --embedder-addresses must not be empty")
+        if self.retry_attempts < 1:
+            raise ValueError("--retry-attempts must be at least 1")
+        if self.cache_size < 0:
+            raise ValueError("--cache-size must not be negative")

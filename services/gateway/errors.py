@@ -1,0 +1,156 @@
+"""Errors with google.rpc details, raised anywhere in the gateway and turned into a gRPC status
+in one place (`abort_with`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "inference.gateway"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass
+class GatewayError(Exception):
+    """A failure the client should see with this code, message and details."""
+
+    code: grpc.StatusCode
+    message: str
+    details: Sequence[Message] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def to_status(self) -> status_pb2.Status:
+        packed = []
+        for detail in self.details:
+            holder = any_pb2.Any()
+            holder.Pack(detail)
+            packed.append(holder)
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+
+
+def invalid_argument(violations: Sequence[tuple[str, str]]) -> GatewayError:
+    """INVALID_ARGUMENT naming every bad field, with a BadRequest detail."""
+    request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
+            for name, why in violations
+        ]
+    )
+    message = "; ".join(f"{name}: {why}" for name, why in violations)
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
+
+
+def not_found(what: str, name: str, known: Sequence[str] = ()) -> GatewayError:
+    hint = f" (available: {', '.join(known)})" if known else ""
+    info = error_details_pb2.ResourceInfo(
+        resource_type=what, resource_name=name, description=f"unknown {what}"
+    )
+    return GatewayError(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
+
+
+def resource_exhausted(
+    message: str, retry_after: float, reason: str, metadata: dict[str, str]
+) -> GatewayError:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, round(retry_after * 1e9)))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    return GatewayError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message, (error_details_pb2.RetryInfo(retry_delay=delay), info)
+    )
+
+
+def unauthenticated(message: str, reason: str) -> GatewayError:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    return GatewayError(grpc.StatusCode.UNAUTHENTICATED, message, (info,))
+
+
+def permission_denied(message: str, scope: str) -> GatewayError:
+    info = error_details_pb2.ErrorInfo(reason="MISSING_SCOPE", domain=ERROR_DOMAIN, metadata={"scope": scope})
+    return GatewayError(grpc.StatusCode.PERMISSION_DENIED, message, (info,))
+
+
+def from_backend(error: grpc.aio.AioRpcError) -> GatewayError:
+    """The backend's status as the gateway's own, keeping its google.rpc details."""
+    status = _backend_status(error)
+    if status is None:
+        return GatewayError(error.code(), error.details() or error.code().name)
+    details: list[Message] = []
+    for holder in status.details:
+        detail = _unpack(holder)
+        if detail is not None:
+            details.append(detail)
+    return GatewayError(error.code(), status.message or error.details() or error.code().name, details)
+
+
+def _backend_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+_DETAIL_TYPES: tuple[type[Message], ...] = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.PreconditionFailure,
+    error_details_pb2.DebugInfo,
+    error_details_pb2.Help,
+    error_details_pb2.LocalizedMessage,
+)
+
+
+def _unpack(holder: any_pb2.Any) -> Message | None:
+    for kind in _DETAIL_TYPES:
+        if holder.Is(kind.DESCRIPTOR):  # type: ignore[arg-type]
+            detail = kind()
+            holder.Unpack(detail)
+            return detail
+    return None
+
+
+def retry_delay(error: GatewayError) -> float | None:
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            return float(detail.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
+    status = rpc_status.to_status(error.to_status())
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")
+
+
+def http_like(code: grpc.StatusCode) -> int:
+    """The HTTP status Envoy gives a gRPC code (for in-band SSE errors)."""
+    return _HTTP.get(code, 500)
+
+
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}

@@ -1,0 +1,107 @@
+"""Prometheus metrics of the gateway, recorded by one interceptor (requests by route, key and
+status; latency; in-flight calls) plus counters the cache and rate limiter bump."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.gateway.auth import current_key
+from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Calls handled, by method, API key name and gRPC status.",
+    ["method", "key", "code"],
+)
+LATENCY = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from call start to its last message, by method.",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Calls being handled, by method.", ["method"])
+RATE_LIMITED = Counter(
+    "gateway_rate_limit_rejections_total", "Calls refused by a rate limit, by key.", ["key"]
+)
+CACHE_HITS = Counter("gateway_cache_hits_total", "Response cache hits, by backend method.", ["method"])
+CACHE_MISSES = Counter("gateway_cache_misses_total", "Response cache misses of cacheable calls.", ["method"])
+BACKEND_ERRORS = Counter(
+    "gateway_backend_errors_total", "Failed backend calls, by backend method and status.", ["method", "code"]
+)
+TOKENS = Counter("gateway_tokens_total", "Tokens reported by backends, by key.", ["key"])
+
+
+class Stats:
+    """Totals the gateway reports on its own InfoService."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.total = 0
+        self.failed = 0
+        self.running = 0
+        self.cache_hits = 0
+
+
+def _code(context: Context, error: BaseException | None) -> grpc.StatusCode:
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+
+
+class Metrics(BehaviorWrapper):
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def _start(self, method: str) -> float:
+        self._stats.total += 1
+        self._stats.running += 1
+        IN_FLIGHT.labels(method).inc()
+        return time.perf_counter()
+
+    def _finish(self, method: str, started: float, context: Context, error: BaseException | None) -> None:
+        self._stats.running -= 1
+        IN_FLIGHT.labels(method).dec()
+        code = _code(context, error)
+        if code != grpc.StatusCode.OK:
+            self._stats.failed += 1
+        REQUESTS.labels(method, current_key.get().name, code.name).inc()
+        LATENCY.labels(method).observe(time.perf_counter() - started)
+
+    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def measured(request: Any, context: Context) -> Any:
+            started = self._start(method)
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(method, started, context, error)
+
+        return measured
+
+    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
+            started = self._start(method)
+            error: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(method, started, context, error)
+
+        return measured

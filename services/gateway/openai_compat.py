@@ -1,0 +1,349 @@
+"""OpenAI request and response shapes to and from the native generation and embedding messages,
+and the server-sent-event rendering of streamed chunks. Pure conversion: no I/O."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf import struct_pb2
+from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+SSE_CONTENT_TYPE = "text/event-stream"
+DONE_EVENT = b"data: [DONE]\n\n"
+OWNER = "inference-stack"
+
+
+def finish_reason(reason: int) -> str:
+    return "length" if reason == common_pb2.FINISH_REASON_LENGTH else "stop"
+
+
+def sampling_fields(
+    request: openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest,
+    max_tokens: int | None,
+) -> dict[str, Any]:
+    """Native sampling knobs for an OpenAI request. OpenAI samples at temperature 1 unless told
+    otherwise; temperature 0 means greedy decoding."""
+    fields: dict[str, Any] = {}
+    if max_tokens is not None:
+        fields["max_new_tokens"] = max_tokens
+    if request.HasField("temperature") and request.temperature == 0.0:
+        fields["do_sample"] = False
+    else:
+        fields["do_sample"] = True
+        if request.HasField("temperature"):
+            fields["temperature"] = request.temperature
+    for name in ("top_p", "top_k", "repetition_penalty", "seed"):
+        if request.HasField(name):
+            fields[name] = getattr(request, name)
+    if request.HasField("n"):
+        fields["num_return_sequences"] = request.n
+    if request.stop.WhichOneof("kind") not in (None, "null_value"):
+        stop = struct_pb2.Value()
+        stop.CopyFrom(request.stop)
+        fields["stop"] = stop
+    return fields
+
+
+def chat_fields(
+    request: openai_pb2.CreateChatCompletionRequest, turns: Iterable[tuple[str, str]], model: str
+) -> dict[str, Any]:
+    max_tokens: int | None = None
+    if request.HasField("max_completion_tokens"):
+        max_tokens = request.max_completion_tokens
+    elif request.HasField("max_tokens"):
+        max_tokens = request.max_tokens
+    return {
+        "messages": [common_pb2.ChatMessage(role=role, content=text) for role, text in turns],
+        "model": model,
+        **sampling_fields(request, max_tokens),
+    }
+
+
+def completion_fields(request: openai_pb2.CreateCompletionRequest, prompt: str, model: str) -> dict[str, Any]:
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else COMPLETION_DEFAULT_MAX_TOKENS
+    return {"prompt": prompt, "model": model, **sampling_fields(request, max_tokens)}
+
+
+def _sequences(response: generation_pb2.GenerateResponse) -> list[common_pb2.GeneratedSequence]:
+    if len(response.sequences) > 0:
+        return list(response.sequences)
+    return [
+        common_pb2.GeneratedSequence(
+            index=0,
+            text=response.generated_text,
+            tokens_generated=response.tokens_generated,
+            finish_reason=response.finish_reason,
+        )
+    ]
+
+
+def usage(total: Iterable[common_pb2.Usage]) -> openai_pb2.CompletionUsage:
+    result = openai_pb2.CompletionUsage()
+    for item in total:
+        result.prompt_tokens += item.prompt_tokens
+        result.completion_tokens += item.completion_tokens
+        result.total_tokens += item.total_tokens
+    return result
+
+
+def chat_response(
+    response: generation_pb2.GenerateResponse, model: str
+) -> openai_pb2.CreateChatCompletionResponse:
+    return openai_pb2.CreateChatCompletionResponse(
+        id=f"chatcmpl-{response.request_id}",
+        object="chat.completion",
+        created=int(time.time()),
+        model=model,
+        choices=[
+            openai_pb2.ChatCompletionChoice(
+                index=sequence.index,
+                message=openai_pb2.ChatCompletionResponseMessage(role="assistant", content=sequence.text),
+                finish_reason=finish_reason(sequence.finish_reason),
+            )
+            for sequence in _sequences(response)
+        ],
+        usage=usage([response.usage]),
+        system_fingerprint=f"fp-{model}",
+    )
+
+
+def completion_response(
+    responses: list[generation_pb2.GenerateResponse], prompts: list[str], echo: bool, model: str
+) -> openai_pb2.CreateCompletionResponse:
+    choices = []
+    for number, (response, prompt) in enumerate(zip(responses, prompts, strict=True)):
+        sequences = _sequences(response)
+        for sequence in sequences:
+            choices.append(
+                openai_pb2.CompletionChoice(
+                    index=number * len(sequences) + sequence.index,
+                    text=(prompt if echo else "") + sequence.text,
+                    finish_reason=finish_reason(sequence.finish_reason),
+                )
+            )
+    request_id = responses[0].request_id if responses else ""
+    return openai_pb2.CreateCompletionResponse(
+        id=f"cmpl-{request_id}",
+        object="text_completion",
+        created=int(time.time()),
+        model=model,
+        choices=choices,
+        usage=usage(response.usage for response in responses),
+        system_fingerprint=f"fp-{model}",
+    )
+
+
+class ChatChunker:
+    """Turns native stream messages into chat.completion.chunk messages."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.id = ""
+        self._started: set[int] = set()
+        self._usage: list[common_pb2.Usage] = []
+
+    def _chunk(
+        self, choices: list[openai_pb2.ChatCompletionChunkChoice]
+    ) -> openai_pb2.StreamChatCompletionResponse:
+        return openai_pb2.StreamChatCompletionResponse(
+            id=self.id,
+            object="chat.completion.chunk",
+            created=self.created,
+            model=self.model,
+            choices=choices,
+        )
+
+    def feed(
+        self, message: generation_pb2.GenerateStreamResponse
+    ) -> list[openai_pb2.StreamChatCompletionResponse]:
+        if not self.id:
+            self.id = f"chatcmpl-{message.request_id}"
+        chunks = []
+        index = message.index
+        if index not in self._started:
+            self._started.add(index)
+            delta = openai_pb2.ChatCompletionDelta(role="assistant", content="")
+            chunks.append(self._chunk([openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)]))
+        if message.token.text:
+            delta = openai_pb2.ChatCompletionDelta(content=message.token.text)
+            chunks.append(self._chunk([openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)]))
+        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            choice = openai_pb2.ChatCompletionChunkChoice(
+                index=index,
+                delta=openai_pb2.ChatCompletionDelta(),
+                finish_reason=finish_reason(message.finish_reason),
+            )
+            chunks.append(self._chunk([choice]))
+        if message.HasField("usage"):
+            self._usage.append(message.usage)
+        return chunks
+
+    def finish(self) -> list[openai_pb2.StreamChatCompletionResponse]:
+        if not self.include_usage:
+            return []
+        last = self._chunk([])
+        last.usage.CopyFrom(usage(self._usage))
+        return [last]
+
+
+class CompletionChunker:
+    """Turns native stream messages of one or more prompts into text_completion chunks."""
+
+    def __init__(self, model: str, include_usage: bool, echo: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.echo = echo
+        self.created = int(time.time())
+        self.id = ""
+        self._started: set[int] = set()
+        self._usage: list[common_pb2.Usage] = []
+
+    def _chunk(self, choices: list[openai_pb2.CompletionChoice]) -> openai_pb2.StreamCompletionResponse:
+        return openai_pb2.StreamCompletionResponse(
+            id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices
+        )
+
+    def feed(
+        self, message: generation_pb2.GenerateStreamResponse, prompt: str, offset: int
+    ) -> list[openai_pb2.StreamCompletionResponse]:
+        if not self.id:
+            self.id = f"cmpl-{message.request_id}"
+        index = offset + message.index
+        chunks = []
+        text = message.token.text
+        if index not in self._started:
+            self._started.add(index)
+            if self.echo:
+                text = prompt + text
+        if text:
+            chunks.append(self._chunk([openai_pb2.CompletionChoice(index=index, text=text)]))
+        if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            choice = openai_pb2.CompletionChoice(
+                index=index, finish_reason=finish_reason(message.finish_reason)
+            )
+            chunks.append(self._chunk([choice]))
+        if message.HasField("usage"):
+            self._usage.append(message.usage)
+        return chunks
+
+    def finish(self) -> list[openai_pb2.StreamCompletionResponse]:
+        if not self.include_usage:
+            return []
+        last = self._chunk([])
+        last.usage.CopyFrom(usage(self._usage))
+        return [last]
+
+
+def _usage_json(value: openai_pb2.CompletionUsage) -> dict[str, int]:
+    return {
+        "prompt_tokens": value.prompt_tokens,
+        "completion_tokens": value.completion_tokens,
+        "total_tokens": value.total_tokens,
+    }
+
+
+def chat_chunk_json(chunk: openai_pb2.StreamChatCompletionResponse) -> dict[str, Any]:
+    choices = []
+    for choice in chunk.choices:
+        delta: dict[str, Any] = {}
+        if choice.delta.role:
+            delta["role"] = choice.delta.role
+            delta["content"] = choice.delta.content
+        elif choice.delta.content:
+            delta["content"] = choice.delta.content
+        choices.append(
+            {
+                "index": choice.index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason or None,
+            }
+        )
+    body: dict[str, Any] = {
+        "id": chunk.id,
+        "object": chunk.object,
+        "created": chunk.created,
+        "model": chunk.model,
+        "choices": choices,
+    }
+    if chunk.HasField("usage"):
+        body["usage"] = _usage_json(chunk.usage)
+    return body
+
+
+def completion_chunk_json(chunk: openai_pb2.StreamCompletionResponse) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": chunk.id,
+        "object": chunk.object,
+        "created": chunk.created,
+        "model": chunk.model,
+        "choices": [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason or None,
+            }
+            for choice in chunk.choices
+        ],
+    }
+    if chunk.HasField("usage"):
+        body["usage"] = _usage_json(chunk.usage)
+    return body
+
+
+def sse_event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(message: str, kind: str, code: int, status: str) -> bytes:
+    """An in-band error event in OpenAI's shape; the official SDKs raise it as an APIError."""
+    return sse_event(
+        {"error": {"message": message, "type": kind, "param": None, "code": code, "status": status}}
+    )
+
+
+def embedding_request(request: openai_pb2.CreateEmbeddingRequest, model: str) -> embedding_pb2.EmbedRequest:
+    native = embedding_pb2.EmbedRequest(
+        model=model,
+        encoding_format=embedding_pb2.ENCODING_FORMAT_BASE64
+        if request.encoding_format == "base64"
+        else embedding_pb2.ENCODING_FORMAT_FLOAT,
+    )
+    native.input.CopyFrom(request.input)
+    if request.HasField("dimensions"):
+        native.dimensions = request.dimensions
+    return native
+
+
+def embedding_response(
+    response: embedding_pb2.EmbedResponse, encoding_format: str, model: str
+) -> openai_pb2.CreateEmbeddingResponse:
+    data = []
+    for item in response.data:
+        value = struct_pb2.Value()
+        if encoding_format == "base64":
+            raw = item.embedding_bytes or struct.pack(f"<{len(item.embedding)}f", *item.embedding)
+            value.string_value = base64.b64encode(raw).decode()
+        else:
+            floats = list(item.embedding) or list(
+                struct.unpack(f"<{len(item.embedding_bytes) // 4}f", item.embedding_bytes)
+            )
+            value.list_value.values.extend(struct_pb2.Value(number_value=number) for number in floats)
+        data.append(openai_pb2.EmbeddingData(object="embedding", index=item.index, embedding=value))
+    return openai_pb2.CreateEmbeddingResponse(
+        object="list",
+        data=data,
+        model=model or response.model,
+        usage=openai_pb2.EmbeddingUsageInfo(
+            prompt_tokens=response.usage.prompt_tokens, total_tokens=response.usage.total_tokens
+        ),
+    )

@@ -1,0 +1,148 @@
+"""Per-key rate limits: requests per minute with a burst, and tokens per minute. Over the limit a
+call gets RESOURCE_EXHAUSTED with RetryInfo (HTTP 429 through Envoy). Tokens are charged when a
+backend reports usage (`charge_tokens`), so a request is admitted while its key's token budget is
+positive and the budget may go negative by one request's worth."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from services.gateway.auth import ApiKey, current_key
+from services.gateway.errors import GatewayError, resource_exhausted
+from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
+from services.gateway.metrics import RATE_LIMITED, TOKENS
+
+
+@dataclass
+class TokenBucket:
+    """`capacity` tokens, refilled at `rate` per second."""
+
+    capacity: float
+    rate: float
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` is available (0 when it already is)."""
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing / self.rate
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: float
+    tokens_per_minute: float
+    burst: int
+
+
+class RateLimiter:
+    def __init__(self, default: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self._default = default
+        self._clock = clock
+        self._requests: dict[str, TokenBucket] = {}
+        self._tokens: dict[str, TokenBucket] = {}
+        self.rejections = 0
+
+    def limits_for(self, key: ApiKey) -> Limits:
+        rpm = (
+            key.requests_per_minute
+            if key.requests_per_minute is not None
+            else self._default.requests_per_minute
+        )
+        tpm = key.tokens_per_minute if key.tokens_per_minute is not None else self._default.tokens_per_minute
+        burst = key.burst if key.burst is not None else self._default.burst
+        return Limits(rpm, tpm, burst)
+
+    def _bucket(
+        self, table: dict[str, TokenBucket], name: str, capacity: float, per_minute: float
+    ) -> TokenBucket:
+        bucket = table.get(name)
+        now = self._clock()
+        if bucket is None or bucket.capacity != capacity or bucket.rate != per_minute / 60.0:
+            bucket = TokenBucket(capacity, per_minute / 60.0, capacity, now)
+            table[name] = bucket
+        bucket.refill(now)
+        return bucket
+
+    def admit(self, key: ApiKey) -> None:
+        """Take one request from the key's budget or raise RESOURCE_EXHAUSTED."""
+        try:
+            self._admit(key)
+        except GatewayError:
+            self.rejections += 1
+            RATE_LIMITED.labels(key.name).inc()
+            raise
+
+    def _admit(self, key: ApiKey) -> None:
+        limits = self.limits_for(key)
+        tokens = None
+        if limits.tokens_per_minute > 0:
+            tokens = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
+            if tokens.level <= 0:
+                raise resource_exhausted(
+                    f"API key {key.name!r} is over its limit of {limits.tokens_per_minute:g} tokens "
+                    "per minute",
+                    tokens.wait_for(1.0),
+                    "TOKEN_RATE_LIMIT",
+                    {"limit": f"{limits.tokens_per_minute:g}", "per": "minute"},
+                )
+        if limits.requests_per_minute > 0:
+            capacity = float(limits.burst) if limits.burst > 0 else limits.requests_per_minute
+            requests = self._bucket(self._requests, key.name, capacity, limits.requests_per_minute)
+            if requests.level < 1.0:
+                raise resource_exhausted(
+                    f"API key {key.name!r} is over its limit of {limits.requests_per_minute:g} requests per "
+                    f"minute (burst {capacity:g})",
+                    requests.wait_for(1.0),
+                    "REQUEST_RATE_LIMIT",
+                    {"limit": f"{limits.requests_per_minute:g}", "per": "minute", "burst": f"{capacity:g}"},
+                )
+            requests.level -= 1.0
+
+    def charge(self, key: ApiKey, tokens: int) -> None:
+        if tokens > 0:
+            TOKENS.labels(key.name).inc(tokens)
+        limits = self.limits_for(key)
+        if limits.tokens_per_minute > 0 and tokens > 0:
+            bucket = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
+            bucket.level -= tokens
+
+
+_limiter: contextvars.ContextVar[RateLimiter | None] = contextvars.ContextVar("limiter", default=None)
+
+
+def charge_tokens(tokens: int) -> None:
+    """Charge the current call's key for tokens a backend reported."""
+    limiter = _limiter.get()
+    if limiter is not None:
+        limiter.charge(current_key.get(), tokens)
+
+
+class RateLimiting(BehaviorWrapper):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def limited(request: Any, context: Context) -> Any:
+            self._limiter.admit(current_key.get())
+            _limiter.set(self._limiter)
+            return await behavior(request, context)
+
+        return limited
+
+    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def limited(request: Any, context: Context) -> AsyncIterator[Any]:
+            self._limiter.admit(current_key.get())
+            _limiter.set(self._limiter)
+            async for item in behavior(request, context):
+                yield item
+
+        return limited

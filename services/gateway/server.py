@@ -1,0 +1,142 @@
+"""Builds and runs the gateway's grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from inference.v1 import (
+    embedding_pb2,
+    embedding_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    info_pb2,
+    info_pb2_grpc,
+    openai_pb2,
+    openai_pb2_grpc,
+)
+from prometheus_client import start_http_server
+
+from services.gateway import telemetry, validation
+from services.gateway.auth import Authentication, KeyStore
+from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
+from services.gateway.catalog import ModelCatalog
+from services.gateway.config import GatewayConfig
+from services.gateway.interceptors import BehaviorWrapper, ErrorMapping, WrappingInterceptor
+from services.gateway.metrics import Metrics, Stats
+from services.gateway.ratelimit import Limits, RateLimiter, RateLimiting
+from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
+from services.gateway.telemetry import Tracing
+
+log = logging.getLogger("services.gateway")
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    info_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name,
+    openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name,
+)
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    backends: Backends
+    port: int
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        await self.backends.close()
+
+
+async def build(config: GatewayConfig) -> Gateway:
+    store = KeyStore(config.api_keys_file, config.api_keys)
+    if store.open:
+        log.warning("no API keys configured: the gateway is OPEN to every client (set --api-keys-file)")
+    provider = telemetry.setup_tracing("gateway", config.otlp_endpoint) if config.tracing else None
+    client_interceptors: list[Any] = list(telemetry.client_interceptors(provider)) if provider else []
+    tracing = provider is not None
+    generator = Backend(
+        "generator", config.generator_addresses, config.retry_attempts, client_interceptors, tracing
+    )
+    embedder = Backend(
+        "embedder", config.embedder_addresses, config.retry_attempts, client_interceptors, tracing
+    )
+    backends = Backends(generator, embedder, ResponseCache(config.cache_size))
+    catalog = ModelCatalog(generator, embedder)
+    stats = Stats()
+    limiter = RateLimiter(
+        Limits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
+    )
+    limits = validation.Limits(
+        max_prompt_chars=config.max_prompt_chars,
+        max_messages=config.max_messages,
+        max_new_tokens=config.max_new_tokens,
+        max_sequences=config.max_sequences,
+        max_stop_sequences=config.max_stop_sequences,
+        max_embedding_inputs=config.max_embedding_inputs,
+    )
+    # Outermost first: the span covers everything, metrics see the final status, errors raised by
+    # auth and limits are mapped to a status with details.
+    wrappers: list[BehaviorWrapper] = [Tracing(provider)] if provider is not None else []
+    wrappers += [Metrics(stats), ErrorMapping(), Authentication(store), RateLimiting(limiter)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [WrappingInterceptor(wrappers)]
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    address = f"{config.host}:{config.port}"
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(backends, catalog, limits), server
+    )
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+        EmbeddingServicer(backends, catalog, limits), server
+    )
+    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(backends, catalog, stats, address), server)
+    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
+        OpenAIServicer(backends, catalog, limits, stats.started), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Gateway(server, backends, port)
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = await build(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+    await gateway.server.start()
+    log.info(
+        "gateway on %s:%d (metrics :%d); generator %s, embedder %s",
+        config.host,
+        gateway.port,
+        config.metrics_port,
+        gateway.backends.generator.target,
+        gateway.backends.embedder.target,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await gateway.stop()

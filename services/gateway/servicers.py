@@ -1,0 +1,382 @@
+"""The gateway's servicers: thin translations between the public contract and the backend calls.
+Auth, limits, metrics, traces and error mapping wrap them as interceptors (server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import psutil
+from google.api import httpbody_pb2  # type: ignore[import-untyped]
+from google.protobuf.message import Message
+from inference.v1 import (
+    embedding_pb2,
+    embedding_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    info_pb2,
+    info_pb2_grpc,
+    openai_pb2,
+    openai_pb2_grpc,
+)
+
+from services.gateway import openai_compat as oai
+from services.gateway import validation
+from services.gateway.backends import Backend, Backends
+from services.gateway.catalog import ModelCatalog
+from services.gateway.errors import GatewayError, from_backend, http_like, not_found
+from services.gateway.interceptors import Context
+from services.gateway.metrics import Stats
+
+T = TypeVar("T")
+RequestT = TypeVar("RequestT", bound=Message)
+
+# Set by Envoy's Lua filter on requests that arrived as REST/JSON: their streams report a failure
+# after the first event in band, since an HTTP status can no longer change by then.
+REST_HEADER = "x-inference-rest"
+
+
+def is_rest(context: Context) -> bool:
+    return any(key == REST_HEADER for key, _ in (context.invocation_metadata() or ()))
+
+
+def _copy(request: RequestT) -> RequestT:
+    duplicate = type(request)()
+    duplicate.CopyFrom(request)
+    return duplicate
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+        self._backends = backends
+        self._catalog = catalog
+        self._limits = limits
+
+    async def _prepared(self, request: RequestT) -> RequestT:
+        forwarded = _copy(request)
+        if "stream" in forwarded.DESCRIPTOR.fields_by_name:
+            forwarded.ClearField("stream")
+        model = getattr(forwarded, "model")  # noqa: B009
+        setattr(forwarded, "model", await self._catalog.resolve("generation", model))  # noqa: B010
+        return forwarded
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: Context
+    ) -> generation_pb2.GenerateResponse:
+        validation.validate_generate(request, self._limits)
+        return await self._backends.generate(await self._prepared(request), context)
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        validation.validate_generate(request, self._limits)
+        forwarded = await self._prepared(request)
+        sent = False
+        try:
+            async for message in self._backends.generate_stream(forwarded, context):
+                sent = True
+                yield message
+        except (GatewayError, grpc.aio.AioRpcError) as raised:
+            if not (sent and is_rest(context)):
+                raise
+            error = raised if isinstance(raised, GatewayError) else from_backend(raised)
+            yield generation_pb2.GenerateStreamResponse(error=error.to_status())
+
+    async def Chat(
+        self, request: generation_pb2.ChatRequest, context: Context
+    ) -> generation_pb2.ChatResponse:
+        validation.validate_chat(request, self._limits)
+        return await self._backends.chat(await self._prepared(request), context)
+
+    async def SolveMath(
+        self, request: generation_pb2.SolveMathRequest, context: Context
+    ) -> generation_pb2.SolveMathResponse:
+        validation.validate_solve(request, self._limits)
+        return await self._backends.solve_math(await self._prepared(request), context)
+
+    async def SolveCoding(
+        self, request: generation_pb2.SolveCodingRequest, context: Context
+    ) -> generation_pb2.SolveCodingResponse:
+        validation.validate_solve(request, self._limits)
+        return await self._backends.solve_coding(await self._prepared(request), context)
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+        self._backends = backends
+        self._catalog = catalog
+        self._limits = limits
+
+    async def Embed(
+        self, request: embedding_pb2.EmbedRequest, context: Context
+    ) -> embedding_pb2.EmbedResponse:
+        validation.validate_embed(request, self._limits)
+        forwarded = _copy(request)
+        forwarded.model = await self._catalog.resolve("embedding", request.model)
+        return await self._backends.embed(forwarded, context)
+
+    async def PreloadModels(
+        self, request: embedding_pb2.PreloadModelsRequest, context: Context
+    ) -> embedding_pb2.PreloadModelsResponse:
+        validation.validate_model_names(request.models, "models")
+        return await self._backends.preload(request, context)
+
+    async def GetCacheStatus(
+        self, request: embedding_pb2.GetCacheStatusRequest, context: Context
+    ) -> embedding_pb2.GetCacheStatusResponse:
+        return await self._backends.cache_status(request, context)
+
+    async def ClearCache(
+        self, request: embedding_pb2.ClearCacheRequest, context: Context
+    ) -> embedding_pb2.ClearCacheResponse:
+        validation.validate_model_names(request.models, "models")
+        return await self._backends.clear_cache(request, context)
+
+    async def GetModelCounter(
+        self, request: embedding_pb2.GetModelCounterRequest, context: Context
+    ) -> embedding_pb2.GetModelCounterResponse:
+        validation.validate_model_names([request.model], "model")
+        return await self._backends.model_counter(request, context)
+
+
+async def _gather_replicas(
+    backend: Backend, call: Callable[[info_pb2_grpc.InfoServiceAsyncStub], Awaitable[T]]
+) -> list[tuple[str, T | grpc.aio.AioRpcError]]:
+    stubs = backend.info_stubs()
+
+    async def one(
+        address: str, stub: info_pb2_grpc.InfoServiceAsyncStub
+    ) -> tuple[str, T | grpc.aio.AioRpcError]:
+        try:
+            return address, await call(stub)
+        except grpc.aio.AioRpcError as error:
+            return address, error
+
+    return list(await asyncio.gather(*(one(address, stub) for address, stub in stubs.items())))
+
+
+class InfoServicer(info_pb2_grpc.InfoServiceServicer):
+    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: Stats, address: str) -> None:
+        self._backends = backends
+        self._catalog = catalog
+        self._stats = stats
+        self._address = address
+
+    def _own_health(self) -> info_pb2.ComponentHealth:
+        memory = psutil.virtual_memory()
+        return info_pb2.ComponentHealth(
+            component="gateway",
+            address=self._address,
+            status=info_pb2.SERVING_STATUS_SERVING,
+            device=info_pb2.DeviceInfo(type="cpu", count=1),
+            memory=info_pb2.MemoryInfo(
+                process_rss_mib=psutil.Process(os.getpid()).memory_info().rss / 2**20,
+                system_total_mib=memory.total / 2**20,
+                system_available_mib=memory.available / 2**20,
+            ),
+            uptime_seconds=time.time() - self._stats.started,
+        )
+
+    async def GetHealth(
+        self, request: info_pb2.GetHealthRequest, context: Context
+    ) -> info_pb2.GetHealthResponse:
+        reply = info_pb2.GetHealthResponse(components=[self._own_health()])
+        serving = True
+        for name, backend in (("generator", self._backends.generator), ("embedder", self._backends.embedder)):
+            any_serving = False
+            for address, result in await _gather_replicas(
+                backend, lambda stub: stub.GetHealth(info_pb2.GetHealthRequest(), timeout=3.0)
+            ):
+                if isinstance(result, grpc.aio.AioRpcError):
+                    reply.components.append(
+                        info_pb2.ComponentHealth(
+                            component=name,
+                            address=address,
+                            status=info_pb2.SERVING_STATUS_NOT_SERVING,
+                            message=f"{result.code().name}: {result.details()}",
+                        )
+                    )
+                    continue
+                for component in result.components:
+                    part = reply.components.add()
+                    part.CopyFrom(component)
+                    part.address = part.address or address
+                    any_serving = any_serving or component.status == info_pb2.SERVING_STATUS_SERVING
+            serving = serving and any_serving
+        reply.status = info_pb2.SERVING_STATUS_SERVING if serving else info_pb2.SERVING_STATUS_NOT_SERVING
+        return reply
+
+    async def GetStats(
+        self, request: info_pb2.GetStatsRequest, context: Context
+    ) -> info_pb2.GetStatsResponse:
+        own = info_pb2.ComponentStats(
+            component="gateway",
+            address=self._address,
+            uptime_seconds=time.time() - self._stats.started,
+            requests_total=self._stats.total,
+            requests_failed=self._stats.failed,
+            requests_running=self._stats.running,
+            cache_hits=self._backends.cache.hits,
+        )
+        reply = info_pb2.GetStatsResponse(components=[own])
+        for name, backend in (("generator", self._backends.generator), ("embedder", self._backends.embedder)):
+            for address, result in await _gather_replicas(
+                backend, lambda stub: stub.GetStats(info_pb2.GetStatsRequest(), timeout=3.0)
+            ):
+                if isinstance(result, grpc.aio.AioRpcError):
+                    reply.components.add(component=name, address=address)
+                    continue
+                for component in result.components:
+                    part = reply.components.add()
+                    part.CopyFrom(component)
+                    part.address = part.address or address
+        return reply
+
+    async def ListServedModels(
+        self, request: info_pb2.ListServedModelsRequest, context: Context
+    ) -> info_pb2.ListServedModelsResponse:
+        return info_pb2.ListServedModelsResponse(models=await self._catalog.all_models())
+
+
+def _sse(data: bytes) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(content_type=oai.SSE_CONTENT_TYPE, data=data)
+
+
+async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    """SSE events ending in [DONE]; a failure before the first event is the call's status (an HTTP
+    error), one after it an in-band error event (never a clean end)."""
+    sent = False
+    try:
+        async for body in chunks:
+            sent = True
+            yield _sse(oai.sse_event(body))
+    except (GatewayError, grpc.aio.AioRpcError) as raised:
+        if not sent:
+            raise
+        error = raised if isinstance(raised, GatewayError) else from_backend(raised)
+        kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"
+        yield _sse(oai.sse_error(error.message, kind, http_like(error.code), error.code.name))
+        return
+    yield _sse(oai.DONE_EVENT)
+
+
+class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
+    def __init__(
+        self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits, started: float
+    ) -> None:
+        self._backends = backends
+        self._catalog = catalog
+        self._limits = limits
+        self._created = int(started)
+
+    async def _chat_native(
+        self, request: openai_pb2.CreateChatCompletionRequest
+    ) -> tuple[dict[str, Any], str]:
+        turns = validation.validate_chat_completion(request, self._limits)
+        model = await self._catalog.resolve("generation", request.model)
+        return oai.chat_fields(request, turns, model), model
+
+    async def CreateChatCompletion(
+        self, request: openai_pb2.CreateChatCompletionRequest, context: Context
+    ) -> openai_pb2.CreateChatCompletionResponse:
+        fields, model = await self._chat_native(request)
+        response = await self._backends.generate(generation_pb2.GenerateRequest(**fields), context)
+        return oai.chat_response(response, request.model or model)
+
+    async def StreamChatCompletion(
+        self, request: openai_pb2.CreateChatCompletionRequest, context: Context
+    ) -> AsyncIterator[openai_pb2.StreamChatCompletionResponse]:
+        fields, model = await self._chat_native(request)
+        chunker = oai.ChatChunker(request.model or model, request.stream_options.include_usage)
+        async for message in self._backends.generate_stream(
+            generation_pb2.GenerateStreamRequest(**fields), context
+        ):
+            for chunk in chunker.feed(message):
+                yield chunk
+        for chunk in chunker.finish():
+            yield chunk
+
+    async def StreamChatCompletionEvents(
+        self, request: openai_pb2.CreateChatCompletionRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async def bodies() -> AsyncIterator[dict[str, Any]]:
+            async for chunk in self.StreamChatCompletion(request, context):
+                yield oai.chat_chunk_json(chunk)
+
+        async for event in _sse_stream(bodies()):
+            yield event
+
+    async def _completion_native(
+        self, request: openai_pb2.CreateCompletionRequest
+    ) -> tuple[list[str], list[dict[str, Any]], str]:
+        prompts = validation.validate_completion(request, self._limits)
+        model = await self._catalog.resolve("generation", request.model)
+        return prompts, [oai.completion_fields(request, prompt, model) for prompt in prompts], model
+
+    async def CreateCompletion(
+        self, request: openai_pb2.CreateCompletionRequest, context: Context
+    ) -> openai_pb2.CreateCompletionResponse:
+        prompts, fields, model = await self._completion_native(request)
+        responses = await asyncio.gather(
+            *(self._backends.generate(generation_pb2.GenerateRequest(**one), context) for one in fields)
+        )
+        return oai.completion_response(list(responses), prompts, request.echo, request.model or model)
+
+    async def StreamCompletion(
+        self, request: openai_pb2.CreateCompletionRequest, context: Context
+    ) -> AsyncIterator[openai_pb2.StreamCompletionResponse]:
+        prompts, fields, model = await self._completion_native(request)
+        chunker = oai.CompletionChunker(
+            request.model or model, request.stream_options.include_usage, request.echo
+        )
+        per_prompt = request.n if request.HasField("n") else 1
+        for number, (prompt, one) in enumerate(zip(prompts, fields, strict=True)):
+            native = generation_pb2.GenerateStreamRequest(**one)
+            async for message in self._backends.generate_stream(native, context):
+                for chunk in chunker.feed(message, prompt, number * per_prompt):
+                    yield chunk
+        for chunk in chunker.finish():
+            yield chunk
+
+    async def StreamCompletionEvents(
+        self, request: openai_pb2.CreateCompletionRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async def bodies() -> AsyncIterator[dict[str, Any]]:
+            async for chunk in self.StreamCompletion(request, context):
+                yield oai.completion_chunk_json(chunk)
+
+        async for event in _sse_stream(bodies()):
+            yield event
+
+    async def CreateEmbedding(
+        self, request: openai_pb2.CreateEmbeddingRequest, context: Context
+    ) -> openai_pb2.CreateEmbeddingResponse:
+        validation.validate_openai_embedding(request, self._limits)
+        model = await self._catalog.resolve("embedding", request.model)
+        response = await self._backends.embed(oai.embedding_request(request, model), context)
+        return oai.embedding_response(response, request.encoding_format, request.model)
+
+    def _model(self, model: info_pb2.ServedModel) -> openai_pb2.Model:
+        return openai_pb2.Model(id=model.id, object="model", created=self._created, owned_by=oai.OWNER)
+
+    async def ListModels(
+        self, request: openai_pb2.ListModelsRequest, context: Context
+    ) -> openai_pb2.ListModelsResponse:
+        models = await self._catalog.all_models()
+        return openai_pb2.ListModelsResponse(object="list", data=[self._model(model) for model in models])
+
+    async def RetrieveModel(
+        self, request: openai_pb2.RetrieveModelRequest, context: Context
+    ) -> openai_pb2.RetrieveModelResponse:
+        model = await self._catalog.find(request.model)
+        if model is None:
+            known = [item.id for item in await self._catalog.all_models()]
+            raise not_found("model", request.model, known)
+        return openai_pb2.RetrieveModelResponse(
+            id=model.id, object="model", created=self._created, owned_by=oai.OWNER
+        )

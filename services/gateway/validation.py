@@ -1,0 +1,327 @@
+"""Checks of every request before any backend work: sizes, ranges, roles and types, each
+violation naming its field and the limit (INVALID_ARGUMENT with a BadRequest detail)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
+
+from services.gateway.errors import invalid_argument
+
+NATIVE_ROLES = ("system", "user", "assistant")
+OPENAI_ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP_CHARS = 256
+MAX_TOKEN_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 100_000
+    max_messages: int = 256
+    max_new_tokens: int = 4096
+    max_sequences: int = 8
+    max_stop_sequences: int = 4
+    max_embedding_inputs: int = 2048
+    max_temperature: float = 100.0
+
+
+class Violations:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, why: str) -> None:
+        self.items.append((field, why))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid_argument(self.items)
+
+    def optional_int(
+        self, request: Message, field: str, low: int, high: int, name: str | None = None
+    ) -> None:
+        if request.HasField(field):
+            value = getattr(request, field)
+            if not low <= value <= high:
+                self.add(name or field, f"must be between {low} and {high}, got {value}")
+
+    def optional_float(
+        self,
+        request: Message,
+        field: str,
+        low: float,
+        high: float,
+        low_open: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if request.HasField(field):
+            value = float(getattr(request, field))
+            too_low = value <= low if low_open else value < low
+            if not math.isfinite(value) or too_low or value > high:
+                bracket = "(" if low_open else "["
+                self.add(name or field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+
+    def text(self, field: str, value: str, limit: int, required: bool = True) -> None:
+        if required and not value.strip():
+            self.add(field, "must not be empty")
+        elif len(value) > limit:
+            self.add(field, f"is {len(value)} characters, more than the limit of {limit}")
+
+
+def stop_sequences(value: struct_pb2.Value, field: str, limits: Limits, out: Violations) -> list[str]:
+    """The stop strings of a string-or-list Value."""
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return []
+    if kind == "string_value":
+        items: list[Any] = [value.string_value]
+    elif kind == "list_value":
+        items = list(_plain(value))
+    else:
+        out.add(field, "must be a string or a list of strings")
+        return []
+    if len(items) > limits.max_stop_sequences:
+        out.add(field, f"has {len(items)} sequences, more than the limit of {limits.max_stop_sequences}")
+    result = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            out.add(f"{field}[{index}]", "must be a string")
+        elif not item:
+            out.add(f"{field}[{index}]", "must not be empty")
+        elif len(item) > MAX_STOP_CHARS:
+            out.add(f"{field}[{index}]", f"is longer than {MAX_STOP_CHARS} characters")
+        else:
+            result.append(item)
+    return result
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def plain(value: struct_pb2.Value) -> Any:
+    """A Value as plain Python (lists, dicts, floats, strings, bools, None)."""
+    return _plain(value)
+
+
+def _messages(messages: Iterable[common_pb2.ChatMessage | Any], limits: Limits, out: Violations) -> None:
+    items = list(messages)
+    if len(items) > limits.max_messages:
+        out.add("messages", f"has {len(items)} messages, more than the limit of {limits.max_messages}")
+    for index, message in enumerate(items):
+        if message.role not in NATIVE_ROLES:
+            out.add(
+                f"messages[{index}].role", f"must be one of {', '.join(NATIVE_ROLES)}, got {message.role!r}"
+            )
+        out.text(f"messages[{index}].content", message.content, limits.max_prompt_chars, required=False)
+
+
+def _sampling(request: Message, limits: Limits, out: Violations) -> None:
+    out.optional_int(request, "max_new_tokens", 1, limits.max_new_tokens)
+    out.optional_float(request, "temperature", 0.0, limits.max_temperature)
+    fields = request.DESCRIPTOR.fields_by_name
+    if "top_p" in fields:
+        out.optional_float(request, "top_p", 0.0, 1.0, low_open=True)
+    if "top_k" in fields:
+        out.optional_int(request, "top_k", 0, 1_000_000)
+    if "repetition_penalty" in fields:
+        out.optional_float(request, "repetition_penalty", 0.0, 10.0, low_open=True)
+
+
+def validate_generate(
+    request: generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest, limits: Limits
+) -> None:
+    out = Violations()
+    if request.prompt and len(request.messages) > 0:
+        out.add("prompt", "set either prompt or messages, not both")
+    elif not request.prompt.strip() and len(request.messages) == 0:
+        out.add("prompt", "must not be empty (or send messages)")
+    else:
+        out.text("prompt", request.prompt, limits.max_prompt_chars, required=False)
+    _messages(request.messages, limits, out)
+    _sampling(request, limits, out)
+    out.optional_int(request, "num_return_sequences", 1, limits.max_sequences)
+    out.optional_int(request, "num_beams", 1, limits.max_sequences)
+    stop_sequences(request.stop, "stop", limits, out)
+    out.raise_if_any()
+
+
+def validate_chat(request: generation_pb2.ChatRequest, limits: Limits) -> None:
+    out = Violations()
+    if len(request.messages) == 0:
+        out.add("messages", "must not be empty")
+    _messages(request.messages, limits, out)
+    _sampling(request, limits, out)
+    stop_sequences(request.stop, "stop", limits, out)
+    out.raise_if_any()
+
+
+def validate_solve(
+    request: generation_pb2.SolveMathRequest | generation_pb2.SolveCodingRequest, limits: Limits
+) -> None:
+    out = Violations()
+    out.text("problem", request.problem, limits.max_prompt_chars)
+    if isinstance(request, generation_pb2.SolveCodingRequest) and len(request.language) > 32:
+        out.add("language", "is longer than 32 characters")
+    _sampling(request, limits, out)
+    out.raise_if_any()
+
+
+def embedding_inputs(value: struct_pb2.Value, field: str, limits: Limits, out: Violations) -> int:
+    """Checks a string / strings / token ids / lists of token ids Value; returns the input count."""
+    data = _plain(value)
+    if isinstance(data, str):
+        out.text(field, data, limits.max_prompt_chars)
+        return 1
+    if not isinstance(data, list) or not data:
+        out.add(
+            field, "must be a non-empty string, list of strings, list of token ids or list of token-id lists"
+        )
+        return 0
+    if all(isinstance(item, float) for item in data):
+        _token_ids(data, field, out)
+        return 1
+    if len(data) > limits.max_embedding_inputs:
+        out.add(field, f"has {len(data)} inputs, more than the limit of {limits.max_embedding_inputs}")
+    for index, item in enumerate(data):
+        if isinstance(item, str):
+            out.text(f"{field}[{index}]", item, limits.max_prompt_chars)
+        elif isinstance(item, list) and item and all(isinstance(token, float) for token in item):
+            _token_ids(item, f"{field}[{index}]", out)
+        else:
+            out.add(f"{field}[{index}]", "must be a non-empty string or a non-empty list of token ids")
+    return len(data)
+
+
+def _token_ids(items: list[Any], field: str, out: Violations) -> None:
+    for index, token in enumerate(items):
+        if not (float(token).is_integer() and 0 <= token <= MAX_TOKEN_ID):
+            out.add(f"{field}[{index}]", f"token ids are integers from 0 to {MAX_TOKEN_ID}, got {token!r}")
+            return
+
+
+def validate_embed(request: embedding_pb2.EmbedRequest, limits: Limits) -> None:
+    out = Violations()
+    embedding_inputs(request.input, "input", limits, out)
+    out.optional_int(request, "dimensions", 1, 65536)
+    out.text("model", request.model, 512, required=False)
+    out.raise_if_any()
+
+
+def validate_model_names(models: Iterable[str], field: str) -> None:
+    out = Violations()
+    for index, name in enumerate(models):
+        out.text(f"{field}[{index}]", name, 512)
+    out.raise_if_any()
+
+
+def openai_content(value: struct_pb2.Value, field: str, out: Violations) -> str:
+    """The text of a message's content: a string or a list of text parts."""
+    data = _plain(value)
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    if isinstance(data, list):
+        texts = []
+        for index, part in enumerate(data):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                out.add(f"{field}[{index}]", "only text parts ({'type': 'text', 'text': ...}) are supported")
+        return "".join(texts)
+    out.add(field, "must be a string or a list of content parts")
+    return ""
+
+
+def _openai_sampling(
+    request: openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest,
+    limits: Limits,
+    out: Violations,
+) -> None:
+    out.optional_int(request, "max_tokens", 1, limits.max_new_tokens)
+    out.optional_float(request, "temperature", 0.0, 2.0)
+    out.optional_float(request, "top_p", 0.0, 1.0, low_open=True)
+    out.optional_int(request, "n", 1, limits.max_sequences)
+    out.optional_float(request, "presence_penalty", -2.0, 2.0)
+    out.optional_float(request, "frequency_penalty", -2.0, 2.0)
+    out.optional_int(request, "top_k", 0, 1_000_000)
+    out.optional_float(request, "repetition_penalty", 0.0, 10.0, low_open=True)
+    stop_sequences(request.stop, "stop", limits, out)
+    if not request.model.strip():
+        out.add("model", "is required")
+
+
+def validate_chat_completion(
+    request: openai_pb2.CreateChatCompletionRequest, limits: Limits
+) -> list[tuple[str, str]]:
+    """Checks the request; returns (role, text) of each message."""
+    out = Violations()
+    _openai_sampling(request, limits, out)
+    out.optional_int(request, "max_completion_tokens", 1, limits.max_new_tokens)
+    if len(request.messages) == 0:
+        out.add("messages", "must not be empty")
+    if len(request.messages) > limits.max_messages:
+        out.add(
+            "messages", f"has {len(request.messages)} messages, more than the limit of {limits.max_messages}"
+        )
+    turns = []
+    for index, message in enumerate(request.messages):
+        if message.role not in OPENAI_ROLES:
+            out.add(
+                f"messages[{index}].role", f"must be one of {', '.join(OPENAI_ROLES)}, got {message.role!r}"
+            )
+        text = openai_content(message.content, f"messages[{index}].content", out)
+        out.text(f"messages[{index}].content", text, limits.max_prompt_chars, required=False)
+        turns.append(("system" if message.role == "developer" else message.role, text))
+    out.raise_if_any()
+    return turns
+
+
+def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: Limits) -> list[str]:
+    """Checks the request; returns its prompts."""
+    out = Violations()
+    _openai_sampling(request, limits, out)
+    data = _plain(request.prompt)
+    prompts: list[str] = []
+    if isinstance(data, str):
+        prompts = [data]
+    elif isinstance(data, list) and data and all(isinstance(item, str) for item in data):
+        prompts = list(data)
+    elif isinstance(data, list) and data and all(isinstance(item, (float, list)) for item in data):
+        out.add("prompt", "token-id prompts are not supported here; send the prompt as text")
+    else:
+        out.add("prompt", "must be a non-empty string or list of strings")
+    if len(prompts) > limits.max_sequences:
+        out.add("prompt", f"has {len(prompts)} prompts, more than the limit of {limits.max_sequences}")
+    for index, prompt in enumerate(prompts):
+        out.text("prompt" if isinstance(data, str) else f"prompt[{index}]", prompt, limits.max_prompt_chars)
+    out.raise_if_any()
+    return prompts
+
+
+def validate_openai_embedding(request: openai_pb2.CreateEmbeddingRequest, limits: Limits) -> None:
+    out = Violations()
+    embedding_inputs(request.input, "input", limits, out)
+    if request.encoding_format not in ("", "float", "base64"):
+        out.add("encoding_format", f"must be 'float' or 'base64', got {request.encoding_format!r}")
+    out.optional_int(request, "dimensions", 1, 65536)
+    if not request.model.strip():
+        out.add("model", "is required")
+    out.raise_if_any()

@@ -1,0 +1,451 @@
+"""docker-compose.yml, the Dockerfile, deploy/k8s, deploy/prometheus.yml and the Grafana dashboard:
+each is checked by the tool that consumes it (or its schema, offline), and every command, flag,
+environment variable, port and metric it names is checked against the code."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+K8S = ROOT / "deploy" / "k8s"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "inference-stack.json"
+K8S_VERSION = "1.37.0"
+MODEL_TIERS = ("generator", "embedder")
+# Variables a container may set that are not a service's flags.
+GENERIC_ENV = {"HF_HUB_OFFLINE", "PYTHONUNBUFFERED"}
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert found, f"{name} is missing: `bash tools/system-packages.sh` (run by `make install`) installs it"
+    return found
+
+
+@functools.cache
+def service_help(module: str) -> str:
+    """`python -m services.X --help`, with the service's own variables cleared so that the
+    defaults shown are the code's."""
+    prefix = module.rsplit(".", 1)[-1].upper() + "_"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"python -m {module} --help failed:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def flag_default(help_text: str, flag: str) -> str | None:
+    """The default argparse prints for `flag` (ArgumentDefaultsHelpFormatter)."""
+    # From the option's own entry, not from the usage line above the list.
+    match = re.search(rf"^\s+--{re.escape(flag)}\b.*?\(default: ([^)]*)\)", help_text, re.S | re.M)
+    return match.group(1) if match else None
+
+
+def check_service_env(module: str, env: dict[str, str]) -> None:
+    """Every variable is `<PREFIX>_<FLAG>` for a flag the service has; ports are its defaults."""
+    assert module.startswith("services."), module
+    prefix = module.rsplit(".", 1)[-1].upper()
+    help_text = service_help(module)
+    for name, value in env.items():
+        if name in GENERIC_ENV:
+            continue
+        assert name.startswith(prefix + "_"), f"{module}: {name} is not a {prefix}_* variable"
+        flag = name[len(prefix) + 1 :].lower().replace("_", "-")
+        assert re.search(rf"--{re.escape(flag)}\b", help_text), f"{module} has no --{flag} (for {name})"
+        if flag in ("port", "metrics-port"):
+            assert flag_default(help_text, flag) == str(value), (
+                f"{name}={value} differs from the code's default"
+            )
+
+
+def python_module(command: list[str]) -> str | None:
+    if len(command) >= 3 and command[0] == "python" and command[1] == "-m":
+        return command[2]
+    return None
+
+
+def check_module_runs(module: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"python -m {module} --help failed:\n{result.stderr[-2000:]}"
+
+
+# -- docker-compose ---------------------------------------------------------------------------------
+
+
+def test_compose_file_passes_the_compose_spec_schema() -> None:
+    result = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("profile", [None, "gpu"])
+def test_debian_docker_compose_accepts_the_file(profile: str | None) -> None:
+    args = [tool("docker-compose"), "-f", str(COMPOSE)]
+    if profile:
+        args += ["--profile", profile]
+    result = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {"envoy", "gateway", "generator", "embedder", "prometheus", "grafana"} <= set(services)
+    # Debian's 1.29 lists the services of every profile; the profile stays on them.
+    assert {name: services[name].get("profiles") for name in ("generator-gpu", "embedder-gpu")} == {
+        "generator-gpu": ["gpu"],
+        "embedder-gpu": ["gpu"],
+    }
+
+
+def test_compose_commands_flags_and_ports_exist_in_the_code() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        command = service.get("command")
+        module = python_module(command) if isinstance(command, list) else None
+        if module is None:
+            continue
+        env = service.get("environment", {})
+        check_service_env(module, env)
+        prefix = module.rsplit(".", 1)[-1].upper()
+        port, metrics_port = env[f"{prefix}_PORT"], env[f"{prefix}_METRICS_PORT"]
+        health = service["healthcheck"]["test"]
+        assert health[1:4] == ["python", "-m", "tools.healthcheck"], name
+        check_module_runs("tools.healthcheck")
+        assert health[health.index("--port") + 1] == port, f"{name}: health check probes another port"
+        exposed = {str(p) for p in service.get("expose", [])} | {
+            str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])
+        }
+        assert {port, metrics_port} <= exposed, f"{name} does not expose {port} and {metrics_port}"
+
+
+def test_compose_wires_tiers_to_each_other_on_their_ports() -> None:
+    services = compose()["services"]
+    gateway_env = services["gateway"]["environment"]
+    for tier in MODEL_TIERS:
+        port = services[tier]["environment"][f"{tier.upper()}_PORT"]
+        assert gateway_env[f"GATEWAY_{tier.upper()}_ADDRESSES"] == f"dns:///{tier}:{port}"
+        gpu = services[f"{tier}-gpu"]
+        # The GPU replicas answer to the same name, so the gateway balances over them too.
+        assert gpu["networks"]["default"]["aliases"] == [tier]
+        assert gpu["command"] == services[tier]["command"]
+        assert gpu["environment"] == services[tier]["environment"]
+        assert gpu["profiles"] == ["gpu"]
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        assert services["gateway"]["depends_on"][tier]["condition"] == "service_healthy"
+    assert services["envoy"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+    envoy_command = " ".join(services["envoy"]["command"])
+    assert f"--gateway gateway:{gateway_env['GATEWAY_PORT']}" in envoy_command
+    assert "8080:8080" in services["envoy"]["ports"]
+    health = services["envoy"]["healthcheck"]["test"]
+    assert health[health.index("--port") + 1] == "8080"
+
+
+def test_compose_envoy_command_renders_a_configuration_envoy_accepts(tmp_path: Path) -> None:
+    command = compose()["services"]["envoy"]["command"][2]
+    render, _, _ = command.partition("&&")
+    args = shlex.split(render)
+    assert args[:3] == ["python", "-m", "tools.envoy_config"]
+    # Here the descriptor is the one the build made, not the image's path.
+    args[args.index("--descriptor") + 1] = str(ROOT / "build" / "inference.pb")
+    args[args.index("--output") + 1] = str(tmp_path / "envoy.yaml")
+    result = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    validate = subprocess.run(
+        [tool("envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert validate.returncode == 0, validate.stdout[-3000:] + validate.stderr[-3000:]
+
+
+def test_dockerfile_pins_the_same_versions_as_the_project() -> None:
+    text = DOCKERFILE.read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins: dict[str, str] = {}
+    for requirement in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            pins[name.strip().lower()] = version.strip()
+    makefile = (ROOT / "Makefile").read_text()
+    for match in re.finditer(r"([A-Za-z0-9_.-]+)==([0-9][^\s\"'\\]*)", makefile):
+        pins.setdefault(match.group(1).lower(), match.group(2))
+    named = re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\"'\\]*)", text)
+    assert named, "the Dockerfile pins nothing"
+    for name, version in named:
+        assert pins.get(name.lower()) == version, (
+            f"Dockerfile pins {name}=={version}, the project {pins.get(name)}"
+        )
+    for source in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
+
+
+# -- Kubernetes -------------------------------------------------------------------------------------
+
+
+def k8s_resources() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk, "kustomization.yaml must list every manifest"
+    return [doc for name in listed for doc in load_yaml_documents(K8S / name)]
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in k8s_resources() if doc["kind"] == kind}
+
+
+def test_k8s_manifests_pass_the_kubernetes_schemas() -> None:
+    resources = k8s_resources()
+    assert {doc["kind"] for doc in resources} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    for doc in resources:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_schema_check_rejects_a_misspelled_field() -> None:
+    deployment = copy.deepcopy(by_kind("Deployment")["generator"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinessProbes"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
+    deployments, services = by_kind("Deployment"), by_kind("Service")
+    assert set(deployments) == {"envoy", "gateway", "generator", "embedder"}
+    for name in ("gateway", *MODEL_TIERS):
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        module = python_module(container["command"])
+        assert module == f"services.{name}"
+        env = {item["name"]: item["value"] for item in container["env"]}
+        check_service_env(module, env)
+        port = int(env[f"{name.upper()}_PORT"])
+        assert container["readinessProbe"]["grpc"]["port"] == port
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": port, "metrics": int(env[f"{name.upper()}_METRICS_PORT"])}
+        annotations = deployments[name]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(ports["metrics"])
+        service_ports = {p["name"]: p["port"] for p in services[name]["spec"]["ports"]}
+        assert service_ports["grpc"] == port
+        # Headless: the client (gateway, Envoy) resolves every replica and balances per request.
+        assert services[name]["spec"]["clusterIP"] == "None"
+    gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    gateway_env = {item["name"]: item["value"] for item in gateway["env"]}
+    for tier in MODEL_TIERS:
+        deployment = deployments[tier]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["grpc"]["port"] == container["startupProbe"]["grpc"]["port"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert "cpu" in container["resources"]["requests"]
+        assert deployment["spec"]["replicas"] >= 2
+        port = {p["name"]: p["port"] for p in services[tier]["spec"]["ports"]}["grpc"]
+        assert gateway_env[f"GATEWAY_{tier.upper()}_ADDRESSES"] == f"dns:///{tier}:{port}"
+
+
+def test_k8s_autoscalers_target_existing_deployments() -> None:
+    deployments = by_kind("Deployment")
+    autoscalers = by_kind("HorizontalPodAutoscaler")
+    assert set(MODEL_TIERS) <= set(autoscalers)
+    for autoscaler in autoscalers.values():
+        target = autoscaler["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment" and target["name"] in deployments
+        assert autoscaler["spec"]["minReplicas"] <= autoscaler["spec"]["maxReplicas"]
+
+
+def test_k8s_cpu_overlay_removes_the_gpu_limits_it_names() -> None:
+    overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    deployments = by_kind("Deployment")
+    for patch in overlay["patches"]:
+        names = patch["target"]["name"].split("|")
+        for operation in yaml.safe_load(patch["patch"]):
+            assert operation["op"] == "remove"
+            keys = [key.replace("~1", "/") for key in operation["path"].strip("/").split("/")]
+            for name in names:
+                node: Any = deployments[name]
+                for key in keys:
+                    node = node[int(key)] if isinstance(node, list) else node[key]
+
+
+# -- Prometheus and Grafana -------------------------------------------------------------------------
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_every_tier_on_its_metrics_port() -> None:
+    jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    services = compose()["services"]
+    for tier in ("gateway", *MODEL_TIERS):
+        (target,) = jobs[tier]["dns_sd_configs"]
+        assert target["names"] == [tier]
+        assert str(target["port"]) == services[tier]["environment"][f"{tier.upper()}_METRICS_PORT"]
+
+
+def exported_metric_names() -> set[str]:
+    """Names passed to prometheus_client metric constructors anywhere in services/."""
+    names: set[str] = set()
+    pattern = re.compile(
+        r"\b(?:Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*[\"']([a-zA-Z_:][\w:]*)[\"']", re.S
+    )
+    for path in (ROOT / "services").rglob("*.py"):
+        names.update(pattern.findall(path.read_text()))
+    return names
+
+
+def series_names(metric: str) -> set[str]:
+    """What prometheus_client exposes for a metric of this name."""
+    base = metric.removesuffix("_total")
+    return {
+        metric,
+        base,
+        f"{base}_total",
+        f"{base}_created",
+        f"{base}_bucket",
+        f"{base}_sum",
+        f"{base}_count",
+    }
+
+
+def test_dashboard_queries_only_metrics_the_services_export() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exported = set().union(*(series_names(name) for name in exported_metric_names()))
+    assert exported, "no prometheus_client metric found under services/"
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for topic in (
+        "tokens per second",
+        "time to first token",
+        "queue depth",
+        "batch size",
+        "errors",
+        "cache hits",
+    ):
+        assert topic in titles, f"the dashboard has no panel on {topic}"
+    queried: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "prometheus"
+            queried.update(re.findall(r"\b((?:gateway|generator|embedder)_[a-z0-9_]+)", target["expr"]))
+    missing = sorted(queried - exported)
+    assert not missing, f"the dashboard queries metrics no service exports: {missing}"
+
+
+# -- README -----------------------------------------------------------------------------------------
+
+
+def test_readme_configuration_tables_match_the_code() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.config_tables", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- What the images install ------------------------------------------------------------------------
+
+
+def runtime_closure() -> set[str]:
+    """The distributions a runtime install (`pip install ./clients/python .`, as in the image)
+    brings: the project's dependencies and theirs, without the dev extra."""
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    seen: set[str] = set()
+    pending = [canonical(name) for name in ("inference-stack", "inference-client")]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in requirements:
+            if "extra ==" in requirement:
+                continue
+            match = re.match(r"[A-Za-z0-9_.-]+", requirement)
+            if match:
+                pending.append(canonical(match.group(0)))
+    return seen
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported when the module loads (an import inside a function is an
+    optional feature's and is left out)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_import_of_the_services_is_a_runtime_dependency() -> None:
+    first_party = {"services", "inference", "inference_client", "tools"}
+    sources = [
+        *(ROOT / "services").rglob("*.py"),
+        ROOT / "tools" / "healthcheck.py",
+        ROOT / "tools" / "envoy_config.py",
+    ]
+    imported: dict[str, Path] = {}
+    for path in sources:
+        for name in module_level_imports(path) - first_party:
+            if name not in sys.stdlib_module_names:
+                imported.setdefault(name, path)
+    distributions = importlib.metadata.packages_distributions()
+    closure = runtime_closure()
+    missing = []
+    for module, path in sorted(imported.items()):
+        provided = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [])}
+        if not provided & closure:
+            missing.append(f"{module} (imported by {path.relative_to(ROOT)}; from {sorted(provided) or '?'})")
+    assert not missing, "imported at run time but not a dependency in pyproject.toml: " + ", ".join(missing)

@@ -1,0 +1,250 @@
+"""`make run` as a user runs it: on free ports (through the environment variables the services
+read), until every tier is SERVING; then the README's examples and the commands it printed work
+against it, and SIGTERM leaves nothing running. The models load once for the whole module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.stack import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+READY = "The stack is SERVING"
+PORT_VARIABLES = (
+    "ENVOY_PORT",
+    "ENVOY_ADMIN_PORT",
+    "GATEWAY_PORT",
+    "GATEWAY_METRICS_PORT",
+    "GENERATOR_PORT",
+    "GENERATOR_METRICS_PORT",
+    "EMBEDDER_PORT",
+    "EMBEDDER_METRICS_PORT",
+)
+DEFAULTS = {
+    "8080": "ENVOY_PORT",
+    "50051": "GATEWAY_PORT",
+    "50052": "GENERATOR_PORT",
+    "50053": "EMBEDDER_PORT",
+}
+
+
+@dataclass
+class RunningStack:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    ports: dict[str, int]
+    descendants: list[psutil.Process] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+def clean_environment(extra: dict[str, str]) -> dict[str, str]:
+    """The user's environment without any stack variable that would point elsewhere."""
+    prefixes = ("GATEWAY_", "GENERATOR_", "EMBEDDER_", "ENVOY_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def kill_leftovers(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[RunningStack]:
+    ports = {name: free_port() for name in PORT_VARIABLES}
+    log_path = Path(tempfile.mkdtemp(prefix="make-run-")) / "make-run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["make", "--no-print-directory", "run"],
+            cwd=ROOT,
+            env=clean_environment({name: str(port) for name, port in ports.items()}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    running = RunningStack(process, log_path, ports)
+    try:
+        # The first `make run` on a machine installs everything; later ones only load models.
+        deadline = time.monotonic() + 900
+        while READY not in running.output():
+            if process.poll() is not None:
+                pytest.fail(f"make run exited with {process.returncode} before SERVING:\n{running.tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"make run not SERVING after 900 s:\n{running.tail()}")
+            time.sleep(0.5)
+        running.descendants = psutil.Process(process.pid).children(recursive=True)
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        kill_leftovers(running.descendants)
+
+
+def with_test_ports(text: str, ports: dict[str, int]) -> str:
+    for default, variable in DEFAULTS.items():
+        text = text.replace(f"localhost:{default}", f"localhost:{ports[variable]}")
+    return text
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- examples:start -->", 1)[1].split("<!-- examples:end -->", 1)[0]
+    return re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
+
+
+def run_example(language: str, code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    args = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_make_run_prints_every_tier_and_the_commands_to_try(stack: RunningStack) -> None:
+    output = stack.output()
+    ports = stack.ports
+    for name in ("generator", "embedder", "gateway", "envoy"):
+        assert re.search(rf"\b{name} is SERVING after", output), (
+            f"no SERVING line for {name}:\n{stack.tail()}"
+        )
+    assert f"http://localhost:{ports['ENVOY_PORT']}" in output
+    for tier in ("gateway", "generator", "embedder"):
+        assert f"localhost:{ports[tier.upper() + '_PORT']}" in output
+        assert f"http://localhost:{ports[tier.upper() + '_METRICS_PORT']}/metrics" in output
+    for command in ("curl -s", "grpcurl -plaintext", "from openai import OpenAI"):
+        assert command in output, f"make run did not print the {command.split()[0]} command"
+
+
+def test_commands_make_run_printed_work(stack: RunningStack) -> None:
+    lines = stack.output().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.rstrip().endswith("| Try:"))
+    commands = [line.split("|   ", 1)[1] for line in lines[start + 1 : start + 4]]
+    assert len(commands) == 3
+    for command in commands:
+        result = run_example("bash", command)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        assert result.stdout.strip(), command
+
+
+def test_readme_examples_work_against_make_run(stack: RunningStack) -> None:
+    examples = readme_examples()
+    assert {language for language, _ in examples} == {"bash", "python"}
+    assert len(examples) >= 5
+    for language, code in examples:
+        result = run_example(language, with_test_ports(code, stack.ports))
+        assert result.returncode == 0, f"{code}\n{result.stdout}\n{result.stderr}"
+        out = result.stdout
+        if "/v1/chat/completions" in code and '"stream": true' in code:
+            assert out.rstrip().endswith("data: [DONE]"), out[-500:]
+        elif "/v1/chat/completions" in code:
+            assert "Paris" in json.loads(out)["choices"][0]["message"]["content"], out
+        elif "/v1/embeddings" in code:
+            assert len(json.loads(out)["data"][0]["embedding"]) == 384, out[:300]
+        elif "grpcurl" in code:
+            assert "Paris" in json.loads(out)["generated_text"], out
+        elif "InferenceClient" in code:
+            assert "Paris" in out and out.strip().endswith("384"), out
+        else:
+            assert "Paris" in out, out
+
+
+def test_metrics_endpoints_answer(stack: RunningStack) -> None:
+    import urllib.request
+
+    for tier in ("gateway", "generator", "embedder"):
+        url = f"http://127.0.0.1:{stack.ports[tier.upper() + '_METRICS_PORT']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert reply.status == 200
+            assert f"{tier}_" in reply.read().decode()
+
+
+def test_sigterm_stops_every_process(stack: RunningStack) -> None:
+    """Last in this module: stops the stack."""
+    assert len(stack.descendants) >= 4, [p.info for p in stack.descendants]
+    stack.process.send_signal(signal.SIGTERM)
+    stack.process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    alive = [p for p in stack.descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.25)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running after SIGTERM: {[(p.pid, p.cmdline()) for p in alive]}\n{stack.tail()}"
+    assert not [name for name, port in stack.ports.items() if port_open(port)]
+    assert "stopped all tiers" in stack.output(), stack.tail()
+
+
+def test_a_tier_that_dies_is_reported_and_the_others_stopped(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in PORT_VARIABLES}
+    env = clean_environment({name: str(port) for name, port in ports.items()})
+    env["GENERATOR_MODEL"] = str(tmp_path / "no-such-model.gguf")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.run", "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the generator with a missing model did not exit:\n{output[-3000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, output, "")
+    assert result.returncode == 1, result.stdout[-3000:]
+    report = result.stdout.split("make run: generator exited with code", 1)
+    assert len(report) == 2, result.stdout[-3000:]
+    # The tail of the generator's own log names what went wrong.
+    assert "no-such-model.gguf" in report[1], report[1]
+    assert not [name for name, port in ports.items() if port_open(port)]
+
+
+def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in PORT_VARIABLES}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", ports["GATEWAY_PORT"]))
+        listener.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "tools.run", "--run-dir", str(tmp_path / "run")],
+            cwd=ROOT,
+            env=clean_environment({name: str(port) for name, port in ports.items()}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout
+    assert f"already in use: GATEWAY_PORT={ports['GATEWAY_PORT']}" in result.stdout
+    assert not (tmp_path / "run" / "logs" / "generator.log").exists()

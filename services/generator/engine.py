@@ -1,0 +1,789 @@
+"""The generation engine: one model, one scheduler, continuous batching. No gRPC in here.
+
+The scheduler task owns the model. Each step runs in one worker thread (the event loop never
+blocks on torch): sequences that finished or were cancelled leave the batch, waiting requests are
+prefilled and join it, and every running row decodes one token. The running batch keeps ONE
+KV cache with left padding, an attention mask and explicit position ids, so rows of different
+lengths decode together; joining pads the shorter side on the left, leaving selects the surviving
+rows and drops columns that are padding for every row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from services.generator import metrics
+from services.generator.sampling import BatchKnobs, RowKnobs, sample
+from services.generator.textstream import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["length", "eos", "stop"]
+PROMPT_CONTEXT_IDS = 4
+
+
+class EngineError(Exception):
+    """A request the engine refuses; the service maps each kind to a status code."""
+
+
+class InvalidRequest(EngineError):
+    def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{name}: {why}" for name, why in self.violations))
+
+
+class OverCapacity(EngineError):
+    def __init__(self, message: str, retry_after: float, reason: str) -> None:
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(message)
+
+
+class ShuttingDown(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+    num_beams: int = 1
+
+    def knobs(self) -> RowKnobs:
+        return RowKnobs(self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running_sequences: int = 32
+    max_waiting_requests: int = 128
+    max_total_tokens: int = 262144
+    max_prefill_tokens: int = 4096
+    max_model_len: int = 0
+    max_new_tokens_limit: int = 4096
+    max_num_return_sequences: int = 16
+    max_num_beams: int = 8
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of sequence `index`; the last one of a sequence has finish_reason."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    special: bool
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class SequenceResult:
+    index: int
+    text: str
+    tokens_generated: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    sequences: list[SequenceResult]
+    prompt_tokens: int
+    generation_time: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.tokens_generated for s in self.sequences)
+
+
+class _Sequence:
+    """One returned sequence: its sampler state, text assembly and stop rules."""
+
+    def __init__(self, request: Request, index: int, tokenizer: Any, special_ids: frozenset[int]) -> None:
+        self.request = request
+        self.index = index
+        params = request.params
+        self.generator: torch.Generator | None = None
+        if params.seed is not None and params.do_sample:
+            self.generator = torch.Generator().manual_seed((params.seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids[-PROMPT_CONTEXT_IDS:])
+        self.stop = StopMatcher(params.stop)
+        self.special_ids = special_ids
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.generated = 0
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.request.cancelled
+
+    def accept(self, token_id: int, logprob: float, eos_ids: frozenset[int]) -> TokenEvent:
+        self.generated += 1
+        self.token_ids.append(token_id)
+        special = token_id in self.special_ids
+        finish: FinishReason | None = None
+        if token_id in eos_ids:
+            text, finish = self.stop.flush(), "eos"
+        else:
+            piece = "" if special else self.detok.add(token_id)
+            text, hit = self.stop.feed(piece)
+            if hit:
+                finish = "stop"
+            elif self.generated >= self.request.params.max_new_tokens:
+                text += self.stop.flush()
+                finish = "length"
+        self.parts.append(text)
+        self.finish_reason = finish
+        return TokenEvent(self.index, token_id, text, logprob, special, finish)
+
+    def result(self) -> SequenceResult:
+        return SequenceResult(self.index, "".join(self.parts), self.generated, self.finish_reason or "length")
+
+
+class Request:
+    """A submitted request: its sequences' events arrive on `events()`."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.cancelled = False
+        self.sequences: list[_Sequence] = []
+        self.unfinished = params.num_return_sequences
+        self.reserved_tokens = (len(prompt_ids) + params.max_new_tokens) * params.num_return_sequences
+        self.submitted_at = time.monotonic()
+        self.admitted_at = 0.0
+        self.first_token_at = 0.0
+        self.finished_at = 0.0
+        self._queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def results(self) -> list[SequenceResult]:
+        return [s.result() for s in self.sequences]
+
+
+@dataclass
+class Stats:
+    requests_total: int = 0
+    requests_failed: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    tps_sum: float = 0.0
+    tps_count: int = 0
+    batch_size_sum: int = 0
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class _Batch:
+    """The running rows and their shared, left-padded KV cache (touched by the worker thread only)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Sequence] = []
+        self.cache: Any = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.last = torch.zeros(0, dtype=torch.long)
+        self.presence: torch.Tensor | None = None
+        self.knobs = BatchKnobs([], [])
+
+
+class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """A KV cache layer that appends into spare capacity: the stock layer concatenates the whole
+    cache on every decode step, which copies every row's keys and values once per token."""
+
+    _spare_keys: torch.Tensor | None = None
+    _spare_values: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        current_keys = cast(torch.Tensor, self.keys)
+        current_values = cast(torch.Tensor, self.values)
+        old = int(current_keys.shape[-2]) if current_keys.numel() else 0
+        new = old + int(key_states.shape[-2])
+        buffer = self._spare_keys
+        # The scheduler replaces `keys`/`values` when rows join or leave; then the buffer is rebuilt.
+        fits = (
+            buffer is not None
+            and old > 0
+            and current_keys.data_ptr() == buffer.data_ptr()
+            and buffer.shape[0] == key_states.shape[0]
+            and buffer.shape[-2] >= new
+        )
+        if not fits:
+            capacity = new + max(64, new // 2)
+            keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
+            values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
+            if old:
+                keys[:, :, :old] = current_keys
+                values[:, :, :old] = current_values
+            self._spare_keys, self._spare_values = keys, values
+        assert self._spare_keys is not None and self._spare_values is not None
+        self._spare_keys[:, :, old:new] = key_states
+        self._spare_values[:, :, old:new] = value_states
+        self.keys = self._spare_keys[:, :, :new]
+        self.values = self._spare_values[:, :, :new]
+        return self.keys, self.values
+
+
+def _new_cache() -> Any:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    return cache
+
+
+def _layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length())
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        limits: Limits,
+        device: torch.device | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.limits = limits
+        self.device = device or torch.device("cpu")
+        config = model.config
+        context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.max_model_len = min(limits.max_model_len, context) if limits.max_model_len else context
+        self.vocab_size = int(config.vocab_size)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = frozenset(int(e) for e in eos_list if e is not None)
+        self.special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        self.stats = Stats()
+        self._waiting: deque[Request] = deque()
+        self._reserved_tokens = 0
+        self._batch = _Batch()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator-step")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._admitting = True
+        self._active: set[Request] = set()
+        self._step_time_ema: float | None = None
+
+    # ----- tokenization -----
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(prompt)
+        return ids
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        return [int(i) for i in ids]
+
+    # ----- admission -----
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        limits = self.limits
+        bad: list[tuple[str, str]] = []
+        if not prompt_ids:
+            bad.append(("prompt", "must not be empty"))
+        if not 1 <= params.max_new_tokens <= limits.max_new_tokens_limit:
+            bad.append(("max_new_tokens", f"must be between 1 and {limits.max_new_tokens_limit}"))
+        elif len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+            bad.append(
+                (
+                    "max_new_tokens",
+                    f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                    f"exceeds the model's context of {self.max_model_len} tokens",
+                )
+            )
+        if not (0.0 <= params.temperature <= 100.0) or math.isnan(params.temperature):
+            bad.append(("temperature", "must be between 0 and 100"))
+        if not (0.0 < params.top_p <= 1.0):
+            bad.append(("top_p", "must be greater than 0 and at most 1"))
+        if not 0 <= params.top_k <= self.vocab_size:
+            bad.append(("top_k", f"must be between 0 and the vocabulary size {self.vocab_size}"))
+        if not (0.0 < params.repetition_penalty <= 10.0):
+            bad.append(("repetition_penalty", "must be greater than 0 and at most 10"))
+        most_sequences = min(limits.max_num_return_sequences, limits.max_running_sequences)
+        if not 1 <= params.num_return_sequences <= most_sequences:
+            bad.append(("num_return_sequences", f"must be between 1 and {most_sequences}"))
+        if not 1 <= params.num_beams <= limits.max_num_beams:
+            bad.append(("num_beams", f"must be between 1 and {limits.max_num_beams}"))
+        elif params.num_beams > 1 and params.num_return_sequences > params.num_beams:
+            bad.append(("num_return_sequences", f"must not exceed num_beams ({params.num_beams})"))
+        if len(params.stop) > limits.max_stop_sequences:
+            bad.append(("stop", f"at most {limits.max_stop_sequences} stop sequences"))
+        if any(not s or len(s) > limits.max_stop_length for s in params.stop):
+            bad.append(("stop", f"each stop sequence must have 1 to {limits.max_stop_length} characters"))
+        if bad:
+            raise InvalidRequest(bad)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request (validated here); raises InvalidRequest, OverCapacity or ShuttingDown."""
+        self.validate(prompt_ids, params)
+        if not self._admitting:
+            raise ShuttingDown("the generator is shutting down and admits no new requests")
+        request = Request(f"gen-{uuid.uuid4().hex[:16]}", list(prompt_ids), params)
+        if request.reserved_tokens > self.limits.max_total_tokens:
+            raise InvalidRequest(
+                [
+                    (
+                        "max_new_tokens",
+                        f"needs more than the server's {self.limits.max_total_tokens}-token budget",
+                    )
+                ]
+            )
+        if len(self._waiting) >= self.limits.max_waiting_requests:
+            raise OverCapacity(
+                f"{len(self._waiting)} requests already wait (limit {self.limits.max_waiting_requests})",
+                self._retry_after(),
+                "WAITING_QUEUE_FULL",
+            )
+        if self._reserved_tokens + request.reserved_tokens > self.limits.max_total_tokens:
+            raise OverCapacity(
+                f"the token budget of {self.limits.max_total_tokens} tokens is in use",
+                self._retry_after(),
+                "TOKEN_BUDGET_EXHAUSTED",
+            )
+        self._reserved_tokens += request.reserved_tokens
+        self._waiting.append(request)
+        self._active.add(request)
+        self.stats.requests_total += 1
+        self.stats.waiting = len(self._waiting)
+        metrics.WAITING.set(len(self._waiting))
+        self._wake.set()
+        return request
+
+    def _retry_after(self) -> float:
+        mean_step = self._step_time_ema or 0.05
+        # Roughly the time for the oldest running sequences to make room.
+        return max(0.5, min(30.0, mean_step * 32))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+        request = self.submit(prompt_ids, params)
+        try:
+            async for _ in request.events():
+                pass
+        finally:
+            request.cancel()
+        return GenerationResult(
+            request.id, request.results(), len(prompt_ids), request.finished_at - request.admitted_at
+        )
+
+    # ----- lifecycle -----
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="generator-scheduler")
+
+    def stop_admitting(self) -> None:
+        self._admitting = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._active
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Whether every request finished within `grace` seconds."""
+        deadline = time.monotonic() + grace
+        while self._active and time.monotonic() < deadline:  # noqa: ASYNC110 - polled only at shutdown
+            await asyncio.sleep(0.05)
+        return not self._active
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ----- scheduler (event loop side) -----
+
+    def _take_joiners(self) -> tuple[list[Request], Request | None]:
+        """Waiting requests that fit in the batch now, or one beam-search request on its own."""
+        joiners: list[Request] = []
+        room = self.limits.max_running_sequences - len(self._batch.rows)
+        budget = self.limits.max_prefill_tokens
+        while self._waiting:
+            head = self._waiting[0]
+            if head.cancelled:
+                self._waiting.popleft()
+                self._finish(head)
+                continue
+            if head.params.num_beams > 1:
+                if joiners:
+                    break
+                self._waiting.popleft()
+                return [], head
+            if head.params.num_return_sequences > room:
+                break
+            if joiners and len(head.prompt_ids) > budget:
+                break
+            self._waiting.popleft()
+            joiners.append(head)
+            room -= head.params.num_return_sequences
+            budget -= len(head.prompt_ids)
+        return joiners, None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._batch.rows and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            joiners, beam = self._take_joiners()
+            now = time.monotonic()
+            for request in [*joiners, *([beam] if beam else [])]:
+                request.admitted_at = now
+                metrics.QUEUE_TIME.observe(now - request.submitted_at)
+            self.stats.waiting = len(self._waiting)
+            metrics.WAITING.set(len(self._waiting))
+            started = time.monotonic()
+            try:
+                if beam is not None:
+                    events = await loop.run_in_executor(self._executor, self._beam_search, beam)
+                else:
+                    events = await loop.run_in_executor(self._executor, self._step, joiners)
+            except Exception as error:  # a failed step must not take the server down with it
+                log.exception("generation step failed")
+                self._fail_all(error, [*joiners, *([beam] if beam else [])])
+                continue
+            elapsed = time.monotonic() - started
+            self._step_time_ema = (
+                elapsed if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * elapsed
+            )
+            rows = len(self._batch.rows)
+            if beam is None and rows:
+                metrics.INTER_TOKEN.observe(elapsed)
+                metrics.BATCH_SIZE.observe(rows)
+                self.stats.batch_size_sum += rows
+                self.stats.steps += 1
+            self.stats.running = rows
+            metrics.RUNNING.set(rows)
+            self._dispatch(events)
+
+    def _dispatch(self, events: list[tuple[Request, TokenEvent]]) -> None:
+        now = time.monotonic()
+        generated = 0
+        for request, event in events:
+            generated += 1
+            if not request.first_token_at:
+                request.first_token_at = now
+                ttft = now - request.submitted_at
+                metrics.TTFT.observe(ttft)
+                self.stats.ttft_sum += ttft
+                self.stats.ttft_count += 1
+            if request.cancelled:
+                continue
+            request._queue.put_nowait(event)
+            if event.finish_reason is not None:
+                request.unfinished -= 1
+                if request.unfinished == 0:
+                    self._finish(request)
+        self.stats.generated_tokens_total += generated
+        metrics.GENERATED_TOKENS.inc(generated)
+        for request in [r for r in self._active if r.cancelled and r.admitted_at and not self._in_batch(r)]:
+            self._finish(request)
+
+    def _in_batch(self, request: Request) -> bool:
+        return any(row.request is request for row in self._batch.rows)
+
+    def _finish(self, request: Request) -> None:
+        if request not in self._active:
+            return
+        self._active.discard(request)
+        self._reserved_tokens -= request.reserved_tokens
+        request.finished_at = time.monotonic()
+        if request.admitted_at:
+            self.stats.prompt_tokens_total += len(request.prompt_ids)
+            metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
+            metrics.E2E.observe(request.finished_at - request.submitted_at)
+            tokens = sum(s.generated for s in request.sequences)
+            duration = request.finished_at - request.admitted_at
+            if tokens and duration > 0 and not request.cancelled:
+                self.stats.tps_sum += tokens / duration
+                self.stats.tps_count += 1
+        request._queue.put_nowait(None)
+
+    def _fail_all(self, error: Exception, extra: list[Request]) -> None:
+        self.stats.requests_failed += len(self._active)
+        for request in list(self._active):
+            if request in extra or self._in_batch(request):
+                request._queue.put_nowait(RuntimeError(f"generation failed: {error}"))
+                self._finish(request)
+        self._batch = _Batch()
+
+    # ----- worker thread: the only place that touches the model and the batch -----
+
+    @torch.inference_mode()
+    def _step(self, joiners: list[Request]) -> list[tuple[Request, TokenEvent]]:
+        events: list[tuple[Request, TokenEvent]] = []
+        self._evict()
+        if joiners:
+            self._join(joiners, events)
+        batch = self._batch
+        if not batch.rows:
+            return events
+        mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=batch.last[:, None].to(self.device),
+            attention_mask=self._mask_arg(mask),
+            position_ids=batch.positions[:, None].to(self.device),
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        logits = out.logits[:, -1, :].float().cpu()
+        self._sample_rows(batch.rows, logits, batch.presence, batch.knobs, events)
+        return events
+
+    def _mask_arg(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """No mask when no row is padded: the model then takes its faster unmasked causal path."""
+        return None if bool(mask.all()) else mask.to(self.device)
+
+    def _sample_rows(
+        self,
+        rows: list[_Sequence],
+        logits: torch.Tensor,
+        presence: torch.Tensor | None,
+        knobs: BatchKnobs,
+        events: list[tuple[Request, TokenEvent]],
+    ) -> torch.Tensor:
+        tokens, logprobs = sample(logits, presence, knobs)
+        if presence is not None:
+            presence[torch.arange(len(rows)), tokens] = True
+        self._batch_last_update(rows, tokens)
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+            if row.done:
+                continue
+            events.append((row.request, row.accept(token, logprob, self.eos_ids)))
+        return tokens
+
+    def _batch_last_update(self, rows: list[_Sequence], tokens: torch.Tensor) -> None:
+        if rows is self._batch.rows:
+            self._batch.last = tokens
+
+    def _evict(self) -> None:
+        batch = self._batch
+        keep = [i for i, row in enumerate(batch.rows) if not row.done]
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            self._batch = _Batch()
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = batch.mask.index_select(0, index)
+        # Columns that are padding for every surviving row are dropped from the cache.
+        used = torch.nonzero(mask.any(dim=0)).flatten()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        device_index = index.to(self.device)
+        for layer in _layers(batch.cache):
+            layer.keys = layer.keys.index_select(0, device_index)[:, :, start:]
+            layer.values = layer.values.index_select(0, device_index)[:, :, start:]
+        batch.mask = mask[:, start:]
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.positions = batch.positions.index_select(0, index)
+        batch.last = batch.last.index_select(0, index)
+        if batch.presence is not None:
+            batch.presence = batch.presence.index_select(0, index)
+        batch.knobs = BatchKnobs(
+            [r.request.params.knobs() for r in batch.rows], [r.generator for r in batch.rows]
+        )
+
+    def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
+        width = max(len(r.prompt_ids) for r in joiners)
+        ids = torch.full((len(joiners), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joiners), width), dtype=torch.long)
+        for i, request in enumerate(joiners):
+            n = len(request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = _new_cache()
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self._mask_arg(mask),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :].float().cpu()
+        rows: list[_Sequence] = []
+        origin: list[int] = []
+        for i, request in enumerate(joiners):
+            for index in range(request.params.num_return_sequences):
+                sequence = _Sequence(request, index, self.tokenizer, self.special_ids)
+                request.sequences.append(sequence)
+                rows.append(sequence)
+                origin.append(i)
+        select = torch.tensor(origin, dtype=torch.long)
+        logits = logits.index_select(0, select)
+        need_presence = any(r.request.params.repetition_penalty != 1.0 for r in rows) or (
+            self._batch.presence is not None
+        )
+        presence: torch.Tensor | None = None
+        if need_presence:
+            presence = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
+            presence.scatter_(1, ids.index_select(0, select), True)
+            # Padding is not part of any prompt.
+            pad_seen = torch.tensor([self.pad_id in joiners[o].prompt_ids for o in origin])
+            presence[:, self.pad_id] = pad_seen
+        knobs = BatchKnobs([r.request.params.knobs() for r in rows], [r.generator for r in rows])
+        tokens = self._sample_rows(rows, logits, presence, knobs, events)
+        alive = [i for i, row in enumerate(rows) if not row.done]
+        if not alive:
+            return
+        keep = torch.tensor(alive, dtype=torch.long)
+        cache_rows = select.index_select(0, keep).to(self.device)
+        for layer in _layers(cache):
+            layer.keys = layer.keys.index_select(0, cache_rows)
+            layer.values = layer.values.index_select(0, cache_rows)
+        new_mask = mask.index_select(0, select.index_select(0, keep))
+        new_positions = new_mask.sum(dim=1)
+        new_rows = [rows[i] for i in alive]
+        new_last = tokens.index_select(0, keep)
+        new_presence = presence.index_select(0, keep) if presence is not None else None
+        self._merge(cache, new_mask, new_rows, new_positions, new_last, new_presence)
+
+    def _merge(
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        rows: list[_Sequence],
+        positions: torch.Tensor,
+        last: torch.Tensor,
+        presence: torch.Tensor | None,
+    ) -> None:
+        batch = self._batch
+        if not batch.rows:
+            batch.cache, batch.mask, batch.rows = cache, mask, rows
+            batch.positions, batch.last, batch.presence = positions, last, presence
+        else:
+            old, new = batch.mask.shape[1], mask.shape[1]
+            width = max(old, new)
+            for mine, theirs in zip(_layers(batch.cache), _layers(cache), strict=True):
+                mine.keys = torch.cat(
+                    [F.pad(mine.keys, (0, 0, width - old, 0)), F.pad(theirs.keys, (0, 0, width - new, 0))]
+                )
+                mine.values = torch.cat(
+                    [F.pad(mine.values, (0, 0, width - old, 0)), F.pad(theirs.values, (0, 0, width - new, 0))]
+                )
+            batch.mask = torch.cat([F.pad(batch.mask, (width - old, 0)), F.pad(mask, (width - new, 0))])
+            batch.rows = batch.rows + rows
+            batch.positions = torch.cat([batch.positions, positions])
+            batch.last = torch.cat([batch.last, last])
+            if batch.presence is not None or presence is not None:
+                mine_p = (
+                    batch.presence
+                    if batch.presence is not None
+                    else self._presence_of(batch.rows[: -len(rows)])
+                )
+                theirs_p = presence if presence is not None else self._presence_of(rows)
+                batch.presence = torch.cat([mine_p, theirs_p])
+        batch.knobs = BatchKnobs(
+            [r.request.params.knobs() for r in batch.rows], [r.generator for r in batch.rows]
+        )
+
+    def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:
+        """Seen-token masks rebuilt for rows that had none (only needed once a penalized row joins)."""
+        presence = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            presence[i, torch.tensor(row.request.prompt_ids, dtype=torch.long)] = True
+            seen = row.token_ids
+            if seen:
+                presence[i, torch.tensor(seen, dtype=torch.long)] = True
+        return presence
+
+    @torch.inference_mode()
+    def _beam_search(self, request: Request) -> list[tuple[Request, TokenEvent]]:
+        params = request.params
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_beams": params.num_beams,
+            "num_return_sequences": params.num_return_sequences,
+            "do_sample": params.do_sample,
+            "repetition_penalty": params.repetition_penalty,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": sorted(self.eos_ids),
+            "output_scores": False,
+            "return_dict_in_generate": True,
+        }
+        if params.do_sample:
+            kwargs.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
+            if params.seed is not None:
+                torch.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        events: list[tuple[Request, TokenEvent]] = []
+        for index, row in enumerate(out.sequences[:, ids.shape[1] :].tolist()):
+            sequence = _Sequence(request, index, self.tokenizer, self.special_ids)
+            request.sequences.append(sequence)
+            for token in row:
+                if token == self.pad_id and token not in self.eos_ids:
+                    break
+                events.append((request, sequence.accept(token, 0.0, self.eos_ids)))
+                if sequence.finish_reason is not None:
+                    break
+            if sequence.finish_reason is None:
+                # generate stopped at EOS; the pad after it was trimmed above.
+                sequence.finish_reason = "eos"
+                events.append(
+                    (request, TokenEvent(index, self.pad_id, sequence.stop.flush(), 0.0, True, "eos"))
+                )
+        return events

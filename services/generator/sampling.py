@@ -1,0 +1,86 @@
+"""Per-row sampling for a batch whose rows each have their own knobs, vectorized over the rows.
+
+Rows are independent (each row's softmax, sort and draw look only at that row), so a row's
+token does not depend on its neighbours; a seeded row draws from its own torch.Generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowKnobs:
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+
+
+class BatchKnobs:
+    """The knobs of every row as tensors, rebuilt whenever the rows change."""
+
+    def __init__(self, rows: Sequence[RowKnobs], generators: Sequence[torch.Generator | None]) -> None:
+        self.size = len(rows)
+        self.sample_mask = torch.tensor([r.do_sample for r in rows], dtype=torch.bool)
+        self.any_sample = bool(self.sample_mask.any())
+        self.temperature = torch.tensor([r.temperature if r.do_sample else 1.0 for r in rows])
+        self.top_k = torch.tensor([r.top_k if r.do_sample else 0 for r in rows], dtype=torch.long)
+        self.top_p = torch.tensor([r.top_p if r.do_sample else 1.0 for r in rows])
+        self.penalty = torch.tensor([r.repetition_penalty for r in rows])
+        self.any_penalty = bool((self.penalty != 1.0).any())
+        self.filter_rows = torch.nonzero((self.top_k > 0) | (self.top_p < 1.0)).flatten()
+        self.any_temperature = bool((self.temperature != 1.0).any())
+        self.generators = list(generators)
+        self.seeded_rows = [i for i, g in enumerate(generators) if g is not None and rows[i].do_sample]
+        seeded = set(self.seeded_rows)
+        self.unseeded_sample_rows = torch.tensor(
+            [i for i, r in enumerate(rows) if r.do_sample and i not in seeded], dtype=torch.long
+        )
+
+
+def sample(
+    logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [B], their log-probabilities under the sampling distribution [B])."""
+    if knobs.any_penalty and presence is not None:
+        # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.
+        rp = knobs.penalty[:, None]
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(presence, penalized, logits)
+    if not knobs.any_sample:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return tokens, logprobs
+    if knobs.any_temperature:
+        logits = logits / knobs.temperature[:, None]
+    if knobs.filter_rows.numel():
+        rows = knobs.filter_rows
+        part = logits.index_select(0, rows)
+        ordered, order = part.sort(dim=-1, descending=True)
+        vocab = ordered.shape[-1]
+        ranks = torch.arange(vocab)[None, :]
+        top_k = knobs.top_k.index_select(0, rows)
+        remove = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
+        ordered = ordered.masked_fill(remove, float("-inf"))
+        probs = torch.softmax(ordered, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        remove = (probs.cumsum(dim=-1) - probs) > knobs.top_p.index_select(0, rows)[:, None]
+        ordered = ordered.masked_fill(remove, float("-inf"))
+        logits = logits.index_copy(0, rows, torch.empty_like(part).scatter_(1, order, ordered))
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    probs_all = logprobs_all.exp()
+    if knobs.unseeded_sample_rows.numel():
+        rows = knobs.unseeded_sample_rows
+        drawn = torch.multinomial(probs_all.index_select(0, rows), 1).squeeze(1)
+        tokens = tokens.index_copy(0, rows, drawn)
+    for row in knobs.seeded_rows:
+        generator = knobs.generators[row]
+        drawn = torch.multinomial(probs_all[row], 1, generator=generator)
+        tokens[row] = drawn[0]
+    logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs

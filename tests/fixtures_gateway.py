@@ -61,6 +61,8 @@ class SpanRecord:
     span_id: str
     parent_span_id: str
     kind: int
+    # The gRPC status code the span recorded (rpc.grpc.status_code), -1 when it has none.
+    grpc_code: int = -1
 
 
 class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -94,6 +96,14 @@ class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
                                 span.span_id.hex(),
                                 span.parent_span_id.hex(),
                                 span.kind,
+                                next(
+                                    (
+                                        a.value.int_value
+                                        for a in span.attributes
+                                        if a.key == "rpc.grpc.status_code"
+                                    ),
+                                    -1,
+                                ),
                             )
                         )
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -104,6 +104,14 @@ class EmbedderConfig:
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Seconds running requests get to finish on SIGTERM."}
     )
+    otlp_endpoint: str = field(
+        default="",
+        metadata={
+            "help": "OTLP/gRPC collector (host:port or URL) for a span per call, continuing the "
+            "caller's traceparent; empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+            "OTEL_EXPORTER_OTLP_ENDPOINT, else no spans."
+        },
+    )
 
     def validate(self) -> None:
         positive = {

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
+from services.common import telemetry
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.servicer import EmbeddingServicer, InfoServicer
@@ -43,10 +44,11 @@ async def serve(config: EmbedderConfig) -> int:
         torch.set_num_threads(config.torch_threads)
     engine = EmbeddingEngine(config)
     server = grpc.aio.server(
+        interceptors=telemetry.server_interceptors("embedder", config.otlp_endpoint),
         options=[
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-        ]
+        ],
     )
     address = f"{config.host}:{config.port}"
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(engine), server)

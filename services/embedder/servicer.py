@@ -15,7 +15,7 @@ from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_g
 from services.embedder import metrics
 from services.embedder.engine import EmbeddingEngine, EmbedParams, as_lists
 from services.embedder.errors import EmbedderError, InvalidInput
-from services.embedder.status import abort, status_of
+from services.embedder.status import abort, failure_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ReplyT = TypeVar("ReplyT")
@@ -29,7 +29,7 @@ async def _handle(method: str, context: Context, call: Callable[[], Awaitable[Re
     try:
         return await call()
     except EmbedderError as error:
-        code = status_of(error)[0].name
+        code = failure_of(error).code.name
         await abort(context, error)
     except BaseException:
         code = "CANCELLED_OR_FAILED"

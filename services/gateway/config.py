@@ -54,7 +54,10 @@ class GatewayConfig:
     )
     otlp_endpoint: str = field(
         default="",
-        metadata={"help": "OTLP/gRPC collector (host:port) for traces; empty: traces are not exported."},
+        metadata={
+            "help": "OTLP/gRPC collector (host:port or URL) for traces; empty: "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else not exported."
+        },
     )
     tracing: bool = field(
         default=True, metadata={"help": "Create spans and pass W3C trace context on to the backends."}

@@ -4,50 +4,25 @@ in one place (`abort_with`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
-from grpc_status import rpc_status
+
+from services.common.errors import RpcFailure, error_info, retry_info
+
+# Re-exported: handlers raise these through this module.
+from services.common.errors import invalid_argument as invalid_argument
 
 ERROR_DOMAIN = "inference.gateway"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-@dataclass
-class GatewayError(Exception):
-    """A failure the client should see with this code, message and details."""
-
-    code: grpc.StatusCode
-    message: str
-    details: Sequence[Message] = field(default_factory=tuple)
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
-    def to_status(self) -> status_pb2.Status:
-        packed = []
-        for detail in self.details:
-            holder = any_pb2.Any()
-            holder.Pack(detail)
-            packed.append(holder)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-
-
-def invalid_argument(violations: Sequence[tuple[str, str]]) -> GatewayError:
-    """INVALID_ARGUMENT naming every bad field, with a BadRequest detail."""
-    request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
-            for name, why in violations
-        ]
-    )
-    message = "; ".join(f"{name}: {why}" for name, why in violations)
-    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
+# The gateway's failures are the shared kind; the name says where they were raised.
+GatewayError = RpcFailure
 
 
 def not_found(what: str, name: str, known: Sequence[str] = ()) -> GatewayError:
@@ -61,12 +36,8 @@ def not_found(what: str, name: str, known: Sequence[str] = ()) -> GatewayError:
 def resource_exhausted(
     message: str, retry_after: float, reason: str, metadata: dict[str, str]
 ) -> GatewayError:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1, round(retry_after * 1e9)))
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-    return GatewayError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, message, (error_details_pb2.RetryInfo(retry_delay=delay), info)
-    )
+    details = (retry_info(retry_after), error_info(reason, ERROR_DOMAIN, **metadata))
+    return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
 
 
 def unauthenticated(message: str, reason: str) -> GatewayError:
@@ -129,9 +100,7 @@ def retry_delay(error: GatewayError) -> float | None:
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
-    status = rpc_status.to_status(error.to_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("unreachable: abort raises")
+    await error.abort(context)
 
 
 def http_like(code: grpc.StatusCode) -> int:

@@ -24,6 +24,7 @@ from inference.v1 import (
 )
 from prometheus_client import start_http_server
 
+from services.common import telemetry as common_telemetry
 from services.gateway import telemetry, validation
 from services.gateway.auth import Authentication, KeyStore
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
@@ -33,7 +34,6 @@ from services.gateway.interceptors import BehaviorWrapper, ErrorMapping, Wrappin
 from services.gateway.metrics import Metrics, Stats
 from services.gateway.ratelimit import Limits, RateLimiter, RateLimiting
 from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
-from services.gateway.telemetry import Tracing
 
 log = logging.getLogger("services.gateway")
 
@@ -60,7 +60,11 @@ async def build(config: GatewayConfig) -> Gateway:
     store = KeyStore(config.api_keys_file, config.api_keys)
     if store.open:
         log.warning("no API keys configured: the gateway is OPEN to every client (set --api-keys-file)")
-    provider = telemetry.setup_tracing("gateway", config.otlp_endpoint) if config.tracing else None
+    provider = (
+        common_telemetry.setup_tracing("gateway", common_telemetry.otlp_endpoint(config.otlp_endpoint))
+        if config.tracing
+        else None
+    )
     client_interceptors: list[Any] = list(telemetry.client_interceptors(provider)) if provider else []
     tracing = provider is not None
     generator = Backend(
@@ -83,11 +87,18 @@ async def build(config: GatewayConfig) -> Gateway:
         max_stop_sequences=config.max_stop_sequences,
         max_embedding_inputs=config.max_embedding_inputs,
     )
-    # Outermost first: the span covers everything, metrics see the final status, errors raised by
-    # auth and limits are mapped to a status with details.
-    wrappers: list[BehaviorWrapper] = [Tracing(provider)] if provider is not None else []
-    wrappers += [Metrics(stats), ErrorMapping(), Authentication(store), RateLimiting(limiter)]
-    interceptors: list[grpc.aio.ServerInterceptor] = [WrappingInterceptor(wrappers)]
+    # Outermost first: the span (the same interceptor as the backends') covers everything, metrics
+    # see the final status, errors raised by auth and limits are mapped to a status with details.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if provider is not None:
+        interceptors.append(common_telemetry.TracingInterceptor(provider.get_tracer("services.gateway")))
+    wrappers: list[BehaviorWrapper] = [
+        Metrics(stats),
+        ErrorMapping(),
+        Authentication(store),
+        RateLimiting(limiter),
+    ]
+    interceptors.append(WrappingInterceptor(wrappers))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

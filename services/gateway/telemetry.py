@@ -1,130 +1,101 @@
-"""OpenTelemetry traces: a server span per call on the gateway (continuing a W3C `traceparent`
-sent by the client), and the trace context passed on to the backends in the gRPC metadata by the
-instrumentation's client interceptors. Spans are exported over OTLP/gRPC when an endpoint is
-configured.
+"""The gateway's part of tracing: a CLIENT span per backend call, child of the gateway's SERVER
+span, whose context goes to the backend in the gRPC metadata (W3C `traceparent`), so that the
+backend's own SERVER span is its child. The server spans, the OTLP export and its settings are
+services.common.telemetry's.
 
-The server side is a wrapper of our own rather than the instrumentation's aio server interceptor:
-that one keeps the span's context attached across the yields of a stream, and a stream the client
-drops is closed from another task, where detaching fails (and is logged as an error). Here the
-context is attached only while the inner behaviour runs and detached before each yield."""
+These are interceptors of our own rather than opentelemetry-instrumentation-grpc's aio client
+interceptors: those end a stream's span when the wrapping generator finishes, and a stream the
+gateway cancels (its client went away) leaves that generator suspended, so the span is never
+exported. Here a span ends when the call itself is done, however it ends."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import grpc
-from opentelemetry import context as otel_context
+import grpc.aio
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Tracer
 
-from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
+from services.common.telemetry import UNTRACED_PREFIXES, end_span, rpc_attributes
 
-log = logging.getLogger(__name__)
-
-# Health checks and reflection are noise in traces.
-_TRACED = filters.negate(
-    filters.any_of(filters.service_prefix("grpc.health"), filters.service_prefix("grpc.reflection"))
-)
+Continuation: TypeAlias = "Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]]"
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+class _ClientSpans:
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+        # The tasks that read a finished call's status; held so that they are not collected.
+        self._pending: set[asyncio.Future[grpc.StatusCode]] = set()
 
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True), schedule_delay_millis=500
-            )
-        )
-        log.info("exporting traces to %s", otlp_endpoint)
-    trace.set_tracer_provider(provider)
-    return provider
-
-
-def client_interceptors(provider: TracerProvider) -> Sequence[Any]:
-    interceptors: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
-        tracer_provider=provider, filter_=_TRACED
-    )
-    return interceptors
-
-
-class Tracing(BehaviorWrapper):
-    """A SERVER span per call, child of the client's traceparent when it sent one."""
-
-    def __init__(self, provider: TracerProvider) -> None:
-        self._tracer = provider.get_tracer("services.gateway")
-
-    def _start(self, method: str, context: Context) -> Span:
-        carrier = {
-            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-        }
-        service, _, name = method.lstrip("/").partition("/")
-        return self._tracer.start_span(
-            method,
-            context=propagate.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[Span | None, grpc.aio.ClientCallDetails]:
+        raw: str | bytes = details.method
+        method = raw.decode() if isinstance(raw, bytes) else raw
+        if method.startswith(UNTRACED_PREFIXES):
+            return None, details
+        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=rpc_attributes(method))
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
+        return span, grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
-    @staticmethod
-    def _finish(span: Span, context: Context, error: BaseException | None) -> None:
-        code = context.code()
-        if not isinstance(code, grpc.StatusCode):
-            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-        if isinstance(error, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code != grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, code.name))
-        span.end()
+    def _end_when_done(self, span: Span, call: grpc.aio.Call) -> None:
+        def read_status(finished: grpc.aio.Call) -> None:
+            if finished.cancelled():
+                end_span(span, grpc.StatusCode.CANCELLED)
+                return
+            # The status is known once the call is done, but grpc.aio only hands it out to an await.
+            status = asyncio.ensure_future(finished.code())
+            self._pending.add(status)
+            status.add_done_callback(lambda task: self._end(span, task))
 
-    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
-        async def traced(request: Any, context: Context) -> Any:
-            span = self._start(method, context)
-            error: BaseException | None = None
-            token = otel_context.attach(trace.set_span_in_context(span))
-            try:
-                return await behavior(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                otel_context.detach(token)
-                self._finish(span, context, error)
+        call.add_done_callback(read_status)
 
-        return traced
+    def _end(self, span: Span, status: asyncio.Future[grpc.StatusCode]) -> None:
+        self._pending.discard(status)
+        failed = status.cancelled() or status.exception() is not None
+        end_span(span, grpc.StatusCode.UNKNOWN if failed else status.result())
 
-    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
-        async def traced(request: Any, context: Context) -> AsyncIterator[Any]:
-            span = self._start(method, context)
-            error: BaseException | None = None
-            inner = behavior(request, context).__aiter__()
-            try:
-                while True:
-                    token = otel_context.attach(trace.set_span_in_context(span))
-                    try:
-                        item = await inner.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        otel_context.detach(token)
-                    yield item
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._finish(span, context, error)
-                if isinstance(error, GeneratorExit):
-                    # Close the inner chain now, so that the backend call is cancelled at once.
-                    close = getattr(inner, "aclose", None)
-                    if close is not None:
-                        await close()
+    async def call(
+        self, continuation: Continuation, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        span, details = self._start(details)
+        if span is None:
+            return await continuation(details, request)
+        try:
+            call = await continuation(details, request)
+        except BaseException:
+            end_span(span, grpc.StatusCode.UNKNOWN)
+            raise
+        self._end_when_done(span, call)
+        return call
 
-        return traced
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, spans: _ClientSpans) -> None:
+        self._spans = spans
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._spans.call(continuation, client_call_details, request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, spans: _ClientSpans) -> None:
+        self._spans = spans
+
+    async def intercept_unary_stream(
+        self, continuation: Continuation, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._spans.call(continuation, client_call_details, request)
+
+
+def client_interceptors(provider: TracerProvider) -> Sequence[grpc.aio.ClientInterceptor]:
+    spans = _ClientSpans(provider.get_tracer("services.gateway"))
+    return [_UnaryUnary(spans), _UnaryStream(spans)]

@@ -2,68 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+
+# Re-exported: handlers raise these through this module.
+from services.common.errors import RpcFailure as RpcFailure
+from services.common.errors import error_info, retry_info
+from services.common.errors import invalid_argument as invalid_argument
 
 DOMAIN = "inference.generator"
 
 
-class RpcFailure(Exception):
-    """Raised anywhere in a handler; turned into the RPC's status in one place."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, details: Sequence[Message] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = list(details)
-
-    def to_status(self) -> status_pb2.Status:
-        packed = []
-        for detail in self.details:
-            holder = any_pb2.Any()
-            holder.Pack(detail)
-            packed.append(holder)
-        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
-
-
-def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:
-    request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
-            for name, why in violations
-        ]
-    )
-    message = "; ".join(f"{name}: {why}" for name, why in violations)
-    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
-
-
 def resource_exhausted(message: str, retry_after: float, reason: str) -> RpcFailure:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1, round(retry_after * 1e9)))
-    return RpcFailure(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        message,
-        (
-            error_details_pb2.RetryInfo(retry_delay=delay),
-            error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN),
-        ),
-    )
+    details = (retry_info(retry_after), error_info(reason, DOMAIN))
+    return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
 
 
 def unavailable(message: str) -> RpcFailure:
-    delay = duration_pb2.Duration(seconds=1)
-    return RpcFailure(
-        grpc.StatusCode.UNAVAILABLE,
-        message,
-        (
-            error_details_pb2.RetryInfo(retry_delay=delay),
-            error_details_pb2.ErrorInfo(reason="SHUTTING_DOWN", domain=DOMAIN),
-        ),
-    )
+    details = (retry_info(1.0), error_info("SHUTTING_DOWN", DOMAIN))
+    return RpcFailure(grpc.StatusCode.UNAVAILABLE, message, details)
 
 
 def model_not_found(name: str, served: str) -> RpcFailure:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
+from services.common import telemetry
 from services.generator.config import GeneratorConfig
 from services.generator.engine import Engine, Limits, SamplingParams
 from services.generator.loader import LoadSpec, ModelLoadError, load
@@ -72,7 +73,10 @@ async def serve(config: GeneratorConfig) -> int:
 
     address = f"{config.host}:{config.port}"
     info = ServedInfo(address=address, started_at=time.monotonic())
-    server = grpc.aio.server()
+    # GeneratorConfig has no otlp_endpoint field yet; until it has, the standard
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables configure the export.
+    otlp_endpoint: str = getattr(config, "otlp_endpoint", "")
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors("generator", otlp_endpoint))
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(info, config.default_max_new_tokens), server
     )

@@ -14,7 +14,6 @@ import psutil
 import torch
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
-from grpc_status import rpc_status
 from inference.v1 import (
     common_pb2,
     generation_pb2,
@@ -192,7 +191,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         metrics.REQUESTS.labels(rpc, failure.code.name.lower()).inc()
         if self._info.engine is not None:
             self._info.engine.stats.requests_failed += 1
-        await context.abort_with_status(rpc_status.to_status(failure.to_status()))
+        await failure.abort(context)
 
     @staticmethod
     def _as_failure(error: BaseException) -> errors.RpcFailure | None:

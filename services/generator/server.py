@@ -73,10 +73,7 @@ async def serve(config: GeneratorConfig) -> int:
 
     address = f"{config.host}:{config.port}"
     info = ServedInfo(address=address, started_at=time.monotonic())
-    # GeneratorConfig has no otlp_endpoint field yet; until it has, the standard
-    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables configure the export.
-    otlp_endpoint: str = getattr(config, "otlp_endpoint", "")
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors("generator", otlp_endpoint))
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors("generator", config.otlp_endpoint))
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(info, config.default_max_new_tokens), server
     )
@@ -100,6 +97,7 @@ async def serve(config: GeneratorConfig) -> int:
         device=config.device,
         quantization=config.quantization,
         attn_implementation=config.attn_implementation,
+        single_row_gemv=config.single_row_gemv,
     )
     loading = asyncio.ensure_future(asyncio.to_thread(load, spec))
     waiter = asyncio.ensure_future(stopping.wait())

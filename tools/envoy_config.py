@@ -13,44 +13,37 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "envoy" / "envoy.yaml"
 RENDER = ROOT / "envoy" / "render.py"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 
-Renderer = Callable[[int, int, str, str], str]
+Renderer = Callable[[int, int, str, str, str], str]
 
 
-def renderer() -> Renderer | None:
-    if not RENDER.is_file():
-        return None
+def _renderer() -> Renderer:
     spec = importlib.util.spec_from_file_location("_envoy_render", RENDER)
-    if spec is None or spec.loader is None:
-        return None
+    assert spec is not None and spec.loader is not None, f"cannot load {RENDER}"
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    render = getattr(module, "render_envoy_config", None)
-    return cast(Renderer, render) if callable(render) else None
+    return cast(Renderer, module.render_envoy_config)
 
 
 def render_config(
-    listen_port: int, admin_port: int, gateway_address: str, descriptor: Path = DESCRIPTOR
+    listen_port: int,
+    admin_port: int,
+    gateway_address: str,
+    descriptor: Path = DESCRIPTOR,
+    otlp_endpoint: str = "",
 ) -> str:
-    """The configuration text; raises LookupError where only the checked-in defaults exist."""
-    render = renderer()
-    if render is not None:
-        return render(listen_port, admin_port, gateway_address, str(descriptor))
-    if (listen_port, admin_port, gateway_address) == DEFAULTS and descriptor == DESCRIPTOR:
-        return TEMPLATE.read_text()
-    raise LookupError(
-        f"{RENDER.relative_to(ROOT)} is missing: only the defaults of envoy/envoy.yaml can be served"
-    )
+    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there."""
+    return _renderer()(listen_port, admin_port, gateway_address, str(descriptor), otlp_endpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-port", type=int, default=DEFAULTS[1], help="the admin port (on loopback)")
     parser.add_argument("--gateway", default=DEFAULTS[2], help="the gateway's host:port")
     parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR, help="the descriptor set")
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("ENVOY_OTLP_ENDPOINT", ""),
+        help="OTLP/gRPC collector (host:port) for Envoy's spans [env ENVOY_OTLP_ENDPOINT]; empty: none",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
-    try:
-        text = render_config(args.port, args.admin_port, args.gateway, args.descriptor)
-    except LookupError as error:
-        print(error, file=sys.stderr)
-        return 1
+    text = render_config(args.port, args.admin_port, args.gateway, args.descriptor, args.otlp_endpoint)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -84,13 +84,12 @@ def service_exists(name: str, root: Path = ROOT) -> bool:
     return (root / "services" / name / "__main__.py").is_file()
 
 
-def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path | None:
-    """The Envoy configuration for these ports, or None where it cannot be made."""
+def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
+    """The Envoy configuration for these ports (and ENVOY_OTLP_ENDPOINT, where set)."""
     port, admin, gateway = (_port(env, name) for name in ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT"))
-    try:
-        text = render_config(port, admin, f"127.0.0.1:{gateway}")
-    except LookupError:
-        return None
+    text = render_config(
+        port, admin, f"127.0.0.1:{gateway}", otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", "")
+    )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"
     path.write_text(text)
@@ -128,8 +127,6 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path) -> Plan
         config = envoy_config(env, run_dir)
         if not any(tier.name == "gateway" for tier in tiers):
             skipped.append("envoy (no gateway to send requests to)")
-        elif config is None:
-            skipped.append("envoy (ports other than the defaults need envoy/render.py)")
         elif not DESCRIPTOR.is_file():
             skipped.append(f"envoy ({DESCRIPTOR.relative_to(ROOT)} is missing: run `make descriptor`)")
         else:

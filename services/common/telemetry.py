@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -26,17 +26,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
+from services.common.interceptors import (
+    BehaviorWrapper,
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    WrappingInterceptor,
+)
+
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-else:  # grpc's classes are generic only in its stubs
-    Context = grpc.aio.ServicerContext
-    Handler = grpc.RpcMethodHandler
-UnaryBehavior: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
-StreamBehavior: TypeAlias = "Callable[[Any, Context], AsyncIterator[Any]]"
-Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 # Health checks and reflection are noise in traces.
 UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -75,7 +74,7 @@ def server_interceptors(service_name: str, configured_endpoint: str) -> list[grp
     endpoint = otlp_endpoint(configured_endpoint)
     if not endpoint:
         return []
-    return [TracingInterceptor(setup_tracing(service_name, endpoint).get_tracer(f"services.{service_name}"))]
+    return [tracing_interceptor(setup_tracing(service_name, endpoint).get_tracer(f"services.{service_name}"))]
 
 
 def rpc_attributes(method: str) -> dict[str, str]:
@@ -90,7 +89,16 @@ def end_span(span: Span, code: grpc.StatusCode) -> None:
     span.end()
 
 
-class ServerSpans:
+def is_traced(method: str) -> bool:
+    return not method.startswith(UNTRACED_PREFIXES)
+
+
+def tracing_interceptor(tracer: Tracer) -> grpc.aio.ServerInterceptor:
+    """Puts every unary-request call (health checks and reflection aside) in a SERVER span."""
+    return WrappingInterceptor([ServerSpans(tracer)], applies_to=is_traced)
+
+
+class ServerSpans(BehaviorWrapper):
     """Wraps a method's behaviour in a SERVER span, child of the caller's trace context."""
 
     def __init__(self, tracer: Tracer) -> None:
@@ -160,39 +168,3 @@ class ServerSpans:
                         await close()
 
         return traced
-
-
-class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """Puts every unary-request call (health checks and reflection aside) in a SERVER span; the
-    wrapped handler is made once per method and reused."""
-
-    def __init__(self, tracer: Tracer) -> None:
-        self._spans = ServerSpans(tracer)
-        self._handlers: dict[str, Handler] = {}
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._spans.stream(method, cast(StreamBehavior, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            self._spans.unary(method, cast(UnaryBehavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or method.startswith(UNTRACED_PREFIXES):
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._handlers[method] = wrapped
-        return wrapped

@@ -1,85 +1,31 @@
-"""The one helper every gateway interceptor uses to wrap a method's behaviour, and the
-interceptor that turns gateway and backend errors into a gRPC status with details."""
+"""The gateway's error mapping (gateway and backend errors become a gRPC status with details),
+and the names its policy wrappers share (services/common/interceptors.py applies them)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 
+# Re-exported: the gateway's policy modules import these from here.
+from services.common.interceptors import BehaviorWrapper as BehaviorWrapper
+from services.common.interceptors import Context as Context
+from services.common.interceptors import StreamBehavior as StreamBehavior
+from services.common.interceptors import UnaryBehavior as UnaryBehavior
 from services.gateway.errors import GatewayError, abort_with, from_backend
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-else:  # grpc's classes are generic only in its stubs
-    Context = grpc.aio.ServicerContext
-    Handler = grpc.RpcMethodHandler
-UnaryBehavior: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
-StreamBehavior: TypeAlias = "Callable[[Any, Context], AsyncIterator[Any]]"
-Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 # Services whose calls carry policy; health checks and reflection pass untouched.
 POLICY_PREFIX = "/inference.v1."
 
 
-class BehaviorWrapper:
-    """Wraps the unary-request behaviours of the inference.v1 services; subclasses override
-    `unary` and `stream` (each receives the method name and the inner behaviour)."""
-
-    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
-        return behavior
-
-    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
-        return behavior
-
-
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Applies `wrappers` (outermost first) to each inference.v1 method once, and reuses the
-    wrapped handler for every later call of that method."""
-
-    def __init__(self, wrappers: Sequence[BehaviorWrapper]) -> None:
-        self._wrappers = list(wrappers)
-        self._handlers: dict[str, Handler] = {}
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
-        if handler.response_streaming:
-            stream = cast(StreamBehavior, handler.unary_stream)
-            for wrapper in reversed(self._wrappers):
-                stream = wrapper.stream(method, stream)
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        unary = cast(UnaryBehavior, handler.unary_unary)
-        for wrapper in reversed(self._wrappers):
-            unary = wrapper.unary(method, unary)
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(POLICY_PREFIX) or handler.request_streaming:
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._handlers[method] = wrapped
-        return wrapped
+def carries_policy(method: str) -> bool:
+    return method.startswith(POLICY_PREFIX)
 
 
 def as_gateway_error(error: BaseException) -> GatewayError | None:

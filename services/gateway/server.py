@@ -25,12 +25,13 @@ from inference.v1 import (
 from prometheus_client import start_http_server
 
 from services.common import telemetry as common_telemetry
+from services.common.interceptors import BehaviorWrapper, WrappingInterceptor
 from services.gateway import telemetry, validation
 from services.gateway.auth import Authentication, KeyStore
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
-from services.gateway.interceptors import BehaviorWrapper, ErrorMapping, WrappingInterceptor
+from services.gateway.interceptors import ErrorMapping, carries_policy
 from services.gateway.metrics import Metrics, Stats
 from services.gateway.ratelimit import Limits, RateLimiter, RateLimiting
 from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
@@ -91,14 +92,14 @@ async def build(config: GatewayConfig) -> Gateway:
     # see the final status, errors raised by auth and limits are mapped to a status with details.
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if provider is not None:
-        interceptors.append(common_telemetry.TracingInterceptor(provider.get_tracer("services.gateway")))
+        interceptors.append(common_telemetry.tracing_interceptor(provider.get_tracer("services.gateway")))
     wrappers: list[BehaviorWrapper] = [
         Metrics(stats),
         ErrorMapping(),
         Authentication(store),
         RateLimiting(limiter),
     ]
-    interceptors.append(WrappingInterceptor(wrappers))
+    interceptors.append(WrappingInterceptor(wrappers, applies_to=carries_policy))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

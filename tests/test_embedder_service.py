@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -97,5 +98,32 @@ def test_an_unloadable_default_model_never_reports_serving_and_exits_nonzero(tmp
         assert "NOT_SERVING" in seen, seen
         assert process.process is not None and process.process.returncode == 1
         assert "the default model failed to load" in process.log_tail()
+    finally:
+        process.stop()
+
+
+def test_sigterm_while_the_model_loads_exits_at_once() -> None:
+    port = free_port()
+    process = ServiceProcess.python_module(
+        "embedder-loading",
+        "services.embedder",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        env={"HF_HUB_OFFLINE": "1"},
+    ).start()
+    try:
+        process.wait_until_port_open(port, timeout=120)
+        assert health_status(f"127.0.0.1:{port}") == "NOT_SERVING", "the model loaded before the signal"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.process is not None
+        code = process.process.wait(timeout=60)
+        # Waiting for the load to finish took 4 s here; leaving at once takes milliseconds.
+        assert time.monotonic() - signalled < 2.0, process.log_tail()
+        assert code == 0, process.log_tail()
     finally:
         process.stop()

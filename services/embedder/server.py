@@ -91,6 +91,7 @@ async def serve(config: EmbedderConfig) -> int:
             await _set_all(health, health_pb2.HealthCheckResponse.SERVING)
             log.info("embedder serving %s on %s", engine.default_name, engine.device)
     await stopping
+    still_loading = not startup.done()
     startup.cancel()
 
     log.info("shutting down: draining for up to %.0fs", config.shutdown_grace_s)
@@ -99,4 +100,9 @@ async def serve(config: EmbedderConfig) -> int:
     await server.stop(config.shutdown_grace_s)
     await engine.stop()
     log.info("embedder stopped")
+    if still_loading:
+        # The load runs in a worker thread that cannot be interrupted, and the interpreter would
+        # wait for it at exit: a SIGTERM would then take as long as the model takes to load.
+        logging.shutdown()
+        os._exit(exit_code)
     return exit_code

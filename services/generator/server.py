@@ -105,7 +105,11 @@ async def serve(config: GeneratorConfig) -> int:
     if not loading.done():
         log.info("stopped while loading")
         await server.stop(0)
-        return 0
+        # The load runs in a worker thread that cannot be interrupted, and the interpreter would
+        # wait for it at exit (26 s for a first GGUF load). Its cache folder is written under a
+        # temporary name and renamed when complete, so leaving now corrupts nothing.
+        logging.shutdown()
+        os._exit(0)
     try:
         loaded = loading.result()
     except ModelLoadError as error:

@@ -138,3 +138,26 @@ class ServiceProcess:
                 os.killpg(self.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         return self.process.returncode
+
+
+def sigterm_while_loading(
+    name: str, module: str, env: Mapping[str, str] | None = None
+) -> tuple[float, int, str]:
+    """Start `module` on a free port, send SIGTERM as soon as it listens (its model still
+    loading: the health status must still be NOT_SERVING), and return the seconds it took to
+    exit, its exit code and its log tail."""
+    port = free_port()
+    process = ServiceProcess.python_module(
+        name, module, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", env=env
+    ).start()
+    try:
+        process.wait_until_port_open(port, timeout=120)
+        status = health_status(f"127.0.0.1:{port}")
+        assert status == "NOT_SERVING", f"{name} was {status} before the signal, not loading"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.process is not None
+        code = process.process.wait(timeout=120)
+        return time.monotonic() - signalled, code, process.log_tail()
+    finally:
+        process.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -13,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from inference.v1 import info_pb2, info_pb2_grpc
 
 from tests.fixtures_embedder import DEFAULT_EMBEDDING_MODEL, EmbedderHandle
-from tests.stack import ServiceProcess, free_port, health_status
+from tests.stack import ServiceProcess, free_port, health_status, sigterm_while_loading
 
 TIMEOUT = 30.0
 SERVICES = ["inference.v1.EmbeddingService", "inference.v1.InfoService"]
@@ -103,27 +102,9 @@ def test_an_unloadable_default_model_never_reports_serving_and_exits_nonzero(tmp
 
 
 def test_sigterm_while_the_model_loads_exits_at_once() -> None:
-    port = free_port()
-    process = ServiceProcess.python_module(
-        "embedder-loading",
-        "services.embedder",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        env={"HF_HUB_OFFLINE": "1"},
-    ).start()
-    try:
-        process.wait_until_port_open(port, timeout=120)
-        assert health_status(f"127.0.0.1:{port}") == "NOT_SERVING", "the model loaded before the signal"
-        signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.process is not None
-        code = process.process.wait(timeout=60)
-        # Waiting for the load to finish took 4 s here; leaving at once takes milliseconds.
-        assert time.monotonic() - signalled < 2.0, process.log_tail()
-        assert code == 0, process.log_tail()
-    finally:
-        process.stop()
+    seconds, code, log_tail = sigterm_while_loading(
+        "embedder-loading", "services.embedder", env={"HF_HUB_OFFLINE": "1"}
+    )
+    # Waiting for the load to finish took 4 s here; leaving at once takes milliseconds.
+    assert seconds < 2.0, log_tail
+    assert code == 0, log_tail

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -44,17 +44,10 @@ class ErrorMapping(BehaviorWrapper):
         async def mapped(request: Any, context: Context) -> Any:
             try:
                 return await behavior(request, context)
-            except (GatewayError, grpc.aio.AioRpcError) as error:
-                mapped_error = as_gateway_error(error)
-                assert mapped_error is not None
-                await abort_with(context, mapped_error)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:
-                log.exception("unexpected failure in %s", method)
-                await abort_with(
-                    context, GatewayError(grpc.StatusCode.INTERNAL, f"internal error in {method}")
-                )
+            except Exception as error:
+                await self._abort(method, context, error)
 
         return mapped
 
@@ -63,16 +56,17 @@ class ErrorMapping(BehaviorWrapper):
             try:
                 async for item in behavior(request, context):
                     yield item
-            except (GatewayError, grpc.aio.AioRpcError) as error:
-                mapped_error = as_gateway_error(error)
-                assert mapped_error is not None
-                await abort_with(context, mapped_error)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:
-                log.exception("unexpected failure in %s", method)
-                await abort_with(
-                    context, GatewayError(grpc.StatusCode.INTERNAL, f"internal error in {method}")
-                )
+            except Exception as error:
+                await self._abort(method, context, error)
 
         return mapped
+
+    @staticmethod
+    async def _abort(method: str, context: Context, error: Exception) -> NoReturn:
+        mapped = as_gateway_error(error)
+        if mapped is None:
+            log.exception("unexpected failure in %s", method)
+            mapped = GatewayError(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+        await abort_with(context, mapped)

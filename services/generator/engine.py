@@ -1,11 +1,10 @@
 """The generation engine: one model, one scheduler, continuous batching. No gRPC in here.
 
 The scheduler task owns the model. Each step runs in one worker thread (the event loop never
-blocks on torch): sequences that finished or were cancelled leave the batch, waiting requests are
-prefilled and join it, and every running row decodes one token. The running batch keeps ONE
-KV cache with left padding, an attention mask and explicit position ids, so rows of different
-lengths decode together; joining pads the shorter side on the left, leaving selects the surviving
-rows and drops columns that are padding for every row.
+blocks on the model): sequences that finished or were cancelled leave the batch, waiting requests
+are prefilled and join it, and every running row decodes one token. The forward passes and the
+KV cache layout belong to a runner (services/generator/runner.py); sampling, stop rules and text
+are the same whichever runner serves.
 """
 
 from __future__ import annotations
@@ -20,14 +19,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from services.generator import metrics
+from services.generator.runner import BeamSettings, Runner
 from services.generator.sampling import BatchKnobs, RowKnobs, sample
 from services.generator.textstream import IncrementalDetokenizer, StopMatcher
 
@@ -217,96 +214,27 @@ class Stats:
 
 
 class _Batch:
-    """The running rows and their shared, left-padded KV cache (touched by the worker thread only)."""
+    """The running rows and the runner's state for them (touched by the worker thread only)."""
 
     def __init__(self) -> None:
         self.rows: list[_Sequence] = []
-        self.cache: Any = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.positions = torch.zeros(0, dtype=torch.long)
+        self.state: Any = None
         self.last = torch.zeros(0, dtype=torch.long)
         self.presence: torch.Tensor | None = None
         self.knobs = BatchKnobs([], [])
 
 
-class _GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """A KV cache layer that appends into spare capacity: the stock layer concatenates the whole
-    cache on every decode step, which copies every row's keys and values once per token."""
-
-    _spare_keys: torch.Tensor | None = None
-    _spare_values: torch.Tensor | None = None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        current_keys = cast(torch.Tensor, self.keys)
-        current_values = cast(torch.Tensor, self.values)
-        old = int(current_keys.shape[-2]) if current_keys.numel() else 0
-        new = old + int(key_states.shape[-2])
-        buffer = self._spare_keys
-        # The scheduler replaces `keys`/`values` when rows join or leave; then the buffer is rebuilt.
-        fits = (
-            buffer is not None
-            and old > 0
-            and current_keys.data_ptr() == buffer.data_ptr()
-            and buffer.shape[0] == key_states.shape[0]
-            and buffer.shape[-2] >= new
-        )
-        if not fits:
-            capacity = new + max(64, new // 2)
-            keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
-            values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
-            if old:
-                keys[:, :, :old] = current_keys
-                values[:, :, :old] = current_values
-            self._spare_keys, self._spare_values = keys, values
-        assert self._spare_keys is not None and self._spare_values is not None
-        self._spare_keys[:, :, old:new] = key_states
-        self._spare_values[:, :, old:new] = value_states
-        self.keys = self._spare_keys[:, :, :new]
-        self.values = self._spare_values[:, :, :new]
-        return self.keys, self.values
-
-
-def _new_cache() -> Any:
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _GrowingLayer
-    return cache
-
-
-def _layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
-def _cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
-
-
 class Engine:
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        model_id: str,
-        limits: Limits,
-        device: torch.device | None = None,
-    ) -> None:
-        self.model = model
+    def __init__(self, runner: Runner, tokenizer: Any, model_id: str, limits: Limits) -> None:
+        self.runner = runner
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.limits = limits
-        self.device = device or torch.device("cpu")
-        config = model.config
-        context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        facts = runner.facts
+        context = facts.context_length
         self.max_model_len = min(limits.max_model_len, context) if limits.max_model_len else context
-        self.vocab_size = int(config.vocab_size)
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        eos_list = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = frozenset(int(e) for e in eos_list if e is not None)
+        self.vocab_size = facts.vocab_size
+        self.eos_ids = facts.eos_token_ids
         self.special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
@@ -578,23 +506,9 @@ class Engine:
         batch = self._batch
         if not batch.rows:
             return events
-        mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], dim=1)
-        out = self.model(
-            input_ids=batch.last[:, None].to(self.device),
-            attention_mask=self._mask_arg(mask),
-            position_ids=batch.positions[:, None].to(self.device),
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        batch.mask = mask
-        batch.positions = batch.positions + 1
-        logits = out.logits[:, -1, :].float().cpu()
+        logits = self.runner.decode(batch.state, batch.last)
         self._sample_rows(batch.rows, logits, batch.presence, batch.knobs, events)
         return events
-
-    def _mask_arg(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """No mask when no row is padded: the model then takes its faster unmasked causal path."""
-        return None if bool(mask.all()) else mask.to(self.device)
 
     def _sample_rows(
         self,
@@ -607,16 +521,13 @@ class Engine:
         tokens, logprobs = sample(logits, presence, knobs)
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
-        self._batch_last_update(rows, tokens)
+        if rows is self._batch.rows:
+            self._batch.last = tokens
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
             if row.done:
                 continue
             events.append((row.request, row.accept(token, logprob, self.eos_ids)))
         return tokens
-
-    def _batch_last_update(self, rows: list[_Sequence], tokens: torch.Tensor) -> None:
-        if rows is self._batch.rows:
-            self._batch.last = tokens
 
     def _evict(self) -> None:
         batch = self._batch
@@ -627,17 +538,8 @@ class Engine:
             self._batch = _Batch()
             return
         index = torch.tensor(keep, dtype=torch.long)
-        mask = batch.mask.index_select(0, index)
-        # Columns that are padding for every surviving row are dropped from the cache.
-        used = torch.nonzero(mask.any(dim=0)).flatten()
-        start = int(used[0]) if used.numel() else mask.shape[1]
-        device_index = index.to(self.device)
-        for layer in _layers(batch.cache):
-            layer.keys = layer.keys.index_select(0, device_index)[:, :, start:]
-            layer.values = layer.values.index_select(0, device_index)[:, :, start:]
-        batch.mask = mask[:, start:]
+        batch.state = self.runner.select(batch.state, keep)
         batch.rows = [batch.rows[i] for i in keep]
-        batch.positions = batch.positions.index_select(0, index)
         batch.last = batch.last.index_select(0, index)
         if batch.presence is not None:
             batch.presence = batch.presence.index_select(0, index)
@@ -646,24 +548,7 @@ class Engine:
         )
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
-        width = max(len(r.prompt_ids) for r in joiners)
-        ids = torch.full((len(joiners), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joiners), width), dtype=torch.long)
-        for i, request in enumerate(joiners):
-            n = len(request.prompt_ids)
-            ids[i, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-            mask[i, width - n :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = _new_cache()
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=self._mask_arg(mask),
-            position_ids=positions.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float().cpu()
+        logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
         rows: list[_Sequence] = []
         origin: list[int] = []
         for i, request in enumerate(joiners):
@@ -672,76 +557,43 @@ class Engine:
                 request.sequences.append(sequence)
                 rows.append(sequence)
                 origin.append(i)
-        select = torch.tensor(origin, dtype=torch.long)
-        logits = logits.index_select(0, select)
+        logits = logits.index_select(0, torch.tensor(origin, dtype=torch.long))
         need_presence = any(r.request.params.repetition_penalty != 1.0 for r in rows) or (
             self._batch.presence is not None
         )
-        presence: torch.Tensor | None = None
-        if need_presence:
-            presence = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
-            presence.scatter_(1, ids.index_select(0, select), True)
-            # Padding is not part of any prompt.
-            pad_seen = torch.tensor([self.pad_id in joiners[o].prompt_ids for o in origin])
-            presence[:, self.pad_id] = pad_seen
+        presence = self._presence_of(rows) if need_presence else None
         knobs = BatchKnobs([r.request.params.knobs() for r in rows], [r.generator for r in rows])
         tokens = self._sample_rows(rows, logits, presence, knobs, events)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
             return
         keep = torch.tensor(alive, dtype=torch.long)
-        cache_rows = select.index_select(0, keep).to(self.device)
-        for layer in _layers(cache):
-            layer.keys = layer.keys.index_select(0, cache_rows)
-            layer.values = layer.values.index_select(0, cache_rows)
-        new_mask = mask.index_select(0, select.index_select(0, keep))
-        new_positions = new_mask.sum(dim=1)
+        state = self.runner.select(state, [origin[i] for i in alive])
         new_rows = [rows[i] for i in alive]
         new_last = tokens.index_select(0, keep)
         new_presence = presence.index_select(0, keep) if presence is not None else None
-        self._merge(cache, new_mask, new_rows, new_positions, new_last, new_presence)
+        self._merge(state, new_rows, new_last, new_presence)
 
     def _merge(
-        self,
-        cache: Any,
-        mask: torch.Tensor,
-        rows: list[_Sequence],
-        positions: torch.Tensor,
-        last: torch.Tensor,
-        presence: torch.Tensor | None,
+        self, state: Any, rows: list[_Sequence], last: torch.Tensor, presence: torch.Tensor | None
     ) -> None:
         batch = self._batch
         if not batch.rows:
-            batch.cache, batch.mask, batch.rows = cache, mask, rows
-            batch.positions, batch.last, batch.presence = positions, last, presence
+            batch.state, batch.rows, batch.last, batch.presence = state, rows, last, presence
         else:
-            old, new = batch.mask.shape[1], mask.shape[1]
-            width = max(old, new)
-            for mine, theirs in zip(_layers(batch.cache), _layers(cache), strict=True):
-                mine.keys = torch.cat(
-                    [F.pad(mine.keys, (0, 0, width - old, 0)), F.pad(theirs.keys, (0, 0, width - new, 0))]
-                )
-                mine.values = torch.cat(
-                    [F.pad(mine.values, (0, 0, width - old, 0)), F.pad(theirs.values, (0, 0, width - new, 0))]
-                )
-            batch.mask = torch.cat([F.pad(batch.mask, (width - old, 0)), F.pad(mask, (width - new, 0))])
-            batch.rows = batch.rows + rows
-            batch.positions = torch.cat([batch.positions, positions])
-            batch.last = torch.cat([batch.last, last])
+            batch.state = self.runner.merge(batch.state, state)
             if batch.presence is not None or presence is not None:
-                mine_p = (
-                    batch.presence
-                    if batch.presence is not None
-                    else self._presence_of(batch.rows[: -len(rows)])
-                )
-                theirs_p = presence if presence is not None else self._presence_of(rows)
-                batch.presence = torch.cat([mine_p, theirs_p])
+                mine = batch.presence if batch.presence is not None else self._presence_of(batch.rows)
+                theirs = presence if presence is not None else self._presence_of(rows)
+                batch.presence = torch.cat([mine, theirs])
+            batch.rows = batch.rows + rows
+            batch.last = torch.cat([batch.last, last])
         batch.knobs = BatchKnobs(
             [r.request.params.knobs() for r in batch.rows], [r.generator for r in batch.rows]
         )
 
     def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:
-        """Seen-token masks rebuilt for rows that had none (only needed once a penalized row joins)."""
+        """Seen-token masks (prompt and generated ids) for repetition penalties."""
         presence = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
         for i, row in enumerate(rows):
             presence[i, torch.tensor(row.request.prompt_ids, dtype=torch.long)] = True
@@ -753,25 +605,20 @@ class Engine:
     @torch.inference_mode()
     def _beam_search(self, request: Request) -> list[tuple[Request, TokenEvent]]:
         params = request.params
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "num_beams": params.num_beams,
-            "num_return_sequences": params.num_return_sequences,
-            "do_sample": params.do_sample,
-            "repetition_penalty": params.repetition_penalty,
-            "pad_token_id": self.pad_id,
-            "eos_token_id": sorted(self.eos_ids),
-            "output_scores": False,
-            "return_dict_in_generate": True,
-        }
-        if params.do_sample:
-            kwargs.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
-            if params.seed is not None:
-                torch.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        settings = BeamSettings(
+            num_beams=params.num_beams,
+            num_return_sequences=params.num_return_sequences,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=params.do_sample,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+            pad_token_id=self.pad_id,
+        )
         events: list[tuple[Request, TokenEvent]] = []
-        for index, row in enumerate(out.sequences[:, ids.shape[1] :].tolist()):
+        for index, row in enumerate(self.runner.beam_search(request.prompt_ids, settings)):
             sequence = _Sequence(request, index, self.tokenizer, self.special_ids)
             request.sequences.append(sequence)
             for token in row:
@@ -781,7 +628,7 @@ class Engine:
                 if sequence.finish_reason is not None:
                     break
             if sequence.finish_reason is None:
-                # generate stopped at EOS; the pad after it was trimmed above.
+                # The beam stopped at EOS; the pad after it was trimmed above.
                 sequence.finish_reason = "eos"
                 events.append(
                     (request, TokenEvent(index, self.pad_id, sequence.stop.flush(), 0.0, True, "eos"))

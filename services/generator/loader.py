@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from services.generator.runner import ModelFacts, Runner
+
 log = logging.getLogger(__name__)
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,16 +36,20 @@ class LoadSpec:
     quantization: str = "none"
     attn_implementation: str = "sdpa"
     single_row_gemv: bool = True
+    backend: str = "torch"
+    onnx_precision: str = "int8"
+    threads: int = 0
 
 
 @dataclass
 class LoadedModel:
-    model: Any
+    runner: Runner
     tokenizer: Any
     model_id: str
     source: str
-    dtype: torch.dtype
-    device: torch.device
+    precision: str
+    device: str
+    model: Any = None  # the transformers model, when the torch runner serves
 
 
 class RowVectorLinear(torch.nn.Linear):
@@ -201,8 +207,83 @@ def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
     return target
 
 
+def _check_onnx(spec: LoadSpec) -> None:
+    if resolve_device(spec.device).type != "cpu":
+        raise ModelLoadError(
+            f"--backend onnx runs on the CPU only; use --backend torch for --device {spec.device}"
+        )
+    if spec.quantization != "none":
+        raise ModelLoadError(
+            f"--quantization {spec.quantization} is bitsandbytes, for --backend torch; --backend onnx "
+            "quantizes with --onnx-precision"
+        )
+    for name in ("onnxruntime", "onnxruntime_genai"):
+        if importlib.util.find_spec(name) is None:
+            raise ModelLoadError(f"--backend onnx needs {name}, which is not installed; use --backend torch")
+    if spec.attn_implementation == "flash_attention_2":
+        raise ModelLoadError("--attn-implementation flash_attention_2 is for --backend torch on CUDA")
+
+
+def hf_folder(spec: LoadSpec, folder: str, gguf: str) -> Path:
+    if gguf:
+        return _dequantized_folder(folder, gguf, spec.cache_dir)
+    path = Path(folder).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                folder, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+            )
+        )
+    except Exception as error:
+        raise ModelLoadError(f"cannot find {folder} locally or in the Hugging Face cache: {error}") from error
+
+
+def _load_onnx(spec: LoadSpec) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from services.generator.onnx_runner import OnnxBuildError, OnnxRunner, build_onnx_model
+
+    _check_onnx(spec)
+    folder, gguf, model_id = locate(spec.model, spec.gguf_file)
+    source = str(Path(folder) / gguf) if gguf else folder
+    started = time.monotonic()
+    log.info("loading %s with ONNX Runtime (%s weights, CPU)", source, spec.onnx_precision)
+    weights = hf_folder(spec, folder, gguf)
+    try:
+        onnx_folder = build_onnx_model(weights, spec.onnx_precision, spec.cache_dir)
+        config = AutoConfig.from_pretrained(weights)
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+        try:
+            eos = GenerationConfig.from_pretrained(weights).eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos]
+        facts = ModelFacts(
+            vocab_size=int(config.vocab_size),
+            context_length=int(getattr(config, "max_position_embeddings", 0) or 2048),
+            eos_token_ids=frozenset(int(e) for e in eos_list if e is not None),
+        )
+        runner = OnnxRunner(onnx_folder, facts, spec.threads)
+    except OnnxBuildError as error:
+        raise ModelLoadError(str(error)) from error
+    log.info("loaded %s in %.1f s (ONNX model in %s)", model_id, time.monotonic() - started, onnx_folder)
+    return LoadedModel(runner, tokenizer, model_id, source, spec.onnx_precision, "cpu")
+
+
 def load(spec: LoadSpec) -> LoadedModel:
+    return _load_onnx(spec) if spec.backend == "onnx" else _load_torch(spec)
+
+
+def _load_torch(spec: LoadSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.generator.torch_runner import TorchRunner
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -248,4 +329,7 @@ def load(spec: LoadSpec) -> LoadedModel:
         model.get_memory_footprint() / 1e6,  # type: ignore[no-untyped-call]
         spec.quantization,
     )
-    return LoadedModel(model, tokenizer, model_id, source, dtype, device)
+    runner = TorchRunner(model, tokenizer, device)
+    return LoadedModel(
+        runner, tokenizer, model_id, source, str(dtype).removeprefix("torch."), str(device), model=model
+    )

@@ -98,6 +98,9 @@ async def serve(config: GeneratorConfig) -> int:
         quantization=config.quantization,
         attn_implementation=config.attn_implementation,
         single_row_gemv=config.single_row_gemv,
+        backend=config.backend,
+        onnx_precision=config.onnx_precision,
+        threads=config.threads,
     )
     loading = asyncio.ensure_future(asyncio.to_thread(load, spec))
     waiter = asyncio.ensure_future(stopping.wait())
@@ -116,9 +119,7 @@ async def serve(config: GeneratorConfig) -> int:
         log.error("cannot start: %s", error)
         await server.stop(0)
         return 2
-    engine = Engine(
-        loaded.model, loaded.tokenizer, config.model_id or loaded.model_id, limits_of(config), loaded.device
-    )
+    engine = Engine(loaded.runner, loaded.tokenizer, config.model_id or loaded.model_id, limits_of(config))
     engine.start()
     if config.warmup:
         started = time.monotonic()
@@ -126,11 +127,18 @@ async def serve(config: GeneratorConfig) -> int:
         log.info("warmed up in %.1f s", time.monotonic() - started)
     info.engine = engine
     info.source = loaded.source
-    info.dtype = str(loaded.dtype).removeprefix("torch.")
-    info.device = str(loaded.device)
+    info.dtype = loaded.precision
+    info.device = loaded.device
     info.message = ""
     await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s from %s (%s on %s)", engine.model_id, loaded.source, info.dtype, info.device)
+    log.info(
+        "serving %s from %s (%s, %s on %s)",
+        engine.model_id,
+        loaded.source,
+        loaded.runner.backend,
+        info.dtype,
+        info.device,
+    )
 
     await waiter
     log.info(

@@ -1,0 +1,62 @@
+"""What the engine needs from a model backend: prefill prompts, decode one token for every row of
+a running batch, and reshape that batch's KV cache when rows leave or join.
+
+The engine owns scheduling, sampling, stop rules and text; a runner owns the forward pass and the
+cache layout. Two runners exist: transformers on torch (any model, CPU or CUDA, bitsandbytes) and
+ONNX Runtime on a CPU (int4 weight-only matmuls, several times faster per token there)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    num_beams: int
+    num_return_sequences: int
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    pad_token_id: int
+
+
+class Runner(Protocol):
+    """One model's forward passes. A batch state is opaque to the engine; rows are in order."""
+
+    facts: ModelFacts
+    backend: str
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any]:
+        """(float32 CPU logits of each prompt's last position [N, V], a batch state of N rows)."""
+        ...
+
+    def decode(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (`tokens` [B]) and return the next logits [B, V]."""
+        ...
+
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        """A state of the given rows, in that order (a row may repeat)."""
+        ...
+
+    def merge(self, first: Any, second: Any) -> Any:
+        """One state holding first's rows, then second's."""
+        ...
+
+    def beam_search(self, prompt_ids: Sequence[int], settings: BeamSettings) -> list[list[int]]:
+        """The best num_return_sequences beams' new token ids, best first."""
+        ...

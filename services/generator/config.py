@@ -50,8 +50,8 @@ class GeneratorConfig:
         metadata={
             "help": "model runtime: torch (transformers: any model, CUDA, bitsandbytes; exact "
             "transformers numerics) or onnx (ONNX Runtime on a CPU with weight-only int8/int4 "
-            "matmuls, exported once into --cache-dir: 2-5x faster per token on a CPU, with "
-            "llama.cpp-like quantized numerics)"
+            "matmuls, exported once into --cache-dir: about 4x faster on one stream on an AVX2 "
+            "CPU, less at many streams; llama.cpp-like quantized numerics)"
         },
     )
     onnx_precision: Literal["int8", "int4", "fp32"] = field(

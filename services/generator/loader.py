@@ -208,7 +208,7 @@ def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
 
 
 def _check_onnx(spec: LoadSpec) -> None:
-    if resolve_device(spec.device).type != "cpu":
+    if spec.device not in ("auto", "cpu"):
         raise ModelLoadError(
             f"--backend onnx runs on the CPU only; use --backend torch for --device {spec.device}"
         )

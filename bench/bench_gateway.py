@@ -7,6 +7,10 @@
    through Envoy and the gateway, against the same streams over gRPC straight to the generator.
    Target: at least 0.95x.
 
+The REST side uses a minimal HTTP/1.1 keep-alive client on asyncio streams (`RawHttp`), not
+httpx: on a 2-core machine httpx's own Python work per request (about 2.5 ms here) is larger than
+the overhead being measured, while the gRPC side's client is C-core. `--httpx` measures with httpx.
+
 Uses a running stack when given its addresses; otherwise starts generator, embedder, gateway
 and Envoy on free ports (the test helpers) and stops them at the end:
 
@@ -25,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -48,6 +52,68 @@ from inference.v1 import (  # noqa: E402
 PROMPT = "Tell me about the history of Paris."
 
 
+class RawHttp:
+    """One keep-alive HTTP/1.1 connection: GET with a Content-Length reply, POST with a chunked
+    server-sent-events reply. Just enough for Envoy's replies; not a general client."""
+
+    def __init__(self, url: str) -> None:
+        self.host = url.split("//", 1)[1].rstrip("/")
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._streams is None:
+            host, port = self.host.rsplit(":", 1)
+            self._streams = await asyncio.open_connection(host, int(port))
+        return self._streams
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+    @staticmethod
+    def _status(head: bytes) -> int:
+        return int(head.split(b" ", 2)[1])
+
+    async def get(self, path: str) -> bytes:
+        reader, writer = await self._open()
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await reader.readexactly(length)
+        if self._status(head) != 200:
+            raise RuntimeError(f"GET {path}: {head.splitlines()[0]!r} {body[:200]!r}")
+        return body
+
+    async def events(self, path: str, body: dict[str, object]) -> AsyncIterator[bytes]:
+        """The `data:` payloads of a chunked text/event-stream reply to a JSON POST."""
+        reader, writer = await self._open()
+        payload = json.dumps(body).encode()
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if self._status(head) != 200 or b"chunked" not in head.lower():
+            raise RuntimeError(f"POST {path}: {head!r}")
+        pending = b""
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            chunk = (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n\n")
+            for event in complete:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -64,11 +130,20 @@ async def unary_latencies(args: argparse.Namespace, model: str) -> dict[str, lis
             "direct gRPC (embedder)": embedding_pb2_grpc.EmbeddingServiceStub(direct),
             "gateway gRPC": embedding_pb2_grpc.EmbeddingServiceStub(gw),
         }
-        async with httpx2.AsyncClient(base_url=args.envoy_url, timeout=30) as rest:
+        async with httpx2.AsyncClient(base_url=args.envoy_url, timeout=30) as client:
+            raw = RawHttp(args.envoy_url)
+
+            async def rest() -> None:
+                path = f"/embeddings/counter/{model}"
+                if args.httpx:
+                    (await client.get(path)).raise_for_status()
+                else:
+                    await raw.get(path)
+
             for _ in range(20):  # warm up connections and caches
                 for stub in stubs.values():
                     await stub.GetModelCounter(request, timeout=10)
-                await rest.get(f"/embeddings/counter/{model}")
+                await rest()
             for _ in range(args.requests):
                 # Interleaved, so that load from elsewhere on the machine hits all paths alike.
                 for name, stub in stubs.items():
@@ -76,9 +151,9 @@ async def unary_latencies(args: argparse.Namespace, model: str) -> dict[str, lis
                     await stub.GetModelCounter(request, timeout=10)
                     results[name].append(time.perf_counter() - started)
                 started = time.perf_counter()
-                reply = await rest.get(f"/embeddings/counter/{model}")
+                await rest()
                 results["Envoy REST"].append(time.perf_counter() - started)
-                reply.raise_for_status()
+            await raw.close()
     return results
 
 
@@ -103,7 +178,9 @@ async def grpc_streams(address: str, count: int, tokens: int) -> tuple[int, floa
         return sum(produced), time.perf_counter() - started
 
 
-async def rest_streams(url: str, count: int, tokens: int) -> tuple[int, float]:
+async def rest_streams(url: str, count: int, tokens: int, use_httpx: bool) -> tuple[int, float]:
+    if not use_httpx:
+        return await raw_rest_streams(url, count, tokens)
     limits = httpx2.Limits(max_connections=count + 4, max_keepalive_connections=count + 4)
     async with httpx2.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
@@ -129,6 +206,33 @@ async def rest_streams(url: str, count: int, tokens: int) -> tuple[int, float]:
         started = time.perf_counter()
         produced = await asyncio.gather(*(one() for _ in range(count)))
         return sum(produced), time.perf_counter() - started
+
+
+async def raw_rest_streams(url: str, count: int, tokens: int) -> tuple[int, float]:
+    async def one() -> int:
+        body: dict[str, object] = {
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_new_tokens": tokens,
+            "do_sample": False,
+            "stream": True,
+        }
+        connection = RawHttp(url)
+        produced = 0
+        try:
+            async for data in connection.events("/generate", body):
+                # Like the gRPC side, which reads only the usage field: decode what is needed.
+                if b'"usage"' in data or b'"error"' in data:
+                    event = json.loads(data)
+                    if event.get("error"):
+                        raise RuntimeError(event["error"])
+                    produced = event["usage"]["completion_tokens"]
+        finally:
+            await connection.close()
+        return produced
+
+    started = time.perf_counter()
+    produced = await asyncio.gather(*(one() for _ in range(count)))
+    return sum(produced), time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -183,7 +287,7 @@ async def run(args: argparse.Namespace) -> None:
                 tokens, seconds = await grpc_streams(args.generator, count, args.tokens)
                 direct_tokens, direct_seconds = direct_tokens + tokens, direct_seconds + seconds
             else:
-                tokens, seconds = await rest_streams(args.envoy_url, count, args.tokens)
+                tokens, seconds = await rest_streams(args.envoy_url, count, args.tokens, args.httpx)
                 rest_tokens, rest_seconds = rest_tokens + tokens, rest_seconds + seconds
         direct_rate, rest_rate = direct_tokens / direct_seconds, rest_tokens / rest_seconds
         print(
@@ -204,6 +308,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="unary calls per path")
     parser.add_argument("--streams", type=lambda text: [int(x) for x in text.split(",")], default=[16, 32])
     parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens per stream")
+    parser.add_argument("--httpx", action="store_true", help="REST through httpx instead of RawHttp")
     parser.add_argument(
         "--no-abba", dest="abba", action="store_false", help="run each streaming path once instead of ABBA"
     )

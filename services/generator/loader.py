@@ -258,18 +258,10 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
         config = AutoConfig.from_pretrained(weights)
         tokenizer = AutoTokenizer.from_pretrained(weights)
         try:
-            eos = GenerationConfig.from_pretrained(weights).eos_token_id
+            configured = GenerationConfig.from_pretrained(weights).eos_token_id
         except OSError:
-            eos = None
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        eos_list = eos if isinstance(eos, list) else [eos]
-        facts = ModelFacts(
-            vocab_size=int(config.vocab_size),
-            context_length=int(getattr(config, "max_position_embeddings", 0) or 2048),
-            eos_token_ids=frozenset(int(e) for e in eos_list if e is not None),
-        )
-        runner = OnnxRunner(onnx_folder, facts, spec.threads)
+            configured = None
+        runner = OnnxRunner(onnx_folder, ModelFacts.of(config, configured, tokenizer), spec.threads)
     except OnnxBuildError as error:
         raise ModelLoadError(str(error)) from error
     log.info("loaded %s in %.1f s (ONNX model in %s)", model_id, time.monotonic() - started, onnx_folder)

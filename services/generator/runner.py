@@ -20,6 +20,18 @@ class ModelFacts:
     context_length: int
     eos_token_ids: frozenset[int]
 
+    @classmethod
+    def of(cls, config: Any, configured_eos: int | list[int] | None, tokenizer: Any) -> ModelFacts:
+        """From a transformers config, the generation config's EOS id(s) (else the tokenizer's)."""
+        eos = configured_eos if configured_eos is not None else tokenizer.eos_token_id
+        return cls(
+            vocab_size=int(config.vocab_size),
+            context_length=int(getattr(config, "max_position_embeddings", 0) or 2048),
+            eos_token_ids=frozenset(
+                int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None
+            ),
+        )
+
 
 @dataclass(frozen=True)
 class BeamSettings:

@@ -80,16 +80,7 @@ class TorchRunner:
     def __init__(self, model: Any, tokenizer: Any, device: torch.device) -> None:
         self.model = model
         self.device = device
-        config = model.config
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        eos_list = eos if isinstance(eos, list) else [eos]
-        self.facts = ModelFacts(
-            vocab_size=int(config.vocab_size),
-            context_length=int(getattr(config, "max_position_embeddings", 0) or 2048),
-            eos_token_ids=frozenset(int(e) for e in eos_list if e is not None),
-        )
+        self.facts = ModelFacts.of(model.config, model.generation_config.eos_token_id, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.facts.eos_token_ids), 0))
 

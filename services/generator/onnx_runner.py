@@ -185,9 +185,11 @@ class OnnxRunner:
         rows = len(state.lengths)
         total = int(state.lengths.max()) + 1
         if total > state.capacity or state.buffer_rows < MIN_DECODE_ROWS:
-            self._reshape(
-                state, max(state.buffer_rows, MIN_DECODE_ROWS), max(state.capacity, total + HEADROOM)
+            # Grown by half at least, so that a long generation copies its cache a few times only.
+            capacity = (
+                state.capacity if total <= state.capacity else max(total + HEADROOM, state.capacity * 3 // 2)
             )
+            self._reshape(state, max(state.buffer_rows, MIN_DECODE_ROWS), capacity)
         lengths = np.zeros(state.buffer_rows, np.int64)
         lengths[:rows] = state.lengths
         ids = np.zeros((state.buffer_rows, 1), np.int64)

@@ -16,7 +16,7 @@ from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from services.generator.loader import LoadSpec, load
 from tests.fixtures_generator import GeneratorService, start_generator
-from tests.test_generator_service import metric_value
+from tests.test_generator_service import check_a_cancelled_stream_leaves_the_running_batch
 
 TIMEOUT = 180.0
 FRANCE = [common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
@@ -125,18 +125,4 @@ def test_onnx_backend_beam_search_returns_distinct_best_beams(
 def test_onnx_backend_cancelled_stream_leaves_the_batch(
     onnx_stub: generation_pb2_grpc.GenerationServiceStub, onnx_generator: GeneratorService
 ) -> None:
-    call = onnx_stub.GenerateStream(
-        generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=1500, temperature=0.8, seed=1),
-        timeout=TIMEOUT,
-    )
-    for received, _ in enumerate(call, start=1):
-        if received == 3:
-            break
-    assert metric_value(onnx_generator.metrics_port, "generator_running_sequences") >= 1
-    call.cancel()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and metric_value(
-        onnx_generator.metrics_port, "generator_running_sequences"
-    ):
-        time.sleep(0.1)
-    assert metric_value(onnx_generator.metrics_port, "generator_running_sequences") == 0
+    check_a_cancelled_stream_leaves_the_running_batch(onnx_stub, onnx_generator)

@@ -179,8 +179,8 @@ def test_cjk_and_emoji_prompts_never_yield_replacement_characters(
         assert texts[0] == replies[-1].generated_text
 
 
-def test_a_cancelled_stream_leaves_the_running_batch(
-    stub: generation_pb2_grpc.GenerationServiceStub, generator_service: GeneratorService
+def check_a_cancelled_stream_leaves_the_running_batch(
+    stub: generation_pb2_grpc.GenerationServiceStub, service: GeneratorService
 ) -> None:
     call = stub.GenerateStream(
         generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=1500, temperature=0.8, seed=1),
@@ -189,17 +189,23 @@ def test_a_cancelled_stream_leaves_the_running_batch(
     for received, _ in enumerate(call, start=1):
         if received == 3:
             break
-    assert metric_value(generator_service.metrics_port, "generator_running_sequences") >= 1
+    assert metric_value(service.metrics_port, "generator_running_sequences") >= 1
     call.cancel()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if metric_value(generator_service.metrics_port, "generator_running_sequences") == 0:
+        if metric_value(service.metrics_port, "generator_running_sequences") == 0:
             break
         time.sleep(0.1)
-    assert metric_value(generator_service.metrics_port, "generator_running_sequences") == 0
-    info = info_pb2_grpc.InfoServiceStub(grpc.insecure_channel(generator_service.address))
+    assert metric_value(service.metrics_port, "generator_running_sequences") == 0
+    info = info_pb2_grpc.InfoServiceStub(grpc.insecure_channel(service.address))
     stats = info.GetStats(info_pb2.GetStatsRequest(), timeout=10).components[0]
     assert stats.requests_running == 0
+
+
+def test_a_cancelled_stream_leaves_the_running_batch(
+    stub: generation_pb2_grpc.GenerationServiceStub, generator_service: GeneratorService
+) -> None:
+    check_a_cancelled_stream_leaves_the_running_batch(stub, generator_service)
 
 
 INVALID_KNOBS: list[tuple[str, dict[str, Any]]] = [

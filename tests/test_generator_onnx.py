@@ -16,10 +16,12 @@ from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from services.generator.loader import LoadSpec, load
 from tests.fixtures_generator import GeneratorService, start_generator
-from tests.test_generator_service import check_a_cancelled_stream_leaves_the_running_batch
+from tests.test_generator_service import (
+    check_a_cancelled_stream_leaves_the_running_batch,
+    check_beam_search_returns_the_best_beams,
+)
 
 TIMEOUT = 180.0
-FRANCE = [common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
 STORY = [common_pb2.ChatMessage(role="user", content="Write a very long story about a dragon and a knight.")]
 TEXTS = (
     "The history of the clock tower in the old town square begins with a merchant who wanted to "
@@ -111,15 +113,7 @@ def test_onnx_backend_samples_the_same_text_alone_and_in_a_busy_batch(
 def test_onnx_backend_beam_search_returns_distinct_best_beams(
     onnx_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    reply = onnx_stub.Generate(
-        generation_pb2.GenerateRequest(
-            messages=FRANCE, max_new_tokens=20, num_beams=3, num_return_sequences=2
-        ),
-        timeout=TIMEOUT,
-    )
-    assert len(reply.sequences) == 2
-    assert "Paris" in reply.sequences[0].text
-    assert reply.sequences[0].text != reply.sequences[1].text
+    check_beam_search_returns_the_best_beams(onnx_stub)
 
 
 def test_onnx_backend_cancelled_stream_leaves_the_batch(

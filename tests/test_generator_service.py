@@ -150,6 +150,10 @@ def test_num_return_sequences_returns_that_many_sequences(
 
 
 def test_beam_search_returns_the_best_beams(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
+    check_beam_search_returns_the_best_beams(stub)
+
+
+def check_beam_search_returns_the_best_beams(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     reply = stub.Generate(
         generation_pb2.GenerateRequest(
             messages=FRANCE, max_new_tokens=20, num_beams=3, num_return_sequences=2

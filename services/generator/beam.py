@@ -73,12 +73,11 @@ def beam_search(runner: Runner, prompt_ids: Sequence[int], settings: BeamSetting
         done = (
             len(finished) >= width and max(next_scores, default=-float("inf")) / (step + 1) <= finished[-1][0]
         )
-        if done or not next_beams or step == settings.max_new_tokens - 1:
-            beams, scores = next_beams, torch.tensor(next_scores)
+        beams, scores = next_beams, torch.tensor(next_scores)
+        if done or not beams or step == settings.max_new_tokens - 1:
             break
         state = runner.select(state, origins)
-        logits = runner.decode(state, torch.tensor([b[-1] for b in next_beams], dtype=torch.long))
-        beams, scores = next_beams, torch.tensor(next_scores)
+        logits = runner.decode(state, torch.tensor([b[-1] for b in beams], dtype=torch.long))
     if not done:
         finished += [(float(s) / max(1, len(b)), b) for s, b in zip(scores.tolist(), beams, strict=True)]
     finished.sort(key=lambda item: -item[0])

@@ -2,7 +2,8 @@
 llama-cpp-python is importable), measured in one run so that the ratios are comparable.
 
     .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
-    .venv/bin/python bench/bench_generator.py --backend onnx       # the ONNX Runtime backend, int8
+    .venv/bin/python bench/bench_generator.py --versus-torch       # and the torch backend's service
+    .venv/bin/python bench/bench_generator.py --backend onnx --onnx-precision int8
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
 
 Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights
@@ -21,6 +22,7 @@ import importlib.util
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import grpc.aio  # noqa: E402
 import torch  # noqa: E402
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
 
-from services.generator.loader import LoadSpec, hf_folder, load, locate  # noqa: E402
+from services.generator.loader import LoadSpec, hf_folder, load, locate, resolve_backend  # noqa: E402
 from services.generator.onnx_runner import build_onnx_model  # noqa: E402
 from tests.fixtures_generator import start_generator  # noqa: E402
 
@@ -169,6 +171,16 @@ def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict
         llama.llama_model_free(model)
 
 
+def serve(server_args: list[str], levels: list[int], new_tokens: int) -> dict[int, tuple[float, float]]:
+    """Start the service with `server_args` and measure each stream count against it."""
+    service = start_generator(server_args)
+    try:
+        asyncio.run(over_grpc(service.address, 2, 8))  # warm-up
+        return {n: asyncio.run(over_grpc(service.address, n, new_tokens)) for n in levels}
+    finally:
+        service.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,8 +188,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated stream counts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    parser.add_argument("--onnx-precision", default="int8", choices=["int8", "int4", "fp32"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--onnx-precision", default="fp32", choices=["fp32", "int8", "int4"])
+    parser.add_argument(
+        "--versus-torch",
+        action="store_true",
+        help="also serve with --backend torch (same --dtype) and print the ratio of the two services",
+    )
     parser.add_argument("--server-args", default="", help="extra generator flags, space-separated")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -193,7 +210,8 @@ def main() -> None:
         backend=args.backend,
         onnx_precision=args.onnx_precision,
     )
-    loaded = load(spec)
+    backend = resolve_backend(spec)
+    loaded = load(replace(spec, backend=backend))
     ids = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True,
@@ -201,10 +219,10 @@ def main() -> None:
         return_dict=True,
     )["input_ids"]
     print(
-        f"model {loaded.model_id}, backend {args.backend}, weights {loaded.precision}, "
+        f"model {loaded.model_id}, backend {backend}, weights {loaded.precision}, "
         f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens"
     )
-    if args.backend == "onnx":
+    if backend == "onnx":
         folder, gguf, _ = locate(spec.model, spec.gguf_file)
         # load() exported it already; this returns the cached folder.
         exported = build_onnx_model(hf_folder(spec, folder, gguf), args.onnx_precision, spec.cache_dir)
@@ -215,17 +233,15 @@ def main() -> None:
     else:
         in_process(loaded.model, ids, 1, 4)  # warm-up
         baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
-        server_args = ["--dtype", args.dtype]
+        server_args = ["--backend", "torch", "--dtype", args.dtype]
     llama_levels = sorted({*levels, 8})  # llama.cpp's best aggregate was at 8 streams
     llama = llama_cpp(ids[0].tolist(), llama_levels, new_tokens)
     del loaded
 
-    service = start_generator([*server_args, *args.server_args.split()])
-    try:
-        asyncio.run(over_grpc(service.address, 2, 8))  # warm-up
-        served = {n: asyncio.run(over_grpc(service.address, n, new_tokens)) for n in levels}
-    finally:
-        service.stop()
+    served = serve([*server_args, *args.server_args.split()], levels, new_tokens)
+    versus = None
+    if args.versus_torch and backend != "torch":
+        versus = serve(["--backend", "torch", "--dtype", args.dtype], levels, new_tokens)
 
     print(
         f"\n{'streams':>7} | {'gRPC tok/s':>10} | {'in-process tok/s':>16} | "
@@ -234,6 +250,10 @@ def main() -> None:
     for n in levels:
         rate, ttft = served[n]
         print(f"{n:>7} | {rate:>10.1f} | {baseline[n]:>16.1f} | {rate / baseline[n]:>5.2f} | {ttft:>13.3f}")
+    if versus is not None:
+        print(f"\n{'streams':>7} | {'torch gRPC tok/s':>16} | {backend + ' / torch':>12}")
+        for n in levels:
+            print(f"{n:>7} | {versus[n][0]:>16.1f} | {served[n][0] / versus[n][0]:>12.2f}")
     if llama is None:
         print("\nllama.cpp: llama-cpp-python is not installed; skipped")
     else:

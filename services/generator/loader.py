@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -36,8 +37,8 @@ class LoadSpec:
     quantization: str = "none"
     attn_implementation: str = "sdpa"
     single_row_gemv: bool = True
-    backend: str = "torch"
-    onnx_precision: str = "int8"
+    backend: str = "auto"
+    onnx_precision: str = "fp32"
     threads: int = 0
 
 
@@ -268,8 +269,39 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
     return LoadedModel(runner, tokenizer, model_id, source, spec.onnx_precision, "cpu")
 
 
+# The architectures whose onnxruntime-genai export this project's ONNX runner is tested with;
+# `--backend onnx` tries any other one the builder knows.
+ONNX_AUTO_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+
+def resolve_backend(spec: LoadSpec) -> str:
+    """`auto`: ONNX Runtime where it computes what transformers would in float32, only faster (a
+    CPU without fast bf16, no torch-only option, a tested architecture); torch everywhere else."""
+    if spec.backend != "auto":
+        return spec.backend
+    device = resolve_device(spec.device)
+    if (
+        device.type != "cpu"
+        or resolve_dtype(spec.dtype, device) != torch.float32
+        or spec.quantization != "none"
+        or spec.attn_implementation != "sdpa"
+        or any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnxruntime_genai"))
+    ):
+        return "torch"
+    folder, gguf, _ = locate(spec.model, spec.gguf_file)
+    try:
+        config = json.loads((hf_folder(spec, folder, gguf) / "config.json").read_text())
+    except (OSError, ValueError, ModelLoadError):
+        return "torch"
+    architectures = set(config.get("architectures") or [])
+    return "onnx" if architectures & ONNX_AUTO_ARCHITECTURES else "torch"
+
+
 def load(spec: LoadSpec) -> LoadedModel:
-    return _load_onnx(spec) if spec.backend == "onnx" else _load_torch(spec)
+    backend = resolve_backend(spec)
+    if spec.backend == "auto":
+        log.info("--backend auto: %s", backend)
+    return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
 
 
 def _load_torch(spec: LoadSpec) -> LoadedModel:

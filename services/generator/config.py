@@ -50,9 +50,10 @@ class GeneratorConfig:
         metadata={
             "help": "model runtime: torch (transformers: any model, CUDA, bitsandbytes, bf16) or onnx "
             "(ONNX Runtime on a CPU, the model exported once by onnxruntime-genai into --cache-dir; "
-            "at fp32 the same numerics as torch fp32, 2.5x faster on one stream and 1.6x at 32 on an "
-            "AVX2 CPU). auto: onnx on a CPU where --dtype resolves to float32 (no AVX-512 BF16/AMX), "
-            "with no --quantization or other --attn-implementation and a Llama-architecture model; "
+            "at fp32 the same computation as torch fp32 up to summation order, 3.2x faster on one "
+            "stream and 1.8x at 32 streams on an AVX2 CPU). auto: onnx on a CPU where --dtype "
+            "resolves to float32 (no AVX-512 BF16/AMX), with no --quantization or other "
+            "--attn-implementation and a Llama-architecture model; "
             "torch otherwise"
         },
     )
@@ -60,7 +61,7 @@ class GeneratorConfig:
         default="fp32",
         metadata={
             "help": "ONNX Runtime weights: fp32 (transformers' numerics), int8 (block-wise weights "
-            "and quantized activations: about 1.6x faster on one stream, slower at many; "
+            "and quantized activations: about 1.7x faster on one stream, no faster at 16-32; "
             "llama.cpp-like answers) or int4 (re-quantizing a 4-bit GGUF loses accuracy)"
         },
     )

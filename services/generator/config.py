@@ -53,7 +53,7 @@ class GeneratorConfig:
             "at fp32 the same computation as torch fp32 up to summation order, 3.2x faster on one "
             "stream and 1.8x at 32 streams on an AVX2 CPU). auto: onnx on a CPU where --dtype "
             "resolves to float32 (no AVX-512 BF16/AMX), with no --quantization or other "
-            "--attn-implementation and a Llama-architecture model; "
+            "--attn-implementation and a Llama-architecture model (torch if the export fails); "
             "torch otherwise"
         },
     )

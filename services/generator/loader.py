@@ -301,9 +301,19 @@ def resolve_backend(spec: LoadSpec) -> str:
 
 def load(spec: LoadSpec) -> LoadedModel:
     backend = resolve_backend(spec)
-    if spec.backend == "auto":
-        log.info("--backend auto: %s", backend)
-    return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
+    if spec.backend != "auto":
+        return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
+    log.info("--backend auto: %s", backend)
+    if backend == "onnx":
+        # auto promised a working server, not a runtime: a model the exporter cannot take still
+        # serves, with torch.
+        try:
+            return _load_onnx(spec)
+        except ModelLoadError as error:
+            log.warning(
+                "--backend auto: ONNX Runtime cannot serve this model (%s); loading it with torch", error
+            )
+    return _load_torch(spec)
 
 
 def _load_torch(spec: LoadSpec) -> LoadedModel:
@@ -335,7 +345,7 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(load_from)
-    except (ImportError, RuntimeError, ValueError, NotImplementedError) as error:
+    except (ImportError, OSError, RuntimeError, ValueError, NotImplementedError) as error:
         if spec.quantization != "none":
             raise ModelLoadError(
                 f"cannot load {source} with --quantization {spec.quantization} on {device}: {error}; "

@@ -268,7 +268,9 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
     except OnnxBuildError as error:
         raise ModelLoadError(str(error)) from error
     log.info("loaded %s in %.1f s (ONNX model in %s)", model_id, time.monotonic() - started, onnx_folder)
-    return LoadedModel(runner, tokenizer, model_id, source, spec.onnx_precision, "cpu")
+    # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
+    precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
+    return LoadedModel(runner, tokenizer, model_id, source, precision, "cpu")
 
 
 # The architectures whose onnxruntime-genai export this project's ONNX runner is tested with;

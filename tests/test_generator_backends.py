@@ -6,9 +6,7 @@ cancels like the default one."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -17,6 +15,7 @@ from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from services.generator.loader import LoadSpec, load
 from tests.fixtures_generator import GeneratorService, start_generator
+from tests.test_generator_lifecycle import check_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch
 from tests.test_generator_service import (
     check_a_cancelled_stream_leaves_the_running_batch,
     check_beam_search_returns_the_best_beams,
@@ -99,24 +98,7 @@ def test_other_backend_streams_the_unary_text(other_stub: generation_pb2_grpc.Ge
 def test_other_backend_samples_the_same_text_alone_and_in_a_busy_batch(
     other_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    request = generation_pb2.GenerateRequest(
-        prompt="Once upon a time, in a small village,",
-        max_new_tokens=32,
-        temperature=0.9,
-        top_p=0.95,
-        seed=77,
-    )
-    alone = other_stub.Generate(request, timeout=TIMEOUT).generated_text
-    others = [
-        generation_pb2.GenerateRequest(prompt=f"My favourite food number {i} is", max_new_tokens=48, seed=i)
-        for i in range(4)
-    ]
-    with ThreadPoolExecutor(5) as pool:
-        busy = [pool.submit(other_stub.Generate, other, timeout=TIMEOUT) for other in others]
-        time.sleep(0.3)
-        in_batch = pool.submit(other_stub.Generate, request, timeout=TIMEOUT)
-        assert in_batch.result().generated_text == alone
-        assert all(f.result().generated_text for f in busy)
+    check_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(other_stub, busy_requests=4)
 
 
 def test_other_backend_beam_search_returns_distinct_best_beams(

@@ -60,18 +60,26 @@ def seeded(prompt: str, seed: int, max_new_tokens: int = 24) -> generation_pb2.G
 def test_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(
     small_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
+    check_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(small_stub)
+
+
+def check_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(
+    stub: generation_pb2_grpc.GenerationServiceStub, busy_requests: int = 3
+) -> None:
     request = seeded("Once upon a time, in a small village,", seed=1234)
-    alone = small_stub.Generate(request, timeout=TIMEOUT).generated_text
-    again = small_stub.Generate(request, timeout=TIMEOUT).generated_text
+    alone = stub.Generate(request, timeout=TIMEOUT).generated_text
+    again = stub.Generate(request, timeout=TIMEOUT).generated_text
     assert alone == again
-    others = [seeded(f"My favourite food number {i} is", seed=i, max_new_tokens=40) for i in range(3)]
-    with ThreadPoolExecutor(4) as pool:
-        busy = [pool.submit(small_stub.Generate, other, timeout=TIMEOUT) for other in others]
+    others = [
+        seeded(f"My favourite food number {i} is", seed=i, max_new_tokens=40) for i in range(busy_requests)
+    ]
+    with ThreadPoolExecutor(busy_requests + 1) as pool:
+        busy = [pool.submit(stub.Generate, other, timeout=TIMEOUT) for other in others]
         time.sleep(0.3)  # the seeded request joins a batch that is already decoding
-        in_batch = pool.submit(small_stub.Generate, request, timeout=TIMEOUT)
+        in_batch = pool.submit(stub.Generate, request, timeout=TIMEOUT)
         assert in_batch.result().generated_text == alone
         assert all(f.result().generated_text for f in busy)
-    different = small_stub.Generate(seeded("Once upon a time, in a small village,", seed=99), timeout=TIMEOUT)
+    different = stub.Generate(seeded("Once upon a time, in a small village,", seed=99), timeout=TIMEOUT)
     assert different.generated_text != alone
 
 

@@ -208,6 +208,13 @@ def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
     return target
 
 
+def _missing_onnx_package() -> str:
+    """The first package the ONNX backend needs that is not installed, or ""."""
+    return next(
+        (name for name in ("onnxruntime", "onnxruntime_genai") if importlib.util.find_spec(name) is None), ""
+    )
+
+
 def _check_onnx(spec: LoadSpec) -> None:
     if spec.device not in ("auto", "cpu"):
         raise ModelLoadError(
@@ -218,9 +225,9 @@ def _check_onnx(spec: LoadSpec) -> None:
             f"--quantization {spec.quantization} is bitsandbytes, for --backend torch; --backend onnx "
             "quantizes with --onnx-precision"
         )
-    for name in ("onnxruntime", "onnxruntime_genai"):
-        if importlib.util.find_spec(name) is None:
-            raise ModelLoadError(f"--backend onnx needs {name}, which is not installed; use --backend torch")
+    missing = _missing_onnx_package()
+    if missing:
+        raise ModelLoadError(f"--backend onnx needs {missing}, which is not installed; use --backend torch")
     if spec.attn_implementation == "flash_attention_2":
         raise ModelLoadError("--attn-implementation flash_attention_2 is for --backend torch on CUDA")
 
@@ -289,7 +296,7 @@ def resolve_backend(spec: LoadSpec) -> str:
         or resolve_dtype(spec.dtype, device) != torch.float32
         or spec.quantization != "none"
         or spec.attn_implementation != "sdpa"
-        or any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnxruntime_genai"))
+        or _missing_onnx_package()
     ):
         return "torch"
     folder, gguf, _ = locate(spec.model, spec.gguf_file)

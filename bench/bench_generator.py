@@ -10,8 +10,11 @@ Rows: single-stream tokens/s over gRPC vs in-process generation of the same mode
 (transformers `generate` for --backend torch, onnxruntime-genai's own generator on the same
 exported model for --backend onnx); N concurrent streams' aggregate tokens/s vs an in-process
 static batch of N; llama.cpp's aggregate on the same GGUF with all cores, through its batch API,
-at the same stream counts and at 8 (its best here in earlier runs). The service is started as its
-own process, as in production. Not a test.
+at the same stream counts and at 8 (its best here in earlier runs). Every stream asks for a story
+of its own (the service and llama.cpp get the same prompts, which share the chat template's
+system prompt; each reuses that shared prefix: the service through its prefix cache, llama.cpp
+by copying it between sequences); the in-process static batches repeat one prompt of the same
+form. The service is started as its own process, as in production. Not a test.
 """
 
 from __future__ import annotations
@@ -40,14 +43,56 @@ from services.generator.loader import LoadSpec, hf_folder, load, locate, resolve
 from services.generator.onnx_runner import build_onnx_model  # noqa: E402
 from tests.fixtures_generator import start_generator  # noqa: E402
 
-PROMPT = (
-    "Write a long, detailed story about a young engineer who builds a clockwork dragon in a small "
-    "mountain village, and about what happens when the dragon wakes up."
+# Every stream asks for its own story, as the users of a chat service do: the prompts share the
+# chat template's system prompt and the instruction's first words, and differ from the subject on.
+SUBJECTS = (
+    "a young engineer who builds a clockwork dragon",
+    "an old fisherman who finds a talking pearl",
+    "a librarian who discovers a map inside a returned book",
+    "a baker whose bread makes people tell the truth",
+    "two rival astronomers who spot the same comet",
+    "a shepherd who teaches her dog to read the stars",
+    "a retired pilot who restores a seaplane",
+    "a botanist who grows a tree that sings at night",
+    "a courier who delivers letters to the wrong century",
+    "a glassblower who traps a storm in a bottle",
+    "a tailor who sews a coat that makes its wearer invisible",
+    "a lighthouse keeper who receives messages in morse code",
+    "a chess player who can see three moves into the future",
+    "a miner who finds a city made of crystal",
+    "a violinist whose music calms wild animals",
+    "a cartographer who maps a forest that keeps moving",
+    "a beekeeper whose bees build a castle of wax",
+    "a potter who shapes clay that remembers faces",
+    "a train conductor on a railway that never ends",
+    "a painter whose portraits speak at midnight",
+    "a blacksmith who forges a key for every door",
+    "a diver who finds a garden at the bottom of the sea",
+    "a farmer whose scarecrow comes to life in winter",
+    "a clockmaker who builds a watch that runs backwards",
+    "a translator who learns the language of whales",
+    "a gardener who plants seeds from another planet",
+    "a detective who solves crimes by reading old letters",
+    "a sailor who charts an island that appears once a year",
+    "a weaver whose tapestries show tomorrow's weather",
+    "a mountain guide who meets a lost snow leopard",
+    "a chemist who invents a colour nobody has seen",
+    "a puppeteer whose puppets escape during a show",
 )
+PLACES = ("in a small mountain village", "in a busy harbour town", "in a quiet desert oasis")
+
+
+def prompts_for(first: int, count: int) -> list[str]:
+    """`count` distinct prompts, numbered from `first` (each level of the run asks new ones)."""
+    return [
+        f"Write a long, detailed story about {SUBJECTS[k % len(SUBJECTS)]} "
+        f"{PLACES[k // len(SUBJECTS) % len(PLACES)]}, and about what happens next."
+        for k in range(first, first + count)
+    ]
 
 
 def in_process(model: Any, ids: torch.Tensor, batch: int, new_tokens: int) -> float:
-    """Aggregate tokens/s of `generate` on a static batch of identical prompts (greedy)."""
+    """Aggregate tokens/s of `generate` on a static batch of one prompt repeated (greedy)."""
     inputs = ids.repeat(batch, 1)
     with torch.inference_mode():
         started = time.perf_counter()
@@ -63,16 +108,16 @@ def in_process(model: Any, ids: torch.Tensor, batch: int, new_tokens: int) -> fl
     return batch * new_tokens / elapsed
 
 
-async def over_grpc(address: str, streams: int, new_tokens: int) -> tuple[float, float]:
-    """(aggregate tokens/s, median time to first token) of `streams` concurrent greedy streams."""
-    messages = [common_pb2.ChatMessage(role="user", content=PROMPT)]
+async def over_grpc(address: str, prompts: list[str], new_tokens: int) -> tuple[float, float]:
+    """(aggregate tokens/s, median time to first token) of one concurrent greedy stream per prompt."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
 
-        async def one() -> tuple[int, float]:
+        async def one(prompt: str) -> tuple[int, float]:
             started = time.perf_counter()
             first = 0.0
             count = 0
+            messages = [common_pb2.ChatMessage(role="user", content=prompt)]
             request = generation_pb2.GenerateStreamRequest(messages=messages, max_new_tokens=new_tokens)
             async for _ in stub.GenerateStream(request, timeout=600):
                 if not first:
@@ -81,7 +126,7 @@ async def over_grpc(address: str, streams: int, new_tokens: int) -> tuple[float,
             return count, first
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(one() for _ in range(streams)))
+        results = await asyncio.gather(*(one(p) for p in prompts))
         elapsed = time.perf_counter() - started
     firsts = sorted(f for _, f in results)
     return sum(c for c, _ in results) / elapsed, firsts[len(firsts) // 2]
@@ -105,13 +150,27 @@ def onnx_in_process(folder: Path, ids: list[int], batch: int, new_tokens: int) -
     return batch * steps / (time.perf_counter() - started)
 
 
-def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict[int, float] | None:
-    """llama.cpp's aggregate tokens/s for each batch size, or None without llama-cpp-python.
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (at most the shortest one's length less one)."""
+    shortest = min(len(p) for p in prompts)
+    for position in range(shortest - 1):
+        if len({p[position] for p in prompts}) > 1:
+            return position
+    return shortest - 1
 
-    Driven through llama.cpp's own batch API (one sequence id per stream, each prompt prefilled
-    in the first batch, greedy argmax over the logits), the way llama.cpp's `batched` example and
-    its server decode many sequences; llama-cpp-python's `generate` decodes one sequence only and
-    adds its Python sampler to every token.
+
+def llama_cpp(
+    warm_up: list[list[int]], prompts: dict[int, list[list[int]]], new_tokens: int
+) -> dict[str, dict[int, float]] | None:
+    """llama.cpp's aggregate tokens/s for each stream count, with every prompt prefilled in full
+    and with their shared prefix prefilled once, or None without llama-cpp-python.
+
+    Driven through llama.cpp's own batch API (one sequence id per stream, greedy argmax over the
+    logits), the way llama.cpp's `batched` example and its server decode many sequences;
+    llama-cpp-python's `generate` decodes one sequence only and adds its Python sampler to every
+    token. Either every prompt goes into the first batch whole, or the prefix all prompts share is
+    prefilled once and copied to every sequence (as the service's prefix cache reuses it, and as
+    llama.cpp's server reuses a slot's previous prompt) and the rests go into the first batch.
     """
     if importlib.util.find_spec("llama_cpp") is None:
         return None
@@ -125,17 +184,19 @@ def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict
     model_params = llama.llama_model_default_params()
     model = llama.llama_model_load_from_file(str(Path(folder) / gguf).encode(), model_params)
     vocab_size = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
-    prompt = len(prompt_ids)
 
-    def aggregate(streams: int) -> float:
+    def aggregate(prompts: list[list[int]], share: bool) -> float:
+        streams = len(prompts)
+        shared = shared_prefix(prompts) if share and streams > 1 else 0
+        rest = sum(len(p) - shared for p in prompts)
         params = llama.llama_context_default_params()
         params.n_seq_max = streams
         # llama.cpp splits the context evenly between sequences, in multiples of 256.
-        params.n_ctx = streams * 256 * -(-(prompt + new_tokens) // 256)
-        params.n_batch = params.n_ubatch = max(streams * prompt, 512)
+        params.n_ctx = streams * 256 * -(-(max(len(p) for p in prompts) + new_tokens) // 256)
+        params.n_batch = params.n_ubatch = max(rest, shared, 512)
         params.n_threads = params.n_threads_batch = threads
         context = llama.llama_init_from_model(model, params)
-        batch = llama.llama_batch_init(streams * prompt, 0, 1)
+        batch = llama.llama_batch_init(max(rest, shared, streams), 0, 1)
 
         def put(index: int, token: int, position: int, sequence: int, logits: bool) -> None:
             batch.token[index] = token
@@ -144,21 +205,35 @@ def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict
             batch.seq_id[index][0] = sequence
             batch.logits[index] = logits
 
+        def decode() -> None:
+            if llama.llama_decode(context, batch) != 0:
+                raise RuntimeError(f"llama_decode failed with {streams} sequences")
+
         try:
             started = time.perf_counter()
-            for sequence in range(streams):
-                for position, token in enumerate(prompt_ids):
-                    put(sequence * prompt + position, token, position, sequence, position == prompt - 1)
-            batch.n_tokens = streams * prompt
-            rows = [sequence * prompt + prompt - 1 for sequence in range(streams)]
+            if shared:
+                for position in range(shared):
+                    put(position, prompts[0][position], position, 0, False)
+                batch.n_tokens = shared
+                decode()
+                memory = llama.llama_get_memory(context)
+                for sequence in range(1, streams):
+                    llama.llama_memory_seq_cp(memory, 0, sequence, -1, -1)
+            rows = []
+            index = 0
+            for sequence, prompt in enumerate(prompts):
+                for position in range(shared, len(prompt)):
+                    put(index, prompt[position], position, sequence, position == len(prompt) - 1)
+                    index += 1
+                rows.append(index - 1)
+            batch.n_tokens = index
             for step in range(new_tokens):
-                if llama.llama_decode(context, batch) != 0:
-                    raise RuntimeError(f"llama_decode failed at batch size {streams}")
+                decode()
                 for sequence, row in enumerate(rows):
                     logits = np.ctypeslib.as_array(
                         llama.llama_get_logits_ith(context, row), shape=(vocab_size,)
                     )
-                    put(sequence, int(logits.argmax()), prompt + step, sequence, True)
+                    put(sequence, int(logits.argmax()), len(prompts[sequence]) + step, sequence, True)
                 batch.n_tokens = streams
                 rows = list(range(streams))
             return streams * new_tokens / (time.perf_counter() - started)
@@ -167,18 +242,23 @@ def llama_cpp(prompt_ids: list[int], levels: list[int], new_tokens: int) -> dict
             llama.llama_free(context)
 
     try:
-        aggregate(2)  # warm-up
-        return {streams: aggregate(streams) for streams in levels}
+        aggregate(warm_up, True)
+        return {
+            label: {streams: aggregate(prompts[streams], share) for streams in sorted(prompts)}
+            for label, share in (("every prompt in full", False), ("shared prefix once", True))
+        }
     finally:
         llama.llama_model_free(model)
 
 
-def serve(server_args: list[str], levels: list[int], new_tokens: int) -> dict[int, tuple[float, float]]:
+def serve(
+    server_args: list[str], warm_up: list[str], prompts: dict[int, list[str]], new_tokens: int
+) -> dict[int, tuple[float, float]]:
     """Start the service with `server_args` and measure each stream count against it."""
     service = start_generator(server_args)
     try:
-        asyncio.run(over_grpc(service.address, 2, 8))  # warm-up
-        return {n: asyncio.run(over_grpc(service.address, n, new_tokens)) for n in levels}
+        asyncio.run(over_grpc(service.address, warm_up, 8))
+        return {n: asyncio.run(over_grpc(service.address, prompts[n], new_tokens)) for n in sorted(prompts)}
     finally:
         service.stop()
 
@@ -214,15 +294,28 @@ def main() -> None:
     )
     backend = resolve_backend(spec)
     loaded = load(replace(spec, backend=backend))
-    ids = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    # Each stream count gets prompts of its own, so that no level finds a whole prompt cached.
+    llama_levels = sorted({*levels, 8})  # llama.cpp's best aggregate was at 8 streams
+    warm_up = prompts_for(0, 2)
+    texts: dict[int, list[str]] = {}
+    for n in llama_levels:
+        texts[n] = prompts_for(2 + sum(len(t) for t in texts.values()), n)
+
+    tokenizer = loaded.tokenizer
+
+    def chat_ids(text: str) -> list[int]:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+
+    lengths = [len(chat_ids(t)) for ts in texts.values() for t in ts]
+    shared = shared_prefix([chat_ids(t) for ts in texts.values() for t in ts])
+    ids = torch.tensor([chat_ids(texts[levels[0]][0])])
     print(
-        f"model {loaded.model_id}, backend {backend}, weights {loaded.precision}, "
-        f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens"
+        f"model {loaded.model_id}, backend {backend}, weights {loaded.precision}, prompts "
+        f"{min(lengths)}-{max(lengths)} tokens ({shared} shared by all), in-process baselines "
+        f"{ids.shape[1]} tokens repeated, {new_tokens} new tokens"
     )
     if backend == "onnx":
         folder, gguf, _ = locate(spec.model, spec.gguf_file)
@@ -236,14 +329,18 @@ def main() -> None:
         in_process(loaded.model, ids, 1, 4)  # warm-up
         baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
         server_args = ["--backend", "torch", "--dtype", args.dtype]
-    llama_levels = sorted({*levels, 8})  # llama.cpp's best aggregate was at 8 streams
-    llama = llama_cpp(ids[0].tolist(), llama_levels, new_tokens)
+    llama = llama_cpp(
+        [chat_ids(t) for t in warm_up],
+        {n: [chat_ids(t) for t in ts] for n, ts in texts.items()},
+        new_tokens,
+    )
     del loaded
 
-    served = serve([*server_args, *args.server_args.split()], levels, new_tokens)
+    served_texts = {n: texts[n] for n in levels}
+    served = serve([*server_args, *args.server_args.split()], warm_up, served_texts, new_tokens)
     versus = None
     if args.versus_torch and backend != "torch":
-        versus = serve(["--backend", "torch", "--dtype", args.dtype], levels, new_tokens)
+        versus = serve(["--backend", "torch", "--dtype", args.dtype], warm_up, served_texts, new_tokens)
 
     print(
         f"\n{'streams':>7} | {'gRPC tok/s':>10} | {'in-process tok/s':>16} | "
@@ -259,13 +356,19 @@ def main() -> None:
     if llama is None:
         print("\nllama.cpp: llama-cpp-python is not installed; skipped")
     else:
-        print(f"\nllama.cpp, same GGUF, {os.cpu_count()} threads, its batch API (aggregate tok/s):")
-        print("  " + ", ".join(f"{n} streams {rate:.1f}" for n, rate in llama.items()))
-        best = max(llama, key=lambda n: llama[n])
         print(
-            f"gRPC single stream / llama.cpp single stream = {served[levels[0]][0] / llama[levels[0]]:.2f}; "
-            f"gRPC {levels[-1]} streams / llama.cpp's best aggregate ({best} streams) = "
-            f"{served[levels[-1]][0] / llama[best]:.2f}"
+            f"\nllama.cpp, same GGUF, {os.cpu_count()} threads, its batch API (aggregate tok/s), prefilling"
+        )
+        for label, rates in llama.items():
+            print(f"  {label + ':':<22}" + ", ".join(f"{n} streams {rate:.1f}" for n, rate in rates.items()))
+        label, best = max(
+            ((label, n) for label, rates in llama.items() for n in rates), key=lambda x: llama[x[0]][x[1]]
+        )
+        one = max(rates[levels[0]] for rates in llama.values())
+        print(
+            f"gRPC single stream / llama.cpp's best single stream = {served[levels[0]][0] / one:.2f}; "
+            f"gRPC {levels[-1]} streams / llama.cpp's best aggregate ({best} streams, {label}) = "
+            f"{served[levels[-1]][0] / llama[label][best]:.2f}"
         )
     print("(numbers from one run on a shared machine: compare ratios, not absolute values)")
 

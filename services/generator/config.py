@@ -65,6 +65,15 @@ class GeneratorConfig:
             "llama.cpp-like answers) or int4 (re-quantizing a 4-bit GGUF loses accuracy)"
         },
     )
+    prefix_cache_mib: int = field(
+        default=256,
+        metadata={
+            "help": "ONNX backend: MiB of recent prompts' keys and values kept so that a prompt "
+            "sharing a prefix with one (a system prompt, earlier turns) prefills only the rest; "
+            "same logits as without it. SmolLM2-135M holds 45 KiB per token. 0 disables; the torch "
+            "backend prefills every prompt in full"
+        },
+    )
     otlp_endpoint: str = field(
         default="",
         metadata={
@@ -124,5 +133,8 @@ class GeneratorConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
-        if self.max_model_len < 0 or self.threads < 0 or self.shutdown_grace_seconds < 0:
-            raise ValueError("--max-model-len, --threads and --shutdown-grace-seconds must not be negative")
+        if min(self.max_model_len, self.threads, self.prefix_cache_mib, self.shutdown_grace_seconds) < 0:
+            raise ValueError(
+                "--max-model-len, --threads, --prefix-cache-mib and --shutdown-grace-seconds "
+                "must not be negative"
+            )

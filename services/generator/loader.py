@@ -40,6 +40,7 @@ class LoadSpec:
     backend: str = "auto"
     onnx_precision: str = "fp32"
     threads: int = 0
+    prefix_cache_mib: int = 0
 
 
 @dataclass
@@ -270,11 +271,21 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
         except OSError:
             configured = None
         runner = OnnxRunner(
-            onnx_folder, ModelFacts.of(config, configured, tokenizer), spec.onnx_precision, spec.threads
+            onnx_folder,
+            ModelFacts.of(config, configured, tokenizer),
+            spec.onnx_precision,
+            spec.threads,
+            spec.prefix_cache_mib,
         )
     except OnnxBuildError as error:
         raise ModelLoadError(str(error)) from error
-    log.info("loaded %s in %.1f s (ONNX model in %s)", model_id, time.monotonic() - started, onnx_folder)
+    log.info(
+        "loaded %s in %.1f s (ONNX model in %s; prefix cache %d MiB)",
+        model_id,
+        time.monotonic() - started,
+        onnx_folder,
+        spec.prefix_cache_mib,
+    )
     # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
     precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
     return LoadedModel(runner, tokenizer, model_id, source, precision, "cpu")
@@ -333,6 +344,8 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     _check_options(spec, device)
+    if spec.prefix_cache_mib:
+        log.info("no prefix cache with the torch backend: every prompt is prefilled in full")
     folder, gguf, model_id = locate(spec.model, spec.gguf_file)
     source = str(Path(folder) / gguf) if gguf else folder
     started = time.monotonic()

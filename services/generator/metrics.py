@@ -26,3 +26,9 @@ BATCH_SIZE = Histogram(
     "generator_batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
 )
 PROMPT_LENGTH = Histogram("generator_prompt_length_tokens", "Prompt length per request", buckets=_TOKENS)
+PREFIX_CACHE_QUERIED_TOKENS = Counter(
+    "generator_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"
+)
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "generator_prefix_cache_hit_tokens", "Prompt tokens whose keys and values came from the prefix cache"
+)

@@ -101,6 +101,7 @@ async def serve(config: GeneratorConfig) -> int:
         backend=config.backend,
         onnx_precision=config.onnx_precision,
         threads=config.threads,
+        prefix_cache_mib=config.prefix_cache_mib,
     )
     loading = asyncio.ensure_future(asyncio.to_thread(load, spec))
     waiter = asyncio.ensure_future(stopping.wait())

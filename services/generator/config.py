@@ -50,7 +50,7 @@ class GeneratorConfig:
         metadata={
             "help": "model runtime: torch (transformers: any model, CUDA, bitsandbytes, bf16) or onnx "
             "(ONNX Runtime on a CPU, the model exported once by onnxruntime-genai into --cache-dir; "
-            "at fp32 the same computation as torch fp32 up to summation order, 3.2x faster on one "
+            "at fp32 the same computation as torch fp32 up to summation order, 2.5-3.2x faster on one "
             "stream and 1.8x at 32 streams on an AVX2 CPU). auto: onnx on a CPU where --dtype "
             "resolves to float32 (no AVX-512 BF16/AMX), with no --quantization or other "
             "--attn-implementation and a Llama-architecture model (torch if the export fails); "

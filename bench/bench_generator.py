@@ -39,6 +39,7 @@ import grpc.aio  # noqa: E402
 import torch  # noqa: E402
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
 
+from services.generator.engine import chat_prompt_ids  # noqa: E402
 from services.generator.loader import LoadSpec, hf_folder, load, locate, resolve_backend  # noqa: E402
 from services.generator.onnx_runner import build_onnx_model  # noqa: E402
 from tests.fixtures_generator import start_generator  # noqa: E402
@@ -304,10 +305,7 @@ def main() -> None:
     tokenizer = loaded.tokenizer
 
     def chat_ids(text: str) -> list[int]:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+        return chat_prompt_ids(tokenizer, [("user", text)])
 
     lengths = [len(chat_ids(t)) for ts in texts.values() for t in ts]
     shared = shared_prefix([chat_ids(t) for ts in texts.values() for t in ts])

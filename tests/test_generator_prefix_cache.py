@@ -15,6 +15,7 @@ from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
+from services.generator.engine import chat_prompt_ids
 from services.generator.loader import LoadedModel, LoadSpec, hf_folder, load, locate, resolve_backend
 from services.generator.onnx_runner import OnnxBatch, OnnxRunner
 from services.generator.prefix_cache import PrefixCache
@@ -93,10 +94,7 @@ def onnx_model(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
 
 def chat_ids(tokenizer: Any, *turns: str) -> list[int]:
     """The prompt of a conversation that alternates user and assistant turns, ending with a user's."""
-    roles = ["user", "assistant"]
-    conversation = [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
-    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    return [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+    return chat_prompt_ids(tokenizer, [(("user", "assistant")[i % 2], text) for i, text in enumerate(turns)])
 
 
 def greedy_run(
@@ -163,7 +161,7 @@ def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_c
     tokenizer = AutoTokenizer.from_pretrained(hf_folder(spec, folder, gguf))
 
     def ids(*messages: common_pb2.ChatMessage) -> list[int]:
-        return chat_ids(tokenizer, *(m.content for m in messages))
+        return chat_prompt_ids(tokenizer, [(m.role, m.content) for m in messages])
 
     def chat(*messages: common_pb2.ChatMessage) -> tuple[str, float, float]:
         port = generator_service.metrics_port

@@ -34,6 +34,15 @@ FinishReason = Literal["length", "eos", "stop"]
 PROMPT_CONTEXT_IDS = 4
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """The prompt of (role, content) messages through the model's chat template, ready to answer."""
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    # A dict (BatchEncoding) in recent transformers, a list of ids in older ones.
+    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
+
+
 class EngineError(Exception):
     """A request the engine refuses; the service maps each kind to a status code."""
 
@@ -256,10 +265,7 @@ class Engine:
         return ids
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        conversation = [{"role": role, "content": content} for role, content in messages]
-        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        return [int(i) for i in ids]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     # ----- admission -----
 

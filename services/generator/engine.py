@@ -574,7 +574,9 @@ class Engine:
         if not alive:
             return
         keep = torch.tensor(alive, dtype=torch.long)
-        state = self.runner.select(state, [origin[i] for i in alive])
+        picked = [origin[i] for i in alive]
+        if picked != list(range(len(joiners))):  # else every prompt's one row joins, in order
+            state = self.runner.select(state, picked)
         new_rows = [rows[i] for i in alive]
         new_last = tokens.index_select(0, keep)
         new_presence = presence.index_select(0, keep) if presence is not None else None

@@ -200,7 +200,8 @@ class OnnxRunner:
                 [v[row : row + 1] for v in batch.values],
                 batch.lengths[row : row + 1],
             )
-            cached, entry = self.prefix_cache.longest_prefix(prompt) if self.prefix_cache else (0, None)
+            cache = self.prefix_cache
+            cached, entry = cache.longest_prefix(prompt) if cache is not None else (0, None)
             if entry is not None:
                 # The attention op appends the rest after these positions, as a decode step appends one.
                 for buffers, held in ((state.keys, entry.keys), (state.values, entry.values)):
@@ -209,8 +210,8 @@ class OnnxRunner:
             ids = np.asarray([list(prompt[cached:])], dtype=np.int64)
             logits.append(self._run(state, ids, np.ones((1, len(prompt)), np.int64)))
             batch.lengths[row] = len(prompt)
-            if self.prefix_cache is not None:
-                self.prefix_cache.add(prompt, [k[0] for k in state.keys], [v[0] for v in state.values])
+            if cache is not None:
+                cache.add(prompt, [k[0] for k in state.keys], [v[0] for v in state.values])
                 metrics.PREFIX_CACHE_QUERIED_TOKENS.inc(len(prompt))
                 metrics.PREFIX_CACHE_HIT_TOKENS.inc(cached)
         return torch.from_numpy(np.concatenate(logits)), batch
@@ -241,8 +242,6 @@ class OnnxRunner:
         state.bound = None
 
     def select(self, state: OnnxBatch, rows: Sequence[int]) -> OnnxBatch:
-        if list(rows) == list(range(len(state.lengths))):
-            return state  # every row, in order: a newly prefilled batch that all joins
         index = np.asarray(list(rows), dtype=np.int64)
         lengths = state.lengths[index]
         # Keep the buffers no longer than the longest surviving row needs.
@@ -257,10 +256,7 @@ class OnnxRunner:
         return selected
 
     def merge(self, first: OnnxBatch, second: OnnxBatch) -> OnnxBatch:
-        return self._concat([first, second])
-
-    def _concat(self, states: Sequence[OnnxBatch]) -> OnnxBatch:
-        """The live rows of every state, in order, in one set of buffers (each row copied once)."""
+        states = (first, second)
         capacity = max(state.capacity for state in states)
         merged = self._empty(sum(len(state.lengths) for state in states), capacity, self.min_decode_rows)
         start = 0

@@ -20,7 +20,7 @@ import numpy as np
 
 @dataclass
 class CachedPrefix:
-    tokens: np.ndarray  # int64 [n]
+    tokens: tuple[int, ...]
     keys: list[np.ndarray]  # per layer [kv_heads, n, head_dim]
     values: list[np.ndarray]
 
@@ -90,7 +90,7 @@ class PrefixCache:
             for entry_id in list(node.enders):
                 self._drop(entry_id)
         entry = CachedPrefix(
-            np.asarray(prompt, dtype=np.int64),
+            tuple(int(t) for t in prompt),
             [k[:, :n].copy() for k in keys],
             [v[:, :n].copy() for v in values],
         )
@@ -111,7 +111,7 @@ class PrefixCache:
         entry = self._entries.pop(entry_id)
         self.nbytes -= entry.nbytes
         node = self._root
-        for token in entry.tokens.tolist():
+        for token in entry.tokens:
             child = node.children[token]
             child.holders.discard(entry_id)
             if not child.holders:

@@ -41,6 +41,7 @@ class LoadSpec:
     onnx_precision: str = "fp32"
     threads: int = 0
     prefix_cache_mib: int = 0
+    decode_kernel: str = "auto"
 
 
 @dataclass
@@ -257,6 +258,11 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
     from services.generator.onnx_runner import OnnxBuildError, OnnxRunner, build_onnx_model
 
     _check_onnx(spec)
+    if spec.decode_kernel == "gguf" and (spec.onnx_precision != "fp32" or not _gguf_of(spec)):
+        raise ModelLoadError(
+            "--decode-kernel gguf decodes from a GGUF model's own blocks at --onnx-precision fp32; "
+            "use --decode-kernel onnx (or auto) for this model"
+        )
     folder, gguf, model_id = locate(spec.model, spec.gguf_file)
     source = str(Path(folder) / gguf) if gguf else folder
     started = time.monotonic()
@@ -276,19 +282,43 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
             spec.onnx_precision,
             spec.threads,
             spec.prefix_cache_mib,
+            _gguf_decoder(spec, Path(folder) / gguf, config.to_dict(), onnx_folder) if gguf else None,
         )
     except OnnxBuildError as error:
         raise ModelLoadError(str(error)) from error
     log.info(
-        "loaded %s in %.1f s (ONNX model in %s; prefix cache %d MiB)",
+        "loaded %s in %.1f s (ONNX model in %s; prefix cache %d MiB; decoding with %s)",
         model_id,
         time.monotonic() - started,
         onnx_folder,
         spec.prefix_cache_mib,
+        "the GGUF blocks" if runner.decoder is not None else "ONNX Runtime",
     )
     # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
     precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
     return LoadedModel(runner, tokenizer, model_id, source, precision, "cpu")
+
+
+def _gguf_of(spec: LoadSpec) -> str:
+    return locate(spec.model, spec.gguf_file)[1]
+
+
+def _gguf_decoder(spec: LoadSpec, gguf: Path, config: dict[str, Any], onnx_folder: Path) -> Any:
+    """The GGUF block decoder for --decode-kernel gguf or auto, or None (onnx, or auto where it
+    cannot run here, which is logged)."""
+    from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder, rotary_tables
+
+    if spec.decode_kernel == "onnx" or spec.onnx_precision != "fp32":
+        return None
+    try:
+        return GgufDecoder(gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads)
+    except DecoderUnavailable as error:
+        if spec.decode_kernel == "gguf":
+            raise ModelLoadError(
+                f"--decode-kernel gguf cannot run: {error}; use --decode-kernel onnx"
+            ) from error
+        log.info("--decode-kernel auto: decoding with ONNX Runtime (the GGUF decoder cannot run: %s)", error)
+        return None
 
 
 # The architectures whose onnxruntime-genai export this project's ONNX runner is tested with;
@@ -344,6 +374,10 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     _check_options(spec, device)
+    if spec.decode_kernel == "gguf":
+        raise ModelLoadError(
+            "--decode-kernel gguf decodes for the ONNX runner; use --backend onnx, or --decode-kernel auto"
+        )
     if spec.prefix_cache_mib:
         log.info("no prefix cache with the torch backend: every prompt is prefilled in full")
     folder, gguf, model_id = locate(spec.model, spec.gguf_file)

@@ -14,7 +14,11 @@ prefilled one by one, each on its own row, after the keys and values of the long
 prefix cache holds for it. The attention op reads and writes that buffer in place (past and
 present share it), so a decode step copies no cache; the mask tells the op each row's length and
 the position of its new token. Rows past the live ones are scratch: they decode a pad token at
-position 0 and are never read."""
+position 0 and are never read.
+
+At fp32 on a GGUF model, decode steps are taken by the GGUF block decoder (gguf_decoder.py) where it
+can run: the same weights, read from the file's 4-bit blocks, into the same buffers; prompts still
+prefill here."""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import torch
 
 from services.generator import metrics
 from services.generator.beam import beam_search
+from services.generator.gguf_decoder import GgufDecoder
 from services.generator.prefix_cache import PrefixCache
 from services.generator.runner import BeamSettings, ModelFacts
 
@@ -132,7 +137,13 @@ class OnnxRunner:
     backend = "onnx"
 
     def __init__(
-        self, folder: Path, facts: ModelFacts, precision: str, threads: int = 0, prefix_cache_mib: int = 0
+        self,
+        folder: Path,
+        facts: ModelFacts,
+        precision: str,
+        threads: int = 0,
+        prefix_cache_mib: int = 0,
+        decoder: GgufDecoder | None = None,
     ) -> None:
         import onnxruntime as ort  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
@@ -142,6 +153,7 @@ class OnnxRunner:
         self.head_size = int(config["head_size"])
         self.facts = facts
         self.min_decode_rows = MIN_DECODE_ROWS[precision]
+        self.decoder = decoder
         self.prefix_cache = (
             PrefixCache(prefix_cache_mib << 20, PREFIX_FRESH_TOKENS) if prefix_cache_mib else None
         )
@@ -224,6 +236,10 @@ class OnnxRunner:
             # Grown by half at least, so that a long generation copies its cache a few times only.
             capacity = max(total + HEADROOM, state.capacity * 3 // 2) if grow else state.capacity
             self._reshape(state, max(state.buffer_rows, self.min_decode_rows), capacity)
+        if self.decoder is not None:
+            logits = self.decoder.decode(state.keys, state.values, state.lengths, tokens.numpy())
+            state.lengths += 1
+            return torch.from_numpy(logits)
         lengths = np.zeros(state.buffer_rows, np.int64)
         lengths[:rows] = state.lengths
         ids = np.zeros((state.buffer_rows, 1), np.int64)

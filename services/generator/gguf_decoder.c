@@ -1,0 +1,339 @@
+/* One decode step of a Llama-architecture model whose weights stay in their GGUF blocks (Q4_1 and
+ * Q8_0), dequantized to fp32 inside the registers: the same weights and fp32 activations as the
+ * ONNX fp32 model, with a seventh of its bytes to read per token.
+ *
+ * Every output element is one fused multiply-add chain over the inner dimension, in order, however
+ * many rows the batch has and however the work is split between threads: a row's logits do not
+ * depend on the rows decoded beside it. Built by gguf_decoder.py with the machine's C compiler
+ * (AVX2, FMA, OpenMP); no -ffast-math, which would let the compiler reorder those chains. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1 };
+#define BLOCK 32   /* weights per GGUF block, along the inner dimension */
+#define OCTET 8    /* output rows interleaved in one packed group: one AVX2 vector */
+#define SPAN 8     /* octets one small-batch task accumulates at once (8 vectors) */
+#define TILE_ROWS 5
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define SMALL_BATCH 3
+#define CHUNK 128  /* inputs dequantized at once for a many-row product: 8 KiB of floats */
+
+/* A matrix [n, k] (n outputs, k inputs). Packed in groups of SPAN octets: for each, every block of
+ * the inner dimension holds its SPAN octets one after another; an octet's block is
+ *   Q4_1: 16 x 8 bytes (for inputs 2p and 2p+1, row r's byte holds input 2p's 4-bit value in
+ *         its low half, 2p+1's in its high half), 8 float scales, 8 float minimums
+ *         (w = scale * q + minimum)                                            = 192 bytes
+ *   Q8_0: 32 x 8 signed bytes, 8 float scales (w = scale * q)                   = 288 bytes */
+typedef struct {
+    int kind, n, k;
+    const uint8_t *data;
+} Matrix;
+
+typedef struct {
+    int layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_pos;
+    float eps, scale;
+    const float *cos_cache, *sin_cache; /* [max_pos, head_dim / 2] */
+    Matrix embed;                       /* [vocab, hidden], also the output head */
+    const float *final_norm;
+    Matrix *qkv, *out, *gate_up, *down; /* per layer; qkv and gate_up fused along n */
+    const float **attn_norm, **ffn_norm;
+} Model;
+
+static size_t group_bytes(int kind) { return kind == KIND_Q4_1 ? 192 : 288; }
+
+static const uint8_t *group_at(const Matrix *w, int octet, int block) {
+    size_t blocks = (size_t)(w->k / BLOCK);
+    size_t span = (size_t)(octet / SPAN), within = (size_t)(octet % SPAN);
+    return w->data + ((span * blocks + (size_t)block) * SPAN + within) * group_bytes(w->kind);
+}
+
+/* The weights of one octet at inputs 2p and 2p+1 of a block, as floats: exactly the dequantized
+ * values (scale * q is exact in fp32, so the fused add rounds once, as scale * q + minimum does). */
+ALWAYS_INLINE void weights_q4(const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(group + 8 * pair)));
+    __m256 scale = _mm256_loadu_ps((const float *)(group + 128)), minimum = _mm256_loadu_ps((const float *)(group + 160));
+    *even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15))), scale, minimum);
+    *odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), scale, minimum);
+}
+
+ALWAYS_INLINE void weights_q8(const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
+    __m256 scale = _mm256_loadu_ps((const float *)(group + 256));
+    __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(group + 16 * pair)));
+    __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(group + 16 * pair + 8)));
+    *even = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), scale);
+    *odd = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), scale);
+}
+
+ALWAYS_INLINE void weights_at(int kind, const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
+    if (kind == KIND_Q4_1)
+        weights_q4(group, pair, even, odd);
+    else
+        weights_q8(group, pair, even, odd);
+}
+
+/* y[rows, n] = x[rows, k] . w^T for the SPAN octets from `first`, one row at a time, dequantizing
+ * in registers: a lone row reads each weight once from memory. */
+ALWAYS_INLINE void span_small(int kind, const Matrix *w, const float *x, int rows, float *y, int first) {
+    const int blocks = w->k / BLOCK;
+    const size_t step = group_bytes(kind);
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * w->k;
+        __m256 acc[SPAN];
+        for (int t = 0; t < SPAN; t++) acc[t] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *g = group_at(w, first, b);
+            for (int p = 0; p < BLOCK / 2; p++) {
+                __m256 x0 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p), x1 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p + 1);
+#pragma GCC unroll 8
+                for (int t = 0; t < SPAN; t++) {
+                    __m256 even, odd;
+                    weights_at(kind, g + t * step, p, &even, &odd);
+                    acc[t] = _mm256_fmadd_ps(x1, odd, _mm256_fmadd_ps(x0, even, acc[t]));
+                }
+            }
+        }
+        float *yr = y + (size_t)r * w->n + (size_t)first * OCTET;
+#pragma GCC unroll 8
+        for (int t = 0; t < SPAN; t++) _mm256_storeu_ps(yr + 8 * t, acc[t]);
+    }
+}
+
+/* The same products for many rows: two octets' weights are dequantized CHUNK inputs at a time
+ * into `scratch` ([CHUNK][16] floats, within the L1 cache) and every tile of TILE_ROWS rows
+ * continues its sums from there; between chunks the sums wait in `partial` unchanged, so each is
+ * still one chain in input order. `x` holds whole tiles (rows past `rows` are dropped). */
+ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int rows, float *y, int octet, float *scratch) {
+    const int k = w->k;
+    float *partial = scratch + CHUNK * 16;
+    for (int k0 = 0; k0 < k; k0 += CHUNK) {
+        const int width = k - k0 < CHUNK ? k - k0 : CHUNK;
+        for (int c = 0; c < 2; c++)
+            for (int b = 0; b < width / BLOCK; b++) {
+                const uint8_t *g = group_at(w, octet + c, k0 / BLOCK + b);
+                for (int p = 0; p < BLOCK / 2; p++) {
+                    __m256 even, odd;
+                    weights_at(kind, g, p, &even, &odd);
+                    _mm256_storeu_ps(scratch + (size_t)(b * BLOCK + 2 * p) * 16 + c * 8, even);
+                    _mm256_storeu_ps(scratch + (size_t)(b * BLOCK + 2 * p + 1) * 16 + c * 8, odd);
+                }
+            }
+        for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+            float *sums = partial + (size_t)r0 * 16;
+            __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41;
+            if (k0 == 0) {
+                a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = _mm256_setzero_ps();
+            } else {
+                a00 = _mm256_loadu_ps(sums), a01 = _mm256_loadu_ps(sums + 8);
+                a10 = _mm256_loadu_ps(sums + 16), a11 = _mm256_loadu_ps(sums + 24);
+                a20 = _mm256_loadu_ps(sums + 32), a21 = _mm256_loadu_ps(sums + 40);
+                a30 = _mm256_loadu_ps(sums + 48), a31 = _mm256_loadu_ps(sums + 56);
+                a40 = _mm256_loadu_ps(sums + 64), a41 = _mm256_loadu_ps(sums + 72);
+            }
+            const float *x0 = x + (size_t)r0 * k + k0;
+            for (int i = 0; i < width; i++) {
+                __m256 w0 = _mm256_loadu_ps(scratch + (size_t)i * 16), w1 = _mm256_loadu_ps(scratch + (size_t)i * 16 + 8);
+                __m256 xi = _mm256_broadcast_ss(x0 + i);
+                a00 = _mm256_fmadd_ps(xi, w0, a00);
+                a01 = _mm256_fmadd_ps(xi, w1, a01);
+                xi = _mm256_broadcast_ss(x0 + k + i);
+                a10 = _mm256_fmadd_ps(xi, w0, a10);
+                a11 = _mm256_fmadd_ps(xi, w1, a11);
+                xi = _mm256_broadcast_ss(x0 + 2 * k + i);
+                a20 = _mm256_fmadd_ps(xi, w0, a20);
+                a21 = _mm256_fmadd_ps(xi, w1, a21);
+                xi = _mm256_broadcast_ss(x0 + 3 * k + i);
+                a30 = _mm256_fmadd_ps(xi, w0, a30);
+                a31 = _mm256_fmadd_ps(xi, w1, a31);
+                xi = _mm256_broadcast_ss(x0 + 4 * k + i);
+                a40 = _mm256_fmadd_ps(xi, w0, a40);
+                a41 = _mm256_fmadd_ps(xi, w1, a41);
+            }
+            _mm256_storeu_ps(sums, a00), _mm256_storeu_ps(sums + 8, a01);
+            _mm256_storeu_ps(sums + 16, a10), _mm256_storeu_ps(sums + 24, a11);
+            _mm256_storeu_ps(sums + 32, a20), _mm256_storeu_ps(sums + 40, a21);
+            _mm256_storeu_ps(sums + 48, a30), _mm256_storeu_ps(sums + 56, a31);
+            _mm256_storeu_ps(sums + 64, a40), _mm256_storeu_ps(sums + 72, a41);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *yr = y + (size_t)r * w->n + (size_t)octet * OCTET;
+        _mm256_storeu_ps(yr, _mm256_loadu_ps(partial + (size_t)r * 16));
+        _mm256_storeu_ps(yr + 8, _mm256_loadu_ps(partial + (size_t)r * 16 + 8));
+    }
+}
+
+/* Called inside a parallel region by every thread; the work is split by octets (n is a multiple
+ * of SPAN * OCTET, checked when the weights are packed). */
+static void matmul(const Matrix *w, const float *x, int rows, float *y, float *scratch) {
+    int octets = w->n / OCTET;
+    if (rows <= SMALL_BATCH) {
+#pragma omp for schedule(static)
+        for (int s = 0; s < octets; s += SPAN) {
+            if (w->kind == KIND_Q4_1)
+                span_small(KIND_Q4_1, w, x, rows, y, s);
+            else
+                span_small(KIND_Q8_0, w, x, rows, y, s);
+        }
+    } else {
+#pragma omp for schedule(static)
+        for (int o = 0; o < octets; o += 2) {
+            if (w->kind == KIND_Q4_1)
+                pair_tiled(KIND_Q4_1, w, x, rows, y, o, scratch);
+            else
+                pair_tiled(KIND_Q8_0, w, x, rows, y, o, scratch);
+        }
+    }
+}
+
+/* A thread's scratch for pair_tiled: one chunk of weights and the sums of `padded` rows. */
+static size_t scratch_floats_for(int padded) { return (size_t)(CHUNK + padded) * 16; }
+
+static float dequantized(const Matrix *w, int row, int col) {
+    const uint8_t *g = group_at(w, row / OCTET, col / BLOCK);
+    int r = row % OCTET, i = col % BLOCK;
+    if (w->kind == KIND_Q8_0) return (float)(int8_t)g[8 * i + r] * ((const float *)(g + 256))[r];
+    int q = (g[8 * (i / 2) + r] >> (4 * (i % 2))) & 15;
+    return fmaf((float)q, ((const float *)(g + 128))[r], ((const float *)(g + 160))[r]);
+}
+
+/* x . y over n (a multiple of 8) in 8 lanes, then the lanes in a fixed order. */
+static float dot(const float *x, const float *y, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, acc);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+    return sum;
+}
+
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    float sum = dot(x, x, n);
+    float inverse = 1.0f / sqrtf(sum / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+static void rotate(float *v, const float *cosines, const float *sines, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cosines[i] - b * sines[i];
+        v[i + half] = b * cosines[i] + a * sines[i];
+    }
+}
+
+/* Activations of `rows` rows (padded to whole tiles), then attention weights up to `capacity`. */
+static size_t activation_floats(const Model *m, int rows) {
+    size_t padded = (size_t)((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS);
+    size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
+    size_t widest = (size_t)(m->hidden > m->inter ? m->hidden : m->inter);
+    return padded * ((size_t)m->hidden * 3 + qkv + 2 * (size_t)m->inter + widest);
+}
+
+size_t workspace_floats(const Model *m, int rows, int capacity) {
+    return activation_floats(m, rows) + (size_t)rows * m->heads * capacity;
+}
+
+/* One token for each of `rows` rows: embeds tokens[r] at position lengths[r], appends its keys and
+ * values at that position of the row's cache ([buffer_rows, kv_heads, capacity, head_dim] per
+ * layer, keys then values), attends over positions 0..lengths[r], and writes the next logits
+ * [rows, vocab]. `work` holds workspace_floats(rows, capacity) floats. */
+void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *lengths, float *const *keys,
+            float *const *values, int capacity, float *logits, float *work, int threads) {
+    int padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    int hd = m->head_dim, half = hd / 2, group = m->heads / m->kv_heads;
+    int qkv_width = (m->heads + 2 * m->kv_heads) * hd, widest = m->hidden > m->inter ? m->hidden : m->inter;
+    float *x = work, *h = x + (size_t)padded * m->hidden, *attn = h + (size_t)padded * m->hidden;
+    float *qkv = attn + (size_t)padded * m->hidden, *gu = qkv + (size_t)padded * qkv_width;
+    float *act = gu + (size_t)padded * 2 * m->inter;
+    float *probs = act + (size_t)padded * widest;
+    memset(work, 0, activation_floats(m, rows) * sizeof(float));
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < m->hidden; i++) x[(size_t)r * m->hidden + i] = dequantized(&m->embed, (int)tokens[r], i);
+    size_t scratch_floats = scratch_floats_for(padded);
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc(sizeof(float) * scratch_floats);
+        for (int l = 0; l < m->layers; l++) {
+            size_t plane = (size_t)capacity * hd;
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++)
+                rms_norm(x + (size_t)r * m->hidden, m->attn_norm[l], m->hidden, m->eps, h + (size_t)r * m->hidden);
+            matmul(&m->qkv[l], h, rows, qkv, scratch);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                float *q = qkv + (size_t)r * qkv_width, *k = q + m->heads * hd, *v = k + m->kv_heads * hd;
+                int pos = (int)lengths[r];
+                const float *c = m->cos_cache + (size_t)pos * half, *s = m->sin_cache + (size_t)pos * half;
+                for (int head = 0; head < m->heads; head++) rotate(q + head * hd, c, s, half);
+                for (int head = 0; head < m->kv_heads; head++) {
+                    rotate(k + head * hd, c, s, half);
+                    size_t at = ((size_t)r * m->kv_heads + head) * plane + (size_t)pos * hd;
+                    memcpy(keys[l] + at, k + head * hd, sizeof(float) * hd);
+                    memcpy(values[l] + at, v + head * hd, sizeof(float) * hd);
+                }
+            }
+#pragma omp for schedule(static) collapse(2)
+            for (int r = 0; r < rows; r++)
+                for (int head = 0; head < m->heads; head++) {
+                    const float *q = qkv + (size_t)r * qkv_width + head * hd;
+                    size_t base = ((size_t)r * m->kv_heads + head / group) * plane;
+                    const float *kk = keys[l] + base, *vv = values[l] + base;
+                    float *p = probs + ((size_t)r * m->heads + head) * capacity;
+                    int total = (int)lengths[r] + 1;
+                    float top = -INFINITY, sum = 0.0f;
+                    for (int t = 0; t < total; t++) {
+                        p[t] = dot(q, kk + (size_t)t * hd, hd) * m->scale;
+                        if (p[t] > top) top = p[t];
+                    }
+                    for (int t = 0; t < total; t++) {
+                        p[t] = expf(p[t] - top);
+                        sum += p[t];
+                    }
+                    float *o = attn + (size_t)r * m->hidden + head * hd;
+                    for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                    for (int t = 0; t < total; t++) {
+                        float weight = p[t] / sum;
+                        for (int i = 0; i < hd; i++) o[i] += weight * vv[(size_t)t * hd + i];
+                    }
+                }
+            matmul(&m->out[l], attn, rows, act, scratch);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                float *xr = x + (size_t)r * m->hidden;
+                for (int i = 0; i < m->hidden; i++) xr[i] += act[(size_t)r * m->hidden + i];
+                rms_norm(xr, m->ffn_norm[l], m->hidden, m->eps, h + (size_t)r * m->hidden);
+            }
+            matmul(&m->gate_up[l], h, rows, gu, scratch);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                const float *g = gu + (size_t)r * 2 * m->inter, *u = g + m->inter;
+                float *a = act + (size_t)r * m->inter;
+                for (int i = 0; i < m->inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            }
+            matmul(&m->down[l], act, rows, attn, scratch);
+#pragma omp for schedule(static)
+            for (int r = 0; r < rows; r++) {
+                float *xr = x + (size_t)r * m->hidden;
+                for (int i = 0; i < m->hidden; i++) xr[i] += attn[(size_t)r * m->hidden + i];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            rms_norm(x + (size_t)r * m->hidden, m->final_norm, m->hidden, m->eps, h + (size_t)r * m->hidden);
+        matmul(&m->embed, h, rows, logits, scratch);
+        free(scratch);
+    }
+}
+
+/* Y[rows, n] = X[rows, k] . W^T alone, for tests and benchmarks of the kernel. */
+void matmul_only(const Matrix *w, const float *x, int rows, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc(sizeof(float) * scratch_floats_for((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS));
+        matmul(w, x, rows, y, scratch);
+        free(scratch);
+    }
+}

@@ -1,0 +1,380 @@
+"""Decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks (gguf_decoder.c), for the ONNX
+runner's fp32 model exported from the same file.
+
+The fp32 weights ONNX Runtime multiplies are those blocks dequantized (scale * q + minimum, in
+fp32); the C kernel dequantizes the same blocks in registers to the same values, so a decode step
+computes what the ONNX model computes, up to summation order, while reading 96 MB of weights per
+token instead of 540 MB. A lone stream waits on those bytes. Prompts still prefill in ONNX Runtime
+(they are compute-bound), into the KV cache layout both share.
+
+No library does this: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an integer zero
+point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU kernel is
+scalar on AVX2; llama.cpp quantizes the activations too, which changes the answers.
+
+The library is compiled once per source and machine with the system's C compiler (AVX2, FMA and
+OpenMP); without one of them the runner decodes with ONNX Runtime, as before."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".c")
+KINDS = {"Q4_1": 0, "Q8_0": 1}
+BLOCK, OCTET, SPAN, TILE_ROWS = 32, 8, 8, 5  # as in gguf_decoder.c
+
+
+class DecoderUnavailable(RuntimeError):
+    """Why this model or machine decodes with ONNX Runtime instead."""
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("n", ctypes.c_int),
+        ("k", ctypes.c_int),
+        ("data", ctypes.c_void_p),
+    ]
+
+
+_FloatPointer = ctypes.POINTER(ctypes.c_float)
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, ctypes.c_int)
+            for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "max_pos")
+        ),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("cos_cache", ctypes.c_void_p),
+        ("sin_cache", ctypes.c_void_p),
+        ("embed", _Matrix),
+        ("final_norm", ctypes.c_void_p),
+        ("qkv", ctypes.POINTER(_Matrix)),
+        ("out", ctypes.POINTER(_Matrix)),
+        ("gate_up", ctypes.POINTER(_Matrix)),
+        ("down", ctypes.POINTER(_Matrix)),
+        ("attn_norm", ctypes.POINTER(ctypes.c_void_p)),
+        ("ffn_norm", ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def build_library(cache_dir: str) -> ctypes.CDLL:
+    """Compile gguf_decoder.c once into the cache (keyed by its source) and load it."""
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        raise DecoderUnavailable(f"this CPU lacks {', '.join(sorted(missing))}")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise DecoderUnavailable("no C compiler (cc) to build it")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:12]
+    target = Path(cache_dir).expanduser() / f"gguf_decoder-{digest}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        command = [
+            compiler,
+            "-O3",
+            "-mavx2",
+            "-mfma",
+            "-fopenmp",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(partial),
+            str(SOURCE),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise DecoderUnavailable(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        partial.rename(target)
+    library = ctypes.CDLL(str(target))
+    library.workspace_floats.restype = ctypes.c_size_t
+    library.workspace_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
+    library.decode.restype = None
+    library.matmul_only.restype = None
+    return library
+
+
+def pack(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """GGUF blocks of a [rows, columns] matrix (raw bytes, one row of blocks per matrix row) in the
+    kernel's layout: groups of SPAN octets of rows, block by block (see gguf_decoder.c)."""
+    blocks = columns // BLOCK
+    if kind == "Q4_1":
+        raw = raw.reshape(rows, blocks, 20)
+        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+        minimum = raw[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+        nibbles = raw[..., 4:20]
+        q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # [rows, blocks, 32]
+        # [spans, octets, 8 rows, blocks, 32] -> [spans, blocks, octets, 32 inputs, 8 rows]
+        q = q.reshape(-1, SPAN, OCTET, blocks, BLOCK).transpose(0, 3, 1, 4, 2)
+        values = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(*q.shape[:3], BLOCK * OCTET // 2)
+        extras = [scale, minimum]
+    elif kind == "Q8_0":
+        raw = raw.reshape(rows, blocks, 34)
+        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+        q = raw[..., 2:34].reshape(-1, SPAN, OCTET, blocks, BLOCK).transpose(0, 3, 1, 4, 2)
+        values = np.ascontiguousarray(q).reshape(*q.shape[:3], BLOCK * OCTET)
+        extras = [scale]
+    else:
+        raise DecoderUnavailable(f"weights of type {kind}")
+    # per-row floats [rows, blocks] -> [spans, blocks, octets, 8 rows]
+    floats = [
+        np.ascontiguousarray(e.reshape(-1, SPAN, OCTET, blocks).transpose(0, 3, 1, 2))
+        .view(np.uint8)
+        .reshape(*values.shape[:3], OCTET * 4)
+        for e in extras
+    ]
+    return np.ascontiguousarray(np.concatenate([values, *floats], axis=-1))
+
+
+def dequantize(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The fp32 values of GGUF blocks, computed as the GGUF readers compute them."""
+    blocks = columns // BLOCK
+    if kind == "Q4_1":
+        raw = raw.reshape(rows, blocks, 20)
+        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
+        minimum = raw[..., 2:4].copy().view(np.float16).astype(np.float32)
+        q = np.concatenate([raw[..., 4:20] & 15, raw[..., 4:20] >> 4], axis=-1).astype(np.float32)
+        return (scale * q + minimum).reshape(rows, columns)
+    raw = raw.reshape(rows, blocks, 34)
+    scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
+    return (scale * raw[..., 2:34].copy().view(np.int8).astype(np.float32)).reshape(rows, columns)
+
+
+def unpermute_rows(rows: int, heads: int) -> np.ndarray:
+    """Order of the GGUF rows of a query or key projection in the Hugging Face layout: the GGUF
+    converter interleaves each head's two rotary halves (llama.cpp rotates adjacent pairs)."""
+    permuted = np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
+    order = np.empty(rows, np.int64)
+    order[permuted] = np.arange(rows)
+    return order
+
+
+# Bumped when pack()'s layout changes, so that a cached copy in the old layout is not read.
+LAYOUT = 2
+
+
+def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
+    """Every matrix of the model packed for the kernel (with its kind, rows and columns under
+    `shape.NAME`), and the norm weights; named qkv.L, out.L, gate_up.L, down.L, attn_norm.L,
+    ffn_norm.L, embed, final_norm."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    found: dict[str, np.ndarray] = {}
+
+    def raw(name: str) -> tuple[str, np.ndarray, int, int]:
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise DecoderUnavailable(f"no tensor {name} in {gguf_path.name}")
+        kind = tensor.tensor_type.name
+        columns, rows = (int(x) for x in tensor.shape[:2])
+        if kind not in KINDS or rows % (SPAN * OCTET) or columns % BLOCK:
+            raise DecoderUnavailable(f"{name} is {kind} [{rows}, {columns}]")
+        return kind, np.asarray(tensor.data).reshape(rows, -1), rows, columns
+
+    def matrix(key: str, *names: str, heads_of: tuple[int, ...] = ()) -> None:
+        parts = [raw(name) for name in names]
+        if len({p[0] for p in parts}) != 1 or len({p[3] for p in parts}) != 1:
+            raise DecoderUnavailable(f"{', '.join(names)} mix block types or widths")
+        blocks = [
+            data[unpermute_rows(rows, heads_of[i])] if i < len(heads_of) else data
+            for i, (_, data, rows, _) in enumerate(parts)
+        ]
+        kind, rows, columns = parts[0][0], sum(p[2] for p in parts), parts[0][3]
+        found[key] = pack(kind, np.concatenate(blocks), rows, columns)
+        found[f"shape.{key}"] = np.asarray([KINDS[kind], rows, columns], np.int64)
+
+    def vector(key: str, name: str) -> None:
+        tensor = tensors.get(name)
+        if tensor is None or tensor.tensor_type.name != "F32":
+            raise DecoderUnavailable(f"{name} is not an F32 vector")
+        found[key] = np.ascontiguousarray(np.asarray(tensor.data, dtype=np.float32))
+
+    if "output.weight" in tensors:
+        raise DecoderUnavailable("an output head apart from the token embeddings")
+    for layer in range(layers):
+        blk = f"blk.{layer}."
+        matrix(f"qkv.{layer}", *(blk + f"attn_{x}.weight" for x in "qkv"), heads_of=(heads, kv_heads))
+        matrix(f"out.{layer}", blk + "attn_output.weight")
+        matrix(f"gate_up.{layer}", blk + "ffn_gate.weight", blk + "ffn_up.weight")
+        matrix(f"down.{layer}", blk + "ffn_down.weight")
+        vector(f"attn_norm.{layer}", blk + "attn_norm.weight")
+        vector(f"ffn_norm.{layer}", blk + "ffn_norm.weight")
+    matrix("embed", "token_embd.weight")
+    vector("final_norm", "output_norm.weight")
+    return found
+
+
+def cached_blocks(
+    gguf_path: Path, cache_dir: str, layers: int, heads: int, kv_heads: int
+) -> dict[str, np.ndarray]:
+    """read_blocks(), saved once into the cache: reading a GGUF's metadata takes seconds (its
+    vocabulary), loading the packed copy a fraction of one."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{LAYOUT}"
+    target = (
+        Path(cache_dir).expanduser()
+        / f"gguf-blocks-{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+    )
+    if target.is_file():
+        with np.load(target) as saved:
+            return {name: saved[name] for name in saved.files}
+    blocks = read_blocks(gguf_path, layers, heads, kv_heads)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.stem + f".partial-{os.getpid()}.npz")
+    arrays: dict[str, Any] = blocks  # savez's keywords are typed as its own options
+    np.savez(partial, **arrays)
+    partial.rename(target)
+    return blocks
+
+
+class GgufDecoder:
+    """Decode steps of one GGUF Llama model, writing into the ONNX runner's KV buffers."""
+
+    def __init__(
+        self,
+        gguf_path: Path,
+        hf_config: dict[str, Any],
+        rotary: tuple[np.ndarray, np.ndarray],
+        cache_dir: str,
+        threads: int,
+    ) -> None:
+        if hf_config.get("architectures") != ["LlamaForCausalLM"]:
+            raise DecoderUnavailable(f"the architecture is {hf_config.get('architectures')}, not Llama")
+        rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise DecoderUnavailable(f"the model scales its rotary embeddings ({rope})")
+        hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
+        kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+        head_dim = int(hf_config.get("head_dim") or hidden // heads)
+        layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
+        if hidden % 8 or head_dim % 8:
+            raise DecoderUnavailable("hidden and head sizes must be multiples of 8")
+        self.library = build_library(cache_dir)
+        self.threads = threads or os.cpu_count() or 1
+        self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
+        cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
+        self._rotary = (cosines, sines)
+
+        def matrix(key: str) -> _Matrix:
+            kind, rows, columns = (int(x) for x in self.blocks[f"shape.{key}"])
+            return _Matrix(kind, rows, columns, self.blocks[key].ctypes.data)
+
+        def pointers(prefix: str) -> Any:
+            return (ctypes.c_void_p * layers)(
+                *(self.blocks[f"{prefix}.{i}"].ctypes.data for i in range(layers))
+            )
+
+        def matrices(prefix: str) -> Any:
+            return (_Matrix * layers)(*(matrix(f"{prefix}.{i}") for i in range(layers)))
+
+        self._tables = {name: matrices(name) for name in ("qkv", "out", "gate_up", "down")}
+        self._tables |= {name: pointers(name) for name in ("attn_norm", "ffn_norm")}
+        embed = matrix("embed")
+        self.model = _Model(
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            inter,
+            embed.n,
+            int(cosines.shape[0]),
+            float(hf_config.get("rms_norm_eps", 1e-6)),
+            head_dim**-0.5,
+            cosines.ctypes.data,
+            sines.ctypes.data,
+            embed,
+            self.blocks["final_norm"].ctypes.data,
+            *(self._tables[name] for name in ("qkv", "out", "gate_up", "down", "attn_norm", "ffn_norm")),
+        )
+        self.matrix = matrix  # the kernel alone, for tests and benchmarks
+        self.vocab = embed.n
+        self._work = np.zeros(0, np.float32)
+
+    def decode(
+        self, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray, tokens: np.ndarray
+    ) -> np.ndarray:
+        """Next logits [rows, vocab] after appending `tokens` at `lengths` in each row's cache."""
+        rows, capacity = len(lengths), int(keys[0].shape[2])
+        if int(lengths.max()) >= min(capacity, self.model.max_pos):
+            raise ValueError("a row has no room left in its cache")
+        needed = self.library.workspace_floats(ctypes.byref(self.model), rows, capacity)
+        if self._work.size < needed:
+            self._work = np.zeros(needed, np.float32)
+        logits = np.empty((rows, self.vocab), np.float32)
+        tokens64 = np.ascontiguousarray(tokens, dtype=np.int64)
+        lengths64 = np.ascontiguousarray(lengths, dtype=np.int64)
+        key_pointers = (ctypes.c_void_p * len(keys))(*(k.ctypes.data for k in keys))
+        value_pointers = (ctypes.c_void_p * len(values))(*(v.ctypes.data for v in values))
+        self.library.decode(
+            ctypes.byref(self.model),
+            ctypes.c_int(rows),
+            tokens64.ctypes.data_as(ctypes.c_void_p),
+            lengths64.ctypes.data_as(ctypes.c_void_p),
+            key_pointers,
+            value_pointers,
+            ctypes.c_int(capacity),
+            logits.ctypes.data_as(ctypes.c_void_p),
+            self._work.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int(self.threads),
+        )
+        return logits
+
+    def matmul(self, key: str, x: np.ndarray) -> np.ndarray:
+        """x [rows, k] . W^T for one packed matrix (say "gate_up.3"), with the kernel alone."""
+        matrix = self.matrix(key)
+        rows = x.shape[0]
+        padded = np.zeros((-(-rows // TILE_ROWS) * TILE_ROWS, matrix.k), np.float32)
+        padded[:rows] = x
+        y = np.empty((rows, matrix.n), np.float32)
+        self.library.matmul_only(
+            ctypes.byref(matrix),
+            padded.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int(rows),
+            y.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int(self.threads),
+        )
+        return y
+
+
+def rotary_tables(onnx_folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The cos and sin tables the ONNX model's attention op rotates with."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
+    found = {}
+    for initializer in model.graph.initializer:
+        if initializer.name in ("cos_cache", "sin_cache"):
+            if initializer.data_location == onnx.TensorProto.EXTERNAL:
+                onnx.external_data_helper.load_external_data_for_tensor(initializer, str(onnx_folder))
+            found[initializer.name] = numpy_helper.to_array(initializer)
+    if len(found) != 2:
+        raise DecoderUnavailable("the ONNX model has no cos_cache/sin_cache")
+    return found["cos_cache"], found["sin_cache"]

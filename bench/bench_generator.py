@@ -4,6 +4,7 @@ llama-cpp-python is importable), measured in one run so that the ratios are comp
     .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
     .venv/bin/python bench/bench_generator.py --versus-torch       # and the torch backend's service
     .venv/bin/python bench/bench_generator.py --backend onnx --onnx-precision int8
+    .venv/bin/python bench/bench_generator.py --server-args "--decode-kernel onnx"   # ONNX Runtime decodes
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
 
 Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights
@@ -332,7 +333,9 @@ def main() -> None:
     del loaded
 
     served_texts = {n: texts[n] for n in levels}
-    served = serve([*server_args, *args.server_args.split()], warm_up, served_texts, new_tokens)
+    flags = [*server_args, *args.server_args.split()]
+    print(f"service: python -m services.generator {' '.join(flags)}")
+    served = serve(flags, warm_up, served_texts, new_tokens)
     versus = None
     if args.versus_torch and backend != "torch":
         versus = serve(["--backend", "torch", "--dtype", args.dtype], warm_up, served_texts, new_tokens)

@@ -58,7 +58,8 @@ def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
     model: LoadedModel, onnx_weights: dict[str, np.ndarray], layer: int
 ) -> None:
     """x = a one-hot row picks one input column: the product is then that column of weights,
-    bit for bit, through the one-row path (registers) and the many-row path (a scratch tile)."""
+    bit for bit, through each of the kernel's paths: one row (registers), a few rows (a shared
+    dequantized block) and many rows (tiles)."""
     decoder = decoder_of(model)
     prefix = f"model.layers.{layer}."
     expected = {
@@ -74,16 +75,13 @@ def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
         columns = [0, 1, 31, 32, 33, weights.shape[1] // 2, weights.shape[1] - 1]
         one_hot = np.zeros((len(columns), weights.shape[1]), np.float32)
         one_hot[np.arange(len(columns)), columns] = 1.0
-        many_rows = decoder.matmul(key, one_hot)
+        few_rows = decoder.matmul(key, one_hot)
+        many_rows = decoder.matmul(key, np.concatenate([one_hot] * 4))
         for i, column in enumerate(columns):
-            want = weights[:, column]
+            want = weights[:, column].view(np.uint32)
             one_row = decoder.matmul(key, one_hot[i : i + 1])[0]
-            assert np.array_equal(one_row.view(np.uint32), want.view(np.uint32)), (key, column, "one row")
-            assert np.array_equal(many_rows[i].view(np.uint32), want.view(np.uint32)), (
-                key,
-                column,
-                "many rows",
-            )
+            for path, got in (("one row", one_row), ("few rows", few_rows[i]), ("many rows", many_rows[i])):
+                assert np.array_equal(got.view(np.uint32), want), (key, column, path)
 
 
 def greedy_logits(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
@@ -96,16 +94,17 @@ def greedy_logits(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> l
 
 
 def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(model: LoadedModel) -> None:
-    """One prompt decoded alone (the one-row path) and as the first of seven rows (the tiled path)
-    gets the same logits, bit for bit, step after step; so a seeded request samples the same text
-    alone or in a busy batch."""
+    """One prompt decoded alone (the one-row path), as the first of seven rows (a few) and of
+    twenty-eight (tiles) gets the same logits, bit for bit, step after step; so a seeded request
+    samples the same text alone or in a busy batch."""
     runner = model.runner
     assert isinstance(runner, OnnxRunner)
     every = prompts(model)
     alone = greedy_logits(runner, every[:1], 8)
-    together = greedy_logits(runner, every, 8)
-    for step, (one, many) in enumerate(zip(alone, together, strict=True)):
-        assert torch.equal(one[0], many[0]), f"step {step}"
+    for batch in (every, every * 4):
+        together = greedy_logits(runner, batch, 8)
+        for step, (one, many) in enumerate(zip(alone, together, strict=True)):
+            assert torch.equal(one[0], many[0]), f"{len(batch)} rows, step {step}"
 
 
 def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:

@@ -19,15 +19,20 @@ enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1 };
 #define SPAN 8     /* octets one small-batch task accumulates at once (8 vectors) */
 #define TILE_ROWS 5
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define SMALL_BATCH 3
+#define FEW_ROWS 16  /* up to this many rows share each dequantized span block; more take tiles */
+/* How far ahead of a one-row product the weights are fetched: the hardware prefetchers alone left
+ * it waiting on memory (a decode step of SmolLM2-135M took 17-22 ms without, 10-11 ms with). */
+#define PREFETCH 2048
 #define CHUNK 128  /* inputs dequantized at once for a many-row product: 8 KiB of floats */
 
-/* A matrix [n, k] (n outputs, k inputs). Packed in groups of SPAN octets: for each, every block of
- * the inner dimension holds its SPAN octets one after another; an octet's block is
- *   Q4_1: 16 x 8 bytes (for inputs 2p and 2p+1, row r's byte holds input 2p's 4-bit value in
- *         its low half, 2p+1's in its high half), 8 float scales, 8 float minimums
- *         (w = scale * q + minimum)                                            = 192 bytes
- *   Q8_0: 32 x 8 signed bytes, 8 float scales (w = scale * q)                   = 288 bytes */
+/* A matrix [n, k] (n outputs, k inputs), packed so that a one-row product reads it front to back:
+ * in spans of SPAN octets (64 output rows), each span block by block; a span's block holds, for
+ * every pair of inputs (2p, 2p+1) in turn, the SPAN octets' values one octet after another, then
+ * each octet's 8 float scales (and for Q4_1 8 float minimums):
+ *   Q4_1: 16 pairs x 8 octets x 8 bytes (row r's byte: input 2p's 4-bit value in the low half,
+ *         2p+1's in the high half), 8 x 8 scales, 8 x 8 minimums (w = scale * q + minimum)
+ *   Q8_0: 16 pairs x 8 octets x 16 signed bytes (input 2p's 8 rows, then 2p+1's), 8 x 8 scales
+ *         (w = scale * q) */
 typedef struct {
     int kind, n, k;
     const uint8_t *data;
@@ -43,55 +48,61 @@ typedef struct {
     const float **attn_norm, **ffn_norm;
 } Model;
 
-static size_t group_bytes(int kind) { return kind == KIND_Q4_1 ? 192 : 288; }
-
-static const uint8_t *group_at(const Matrix *w, int octet, int block) {
-    size_t blocks = (size_t)(w->k / BLOCK);
-    size_t span = (size_t)(octet / SPAN), within = (size_t)(octet % SPAN);
-    return w->data + ((span * blocks + (size_t)block) * SPAN + within) * group_bytes(w->kind);
+/* Bytes of one pair of inputs for one octet, and of all a span block's values. */
+static inline size_t pair_bytes(int kind) { return kind == KIND_Q4_1 ? 8 : 16; }
+static inline size_t values_bytes(int kind) { return (BLOCK / 2) * SPAN * pair_bytes(kind); }
+static inline size_t span_block_bytes(int kind) {
+    return values_bytes(kind) + (size_t)SPAN * OCTET * sizeof(float) * (kind == KIND_Q4_1 ? 2 : 1);
 }
 
-/* The weights of one octet at inputs 2p and 2p+1 of a block, as floats: exactly the dequantized
+static inline const uint8_t *span_block(const Matrix *w, int span, int block) {
+    return w->data + ((size_t)span * (size_t)(w->k / BLOCK) + (size_t)block) * span_block_bytes(w->kind);
+}
+
+/* Octet t's weights at inputs 2p and 2p+1 of a span block, as floats: exactly the dequantized
  * values (scale * q is exact in fp32, so the fused add rounds once, as scale * q + minimum does). */
-ALWAYS_INLINE void weights_q4(const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
-    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(group + 8 * pair)));
-    __m256 scale = _mm256_loadu_ps((const float *)(group + 128)), minimum = _mm256_loadu_ps((const float *)(group + 160));
+ALWAYS_INLINE void weights_q4(const uint8_t *base, int t, int pair, __m256 *even, __m256 *odd) {
+    const size_t values = values_bytes(KIND_Q4_1);
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(base + ((size_t)pair * SPAN + t) * 8)));
+    __m256 scale = _mm256_loadu_ps((const float *)(base + values) + t * OCTET);
+    __m256 minimum = _mm256_loadu_ps((const float *)(base + values) + (SPAN + t) * OCTET);
     *even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15))), scale, minimum);
     *odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), scale, minimum);
 }
 
-ALWAYS_INLINE void weights_q8(const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
-    __m256 scale = _mm256_loadu_ps((const float *)(group + 256));
-    __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(group + 16 * pair)));
-    __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(group + 16 * pair + 8)));
+ALWAYS_INLINE void weights_q8(const uint8_t *base, int t, int pair, __m256 *even, __m256 *odd) {
+    const uint8_t *values = base + ((size_t)pair * SPAN + t) * 16;
+    __m256 scale = _mm256_loadu_ps((const float *)(base + values_bytes(KIND_Q8_0)) + t * OCTET);
+    __m256i q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)values));
+    __m256i q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(values + 8)));
     *even = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), scale);
     *odd = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), scale);
 }
 
-ALWAYS_INLINE void weights_at(int kind, const uint8_t *group, int pair, __m256 *even, __m256 *odd) {
+ALWAYS_INLINE void weights_at(int kind, const uint8_t *base, int t, int pair, __m256 *even, __m256 *odd) {
     if (kind == KIND_Q4_1)
-        weights_q4(group, pair, even, odd);
+        weights_q4(base, t, pair, even, odd);
     else
-        weights_q8(group, pair, even, odd);
+        weights_q8(base, t, pair, even, odd);
 }
 
 /* y[rows, n] = x[rows, k] . w^T for the SPAN octets from `first`, one row at a time, dequantizing
  * in registers: a lone row reads each weight once from memory. */
 ALWAYS_INLINE void span_small(int kind, const Matrix *w, const float *x, int rows, float *y, int first) {
     const int blocks = w->k / BLOCK;
-    const size_t step = group_bytes(kind);
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * w->k;
         __m256 acc[SPAN];
         for (int t = 0; t < SPAN; t++) acc[t] = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++) {
-            const uint8_t *g = group_at(w, first, b);
+            const uint8_t *base = span_block(w, first / SPAN, b);
             for (int p = 0; p < BLOCK / 2; p++) {
                 __m256 x0 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p), x1 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p + 1);
+                _mm_prefetch((const char *)base + PREFETCH + (size_t)p * span_block_bytes(kind) / (BLOCK / 2), _MM_HINT_T0);
 #pragma GCC unroll 8
                 for (int t = 0; t < SPAN; t++) {
                     __m256 even, odd;
-                    weights_at(kind, g + t * step, p, &even, &odd);
+                    weights_at(kind, base, t, p, &even, &odd);
                     acc[t] = _mm256_fmadd_ps(x1, odd, _mm256_fmadd_ps(x0, even, acc[t]));
                 }
             }
@@ -100,6 +111,44 @@ ALWAYS_INLINE void span_small(int kind, const Matrix *w, const float *x, int row
 #pragma GCC unroll 8
         for (int t = 0; t < SPAN; t++) _mm256_storeu_ps(yr + 8 * t, acc[t]);
     }
+}
+
+/* The same products for a few rows: each span block is dequantized once into `scratch` (8 KiB)
+ * for every row, whose sums wait in `partial` between blocks, unchanged (the same chains as above). */
+ALWAYS_INLINE void span_few(int kind, const Matrix *w, const float *x, int rows, float *y, int first, float *scratch) {
+    const int blocks = w->k / BLOCK;
+    const size_t bytes = span_block_bytes(kind);
+    float *partial = scratch + (BLOCK / 2) * SPAN * 16;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *base = span_block(w, first / SPAN, b);
+        for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *)base + PREFETCH + at, _MM_HINT_T0);
+        for (int p = 0; p < BLOCK / 2; p++)
+            for (int t = 0; t < SPAN; t++) {
+                __m256 even, odd;
+                weights_at(kind, base, t, p, &even, &odd);
+                _mm256_storeu_ps(scratch + (size_t)(p * SPAN + t) * 16, even);
+                _mm256_storeu_ps(scratch + (size_t)(p * SPAN + t) * 16 + 8, odd);
+            }
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + (size_t)r * w->k + b * BLOCK;
+            float *sums = partial + (size_t)r * SPAN * OCTET;
+            __m256 acc[SPAN];
+#pragma GCC unroll 8
+            for (int t = 0; t < SPAN; t++) acc[t] = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(sums + t * OCTET);
+            for (int p = 0; p < BLOCK / 2; p++) {
+                __m256 x0 = _mm256_broadcast_ss(xr + 2 * p), x1 = _mm256_broadcast_ss(xr + 2 * p + 1);
+                const float *wp = scratch + (size_t)p * SPAN * 16;
+#pragma GCC unroll 8
+                for (int t = 0; t < SPAN; t++)
+                    acc[t] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wp + t * 16 + 8),
+                                             _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp + t * 16), acc[t]));
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < SPAN; t++) _mm256_storeu_ps(sums + t * OCTET, acc[t]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        memcpy(y + (size_t)r * w->n + (size_t)first * OCTET, partial + (size_t)r * SPAN * OCTET, sizeof(float) * SPAN * OCTET);
 }
 
 /* The same products for many rows: two octets' weights are dequantized CHUNK inputs at a time
@@ -113,10 +162,10 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
         const int width = k - k0 < CHUNK ? k - k0 : CHUNK;
         for (int c = 0; c < 2; c++)
             for (int b = 0; b < width / BLOCK; b++) {
-                const uint8_t *g = group_at(w, octet + c, k0 / BLOCK + b);
+                const uint8_t *base = span_block(w, (octet + c) / SPAN, k0 / BLOCK + b);
                 for (int p = 0; p < BLOCK / 2; p++) {
                     __m256 even, odd;
-                    weights_at(kind, g, p, &even, &odd);
+                    weights_at(kind, base, (octet + c) % SPAN, p, &even, &odd);
                     _mm256_storeu_ps(scratch + (size_t)(b * BLOCK + 2 * p) * 16 + c * 8, even);
                     _mm256_storeu_ps(scratch + (size_t)(b * BLOCK + 2 * p + 1) * 16 + c * 8, odd);
                 }
@@ -170,13 +219,21 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
  * of SPAN * OCTET, checked when the weights are packed). */
 static void matmul(const Matrix *w, const float *x, int rows, float *y, float *scratch) {
     int octets = w->n / OCTET;
-    if (rows <= SMALL_BATCH) {
+    if (rows == 1) {
 #pragma omp for schedule(static)
         for (int s = 0; s < octets; s += SPAN) {
             if (w->kind == KIND_Q4_1)
                 span_small(KIND_Q4_1, w, x, rows, y, s);
             else
                 span_small(KIND_Q8_0, w, x, rows, y, s);
+        }
+    } else if (rows <= FEW_ROWS) {
+#pragma omp for schedule(static)
+        for (int s = 0; s < octets; s += SPAN) {
+            if (w->kind == KIND_Q4_1)
+                span_few(KIND_Q4_1, w, x, rows, y, s, scratch);
+            else
+                span_few(KIND_Q8_0, w, x, rows, y, s, scratch);
         }
     } else {
 #pragma omp for schedule(static)
@@ -189,15 +246,18 @@ static void matmul(const Matrix *w, const float *x, int rows, float *y, float *s
     }
 }
 
-/* A thread's scratch for pair_tiled: one chunk of weights and the sums of `padded` rows. */
-static size_t scratch_floats_for(int padded) { return (size_t)(CHUNK + padded) * 16; }
+/* A thread's scratch: a chunk or span block of weights (2048 floats either way) and sums of
+ * `padded` rows (16 per row for pair_tiled, SPAN * OCTET for span_few). */
+static size_t scratch_floats_for(int padded) { return (size_t)CHUNK * 16 + (size_t)padded * SPAN * OCTET; }
 
 static float dequantized(const Matrix *w, int row, int col) {
-    const uint8_t *g = group_at(w, row / OCTET, col / BLOCK);
-    int r = row % OCTET, i = col % BLOCK;
-    if (w->kind == KIND_Q8_0) return (float)(int8_t)g[8 * i + r] * ((const float *)(g + 256))[r];
-    int q = (g[8 * (i / 2) + r] >> (4 * (i % 2))) & 15;
-    return fmaf((float)q, ((const float *)(g + 128))[r], ((const float *)(g + 160))[r]);
+    const uint8_t *base = span_block(w, row / (SPAN * OCTET), col / BLOCK);
+    int t = row / OCTET % SPAN, r = row % OCTET, pair = col % BLOCK / 2, odd = col % 2;
+    const float *scales = (const float *)(base + values_bytes(w->kind)) + t * OCTET;
+    const uint8_t *values = base + ((size_t)pair * SPAN + t) * pair_bytes(w->kind);
+    if (w->kind == KIND_Q8_0) return (float)(int8_t)values[odd * OCTET + r] * scales[r];
+    int q = (values[r] >> (4 * odd)) & 15;
+    return fmaf((float)q, scales[r], scales[SPAN * OCTET + r]);
 }
 
 /* x . y over n (a multiple of 8) in 8 lanes, then the lanes in a fixed order. */
@@ -208,6 +268,17 @@ static float dot(const float *x, const float *y, int n) {
     _mm256_storeu_ps(lanes, acc);
     for (int i = 0; i < 8; i++) sum += lanes[i];
     return sum;
+}
+
+/* glibc's vector expf (libmvec, AVX2). */
+__m256 _ZGVdN8v_expf(__m256 x);
+
+/* v[i] = exp(v[i] - shift) over n values, 8 lanes at a time. */
+static void exp_shifted(float *v, int n, float shift) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(v + i, _ZGVdN8v_expf(_mm256_sub_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(shift))));
+    for (; i < n; i++) v[i] = expf(v[i] - shift);
 }
 
 static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
@@ -288,10 +359,8 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
                         p[t] = dot(q, kk + (size_t)t * hd, hd) * m->scale;
                         if (p[t] > top) top = p[t];
                     }
-                    for (int t = 0; t < total; t++) {
-                        p[t] = expf(p[t] - top);
-                        sum += p[t];
-                    }
+                    exp_shifted(p, total, top);
+                    for (int t = 0; t < total; t++) sum += p[t];
                     float *o = attn + (size_t)r * m->hidden + head * hd;
                     for (int i = 0; i < hd; i++) o[i] = 0.0f;
                     for (int t = 0; t < total; t++) {
@@ -311,7 +380,12 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
             for (int r = 0; r < rows; r++) {
                 const float *g = gu + (size_t)r * 2 * m->inter, *u = g + m->inter;
                 float *a = act + (size_t)r * m->inter;
-                for (int i = 0; i < m->inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+                for (int i = 0; i < m->inter; i += 8) {  /* silu(gate) * up */
+                    __m256 gate = _mm256_loadu_ps(g + i);
+                    __m256 e = _ZGVdN8v_expf(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+                    __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+                    _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+                }
             }
             matmul(&m->down[l], act, rows, attn, scratch);
 #pragma omp for schedule(static)

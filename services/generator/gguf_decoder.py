@@ -30,6 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
+# No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 BLOCK, OCTET, SPAN, TILE_ROWS = 32, 8, 8, 5  # as in gguf_decoder.c
 
@@ -89,23 +91,12 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
     if not compiler:
         raise DecoderUnavailable("no C compiler (cc) to build it")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source + " ".join([compiler, *COMPILE_FLAGS]).encode()).hexdigest()[:12]
     target = Path(cache_dir).expanduser() / f"gguf_decoder-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        command = [
-            compiler,
-            "-O3",
-            "-mavx2",
-            "-mfma",
-            "-fopenmp",
-            "-shared",
-            "-fPIC",
-            "-o",
-            str(partial),
-            str(SOURCE),
-        ]
+        command = [compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE), "-lmvec"]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -121,34 +112,27 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
 
 def pack(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """GGUF blocks of a [rows, columns] matrix (raw bytes, one row of blocks per matrix row) in the
-    kernel's layout: groups of SPAN octets of rows, block by block (see gguf_decoder.c)."""
+    kernel's layout (see gguf_decoder.c): [spans, blocks, bytes of a span block]."""
     blocks = columns // BLOCK
-    if kind == "Q4_1":
-        raw = raw.reshape(rows, blocks, 20)
-        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
-        minimum = raw[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
-        nibbles = raw[..., 4:20]
-        q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # [rows, blocks, 32]
-        # [spans, octets, 8 rows, blocks, 32] -> [spans, blocks, octets, 32 inputs, 8 rows]
-        q = q.reshape(-1, SPAN, OCTET, blocks, BLOCK).transpose(0, 3, 1, 4, 2)
-        values = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(*q.shape[:3], BLOCK * OCTET // 2)
-        extras = [scale, minimum]
-    elif kind == "Q8_0":
-        raw = raw.reshape(rows, blocks, 34)
-        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
-        q = raw[..., 2:34].reshape(-1, SPAN, OCTET, blocks, BLOCK).transpose(0, 3, 1, 4, 2)
-        values = np.ascontiguousarray(q).reshape(*q.shape[:3], BLOCK * OCTET)
-        extras = [scale]
-    else:
+    width = 20 if kind == "Q4_1" else 34
+    if kind not in KINDS:
         raise DecoderUnavailable(f"weights of type {kind}")
-    # per-row floats [rows, blocks] -> [spans, blocks, octets, 8 rows]
-    floats = [
-        np.ascontiguousarray(e.reshape(-1, SPAN, OCTET, blocks).transpose(0, 3, 1, 2))
-        .view(np.uint8)
-        .reshape(*values.shape[:3], OCTET * 4)
-        for e in extras
-    ]
-    return np.ascontiguousarray(np.concatenate([values, *floats], axis=-1))
+    raw = raw.reshape(rows, blocks, width)
+    floats = [raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]]  # scales [rows, blocks]
+    if kind == "Q4_1":
+        floats.append(raw[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0])  # minimums
+        q = np.concatenate([raw[..., 4:20] & 15, raw[..., 4:20] >> 4], axis=-1)  # [rows, blocks, 32]
+    else:
+        q = raw[..., 2:34]
+    # [spans, octets, 8 rows, blocks, 16 pairs, 2] -> [spans, blocks, pairs, octets, 2, 8 rows]
+    q = q.reshape(-1, SPAN, OCTET, blocks, BLOCK // 2, 2).transpose(0, 3, 4, 1, 5, 2)
+    values = q[..., 0, :] | (q[..., 1, :] << 4) if kind == "Q4_1" else q
+    spans = rows // (SPAN * OCTET)
+    parts = [np.ascontiguousarray(values).reshape(spans, blocks, -1)]
+    for per_row in floats:  # [rows, blocks] -> [spans, blocks, octets, 8 rows]
+        grouped = per_row.reshape(spans, SPAN, OCTET, blocks).transpose(0, 3, 1, 2)
+        parts.append(np.ascontiguousarray(grouped).view(np.uint8).reshape(spans, blocks, -1))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1))
 
 
 def dequantize(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
@@ -175,7 +159,7 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
 
 
 # Bumped when pack()'s layout changes, so that a cached copy in the old layout is not read.
-LAYOUT = 2
+LAYOUT = 3
 
 
 def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
@@ -273,8 +257,8 @@ class GgufDecoder:
         kv_heads = int(hf_config.get("num_key_value_heads") or heads)
         head_dim = int(hf_config.get("head_dim") or hidden // heads)
         layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
-        if hidden % 8 or head_dim % 8:
-            raise DecoderUnavailable("hidden and head sizes must be multiples of 8")
+        if hidden % 8 or head_dim % 8 or inter % 8:
+            raise DecoderUnavailable("hidden, head and intermediate sizes must be multiples of 8")
         self.library = build_library(cache_dir)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)

@@ -2,10 +2,13 @@
  * Q8_0), dequantized to fp32 inside the registers: the same weights and fp32 activations as the
  * ONNX fp32 model, with a seventh of its bytes to read per token.
  *
- * Every output element is one fused multiply-add chain over the inner dimension, in order, however
- * many rows the batch has and however the work is split between threads: a row's logits do not
- * depend on the rows decoded beside it. Built by gguf_decoder.py with the machine's C compiler
- * (AVX2, FMA, OpenMP); no -ffast-math, which would let the compiler reorder those chains. */
+ * A product takes one of three paths by the number of rows: one row dequantizes in registers as
+ * it streams the weights (memory-bound: prefetched ahead), a few rows share each dequantized block,
+ * many rows run tiles of TILE_ROWS over a dequantized chunk (compute-bound). On every path each
+ * output element is one fused multiply-add chain over the inner dimension, in order, however the
+ * work is split between threads: a row's logits do not depend on the rows decoded beside it.
+ * Built by gguf_decoder.py with the machine's C compiler (AVX2, FMA, OpenMP, glibc's libmvec); no
+ * -ffast-math, which would let the compiler reorder those chains. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -87,7 +90,7 @@ ALWAYS_INLINE void weights_at(int kind, const uint8_t *base, int t, int pair, __
 }
 
 /* y[rows, n] = x[rows, k] . w^T for the SPAN octets from `first`, one row at a time, dequantizing
- * in registers: a lone row reads each weight once from memory. */
+ * in registers: a lone row reads each weight once from memory, PREFETCH bytes ahead. */
 ALWAYS_INLINE void span_small(int kind, const Matrix *w, const float *x, int rows, float *y, int first) {
     const int blocks = w->k / BLOCK;
     for (int r = 0; r < rows; r++) {
@@ -261,13 +264,38 @@ static float dequantized(const Matrix *w, int row, int col) {
 }
 
 /* x . y over n (a multiple of 8) in 8 lanes, then the lanes in a fixed order. */
+static inline float sum_lanes(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_hadd_ps(half, half);
+    return _mm_cvtss_f32(_mm_hadd_ps(half, half));
+}
+
 static float dot(const float *x, const float *y, int n) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
-    float lanes[8], sum = 0.0f;
-    _mm256_storeu_ps(lanes, acc);
-    for (int i = 0; i < 8; i++) sum += lanes[i];
-    return sum;
+    return sum_lanes(acc);
+}
+
+/* scores[t] = q . keys[t] * scale for t < total; four positions at a time (four independent
+ * chains), each the same chain as dot() so that a score does not depend on its neighbours. */
+static void scores_of(const float *q, const float *keys, int total, int hd, float scale, float *scores) {
+    int t = 0;
+    for (; t + 4 <= total; t += 4) {
+        const float *k = keys + (size_t)t * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < hd; i += 8) {
+            __m256 qi = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + hd + i), a1);
+            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * hd + i), a2);
+            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * hd + i), a3);
+        }
+        scores[t] = sum_lanes(a0) * scale;
+        scores[t + 1] = sum_lanes(a1) * scale;
+        scores[t + 2] = sum_lanes(a2) * scale;
+        scores[t + 3] = sum_lanes(a3) * scale;
+    }
+    for (; t < total; t++) scores[t] = dot(q, keys + (size_t)t * hd, hd) * scale;
 }
 
 /* glibc's vector expf (libmvec, AVX2). */
@@ -355,17 +383,17 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
                     float *p = probs + ((size_t)r * m->heads + head) * capacity;
                     int total = (int)lengths[r] + 1;
                     float top = -INFINITY, sum = 0.0f;
-                    for (int t = 0; t < total; t++) {
-                        p[t] = dot(q, kk + (size_t)t * hd, hd) * m->scale;
-                        if (p[t] > top) top = p[t];
-                    }
+                    scores_of(q, kk, total, hd, m->scale, p);
+                    for (int t = 0; t < total; t++) top = p[t] > top ? p[t] : top;
                     exp_shifted(p, total, top);
                     for (int t = 0; t < total; t++) sum += p[t];
                     float *o = attn + (size_t)r * m->hidden + head * hd;
                     for (int i = 0; i < hd; i++) o[i] = 0.0f;
                     for (int t = 0; t < total; t++) {
-                        float weight = p[t] / sum;
-                        for (int i = 0; i < hd; i++) o[i] += weight * vv[(size_t)t * hd + i];
+                        __m256 weight = _mm256_set1_ps(p[t] / sum);
+                        const float *v = vv + (size_t)t * hd;
+                        for (int i = 0; i < hd; i += 8)
+                            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
                     }
                 }
             matmul(&m->out[l], attn, rows, act, scratch);

@@ -89,31 +89,27 @@ ALWAYS_INLINE void weights_at(int kind, const uint8_t *base, int t, int pair, __
         weights_q8(base, t, pair, even, odd);
 }
 
-/* y[rows, n] = x[rows, k] . w^T for the SPAN octets from `first`, one row at a time, dequantizing
- * in registers: a lone row reads each weight once from memory, PREFETCH bytes ahead. */
-ALWAYS_INLINE void span_small(int kind, const Matrix *w, const float *x, int rows, float *y, int first) {
+/* y[n] = x[k] . w^T for one row and the SPAN octets from `first`, dequantizing in registers: a
+ * lone row reads each weight once from memory, PREFETCH bytes ahead. */
+ALWAYS_INLINE void span_one_row(int kind, const Matrix *w, const float *x, float *y, int first) {
     const int blocks = w->k / BLOCK;
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * w->k;
-        __m256 acc[SPAN];
-        for (int t = 0; t < SPAN; t++) acc[t] = _mm256_setzero_ps();
-        for (int b = 0; b < blocks; b++) {
-            const uint8_t *base = span_block(w, first / SPAN, b);
-            for (int p = 0; p < BLOCK / 2; p++) {
-                __m256 x0 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p), x1 = _mm256_broadcast_ss(xr + b * BLOCK + 2 * p + 1);
-                _mm_prefetch((const char *)base + PREFETCH + (size_t)p * span_block_bytes(kind) / (BLOCK / 2), _MM_HINT_T0);
+    __m256 acc[SPAN];
+    for (int t = 0; t < SPAN; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *base = span_block(w, first / SPAN, b);
+        for (int p = 0; p < BLOCK / 2; p++) {
+            __m256 x0 = _mm256_broadcast_ss(x + b * BLOCK + 2 * p), x1 = _mm256_broadcast_ss(x + b * BLOCK + 2 * p + 1);
+            _mm_prefetch((const char *)base + PREFETCH + (size_t)p * span_block_bytes(kind) / (BLOCK / 2), _MM_HINT_T0);
 #pragma GCC unroll 8
-                for (int t = 0; t < SPAN; t++) {
-                    __m256 even, odd;
-                    weights_at(kind, base, t, p, &even, &odd);
-                    acc[t] = _mm256_fmadd_ps(x1, odd, _mm256_fmadd_ps(x0, even, acc[t]));
-                }
+            for (int t = 0; t < SPAN; t++) {
+                __m256 even, odd;
+                weights_at(kind, base, t, p, &even, &odd);
+                acc[t] = _mm256_fmadd_ps(x1, odd, _mm256_fmadd_ps(x0, even, acc[t]));
             }
         }
-        float *yr = y + (size_t)r * w->n + (size_t)first * OCTET;
-#pragma GCC unroll 8
-        for (int t = 0; t < SPAN; t++) _mm256_storeu_ps(yr + 8 * t, acc[t]);
     }
+#pragma GCC unroll 8
+    for (int t = 0; t < SPAN; t++) _mm256_storeu_ps(y + (size_t)first * OCTET + 8 * t, acc[t]);
 }
 
 /* The same products for a few rows: each span block is dequantized once into `scratch` (8 KiB)
@@ -226,9 +222,9 @@ static void matmul(const Matrix *w, const float *x, int rows, float *y, float *s
 #pragma omp for schedule(static)
         for (int s = 0; s < octets; s += SPAN) {
             if (w->kind == KIND_Q4_1)
-                span_small(KIND_Q4_1, w, x, rows, y, s);
+                span_one_row(KIND_Q4_1, w, x, y, s);
             else
-                span_small(KIND_Q8_0, w, x, rows, y, s);
+                span_one_row(KIND_Q8_0, w, x, y, s);
         }
     } else if (rows <= FEW_ROWS) {
 #pragma omp for schedule(static)

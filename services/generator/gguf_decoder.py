@@ -11,14 +11,14 @@ No library does this: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minim
 point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU kernel is
 scalar on AVX2; llama.cpp quantizes the activations too, which changes the answers.
 
-The library is compiled once per source and machine with the system's C compiler (AVX2, FMA and
-OpenMP); without one of them the runner decodes with ONNX Runtime, as before."""
+The library is compiled once per source into the cache with the system's C compiler (AVX2, FMA,
+OpenMP and glibc's libmvec), and the packed blocks are saved there once too; without a compiler or
+those instructions the runner decodes with ONNX Runtime, as before."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
@@ -47,9 +45,6 @@ class _Matrix(ctypes.Structure):
         ("k", ctypes.c_int),
         ("data", ctypes.c_void_p),
     ]
-
-
-_FloatPointer = ctypes.POINTER(ctypes.c_float)
 
 
 class _Model(ctypes.Structure):
@@ -133,20 +128,6 @@ def pack(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
         grouped = per_row.reshape(spans, SPAN, OCTET, blocks).transpose(0, 3, 1, 2)
         parts.append(np.ascontiguousarray(grouped).view(np.uint8).reshape(spans, blocks, -1))
     return np.ascontiguousarray(np.concatenate(parts, axis=-1))
-
-
-def dequantize(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """The fp32 values of GGUF blocks, computed as the GGUF readers compute them."""
-    blocks = columns // BLOCK
-    if kind == "Q4_1":
-        raw = raw.reshape(rows, blocks, 20)
-        scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
-        minimum = raw[..., 2:4].copy().view(np.float16).astype(np.float32)
-        q = np.concatenate([raw[..., 4:20] & 15, raw[..., 4:20] >> 4], axis=-1).astype(np.float32)
-        return (scale * q + minimum).reshape(rows, columns)
-    raw = raw.reshape(rows, blocks, 34)
-    scale = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
-    return (scale * raw[..., 2:34].copy().view(np.int8).astype(np.float32)).reshape(rows, columns)
 
 
 def unpermute_rows(rows: int, heads: int) -> np.ndarray:

@@ -312,7 +312,7 @@ def _gguf_decoder(spec: LoadSpec, gguf: Path, config: dict[str, Any], onnx_folde
         return None
     try:
         return GgufDecoder(gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads)
-    except DecoderUnavailable as error:
+    except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
         if spec.decode_kernel == "gguf":
             raise ModelLoadError(
                 f"--decode-kernel gguf cannot run: {error}; use --decode-kernel onnx"

@@ -70,7 +70,7 @@ class GeneratorConfig:
         metadata={
             "help": "ONNX backend at fp32 on a GGUF model: gguf decodes straight from the file's "
             "Q4_1/Q8_0 blocks, dequantized in registers to the very weights ONNX Runtime multiplies "
-            "(a seventh of the bytes per token: about 2x faster on one stream; prompts still prefill "
+            "(a seventh of the bytes per token: about 2.5x faster on one stream; prompts still prefill "
             "in ONNX Runtime); it is compiled once with the system C compiler (AVX2, FMA, OpenMP). "
             "onnx decodes in ONNX Runtime. auto: gguf where it can run, else onnx"
         },

@@ -344,6 +344,8 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
     float *qkv = attn + (size_t)padded * m->hidden, *gu = qkv + (size_t)padded * qkv_width;
     float *act = gu + (size_t)padded * 2 * m->inter;
     float *probs = act + (size_t)padded * widest;
+    /* The tiles read the padding rows too (and drop their sums): zeros keep NaNs and slow
+     * denormals out of them. */
     memset(work, 0, activation_floats(m, rows) * sizeof(float));
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < m->hidden; i++) x[(size_t)r * m->hidden + i] = dequantized(&m->embed, (int)tokens[r], i);

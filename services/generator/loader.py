@@ -11,11 +11,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from services.generator.runner import ModelFacts, Runner
+
+if TYPE_CHECKING:
+    from services.generator.gguf_decoder import GgufDecoder
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +261,12 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
     from services.generator.onnx_runner import OnnxBuildError, OnnxRunner, build_onnx_model
 
     _check_onnx(spec)
-    if spec.decode_kernel == "gguf" and (spec.onnx_precision != "fp32" or not _gguf_of(spec)):
+    folder, gguf, model_id = locate(spec.model, spec.gguf_file)
+    if spec.decode_kernel == "gguf" and (spec.onnx_precision != "fp32" or not gguf):
         raise ModelLoadError(
             "--decode-kernel gguf decodes from a GGUF model's own blocks at --onnx-precision fp32; "
             "use --decode-kernel onnx (or auto) for this model"
         )
-    folder, gguf, model_id = locate(spec.model, spec.gguf_file)
     source = str(Path(folder) / gguf) if gguf else folder
     started = time.monotonic()
     log.info("loading %s with ONNX Runtime (%s weights, CPU)", source, spec.onnx_precision)
@@ -299,11 +302,9 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
     return LoadedModel(runner, tokenizer, model_id, source, precision, "cpu")
 
 
-def _gguf_of(spec: LoadSpec) -> str:
-    return locate(spec.model, spec.gguf_file)[1]
-
-
-def _gguf_decoder(spec: LoadSpec, gguf: Path, config: dict[str, Any], onnx_folder: Path) -> Any:
+def _gguf_decoder(
+    spec: LoadSpec, gguf: Path, config: dict[str, Any], onnx_folder: Path
+) -> GgufDecoder | None:
     """The GGUF block decoder for --decode-kernel gguf or auto, or None (onnx, or auto where it
     cannot run here, which is logged)."""
     from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder, rotary_tables

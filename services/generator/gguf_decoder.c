@@ -430,10 +430,14 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
 
 /* Y[rows, n] = X[rows, k] . W^T alone, for tests and benchmarks of the kernel. */
 void matmul_only(const Matrix *w, const float *x, int rows, float *y, int threads) {
+    int padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    float *whole_tiles = calloc((size_t)padded * w->k, sizeof(float));
+    memcpy(whole_tiles, x, sizeof(float) * (size_t)rows * w->k);
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = malloc(sizeof(float) * scratch_floats_for((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS));
-        matmul(w, x, rows, y, scratch);
+        float *scratch = malloc(sizeof(float) * scratch_floats_for(padded));
+        matmul(w, whole_tiles, rows, y, scratch);
         free(scratch);
     }
+    free(whole_tiles);
 }

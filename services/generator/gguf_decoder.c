@@ -1,14 +1,21 @@
 /* One decode step of a Llama-architecture model whose weights stay in their GGUF blocks (Q4_1 and
- * Q8_0), dequantized to fp32 inside the registers: the same weights and fp32 activations as the
- * ONNX fp32 model, with a seventh of its bytes to read per token.
+ * Q8_0), with a seventh of the fp32 ONNX model's bytes to read per token. A matrix is multiplied in
+ * one of two ways, chosen when it is packed:
  *
- * A product takes one of three paths by the number of rows: one row dequantizes in registers as
- * it streams the weights (memory-bound: prefetched ahead), a few rows share each dequantized block,
- * many rows run tiles of TILE_ROWS over a dequantized chunk (compute-bound). On every path each
- * output element is one fused multiply-add chain over the inner dimension, in order, however the
- * work is split between threads: a row's logits do not depend on the rows decoded beside it.
- * Built by gguf_decoder.py with the machine's C compiler (AVX2, FMA, OpenMP, glibc's libmvec); no
- * -ffast-math, which would let the compiler reorder those chains. */
+ * fp32 activations: the blocks are dequantized to fp32 inside the registers, the very weights the
+ * ONNX fp32 model multiplies. A product takes one of three paths by the number of rows: one row
+ * dequantizes in registers as it streams the weights (memory-bound: prefetched ahead), a few rows
+ * share each dequantized block, many rows run tiles of TILE_ROWS over a dequantized chunk
+ * (compute-bound). On every path each output element is one fused multiply-add chain over the inner
+ * dimension, in order, however the work is split between threads.
+ *
+ * int8 activations (Q4_1 only, KIND_Q4_1_INT8): each row's inputs are quantized to 8 bits and the
+ * blocks multiplied in integers, as llama.cpp multiplies them; one tile function serves every row
+ * count, and each output's float sum follows the blocks in order.
+ *
+ * Either way a row's logits do not depend on the rows decoded beside it. Built by gguf_decoder.py
+ * with the machine's C compiler (AVX2, FMA, OpenMP, glibc's libmvec); no -ffast-math, which would
+ * let the compiler reorder those sums. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -16,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1 };
+enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2 };
 #define BLOCK 32   /* weights per GGUF block, along the inner dimension */
 #define OCTET 8    /* output rows interleaved in one packed group: one AVX2 vector */
 #define SPAN 8     /* octets one small-batch task accumulates at once (8 vectors) */
@@ -214,11 +221,109 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
     }
 }
 
+/* With 8-bit activations (KIND_Q4_1_INT8), as llama.cpp multiplies Q4_1 blocks: each row's inputs
+ * are quantized 32 at a time (x ~ d * q, q in [-127, 127], with s = d * sum(q)), and a block's
+ * product is d_w * d * sum(q_w * q) + m_w * s, its integer sum exact (maddubs pairs, 16-bit sums
+ * below 2^15, since q_w <= 15). Packed per octet and block, one 192-byte record: four 32-byte
+ * vectors of 4-bit values (vector h: byte 4 * lane + j holds input 8h + j of that lane's output in
+ * its low half and input 8h + 4 + j in its high half), then the octet's 8 scales and 8 minimums. */
+#define INT8_RECORD 192
+#define INT8_ROWS 3    /* rows of one tile (3 x 4 measured fastest of 3-4 x 2-4 here) */
+#define INT8_OCTETS 4  /* octets of one tile: n is a multiple of 64, so octets of 4 */
+
+typedef struct {
+    int8_t *q;     /* [rows, k] */
+    float *d, *s;  /* [rows, k / BLOCK] */
+} Quantized;
+
+/* The rows' inputs quantized per block of 32 (round to nearest even, as llama.cpp's AVX2 code). */
+static void quantize_row(const float *x, int k, int8_t *q, float *d, float *s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < k / BLOCK; b++) {
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + b * BLOCK + 8 * j);
+            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_max_ss(half, _mm_movehdup_ps(half));
+        float amax = _mm_cvtss_f32(half), scale = amax / 127.0f, inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m256i n[4];
+        for (int j = 0; j < 4; j++)
+            n[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(inverse)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_hadd_epi32(t, t);
+        t = _mm_hadd_epi32(t, t);
+        /* packs interleave the 128-bit lanes; the permute puts the 32 values back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * BLOCK), packed);
+        d[b] = scale;
+        s[b] = scale * (float)_mm_cvtsi128_si32(t);
+    }
+}
+
+/* y for R rows from r0 and G octets from o0: per block, the integer sums of every (row, octet),
+ * then two fused multiply-adds into its float sum, in block order whatever R and G are. */
+ALWAYS_INLINE void int8_tile(const Matrix *w, const Quantized *x, int R, int G, int r0, int o0, float *y) {
+    const int k = w->k, blocks = k / BLOCK;
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 sum[INT8_ROWS][INT8_OCTETS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < G; c++) sum[r][c] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256i acc[INT8_ROWS][INT8_OCTETS];
+        for (int h = 0; h < 4; h++)
+            for (int c = 0; c < G; c++) {
+                __m256i nibbles = _mm256_loadu_si256((const __m256i *)(w->data + ((size_t)(o0 + c) * blocks + b) * INT8_RECORD + 32 * h));
+                __m256i first = _mm256_and_si256(nibbles, low), second = _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *q = x->q + (size_t)(r0 + r) * k + b * BLOCK + 8 * h;
+                    __m256i part = _mm256_add_epi16(_mm256_maddubs_epi16(first, _mm256_set1_epi32(*(const int32_t *)q)),
+                                                    _mm256_maddubs_epi16(second, _mm256_set1_epi32(*(const int32_t *)(q + 4))));
+                    acc[r][c] = h == 0 ? part : _mm256_add_epi16(acc[r][c], part);
+                }
+            }
+        for (int c = 0; c < G; c++) {
+            const float *scales = (const float *)(w->data + ((size_t)(o0 + c) * blocks + b) * INT8_RECORD + 128);
+            __m256 scale = _mm256_loadu_ps(scales), minimum = _mm256_loadu_ps(scales + OCTET);
+            for (int r = 0; r < R; r++) {
+                size_t at = (size_t)(r0 + r) * blocks + b;
+                __m256 products = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][c], ones));
+                sum[r][c] = _mm256_fmadd_ps(products, _mm256_mul_ps(scale, _mm256_broadcast_ss(x->d + at)), sum[r][c]);
+                sum[r][c] = _mm256_fmadd_ps(minimum, _mm256_broadcast_ss(x->s + at), sum[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < G; c++) _mm256_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + c) * OCTET, sum[r][c]);
+}
+
+/* Every tile of INT8_OCTETS octets from o0, rows in tiles of INT8_ROWS and one tile of the rest. */
+static void int8_octets(const Matrix *w, const Quantized *x, int rows, int o0, float *y) {
+    int r0 = 0;
+    for (; r0 + INT8_ROWS <= rows; r0 += INT8_ROWS) int8_tile(w, x, INT8_ROWS, INT8_OCTETS, r0, o0, y);
+    switch (rows - r0) {
+        case 2: int8_tile(w, x, 2, INT8_OCTETS, r0, o0, y); break;
+        case 1: int8_tile(w, x, 1, INT8_OCTETS, r0, o0, y); break;
+        default: break;
+    }
+}
+
 /* Called inside a parallel region by every thread; the work is split by octets (n is a multiple
  * of SPAN * OCTET, checked when the weights are packed). */
-static void matmul(const Matrix *w, const float *x, int rows, float *y, float *scratch) {
+static void matmul(const Matrix *w, const float *x, int rows, float *y, float *scratch, const Quantized *quantized) {
     int octets = w->n / OCTET;
-    if (rows == 1) {
+    if (w->kind == KIND_Q4_1_INT8) {
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++)
+            quantize_row(x + (size_t)r * w->k, w->k, quantized->q + (size_t)r * w->k, quantized->d + (size_t)r * (w->k / BLOCK),
+                         quantized->s + (size_t)r * (w->k / BLOCK));
+#pragma omp for schedule(static)
+        for (int o = 0; o < octets; o += INT8_OCTETS) int8_octets(w, quantized, rows, o, y);
+    } else if (rows == 1) {
 #pragma omp for schedule(static)
         for (int s = 0; s < octets; s += SPAN) {
             if (w->kind == KIND_Q4_1)
@@ -319,12 +424,20 @@ static void rotate(float *v, const float *cosines, const float *sines, int half)
     }
 }
 
+/* Room for `rows` rows of k inputs quantized to 8 bits, with their scales and sums, in floats. */
+static size_t quantized_floats(int rows, int k) { return (size_t)rows * ((size_t)k / 4 + 2 * (size_t)(k / BLOCK)); }
+
+static Quantized quantized_in(float *room, int rows, int k) {
+    Quantized quantized = {(int8_t *)room, room + (size_t)rows * k / 4, room + (size_t)rows * k / 4 + (size_t)rows * (k / BLOCK)};
+    return quantized;
+}
+
 /* Activations of `rows` rows (padded to whole tiles), then attention weights up to `capacity`. */
 static size_t activation_floats(const Model *m, int rows) {
     size_t padded = (size_t)((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS);
     size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
-    size_t widest = (size_t)(m->hidden > m->inter ? m->hidden : m->inter);
-    return padded * ((size_t)m->hidden * 3 + qkv + 2 * (size_t)m->inter + widest);
+    int widest = m->hidden > m->inter ? m->hidden : m->inter;
+    return padded * ((size_t)m->hidden * 3 + qkv + 2 * (size_t)m->inter + (size_t)widest) + quantized_floats(rows, widest);
 }
 
 size_t workspace_floats(const Model *m, int rows, int capacity) {
@@ -343,7 +456,8 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
     float *x = work, *h = x + (size_t)padded * m->hidden, *attn = h + (size_t)padded * m->hidden;
     float *qkv = attn + (size_t)padded * m->hidden, *gu = qkv + (size_t)padded * qkv_width;
     float *act = gu + (size_t)padded * 2 * m->inter;
-    float *probs = act + (size_t)padded * widest;
+    Quantized quantized = quantized_in(act + (size_t)padded * widest, rows, widest);
+    float *probs = act + (size_t)padded * widest + quantized_floats(rows, widest);
     /* The tiles read the padding rows too (and drop their sums): zeros keep NaNs and slow
      * denormals out of them. */
     memset(work, 0, activation_floats(m, rows) * sizeof(float));
@@ -358,7 +472,7 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++)
                 rms_norm(x + (size_t)r * m->hidden, m->attn_norm[l], m->hidden, m->eps, h + (size_t)r * m->hidden);
-            matmul(&m->qkv[l], h, rows, qkv, scratch);
+            matmul(&m->qkv[l], h, rows, qkv, scratch, &quantized);
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
                 float *q = qkv + (size_t)r * qkv_width, *k = q + m->heads * hd, *v = k + m->kv_heads * hd;
@@ -394,14 +508,14 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
                             _mm256_storeu_ps(o + i, _mm256_fmadd_ps(weight, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
                     }
                 }
-            matmul(&m->out[l], attn, rows, act, scratch);
+            matmul(&m->out[l], attn, rows, act, scratch, &quantized);
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
                 float *xr = x + (size_t)r * m->hidden;
                 for (int i = 0; i < m->hidden; i++) xr[i] += act[(size_t)r * m->hidden + i];
                 rms_norm(xr, m->ffn_norm[l], m->hidden, m->eps, h + (size_t)r * m->hidden);
             }
-            matmul(&m->gate_up[l], h, rows, gu, scratch);
+            matmul(&m->gate_up[l], h, rows, gu, scratch, &quantized);
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
                 const float *g = gu + (size_t)r * 2 * m->inter, *u = g + m->inter;
@@ -413,7 +527,7 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
                     _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
                 }
             }
-            matmul(&m->down[l], act, rows, attn, scratch);
+            matmul(&m->down[l], act, rows, attn, scratch, &quantized);
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
                 float *xr = x + (size_t)r * m->hidden;
@@ -423,7 +537,7 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)
             rms_norm(x + (size_t)r * m->hidden, m->final_norm, m->hidden, m->eps, h + (size_t)r * m->hidden);
-        matmul(&m->embed, h, rows, logits, scratch);
+        matmul(&m->embed, h, rows, logits, scratch, &quantized);
         free(scratch);
     }
 }
@@ -433,11 +547,14 @@ void matmul_only(const Matrix *w, const float *x, int rows, float *y, int thread
     int padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     float *whole_tiles = calloc((size_t)padded * w->k, sizeof(float));
     memcpy(whole_tiles, x, sizeof(float) * (size_t)rows * w->k);
+    float *room = malloc(sizeof(float) * quantized_floats(rows, w->k));
+    Quantized quantized = quantized_in(room, rows, w->k);
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats_for(padded));
-        matmul(w, whole_tiles, rows, y, scratch);
+        matmul(w, whole_tiles, rows, y, scratch, &quantized);
         free(scratch);
     }
+    free(room);
     free(whole_tiles);
 }

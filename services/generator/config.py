@@ -68,11 +68,10 @@ class GeneratorConfig:
     decode_kernel: Literal["auto", "gguf", "onnx"] = field(
         default="auto",
         metadata={
-            "help": "ONNX backend at fp32 on a GGUF model: gguf decodes straight from the file's "
-            "Q4_1/Q8_0 blocks, dequantized in registers to the very weights ONNX Runtime multiplies "
-            "(a seventh of the bytes per token: about 2.5x faster on one stream; prompts still prefill "
-            "in ONNX Runtime); it is compiled once with the system C compiler (AVX2, FMA, OpenMP). "
-            "onnx decodes in ONNX Runtime. auto: gguf where it can run, else onnx"
+            "help": "ONNX backend at fp32 on a GGUF model: gguf computes prompts and decode steps "
+            "straight from the file's Q4_1/Q8_0 blocks (a seventh of the bytes per token; see "
+            "--decode-activations); it is compiled once with the system C compiler (AVX2, FMA, "
+            "OpenMP). onnx prefills and decodes in ONNX Runtime. auto: gguf where it can run, else onnx"
         },
     )
     decode_activations: Literal["auto", "fp32", "int8"] = field(
@@ -83,7 +82,7 @@ class GeneratorConfig:
             "same file: faster at every stream count; teacher-forced, 98 in 100 greedy tokens match "
             "fp32's) or fp32 (the fp32 inputs, as transformers and the ONNX model compute). auto: "
             "int8 where the GGUF decoder runs. int8 stops start-up where the decoder cannot run; the "
-            "output head (Q8_0) and prompts (ONNX Runtime) stay fp32"
+            "output head (Q8_0) stays fp32"
         },
     )
     prefix_cache_mib: int = field(

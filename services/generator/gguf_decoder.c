@@ -1,5 +1,5 @@
-/* One decode step of a Llama-architecture model whose weights stay in their GGUF blocks (Q4_1 and
- * Q8_0), with a seventh of the fp32 ONNX model's bytes to read per token. A matrix is multiplied in
+/* Prompts and decode steps of a Llama-architecture model whose weights stay in their GGUF blocks
+ * (Q4_1 and Q8_0), with a seventh of the fp32 ONNX model's bytes to read per token (see forward()). A matrix is multiplied in
  * one of two ways, chosen when it is packed:
  *
  * fp32 activations: the blocks are dequantized to fp32 inside the registers, the very weights the
@@ -432,7 +432,7 @@ static Quantized quantized_in(float *room, int rows, int k) {
     return quantized;
 }
 
-/* Activations of `rows` rows (padded to whole tiles), then attention weights up to `capacity`. */
+/* Activations of `rows` rows (padded to whole tiles) and their 8-bit copies. */
 static size_t activation_floats(const Model *m, int rows) {
     size_t padded = (size_t)((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS);
     size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
@@ -440,16 +440,18 @@ static size_t activation_floats(const Model *m, int rows) {
     return padded * ((size_t)m->hidden * 3 + qkv + 2 * (size_t)m->inter + (size_t)widest) + quantized_floats(rows, widest);
 }
 
-size_t workspace_floats(const Model *m, int rows, int capacity) {
-    return activation_floats(m, rows) + (size_t)rows * m->heads * capacity;
-}
+size_t workspace_floats(const Model *m, int rows) { return activation_floats(m, rows); }
 
-/* One token for each of `rows` rows: embeds tokens[r] at position lengths[r], appends its keys and
- * values at that position of the row's cache ([buffer_rows, kv_heads, capacity, head_dim] per
- * layer, keys then values), attends over positions 0..lengths[r], and writes the next logits
- * [rows, vocab]. `work` holds workspace_floats(rows, capacity) floats. */
-void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *lengths, float *const *keys,
-            float *const *values, int capacity, float *logits, float *work, int threads) {
+/* One token for each of `rows` rows: row r embeds tokens[r] at position positions[r] of cache row
+ * cache_rows[r] ([buffer_rows, kv_heads, capacity, head_dim] per layer, keys then values), appends
+ * its keys and values there and attends over positions 0..positions[r] of that cache row, and the
+ * rows listed in output_rows write their next logits [outputs, vocab]. A decode step is one row per
+ * sequence; a prompt is one row per token on its sequence's cache row (every row's keys and values
+ * are written before any row attends, so its tokens see each other causally), with logits for its
+ * last token. `work` holds workspace_floats(rows) floats. */
+void forward(const Model *m, int rows, const int64_t *tokens, const int64_t *positions, const int64_t *cache_rows,
+             float *const *keys, float *const *values, int capacity, int outputs, const int64_t *output_rows,
+             float *logits, float *work, int threads) {
     int padded = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     int hd = m->head_dim, half = hd / 2, group = m->heads / m->kv_heads;
     int qkv_width = (m->heads + 2 * m->kv_heads) * hd, widest = m->hidden > m->inter ? m->hidden : m->inter;
@@ -457,7 +459,6 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
     float *qkv = attn + (size_t)padded * m->hidden, *gu = qkv + (size_t)padded * qkv_width;
     float *act = gu + (size_t)padded * 2 * m->inter;
     Quantized quantized = quantized_in(act + (size_t)padded * widest, rows, widest);
-    float *probs = act + (size_t)padded * widest + quantized_floats(rows, widest);
     /* The tiles read the padding rows too (and drop their sums): zeros keep NaNs and slow
      * denormals out of them. */
     memset(work, 0, activation_floats(m, rows) * sizeof(float));
@@ -467,6 +468,7 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats);
+        float *probs = malloc(sizeof(float) * (size_t)capacity);
         for (int l = 0; l < m->layers; l++) {
             size_t plane = (size_t)capacity * hd;
 #pragma omp for schedule(static)
@@ -476,12 +478,12 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
                 float *q = qkv + (size_t)r * qkv_width, *k = q + m->heads * hd, *v = k + m->kv_heads * hd;
-                int pos = (int)lengths[r];
+                int pos = (int)positions[r];
                 const float *c = m->cos_cache + (size_t)pos * half, *s = m->sin_cache + (size_t)pos * half;
                 for (int head = 0; head < m->heads; head++) rotate(q + head * hd, c, s, half);
                 for (int head = 0; head < m->kv_heads; head++) {
                     rotate(k + head * hd, c, s, half);
-                    size_t at = ((size_t)r * m->kv_heads + head) * plane + (size_t)pos * hd;
+                    size_t at = ((size_t)cache_rows[r] * m->kv_heads + head) * plane + (size_t)pos * hd;
                     memcpy(keys[l] + at, k + head * hd, sizeof(float) * hd);
                     memcpy(values[l] + at, v + head * hd, sizeof(float) * hd);
                 }
@@ -490,10 +492,10 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
             for (int r = 0; r < rows; r++)
                 for (int head = 0; head < m->heads; head++) {
                     const float *q = qkv + (size_t)r * qkv_width + head * hd;
-                    size_t base = ((size_t)r * m->kv_heads + head / group) * plane;
+                    size_t base = ((size_t)cache_rows[r] * m->kv_heads + head / group) * plane;
                     const float *kk = keys[l] + base, *vv = values[l] + base;
-                    float *p = probs + ((size_t)r * m->heads + head) * capacity;
-                    int total = (int)lengths[r] + 1;
+                    float *p = probs;
+                    int total = (int)positions[r] + 1;
                     float top = -INFINITY, sum = 0.0f;
                     scores_of(q, kk, total, hd, m->scale, p);
                     for (int t = 0; t < total; t++) top = p[t] > top ? p[t] : top;
@@ -534,10 +536,19 @@ void decode(const Model *m, int rows, const int64_t *tokens, const int64_t *leng
                 for (int i = 0; i < m->hidden; i++) xr[i] += attn[(size_t)r * m->hidden + i];
             }
         }
+        /* The head runs on the output rows only, gathered into h's first rows (zeros after them up
+         * to a whole tile, as above). */
+        int padded_outputs = (outputs + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
 #pragma omp for schedule(static)
-        for (int r = 0; r < rows; r++)
-            rms_norm(x + (size_t)r * m->hidden, m->final_norm, m->hidden, m->eps, h + (size_t)r * m->hidden);
-        matmul(&m->embed, h, rows, logits, scratch, &quantized);
+        for (int i = 0; i < padded_outputs; i++) {
+            float *out = h + (size_t)i * m->hidden;
+            if (i < outputs)
+                rms_norm(x + (size_t)output_rows[i] * m->hidden, m->final_norm, m->hidden, m->eps, out);
+            else
+                memset(out, 0, sizeof(float) * m->hidden);
+        }
+        matmul(&m->embed, h, outputs, logits, scratch, &quantized);
+        free(probs);
         free(scratch);
     }
 }

@@ -1,5 +1,5 @@
-"""Decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks (gguf_decoder.c), for the ONNX
-runner's fp32 model exported from the same file.
+"""Prompts and decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks (gguf_decoder.c), for
+the ONNX runner's fp32 model exported from the same file.
 
 The fp32 weights ONNX Runtime multiplies are those blocks dequantized (scale * q + minimum, in
 fp32). With fp32 activations the C kernel dequantizes the same blocks in registers to the same
@@ -7,8 +7,9 @@ values, so a decode step computes what the ONNX model computes, up to summation 
 96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
 the Q4_1 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32 values: the
 same bytes to read and about half the arithmetic, at llama.cpp's accuracy. A lone stream waits on
-those bytes. Prompts still prefill in ONNX Runtime at fp32 (they are compute-bound), into the KV
-cache layout both share.
+those bytes; many streams and prompts on the arithmetic. A prompt is prefilled by the same kernel,
+one row per token, into the KV cache layout the ONNX model uses: a token gets the numbers it would
+get decoded on its own, so a prompt continuing a cached prefix is exact with one token to compute.
 
 No library does the fp32 path: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an
 integer zero point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU
@@ -39,6 +40,8 @@ LIBRARIES = ("-lmvec",)  # glibc's vector expf
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 Q4_1_INT8 = 2  # Q4_1 blocks repacked for 8-bit activations (int8_layout)
 ACTIVATIONS = ("fp32", "int8")
+# Prompt tokens per kernel call: bounds the workspace (about 30 KB a token for SmolLM2-135M).
+PREFILL_ROWS = 512
 BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout, as in gguf_decoder.c (LAYOUT below)
 
 
@@ -109,8 +112,8 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
         partial.rename(target)
     library = ctypes.CDLL(str(target))
     library.workspace_floats.restype = ctypes.c_size_t
-    library.workspace_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int]
-    library.decode.restype = None
+    library.workspace_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
+    library.forward.restype = None
     library.matmul_only.restype = None
     return library
 
@@ -321,34 +324,66 @@ class GgufDecoder:
         self.vocab = embed.n
         self._work = np.zeros(0, np.float32)
 
-    def decode(
-        self, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray, tokens: np.ndarray
+    def forward(
+        self,
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+        cache_rows: np.ndarray,
+        positions: np.ndarray,
+        tokens: np.ndarray,
+        output_rows: np.ndarray,
     ) -> np.ndarray:
-        """Next logits [rows, vocab] after appending `tokens` at `lengths` in each row's cache."""
-        rows, capacity = len(lengths), int(keys[0].shape[2])
-        if int(lengths.max()) >= min(capacity, self.model.max_pos):
+        """Token r at positions[r] of cache row cache_rows[r], its keys and values written there;
+        the logits [len(output_rows), vocab] of the rows listed (see forward() in the C source)."""
+        rows, capacity = len(tokens), int(keys[0].shape[2])
+        if rows and int(positions.max()) >= min(capacity, self.model.max_pos):
             raise ValueError("a row has no room left in its cache")
-        needed = self.library.workspace_floats(ctypes.byref(self.model), rows, capacity)
+        needed = self.library.workspace_floats(ctypes.byref(self.model), rows)
         if self._work.size < needed:
             self._work = np.zeros(needed, np.float32)
-        logits = np.empty((rows, self.vocab), np.float32)
-        tokens64 = np.ascontiguousarray(tokens, dtype=np.int64)
-        lengths64 = np.ascontiguousarray(lengths, dtype=np.int64)
+        logits = np.empty((len(output_rows), self.vocab), np.float32)
+        arrays = [
+            np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, positions, cache_rows, output_rows)
+        ]
         key_pointers = (ctypes.c_void_p * len(keys))(*(k.ctypes.data for k in keys))
         value_pointers = (ctypes.c_void_p * len(values))(*(v.ctypes.data for v in values))
-        self.library.decode(
+        self.library.forward(
             ctypes.byref(self.model),
             ctypes.c_int(rows),
-            tokens64.ctypes.data_as(ctypes.c_void_p),
-            lengths64.ctypes.data_as(ctypes.c_void_p),
+            *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays[:3]),
             key_pointers,
             value_pointers,
             ctypes.c_int(capacity),
+            ctypes.c_int(len(output_rows)),
+            arrays[3].ctypes.data_as(ctypes.c_void_p),
             logits.ctypes.data_as(ctypes.c_void_p),
             self._work.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_int(self.threads),
         )
         return logits
+
+    def decode(
+        self, keys: list[np.ndarray], values: list[np.ndarray], lengths: np.ndarray, tokens: np.ndarray
+    ) -> np.ndarray:
+        """Next logits [rows, vocab] after appending `tokens` at `lengths` in each row's cache."""
+        every = np.arange(len(lengths))
+        return self.forward(keys, values, every, lengths, tokens, every)
+
+    def prefill(
+        self, keys: list[np.ndarray], values: list[np.ndarray], prompts: list[tuple[int, int, list[int]]]
+    ) -> np.ndarray:
+        """Each (cache row, start, tokens) appends its tokens from position `start` of its cache
+        row (positions before `start` already hold keys and values); the logits [prompts, vocab]
+        after each prompt's last token. PREFILL_ROWS tokens at a time, in order, so that a later
+        piece attends to the keys and values an earlier one wrote."""
+        rows = [(row, start + i, token) for row, start, tokens in prompts for i, token in enumerate(tokens)]
+        last = set(np.cumsum([len(tokens) for _, _, tokens in prompts]) - 1)
+        pieces = []
+        for at in range(0, len(rows), PREFILL_ROWS):
+            piece = np.asarray(rows[at : at + PREFILL_ROWS], np.int64).reshape(-1, 3)
+            outputs = np.asarray([i for i in range(len(piece)) if at + i in last], np.int64)
+            pieces.append(self.forward(keys, values, piece[:, 0], piece[:, 1], piece[:, 2], outputs))
+        return np.concatenate(pieces)
 
     def matmul(self, key: str, x: np.ndarray) -> np.ndarray:
         """x [rows, k] . W^T for one packed matrix (say "gate_up.3"), with the kernel alone."""

@@ -16,9 +16,9 @@ present share it), so a decode step copies no cache; the mask tells the op each 
 the position of its new token. Rows past the live ones are scratch: they decode a pad token at
 position 0 and are never read.
 
-At fp32 on a GGUF model, decode steps are taken by the GGUF block decoder (gguf_decoder.py) where it
-can run: the same weights, read from the file's 4-bit blocks, into the same buffers; prompts still
-prefill here."""
+At fp32 on a GGUF model, the GGUF block decoder (gguf_decoder.py) takes the prompts and the decode
+steps where it can run: the same weights, read from the file's 4-bit blocks, into the same buffers
+(a join's prompts in one pass, a row per token); ONNX Runtime then only stands by."""
 
 from __future__ import annotations
 
@@ -55,8 +55,12 @@ HEADROOM = 64
 MIN_DECODE_ROWS = {"fp32": 1, "int8": 2, "int4": 2}
 # A prompt continuing a cached prefix computes two tokens at least: one token would take the
 # attention op's decode path (and int8's one-row kernel), whose logits differ from a full prefill's
-# (by 3e-5 at fp32, 0.7 at int8); from two tokens on they are identical.
+# (by 3e-5 at fp32, 0.7 at int8); from two tokens on they are identical. The GGUF block decoder
+# computes a prompt's token as it decodes one, so one is exact there.
 PREFIX_FRESH_TOKENS = 2
+# A prompt sharing this many more tokens with a prompt of the same join than with the prefix cache
+# waits for that prompt's keys and values (the GGUF decoder prefills a join's prompts together).
+SHARED_IN_JOIN = 16
 
 
 # Logits of a prompt's last position only: the runner reads no other, and the head over every
@@ -154,9 +158,8 @@ class OnnxRunner:
         self.facts = facts
         self.min_decode_rows = MIN_DECODE_ROWS[precision]
         self.decoder = decoder
-        self.prefix_cache = (
-            PrefixCache(prefix_cache_mib << 20, PREFIX_FRESH_TOKENS) if prefix_cache_mib else None
-        )
+        fresh = 1 if decoder is not None else PREFIX_FRESH_TOKENS
+        self.prefix_cache = PrefixCache(prefix_cache_mib << 20, fresh) if prefix_cache_mib else None
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -199,11 +202,13 @@ class OnnxRunner:
         return logits[:, -1, :]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, OnnxBatch]:
+        batch = self._empty(len(prompts), max(len(p) for p in prompts) + HEADROOM, self.min_decode_rows)
+        if self.decoder is not None:
+            return self._prefill_with_decoder(prompts, batch, self.decoder), batch
         # One prompt per run: the attention op takes right padding only, so batching prompts of
         # different lengths would waste their padding, and a prompt is matmul-bound already (32
         # prompts of 62 tokens: 3.9 s one by one, 3.7 s as one padded batch with a per-row gather).
         logits: list[np.ndarray] = []
-        batch = self._empty(len(prompts), max(len(p) for p in prompts) + HEADROOM, self.min_decode_rows)
         for row, prompt in enumerate(prompts):
             # A row of the batch's buffers is one contiguous block, so each prompt runs on its own
             # row in place and the batch needs no copying together afterwards.
@@ -212,21 +217,58 @@ class OnnxRunner:
                 [v[row : row + 1] for v in batch.values],
                 batch.lengths[row : row + 1],
             )
-            cache = self.prefix_cache
-            cached, entry = cache.longest_prefix(prompt) if cache is not None else (0, None)
-            if entry is not None:
-                # The attention op appends the rest after these positions, as a decode step appends one.
-                for buffers, held in ((state.keys, entry.keys), (state.values, entry.values)):
-                    for layer, array in enumerate(held):
-                        buffers[layer][0, :, :cached] = array[:, :cached]
+            cached = self._reuse_prefix(batch, row, prompt)
             ids = np.asarray([list(prompt[cached:])], dtype=np.int64)
             logits.append(self._run(state, ids, np.ones((1, len(prompt)), np.int64)))
             batch.lengths[row] = len(prompt)
-            if cache is not None:
-                cache.add(prompt, [k[0] for k in state.keys], [v[0] for v in state.values])
-                metrics.PREFIX_CACHE_QUERIED_TOKENS.inc(len(prompt))
-                metrics.PREFIX_CACHE_HIT_TOKENS.inc(cached)
+            self._remember(batch, row, prompt, cached)
         return torch.from_numpy(np.concatenate(logits)), batch
+
+    def _prefill_with_decoder(
+        self, prompts: Sequence[Sequence[int]], batch: OnnxBatch, decoder: GgufDecoder
+    ) -> torch.Tensor:
+        """Every prompt's tokens through the block decoder in one pass per group: a prompt that
+        shares much more with an earlier prompt of the group than with the cache (a burst of chats
+        with the same system prompt on a cold cache) starts a new group after that prompt is cached."""
+        logits: list[np.ndarray] = [np.empty(0, np.float32)] * len(prompts)
+        group: list[tuple[int, int]] = []  # (row, cached)
+
+        def run_group() -> None:
+            pieces = [(row, cached, list(prompts[row][cached:])) for row, cached in group]
+            computed = decoder.prefill(batch.keys, batch.values, pieces)
+            for (row, cached), row_logits in zip(group, computed, strict=True):
+                logits[row] = row_logits
+                self._remember(batch, row, prompts[row], cached)
+            group.clear()
+
+        for row, prompt in enumerate(prompts):
+            cache = self.prefix_cache
+            if cache is not None and group:
+                hit = cache.longest_prefix(prompt)[0]
+                if any(_common_prefix(prompt, prompts[r]) >= hit + SHARED_IN_JOIN for r, _ in group):
+                    run_group()
+            group.append((row, self._reuse_prefix(batch, row, prompt)))
+            batch.lengths[row] = len(prompt)
+        run_group()
+        return torch.from_numpy(np.stack(logits))
+
+    def _reuse_prefix(self, batch: OnnxBatch, row: int, prompt: Sequence[int]) -> int:
+        """Copy the longest cached prefix of `prompt` into the batch's `row`; its length."""
+        if self.prefix_cache is None:
+            return 0
+        cached, entry = self.prefix_cache.longest_prefix(prompt)
+        if entry is not None:
+            # The rest is appended after these positions, as a decode step appends one.
+            for buffers, held in ((batch.keys, entry.keys), (batch.values, entry.values)):
+                for layer, array in enumerate(held):
+                    buffers[layer][row, :, :cached] = array[:, :cached]
+        return cached
+
+    def _remember(self, batch: OnnxBatch, row: int, prompt: Sequence[int], cached: int) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.add(prompt, [k[row] for k in batch.keys], [v[row] for v in batch.values])
+            metrics.PREFIX_CACHE_QUERIED_TOKENS.inc(len(prompt))
+            metrics.PREFIX_CACHE_HIT_TOKENS.inc(cached)
 
     def decode(self, state: OnnxBatch, tokens: torch.Tensor) -> torch.Tensor:
         rows = len(state.lengths)
@@ -289,3 +331,10 @@ class OnnxRunner:
 
     def beam_search(self, prompt_ids: Sequence[int], settings: BeamSettings) -> list[list[int]]:
         return beam_search(self, prompt_ids, settings)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))

@@ -170,15 +170,17 @@ def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(either_model:
 
 
 def test_a_prompt_prefilled_in_the_kernel_gets_the_numbers_of_decoding_it_token_by_token(
-    either_model: LoadedModel,
+    model: LoadedModel, int8_model: LoadedModel
 ) -> None:
-    """Prompts prefill in the same kernel, a row per token on their sequence's cache row: the
-    logits and keys of seven prompts prefilled together are bit for bit those of each prompt fed
-    one token per decode step, with fp32 or int8 activations."""
-    runner = either_model.runner
-    assert isinstance(runner, OnnxRunner)
-    every = prompts(either_model)
+    """Prompts prefill in the same kernel, a row per token on their sequence's cache row, with fp32
+    activations: the logits and keys of seven prompts prefilled together are bit for bit those of
+    each prompt fed one token per fp32 decode step; with int8 decode steps, prompts still get those
+    fp32 numbers."""
+    runner, int8_runner = model.runner, int8_model.runner
+    assert isinstance(runner, OnnxRunner) and isinstance(int8_runner, OnnxRunner)
+    every = prompts(model)
     together, state = runner.prefill(every)
+    assert torch.equal(int8_runner.prefill(every)[0], together)
     for row, prompt in enumerate(every):
         logits, alone = runner.prefill([prompt[:1]])
         for token in prompt[1:]:

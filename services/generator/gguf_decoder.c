@@ -222,7 +222,8 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
 }
 
 /* With 8-bit activations (KIND_Q4_1_INT8), as llama.cpp multiplies Q4_1 blocks: each row's inputs
- * are quantized 32 at a time (x ~ d * q, q in [-127, 127], with s = d * sum(q)), and a block's
+ * are quantized 32 at a time (x ~ d * q, q in [-127, 127], with s = d * sum(q); d and s stay fp32
+ * where llama.cpp rounds them to fp16), and a block's
  * product is d_w * d * sum(q_w * q) + m_w * s, its integer sum exact (maddubs pairs, 16-bit sums
  * of 16 products each, at most 16 * 15 * 127 < 2^15). Packed per octet and block, one 192-byte record: four 32-byte
  * vectors of 4-bit values (vector h: byte 4 * lane + j holds input 8h + j of that lane's output in
@@ -554,7 +555,8 @@ void forward(const Model *m, int rows, const int64_t *tokens, const int64_t *pos
             else
                 memset(out, 0, sizeof(float) * m->hidden);
         }
-        matmul(&m->embed, h, outputs, logits, scratch, &quantized);
+        if (outputs > 0) /* the same on every thread, so the worksharing inside stays collective */
+            matmul(&m->embed, h, outputs, logits, scratch, &quantized);
         free(probs);
         free(scratch);
     }

@@ -20,7 +20,7 @@ cache and batch.
 
 The library is compiled once per source into the cache with the system's C compiler (AVX2, FMA,
 OpenMP and glibc's libmvec), and the packed blocks are saved there once too; without a compiler or
-those instructions the runner decodes with ONNX Runtime, as before."""
+those instructions the runner prefills and decodes with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ def cached_blocks(
 
 
 class GgufDecoder:
-    """Decode steps of one GGUF Llama model, writing into the ONNX runner's KV buffers."""
+    """Prompts and decode steps of one GGUF Llama model, writing into the ONNX runner's KV buffers."""
 
     def __init__(
         self,
@@ -276,10 +276,11 @@ class GgufDecoder:
         layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
         if hidden % 8 or head_dim % 8 or inter % 8:
             raise DecoderUnavailable("hidden, head and intermediate sizes must be multiples of 8")
+        if heads * head_dim != hidden:
+            raise DecoderUnavailable(f"{heads} heads of {head_dim} do not make the hidden size {hidden}")
         self.library = build_library(cache_dir)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
-        self.activations = activations
         # What decode steps multiply: with int8 activations, the Q4_1 layer matrices repacked (the
         # output head, Q8_0 in llama.cpp's Q4_1 files, keeps fp32 activations). Prompts always
         # take the fp32 blocks: a prompt's quantized activations flipped the greedy answer to
@@ -292,6 +293,8 @@ class GgufDecoder:
                     self.decode_blocks[key] = int8_layout(self.blocks[key])
                     self.decode_blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
                     self.decode_blocks[f"shape.{key}"][0] = Q4_1_INT8
+        repacked = any(self.decode_blocks[key] is not self.blocks[key] for key in self.blocks)
+        self.activations = "int8" if repacked else "fp32"  # a file of Q8_0 layers keeps fp32
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
         self._rotary = (cosines, sines)  # the model structs point into them
         self._tables: list[Any] = []  # and into these
@@ -329,7 +332,7 @@ class GgufDecoder:
             )
 
         self.prompt_model = model_of(self.blocks)
-        self.model = model_of(self.decode_blocks) if activations == "int8" else self.prompt_model
+        self.model = model_of(self.decode_blocks) if repacked else self.prompt_model
         # The decode steps' kernel alone, for tests and benchmarks.
         self.matrix: Callable[[str], _Matrix] = lambda key: matrix_of(self.decode_blocks, key)
         self.vocab = int(self.blocks["shape.embed"][1])
@@ -350,6 +353,10 @@ class GgufDecoder:
         rows, capacity = len(tokens), int(keys[0].shape[2])
         if rows and int(positions.max()) >= min(capacity, model.max_pos):
             raise ValueError("a row has no room left in its cache")
+        if rows and (int(cache_rows.max()) >= keys[0].shape[0] or int(tokens.max()) >= self.vocab):
+            raise ValueError("a cache row or token id out of range")
+        if len(output_rows) and int(output_rows.max()) >= rows:
+            raise ValueError("an output row out of range")
         needed = self.library.workspace_floats(ctypes.byref(model), rows)
         if self._work.size < needed:
             self._work = np.zeros(needed, np.float32)
@@ -388,6 +395,8 @@ class GgufDecoder:
         row (positions before `start` already hold keys and values); the logits [prompts, vocab]
         after each prompt's last token. PREFILL_ROWS tokens at a time, in order, so that a later
         piece attends to the keys and values an earlier one wrote."""
+        if not all(tokens for _, _, tokens in prompts):
+            raise ValueError("a prompt with no token to compute")
         rows = [(row, start + i, token) for row, start, tokens in prompts for i, token in enumerate(tokens)]
         last = set(np.cumsum([len(tokens) for _, _, tokens in prompts]) - 1)
         pieces = []

@@ -321,9 +321,12 @@ def _gguf_decoder(
         return None
     try:
         activations = "fp32" if spec.decode_activations == "fp32" else "int8"
-        return GgufDecoder(
+        decoder = GgufDecoder(
             gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads, activations
         )
+        if spec.decode_activations == "int8" and decoder.activations != "int8":
+            raise DecoderUnavailable("int8 activations multiply Q4_1 blocks; this file's layers have none")
+        return decoder
     except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
         if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
             raise ModelLoadError(
@@ -373,6 +376,8 @@ def load(spec: LoadSpec) -> LoadedModel:
         try:
             return _load_onnx(spec)
         except ModelLoadError as error:
+            if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
+                raise  # options only the ONNX runner's block decoder takes: torch would refuse them
             log.warning(
                 "--backend auto: ONNX Runtime cannot serve this model (%s); loading it with torch", error
             )

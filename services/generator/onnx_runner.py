@@ -10,15 +10,16 @@ waits on (44 tok/s served with int8), but quantize the activations too, which ch
 
 The KV cache of a batch is one buffer per layer, [rows, kv_heads, capacity, head_dim], with each
 row's tokens at the start of its slice (right padding) and its length kept here. New prompts are
-prefilled one by one, each on its own row, after the keys and values of the longest prefix the
-prefix cache holds for it. The attention op reads and writes that buffer in place (past and
+prefilled each on its own row, after the keys and values of the longest prefix the prefix cache
+holds for it (in ONNX Runtime one by one). The attention op reads and writes that buffer in place (past and
 present share it), so a decode step copies no cache; the mask tells the op each row's length and
 the position of its new token. Rows past the live ones are scratch: they decode a pad token at
 position 0 and are never read.
 
 At fp32 on a GGUF model, the GGUF block decoder (gguf_decoder.py) takes the prompts and the decode
 steps where it can run: the same weights, read from the file's 4-bit blocks, into the same buffers
-(a join's prompts in one pass, a row per token); ONNX Runtime then only stands by."""
+(a join's prompts together, a row per token, in pieces of PREFILL_ROWS tokens); ONNX Runtime then
+only stands by."""
 
 from __future__ import annotations
 

@@ -75,6 +75,19 @@ def prompts(model: LoadedModel) -> list[list[int]]:
     return [chat_prompt_ids(model.tokenizer, [("user", q)]) for q in QUESTIONS]
 
 
+def layer_weights(onnx_weights: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
+    """A layer's fp32 weights under the kernel's names (qkv and gate_up fused as it packs them)."""
+    prefix = f"model.layers.{layer}."
+    return {
+        f"qkv.{layer}": np.concatenate([onnx_weights[prefix + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+        f"out.{layer}": onnx_weights[prefix + "self_attn.o_proj.weight"],
+        f"gate_up.{layer}": np.concatenate(
+            [onnx_weights[prefix + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]
+        ),
+        f"down.{layer}": onnx_weights[prefix + "mlp.down_proj.weight"],
+    }
+
+
 @pytest.mark.parametrize("layer", [0, 29])
 def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
     model: LoadedModel, onnx_weights: dict[str, np.ndarray], layer: int
@@ -83,16 +96,7 @@ def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
     bit for bit, through each of the kernel's paths: one row (registers), a few rows (a shared
     dequantized block) and many rows (tiles)."""
     decoder = decoder_of(model)
-    prefix = f"model.layers.{layer}."
-    expected = {
-        f"qkv.{layer}": np.concatenate([onnx_weights[prefix + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
-        f"out.{layer}": onnx_weights[prefix + "self_attn.o_proj.weight"],
-        f"gate_up.{layer}": np.concatenate(
-            [onnx_weights[prefix + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]
-        ),
-        f"down.{layer}": onnx_weights[prefix + "mlp.down_proj.weight"],
-        "embed": onnx_weights["model.embed_tokens.weight"],
-    }
+    expected = layer_weights(onnx_weights, layer) | {"embed": onnx_weights["model.embed_tokens.weight"]}
     for key, weights in expected.items():
         columns = [0, 1, 31, 32, 33, weights.shape[1] // 2, weights.shape[1] - 1]
         one_hot = np.zeros((len(columns), weights.shape[1]), np.float32)
@@ -127,15 +131,7 @@ def test_with_int8_activations_the_kernel_multiplies_the_weights_by_the_quantize
     the inputs llama.cpp's quantization keeps (computed here in float64), for one row, a few and
     many; a misplaced 4-bit value or scale would be off by far more than fp32 rounding."""
     decoder = decoder_of(int8_model)
-    prefix = f"model.layers.{layer}."
-    expected = {
-        f"qkv.{layer}": np.concatenate([onnx_weights[prefix + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
-        f"out.{layer}": onnx_weights[prefix + "self_attn.o_proj.weight"],
-        f"gate_up.{layer}": np.concatenate(
-            [onnx_weights[prefix + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]
-        ),
-        f"down.{layer}": onnx_weights[prefix + "mlp.down_proj.weight"],
-    }
+    expected = layer_weights(onnx_weights, layer)
     rng = np.random.default_rng(layer)
     for key, weights in expected.items():
         x = rng.standard_normal((29, weights.shape[1])).astype(np.float32)

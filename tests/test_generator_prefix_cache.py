@@ -199,9 +199,11 @@ def test_prompts_prefilled_together_reuse_each_others_prefix_and_decode_as_a_bat
     runner, tokenizer = onnx_model.runner, onnx_model.tokenizer
     assert isinstance(runner, OnnxRunner) and runner.prefix_cache is not None
     cache = runner.prefix_cache
-    subjects = ("a lighthouse keeper", "a glassblower in Venice", "a lighthouse keeper's cat")
+    keeper = "a lighthouse keeper who lives alone on a small rocky island far out in the northern sea"
+    subjects = (keeper, "a glassblower in Venice", keeper + ", and about her cat")
     prompts = [chat_ids(tokenizer, f"Tell me a short story about {s}.") for s in subjects]
     first_and_third = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[2], strict=False)) if a != b)
+    first_two_before = sum(cache.longest_prefix(p)[0] for p in prompts[:2])
     hit_before = cache.longest_prefix(prompts[2])[0]
     counted = REGISTRY.get_sample_value("generator_prefix_cache_hit_tokens_total") or 0.0
     warm_logits, warm_state = runner.prefill(prompts)
@@ -212,7 +214,9 @@ def test_prompts_prefilled_together_reuse_each_others_prefix_and_decode_as_a_bat
         alone = [greedy_run(runner, p, 2) for p in prompts]
     finally:
         runner.prefix_cache = cache
-    assert hit_before < first_and_third <= hits  # the third one reused the first one's cache
+    # The third one reused the first one's cache (its start is far longer than what the cache held).
+    assert hit_before + 16 <= first_and_third
+    assert hits >= first_two_before + first_and_third
     for row, (logits, _, tokens) in enumerate(alone):
         assert torch.equal(warm_logits[row : row + 1], logits)
         assert int(warm_step[row].argmax()) == tokens[1]

@@ -440,15 +440,15 @@ static Quantized quantized_in(float *room, int rows, int k) {
     return quantized;
 }
 
-/* Activations of `rows` rows (padded to whole tiles) and their 8-bit copies. */
-static size_t activation_floats(const Model *m, int rows) {
+/* The workspace of forward(): activations of `rows` rows (padded to whole tiles) and their 8-bit
+ * copies. */
+size_t workspace_floats(const Model *m, int rows) {
     size_t padded = (size_t)((rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS);
     size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
     int widest = m->hidden > m->inter ? m->hidden : m->inter;
     return padded * ((size_t)m->hidden * 3 + qkv + 2 * (size_t)m->inter + (size_t)widest) + quantized_floats(rows, widest);
 }
 
-size_t workspace_floats(const Model *m, int rows) { return activation_floats(m, rows); }
 
 /* One token for each of `rows` rows: row r embeds tokens[r] at position positions[r] of cache row
  * cache_rows[r] ([buffer_rows, kv_heads, capacity, head_dim] per layer, keys then values), appends
@@ -469,7 +469,7 @@ void forward(const Model *m, int rows, const int64_t *tokens, const int64_t *pos
     Quantized quantized = quantized_in(act + (size_t)padded * widest, rows, widest);
     /* The tiles read the padding rows too (and drop their sums): zeros keep NaNs and slow
      * denormals out of them. */
-    memset(work, 0, activation_floats(m, rows) * sizeof(float));
+    memset(work, 0, workspace_floats(m, rows) * sizeof(float));
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < m->hidden; i++) x[(size_t)r * m->hidden + i] = dequantized(&m->embed, (int)tokens[r], i);
     size_t scratch_floats = scratch_floats_for(padded);

@@ -287,13 +287,17 @@ class GgufDecoder:
         # "What is the capital of France?" from "The capital of France is Paris." to French
         # (llama.cpp's answer), and they set every later token's keys and values.
         self.decode_blocks = dict(self.blocks)
-        if activations == "int8":
-            for key in [k for k in self.blocks if k.split(".")[0] in ("qkv", "out", "gate_up", "down")]:
-                if int(self.blocks[f"shape.{key}"][0]) == KINDS["Q4_1"]:
-                    self.decode_blocks[key] = int8_layout(self.blocks[key])
-                    self.decode_blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
-                    self.decode_blocks[f"shape.{key}"][0] = Q4_1_INT8
-        repacked = any(self.decode_blocks[key] is not self.blocks[key] for key in self.blocks)
+        repacked = [
+            key
+            for key in self.blocks
+            if activations == "int8"
+            and key.split(".")[0] in ("qkv", "out", "gate_up", "down")
+            and int(self.blocks[f"shape.{key}"][0]) == KINDS["Q4_1"]
+        ]
+        for key in repacked:
+            self.decode_blocks[key] = int8_layout(self.blocks[key])
+            self.decode_blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
+            self.decode_blocks[f"shape.{key}"][0] = Q4_1_INT8
         self.activations = "int8" if repacked else "fp32"  # a file of Q8_0 layers keeps fp32
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
         self._rotary = (cosines, sines)  # the model structs point into them

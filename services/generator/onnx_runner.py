@@ -42,7 +42,7 @@ import torch
 from services.generator import metrics
 from services.generator.beam import beam_search
 from services.generator.gguf_decoder import GgufDecoder
-from services.generator.prefix_cache import PrefixCache
+from services.generator.prefix_cache import CachedPrefix, PrefixCache
 from services.generator.runner import BeamSettings, ModelFacts
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class OnnxRunner:
                 [v[row : row + 1] for v in batch.values],
                 batch.lengths[row : row + 1],
             )
-            cached = self._reuse_prefix(batch, row, prompt)
+            cached = self._reuse_prefix(batch, row, *self._lookup(prompt))
             ids = np.asarray([list(prompt[cached:])], dtype=np.int64)
             logits.append(self._run(state, ids, np.ones((1, len(prompt)), np.int64)))
             batch.lengths[row] = len(prompt)
@@ -243,21 +243,22 @@ class OnnxRunner:
             group.clear()
 
         for row, prompt in enumerate(prompts):
-            cache = self.prefix_cache
-            if cache is not None and group:
-                hit = cache.longest_prefix(prompt)[0]
-                if any(_common_prefix(prompt, prompts[r]) >= hit + SHARED_IN_JOIN for r, _ in group):
-                    run_group()
-            group.append((row, self._reuse_prefix(batch, row, prompt)))
+            found = self._lookup(prompt)
+            if self.prefix_cache is not None and any(
+                _common_prefix(prompt, prompts[r]) >= found[0] + SHARED_IN_JOIN for r, _ in group
+            ):
+                run_group()
+                found = self._lookup(prompt)
+            group.append((row, self._reuse_prefix(batch, row, *found)))
             batch.lengths[row] = len(prompt)
         run_group()
         return torch.from_numpy(np.stack(logits))
 
-    def _reuse_prefix(self, batch: OnnxBatch, row: int, prompt: Sequence[int]) -> int:
-        """Copy the longest cached prefix of `prompt` into the batch's `row`; its length."""
-        if self.prefix_cache is None:
-            return 0
-        cached, entry = self.prefix_cache.longest_prefix(prompt)
+    def _lookup(self, prompt: Sequence[int]) -> tuple[int, CachedPrefix | None]:
+        return self.prefix_cache.longest_prefix(prompt) if self.prefix_cache is not None else (0, None)
+
+    def _reuse_prefix(self, batch: OnnxBatch, row: int, cached: int, entry: CachedPrefix | None) -> int:
+        """Copy a cached prefix (`cached` tokens of `entry`) into the batch's `row`; its length."""
         if entry is not None:
             # The rest is appended after these positions, as a decode step appends one.
             for buffers, held in ((batch.keys, entry.keys), (batch.values, entry.values)):

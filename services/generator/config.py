@@ -35,7 +35,10 @@ class GeneratorConfig:
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
-        metadata={"help": "weights and compute dtype; auto: bf16 on CUDA or a CPU with AVX-512 BF16/AMX"},
+        metadata={
+            "help": "weights and compute dtype; auto: bf16 on CUDA or a CPU with AVX-512 BF16/AMX "
+            "(float32 where --backend auto picks onnx)"
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     quantization: Literal["none", "8bit", "4bit"] = field(
@@ -51,10 +54,11 @@ class GeneratorConfig:
             "help": "model runtime: torch (transformers: any model, CUDA, bitsandbytes, bf16) or onnx "
             "(ONNX Runtime on a CPU, the model exported once by onnxruntime-genai into --cache-dir; "
             "at fp32 the same computation as torch fp32 up to summation order, 2.5-3.4x faster on an "
-            "AVX2 CPU, more on one stream with --decode-kernel gguf). auto: onnx on a CPU where "
-            "--dtype resolves to float32 (no AVX-512 BF16/AMX), with no --quantization or other "
-            "--attn-implementation and a Llama-architecture model (torch if the export fails); "
-            "torch otherwise"
+            "AVX2 CPU, more on one stream with --decode-kernel gguf). auto: onnx on a CPU for a "
+            "Llama-architecture model with no --quantization or other --attn-implementation, where "
+            "--dtype resolves to float32 (no AVX-512 BF16/AMX) or, with --dtype auto, the GGUF "
+            "block decoder serves the model (a GGUF file, the decoder buildable here; torch bf16 if "
+            "it then cannot run); torch otherwise, or where the export fails"
         },
     )
     onnx_precision: Literal["fp32", "int8", "int4"] = field(

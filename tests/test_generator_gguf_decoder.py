@@ -129,9 +129,12 @@ def test_with_int8_activations_the_kernel_multiplies_the_weights_by_the_quantize
 ) -> None:
     """The integer sums, the block scales and minimums recombine to the dequantized weights times
     the inputs llama.cpp's quantization keeps (computed here in float64), for one row, a few and
-    many; a misplaced 4-bit value or scale would be off by far more than fp32 rounding."""
+    many, in the Q4_1 layers and the Q8_0 output head; a misplaced value or scale would be off by
+    far more than fp32 rounding."""
     decoder = decoder_of(int8_model)
     expected = layer_weights(onnx_weights, layer)
+    if layer == 0:  # the head, tied to the token embeddings
+        expected["head"] = onnx_weights["model.embed_tokens.weight"]
     rng = np.random.default_rng(layer)
     for key, weights in expected.items():
         x = rng.standard_normal((29, weights.shape[1])).astype(np.float32)

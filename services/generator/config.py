@@ -81,12 +81,12 @@ class GeneratorConfig:
     decode_activations: Literal["auto", "fp32", "int8"] = field(
         default="auto",
         metadata={
-            "help": "What the GGUF block decoder's decode steps multiply the Q4_1 blocks by: int8 "
+            "help": "What the GGUF block decoder's decode steps multiply the blocks by: int8 "
             "(inputs quantized 32 at a time to 8 bits and multiplied in integers, as llama.cpp does "
             "with the same file: faster at every stream count; teacher-forced, 98 in 100 greedy "
             "tokens match fp32's) or fp32 (the fp32 inputs, as transformers and the ONNX model "
-            "compute). Prompts and the output head stay fp32. auto: int8 where the GGUF decoder "
-            "runs. int8 stops start-up where the decoder cannot run"
+            "compute). Prompts stay fp32. auto: int8 where the GGUF decoder runs. int8 stops "
+            "start-up where the decoder cannot run"
         },
     )
     prefix_cache_mib: int = field(

@@ -9,9 +9,9 @@
  * (compute-bound). On every path each output element is one fused multiply-add chain over the inner
  * dimension, in order, however the work is split between threads.
  *
- * int8 activations (Q4_1 only, KIND_Q4_1_INT8): each row's inputs are quantized to 8 bits and the
- * blocks multiplied in integers, as llama.cpp multiplies them; one tile function serves every row
- * count, and each output's float sum follows the blocks in order.
+ * int8 activations (KIND_Q4_1_INT8, KIND_Q8_0_INT8): each row's inputs are quantized to 8 bits
+ * and the blocks multiplied in integers, as llama.cpp multiplies them; one tile function per kind
+ * serves every row count, and each output's float sum follows the blocks in order.
  *
  * Either way a row's logits do not depend on the rows decoded beside it. Built by gguf_decoder.py
  * with the machine's C compiler (AVX2, FMA, OpenMP, glibc's libmvec); no -ffast-math, which would
@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2 };
+enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2, KIND_Q8_0_INT8 = 3 };
 #define BLOCK 32   /* weights per GGUF block, along the inner dimension */
 #define OCTET 8    /* output rows interleaved in one packed group: one AVX2 vector */
 #define SPAN 8     /* octets one small-batch task accumulates at once (8 vectors) */
@@ -52,7 +52,8 @@ typedef struct {
     int layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_pos;
     float eps, scale;
     const float *cos_cache, *sin_cache; /* [max_pos, head_dim / 2] */
-    Matrix embed;                       /* [vocab, hidden], also the output head */
+    Matrix embed;                       /* [vocab, hidden] */
+    Matrix head;                        /* the same weights as the output head, perhaps repacked */
     const float *final_norm;
     Matrix *qkv, *out, *gate_up, *down; /* per layer; qkv and gate_up fused along n */
     const float **attn_norm, **ffn_norm;
@@ -309,13 +310,59 @@ ALWAYS_INLINE void int8_tile(const Matrix *w, const Quantized *x, int R, int G, 
         for (int c = 0; c < G; c++) _mm256_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + c) * OCTET, sum[r][c]);
 }
 
+/* With 8-bit activations (KIND_Q8_0_INT8), as llama.cpp multiplies Q8_0 blocks: the inputs
+ * quantized as above, a block's product is d_w * d * sum(q_w * q), its integer sum exact (maddubs
+ * of |q_w| and q signed by q_w: pairs of at most 2 * 127 * 127 < 2^15, then 32-bit sums). Packed
+ * per octet and block, one 288-byte record: eight 32-byte vectors of signed values (vector h: byte
+ * 4 * lane + j holds input 4h + j of that lane's output), then the octet's 8 scales. */
+#define Q8_INT8_RECORD 288
+
+ALWAYS_INLINE void q8_int8_tile(const Matrix *w, const Quantized *x, int R, int G, int r0, int o0, float *y) {
+    const int k = w->k, blocks = k / BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 sum[INT8_ROWS][INT8_OCTETS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < G; c++) sum[r][c] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256i acc[INT8_ROWS][INT8_OCTETS];
+        for (int h = 0; h < 8; h++)
+            for (int c = 0; c < G; c++) {
+                __m256i values = _mm256_loadu_si256((const __m256i *)(w->data + ((size_t)(o0 + c) * blocks + b) * Q8_INT8_RECORD + 32 * h));
+                __m256i magnitudes = _mm256_abs_epi8(values);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *q = x->q + (size_t)(r0 + r) * k + b * BLOCK + 4 * h;
+                    __m256i signed_inputs = _mm256_sign_epi8(four_inputs(q), values);
+                    __m256i part = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, signed_inputs), ones);
+                    acc[r][c] = h == 0 ? part : _mm256_add_epi32(acc[r][c], part);
+                }
+            }
+        for (int c = 0; c < G; c++) {
+            __m256 scale = _mm256_loadu_ps((const float *)(w->data + ((size_t)(o0 + c) * blocks + b) * Q8_INT8_RECORD + 256));
+            for (int r = 0; r < R; r++) {
+                __m256 products = _mm256_cvtepi32_ps(acc[r][c]);
+                sum[r][c] = _mm256_fmadd_ps(products, _mm256_mul_ps(scale, _mm256_broadcast_ss(x->d + (size_t)(r0 + r) * blocks + b)), sum[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < G; c++) _mm256_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + c) * OCTET, sum[r][c]);
+}
+
+/* One tile of R rows and INT8_OCTETS octets of either int8 kind (a constant where inlined). */
+ALWAYS_INLINE void int8_tile_of(int kind, const Matrix *w, const Quantized *x, int R, int r0, int o0, float *y) {
+    if (kind == KIND_Q4_1_INT8)
+        int8_tile(w, x, R, INT8_OCTETS, r0, o0, y);
+    else
+        q8_int8_tile(w, x, R, INT8_OCTETS, r0, o0, y);
+}
+
 /* Every tile of INT8_OCTETS octets from o0, rows in tiles of INT8_ROWS and one tile of the rest. */
-static void int8_octets(const Matrix *w, const Quantized *x, int rows, int o0, float *y) {
+ALWAYS_INLINE void int8_octets(int kind, const Matrix *w, const Quantized *x, int rows, int o0, float *y) {
     int r0 = 0;
-    for (; r0 + INT8_ROWS <= rows; r0 += INT8_ROWS) int8_tile(w, x, INT8_ROWS, INT8_OCTETS, r0, o0, y);
+    for (; r0 + INT8_ROWS <= rows; r0 += INT8_ROWS) int8_tile_of(kind, w, x, INT8_ROWS, r0, o0, y);
     switch (rows - r0) {
-        case 2: int8_tile(w, x, 2, INT8_OCTETS, r0, o0, y); break;
-        case 1: int8_tile(w, x, 1, INT8_OCTETS, r0, o0, y); break;
+        case 2: int8_tile_of(kind, w, x, 2, r0, o0, y); break;
+        case 1: int8_tile_of(kind, w, x, 1, r0, o0, y); break;
         default: break;
     }
 }
@@ -324,13 +371,18 @@ static void int8_octets(const Matrix *w, const Quantized *x, int rows, int o0, f
  * of SPAN * OCTET, checked when the weights are packed). */
 static void matmul(const Matrix *w, const float *x, int rows, float *y, float *scratch, const Quantized *quantized) {
     int octets = w->n / OCTET;
-    if (w->kind == KIND_Q4_1_INT8) {
+    if (w->kind == KIND_Q4_1_INT8 || w->kind == KIND_Q8_0_INT8) {
 #pragma omp for schedule(static)
         for (int r = 0; r < rows; r++)
             quantize_row(x + (size_t)r * w->k, w->k, quantized->q + (size_t)r * w->k, quantized->d + (size_t)r * (w->k / BLOCK),
                          quantized->s + (size_t)r * (w->k / BLOCK));
 #pragma omp for schedule(static)
-        for (int o = 0; o < octets; o += INT8_OCTETS) int8_octets(w, quantized, rows, o, y);
+        for (int o = 0; o < octets; o += INT8_OCTETS) {
+            if (w->kind == KIND_Q4_1_INT8)
+                int8_octets(KIND_Q4_1_INT8, w, quantized, rows, o, y);
+            else
+                int8_octets(KIND_Q8_0_INT8, w, quantized, rows, o, y);
+        }
     } else if (rows == 1) {
 #pragma omp for schedule(static)
         for (int s = 0; s < octets; s += SPAN) {
@@ -556,7 +608,7 @@ void forward(const Model *m, int rows, const int64_t *tokens, const int64_t *pos
                 memset(out, 0, sizeof(float) * m->hidden);
         }
         if (outputs > 0) /* the same on every thread, so the worksharing inside stays collective */
-            matmul(&m->embed, h, outputs, logits, scratch, &quantized);
+            matmul(&m->head, h, outputs, logits, scratch, &quantized);
         free(probs);
         free(scratch);
     }

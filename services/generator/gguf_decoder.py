@@ -5,8 +5,8 @@ The fp32 weights ONNX Runtime multiplies are those blocks dequantized (scale * q
 fp32). With fp32 activations the C kernel dequantizes the same blocks in registers to the same
 values, so a decode step computes what the ONNX model computes, up to summation order, while reading
 96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
-the Q4_1 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32 values: the
-same bytes to read and about half the arithmetic, at llama.cpp's accuracy. A lone stream waits on
+the Q4_1 and Q8_0 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32
+values: about the same bytes to read and fewer instructions, at llama.cpp's accuracy. A lone stream waits on
 those bytes; many streams and prompts on the arithmetic. Prompts are prefilled by the same kernel
 with fp32 activations, one row per token, into the KV cache layout the ONNX model uses: a token gets
 the numbers it would get decoded on its own at fp32, so a prompt continuing a cached prefix is exact
@@ -41,6 +41,7 @@ COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lmvec",)  # glibc's vector expf
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 Q4_1_INT8 = 2  # Q4_1 blocks repacked for 8-bit activations (int8_layout)
+Q8_0_INT8 = 3  # Q8_0 blocks repacked for 8-bit activations (q8_int8_layout)
 ACTIVATIONS = ("fp32", "int8")
 # Prompt tokens per kernel call: bounds the workspace (about 30 KB a token for SmolLM2-135M).
 PREFILL_ROWS = 512
@@ -71,6 +72,7 @@ class _Model(ctypes.Structure):
         ("cos_cache", ctypes.c_void_p),
         ("sin_cache", ctypes.c_void_p),
         ("embed", _Matrix),
+        ("head", _Matrix),
         ("final_norm", ctypes.c_void_p),
         ("qkv", ctypes.POINTER(_Matrix)),
         ("out", ctypes.POINTER(_Matrix)),
@@ -171,6 +173,21 @@ def int8_layout(packed: np.ndarray) -> np.ndarray:
         f.reshape(spans * SPAN, blocks, 32) for f in floats
     ]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1))
+
+
+def q8_int8_layout(packed: np.ndarray) -> np.ndarray:
+    """A Q8_0 matrix in pack()'s layout repacked for 8-bit activations (see gguf_decoder.c):
+    [octets, blocks, 288-byte record]."""
+    spans, blocks = packed.shape[:2]
+    values = packed[..., :2048].reshape(spans, blocks, BLOCK // 2, SPAN, 2, OCTET)
+    # [spans, blocks, pairs, octets, 2, lanes] -> [octets, blocks, h, lanes, j] for input 4h + j
+    q = values.transpose(0, 3, 1, 2, 4, 5).reshape(spans * SPAN, blocks, 8, 4, OCTET).transpose(0, 1, 2, 4, 3)
+    scales = packed[..., 2048:2304].reshape(spans, blocks, SPAN, OCTET * 4).transpose(0, 2, 1, 3)
+    parts = [q.reshape(spans * SPAN, blocks, 256), scales.reshape(spans * SPAN, blocks, 32)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1))
+
+
+INT8_LAYOUTS = {KINDS["Q4_1"]: (int8_layout, Q4_1_INT8), KINDS["Q8_0"]: (q8_int8_layout, Q8_0_INT8)}
 
 
 def unpermute_rows(rows: int, heads: int) -> np.ndarray:
@@ -291,24 +308,20 @@ class GgufDecoder:
         self.library = build_library(cache_dir)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
-        # What decode steps multiply: with int8 activations, the Q4_1 layer matrices repacked (the
-        # output head, Q8_0 in llama.cpp's Q4_1 files, keeps fp32 activations). Prompts always
-        # take the fp32 blocks: a prompt's quantized activations flipped the greedy answer to
-        # "What is the capital of France?" from "The capital of France is Paris." to French
+        # What decode steps multiply: with int8 activations, every matrix repacked for them (the
+        # output head as "head"; the token embeddings are read from the fp32 layout). Prompts
+        # always take the fp32 blocks: a prompt's quantized activations flipped the greedy answer
+        # to "What is the capital of France?" from "The capital of France is Paris." to French
         # (llama.cpp's answer), and they set every later token's keys and values.
         self.decode_blocks = dict(self.blocks)
-        repacked = [
-            key
-            for key in self.blocks
-            if activations == "int8"
-            and key.split(".")[0] in ("qkv", "out", "gate_up", "down")
-            and int(self.blocks[f"shape.{key}"][0]) == KINDS["Q4_1"]
-        ]
-        for key in repacked:
-            self.decode_blocks[key] = int8_layout(self.blocks[key])
-            self.decode_blocks[f"shape.{key}"] = self.blocks[f"shape.{key}"].copy()
-            self.decode_blocks[f"shape.{key}"][0] = Q4_1_INT8
-        self.activations = "int8" if repacked else "fp32"  # a file of Q8_0 layers keeps fp32
+        self.activations = activations
+        if activations == "int8":
+            matrices = [f"{name}.{i}" for name in ("qkv", "out", "gate_up", "down") for i in range(layers)]
+            for target, source in [*((key, key) for key in matrices), ("head", "embed")]:
+                repack, kind = INT8_LAYOUTS[int(self.blocks[f"shape.{source}"][0])]
+                self.decode_blocks[target] = repack(self.blocks[source])
+                self.decode_blocks[f"shape.{target}"] = self.blocks[f"shape.{source}"].copy()
+                self.decode_blocks[f"shape.{target}"][0] = kind
         cosines, sines = (np.ascontiguousarray(a, dtype=np.float32) for a in rotary)
         self._rotary = (cosines, sines)  # the model structs point into them
         self._tables: list[Any] = []  # and into these
@@ -327,6 +340,7 @@ class GgufDecoder:
             ]
             self._tables += tables
             embed = matrix_of(blocks, "embed")
+            head = matrix_of(blocks, "head") if "head" in blocks else embed
             return _Model(
                 layers,
                 hidden,
@@ -341,12 +355,13 @@ class GgufDecoder:
                 cosines.ctypes.data,
                 sines.ctypes.data,
                 embed,
+                head,
                 blocks["final_norm"].ctypes.data,
                 *tables,
             )
 
         self.prompt_model = model_of(self.blocks)
-        self.model = model_of(self.decode_blocks) if repacked else self.prompt_model
+        self.model = model_of(self.decode_blocks) if activations == "int8" else self.prompt_model
         # The decode steps' kernel alone, for tests and benchmarks.
         self.matrix: Callable[[str], _Matrix] = lambda key: matrix_of(self.decode_blocks, key)
         self.vocab = int(self.blocks["shape.embed"][1])

@@ -324,8 +324,6 @@ def _gguf_decoder(
         decoder = GgufDecoder(
             gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads, activations
         )
-        if spec.decode_activations == "int8" and decoder.activations != "int8":
-            raise DecoderUnavailable("int8 activations multiply Q4_1 blocks; this file's layers have none")
         return decoder
     except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
         if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":

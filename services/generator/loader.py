@@ -321,12 +321,11 @@ def _gguf_decoder(
         return None
     try:
         activations = "fp32" if spec.decode_activations == "fp32" else "int8"
-        decoder = GgufDecoder(
+        return GgufDecoder(
             gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads, activations
         )
-        return decoder
     except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
-        if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
+        if _asks_for_the_block_decoder(spec):
             raise ModelLoadError(
                 f"the GGUF block decoder cannot run: {error}; use --decode-kernel onnx "
                 "(with --decode-activations fp32)"
@@ -341,9 +340,10 @@ ONNX_AUTO_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
 
 
 def resolve_backend(spec: LoadSpec) -> str:
-    """`auto`: ONNX Runtime where it computes what transformers would in float32, only faster (a CPU,
-    no torch-only option, a tested architecture; on a CPU with fast bf16 only where the GGUF block
-    decoder serves the model); torch everywhere else."""
+    """`auto`: ONNX Runtime on a CPU for a tested architecture with no torch-only option, where it
+    computes with fp32 weights what transformers computes, only faster (int8 decode activations
+    where the GGUF block decoder serves): on a CPU without fast bf16, and on one with it where the
+    block decoder serves the model; torch everywhere else."""
     if spec.backend != "auto":
         return spec.backend
     device = resolve_device(spec.device)
@@ -355,31 +355,41 @@ def resolve_backend(spec: LoadSpec) -> str:
     ):
         return "torch"
     folder, gguf, _ = locate(spec.model, spec.gguf_file)
-    if resolve_dtype(spec.dtype, device) != torch.float32 and not _block_decoder_over_bf16(spec, gguf):
+    over_bf16 = resolve_dtype(spec.dtype, device) != torch.float32
+    if over_bf16 and not _block_decoder_over_bf16(spec, gguf):
         return "torch"
     try:
         config = json.loads((hf_folder(spec, folder, gguf) / "config.json").read_text())
     except (OSError, ValueError, ModelLoadError):
         return "torch"
-    architectures = set(config.get("architectures") or [])
-    return "onnx" if architectures & ONNX_AUTO_ARCHITECTURES else "torch"
+    if not set(config.get("architectures") or []) & ONNX_AUTO_ARCHITECTURES:
+        return "torch"
+    if over_bf16 and not _asks_for_the_block_decoder(spec):
+        from services.generator.gguf_decoder import refusal
+
+        # Checked before the export, which a model the decoder refuses would pay for nothing.
+        reason = refusal(Path(folder) / gguf, config)
+        if reason:
+            log.info("--backend auto: torch bf16 (the GGUF block decoder would refuse it: %s)", reason)
+            return "torch"
+    return "onnx"
+
+
+def _asks_for_the_block_decoder(spec: LoadSpec) -> bool:
+    return spec.decode_kernel == "gguf" or spec.decode_activations == "int8"
 
 
 def _block_decoder_over_bf16(spec: LoadSpec, gguf: str) -> bool:
-    """Whether `auto` serves a GGUF model with the block decoder rather than torch bf16 on a CPU
+    """Whether `auto` may serve a GGUF model with the block decoder rather than torch bf16 on a CPU
     with fast bf16: a decode step there reads the file's 4- and 8-bit blocks (96 MB for the default
     model) where bf16 reads 270 MB, and one stream of torch bf16 measured a third of llama.cpp's
     speed on that machine kind. An explicit --dtype, or options that leave the decoder out, keep
-    torch."""
+    torch; options only the decoder takes choose it, so that where it cannot run it says why."""
     from services.generator.gguf_decoder import missing_prerequisite
 
-    return (
-        bool(gguf)
-        and spec.dtype == "auto"
-        and spec.onnx_precision == "fp32"
-        and spec.decode_kernel != "onnx"
-        and not missing_prerequisite()
-    )
+    if not gguf or spec.dtype != "auto" or spec.onnx_precision != "fp32" or spec.decode_kernel == "onnx":
+        return False
+    return _asks_for_the_block_decoder(spec) or not missing_prerequisite()
 
 
 def load(spec: LoadSpec) -> LoadedModel:
@@ -388,19 +398,20 @@ def load(spec: LoadSpec) -> LoadedModel:
         return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
     log.info("--backend auto: %s", backend)
     if backend == "onnx":
-        attempt = spec
-        if resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32:
-            # Chosen over bf16 for the block decoder: ONNX Runtime's fp32 without it would be slower.
-            attempt = replace(spec, decode_kernel="gguf")
+        over_bf16 = resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32
+        # Over bf16 only for the block decoder: ONNX Runtime's fp32 without it would be slower.
+        attempt = replace(spec, decode_kernel="gguf") if over_bf16 else spec
         # auto promised a working server, not a runtime: a model the exporter (or, over bf16, the
         # block decoder) cannot take still serves, with torch.
         try:
             return _load_onnx(attempt)
         except ModelLoadError as error:
-            if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
+            if _asks_for_the_block_decoder(spec):
                 raise  # options only the ONNX runner's block decoder takes: torch would refuse them
             log.warning(
-                "--backend auto: ONNX Runtime cannot serve this model (%s); loading it with torch", error
+                "--backend auto: %s cannot serve this model (%s); loading it with torch",
+                "the GGUF block decoder" if over_bf16 else "ONNX Runtime",
+                error.__cause__ or error,  # the reason, without advice meant for explicit options
             )
     return _load_torch(spec)
 
@@ -413,7 +424,7 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     _check_options(spec, device)
-    if spec.decode_kernel == "gguf" or spec.decode_activations == "int8":
+    if _asks_for_the_block_decoder(spec):
         raise ModelLoadError(
             "--decode-kernel gguf and --decode-activations int8 decode for the ONNX runner; use "
             "--backend onnx, or --decode-kernel auto and --decode-activations auto"

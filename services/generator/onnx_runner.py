@@ -18,8 +18,8 @@ position 0 and are never read.
 
 At fp32 on a GGUF model, the GGUF block decoder (gguf_decoder.py) takes the prompts and the decode
 steps where it can run: the same weights, read from the file's 4-bit blocks, into the same buffers
-(a join's prompts together, a row per token, in pieces of PREFILL_ROWS tokens); ONNX Runtime then
-only stands by."""
+(a join's prompts together, a row per token, in pieces of PREFILL_ROWS tokens); ONNX Runtime's
+session is then not even loaded (only the rotary tables come from its model)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_on_a_cpu_with_fast_bf16_auto_serves_a_gguf_model_with_the_block_decoder
         LoadSpec(model=str(hf_folder(DEFAULT, *locate(DEFAULT.model, DEFAULT.gguf_file)[:2]))),
     ):
         assert resolve_backend(kept) == "torch", kept
-    monkeypatch.setattr(gguf_decoder, "refusal", lambda path, config: "token_embd.weight is Q4_K")
+    monkeypatch.setattr(gguf_decoder, "refusal", lambda path, config, cache_dir: "token_embd.weight is Q4_K")
     assert resolve_backend(DEFAULT) == "torch"
     assert resolve_backend(replace(DEFAULT, decode_kernel="gguf")) == "onnx"
     monkeypatch.undo()
@@ -141,9 +141,11 @@ def test_before_exporting_auto_reads_why_the_block_decoder_would_refuse_a_model(
     straight to torch instead of paying for an ONNX export first."""
     folder, gguf, _ = locate(DEFAULT.model, DEFAULT.gguf_file)
     config = json.loads((hf_folder(DEFAULT, folder, gguf) / "config.json").read_text())
-    assert refusal(Path(folder) / gguf, config) == ""
+    empty_cache = str(tmp_path / "cache")  # the header itself is read, not the cached blocks
+    assert refusal(Path(folder) / gguf, config, empty_cache) == ""
+    assert refusal(Path(folder) / gguf, config, DEFAULT.cache_dir) == ""
     scaled = config | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    assert "rotary" in refusal(Path(folder) / gguf, scaled)
+    assert "rotary" in refusal(Path(folder) / gguf, scaled, DEFAULT.cache_dir)
 
     other = tmp_path / "f16.gguf"
     writer = GGUFWriter(str(other), "llama")
@@ -153,4 +155,4 @@ def test_before_exporting_auto_reads_why_the_block_decoder_would_refuse_a_model(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert refusal(other, config) == "token_embd.weight is F16 [64, 32]"
+    assert refusal(other, config, empty_cache) == "token_embd.weight is F16 [64, 32]"

@@ -6,11 +6,11 @@ fp32). With fp32 activations the C kernel dequantizes the same blocks in registe
 values, so a decode step computes what the ONNX model computes, up to summation order, while reading
 96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
 the Q4_1 and Q8_0 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32
-values: about the same bytes to read and fewer instructions, at llama.cpp's accuracy. A lone stream waits on
-those bytes; many streams and prompts on the arithmetic. Prompts are prefilled by the same kernel
-with fp32 activations, one row per token, into the KV cache layout the ONNX model uses: a token gets
-the numbers it would get decoded on its own at fp32, so a prompt continuing a cached prefix is exact
-with one token to compute.
+values: about the same bytes to read and fewer instructions, at llama.cpp's accuracy. A lone
+stream waits on those bytes; many streams and prompts on the arithmetic. Prompts are prefilled by
+the same kernel with fp32 activations, one row per token, into the KV cache layout the ONNX model
+uses: a token gets the numbers it would get decoded on its own at fp32, so a prompt continuing a
+cached prefix is exact with one token to compute.
 
 No library does the fp32 path: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an
 integer zero point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU
@@ -203,35 +203,36 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
 LAYOUT = 3
 
 
-def _unfit_matrix(name: str, tensor: Any) -> str:
-    """Why the kernel cannot pack a GGUF weight matrix, or ""."""
-    kind = tensor.tensor_type.name
-    columns, rows = (int(x) for x in tensor.shape[:2])
-    return (
-        f"{name} is {kind} [{rows}, {columns}]"
-        if kind not in KINDS or rows % (SPAN * OCTET) or columns % BLOCK
-        else ""
-    )
-
-
-def refusal(gguf_path: Path, hf_config: dict[str, Any]) -> str:
+def refusal(gguf_path: Path, hf_config: dict[str, Any], cache_dir: str) -> str:
     """Why the decoder would refuse this model, from its config and the GGUF header alone (no
-    weights read), or "": what `--backend auto` checks before exporting the ONNX model for it."""
+    weights read), or "": what `--backend auto` checks before exporting the ONNX model for it. A
+    file whose blocks are cached was taken before, and its header (seconds to parse: the
+    vocabulary) is not read again."""
     from gguf import GGUFReader
 
     try:
         check_config(hf_config)
+        if _blocks_path(gguf_path, cache_dir).is_file():
+            return ""
         tensors = GGUFReader(str(gguf_path)).tensors
     except (DecoderUnavailable, KeyError, OSError, ValueError) as error:
         return str(error) or type(error).__name__
+    return _unfit_tensors(tensors)
+
+
+def _unfit_tensors(tensors: list[Any]) -> str:
+    """Why the kernel cannot take a GGUF file's tensors (names, types and shapes), or ""."""
     if any(t.name == "output.weight" for t in tensors):
         return "an output head apart from the token embeddings"
     for tensor in tensors:
+        kind = tensor.tensor_type.name
         if tensor.name.endswith("norm.weight"):
-            if tensor.tensor_type.name != "F32":
+            if kind != "F32":
                 return f"{tensor.name} is not an F32 vector"
-        elif unfit := _unfit_matrix(tensor.name, tensor):
-            return unfit
+            continue
+        shape = [int(x) for x in tensor.shape]
+        if kind not in KINDS or len(shape) != 2 or shape[1] % (SPAN * OCTET) or shape[0] % BLOCK:
+            return f"{tensor.name} is {kind} {shape[::-1]}"
     return ""
 
 
@@ -258,15 +259,15 @@ def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict
     from gguf import GGUFReader
 
     tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    unfit = _unfit_tensors(list(tensors.values()))
+    if unfit:
+        raise DecoderUnavailable(unfit)
     found: dict[str, np.ndarray] = {}
 
     def raw(name: str) -> tuple[str, np.ndarray, int, int]:
         tensor = tensors.get(name)
         if tensor is None:
             raise DecoderUnavailable(f"no tensor {name} in {gguf_path.name}")
-        unfit = _unfit_matrix(name, tensor)
-        if unfit:
-            raise DecoderUnavailable(unfit)
         columns, rows = (int(x) for x in tensor.shape[:2])
         return tensor.tensor_type.name, np.asarray(tensor.data).reshape(rows, -1), rows, columns
 
@@ -284,12 +285,10 @@ def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict
 
     def vector(key: str, name: str) -> None:
         tensor = tensors.get(name)
-        if tensor is None or tensor.tensor_type.name != "F32":
-            raise DecoderUnavailable(f"{name} is not an F32 vector")
+        if tensor is None:
+            raise DecoderUnavailable(f"no tensor {name} in {gguf_path.name}")
         found[key] = np.ascontiguousarray(np.asarray(tensor.data, dtype=np.float32))
 
-    if "output.weight" in tensors:
-        raise DecoderUnavailable("an output head apart from the token embeddings")
     for layer in range(layers):
         blk = f"blk.{layer}."
         matrix(f"qkv.{layer}", *(blk + f"attn_{x}.weight" for x in "qkv"), heads_of=(heads, kv_heads))
@@ -303,17 +302,19 @@ def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict
     return found
 
 
+def _blocks_path(gguf_path: Path, cache_dir: str) -> Path:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{LAYOUT}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"gguf-blocks-{gguf_path.stem}-{digest}.npz"
+
+
 def cached_blocks(
     gguf_path: Path, cache_dir: str, layers: int, heads: int, kv_heads: int
 ) -> dict[str, np.ndarray]:
     """read_blocks(), saved once into the cache: reading a GGUF's metadata takes seconds (its
     vocabulary), loading the packed copy a fraction of one."""
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{LAYOUT}"
-    target = (
-        Path(cache_dir).expanduser()
-        / f"gguf-blocks-{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-    )
+    target = _blocks_path(gguf_path, cache_dir)
     if target.is_file():
         with np.load(target) as saved:
             return {name: saved[name] for name in saved.files}

@@ -368,7 +368,7 @@ def resolve_backend(spec: LoadSpec) -> str:
         from services.generator.gguf_decoder import refusal
 
         # Checked before the export, which a model the decoder refuses would pay for nothing.
-        reason = refusal(Path(folder) / gguf, config)
+        reason = refusal(Path(folder) / gguf, config, spec.cache_dir)
         if reason:
             log.info("--backend auto: torch bf16 (the GGUF block decoder would refuse it: %s)", reason)
             return "torch"

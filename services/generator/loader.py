@@ -355,7 +355,7 @@ def resolve_backend(spec: LoadSpec) -> str:
     ):
         return "torch"
     folder, gguf, _ = locate(spec.model, spec.gguf_file)
-    over_bf16 = resolve_dtype(spec.dtype, device) != torch.float32
+    over_bf16 = _computes_below_float32(spec)
     if over_bf16 and not _block_decoder_over_bf16(spec, gguf):
         return "torch"
     try:
@@ -373,6 +373,11 @@ def resolve_backend(spec: LoadSpec) -> str:
             log.info("--backend auto: torch bf16 (the GGUF block decoder would refuse it: %s)", reason)
             return "torch"
     return "onnx"
+
+
+def _computes_below_float32(spec: LoadSpec) -> bool:
+    """Whether --dtype resolves to bf16 or fp16 on the spec's device (on a CPU: fast bf16)."""
+    return resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32
 
 
 def _asks_for_the_block_decoder(spec: LoadSpec) -> bool:
@@ -398,7 +403,7 @@ def load(spec: LoadSpec) -> LoadedModel:
         return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
     log.info("--backend auto: %s", backend)
     if backend == "onnx":
-        over_bf16 = resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32
+        over_bf16 = _computes_below_float32(spec)
         # Over bf16 only for the block decoder: ONNX Runtime's fp32 without it would be slower.
         attempt = replace(spec, decode_kernel="gguf") if over_bf16 else spec
         # auto promised a working server, not a runtime: a model the exporter (or, over bf16, the

@@ -1,9 +1,6 @@
-"""The GGUF block decoder (--decode-kernel gguf, auto's choice at fp32 on this machine kind): with
-fp32 activations its kernel multiplies by exactly the weights ONNX Runtime multiplies and its decode
-steps agree with ONNX Runtime's (summation order apart); with int8 activations (auto's choice) it
-computes the product of those weights with the inputs quantized as llama.cpp quantizes them; either
-way a row's logits do not depend on the rows decoded beside it; where it cannot run, asking for it
-stops start-up with a reason."""
+"""The GGUF block decoder: its kernel's ABI is checked at load; at fp32 it multiplies exactly the
+weights ONNX Runtime multiplies, at int8 llama.cpp's quantized inputs; a row's logits do not depend
+on its batch; where it cannot run, asking for it stops start-up with the reason."""
 
 from __future__ import annotations
 

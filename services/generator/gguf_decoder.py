@@ -269,10 +269,9 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
 
 
 def refusal(gguf_path: Path, hf_config: dict[str, Any], cache_dir: str) -> str:
-    """Why the decoder would refuse this model, from its config and the GGUF header alone (no
-    weights read), or "": what `--backend auto` checks before exporting the ONNX model for it. A
-    file whose blocks are cached was taken before, and its header (seconds to parse: the
-    vocabulary) is not read again."""
+    """Why the decoder would refuse this model, from its config and GGUF header alone, or "" (what
+    `--backend auto` checks before exporting the ONNX model); a file whose blocks are cached passes
+    without its header read again (seconds to parse: the vocabulary)."""
     from gguf import GGUFReader
 
     try:
@@ -424,9 +423,7 @@ class GgufDecoder:
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         # What decode steps multiply: with int8 activations, every matrix repacked for them (the
         # output head as "head"; the token embeddings are read from the fp32 layout). Prompts
-        # always take the fp32 blocks: a prompt's quantized activations flipped the greedy answer
-        # to "What is the capital of France?" from "The capital of France is Paris." to French
-        # (llama.cpp's answer), and they set every later token's keys and values.
+        # always take the fp32 blocks (why: docs/gguf-decoder.md).
         self.decode_blocks = dict(self.blocks)
         self.activations = activations
         if activations == "int8":
@@ -579,9 +576,8 @@ class GgufDecoder:
         self, keys: list[np.ndarray], values: list[np.ndarray], prompts: list[tuple[int, int, list[int]]]
     ) -> np.ndarray:
         """Each (cache row, start, tokens) appends its tokens from position `start` of its cache
-        row (positions before `start` already hold keys and values); the logits [prompts, vocab]
-        after each prompt's last token. PREFILL_ROWS tokens at a time, in order, so that a later
-        piece attends to the keys and values an earlier one wrote."""
+        row; the logits [prompts, vocab] after each prompt's last token. PREFILL_ROWS tokens at a
+        time, in order, so that a later piece attends to the keys and values an earlier one wrote."""
         if not all(tokens for _, _, tokens in prompts):
             raise ValueError("a prompt with no token to compute")
         rows = [(row, start + i, token) for row, start, tokens in prompts for i, token in enumerate(tokens)]

@@ -210,7 +210,7 @@ def test_buffers_the_kernel_would_read_out_of_bounds_are_refused_before_the_call
     lengths, tokens = np.asarray([3, 5]), np.asarray([1, 2])
     assert decoder.decode(keys, values, lengths, tokens).shape == (2, decoder.vocab)
     for wrong_keys, wrong_lengths, wrong_tokens, message in [
-        (keys[:-1], lengths, tokens, "buffers for"),
+        (keys[:-1], lengths, tokens, "key and value buffers"),
         ([k.astype(np.float64) for k in keys], lengths, tokens, "contiguous float32"),
         ([k[:, :, :, ::2] for k in keys], lengths, tokens, "contiguous float32"),
         (keys, np.asarray([3, 16]), tokens, "a position outside"),

@@ -520,10 +520,13 @@ class GgufDecoder:
     ) -> np.ndarray:
         """Token r at positions[r] of cache row cache_rows[r], its keys and values written there;
         the logits [len(output_rows), vocab] of the rows listed (see forward() in the C source)."""
+        if len(keys) != model.layers or len(values) != model.layers or keys[0].ndim != 4:
+            raise ValueError(
+                f"{model.layers} key and value buffers [rows, kv_heads, capacity, head_dim] expected, "
+                f"{len(keys)} and {len(values)} given"
+            )
         rows, capacity = len(tokens), int(keys[0].shape[2])
         shape = (keys[0].shape[0], model.kv_heads, capacity, model.head_dim)
-        if len(keys) != model.layers or len(values) != model.layers:
-            raise ValueError(f"{len(keys)} key and {len(values)} value buffers for {model.layers} layers")
         if any(
             a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous for a in (*keys, *values)
         ):

@@ -1,14 +1,15 @@
-"""The GGUF block decoder (--decode-kernel gguf, auto's choice at fp32 on this machine kind): with
-fp32 activations its kernel multiplies by exactly the weights ONNX Runtime multiplies and its decode
-steps agree with ONNX Runtime's (summation order apart); with int8 activations (auto's choice) it
-computes the product of those weights with the inputs quantized as llama.cpp quantizes them; either
-way a row's logits do not depend on the rows decoded beside it; where it cannot run, asking for it
-stops start-up with a reason."""
+"""The GGUF block decoder: its kernel's ABI is checked at load; at fp32 it multiplies exactly the
+weights ONNX Runtime multiplies, at int8 llama.cpp's quantized inputs; a row's logits do not depend
+on its batch; where it cannot run, asking for it stops start-up with the reason."""
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from safetensors.numpy import load_file
 
 from services.generator import gguf_decoder
 from services.generator.engine import chat_prompt_ids
-from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder
+from services.generator.gguf_decoder import AbiMismatch, DecoderUnavailable, GgufDecoder
 from services.generator.loader import LoadedModel, LoadSpec, ModelLoadError, hf_folder, load, locate
 from services.generator.onnx_runner import OnnxRunner
 from services.generator.prefix_cache import PrefixCache
@@ -32,6 +33,95 @@ QUESTIONS = (
     "def add(a, b):",
     "¿Dónde está la biblioteca? 图书馆在哪里？",
 )
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A cache of its own, where the kernel is compiled once for the ABI tests."""
+    return str(tmp_path_factory.mktemp("kernel"))
+
+
+def test_the_kernel_reports_the_abi_the_binding_mirrors(kernel_cache: str) -> None:
+    """The compiled library's constants, struct sizes and field offsets and sizes are the ctypes
+    mirrors', and every function it exports has its argtypes and restype set at load."""
+    library = gguf_decoder.build_library(kernel_cache)
+    assert gguf_decoder.library_abi(library) == gguf_decoder.expected_abi()
+    assert gguf_decoder.library_abi(library)["offsetof(Model, ffn_norm)"] > 0
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to list the library's symbols")
+    listed = subprocess.run(
+        [nm, "-D", "--defined-only", library._name], capture_output=True, text=True, check=True
+    )
+    exported = {line.split()[-1] for line in listed.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert exported == set(gguf_decoder.SIGNATURES)
+    for name, (restype, argtypes) in gguf_decoder.SIGNATURES.items():
+        function = getattr(library, name)
+        assert (function.restype, function.argtypes) == (restype, argtypes), name
+
+
+class _ShortMatrix(ctypes.Structure):
+    """_Matrix without its data pointer: a mirror that fell behind the C struct."""
+
+    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+class _RecordingLibrary(ctypes.CDLL):
+    """A real CDLL that notes every function looked up on it (a call needs a look-up)."""
+
+    looked_up: ClassVar[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        _RecordingLibrary.looked_up.append(name)
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("SPAN", 4, "SPAN: C 8, Python 4"),
+        ("ABI_VERSION", 3, "ABI_VERSION: C 4, Python 3"),
+        ("Q8_0_INT8", 2, "KIND_Q8_0_INT8: C 3, Python 2"),
+        ("_Matrix", _ShortMatrix, "offsetof(Matrix, data): C 16, Python has none"),
+    ],
+)
+def test_a_mirror_that_disagrees_with_the_kernel_stops_the_load_before_any_kernel_call(
+    kernel_cache: str, monkeypatch: pytest.MonkeyPatch, name: str, value: Any, message: str
+) -> None:
+    """A mismatch raises AbiMismatch naming it (not DecoderUnavailable, which auto falls back
+    on) before the model file is read, and only abi_entry is ever looked up on the library."""
+    gguf_decoder.build_library(kernel_cache)  # compiled with the true constants
+    monkeypatch.setattr(gguf_decoder, name, value)
+    monkeypatch.setattr(ctypes, "CDLL", _RecordingLibrary)
+    _RecordingLibrary.looked_up = []
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+    }
+    rotary = (np.zeros((16, 4), np.float32), np.zeros((16, 4), np.float32))
+    with pytest.raises(AbiMismatch, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GgufDecoder(Path("no-such-model.gguf"), config, rotary, kernel_cache, 1)
+    assert _RecordingLibrary.looked_up == ["abi_entry"]
+    assert not issubclass(AbiMismatch, DecoderUnavailable)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_the_python_packed_layouts_are_the_bytes_the_kernel_reads(kernel_cache: str, kind: str) -> None:
+    """pack() and the int8 repacks of a [128, 96] matrix are the sizes matrix_bytes() says the
+    kernel reads for their kinds; a shape the kernel does not tile reads as 0 (refused)."""
+    library = gguf_decoder.build_library(kernel_cache)
+    rows, columns = 128, 96
+    block_bytes = 20 if kind == "Q4_1" else 34
+    raw = np.random.default_rng(0).integers(0, 256, rows * columns // 32 * block_bytes, dtype=np.uint8)
+    packed = gguf_decoder.pack(kind, raw, rows, columns)
+    assert packed.nbytes == library.matrix_bytes(gguf_decoder.KINDS[kind], rows, columns)
+    repack, int8_kind = gguf_decoder.INT8_LAYOUTS[gguf_decoder.KINDS[kind]]
+    assert repack(packed).nbytes == library.matrix_bytes(int8_kind, rows, columns)
+    assert library.matrix_bytes(gguf_decoder.KINDS[kind], rows - 8, columns) == 0
+    assert library.matrix_bytes(7, rows, columns) == 0
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +198,31 @@ def test_the_kernel_multiplies_by_exactly_the_weights_onnx_runtime_multiplies(
             one_row = decoder.matmul(key, one_hot[i : i + 1])[0]
             for path, got in (("one row", one_row), ("few rows", few_rows[i]), ("many rows", many_rows[i])):
                 assert np.array_equal(got.view(np.uint32), want), (key, column, path)
+
+
+def test_buffers_the_kernel_would_read_out_of_bounds_are_refused_before_the_call(model: LoadedModel) -> None:
+    """Key and value buffers of another dtype, shape or layer count, and token ids, positions or
+    cache rows outside their ranges raise ValueError instead of reaching the kernel."""
+    decoder = decoder_of(model)
+    m = decoder.model
+    keys = [np.zeros((2, m.kv_heads, 16, m.head_dim), np.float32) for _ in range(m.layers)]
+    values = [np.zeros_like(k) for k in keys]
+    lengths, tokens = np.asarray([3, 5]), np.asarray([1, 2])
+    assert decoder.decode(keys, values, lengths, tokens).shape == (2, decoder.vocab)
+    for wrong_keys, wrong_lengths, wrong_tokens, message in [
+        (keys[:-1], lengths, tokens, "key and value buffers"),
+        ([k.astype(np.float64) for k in keys], lengths, tokens, "contiguous float32"),
+        ([k[:, :, :, ::2] for k in keys], lengths, tokens, "contiguous float32"),
+        (keys, np.asarray([3, 16]), tokens, "a position outside"),
+        (keys, lengths, np.asarray([1, -1]), "a token id outside"),
+        (keys, lengths, np.asarray([1, decoder.vocab]), "a token id outside"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            decoder.decode(wrong_keys, values, wrong_lengths, wrong_tokens)
+    with pytest.raises(ValueError, match="a cache row outside"):
+        decoder.forward(keys, values, np.asarray([2]), np.asarray([0]), np.asarray([1]), np.asarray([0]), m)
+    with pytest.raises(ValueError, match="not \\[rows"):
+        decoder.matmul("down.0", np.zeros((1, 8), np.float32))
 
 
 def quantized_as_llama_cpp(x: np.ndarray) -> np.ndarray:

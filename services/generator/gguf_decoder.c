@@ -1,28 +1,19 @@
 /* Prompts and decode steps of a Llama-architecture model whose weights stay in their GGUF blocks
- * (Q4_1 and Q8_0), with a seventh of the fp32 ONNX model's bytes to read per token (see forward()). A matrix is multiplied in
- * one of two ways, chosen when it is packed:
- *
- * fp32 activations: the blocks are dequantized to fp32 inside the registers, the very weights the
- * ONNX fp32 model multiplies. A product takes one of three paths by the number of rows: one row
- * dequantizes in registers as it streams the weights (memory-bound: prefetched ahead), a few rows
- * share each dequantized block, many rows run tiles of TILE_ROWS over a dequantized chunk
- * (compute-bound). On every path each output element is one fused multiply-add chain over the inner
- * dimension, in order, however the work is split between threads.
- *
- * int8 activations (KIND_Q4_1_INT8, KIND_Q8_0_INT8): each row's inputs are quantized to 8 bits
- * and the blocks multiplied in integers, as llama.cpp multiplies them; one tile function per kind
- * serves every row count, and each output's float sum follows the blocks in order.
- *
- * Either way a row's logits do not depend on the rows decoded beside it. Built by gguf_decoder.py
- * with the machine's C compiler (AVX2, FMA, OpenMP, glibc's libmvec); no -ffast-math, which would
- * let the compiler reorder those sums. */
+ * (Q4_1 and Q8_0), with fp32 or 8-bit activations; a row's logits do not depend on the rows
+ * computed beside it. Called through gguf_decoder.py, which checks abi_entry() at load; the design
+ * and its measurements are in docs/gguf-decoder.md. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* Raised with any change gguf_decoder.py must follow that abi_entry()'s sizes and constants do not
+ * show (an entry point's arguments, the meaning of a packed byte); it continues the numbering of
+ * the packed layout's former version. */
+#define ABI_VERSION 4
 enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2, KIND_Q8_0_INT8 = 3 };
 #define BLOCK 32   /* weights per GGUF block, along the inner dimension */
 #define OCTET 8    /* output rows interleaved in one packed group: one AVX2 vector */
@@ -30,8 +21,7 @@ enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2, KIND_Q8_0_INT8 = 3 };
 #define TILE_ROWS 5
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define FEW_ROWS 16  /* up to this many rows share each dequantized span block; more take tiles */
-/* How far ahead of a one-row product the weights are fetched: the hardware prefetchers alone left
- * it waiting on memory (a decode step of SmolLM2-135M took 17-22 ms without, 10-11 ms with). */
+/* How far ahead of a one-row product the weights are fetched (docs/gguf-decoder.md). */
 #define PREFETCH 2048
 #define CHUNK 128  /* inputs dequantized at once for a many-row product: 8 KiB of floats */
 
@@ -230,7 +220,7 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
  * vectors of 4-bit values (vector h: byte 4 * lane + j holds input 8h + j of that lane's output in
  * its low half and input 8h + 4 + j in its high half), then the octet's 8 scales and 8 minimums. */
 #define INT8_RECORD 192
-#define INT8_ROWS 3    /* rows of one tile (3 x 4 measured fastest of 3-4 x 2-4 here) */
+#define INT8_ROWS 3    /* rows of one tile (the tile shape: docs/gguf-decoder.md) */
 #define INT8_OCTETS 4  /* octets of one tile: n is a multiple of 64, so octets of 4 */
 
 typedef struct {
@@ -629,4 +619,47 @@ void matmul_only(const Matrix *w, const float *x, int rows, float *y, int thread
     }
     free(room);
     free(whole_tiles);
+}
+
+/* Bytes of a packed matrix [n, k] of `kind` as the kernel reads them, or 0 for a kind or shape it
+ * does not take. */
+size_t matrix_bytes(int kind, int n, int k) {
+    if (n <= 0 || k <= 0 || n % (SPAN * OCTET) || k % BLOCK) return 0;
+    size_t blocks = (size_t)(k / BLOCK);
+    switch (kind) {
+        case KIND_Q4_1:
+        case KIND_Q8_0: return (size_t)(n / (SPAN * OCTET)) * blocks * span_block_bytes(kind);
+        case KIND_Q4_1_INT8: return (size_t)(n / OCTET) * blocks * INT8_RECORD;
+        case KIND_Q8_0_INT8: return (size_t)(n / OCTET) * blocks * Q8_INT8_RECORD;
+        default: return 0;
+    }
+}
+
+/* What the Python binding mirrors: the ABI version, the constants and each struct's size and its
+ * fields' offsets and sizes. */
+#define CONSTANT(name) {#name, name}
+#define FIELD(type, field) {"offsetof(" #type ", " #field ")", offsetof(type, field)}, \
+                           {"sizeof(" #type "." #field ")", sizeof(((type *)0)->field)}
+static const struct {
+    const char *name;
+    int64_t value;
+} ABI[] = {
+    CONSTANT(ABI_VERSION), CONSTANT(BLOCK), CONSTANT(OCTET), CONSTANT(SPAN),
+    CONSTANT(KIND_Q4_1), CONSTANT(KIND_Q8_0), CONSTANT(KIND_Q4_1_INT8), CONSTANT(KIND_Q8_0_INT8),
+    {"sizeof(Matrix)", sizeof(Matrix)},
+    FIELD(Matrix, kind), FIELD(Matrix, n), FIELD(Matrix, k), FIELD(Matrix, data),
+    {"sizeof(Model)", sizeof(Model)},
+    FIELD(Model, layers), FIELD(Model, hidden), FIELD(Model, heads), FIELD(Model, kv_heads),
+    FIELD(Model, head_dim), FIELD(Model, inter), FIELD(Model, vocab), FIELD(Model, max_pos),
+    FIELD(Model, eps), FIELD(Model, scale), FIELD(Model, cos_cache), FIELD(Model, sin_cache),
+    FIELD(Model, embed), FIELD(Model, head), FIELD(Model, final_norm), FIELD(Model, qkv),
+    FIELD(Model, out), FIELD(Model, gate_up), FIELD(Model, down), FIELD(Model, attn_norm),
+    FIELD(Model, ffn_norm),
+};
+
+/* Entry i of that table: its name, with its value in *value; NULL past the last. */
+const char *abi_entry(int i, int64_t *value) {
+    if (i < 0 || (size_t)i >= sizeof ABI / sizeof ABI[0]) return NULL;
+    *value = ABI[i].value;
+    return ABI[i].name;
 }

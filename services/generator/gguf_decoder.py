@@ -1,31 +1,12 @@
-"""Prompts and decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks (gguf_decoder.c), for
-the ONNX runner's fp32 model exported from the same file.
-
-The fp32 weights ONNX Runtime multiplies are those blocks dequantized (scale * q + minimum, in
-fp32). With fp32 activations the C kernel dequantizes the same blocks in registers to the same
-values, so a decode step computes what the ONNX model computes, up to summation order, while reading
-96 MB of weights per token instead of 540 MB. With int8 activations (auto's choice) it multiplies
-the Q4_1 and Q8_0 blocks as llama.cpp does, with each row's inputs quantized to 8 bits per 32
-values: about the same bytes to read and fewer instructions, at llama.cpp's accuracy. A lone
-stream waits on those bytes; many streams and prompts on the arithmetic. Prompts are prefilled by
-the same kernel with fp32 activations, one row per token, into the KV cache layout the ONNX model
-uses: a token gets the numbers it would get decoded on its own at fp32, so a prompt continuing a
-cached prefix is exact with one token to compute.
-
-No library does the fp32 path: ONNX Runtime's 4-bit matmul cannot hold Q4_1's float minimum (an
-integer zero point) or dequantizes the whole matrix on every call (a float one); torch's int4 CPU
-kernel is scalar on AVX2. The int8 path is llama.cpp's arithmetic, written here rather than linking
-llama.cpp (a 9-minute build here, with its own loader, KV cache and threads) into the ONNX runner's
-cache and batch.
-
-The library is compiled once per source into the cache with the system's C compiler (AVX2, FMA,
-OpenMP and glibc's libmvec), and the packed blocks are saved there once too; without a compiler or
-those instructions the runner prefills and decodes with ONNX Runtime."""
+"""Prompts and decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks, by the C kernel in
+gguf_decoder.c (compiled once per source into the cache, its ABI checked at load), for the ONNX
+runner's fp32 model exported from the same file. Design and measurements: docs/gguf-decoder.md."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -39,17 +20,24 @@ SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lmvec",)  # glibc's vector expf
+# The binding's side of the ABI that abi_entry() reports; checked against the library at load.
+ABI_VERSION = 4
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 Q4_1_INT8 = 2  # Q4_1 blocks repacked for 8-bit activations (int8_layout)
 Q8_0_INT8 = 3  # Q8_0 blocks repacked for 8-bit activations (q8_int8_layout)
 ACTIVATIONS = ("fp32", "int8")
 # Prompt tokens per kernel call: bounds the workspace (about 30 KB a token for SmolLM2-135M).
 PREFILL_ROWS = 512
-BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout, as in gguf_decoder.c (LAYOUT below)
+BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout: weights per block, rows per octet, octets per span
 
 
 class DecoderUnavailable(RuntimeError):
     """Why this model or machine decodes with ONNX Runtime instead."""
+
+
+class AbiMismatch(RuntimeError):
+    """The compiled kernel and this binding disagree (a struct, a constant, a packed size): a bug
+    to fix, so it stops start-up rather than falling back to ONNX Runtime."""
 
 
 class _Matrix(ctypes.Structure):
@@ -104,8 +92,92 @@ def missing_prerequisite() -> str:
     return "" if _compiler() else "no C compiler (cc) to build it"
 
 
+_INT64S = np.ctypeslib.ndpointer(np.int64, ndim=1, flags="C_CONTIGUOUS")
+_FLOATS = np.ctypeslib.ndpointer(np.float32, ndim=1, flags="C_CONTIGUOUS")
+_ROWS = np.ctypeslib.ndpointer(np.float32, ndim=2, flags="C_CONTIGUOUS")
+_POINTERS = ctypes.POINTER(ctypes.c_void_p)
+# (restype, argtypes) of every function the library exports.
+SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "abi_entry": (ctypes.c_char_p, [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]),
+    "matrix_bytes": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+    "workspace_floats": (ctypes.c_size_t, [ctypes.POINTER(_Model), ctypes.c_int]),
+    "forward": (
+        None,
+        [
+            ctypes.POINTER(_Model),
+            ctypes.c_int,  # rows
+            _INT64S,  # tokens
+            _INT64S,  # positions
+            _INT64S,  # cache_rows
+            _POINTERS,  # keys, one float buffer per layer
+            _POINTERS,  # values
+            ctypes.c_int,  # capacity
+            ctypes.c_int,  # outputs
+            _INT64S,  # output_rows
+            _ROWS,  # logits
+            _FLOATS,  # work
+            ctypes.c_int,  # threads
+        ],
+    ),
+    "matmul_only": (None, [ctypes.POINTER(_Matrix), _ROWS, ctypes.c_int, _ROWS, ctypes.c_int]),
+}
+
+
+def expected_abi() -> dict[str, int]:
+    """What the library's abi_entry() table must hold for this binding: the constants above and
+    the size and every field's offset and size of the ctypes mirrors."""
+    expected = {
+        "ABI_VERSION": ABI_VERSION,
+        "BLOCK": BLOCK,
+        "OCTET": OCTET,
+        "SPAN": SPAN,
+        "KIND_Q4_1": KINDS["Q4_1"],
+        "KIND_Q8_0": KINDS["Q8_0"],
+        "KIND_Q4_1_INT8": Q4_1_INT8,
+        "KIND_Q8_0_INT8": Q8_0_INT8,
+    }
+    for name, struct in (("Matrix", _Matrix), ("Model", _Model)):
+        expected[f"sizeof({name})"] = ctypes.sizeof(struct)
+        for field, *_ in struct._fields_:
+            descriptor = getattr(struct, field)
+            expected[f"offsetof({name}, {field})"] = descriptor.offset
+            expected[f"sizeof({name}.{field})"] = descriptor.size
+    return expected
+
+
+def library_abi(library: ctypes.CDLL) -> dict[str, int]:
+    """The library's abi_entry() table."""
+    entry = library.abi_entry
+    entry.restype, entry.argtypes = SIGNATURES["abi_entry"]
+    found: dict[str, int] = {}
+    value = ctypes.c_int64()
+    while (name := entry(len(found), ctypes.byref(value))) is not None:
+        found[name.decode()] = value.value
+    return found
+
+
+def check_abi(library: ctypes.CDLL) -> None:
+    """Raise AbiMismatch naming every entry where the library and expected_abi() differ, then give
+    every exported function its argtypes and restype; nothing else is called before."""
+    theirs, ours = library_abi(library), expected_abi()
+    differences = [
+        f"{name}: C {theirs.get(name, 'has none')}, Python {ours.get(name, 'has none')}"
+        for name in sorted(theirs.keys() | ours.keys())
+        if theirs.get(name) != ours.get(name)
+    ]
+    if differences:
+        raise AbiMismatch(f"gguf_decoder.c and gguf_decoder.py disagree: {'; '.join(differences)}")
+    for name, (restype, argtypes) in SIGNATURES.items():
+        try:
+            function = getattr(library, name)
+        except AttributeError as error:
+            raise AbiMismatch(f"gguf_decoder.c exports no {name}") from error
+        function.restype, function.argtypes = restype, argtypes
+
+
 def build_library(cache_dir: str) -> ctypes.CDLL:
-    """Compile gguf_decoder.c once into the cache (keyed by its source) and load it."""
+    """Compile gguf_decoder.c once into the cache (keyed by its source, compiler and flags), load
+    it and check its ABI (AbiMismatch where it differs from this binding's)."""
     reason = missing_prerequisite()
     if reason:
         raise DecoderUnavailable(reason)
@@ -125,10 +197,7 @@ def build_library(cache_dir: str) -> ctypes.CDLL:
             raise DecoderUnavailable(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-300:]}")
         partial.rename(target)
     library = ctypes.CDLL(str(target))
-    library.workspace_floats.restype = ctypes.c_size_t
-    library.workspace_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
-    library.forward.restype = None
-    library.matmul_only.restype = None
+    check_abi(library)
     return library
 
 
@@ -199,15 +268,10 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
     return order
 
 
-# Bumped when pack()'s layout changes, so that a cached copy in the old layout is not read.
-LAYOUT = 3
-
-
 def refusal(gguf_path: Path, hf_config: dict[str, Any], cache_dir: str) -> str:
-    """Why the decoder would refuse this model, from its config and the GGUF header alone (no
-    weights read), or "": what `--backend auto` checks before exporting the ONNX model for it. A
-    file whose blocks are cached was taken before, and its header (seconds to parse: the
-    vocabulary) is not read again."""
+    """Why the decoder would refuse this model, from its config and GGUF header alone, or "" (what
+    `--backend auto` checks before exporting the ONNX model); a file whose blocks are cached passes
+    without its header read again (seconds to parse: the vocabulary)."""
     from gguf import GGUFReader
 
     try:
@@ -302,9 +366,17 @@ def read_blocks(gguf_path: Path, layers: int, heads: int, kv_heads: int) -> dict
     return found
 
 
+def _packing_digest() -> str:
+    """A digest of the code and constants that produce read_blocks()' arrays, so that a cached copy
+    packed by other code is never read (no version to bump by hand)."""
+    code = "".join(inspect.getsource(f) for f in (pack, unpermute_rows, read_blocks, _unfit_tensors))
+    constants = repr((ABI_VERSION, BLOCK, OCTET, SPAN, sorted(KINDS.items())))
+    return hashlib.sha256((code + constants).encode()).hexdigest()[:12]
+
+
 def _blocks_path(gguf_path: Path, cache_dir: str) -> Path:
     stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{LAYOUT}"
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_packing_digest()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"gguf-blocks-{gguf_path.stem}-{digest}.npz"
 
@@ -351,9 +423,7 @@ class GgufDecoder:
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         # What decode steps multiply: with int8 activations, every matrix repacked for them (the
         # output head as "head"; the token embeddings are read from the fp32 layout). Prompts
-        # always take the fp32 blocks: a prompt's quantized activations flipped the greedy answer
-        # to "What is the capital of France?" from "The capital of France is Paris." to French
-        # (llama.cpp's answer), and they set every later token's keys and values.
+        # always take the fp32 blocks (why: docs/gguf-decoder.md).
         self.decode_blocks = dict(self.blocks)
         self.activations = activations
         if activations == "int8":
@@ -367,9 +437,39 @@ class GgufDecoder:
         self._rotary = (cosines, sines)  # the model structs point into them
         self._tables: list[Any] = []  # and into these
 
+        vocab = int(self.blocks["shape.embed"][1])
+        shapes = {  # [rows, columns] the config makes each matrix, by name
+            "qkv": ((heads + 2 * kv_heads) * head_dim, hidden),
+            "out": (hidden, hidden),
+            "gate_up": (2 * inter, hidden),
+            "down": (hidden, inter),
+            "embed": (vocab, hidden),
+            "head": (vocab, hidden),
+        }
+        vectors = [self.blocks[f"{name}.{i}"] for name in ("attn_norm", "ffn_norm") for i in range(layers)]
+        for vector in [*vectors, self.blocks["final_norm"]]:
+            if vector.dtype != np.float32 or vector.shape != (hidden,):
+                raise DecoderUnavailable(f"a norm weight of shape {vector.shape}, not ({hidden},)")
+        if cosines.shape != sines.shape or cosines.ndim != 2 or cosines.shape[1] != head_dim // 2:
+            raise DecoderUnavailable(
+                f"rotary tables of shape {cosines.shape}, not [positions, {head_dim // 2}]"
+            )
+
         def matrix_of(blocks: dict[str, np.ndarray], key: str) -> _Matrix:
+            """The struct of one packed matrix, once its shape matches the config's and its bytes
+            the kernel's reading of them."""
             kind, rows, columns = (int(x) for x in blocks[f"shape.{key}"])
-            return _Matrix(kind, rows, columns, blocks[key].ctypes.data)
+            if (rows, columns) != shapes[key.split(".")[0]]:
+                raise DecoderUnavailable(
+                    f"{key} is [{rows}, {columns}], the config makes it {shapes[key.split('.')[0]]}"
+                )
+            data = blocks[key]
+            reads = int(self.library.matrix_bytes(kind, rows, columns))
+            if not reads or data.nbytes != reads or data.dtype != np.uint8 or not data.flags.c_contiguous:
+                raise AbiMismatch(
+                    f"{key} is packed in {data.nbytes} bytes (kind {kind}), the kernel reads {reads}"
+                )
+            return _Matrix(kind, rows, columns, data.ctypes.data)
 
         def model_of(blocks: dict[str, np.ndarray]) -> _Model:
             tables = [
@@ -405,7 +505,7 @@ class GgufDecoder:
         self.model = model_of(self.decode_blocks) if activations == "int8" else self.prompt_model
         # The decode steps' kernel alone, for tests and benchmarks.
         self.matrix: Callable[[str], _Matrix] = lambda key: matrix_of(self.decode_blocks, key)
-        self.vocab = int(self.blocks["shape.embed"][1])
+        self.vocab = vocab
         self._work = np.zeros(0, np.float32)
 
     def forward(
@@ -420,34 +520,51 @@ class GgufDecoder:
     ) -> np.ndarray:
         """Token r at positions[r] of cache row cache_rows[r], its keys and values written there;
         the logits [len(output_rows), vocab] of the rows listed (see forward() in the C source)."""
+        if len(keys) != model.layers or len(values) != model.layers or keys[0].ndim != 4:
+            raise ValueError(
+                f"{model.layers} key and value buffers [rows, kv_heads, capacity, head_dim] expected, "
+                f"{len(keys)} and {len(values)} given"
+            )
         rows, capacity = len(tokens), int(keys[0].shape[2])
-        if rows and int(positions.max()) >= min(capacity, model.max_pos):
-            raise ValueError("a row has no room left in its cache")
-        if rows and (int(cache_rows.max()) >= keys[0].shape[0] or int(tokens.max()) >= self.vocab):
-            raise ValueError("a cache row or token id out of range")
-        if len(output_rows) and int(output_rows.max()) >= rows:
-            raise ValueError("an output row out of range")
+        shape = (keys[0].shape[0], model.kv_heads, capacity, model.head_dim)
+        if any(
+            a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous for a in (*keys, *values)
+        ):
+            raise ValueError(f"the key and value buffers must all be contiguous float32 {list(shape)}")
+        tokens, positions, cache_rows, output_rows = (
+            np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+            for a in (tokens, positions, cache_rows, output_rows)
+        )
+        if len(positions) != rows or len(cache_rows) != rows:
+            raise ValueError(f"{rows} tokens, {len(positions)} positions and {len(cache_rows)} cache rows")
+        for name, indices, bound in (
+            ("position", positions, min(capacity, model.max_pos)),
+            ("cache row", cache_rows, shape[0]),
+            ("token id", tokens, self.vocab),
+            ("output row", output_rows, rows),
+        ):
+            if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= bound):
+                raise ValueError(f"a {name} outside [0, {bound})")
         needed = self.library.workspace_floats(ctypes.byref(model), rows)
         if self._work.size < needed:
             self._work = np.zeros(needed, np.float32)
         logits = np.empty((len(output_rows), self.vocab), np.float32)
-        arrays = [
-            np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, positions, cache_rows, output_rows)
-        ]
         key_pointers = (ctypes.c_void_p * len(keys))(*(k.ctypes.data for k in keys))
         value_pointers = (ctypes.c_void_p * len(values))(*(v.ctypes.data for v in values))
         self.library.forward(
             ctypes.byref(model),
-            ctypes.c_int(rows),
-            *(a.ctypes.data_as(ctypes.c_void_p) for a in arrays[:3]),
+            rows,
+            tokens,
+            positions,
+            cache_rows,
             key_pointers,
             value_pointers,
-            ctypes.c_int(capacity),
-            ctypes.c_int(len(output_rows)),
-            arrays[3].ctypes.data_as(ctypes.c_void_p),
-            logits.ctypes.data_as(ctypes.c_void_p),
-            self._work.ctypes.data_as(ctypes.c_void_p),
-            ctypes.c_int(self.threads),
+            capacity,
+            len(output_rows),
+            output_rows,
+            logits,
+            self._work,
+            self.threads,
         )
         return logits
 
@@ -462,9 +579,8 @@ class GgufDecoder:
         self, keys: list[np.ndarray], values: list[np.ndarray], prompts: list[tuple[int, int, list[int]]]
     ) -> np.ndarray:
         """Each (cache row, start, tokens) appends its tokens from position `start` of its cache
-        row (positions before `start` already hold keys and values); the logits [prompts, vocab]
-        after each prompt's last token. PREFILL_ROWS tokens at a time, in order, so that a later
-        piece attends to the keys and values an earlier one wrote."""
+        row; the logits [prompts, vocab] after each prompt's last token. PREFILL_ROWS tokens at a
+        time, in order, so that a later piece attends to the keys and values an earlier one wrote."""
         if not all(tokens for _, _, tokens in prompts):
             raise ValueError("a prompt with no token to compute")
         rows = [(row, start + i, token) for row, start, tokens in prompts for i, token in enumerate(tokens)]
@@ -481,16 +597,12 @@ class GgufDecoder:
     def matmul(self, key: str, x: np.ndarray) -> np.ndarray:
         """x [rows, k] . W^T for one packed matrix (say "gate_up.3"), with the kernel alone."""
         matrix = self.matrix(key)
-        rows = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != matrix.k:
+            raise ValueError(f"x is {list(x.shape)}, not [rows, {matrix.k}]")
+        rows = x.shape[0]
         y = np.empty((rows, matrix.n), np.float32)
-        self.library.matmul_only(
-            ctypes.byref(matrix),
-            x.ctypes.data_as(ctypes.c_void_p),
-            ctypes.c_int(rows),
-            y.ctypes.data_as(ctypes.c_void_p),
-            ctypes.c_int(self.threads),
-        )
+        self.library.matmul_only(ctypes.byref(matrix), x, rows, y, self.threads)
         return y
 
 

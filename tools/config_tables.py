@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = replace(current, body)
     if args.check:
         if fresh != current:
-            print(
-                "docs/configuration.md's tables are stale: run `python -m tools.config_tables --write`"
-            )
+            print("docs/configuration.md's tables are stale: run `python -m tools.config_tables --write`")
             return 1
         return 0
     TARGET.write_text(fresh)

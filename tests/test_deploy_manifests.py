@@ -373,10 +373,10 @@ def test_dashboard_queries_only_metrics_the_services_export() -> None:
     assert not missing, f"the dashboard queries metrics no service exports: {missing}"
 
 
-# -- README -----------------------------------------------------------------------------------------
+# -- docs -------------------------------------------------------------------------------------------
 
 
-def test_readme_configuration_tables_match_the_code() -> None:
+def test_docs_configuration_tables_match_the_code() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tools.config_tables", "--check"],
         cwd=ROOT,

@@ -1,8 +1,8 @@
-"""The README's configuration tables, generated from the services' config dataclasses.
+"""The configuration tables of docs/configuration.md, generated from the services' config dataclasses.
 
 python -m tools.config_tables            print the tables
-python -m tools.config_tables --write    replace them in README.md (between the markers)
-python -m tools.config_tables --check    fail when README.md is stale (a test runs this)
+python -m tools.config_tables --write    replace them in docs/configuration.md (between the markers)
+python -m tools.config_tables --check    fail when docs/configuration.md is stale (a test runs this)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+TARGET = ROOT / "docs" / "configuration.md"
 TIERS = ("gateway", "generator", "embedder")
 START = "<!-- config-tables:start (python -m tools.config_tables --write) -->"
 END = "<!-- config-tables:end -->"
@@ -81,11 +81,12 @@ def tables() -> str:
     return "\n\n".join(table(tier) for tier in TIERS)
 
 
-def replace(readme: str, body: str) -> str:
-    head, start, rest = readme.partition(START)
+def replace(document: str, body: str) -> str:
+    """`document` with `body` between the markers; LookupError when a marker is missing."""
+    head, start, rest = document.partition(START)
     _, end, tail = rest.partition(END)
     if not start or not end:
-        raise LookupError(f"README.md lacks the markers {START!r} and {END!r}")
+        raise LookupError(f"{TARGET.relative_to(ROOT)} lacks the markers {START!r} and {END!r}")
     return f"{head}{START}\n{body}\n{END}{tail}"
 
 
@@ -94,21 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true", help="update README.md")
-    group.add_argument("--check", action="store_true", help="fail when README.md is stale")
+    group.add_argument("--write", action="store_true", help="update docs/configuration.md")
+    group.add_argument("--check", action="store_true", help="fail when docs/configuration.md is stale")
     args = parser.parse_args(argv)
     body = tables()
     if not (args.write or args.check):
         print(body)
         return 0
-    current = README.read_text()
+    current = TARGET.read_text()
     fresh = replace(current, body)
     if args.check:
         if fresh != current:
-            print("README.md's configuration tables are stale: run `python -m tools.config_tables --write`")
+            print("docs/configuration.md's tables are stale: run `python -m tools.config_tables --write`")
             return 1
         return 0
-    README.write_text(fresh)
+    TARGET.write_text(fresh)
     return 0
 
 

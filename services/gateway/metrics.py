@@ -38,7 +38,7 @@ BACKEND_ERRORS = Counter(
 TOKENS = Counter("gateway_tokens_total", "Tokens reported by backends, by key.", ["key"])
 
 
-class Stats:
+class GatewayStats:
     """Totals the gateway reports on its own InfoService."""
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ def _code(context: Context, error: BaseException | None) -> grpc.StatusCode:
 
 
 class Metrics(BehaviorWrapper):
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: GatewayStats) -> None:
         self._stats = stats
 
     def _start(self, method: str) -> float:

@@ -32,8 +32,8 @@ from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, Resp
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.interceptors import ErrorMapping, carries_policy
-from services.gateway.metrics import Metrics, Stats
-from services.gateway.ratelimit import Limits, RateLimiter, RateLimiting
+from services.gateway.metrics import GatewayStats, Metrics
+from services.gateway.ratelimit import RateLimiter, RateLimiting, RateLimits
 from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
 
 log = logging.getLogger("services.gateway")
@@ -76,11 +76,11 @@ async def build(config: GatewayConfig) -> Gateway:
     )
     backends = Backends(generator, embedder, ResponseCache(config.cache_size))
     catalog = ModelCatalog(generator, embedder)
-    stats = Stats()
+    stats = GatewayStats()
     limiter = RateLimiter(
-        Limits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
+        RateLimits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
     )
-    limits = validation.Limits(
+    limits = validation.RequestLimits(
         max_prompt_chars=config.max_prompt_chars,
         max_messages=config.max_messages,
         max_new_tokens=config.max_new_tokens,

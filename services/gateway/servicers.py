@@ -31,7 +31,7 @@ from services.gateway.backends import Backend, Backends
 from services.gateway.catalog import ModelCatalog
 from services.gateway.errors import GatewayError, from_backend, http_like, not_found
 from services.gateway.interceptors import Context
-from services.gateway.metrics import Stats
+from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
 RequestT = TypeVar("RequestT", bound=Message)
@@ -52,7 +52,7 @@ def _copy(request: RequestT) -> RequestT:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits) -> None:
         self._backends = backends
         self._catalog = catalog
         self._limits = limits
@@ -107,7 +107,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits) -> None:
         self._backends = backends
         self._catalog = catalog
         self._limits = limits
@@ -161,7 +161,7 @@ async def _gather_replicas(
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: Stats, address: str) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: GatewayStats, address: str) -> None:
         self._backends = backends
         self._catalog = catalog
         self._stats = stats
@@ -267,7 +267,7 @@ async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[ht
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     def __init__(
-        self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits, started: float
+        self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits, started: float
     ) -> None:
         self._backends = backends
         self._catalog = catalog

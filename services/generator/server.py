@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 
 from services.common import telemetry
 from services.generator.config import GeneratorConfig
-from services.generator.engine import Engine, Limits, SamplingParams
+from services.generator.engine import Engine, SamplingParams, SchedulerLimits
 from services.generator.loader import LoadSpec, ModelLoadError, load
 from services.generator.servicer import GenerationServicer, InfoServicer, ServedInfo
 
@@ -31,8 +31,8 @@ SERVICE_NAMES = (
 )
 
 
-def limits_of(config: GeneratorConfig) -> Limits:
-    return Limits(
+def limits_of(config: GeneratorConfig) -> SchedulerLimits:
+    return SchedulerLimits(
         max_running_sequences=config.max_running_sequences,
         max_waiting_requests=config.max_waiting_requests,
         max_total_tokens=config.max_total_tokens,

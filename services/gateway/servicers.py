@@ -4,14 +4,12 @@ Auth, limits, metrics, traces and error mapping wrap them as interceptors (serve
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-import psutil
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf.message import Message
 from inference.v1 import (
@@ -25,6 +23,7 @@ from inference.v1 import (
     openai_pb2_grpc,
 )
 
+from services.common.machine import device_info, memory_info
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.backends import Backend, Backends
@@ -168,17 +167,12 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         self._address = address
 
     def _own_health(self) -> info_pb2.ComponentHealth:
-        memory = psutil.virtual_memory()
         return info_pb2.ComponentHealth(
             component="gateway",
             address=self._address,
             status=info_pb2.SERVING_STATUS_SERVING,
-            device=info_pb2.DeviceInfo(type="cpu", count=1),
-            memory=info_pb2.MemoryInfo(
-                process_rss_mib=psutil.Process(os.getpid()).memory_info().rss / 2**20,
-                system_total_mib=memory.total / 2**20,
-                system_available_mib=memory.available / 2**20,
-            ),
+            device=device_info("cpu"),
+            memory=memory_info(),
             uptime_seconds=time.time() - self._stats.started,
         )
 

@@ -26,11 +26,11 @@ from services.gateway.backends import (
     service_config,
 )
 from services.gateway.errors import GatewayError, retry_delay
-from services.gateway.ratelimit import Limits, RateLimiter
+from services.gateway.ratelimit import RateLimiter, RateLimits
 from tests.fixtures_gateway import render_envoy
 from tests.stack import ROOT
 
-LIMITS = validation.Limits()
+LIMITS = validation.RequestLimits()
 
 
 def violations(error: GatewayError) -> dict[str, str]:
@@ -124,7 +124,7 @@ class Clock:
 
 def test_a_burst_beyond_the_limit_is_refused_with_a_retry_hint_and_passes_later() -> None:
     clock = Clock()
-    limiter = RateLimiter(Limits(0, 0, 0), clock)
+    limiter = RateLimiter(RateLimits(0, 0, 0), clock)
     key = ApiKey("k", "", frozenset({"generate"}), requests_per_minute=60, burst=3)
     for _ in range(3):
         limiter.admit(key)
@@ -139,7 +139,7 @@ def test_a_burst_beyond_the_limit_is_refused_with_a_retry_hint_and_passes_later(
 
 def test_token_budget_is_charged_from_reported_usage() -> None:
     clock = Clock()
-    limiter = RateLimiter(Limits(0, 0, 0), clock)
+    limiter = RateLimiter(RateLimits(0, 0, 0), clock)
     key = ApiKey("k", "", frozenset({"generate"}), tokens_per_minute=600)
     limiter.admit(key)
     limiter.charge(key, 700)
@@ -153,11 +153,11 @@ def test_token_budget_is_charged_from_reported_usage() -> None:
 
 
 def test_keys_without_limits_use_the_defaults_and_zero_means_unlimited() -> None:
-    limiter = RateLimiter(Limits(0, 0, 0), Clock())
+    limiter = RateLimiter(RateLimits(0, 0, 0), Clock())
     key = ApiKey("k", "", frozenset())
     for _ in range(1000):
         limiter.admit(key)
-    strict = RateLimiter(Limits(1, 0, 1), Clock())
+    strict = RateLimiter(RateLimits(1, 0, 1), Clock())
     strict.admit(key)
     with pytest.raises(GatewayError):
         strict.admit(key)
@@ -197,7 +197,7 @@ def test_prompt_and_messages_are_exclusive_and_roles_are_checked() -> None:
 def test_oversize_prompts_are_refused_with_the_limit() -> None:
     request = generation_pb2.GenerateRequest(prompt="x" * 11)
     with pytest.raises(GatewayError) as bad:
-        validation.validate_generate(request, validation.Limits(max_prompt_chars=10))
+        validation.validate_generate(request, validation.RequestLimits(max_prompt_chars=10))
     assert "limit of 10" in violations(bad.value)["prompt"]
 
 

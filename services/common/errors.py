@@ -1,15 +1,14 @@
 """Failures as gRPC statuses with google.rpc details, shared by every service.
 
-A handler raises `RpcFailure` (or an engine error that its servicer maps to one); one place per
-service turns it into the call's status with `abort`, so clients and Envoy see the code, the
-message and the details (BadRequest, RetryInfo, ErrorInfo, ...) the same way from every tier.
+A handler raises `RpcFailure` or a domain exception that its tier registered in a
+`FailureMapping`; the error-mapping interceptor turns either into the call's status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
@@ -39,6 +38,30 @@ class RpcFailure(Exception):
     async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
         await context.abort_with_status(rpc_status.to_status(self.to_status()))
         raise AssertionError("unreachable: abort raises")
+
+
+ErrorT = TypeVar("ErrorT", bound=BaseException)
+
+
+class FailureMapping:
+    """Domain exception types to the failure a client sees; the most specific registered class
+    of an error (along its MRO) decides, and an `RpcFailure` maps to itself."""
+
+    def __init__(self) -> None:
+        self._rules: dict[type[BaseException], Callable[[Any], RpcFailure]] = {}
+
+    def register(self, kind: type[ErrorT], convert: Callable[[ErrorT], RpcFailure]) -> None:
+        self._rules[kind] = convert
+
+    def failure_of(self, error: BaseException) -> RpcFailure | None:
+        """The failure for `error`, or None when no registered type covers it."""
+        if isinstance(error, RpcFailure):
+            return error
+        for kind in type(error).__mro__:
+            convert = self._rules.get(kind)
+            if convert is not None:
+                return convert(error)
+        return None
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:

@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from services.embedder.errors import EmbedderError, ModelNotFound, ModelTooLarge, ModelUnavailable
-from services.embedder.models import EmbeddingModel, ModelSpec
+from services.embedder.exceptions import EmbedderError, ModelNotFound, ModelTooLarge, ModelUnavailable
+from services.embedder.models import EmbeddingModel
+from services.embedder.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from services.embedder.batcher import (
 )
 from services.embedder.cache import CacheEvents, CacheSettings, ModelCache
 from services.embedder.config import EmbedderConfig
-from services.embedder.errors import EmbedderError, InvalidInput, Overloaded, ShuttingDown
+from services.embedder.exceptions import EmbedderError, InvalidInput, Overloaded, ShuttingDown
 from services.embedder.inputs import ParsedInput, parse_input
 from services.embedder.models import EmbeddingModel, packaged_default_model, resolve_device
 

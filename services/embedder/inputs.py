@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.embedder.errors import InvalidInput
+from services.embedder.exceptions import InvalidInput
 
 SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 

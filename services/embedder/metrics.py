@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.interceptors import rpc_name
 
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
@@ -25,3 +28,15 @@ CACHE_MISSES = Counter("embedder_cache_misses_total", "Requests that had to load
 CACHE_EVICTIONS = Counter("embedder_cache_evictions_total", "Models evicted from the cache.", ["model"])
 LOADED_MODELS = Gauge("embedder_loaded_models", "Models in the cache.")
 CACHE_MEMORY = Gauge("embedder_cache_memory_mib", "Estimated memory held by loaded models, in MiB.")
+
+
+class EmbedderRequests:
+    """The embedder's request metrics (a RequestObserver): by method name and status code."""
+
+    def started(self, method: str) -> None:
+        pass
+
+    def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        name = rpc_name(method)
+        REQUESTS.labels(name, code.name).inc()
+        REQUEST_SECONDS.labels(name).observe(seconds)

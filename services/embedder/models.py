@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.embedder.errors import InvalidInput
+from services.embedder.exceptions import InvalidInput
+from services.embedder.onnx_backend import OnnxTransformer
+from services.embedder.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,19 +40,6 @@ def resolve_device(requested: str) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a model comes from and how to load it."""
-
-    name: str
-    source: str
-    device: str
-    dtype: str
-    # "torch", or "onnx": the transformer exported once and run by ONNX Runtime.
-    backend: str = "torch"
-    onnx_dir: str = ""
 
 
 class EmbeddingModel:
@@ -84,8 +72,6 @@ class EmbeddingModel:
             b.numel() * b.element_size() for b in st_model.buffers()
         )
         if spec.backend == "onnx":
-            from services.embedder.onnx_backend import OnnxTransformer
-
             modules[0] = OnnxTransformer.export(modules[0], spec)
             self.size_bytes = modules[0].size_bytes + sum(
                 p.numel() * p.element_size() for module in modules[1:] for p in module.parameters()

@@ -13,12 +13,11 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from services.embedder.models import ModelSpec
+from services.embedder.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

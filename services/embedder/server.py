@@ -16,8 +16,11 @@ from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_g
 from prometheus_client import start_http_server
 
 from services.common import telemetry
+from services.common.interceptors import serving_interceptor
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbeddingEngine
+from services.embedder.errors import MAPPING
+from services.embedder.metrics import EmbedderRequests
 from services.embedder.servicer import EmbeddingServicer, InfoServicer
 
 log = logging.getLogger("services.embedder")
@@ -44,7 +47,10 @@ async def serve(config: EmbedderConfig) -> int:
         torch.set_num_threads(config.torch_threads)
     engine = EmbeddingEngine(config)
     server = grpc.aio.server(
-        interceptors=telemetry.server_interceptors("embedder", config.otlp_endpoint),
+        interceptors=[
+            *telemetry.server_interceptors("embedder", config.otlp_endpoint),
+            serving_interceptor(EmbedderRequests(), MAPPING),
+        ],
         options=[
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),

@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import psutil
-import torch
 from google.protobuf import json_format
 from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
 
-from services.embedder import metrics
+from services.common.machine import device_info, memory_info
 from services.embedder.engine import EmbeddingEngine, EmbedParams, as_lists
-from services.embedder.errors import EmbedderError, InvalidInput
-from services.embedder.status import abort, failure_of
+from services.embedder.exceptions import InvalidInput
 
 Context = grpc.aio.ServicerContext[Any, Any]
-ReplyT = TypeVar("ReplyT")
-MIB = 1024 * 1024
-
-
-async def _handle(method: str, context: Context, call: Callable[[], Awaitable[ReplyT]]) -> ReplyT:
-    """Run one RPC: engine errors become statuses; count and time it."""
-    started = time.perf_counter()
-    code = "OK"
-    try:
-        return await call()
-    except EmbedderError as error:
-        code = failure_of(error).code.name
-        await abort(context, error)
-    except BaseException:
-        code = "CANCELLED_OR_FAILED"
-        raise
-    finally:
-        metrics.REQUESTS.labels(method, code).inc()
-        metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -46,9 +23,6 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: Context
     ) -> embedding_pb2.EmbedResponse:
-        return await _handle("Embed", context, lambda: self._embed(request))
-
-    async def _embed(self, request: embedding_pb2.EmbedRequest) -> embedding_pb2.EmbedResponse:
         encoding = request.encoding_format
         if encoding not in (
             embedding_pb2.ENCODING_FORMAT_UNSPECIFIED,
@@ -85,85 +59,52 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def PreloadModels(
         self, request: embedding_pb2.PreloadModelsRequest, context: Context
     ) -> embedding_pb2.PreloadModelsResponse:
-        async def call() -> embedding_pb2.PreloadModelsResponse:
-            if not request.models:
-                raise InvalidInput("models", "must name at least one model")
-            return embedding_pb2.PreloadModelsResponse(accepted=self.engine.cache.preload(request.models))
-
-        return await _handle("PreloadModels", context, call)
+        if not request.models:
+            raise InvalidInput("models", "must name at least one model")
+        return embedding_pb2.PreloadModelsResponse(accepted=self.engine.cache.preload(request.models))
 
     async def GetCacheStatus(
         self, request: embedding_pb2.GetCacheStatusRequest, context: Context
     ) -> embedding_pb2.GetCacheStatusResponse:
-        async def call() -> embedding_pb2.GetCacheStatusResponse:
-            status = self.engine.cache.status()
-            return embedding_pb2.GetCacheStatusResponse(
-                strategy=status.strategy,
-                max_models=status.max_models,
-                memory_budget_mib=status.memory_budget_mib,
-                memory_used_mib=status.memory_used_mib,
-                models=[
-                    embedding_pb2.CachedModel(
-                        name=model.name,
-                        size_mib=model.size_mib,
-                        device=model.device,
-                        dimensions=model.dimensions,
-                        max_seq_length=model.max_seq_length,
-                        hits=model.hits,
-                        loaded_at=model.loaded_at,
-                        last_used_at=model.last_used_at,
-                    )
-                    for model in status.models
-                ],
-                loading=status.loading,
-                evictions=status.evictions,
-            )
-
-        return await _handle("GetCacheStatus", context, call)
+        status = self.engine.cache.status()
+        return embedding_pb2.GetCacheStatusResponse(
+            strategy=status.strategy,
+            max_models=status.max_models,
+            memory_budget_mib=status.memory_budget_mib,
+            memory_used_mib=status.memory_used_mib,
+            models=[
+                embedding_pb2.CachedModel(
+                    name=model.name,
+                    size_mib=model.size_mib,
+                    device=model.device,
+                    dimensions=model.dimensions,
+                    max_seq_length=model.max_seq_length,
+                    hits=model.hits,
+                    loaded_at=model.loaded_at,
+                    last_used_at=model.last_used_at,
+                )
+                for model in status.models
+            ],
+            loading=status.loading,
+            evictions=status.evictions,
+        )
 
     async def ClearCache(
         self, request: embedding_pb2.ClearCacheRequest, context: Context
     ) -> embedding_pb2.ClearCacheResponse:
-        async def call() -> embedding_pb2.ClearCacheResponse:
-            return embedding_pb2.ClearCacheResponse(cleared=self.engine.cache.clear(request.models))
-
-        return await _handle("ClearCache", context, call)
+        return embedding_pb2.ClearCacheResponse(cleared=self.engine.cache.clear(request.models))
 
     async def GetModelCounter(
         self, request: embedding_pb2.GetModelCounterRequest, context: Context
     ) -> embedding_pb2.GetModelCounterResponse:
-        async def call() -> embedding_pb2.GetModelCounterResponse:
-            name, counter = self.engine.counter(request.model)
-            return embedding_pb2.GetModelCounterResponse(
-                model=name,
-                requests=counter.requests,
-                inputs=counter.inputs,
-                tokens=counter.tokens,
-                errors=counter.errors,
-            )
-
-        return await _handle("GetModelCounter", context, call)
-
-
-def device_info(device: str) -> info_pb2.DeviceInfo:
-    if device.startswith("cuda"):
-        return info_pb2.DeviceInfo(
-            type="cuda", name=torch.cuda.get_device_name(), count=torch.cuda.device_count()
+        name, counter = self.engine.counter(request.model)
+        return embedding_pb2.GetModelCounterResponse(
+            model=name,
+            requests=counter.requests,
+            inputs=counter.inputs,
+            tokens=counter.tokens,
+            errors=counter.errors,
         )
-    return info_pb2.DeviceInfo(type=device, name="", count=1)
-
-
-def memory_info(device: str) -> info_pb2.MemoryInfo:
-    system = psutil.virtual_memory()
-    memory = info_pb2.MemoryInfo(
-        process_rss_mib=psutil.Process().memory_info().rss / MIB,
-        system_total_mib=system.total / MIB,
-        system_available_mib=system.available / MIB,
-    )
-    if device.startswith("cuda"):
-        memory.gpu_allocated_mib = torch.cuda.memory_allocated() / MIB
-        memory.gpu_total_mib = torch.cuda.mem_get_info()[1] / MIB
-    return memory
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):

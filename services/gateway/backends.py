@@ -19,8 +19,16 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
-from inference.v1 import embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc, info_pb2_grpc
+from inference.v1 import (
+    embedding_pb2,
+    embedding_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    info_pb2,
+    info_pb2_grpc,
+)
 
+from services.common.methods import unary_methods
 from services.gateway.interceptors import Context
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
 from services.gateway.ratelimit import charge_tokens
@@ -34,17 +42,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FORWARDED_HEADERS = frozenset({"x-request-id", "traceparent", "tracestate", "baggage"})
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
-UNARY_METHODS: dict[str, tuple[str, ...]] = {
-    "inference.v1.GenerationService": ("Generate", "Chat", "SolveMath", "SolveCoding"),
-    "inference.v1.EmbeddingService": (
-        "Embed",
-        "PreloadModels",
-        "GetCacheStatus",
-        "ClearCache",
-        "GetModelCounter",
-    ),
-    "inference.v1.InfoService": ("GetHealth", "GetStats", "ListServedModels"),
-}
+# Only unary calls are retried: a stream that already delivered messages is never replayed.
+UNARY_METHODS = unary_methods(generation_pb2.DESCRIPTOR, embedding_pb2.DESCRIPTOR, info_pb2.DESCRIPTOR)
 
 
 def grpc_target(addresses: str) -> tuple[str, list[str]]:

@@ -1,10 +1,9 @@
-"""Errors with google.rpc details, raised anywhere in the gateway and turned into a gRPC status
-in one place (`abort_with`)."""
+"""The gateway's failures with google.rpc details and `MAPPING`, which the common error-mapping
+interceptor uses: a gateway failure is its own status, a backend's error keeps its status."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -12,7 +11,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
-from services.common.errors import RpcFailure, error_info, retry_info
+from services.common.errors import FailureMapping, RpcFailure, error_info, retry_info
 
 # Re-exported: handlers raise these through this module.
 from services.common.errors import invalid_argument as invalid_argument
@@ -99,8 +98,8 @@ def retry_delay(error: GatewayError) -> float | None:
     return None
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
-    await error.abort(context)
+MAPPING = FailureMapping()
+MAPPING.register(grpc.aio.AioRpcError, from_backend)
 
 
 def http_like(code: grpc.StatusCode) -> int:

@@ -1,19 +1,15 @@
-"""Prometheus metrics of the gateway, recorded by one interceptor (requests by route, key and
-status; latency; in-flight calls) plus counters the cache and rate limiter bump."""
+"""Prometheus metrics of the gateway: requests by method, key and status, latency and in-flight
+calls (recorded by the common request-metrics interceptor), plus counters the cache and rate
+limiter bump."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-import grpc.aio
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.gateway.auth import current_key
-from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 
 REQUESTS = Counter(
     "gateway_requests_total",
@@ -38,7 +34,7 @@ BACKEND_ERRORS = Counter(
 TOKENS = Counter("gateway_tokens_total", "Tokens reported by backends, by key.", ["key"])
 
 
-class Stats:
+class GatewayStats:
     """Totals the gateway reports on its own InfoService."""
 
     def __init__(self) -> None:
@@ -49,59 +45,21 @@ class Stats:
         self.cache_hits = 0
 
 
-def _code(context: Context, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        return grpc.StatusCode.CANCELLED
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+class GatewayRequests:
+    """The gateway's request metrics (a RequestObserver): by full method, API key and status."""
 
-
-class Metrics(BehaviorWrapper):
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: GatewayStats) -> None:
         self._stats = stats
 
-    def _start(self, method: str) -> float:
+    def started(self, method: str) -> None:
         self._stats.total += 1
         self._stats.running += 1
         IN_FLIGHT.labels(method).inc()
-        return time.perf_counter()
 
-    def _finish(self, method: str, started: float, context: Context, error: BaseException | None) -> None:
+    def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self._stats.running -= 1
         IN_FLIGHT.labels(method).dec()
-        code = _code(context, error)
         if code != grpc.StatusCode.OK:
             self._stats.failed += 1
         REQUESTS.labels(method, current_key.get().name, code.name).inc()
-        LATENCY.labels(method).observe(time.perf_counter() - started)
-
-    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
-        async def measured(request: Any, context: Context) -> Any:
-            started = self._start(method)
-            error: BaseException | None = None
-            try:
-                return await behavior(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._finish(method, started, context, error)
-
-        return measured
-
-    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
-        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
-            started = self._start(method)
-            error: BaseException | None = None
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._finish(method, started, context, error)
-
-        return measured
+        LATENCY.labels(method).observe(seconds)

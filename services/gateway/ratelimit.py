@@ -37,21 +37,21 @@ class TokenBucket:
 
 
 @dataclass(frozen=True)
-class Limits:
+class RateLimits:
     requests_per_minute: float
     tokens_per_minute: float
     burst: int
 
 
 class RateLimiter:
-    def __init__(self, default: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, default: RateLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self._default = default
         self._clock = clock
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
         self.rejections = 0
 
-    def limits_for(self, key: ApiKey) -> Limits:
+    def limits_for(self, key: ApiKey) -> RateLimits:
         rpm = (
             key.requests_per_minute
             if key.requests_per_minute is not None
@@ -59,7 +59,7 @@ class RateLimiter:
         )
         tpm = key.tokens_per_minute if key.tokens_per_minute is not None else self._default.tokens_per_minute
         burst = key.burst if key.burst is not None else self._default.burst
-        return Limits(rpm, tpm, burst)
+        return RateLimits(rpm, tpm, burst)
 
     def _bucket(
         self, table: dict[str, TokenBucket], name: str, capacity: float, per_minute: float

@@ -25,15 +25,15 @@ from inference.v1 import (
 from prometheus_client import start_http_server
 
 from services.common import telemetry as common_telemetry
-from services.common.interceptors import BehaviorWrapper, WrappingInterceptor
+from services.common.interceptors import serving_interceptor
 from services.gateway import telemetry, validation
 from services.gateway.auth import Authentication, KeyStore
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
-from services.gateway.interceptors import ErrorMapping, carries_policy
-from services.gateway.metrics import Metrics, Stats
-from services.gateway.ratelimit import Limits, RateLimiter, RateLimiting
+from services.gateway.errors import MAPPING
+from services.gateway.metrics import GatewayRequests, GatewayStats
+from services.gateway.ratelimit import RateLimiter, RateLimiting, RateLimits
 from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
 
 log = logging.getLogger("services.gateway")
@@ -76,11 +76,11 @@ async def build(config: GatewayConfig) -> Gateway:
     )
     backends = Backends(generator, embedder, ResponseCache(config.cache_size))
     catalog = ModelCatalog(generator, embedder)
-    stats = Stats()
+    stats = GatewayStats()
     limiter = RateLimiter(
-        Limits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
+        RateLimits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
     )
-    limits = validation.Limits(
+    limits = validation.RequestLimits(
         max_prompt_chars=config.max_prompt_chars,
         max_messages=config.max_messages,
         max_new_tokens=config.max_new_tokens,
@@ -93,13 +93,11 @@ async def build(config: GatewayConfig) -> Gateway:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if provider is not None:
         interceptors.append(common_telemetry.tracing_interceptor(provider.get_tracer("services.gateway")))
-    wrappers: list[BehaviorWrapper] = [
-        Metrics(stats),
-        ErrorMapping(),
-        Authentication(store),
-        RateLimiting(limiter),
-    ]
-    interceptors.append(WrappingInterceptor(wrappers, applies_to=carries_policy))
+    interceptors.append(
+        serving_interceptor(
+            GatewayRequests(stats), MAPPING, policies=[Authentication(store), RateLimiting(limiter)]
+        )
+    )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

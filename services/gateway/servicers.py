@@ -4,14 +4,12 @@ Auth, limits, metrics, traces and error mapping wrap them as interceptors (serve
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-import psutil
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf.message import Message
 from inference.v1 import (
@@ -25,13 +23,14 @@ from inference.v1 import (
     openai_pb2_grpc,
 )
 
+from services.common.machine import device_info, memory_info
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.backends import Backend, Backends
 from services.gateway.catalog import ModelCatalog
 from services.gateway.errors import GatewayError, from_backend, http_like, not_found
 from services.gateway.interceptors import Context
-from services.gateway.metrics import Stats
+from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
 RequestT = TypeVar("RequestT", bound=Message)
@@ -52,7 +51,7 @@ def _copy(request: RequestT) -> RequestT:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits) -> None:
         self._backends = backends
         self._catalog = catalog
         self._limits = limits
@@ -107,7 +106,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits) -> None:
         self._backends = backends
         self._catalog = catalog
         self._limits = limits
@@ -161,24 +160,19 @@ async def _gather_replicas(
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: Stats, address: str) -> None:
+    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: GatewayStats, address: str) -> None:
         self._backends = backends
         self._catalog = catalog
         self._stats = stats
         self._address = address
 
     def _own_health(self) -> info_pb2.ComponentHealth:
-        memory = psutil.virtual_memory()
         return info_pb2.ComponentHealth(
             component="gateway",
             address=self._address,
             status=info_pb2.SERVING_STATUS_SERVING,
-            device=info_pb2.DeviceInfo(type="cpu", count=1),
-            memory=info_pb2.MemoryInfo(
-                process_rss_mib=psutil.Process(os.getpid()).memory_info().rss / 2**20,
-                system_total_mib=memory.total / 2**20,
-                system_available_mib=memory.available / 2**20,
-            ),
+            device=device_info("cpu"),
+            memory=memory_info(),
             uptime_seconds=time.time() - self._stats.started,
         )
 
@@ -267,7 +261,7 @@ async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[ht
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     def __init__(
-        self, backends: Backends, catalog: ModelCatalog, limits: validation.Limits, started: float
+        self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits, started: float
     ) -> None:
         self._backends = backends
         self._catalog = catalog

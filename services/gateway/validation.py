@@ -21,7 +21,7 @@ MAX_TOKEN_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestLimits:
     max_prompt_chars: int = 100_000
     max_messages: int = 256
     max_new_tokens: int = 4096
@@ -73,7 +73,7 @@ class Violations:
             self.add(field, f"is {len(value)} characters, more than the limit of {limit}")
 
 
-def stop_sequences(value: struct_pb2.Value, field: str, limits: Limits, out: Violations) -> list[str]:
+def stop_sequences(value: struct_pb2.Value, field: str, limits: RequestLimits, out: Violations) -> list[str]:
     """The stop strings of a string-or-list Value."""
     kind = value.WhichOneof("kind")
     if kind is None or kind == "null_value":
@@ -120,7 +120,9 @@ def plain(value: struct_pb2.Value) -> Any:
     return _plain(value)
 
 
-def _messages(messages: Iterable[common_pb2.ChatMessage | Any], limits: Limits, out: Violations) -> None:
+def _messages(
+    messages: Iterable[common_pb2.ChatMessage | Any], limits: RequestLimits, out: Violations
+) -> None:
     items = list(messages)
     if len(items) > limits.max_messages:
         out.add("messages", f"has {len(items)} messages, more than the limit of {limits.max_messages}")
@@ -132,7 +134,7 @@ def _messages(messages: Iterable[common_pb2.ChatMessage | Any], limits: Limits, 
         out.text(f"messages[{index}].content", message.content, limits.max_prompt_chars, required=False)
 
 
-def _sampling(request: Message, limits: Limits, out: Violations) -> None:
+def _sampling(request: Message, limits: RequestLimits, out: Violations) -> None:
     out.optional_int(request, "max_new_tokens", 1, limits.max_new_tokens)
     out.optional_float(request, "temperature", 0.0, limits.max_temperature)
     fields = request.DESCRIPTOR.fields_by_name
@@ -145,7 +147,7 @@ def _sampling(request: Message, limits: Limits, out: Violations) -> None:
 
 
 def validate_generate(
-    request: generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest, limits: Limits
+    request: generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest, limits: RequestLimits
 ) -> None:
     out = Violations()
     if request.prompt and len(request.messages) > 0:
@@ -162,7 +164,7 @@ def validate_generate(
     out.raise_if_any()
 
 
-def validate_chat(request: generation_pb2.ChatRequest, limits: Limits) -> None:
+def validate_chat(request: generation_pb2.ChatRequest, limits: RequestLimits) -> None:
     out = Violations()
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
@@ -173,7 +175,7 @@ def validate_chat(request: generation_pb2.ChatRequest, limits: Limits) -> None:
 
 
 def validate_solve(
-    request: generation_pb2.SolveMathRequest | generation_pb2.SolveCodingRequest, limits: Limits
+    request: generation_pb2.SolveMathRequest | generation_pb2.SolveCodingRequest, limits: RequestLimits
 ) -> None:
     out = Violations()
     out.text("problem", request.problem, limits.max_prompt_chars)
@@ -183,7 +185,7 @@ def validate_solve(
     out.raise_if_any()
 
 
-def embedding_inputs(value: struct_pb2.Value, field: str, limits: Limits, out: Violations) -> int:
+def embedding_inputs(value: struct_pb2.Value, field: str, limits: RequestLimits, out: Violations) -> int:
     """Checks a string / strings / token ids / lists of token ids Value; returns the input count."""
     data = _plain(value)
     if isinstance(data, str):
@@ -216,7 +218,7 @@ def _token_ids(items: list[Any], field: str, out: Violations) -> None:
             return
 
 
-def validate_embed(request: embedding_pb2.EmbedRequest, limits: Limits) -> None:
+def validate_embed(request: embedding_pb2.EmbedRequest, limits: RequestLimits) -> None:
     out = Violations()
     embedding_inputs(request.input, "input", limits, out)
     out.optional_int(request, "dimensions", 1, 65536)
@@ -252,7 +254,7 @@ def openai_content(value: struct_pb2.Value, field: str, out: Violations) -> str:
 
 def _openai_sampling(
     request: openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest,
-    limits: Limits,
+    limits: RequestLimits,
     out: Violations,
 ) -> None:
     out.optional_int(request, "max_tokens", 1, limits.max_new_tokens)
@@ -269,7 +271,7 @@ def _openai_sampling(
 
 
 def validate_chat_completion(
-    request: openai_pb2.CreateChatCompletionRequest, limits: Limits
+    request: openai_pb2.CreateChatCompletionRequest, limits: RequestLimits
 ) -> list[tuple[str, str]]:
     """Checks the request; returns (role, text) of each message."""
     out = Violations()
@@ -294,7 +296,7 @@ def validate_chat_completion(
     return turns
 
 
-def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: Limits) -> list[str]:
+def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: RequestLimits) -> list[str]:
     """Checks the request; returns its prompts."""
     out = Violations()
     _openai_sampling(request, limits, out)
@@ -316,7 +318,7 @@ def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: Lim
     return prompts
 
 
-def validate_openai_embedding(request: openai_pb2.CreateEmbeddingRequest, limits: Limits) -> None:
+def validate_openai_embedding(request: openai_pb2.CreateEmbeddingRequest, limits: RequestLimits) -> None:
     out = Violations()
     embedding_inputs(request.input, "input", limits, out)
     if request.encoding_format not in ("", "float", "base64"):

@@ -82,7 +82,7 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class Limits:
+class SchedulerLimits:
     max_running_sequences: int = 32
     max_waiting_requests: int = 128
     max_total_tokens: int = 262144
@@ -206,7 +206,7 @@ class Request:
 
 
 @dataclass
-class Stats:
+class SchedulerStats:
     requests_total: int = 0
     requests_failed: int = 0
     prompt_tokens_total: int = 0
@@ -234,7 +234,7 @@ class _Batch:
 
 
 class Engine:
-    def __init__(self, runner: Runner, tokenizer: Any, model_id: str, limits: Limits) -> None:
+    def __init__(self, runner: Runner, tokenizer: Any, model_id: str, limits: SchedulerLimits) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -247,7 +247,7 @@ class Engine:
         self.special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
-        self.stats = Stats()
+        self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
         self._reserved_tokens = 0
         self._batch = _Batch()

@@ -1,4 +1,6 @@
-"""Engine refusals as gRPC statuses with google.rpc details (BadRequest, RetryInfo, ErrorInfo)."""
+"""The generator's failures as gRPC statuses with google.rpc details (BadRequest, RetryInfo,
+ErrorInfo): constructors for the servicer's own checks and `MAPPING` for the engine's refusals,
+which the common error-mapping interceptor applies."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
 # Re-exported: handlers raise these through this module.
+from services.common.errors import FailureMapping, error_info, retry_info
 from services.common.errors import RpcFailure as RpcFailure
-from services.common.errors import error_info, retry_info
 from services.common.errors import invalid_argument as invalid_argument
+from services.generator.engine import InvalidRequest, OverCapacity, ShuttingDown
 
 DOMAIN = "inference.generator"
 
@@ -28,3 +31,9 @@ def model_not_found(name: str, served: str) -> RpcFailure:
         resource_type="model", resource_name=name, description=f"this generator serves {served}"
     )
     return RpcFailure(grpc.StatusCode.NOT_FOUND, f"model {name!r} not found (available: {served})", (info,))
+
+
+MAPPING = FailureMapping()
+MAPPING.register(InvalidRequest, lambda error: invalid_argument(error.violations))
+MAPPING.register(OverCapacity, lambda error: resource_exhausted(str(error), error.retry_after, error.reason))
+MAPPING.register(ShuttingDown, lambda error: unavailable(str(error)))

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import grpc
 from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.interceptors import rpc_name
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKENS = (1, 8, 32, 128, 512, 2048, 8192)
 
-REQUESTS = Counter("generator_requests", "Requests by RPC and outcome", ["rpc", "outcome"])
+REQUESTS = Counter(
+    "generator_requests", "Requests by RPC and outcome (the status code, lower case)", ["rpc", "outcome"]
+)
+REQUEST_SECONDS = Histogram(
+    "generator_request_seconds", "RPC start to its last message, by RPC", ["rpc"], buckets=_LATENCY
+)
 TTFT = Histogram("generator_time_to_first_token_seconds", "Submission to first token", buckets=_LATENCY)
 INTER_TOKEN = Histogram(
     "generator_inter_token_latency_seconds",
@@ -32,3 +42,21 @@ PREFIX_CACHE_QUERIED_TOKENS = Counter(
 PREFIX_CACHE_HIT_TOKENS = Counter(
     "generator_prefix_cache_hit_tokens", "Prompt tokens whose keys and values came from the prefix cache"
 )
+
+
+class GeneratorRequests:
+    """The generator's request metrics (a RequestObserver); `on_failure` counts a failed call in
+    the engine's own totals."""
+
+    def __init__(self, on_failure: Callable[[], None]) -> None:
+        self._on_failure = on_failure
+
+    def started(self, method: str) -> None:
+        pass
+
+    def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        rpc = rpc_name(method)
+        REQUESTS.labels(rpc, code.name.lower()).inc()
+        REQUEST_SECONDS.labels(rpc).observe(seconds)
+        if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            self._on_failure()

@@ -18,9 +18,12 @@ from inference.v1 import generation_pb2, generation_pb2_grpc, info_pb2, info_pb2
 from prometheus_client import start_http_server
 
 from services.common import telemetry
+from services.common.interceptors import serving_interceptor
+from services.generator import errors
 from services.generator.config import GeneratorConfig
-from services.generator.engine import Engine, Limits, SamplingParams
+from services.generator.engine import Engine, SamplingParams, SchedulerLimits
 from services.generator.loader import LoadSpec, ModelLoadError, load
+from services.generator.metrics import GeneratorRequests
 from services.generator.servicer import GenerationServicer, InfoServicer, ServedInfo
 
 log = logging.getLogger("services.generator")
@@ -31,8 +34,8 @@ SERVICE_NAMES = (
 )
 
 
-def limits_of(config: GeneratorConfig) -> Limits:
-    return Limits(
+def limits_of(config: GeneratorConfig) -> SchedulerLimits:
+    return SchedulerLimits(
         max_running_sequences=config.max_running_sequences,
         max_waiting_requests=config.max_waiting_requests,
         max_total_tokens=config.max_total_tokens,
@@ -73,7 +76,12 @@ async def serve(config: GeneratorConfig) -> int:
 
     address = f"{config.host}:{config.port}"
     info = ServedInfo(address=address, started_at=time.monotonic())
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors("generator", config.otlp_endpoint))
+    server = grpc.aio.server(
+        interceptors=[
+            *telemetry.server_interceptors("generator", config.otlp_endpoint),
+            serving_interceptor(GeneratorRequests(info.count_failure), errors.MAPPING),
+        ]
+    )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(info, config.default_max_new_tokens), server
     )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
-import psutil
-import torch
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from inference.v1 import (
@@ -22,18 +19,15 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
-from services.generator import errors, metrics, tasks
+from services.common.machine import device_info, memory_info
+from services.generator import errors, tasks
 from services.generator.engine import (
     Engine,
     FinishReason,
     GenerationResult,
     InvalidRequest,
-    OverCapacity,
     SamplingParams,
-    ShuttingDown,
 )
-
-ResponseT = TypeVar("ResponseT")
 
 FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -63,6 +57,11 @@ class ServedInfo:
     device: str = ""
     message: str = "loading the model"
     started_at: float = 0.0
+
+    def count_failure(self) -> None:
+        """Counts a failed request in the engine's totals (for GetStats) once there is an engine."""
+        if self.engine is not None:
+            self.engine.stats.requests_failed += 1
 
 
 def _has(message: Message, name: str) -> bool:
@@ -165,46 +164,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise errors.invalid_argument(bad)
         return [(m.role, m.content) for m in chat]
 
-    async def _run(
-        self, rpc: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[ResponseT]]
-    ) -> ResponseT:
-        try:
-            response = await call()
-        except BaseException as error:
-            await self._fail(rpc, context, error)
-            raise
-        metrics.REQUESTS.labels(rpc, "ok").inc()
-        return response
-
-    async def _fail(
-        self, rpc: str, context: grpc.aio.ServicerContext[Any, Any], error: BaseException
-    ) -> None:
-        """Counts the outcome and aborts with the mapped status (or lets cancellation through)."""
-        failure = self._as_failure(error)
-        if failure is None:
-            cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
-            outcome = "cancelled" if cancelled else "error"
-            metrics.REQUESTS.labels(rpc, outcome).inc()
-            if self._info.engine is not None and outcome == "error":
-                self._info.engine.stats.requests_failed += 1
-            return
-        metrics.REQUESTS.labels(rpc, failure.code.name.lower()).inc()
-        if self._info.engine is not None:
-            self._info.engine.stats.requests_failed += 1
-        await failure.abort(context)
-
-    @staticmethod
-    def _as_failure(error: BaseException) -> errors.RpcFailure | None:
-        if isinstance(error, errors.RpcFailure):
-            return error
-        if isinstance(error, InvalidRequest):
-            return errors.invalid_argument(error.violations)
-        if isinstance(error, OverCapacity):
-            return errors.resource_exhausted(str(error), error.retry_after, error.reason)
-        if isinstance(error, ShuttingDown):
-            return errors.unavailable(str(error))
-        return None
-
     async def _generate(self, message: Message, prompt_ids: list[int] | None = None) -> GenerationResult:
         self._check_model(getattr(message, "model", ""))
         ids = prompt_ids if prompt_ids is not None else self._prompt_ids(message)
@@ -219,42 +178,36 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.GenerateResponse:
-        async def call() -> generation_pb2.GenerateResponse:
-            result = await self._generate(request)
-            first = result.sequences[0]
-            return generation_pb2.GenerateResponse(
-                request_id=result.request_id,
-                generated_text=first.text,
-                tokens_generated=first.tokens_generated,
-                generation_time=result.generation_time,
-                tokens_per_second=_rate(result.completion_tokens, result.generation_time),
-                finish_reason=FINISH[first.finish_reason],
-                usage=_usage(result.prompt_tokens, result.completion_tokens),
-                sequences=[
-                    common_pb2.GeneratedSequence(
-                        index=s.index,
-                        text=s.text,
-                        tokens_generated=s.tokens_generated,
-                        finish_reason=FINISH[s.finish_reason],
-                    )
-                    for s in result.sequences
-                ],
-                model=self._engine().model_id,
-            )
-
-        return await self._run("Generate", context, call)
+        result = await self._generate(request)
+        first = result.sequences[0]
+        return generation_pb2.GenerateResponse(
+            request_id=result.request_id,
+            generated_text=first.text,
+            tokens_generated=first.tokens_generated,
+            generation_time=result.generation_time,
+            tokens_per_second=_rate(result.completion_tokens, result.generation_time),
+            finish_reason=FINISH[first.finish_reason],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            sequences=[
+                common_pb2.GeneratedSequence(
+                    index=s.index,
+                    text=s.text,
+                    tokens_generated=s.tokens_generated,
+                    finish_reason=FINISH[s.finish_reason],
+                )
+                for s in result.sequences
+            ],
+            model=self._engine().model_id,
+        )
 
     async def GenerateStream(
         self, request: generation_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        rpc = "GenerateStream"
-        handle = None
+        self._check_model(request.model)
+        ids = self._prompt_ids(request)
+        params = sampling_params(request, self._default_max_new_tokens)
+        handle = self._engine().submit(ids, params)
         try:
-            self._check_model(request.model)
-            ids = self._prompt_ids(request)
-            params = sampling_params(request, self._default_max_new_tokens)
-            engine = self._engine()
-            handle = engine.submit(ids, params)
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}
             finished = 0
@@ -279,109 +232,73 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     if finished == params.num_return_sequences:
                         reply.usage.CopyFrom(_usage(len(ids), sum(counts.values())))
                 yield reply
-        except BaseException as error:
-            await self._fail(rpc, context, error)
-            raise
         finally:
-            if handle is not None:
-                # A cancelled or failed stream leaves the batch at the next step.
-                handle.cancel()
-        metrics.REQUESTS.labels(rpc, "ok").inc()
+            # A cancelled or failed stream leaves the batch at the next step.
+            handle.cancel()
 
     async def Chat(
         self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.ChatResponse:
-        async def call() -> generation_pb2.ChatResponse:
-            if not request.messages:
-                raise errors.invalid_argument([("messages", "must hold at least one message")])
-            result = await self._generate(request)
-            first = result.sequences[0]
-            return generation_pb2.ChatResponse(
-                request_id=result.request_id,
-                message=common_pb2.ChatMessage(role="assistant", content=first.text),
-                tokens_generated=first.tokens_generated,
-                generation_time=result.generation_time,
-                tokens_per_second=_rate(first.tokens_generated, result.generation_time),
-                finish_reason=FINISH[first.finish_reason],
-                usage=_usage(result.prompt_tokens, result.completion_tokens),
-                model=self._engine().model_id,
-            )
-
-        return await self._run("Chat", context, call)
+        if not request.messages:
+            raise errors.invalid_argument([("messages", "must hold at least one message")])
+        result = await self._generate(request)
+        first = result.sequences[0]
+        return generation_pb2.ChatResponse(
+            request_id=result.request_id,
+            message=common_pb2.ChatMessage(role="assistant", content=first.text),
+            tokens_generated=first.tokens_generated,
+            generation_time=result.generation_time,
+            tokens_per_second=_rate(first.tokens_generated, result.generation_time),
+            finish_reason=FINISH[first.finish_reason],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            model=self._engine().model_id,
+        )
 
     async def SolveMath(
         self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveMathResponse:
-        async def call() -> generation_pb2.SolveMathResponse:
-            if not request.problem.strip():
-                raise errors.invalid_argument([("problem", "must not be empty")])
-            self._check_model(request.model)
-            ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
-            result = await self._generate(request, ids)
-            first = result.sequences[0]
-            return generation_pb2.SolveMathResponse(
-                request_id=result.request_id,
-                solution=first.text,
-                answer=tasks.extract_answer(first.text),
-                tokens_generated=first.tokens_generated,
-                generation_time=result.generation_time,
-                finish_reason=_finish(first.finish_reason),
-                usage=_usage(result.prompt_tokens, result.completion_tokens),
-                model=self._engine().model_id,
-            )
-
-        return await self._run("SolveMath", context, call)
+        if not request.problem.strip():
+            raise errors.invalid_argument([("problem", "must not be empty")])
+        self._check_model(request.model)
+        ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
+        result = await self._generate(request, ids)
+        first = result.sequences[0]
+        return generation_pb2.SolveMathResponse(
+            request_id=result.request_id,
+            solution=first.text,
+            answer=tasks.extract_answer(first.text),
+            tokens_generated=first.tokens_generated,
+            generation_time=result.generation_time,
+            finish_reason=_finish(first.finish_reason),
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            model=self._engine().model_id,
+        )
 
     async def SolveCoding(
         self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveCodingResponse:
-        async def call() -> generation_pb2.SolveCodingResponse:
-            if not request.problem.strip():
-                raise errors.invalid_argument([("problem", "must not be empty")])
-            self._check_model(request.model)
-            language = request.language.strip() or "python"
-            ids = self._chat_ids(tasks.coding_system(language), request.problem)
-            result = await self._generate(request, ids)
-            first = result.sequences[0]
-            return generation_pb2.SolveCodingResponse(
-                request_id=result.request_id,
-                solution=first.text,
-                code=tasks.extract_code(first.text),
-                language=language,
-                tokens_generated=first.tokens_generated,
-                generation_time=result.generation_time,
-                finish_reason=_finish(first.finish_reason),
-                usage=_usage(result.prompt_tokens, result.completion_tokens),
-                model=self._engine().model_id,
-            )
-
-        return await self._run("SolveCoding", context, call)
+        if not request.problem.strip():
+            raise errors.invalid_argument([("problem", "must not be empty")])
+        self._check_model(request.model)
+        language = request.language.strip() or "python"
+        ids = self._chat_ids(tasks.coding_system(language), request.problem)
+        result = await self._generate(request, ids)
+        first = result.sequences[0]
+        return generation_pb2.SolveCodingResponse(
+            request_id=result.request_id,
+            solution=first.text,
+            code=tasks.extract_code(first.text),
+            language=language,
+            tokens_generated=first.tokens_generated,
+            generation_time=result.generation_time,
+            finish_reason=_finish(first.finish_reason),
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            model=self._engine().model_id,
+        )
 
 
 def _finish(reason: FinishReason) -> common_pb2.FinishReason.ValueType:
     return FINISH[reason]
-
-
-def device_info() -> info_pb2.DeviceInfo:
-    if torch.cuda.is_available():
-        return info_pb2.DeviceInfo(
-            type="cuda", name=torch.cuda.get_device_name(0), count=torch.cuda.device_count()
-        )
-    return info_pb2.DeviceInfo(type="cpu", name="", count=1)
-
-
-def memory_info() -> info_pb2.MemoryInfo:
-    mib = 1024.0 * 1024.0
-    system = psutil.virtual_memory()
-    memory = info_pb2.MemoryInfo(
-        process_rss_mib=psutil.Process().memory_info().rss / mib,
-        system_total_mib=system.total / mib,
-        system_available_mib=system.available / mib,
-    )
-    if torch.cuda.is_available():
-        memory.gpu_allocated_mib = torch.cuda.memory_allocated() / mib
-        memory.gpu_total_mib = torch.cuda.get_device_properties(0).total_memory / mib
-    return memory
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):
@@ -401,8 +318,8 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
             component="generator",
             address=self._info.address,
             status=status,
-            device=device_info(),
-            memory=memory_info(),
+            device=device_info(self._info.device),
+            memory=memory_info(self._info.device),
             models=[engine.model_id] if engine is not None else [],
             uptime_seconds=self._uptime(),
             message=self._info.message,

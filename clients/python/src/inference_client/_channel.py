@@ -7,18 +7,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from inference.v1 import embedding_pb2, generation_pb2, info_pb2
+
 # Unary methods only: a stream that fails half way must not be replayed from the start behind the
 # caller's back (its tokens were already shown).
 UNARY_METHODS: dict[str, tuple[str, ...]] = {
-    "inference.v1.GenerationService": ("Generate", "Chat", "SolveMath", "SolveCoding"),
-    "inference.v1.EmbeddingService": (
-        "Embed",
-        "PreloadModels",
-        "GetCacheStatus",
-        "ClearCache",
-        "GetModelCounter",
-    ),
-    "inference.v1.InfoService": ("GetHealth", "GetStats", "ListServedModels"),
+    service.full_name: tuple(method.name for method in service.methods if not method.server_streaming)
+    for file in (generation_pb2.DESCRIPTOR, embedding_pb2.DESCRIPTOR, info_pb2.DESCRIPTOR)
+    for service in file.services_by_name.values()
 }
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -1,0 +1,34 @@
+"""The fast tier's fixtures; the fakes themselves are in tests/unit/fakes.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.generator.engine import Engine, Limits
+from tests.unit.fakes import EngineFactory, FakeRunner, FakeTokenizer, within
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[EngineFactory]:
+    """Builds engines over a FakeRunner (started unless start=False); closes them afterwards."""
+    engines: list[Engine] = []
+
+    def build(
+        runner: FakeRunner | None = None,
+        limits: Limits | None = None,
+        tokenizer: FakeTokenizer | None = None,
+        start: bool = True,
+    ) -> Engine:
+        engine = Engine(runner or FakeRunner(), tokenizer or FakeTokenizer(), "fake-model", limits or Limits())
+        if start:
+            engine.start()
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        runner = engine.runner
+        if isinstance(runner, FakeRunner):
+            runner.free()
+        await within(engine.close())

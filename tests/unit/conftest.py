@@ -9,6 +9,7 @@ import pytest
 from services.generator.engine import Engine, Limits
 from tests.unit.fakes import EngineFactory, FakeRunner, FakeTokenizer, within
 
+
 @pytest.fixture
 async def make_engine() -> AsyncIterator[EngineFactory]:
     """Builds engines over a FakeRunner (started unless start=False); closes them afterwards."""
@@ -20,7 +21,9 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
         tokenizer: FakeTokenizer | None = None,
         start: bool = True,
     ) -> Engine:
-        engine = Engine(runner or FakeRunner(), tokenizer or FakeTokenizer(), "fake-model", limits or Limits())
+        engine = Engine(
+            runner or FakeRunner(), tokenizer or FakeTokenizer(), "fake-model", limits or Limits()
+        )
         if start:
             engine.start()
         engines.append(engine)

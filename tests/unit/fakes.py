@@ -37,27 +37,27 @@ DEFAULT_PIECES: tuple[str, ...] = (
 )
 
 
-async def within(awaitable: Awaitable[T], timeout: float = AWAIT_TIMEOUT) -> T:
-    """`awaitable`'s result, or a TimeoutError after `timeout` seconds."""
-    return await asyncio.wait_for(awaitable, timeout)
+async def within(awaitable: Awaitable[T], limit_s: float = AWAIT_TIMEOUT) -> T:
+    """`awaitable`'s result, or a TimeoutError after `limit_s` seconds."""
+    return await asyncio.wait_for(awaitable, limit_s)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = AWAIT_TIMEOUT) -> None:
-    """Poll until `condition()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+async def eventually(condition: Callable[[], bool], limit_s: float = AWAIT_TIMEOUT) -> None:
+    """Poll until `condition()` holds; fail after `limit_s` seconds."""
+    deadline = time.monotonic() + limit_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.002)
 
 
-async def drain(request: Request, timeout: float = AWAIT_TIMEOUT) -> list[TokenEvent]:
+async def drain(request: Request, limit_s: float = AWAIT_TIMEOUT) -> list[TokenEvent]:
     """Every event of `request` until it ends."""
 
     async def collect() -> list[TokenEvent]:
         return [event async for event in request.events()]
 
-    return await within(collect(), timeout)
+    return await within(collect(), limit_s)
 
 
 class FakeTokenizer:

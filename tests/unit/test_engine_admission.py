@@ -47,7 +47,9 @@ async def test_running_rows_never_exceed_the_limit_and_the_rest_wait_their_turn(
     two = engine.submit([13, 2], SamplingParams(max_new_tokens=3, num_return_sequences=2))
     engine.start()
     for request in [*requests, two]:
-        assert len(await drain(request)) == request.params.max_new_tokens * request.params.num_return_sequences
+        assert (
+            len(await drain(request)) == request.params.max_new_tokens * request.params.num_return_sequences
+        )
     assert max(runner.decode_rows) == 2
     assert runner.prefill_rows[0] == 2 and sum(runner.prefill_rows) == 4
     # The third request joined only once a row was free, after the first two had finished.

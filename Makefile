@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make run` (the whole stack with the default models)
-# and `make test`. Both install what is missing first; the install is remembered in a stamp file
+# and `make test` (lint, then every test). `make test-fast` runs the unit tier only. Both install what is missing first; the install is remembered in a stamp file
 # and redone when a pyproject changes.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +11,7 @@ BUF := .tools/node_modules/.bin/buf
 DESCRIPTOR := build/inference.pb
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages protos descriptor run test lint clean
+.PHONY: install system-packages protos descriptor run test test-fast lint clean
 
 install: $(STAMP) $(BUF)
 
@@ -44,13 +44,18 @@ run: install $(DESCRIPTOR)
 system-packages:
 	bash tools/system-packages.sh
 
-test: install system-packages $(DESCRIPTOR)
+# Lint first: style problems show in seconds, before the end-to-end tests load models.
+test: lint system-packages $(DESCRIPTOR)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier: fakes instead of models, no process started; well under two minutes.
+test-fast: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests
+	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests bench
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,3 +37,14 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
         if isinstance(runner, FakeRunner):
             runner.free()
         await within(engine.close())
+
+
+@pytest.fixture(autouse=True)
+def no_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The fast tier starts no process: a test that tries fails and names the command."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"tests/unit must not start a process: {args[:1]}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield

@@ -43,8 +43,9 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
 def no_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The fast tier starts no process: a test that tries fails and names the command."""
 
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError(f"tests/unit must not start a process: {args[:1]}")
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any) -> None:
+        raise AssertionError(f"tests/unit must not start a process: {args!r}")
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    # Popen's own set-up runs first, so the refused object still cleans up quietly.
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
     yield

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from services.generator.engine import Limits, OverCapacity, SamplingParams, TokenEvent
-from tests.unit.fakes import EOS, EngineFactory, FakeRunner, drain, eventually, next_letter
+from tests.unit.fakes import EOS, EngineFactory, FakeRunner, drain, eventually, next_letter, within
 
 
 def text(events: list[TokenEvent]) -> str:
@@ -121,5 +121,5 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_next(
     with pytest.raises(RuntimeError, match="generation failed"):
         await drain(failed)
     assert engine.stats.requests_failed == 1
-    result = await engine.generate([1, 2], SamplingParams(max_new_tokens=3))
+    result = await within(engine.generate([1, 2], SamplingParams(max_new_tokens=3)))
     assert result.sequences[0].text == "cde" and engine.idle

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from services.generator.engine import SamplingParams, TokenEvent
-from tests.unit.fakes import EOS, EngineFactory, FakeRunner, FakeTokenizer, drain, next_letter
+from tests.unit.fakes import EOS, EngineFactory, FakeRunner, FakeTokenizer, drain, next_letter, within
 
 # With the fake runner, the prompt "ab" (ids 1, 2) continues greedily as "cdefgh..."; after "z"
 # come " ", "he", "llo", " wor", "ld", "!".
@@ -21,7 +21,7 @@ def ends_after_e(token: int) -> int:
 
 
 async def test_max_new_tokens_ends_a_sequence_with_length(make_engine: EngineFactory) -> None:
-    result = await make_engine().generate(AB, SamplingParams(max_new_tokens=5))
+    result = await within(make_engine().generate(AB, SamplingParams(max_new_tokens=5)))
     (sequence,) = result.sequences
     assert (sequence.text, sequence.tokens_generated, sequence.finish_reason) == ("cdefg", 5, "length")
     assert result.prompt_tokens == 2 and result.completion_tokens == 5
@@ -70,7 +70,7 @@ async def test_text_held_for_a_possible_stop_is_released_when_it_does_not_match(
 
 async def test_each_returned_sequence_ends_on_its_own(make_engine: EngineFactory) -> None:
     params = SamplingParams(max_new_tokens=6, num_return_sequences=3, stop=("e",))
-    result = await make_engine().generate(AB, params)
+    result = await within(make_engine().generate(AB, params))
     assert [(s.index, s.text, s.finish_reason) for s in result.sequences] == [
         (0, "cd", "stop"),
         (1, "cd", "stop"),

@@ -4,7 +4,6 @@ deterministic rules, so that the engine, the batcher and the cache run without a
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -242,7 +241,3 @@ class FakeEmbeddingModel(EmbeddingModel):
 
 def expected_vector(ids: Sequence[int]) -> list[float]:
     return [float(len(ids)), float(sum(ids)), float(ids[0]), 1.0]
-
-
-def is_close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)

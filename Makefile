@@ -1,6 +1,7 @@
 # The two commands a fresh machine needs: `make run` (the whole stack with the default models)
-# and `make test`. Both install what is missing first; the install is remembered in a stamp file
-# and redone when a pyproject changes.
+# and `make test` (lint, then every test; `make test-fast` runs the unit tier only). Each installs
+# what is missing first, from pip and npm only; the install is remembered in a stamp file and
+# redone when a pyproject changes.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ BUF := .tools/node_modules/.bin/buf
 DESCRIPTOR := build/inference.pb
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages protos descriptor run test lint clean
+.PHONY: install protos descriptor run test test-fast lint clean
 
 install: $(STAMP) $(BUF)
 
@@ -40,17 +41,18 @@ $(DESCRIPTOR): $(STAMP) $(wildcard protos/inference/v1/*.proto)
 run: install $(DESCRIPTOR)
 	$(PY) -m tools.run
 
-# Debian packages only the tests use (docker-compose, promtool); skipped when present.
-system-packages:
-	bash tools/system-packages.sh
-
-test: install system-packages $(DESCRIPTOR)
+# Lint first: style problems show in seconds, before the end-to-end tests load models.
+test: lint $(DESCRIPTOR)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier: fakes instead of models, no process started; well under two minutes.
+test-fast: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests
+	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests bench
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 

@@ -1,5 +1,5 @@
-"""The protobuf contract: buf's lint, format and breaking checks, the committed generated code,
-and Envoy accepting the descriptor that the build produces."""
+"""The protobuf contract: buf's breaking check, the committed generated code, and Envoy
+accepting the descriptor that the build produces (buf lint and format run in `make lint`)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,6 @@ def buf() -> Path:
     if not BUF.exists():
         pytest.fail(f"{BUF} is missing: `make install` installs buf")
     return BUF
-
-
-def test_buf_lint_passes(buf: Path) -> None:
-    result = run(buf, "lint")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_buf_format_leaves_protos_unchanged(buf: Path) -> None:
-    result = run(buf, "format", "--diff", "--exit-code")
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _against_ref() -> str | None:

@@ -1,11 +1,10 @@
-"""The gateway's parts that need no model: API keys, rate limits, request validation, the
-response cache, backend targets and the OpenAI/SSE rendering, plus Envoy's config renderer."""
+"""The gateway's policy without a process: API keys and scopes, rate limits, request
+validation, the response cache, backend targets and the OpenAI/SSE rendering."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +16,15 @@ from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.gateway import openai_compat as oai
 from services.gateway import validation
-from services.gateway.auth import ApiKey, KeyStore, digest, parse_keys, presented_key
+from services.gateway.auth import (
+    ApiKey,
+    Authentication,
+    KeyStore,
+    current_key,
+    digest,
+    parse_keys,
+    presented_key,
+)
 from services.gateway.backends import (
     ResponseCache,
     call_options,
@@ -27,8 +34,6 @@ from services.gateway.backends import (
 )
 from services.gateway.errors import GatewayError, retry_delay
 from services.gateway.ratelimit import RateLimiter, RateLimits
-from tests.fixtures_gateway import render_envoy
-from tests.stack import ROOT
 
 LIMITS = validation.RequestLimits()
 
@@ -109,6 +114,76 @@ def test_both_bearer_and_x_api_key_headers_are_accepted() -> None:
     assert presented_key([("x-api-key", "xyz")]) == "xyz"
     assert presented_key([("authorization", "Basic abc")]) is None
     assert presented_key([("cookie", "k=abc")]) is None
+
+
+class _Metadata:
+    """The one thing `Authentication` reads from a grpc.aio servicer context."""
+
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+async def authenticate(store: KeyStore, method: str, *metadata: tuple[str, str]) -> str:
+    """The name of the key `Authentication` lets through to the method's behaviour."""
+
+    async def behavior(request: object, context: object) -> str:
+        return current_key.get().name
+
+    wrapped = Authentication(store).unary(method, behavior)
+    name: str = await asyncio.wait_for(wrapped(None, cast(Any, _Metadata(*metadata))), 5)
+    return name
+
+
+def scoped_store(tmp_path: Path) -> KeyStore:
+    return KeyStore(
+        str(
+            key_file(
+                tmp_path,
+                [
+                    {"name": "gen", "sha256": digest("g"), "scopes": ["generate"]},
+                    {"name": "old", "sha256": digest("o"), "scopes": ["generate"], "revoked": True},
+                ],
+            )
+        )
+    )
+
+
+GENERATE = "/inference.v1.GenerationService/Generate"
+EMBED = "/inference.v1.EmbeddingService/Embed"
+
+
+async def test_a_key_reaches_only_the_methods_of_its_scopes(tmp_path: Path) -> None:
+    store = scoped_store(tmp_path)
+    assert await authenticate(store, GENERATE, ("authorization", "Bearer g")) == "gen"
+    with pytest.raises(GatewayError) as denied:
+        await authenticate(store, EMBED, ("x-api-key", "g"))
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED and "'embed' scope" in denied.value.message
+    # Listing models needs a valid key but no scope; the health check needs no key at all.
+    assert await authenticate(store, "/inference.v1.OpenAIService/ListModels", ("x-api-key", "g")) == "gen"
+    assert await authenticate(store, "/grpc.health.v1.Health/Check") == "anonymous"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ((), "missing API key"),
+        ((("authorization", "Bearer nope"),), "invalid API key"),
+        ((("authorization", "Bearer o"),), "revoked"),
+    ],
+)
+async def test_missing_unknown_and_revoked_keys_are_unauthenticated(
+    tmp_path: Path, metadata: tuple[tuple[str, str], ...], reason: str
+) -> None:
+    with pytest.raises(GatewayError) as refused:
+        await authenticate(scoped_store(tmp_path), GENERATE, *metadata)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED and reason in refused.value.message
+
+
+async def test_an_open_gateway_lets_every_call_through_as_anonymous() -> None:
+    assert await authenticate(KeyStore(), EMBED) == "anonymous"
 
 
 # --- rate limits ----------------------------------------------------------------------------
@@ -370,32 +445,6 @@ def test_openai_temperature_zero_is_greedy_and_sampling_is_the_default() -> None
     assert greedy["do_sample"] is False and "temperature" not in greedy
     default = oai.sampling_fields(openai_pb2.CreateChatCompletionRequest(n=2, seed=4), 7)
     assert default == {"do_sample": True, "num_return_sequences": 2, "seed": 4, "max_new_tokens": 7}
-
-
-# --- Envoy configuration --------------------------------------------------------------------
-
-
-def test_rendered_envoy_config_uses_the_given_ports_and_envoy_accepts_it(tmp_path: Path) -> None:
-    text = render_envoy(18080, 19901, "127.0.0.1:15051", ROOT / "build" / "inference.pb")
-    assert "port_value: 18080" in text and "port_value: 19901" in text and "port_value: 15051" in text
-    assert "8080}" not in text.replace("18080}", "")
-    envoy = shutil.which("envoy")
-    assert envoy, "envoy is missing"
-    (tmp_path / "envoy.yaml").write_text(text)
-    result = subprocess.run(
-        [envoy, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml"), "--base-id", "93"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_the_envoy_admin_port_listens_on_loopback_only() -> None:
-    text = render_envoy(1, 2, "gateway:50051", Path("/x.pb"))
-    assert "socket_address: {address: 127.0.0.1, port_value: 2}" in text
-    assert 'address: "gateway", port_value: 50051' in text
 
 
 class _CallContext:

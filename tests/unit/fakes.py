@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.embedder.models import EmbeddingModel, ModelSpec
+from services.embedder.models import EmbeddingModel
+from services.embedder.spec import ModelSpec
 from services.generator.engine import Engine, Request, SchedulerLimits, TokenEvent
 from services.generator.runner import BeamSettings, ModelFacts
 

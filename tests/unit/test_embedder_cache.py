@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from services.embedder.cache import MIB, CacheEvents, CacheSettings, ModelCache
-from services.embedder.errors import ModelNotFound, ModelTooLarge, ModelUnavailable
-from services.embedder.models import EmbeddingModel, ModelSpec
+from services.embedder.exceptions import ModelNotFound, ModelTooLarge, ModelUnavailable
+from services.embedder.models import EmbeddingModel
+from services.embedder.spec import ModelSpec
 from tests.unit.fakes import AWAIT_TIMEOUT, FakeEmbeddingModel, eventually, within
 
 

@@ -86,7 +86,7 @@ def test_valid_knobs_have_no_violations() -> None:
     assert sampling.violations(parameters) == []
 
 
-def _stop(*items: object) -> struct_pb2.Value:
+def _stop(*items: str | float) -> struct_pb2.Value:
     value = struct_pb2.Value()
     value.list_value.extend(list(items))
     return value

@@ -212,8 +212,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             self._check_model(request.model)
             ids = self._prompt_ids(request)
+            limits = self._engine().limits.sampling
+            params = sampling_params(request.parameters, self._default_max_new_tokens, limits)
             engine = self._engine()
-            params = sampling_params(request.parameters, self._default_max_new_tokens, engine.limits.sampling)
             handle = engine.submit(ids, params)
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}

@@ -1,8 +1,8 @@
 """The sampling contract in one place: the engine's plain SamplingParams, the limits the gateway and
 the generator both enforce, the conversion from the wire's SamplingParameters and the greedy rule.
 
-A new knob touches the proto message, `from_proto` (and `violations` if it has a range), the engine
-and its tests. No torch here: the gateway imports this module too."""
+A new knob touches the proto message, SamplingParams and `from_proto` (and `params_violations` if
+it has a range), the engine and its tests. No torch here: the gateway imports this module too."""
 
 from __future__ import annotations
 
@@ -85,12 +85,11 @@ def stop_sequences(value: struct_pb2.Value) -> tuple[tuple[str, ...], list[tuple
     return tuple(items), bad
 
 
-def violations(
-    parameters: common_pb2.SamplingParameters, limits: SamplingLimits = DEFAULT_LIMITS
+def params_violations(
+    params: SamplingParams, limits: SamplingLimits = DEFAULT_LIMITS
 ) -> list[tuple[str, str]]:
-    """(field path, problem) of every knob outside its range, naming the limit; empty when valid."""
+    """(field path, problem) of every resolved knob outside its range, naming the limit."""
     bad: list[tuple[str, str]] = []
-    p = parameters
 
     def count(name: str, value: int, low: int, high: int) -> None:
         if not low <= value <= high:
@@ -102,32 +101,23 @@ def violations(
             bracket = "(" if low_open else "["
             bad.append((f"{FIELD}.{name}", f"must be in {bracket}{low:g}, {high:g}], got {value:g}"))
 
-    if p.HasField("max_new_tokens"):
-        count("max_new_tokens", p.max_new_tokens, 1, limits.max_new_tokens)
-    if p.HasField("temperature"):
-        real("temperature", p.temperature, 0.0, limits.max_temperature, low_open=False)
-    if p.HasField("top_p"):
-        real("top_p", p.top_p, 0.0, 1.0, low_open=True)
-    if p.HasField("top_k"):
-        count("top_k", p.top_k, 0, limits.max_top_k)
-    if p.HasField("repetition_penalty"):
-        real("repetition_penalty", p.repetition_penalty, 0.0, limits.max_repetition_penalty, low_open=True)
-    if p.HasField("num_return_sequences"):
-        count("num_return_sequences", p.num_return_sequences, 1, limits.max_num_return_sequences)
-    if p.HasField("num_beams"):
-        count("num_beams", p.num_beams, 1, limits.max_num_beams)
-        if 1 < p.num_beams < p.num_return_sequences:
-            bad.append((f"{FIELD}.num_return_sequences", f"must not exceed num_beams ({p.num_beams})"))
-    stop, unreadable = stop_sequences(p.stop)
-    bad.extend(unreadable)
-    if len(stop) > limits.max_stop_sequences:
+    count("max_new_tokens", params.max_new_tokens, 1, limits.max_new_tokens)
+    real("temperature", params.temperature, 0.0, limits.max_temperature, low_open=False)
+    real("top_p", params.top_p, 0.0, 1.0, low_open=True)
+    count("top_k", params.top_k, 0, limits.max_top_k)
+    real("repetition_penalty", params.repetition_penalty, 0.0, limits.max_repetition_penalty, low_open=True)
+    count("num_return_sequences", params.num_return_sequences, 1, limits.max_num_return_sequences)
+    count("num_beams", params.num_beams, 1, limits.max_num_beams)
+    if 1 < params.num_beams < params.num_return_sequences:
+        bad.append((f"{FIELD}.num_return_sequences", f"must not exceed num_beams ({params.num_beams})"))
+    if len(params.stop) > limits.max_stop_sequences:
         bad.append(
             (
                 f"{FIELD}.stop",
-                f"has {len(stop)} sequences, more than the limit of {limits.max_stop_sequences}",
+                f"has {len(params.stop)} sequences, more than the limit of {limits.max_stop_sequences}",
             )
         )
-    for index, item in enumerate(stop):
+    for index, item in enumerate(params.stop):
         if not 1 <= len(item) <= limits.max_stop_length:
             bad.append(
                 (
@@ -138,6 +128,15 @@ def violations(
     return bad
 
 
+def violations(
+    parameters: common_pb2.SamplingParameters, limits: SamplingLimits = DEFAULT_LIMITS
+) -> list[tuple[str, str]]:
+    """(field path, problem) of every knob on the wire that is unreadable or outside its range."""
+    _, unreadable = stop_sequences(parameters.stop)
+    # An absent max_new_tokens means the server's default, which is never out of range.
+    return unreadable + params_violations(from_proto(parameters, default_max_new_tokens=1), limits)
+
+
 def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
     """The request's knobs with the server's defaults (check `violations` first)."""
     p = parameters
@@ -145,8 +144,8 @@ def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens
     return SamplingParams(
         max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new_tokens,
         do_sample=not greedy,
-        # Greedy ignores temperature; 1.0 keeps a temperature of 0 from ever dividing the logits.
-        temperature=p.temperature if p.HasField("temperature") and not greedy else 1.0,
+        # Kept as sent (so that its range is checked); greedy decoding never reads it.
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
         top_k=p.top_k if p.HasField("top_k") else 0,
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from services.common.sampling import DEFAULT_LIMITS, SamplingLimits
+from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_violations
 from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
 from services.generator.runner import BeamSettings, Runner
@@ -272,10 +272,12 @@ class Engine:
     # ----- admission -----
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """The checks that need the model; the knobs' own ranges are `sampling.violations`'."""
+        """Raises InvalidRequest naming every bad field: the knobs' shared ranges under this
+        server's limits, and what depends on the model (context length, vocabulary)."""
         bad: list[tuple[str, str]] = []
         if not prompt_ids:
             bad.append(("prompt", "must not be empty"))
+        bad.extend(params_violations(params, self.limits.sampling))
         if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
             bad.append(
                 (
@@ -299,7 +301,7 @@ class Engine:
             raise InvalidRequest(
                 [
                     (
-                        "max_new_tokens",
+                        "parameters.max_new_tokens",
                         f"needs more than the server's {self.limits.max_total_tokens}-token budget",
                     )
                 ]

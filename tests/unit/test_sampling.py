@@ -68,8 +68,23 @@ def test_greedy_rule(parameters: common_pb2.SamplingParameters, greedy: bool) ->
     assert sampling.from_proto(parameters, 8).do_sample is not greedy
 
 
-def test_greedy_never_keeps_a_zero_temperature() -> None:
-    assert sampling.from_proto(P(temperature=0.0, do_sample=True), 8).temperature == 1.0
+def test_temperature_zero_is_greedy_even_when_sampling_is_asked_for() -> None:
+    assert not sampling.from_proto(P(temperature=0.0, do_sample=True), 8).do_sample
+
+
+def test_a_greedy_request_still_has_its_temperature_checked() -> None:
+    found = sampling.violations(P(do_sample=False, temperature=-1.0))
+    assert [name for name, _ in found] == ["parameters.temperature"]
+
+
+def test_resolved_params_are_checked_against_the_same_ranges() -> None:
+    params = SamplingParams(max_new_tokens=0, top_p=0.0, num_beams=2, num_return_sequences=3, stop=("",))
+    assert {name for name, _ in sampling.params_violations(params)} == {
+        "parameters.max_new_tokens",
+        "parameters.top_p",
+        "parameters.num_return_sequences",
+        "parameters.stop[0]",
+    }
 
 
 def test_is_deterministic_when_greedy_or_seeded() -> None:

@@ -52,7 +52,7 @@ class GatewayConfig:
     )
     max_sequences: int = field(
         default=DEFAULT_LIMITS.max_num_return_sequences,
-        metadata={"help": "Largest num_return_sequences, n and num_beams; most prompts of a completion."},
+        metadata={"help": "Largest num_return_sequences, n and num_beams."},
     )
     max_stop_sequences: int = field(
         default=DEFAULT_LIMITS.max_stop_sequences, metadata={"help": "Most stop sequences."}

@@ -164,8 +164,7 @@ async def grpc_streams(address: str, count: int, tokens: int) -> tuple[int, floa
         async def one() -> int:
             request = generation_pb2.GenerateStreamRequest(
                 messages=[common_pb2.ChatMessage(role="user", content=PROMPT)],
-                max_new_tokens=tokens,
-                do_sample=False,
+                parameters=common_pb2.SamplingParameters(max_new_tokens=tokens, do_sample=False),
             )
             produced = 0
             async for message in stub.GenerateStream(request, timeout=600):
@@ -187,9 +186,8 @@ async def rest_streams(url: str, count: int, tokens: int, use_httpx: bool) -> tu
         async def one() -> int:
             body = {
                 "messages": [{"role": "user", "content": PROMPT}],
-                "max_new_tokens": tokens,
-                "do_sample": False,
                 "stream": True,
+                "parameters": {"max_new_tokens": tokens, "do_sample": False},
             }
             produced = 0
             async with client.stream("POST", "/generate", json=body) as reply:
@@ -212,9 +210,8 @@ async def raw_rest_streams(url: str, count: int, tokens: int) -> tuple[int, floa
     async def one() -> int:
         body: dict[str, object] = {
             "messages": [{"role": "user", "content": PROMPT}],
-            "max_new_tokens": tokens,
-            "do_sample": False,
             "stream": True,
+            "parameters": {"max_new_tokens": tokens, "do_sample": False},
         }
         connection = RawHttp(url)
         produced = 0

@@ -120,7 +120,9 @@ async def over_grpc(address: str, prompts: list[str], new_tokens: int) -> tuple[
             first = 0.0
             count = 0
             messages = [common_pb2.ChatMessage(role="user", content=prompt)]
-            request = generation_pb2.GenerateStreamRequest(messages=messages, max_new_tokens=new_tokens)
+            request = generation_pb2.GenerateStreamRequest(
+                messages=messages, parameters=common_pb2.SamplingParameters(max_new_tokens=new_tokens)
+            )
             async for _ in stub.GenerateStream(request, timeout=600):
                 if not first:
                     first = time.perf_counter() - started

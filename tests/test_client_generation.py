@@ -95,7 +95,7 @@ def test_invalid_max_new_tokens_surfaces_the_field_violation(client: InferenceCl
     error = caught.value
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     fields = [violation.field for violation in error.field_violations]
-    assert "max_new_tokens" in fields
+    assert "parameters.max_new_tokens" in fields
     assert "max_new_tokens" in error.message
 
 
@@ -109,7 +109,7 @@ async def test_async_stream_matches_async_generate(generator_address: str) -> No
 
     assert "".join(pieces) == unary.text
     assert stream.finish_reason is unary.finish_reason
-    assert "max_new_tokens" in [violation.field for violation in caught.value.field_violations]
+    assert "parameters.max_new_tokens" in [violation.field for violation in caught.value.field_violations]
 
 
 def test_leaving_a_stream_early_cancels_it_and_the_client_stays_usable(client: InferenceClient) -> None:

@@ -28,14 +28,36 @@ def buf() -> Path:
     return BUF
 
 
+BASELINE = ROOT / "protos" / "BREAKING_BASELINE"
+
+
+def _baseline() -> str | None:
+    """The commit of the last allowed wire change, as recorded in protos/BREAKING_BASELINE."""
+    if not BASELINE.exists():
+        return None
+    lines = [line.strip() for line in BASELINE.read_text().splitlines()]
+    commits = [line for line in lines if line and not line.startswith("#")]
+    return commits[0] if commits else None
+
+
+def _is_ancestor(older: str, newer: str) -> bool:
+    return run("git", "merge-base", "--is-ancestor", older, newer).returncode == 0
+
+
 def _against_ref() -> str | None:
-    """The contract to compare with: main when we are on another branch, else the commit before."""
+    """The contract to compare with: main when we are on another branch, else the commit before;
+    the recorded baseline instead when that ref predates the last allowed wire change."""
     branch = run("git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
     dirty = run("git", "status", "--porcelain", "--", "protos").stdout.strip()
+    found = None
     for ref in (["main"] if branch != "main" else []) + (["HEAD"] if dirty else []) + ["HEAD~1"]:
         if run("git", "cat-file", "-e", f"{ref}:protos/inference/v1").returncode == 0:
-            return ref
-    return None
+            found = ref
+            break
+    baseline = _baseline()
+    if baseline is not None and (found is None or not _is_ancestor(baseline, found)):
+        return baseline
+    return found
 
 
 def test_buf_breaking_against_main(buf: Path) -> None:
@@ -44,6 +66,14 @@ def test_buf_breaking_against_main(buf: Path) -> None:
     ref = _against_ref()
     if ref is None:
         pytest.skip("no earlier commit has protos/ (first contract): nothing to be compatible with yet")
+    if run("git", "cat-file", "-e", f"{ref}^{{commit}}").returncode != 0:
+        pytest.fail(f"protos/BREAKING_BASELINE names {ref}, which this checkout does not have")
+    head = run("git", "rev-parse", "HEAD").stdout.strip()
+    if (
+        run("git", "rev-parse", ref).stdout.strip() == head
+        and not run("git", "status", "--porcelain", "--", "protos").stdout.strip()
+    ):
+        pytest.skip(f"HEAD ({ref}) is the recorded wire change itself: no earlier contract applies")
     result = run(buf, "breaking", "--against", f".git#ref={ref}")
     assert result.returncode == 0, f"breaking change against {ref}:\n{result.stdout}{result.stderr}"
 

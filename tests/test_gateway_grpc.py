@@ -62,7 +62,9 @@ def test_bad_input_is_invalid_argument_with_bad_request_details(
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     with pytest.raises(grpc.RpcError) as failed:
         stub.Generate(
-            generation_pb2.GenerateRequest(prompt="x", temperature=-2, top_k=-1),
+            generation_pb2.GenerateRequest(
+                prompt="x", parameters=common_pb2.SamplingParameters(temperature=-2, top_k=-1)
+            ),
             timeout=30,
             metadata=gateway_service.metadata(),
         )
@@ -71,7 +73,7 @@ def test_bad_input_is_invalid_argument_with_bad_request_details(
     assert status is not None
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
-    assert {item.field for item in bad.field_violations} == {"temperature", "top_k"}
+    assert {item.field for item in bad.field_violations} == {"parameters.temperature", "parameters.top_k"}
 
 
 def test_the_clients_deadline_reaches_the_backend(
@@ -79,7 +81,9 @@ def test_the_clients_deadline_reaches_the_backend(
 ) -> None:
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     story = common_pb2.ChatMessage(role="user", content="Write a very long story about a dragon.")
-    request = generation_pb2.GenerateRequest(messages=[story], max_new_tokens=300, do_sample=False)
+    request = generation_pb2.GenerateRequest(
+        messages=[story], parameters=common_pb2.SamplingParameters(max_new_tokens=300, do_sample=False)
+    )
     with pytest.raises(grpc.RpcError) as failed:
         stub.Generate(request, timeout=0.5, metadata=gateway_service.metadata())
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failed.value

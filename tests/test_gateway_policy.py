@@ -157,7 +157,10 @@ def test_deterministic_requests_are_answered_from_the_cache(
     rest: httpx2.Client, gateway_service: GatewayService
 ) -> None:
     headers = bearer(gateway_service, "user")
-    request = {"prompt": f"Count: {secrets.token_hex(4)}", "max_new_tokens": 3, "do_sample": False}
+    request = {
+        "prompt": f"Count: {secrets.token_hex(4)}",
+        "parameters": {"max_new_tokens": 3, "do_sample": False},
+    }
     hits = metric(gateway_service, "gateway_cache_hits_total", method="Generate")
     first = rest.post("/generate", json=request, headers=headers)
     started = time.perf_counter()
@@ -167,7 +170,7 @@ def test_deterministic_requests_are_answered_from_the_cache(
     assert second.json()["generated_text"] == first.json()["generated_text"]
     assert metric(gateway_service, "gateway_cache_hits_total", method="Generate") == hits + 1
     assert cached_seconds < 1.0
-    sampled = {**request, "do_sample": True, "temperature": 0.8}
+    sampled = {**request, "parameters": {"max_new_tokens": 3, "do_sample": True, "temperature": 0.8}}
     rest.post("/generate", json=sampled, headers=headers)
     rest.post("/generate", json=sampled, headers=headers)
     assert metric(gateway_service, "gateway_cache_hits_total", method="Generate") == hits + 1
@@ -195,7 +198,11 @@ def test_a_client_traceparent_is_continued_by_the_gateway_and_passed_to_the_back
     trace_id = uuid.uuid4().hex
     parent = secrets.token_hex(8)
     headers = {**bearer(gateway_service, "user"), "traceparent": f"00-{trace_id}-{parent}-01"}
-    reply = rest.post("/generate", json={"prompt": f"Trace {trace_id}", "max_new_tokens": 2}, headers=headers)
+    reply = rest.post(
+        "/generate",
+        json={"prompt": f"Trace {trace_id}", "parameters": {"max_new_tokens": 2}},
+        headers=headers,
+    )
     assert reply.status_code == 200, reply.text
 
     def complete(spans: list[SpanRecord]) -> bool:
@@ -214,18 +221,18 @@ def test_a_client_traceparent_is_continued_by_the_gateway_and_passed_to_the_back
 
 BAD_REQUESTS: list[tuple[str, str, Any, int]] = [
     ("POST", "/generate", '{"prompt": "unterminated', 400),
-    ("POST", "/generate", {"prompt": "x", "max_new_tokens": "many"}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"max_new_tokens": "many"}}, 400),
     ("POST", "/generate", {"prompt": ["not", "a", "string"]}, 400),
     ("POST", "/generate", {"prompt": ""}, 400),
     ("POST", "/generate", {"prompt": "x" * 100_001}, 400),
-    ("POST", "/generate", {"prompt": "x", "max_new_tokens": 0}, 400),
-    ("POST", "/generate", {"prompt": "x", "max_new_tokens": 1_000_000}, 400),
-    ("POST", "/generate", {"prompt": "x", "temperature": -1}, 400),
-    ("POST", "/generate", {"prompt": "x", "top_p": 1.5}, 400),
-    ("POST", "/generate", {"prompt": "x", "num_return_sequences": 99}, 400),
-    ("POST", "/generate", {"prompt": "x", "stop": [1, 2]}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"max_new_tokens": 0}}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"max_new_tokens": 1_000_000}}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"temperature": -1}}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"top_p": 1.5}}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"num_return_sequences": 99}}, 400),
+    ("POST", "/generate", {"prompt": "x", "parameters": {"stop": [1, 2]}}, 400),
     ("POST", "/generate", {"prompt": "x", "model": "no-such-model"}, 404),
-    ("POST", "/generate", {"prompt": "x", "stream": True, "temperature": 1e9}, 400),
+    ("POST", "/generate", {"prompt": "x", "stream": True, "parameters": {"temperature": 1e9}}, 400),
     ("POST", "/chat", {"messages": []}, 400),
     ("POST", "/chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("POST", "/solve/math", {"problem": ""}, 400),
@@ -269,6 +276,8 @@ def test_the_stack_keeps_serving_after_the_bad_requests(
     health = rest.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "SERVING_STATUS_SERVING"
     reply = rest.post(
-        "/generate", json={"prompt": "Hello", "max_new_tokens": 2}, headers=bearer(gateway_service, "user")
+        "/generate",
+        json={"prompt": "Hello", "parameters": {"max_new_tokens": 2}},
+        headers=bearer(gateway_service, "user"),
     )
     assert reply.status_code == 200

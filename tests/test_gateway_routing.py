@@ -13,7 +13,7 @@ import grpc
 import httpx2
 import openai
 import pytest
-from inference.v1 import generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
+from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from openai import OpenAI
 
 from tests.fixtures_gateway import GatewayService, start_envoy, start_gateway
@@ -70,7 +70,10 @@ def generate(address: str, prompt: str) -> generation_pb2.GenerateResponse:
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         reply: generation_pb2.GenerateResponse = stub.Generate(
-            generation_pb2.GenerateRequest(prompt=prompt, max_new_tokens=1), timeout=120
+            generation_pb2.GenerateRequest(
+                prompt=prompt, parameters=common_pb2.SamplingParameters(max_new_tokens=1)
+            ),
+            timeout=120,
         )
         return reply
 
@@ -82,7 +85,9 @@ def test_both_replicas_receive_traffic(
     with grpc.insecure_channel(replicated_gateway) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         for number in range(8):
-            request = generation_pb2.GenerateRequest(prompt=f"Number {number}:", max_new_tokens=1)
+            request = generation_pb2.GenerateRequest(
+                prompt=f"Number {number}:", parameters=common_pb2.SamplingParameters(max_new_tokens=1)
+            )
             stub.Generate(request, timeout=120)
     after = [generator_stats(a).requests_total for a in (generator_address, second_generator.address)]
     served = [b - a for a, b in zip(before, after, strict=True)]
@@ -132,7 +137,7 @@ def test_a_dropped_rest_stream_frees_the_generators_batch_slot(
     # Greedy, this story runs past 3,000 tokens: the stream must still be running when the client
     # drops it (400 tokens took only 4-5 s once decoding got fast, and a busy run read the first
     # events later than that).
-    request = {"messages": story, "max_new_tokens": 3000, "stream": True, "do_sample": False}
+    request = {"messages": story, "stream": True, "parameters": {"max_new_tokens": 3000, "do_sample": False}}
     with (
         httpx2.Client(base_url=envoy_url, headers=gateway_service.headers(), timeout=120) as client,
         client.stream("POST", "/generate", json=request) as reply,

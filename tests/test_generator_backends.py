@@ -105,11 +105,17 @@ def other_stub(other_generator: GeneratorService) -> Iterator[generation_pb2_grp
 
 def test_other_backend_streams_the_unary_text(other_stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     unary = other_stub.Generate(
-        generation_pb2.GenerateRequest(messages=STORY, max_new_tokens=40), timeout=TIMEOUT
+        generation_pb2.GenerateRequest(
+            messages=STORY, parameters=common_pb2.SamplingParameters(max_new_tokens=40)
+        ),
+        timeout=TIMEOUT,
     )
     replies = list(
         other_stub.GenerateStream(
-            generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=40), timeout=TIMEOUT
+            generation_pb2.GenerateStreamRequest(
+                messages=STORY, parameters=common_pb2.SamplingParameters(max_new_tokens=40)
+            ),
+            timeout=TIMEOUT,
         )
     )
     streamed = "".join(r.token.text for r in replies)

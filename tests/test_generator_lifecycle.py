@@ -53,7 +53,10 @@ def small_stub(small_generator: GeneratorService) -> Iterator[generation_pb2_grp
 
 def seeded(prompt: str, seed: int, max_new_tokens: int = 24) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
-        prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.9, top_p=0.95, top_k=50, seed=seed
+        prompt=prompt,
+        parameters=common_pb2.SamplingParameters(
+            max_new_tokens=max_new_tokens, temperature=0.9, top_p=0.95, top_k=50, seed=seed
+        ),
     )
 
 
@@ -86,7 +89,9 @@ def check_seeded_sampling_is_reproducible_alone_and_in_a_busy_batch(
 def test_over_admission_gives_resource_exhausted_with_retry_info(
     small_stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    request = generation_pb2.GenerateRequest(messages=STORY, max_new_tokens=24, temperature=0.8, seed=5)
+    request = generation_pb2.GenerateRequest(
+        messages=STORY, parameters=common_pb2.SamplingParameters(max_new_tokens=24, temperature=0.8, seed=5)
+    )
     outcomes: list[Any] = []
     lock = threading.Lock()
 
@@ -123,14 +128,22 @@ def test_sigterm_stops_admission_and_lets_the_stream_finish(small_generator: Gen
     with grpc.insecure_channel(small_generator.address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         stream = stub.GenerateStream(
-            generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=40, temperature=0.8, seed=2),
+            generation_pb2.GenerateStreamRequest(
+                messages=STORY,
+                parameters=common_pb2.SamplingParameters(max_new_tokens=40, temperature=0.8, seed=2),
+            ),
             timeout=TIMEOUT,
         )
         first = next(stream)
         small_generator.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Generate(generation_pb2.GenerateRequest(prompt="Hi", max_new_tokens=4), timeout=10)
+            stub.Generate(
+                generation_pb2.GenerateRequest(
+                    prompt="Hi", parameters=common_pb2.SamplingParameters(max_new_tokens=4)
+                ),
+                timeout=10,
+            )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(stream)
     assert rest[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED

@@ -110,7 +110,10 @@ def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_c
         queried = metric_value(port, "generator_prefix_cache_queried_tokens_total")
         hit = metric_value(port, "generator_prefix_cache_hit_tokens_total")
         reply = generator_stub.Chat(
-            generation_pb2.ChatRequest(messages=messages, max_new_tokens=12), timeout=TIMEOUT
+            generation_pb2.ChatRequest(
+                messages=messages, parameters=common_pb2.SamplingParameters(max_new_tokens=12)
+            ),
+            timeout=TIMEOUT,
         )
         return (
             reply.message.content,

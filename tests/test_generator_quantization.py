@@ -32,7 +32,12 @@ def nf4_generator() -> Iterator[GeneratorService]:
 def test_a_4bit_generator_loads_nf4_weights_and_answers_paris(nf4_generator: GeneratorService) -> None:
     with grpc.insecure_channel(nf4_generator.address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        reply = stub.Chat(generation_pb2.ChatRequest(messages=FRANCE, max_new_tokens=16), timeout=TIMEOUT)
+        reply = stub.Chat(
+            generation_pb2.ChatRequest(
+                messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=16)
+            ),
+            timeout=TIMEOUT,
+        )
     # nf4 shifts the logits enough to lengthen the greedy answer, but not to change the fact.
     assert reply.message.content.startswith("The capital of France is Paris")
     assert reply.usage.completion_tokens == reply.tokens_generated > 6

@@ -71,7 +71,12 @@ def metric_value(metrics_port: int, name: str) -> float:
 
 
 def test_greedy_chat_answers_the_capital_of_france(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
-    reply = stub.Chat(generation_pb2.ChatRequest(messages=FRANCE, max_new_tokens=24), timeout=TIMEOUT)
+    reply = stub.Chat(
+        generation_pb2.ChatRequest(
+            messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=24)
+        ),
+        timeout=TIMEOUT,
+    )
     assert reply.message.role == "assistant"
     assert reply.message.content == "The capital of France is Paris."
     assert reply.finish_reason == common_pb2.FINISH_REASON_EOS_TOKEN
@@ -82,7 +87,12 @@ def test_greedy_chat_answers_the_capital_of_france(stub: generation_pb2_grpc.Gen
 def test_generate_with_messages_uses_the_chat_template(
     stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    reply = stub.Generate(generation_pb2.GenerateRequest(messages=FRANCE, max_new_tokens=24), timeout=TIMEOUT)
+    reply = stub.Generate(
+        generation_pb2.GenerateRequest(
+            messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=24)
+        ),
+        timeout=TIMEOUT,
+    )
     assert "Paris" in reply.generated_text
     assert reply.model == "SmolLM2-135M-Instruct"
     assert [s.text for s in reply.sequences] == [reply.generated_text]
@@ -94,14 +104,16 @@ def test_streamed_tokens_concatenate_to_the_unary_text(
 ) -> None:
     unary = stub.Generate(
         generation_pb2.GenerateRequest(
-            prompt="The three most famous rivers in Europe are", max_new_tokens=40
+            prompt="The three most famous rivers in Europe are",
+            parameters=common_pb2.SamplingParameters(max_new_tokens=40),
         ),
         timeout=TIMEOUT,
     )
     texts, replies = stream_texts(
         stub,
         generation_pb2.GenerateStreamRequest(
-            prompt="The three most famous rivers in Europe are", max_new_tokens=40
+            prompt="The three most famous rivers in Europe are",
+            parameters=common_pb2.SamplingParameters(max_new_tokens=40),
         ),
     )
     assert texts[0] == unary.generated_text
@@ -118,12 +130,18 @@ def test_stop_sequence_spanning_tokens_ends_the_text_before_it(
 ) -> None:
     stop = struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="of Fr")]))
     reply = stub.Generate(
-        generation_pb2.GenerateRequest(messages=FRANCE, max_new_tokens=24, stop=stop), timeout=TIMEOUT
+        generation_pb2.GenerateRequest(
+            messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=24, stop=stop)
+        ),
+        timeout=TIMEOUT,
     )
     assert reply.generated_text == "The capital "
     assert reply.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE
     texts, replies = stream_texts(
-        stub, generation_pb2.GenerateStreamRequest(messages=FRANCE, max_new_tokens=24, stop=stop)
+        stub,
+        generation_pb2.GenerateStreamRequest(
+            messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=24, stop=stop)
+        ),
     )
     assert texts[0] == "The capital "
     assert replies[-1].finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE
@@ -133,7 +151,10 @@ def test_num_return_sequences_returns_that_many_sequences(
     stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
     request = generation_pb2.GenerateRequest(
-        messages=STORY, max_new_tokens=16, num_return_sequences=3, temperature=1.0, top_p=0.95, seed=7
+        messages=STORY,
+        parameters=common_pb2.SamplingParameters(
+            max_new_tokens=16, num_return_sequences=3, temperature=1.0, top_p=0.95, seed=7
+        ),
     )
     reply = stub.Generate(request, timeout=TIMEOUT)
     assert [s.index for s in reply.sequences] == [0, 1, 2]
@@ -143,7 +164,10 @@ def test_num_return_sequences_returns_that_many_sequences(
     texts, _ = stream_texts(
         stub,
         generation_pb2.GenerateStreamRequest(
-            messages=STORY, max_new_tokens=16, num_return_sequences=3, temperature=1.0, top_p=0.95, seed=7
+            messages=STORY,
+            parameters=common_pb2.SamplingParameters(
+                max_new_tokens=16, num_return_sequences=3, temperature=1.0, top_p=0.95, seed=7
+            ),
         ),
     )
     assert texts == {s.index: s.text for s in reply.sequences}
@@ -156,7 +180,8 @@ def test_beam_search_returns_the_best_beams(stub: generation_pb2_grpc.Generation
 def check_beam_search_returns_the_best_beams(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     reply = stub.Generate(
         generation_pb2.GenerateRequest(
-            messages=FRANCE, max_new_tokens=20, num_beams=3, num_return_sequences=2
+            messages=FRANCE,
+            parameters=common_pb2.SamplingParameters(max_new_tokens=20, num_beams=3, num_return_sequences=2),
         ),
         timeout=TIMEOUT,
     )
@@ -175,7 +200,10 @@ def test_cjk_and_emoji_prompts_never_yield_replacement_characters(
         texts, replies = stream_texts(
             stub,
             generation_pb2.GenerateStreamRequest(
-                prompt=prompt, max_new_tokens=48, temperature=0.9, seed=3, repetition_penalty=1.1
+                prompt=prompt,
+                parameters=common_pb2.SamplingParameters(
+                    max_new_tokens=48, temperature=0.9, seed=3, repetition_penalty=1.1
+                ),
             ),
         )
         assert all("\ufffd" not in r.token.text for r in replies)
@@ -187,7 +215,10 @@ def check_a_cancelled_stream_leaves_the_running_batch(
     stub: generation_pb2_grpc.GenerationServiceStub, service: GeneratorService
 ) -> None:
     call = stub.GenerateStream(
-        generation_pb2.GenerateStreamRequest(messages=STORY, max_new_tokens=1500, temperature=0.8, seed=1),
+        generation_pb2.GenerateStreamRequest(
+            messages=STORY,
+            parameters=common_pb2.SamplingParameters(max_new_tokens=1500, temperature=0.8, seed=1),
+        ),
         timeout=TIMEOUT,
     )
     for received, _ in enumerate(call, start=1):
@@ -213,20 +244,32 @@ def test_a_cancelled_stream_leaves_the_running_batch(
 
 
 INVALID_KNOBS: list[tuple[str, dict[str, Any]]] = [
-    ("max_new_tokens", {"max_new_tokens": 0}),
-    ("max_new_tokens", {"max_new_tokens": 100000}),
-    ("temperature", {"temperature": -0.5}),
-    ("top_p", {"top_p": 1.5}),
-    ("top_p", {"top_p": 0.0}),
-    ("top_k", {"top_k": -1}),
-    ("repetition_penalty", {"repetition_penalty": 0.0}),
-    ("num_return_sequences", {"num_return_sequences": 0}),
-    ("num_return_sequences", {"num_return_sequences": 1000}),
-    ("num_beams", {"num_beams": 0}),
-    ("num_beams", {"num_beams": 99}),
-    ("num_return_sequences", {"num_beams": 2, "num_return_sequences": 3}),
-    ("stop", {"stop": struct_pb2.Value(number_value=3)}),
-    ("stop", {"stop": struct_pb2.Value(string_value="x" * 1000)}),
+    ("parameters.max_new_tokens", {"parameters": common_pb2.SamplingParameters(max_new_tokens=0)}),
+    ("parameters.max_new_tokens", {"parameters": common_pb2.SamplingParameters(max_new_tokens=100000)}),
+    ("parameters.temperature", {"parameters": common_pb2.SamplingParameters(temperature=-0.5)}),
+    ("parameters.top_p", {"parameters": common_pb2.SamplingParameters(top_p=1.5)}),
+    ("parameters.top_p", {"parameters": common_pb2.SamplingParameters(top_p=0.0)}),
+    ("parameters.top_k", {"parameters": common_pb2.SamplingParameters(top_k=-1)}),
+    ("parameters.repetition_penalty", {"parameters": common_pb2.SamplingParameters(repetition_penalty=0.0)}),
+    (
+        "parameters.num_return_sequences",
+        {"parameters": common_pb2.SamplingParameters(num_return_sequences=0)},
+    ),
+    (
+        "parameters.num_return_sequences",
+        {"parameters": common_pb2.SamplingParameters(num_return_sequences=1000)},
+    ),
+    ("parameters.num_beams", {"parameters": common_pb2.SamplingParameters(num_beams=0)}),
+    ("parameters.num_beams", {"parameters": common_pb2.SamplingParameters(num_beams=99)}),
+    (
+        "parameters.num_return_sequences",
+        {"parameters": common_pb2.SamplingParameters(num_beams=2, num_return_sequences=3)},
+    ),
+    ("parameters.stop", {"parameters": common_pb2.SamplingParameters(stop=struct_pb2.Value(number_value=3))}),
+    (
+        "parameters.stop[0]",
+        {"parameters": common_pb2.SamplingParameters(stop=struct_pb2.Value(string_value="x" * 1000))},
+    ),
     ("prompt", {"prompt": ""}),
     ("prompt", {"messages": FRANCE}),
     ("messages[0].role", {"prompt": "", "messages": [common_pb2.ChatMessage(role="robot", content="hi")]}),
@@ -255,7 +298,10 @@ def test_each_invalid_knob_gives_invalid_argument_naming_it(
 def test_prompt_longer_than_the_context_is_invalid(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(
-            generation_pb2.GenerateRequest(prompt="hello " * 8200, max_new_tokens=10), timeout=TIMEOUT
+            generation_pb2.GenerateRequest(
+                prompt="hello " * 8200, parameters=common_pb2.SamplingParameters(max_new_tokens=10)
+            ),
+            timeout=TIMEOUT,
         )
     error: Any = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -270,13 +316,17 @@ def test_unknown_model_is_not_found(stub: generation_pb2_grpc.GenerationServiceS
 
 def test_math_and_coding_extract_answer_and_code(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     math = stub.SolveMath(
-        generation_pb2.SolveMathRequest(problem="What is 12 * 7?", max_new_tokens=96), timeout=TIMEOUT
+        generation_pb2.SolveMathRequest(
+            problem="What is 12 * 7?", parameters=common_pb2.SamplingParameters(max_new_tokens=96)
+        ),
+        timeout=TIMEOUT,
     )
     assert math.solution
     assert math.answer and math.answer in math.solution
     coding = stub.SolveCoding(
         generation_pb2.SolveCodingRequest(
-            problem="Write a function that adds two numbers.", max_new_tokens=128
+            problem="Write a function that adds two numbers.",
+            parameters=common_pb2.SamplingParameters(max_new_tokens=128),
         ),
         timeout=TIMEOUT,
     )
@@ -337,11 +387,21 @@ def test_metrics_cover_latency_tokens_and_batches(generator_service: GeneratorSe
 def test_concurrent_greedy_requests_match_the_answer_alone(
     stub: generation_pb2_grpc.GenerationServiceStub,
 ) -> None:
-    alone = stub.Chat(generation_pb2.ChatRequest(messages=FRANCE, max_new_tokens=24), timeout=TIMEOUT)
+    alone = stub.Chat(
+        generation_pb2.ChatRequest(
+            messages=FRANCE, parameters=common_pb2.SamplingParameters(max_new_tokens=24)
+        ),
+        timeout=TIMEOUT,
+    )
 
     def chat(i: int) -> str:
         messages = FRANCE if i % 2 == 0 else STORY
-        reply = stub.Chat(generation_pb2.ChatRequest(messages=messages, max_new_tokens=24), timeout=TIMEOUT)
+        reply = stub.Chat(
+            generation_pb2.ChatRequest(
+                messages=messages, parameters=common_pb2.SamplingParameters(max_new_tokens=24)
+            ),
+            timeout=TIMEOUT,
+        )
         return str(reply.message.content)
 
     with ThreadPoolExecutor(8) as pool:

@@ -1,4 +1,4 @@
-"""Every native REST route of ARCHITECTURE.md through Envoy (real Envoy, gateway and backends),
+"""Every native REST route through Envoy (real Envoy, gateway and backends),
 answering with the documented fields; unknown routes and query parameters are refused."""
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def embedding_model(rest: httpx2.Client) -> str:
 
 def test_generate_returns_the_documented_fields(rest: httpx2.Client) -> None:
     messages = [{"role": "user", "content": PROMPT}]
-    reply = rest.post("/generate", json={"messages": messages, "max_new_tokens": 12, "do_sample": False})
+    reply = rest.post(
+        "/generate", json={"messages": messages, "parameters": {"max_new_tokens": 12, "do_sample": False}}
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert "Paris" in body["generated_text"], body
@@ -72,7 +74,7 @@ def test_generate_returns_the_documented_fields(rest: httpx2.Client) -> None:
 
 def test_stream_true_on_generate_streams_server_sent_events(rest: httpx2.Client) -> None:
     messages = [{"role": "user", "content": PROMPT}]
-    request = {"messages": messages, "max_new_tokens": 6, "stream": True, "do_sample": False}
+    request = {"messages": messages, "stream": True, "parameters": {"max_new_tokens": 6, "do_sample": False}}
     with rest.stream("POST", "/generate", json=request) as reply:
         assert reply.status_code == 200
         events = sse_events(reply)
@@ -84,14 +86,18 @@ def test_stream_true_on_generate_streams_server_sent_events(rest: httpx2.Client)
 
 
 def test_generate_stream_route_streams(rest: httpx2.Client) -> None:
-    with rest.stream("POST", "/generate_stream", json={"prompt": "Hello", "max_new_tokens": 4}) as reply:
+    with rest.stream(
+        "POST", "/generate_stream", json={"prompt": "Hello", "parameters": {"max_new_tokens": 4}}
+    ) as reply:
         assert reply.status_code == 200
         events = sse_events(reply)
     assert events and events[-1]["finish_reason"] != "FINISH_REASON_UNSPECIFIED"
 
 
 def test_a_prompt_that_mentions_stream_true_is_not_streamed(rest: httpx2.Client) -> None:
-    reply = rest.post("/generate", json={"prompt": 'Explain {"stream": true}', "max_new_tokens": 2})
+    reply = rest.post(
+        "/generate", json={"prompt": 'Explain {"stream": true}', "parameters": {"max_new_tokens": 2}}
+    )
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/json")
     assert "generated_text" in reply.json()
 
@@ -99,7 +105,10 @@ def test_a_prompt_that_mentions_stream_true_is_not_streamed(rest: httpx2.Client)
 def test_chat_answers_with_an_assistant_message(rest: httpx2.Client) -> None:
     reply = rest.post(
         "/chat",
-        json={"messages": [{"role": "user", "content": PROMPT}], "max_new_tokens": 12, "do_sample": False},
+        json={
+            "messages": [{"role": "user", "content": PROMPT}],
+            "parameters": {"max_new_tokens": 12, "do_sample": False},
+        },
     )
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -108,14 +117,16 @@ def test_chat_answers_with_an_assistant_message(rest: httpx2.Client) -> None:
 
 
 def test_solve_math_returns_solution_and_answer(rest: httpx2.Client) -> None:
-    reply = rest.post("/solve/math", json={"problem": "What is 12 * 7?", "max_new_tokens": 8})
+    reply = rest.post("/solve/math", json={"problem": "What is 12 * 7?", "parameters": {"max_new_tokens": 8}})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["solution"].strip() and "answer" in body and body["usage"]["total_tokens"] > 0
 
 
 def test_solve_coding_returns_solution_and_code(rest: httpx2.Client) -> None:
-    reply = rest.post("/solve/coding", json={"problem": "Add two numbers.", "max_new_tokens": 8})
+    reply = rest.post(
+        "/solve/coding", json={"problem": "Add two numbers.", "parameters": {"max_new_tokens": 8}}
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["solution"].strip() and body["code"].strip() and body["language"]

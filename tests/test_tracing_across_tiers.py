@@ -17,6 +17,7 @@ import grpc
 import httpx2
 import pytest
 from inference.v1 import (
+    common_pb2,
     embedding_pb2,
     embedding_pb2_grpc,
     generation_pb2,
@@ -156,7 +157,7 @@ def test_a_rest_generate_through_envoy_is_one_trace_over_envoy_gateway_and_gener
     trace_id, parent, traceparent = new_traceparent()
     reply = rest.post(
         "/generate",
-        json={"prompt": f"Trace {trace_id}", "max_new_tokens": 2},
+        json={"prompt": f"Trace {trace_id}", "parameters": {"max_new_tokens": 2}},
         headers={"traceparent": traceparent},
     )
     assert reply.status_code == 200, reply.text
@@ -187,7 +188,9 @@ def test_a_grpc_stream_with_traceparent_metadata_is_one_trace_over_gateway_and_g
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         replies = list(
             stub.GenerateStream(
-                generation_pb2.GenerateStreamRequest(prompt=f"Trace {trace_id}", max_new_tokens=3),
+                generation_pb2.GenerateStreamRequest(
+                    prompt=f"Trace {trace_id}", parameters=common_pb2.SamplingParameters(max_new_tokens=3)
+                ),
                 timeout=120,
                 metadata=(("traceparent", traceparent),),
             )
@@ -223,7 +226,10 @@ def test_a_dropped_stream_still_ends_its_spans_without_context_errors(
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         call = stub.GenerateStream(
             # Long enough to be running when it is dropped, at any decode speed.
-            generation_pb2.GenerateStreamRequest(prompt=f"Count slowly {trace_id}", max_new_tokens=2000),
+            generation_pb2.GenerateStreamRequest(
+                prompt=f"Count slowly {trace_id}",
+                parameters=common_pb2.SamplingParameters(max_new_tokens=2000),
+            ),
             timeout=120,
             metadata=(("traceparent", traceparent),),
         )

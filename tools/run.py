@@ -228,7 +228,7 @@ def try_commands(env: Mapping[str, str], model: str, with_envoy: bool) -> list[s
     envoy, gateway = env["ENVOY_PORT"], env["GATEWAY_PORT"]
     question = "What is the capital of France?"
     messages = [{"role": "user", "content": question}]
-    grpc_body = json.dumps({"messages": messages, "max_new_tokens": 32})
+    grpc_body = json.dumps({"messages": messages, "parameters": {"max_new_tokens": 32}})
     method = "inference.v1.GenerationService/Generate"
     commands = [f".venv/bin/grpcurl -plaintext -d {shlex.quote(grpc_body)} localhost:{gateway} {method}"]
     if with_envoy:

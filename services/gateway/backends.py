@@ -28,6 +28,7 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
+from services.common import sampling
 from services.common.methods import unary_methods
 from services.gateway.interceptors import Context
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
@@ -150,16 +151,17 @@ class ResponseCache:
         return len(self._entries)
 
 
-def is_deterministic(request: Message) -> bool:
-    """Greedy decoding or a fixed seed gives the same answer every time."""
-    fields = request.DESCRIPTOR.fields_by_name
-    if "seed" in fields and request.HasField("seed"):
-        return True
-    if "do_sample" in fields and request.HasField("do_sample"):
-        return not getattr(request, "do_sample")  # noqa: B009
-    if "temperature" in fields and request.HasField("temperature") and getattr(request, "temperature") > 0:  # noqa: B009
-        return False
-    return not any(name in fields and request.HasField(name) for name in ("top_p", "top_k"))
+GenerationRequest = (
+    generation_pb2.GenerateRequest
+    | generation_pb2.ChatRequest
+    | generation_pb2.SolveMathRequest
+    | generation_pb2.SolveCodingRequest
+)
+
+
+def is_deterministic(request: GenerationRequest) -> bool:
+    """Whether the same request always gets the same answer (so its response may be cached)."""
+    return sampling.is_deterministic(request.parameters)
 
 
 def call_options(context: Context, tracing: bool) -> tuple[float | None, tuple[tuple[str, str], ...]]:

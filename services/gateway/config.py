@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config import LogLevel
+from services.common.sampling import DEFAULT_LIMITS
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,16 @@ class GatewayConfig:
     )
     max_prompt_chars: int = field(default=100_000, metadata={"help": "Longest prompt or message text."})
     max_messages: int = field(default=256, metadata={"help": "Most chat messages in one request."})
-    max_new_tokens: int = field(default=4096, metadata={"help": "Largest max_new_tokens / max_tokens."})
-    max_sequences: int = field(default=8, metadata={"help": "Largest num_return_sequences, n and num_beams."})
-    max_stop_sequences: int = field(default=4, metadata={"help": "Most stop sequences."})
+    max_new_tokens: int = field(
+        default=DEFAULT_LIMITS.max_new_tokens, metadata={"help": "Largest max_new_tokens / max_tokens."}
+    )
+    max_sequences: int = field(
+        default=DEFAULT_LIMITS.max_num_return_sequences,
+        metadata={"help": "Largest num_return_sequences, n and num_beams."},
+    )
+    max_stop_sequences: int = field(
+        default=DEFAULT_LIMITS.max_stop_sequences, metadata={"help": "Most stop sequences."}
+    )
     max_embedding_inputs: int = field(
         default=2048, metadata={"help": "Most inputs in one embedding request."}
     )

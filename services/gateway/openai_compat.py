@@ -23,51 +23,59 @@ def finish_reason(reason: int) -> str:
     return "length" if reason == common_pb2.FINISH_REASON_LENGTH else "stop"
 
 
-def sampling_fields(
-    request: openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest,
-    max_tokens: int | None,
-) -> dict[str, Any]:
-    """Native sampling knobs for an OpenAI request. OpenAI samples at temperature 1 unless told
-    otherwise; temperature 0 means greedy decoding."""
-    fields: dict[str, Any] = {}
-    if max_tokens is not None:
-        fields["max_new_tokens"] = max_tokens
-    if request.HasField("temperature") and request.temperature == 0.0:
-        fields["do_sample"] = False
-    else:
-        fields["do_sample"] = True
-        if request.HasField("temperature"):
-            fields["temperature"] = request.temperature
-    for name in ("top_p", "top_k", "repetition_penalty", "seed"):
-        if request.HasField(name):
-            fields[name] = getattr(request, name)
+OpenAIGeneration = openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest
+
+
+def max_tokens_field(request: OpenAIGeneration) -> str:
+    """The OpenAI field that gives max_new_tokens: chat prefers max_completion_tokens."""
+    if isinstance(request, openai_pb2.CreateChatCompletionRequest) and request.HasField(
+        "max_completion_tokens"
+    ):
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParameters:
+    """The native knobs of an OpenAI request: the one place its flat fields are read. OpenAI
+    samples (at temperature 1) unless told otherwise, and temperature 0 is greedy."""
+    parameters = common_pb2.SamplingParameters(do_sample=True)
+    if isinstance(request, openai_pb2.CreateChatCompletionRequest) and request.HasField(
+        "max_completion_tokens"
+    ):
+        parameters.max_new_tokens = request.max_completion_tokens
+    elif request.HasField("max_tokens"):
+        parameters.max_new_tokens = request.max_tokens
+    elif isinstance(request, openai_pb2.CreateCompletionRequest):
+        parameters.max_new_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    if request.HasField("temperature"):
+        parameters.temperature = request.temperature
+    if request.HasField("top_p"):
+        parameters.top_p = request.top_p
+    if request.HasField("top_k"):
+        parameters.top_k = request.top_k
+    if request.HasField("repetition_penalty"):
+        parameters.repetition_penalty = request.repetition_penalty
+    if request.HasField("seed"):
+        parameters.seed = request.seed
     if request.HasField("n"):
-        fields["num_return_sequences"] = request.n
+        parameters.num_return_sequences = request.n
     if request.stop.WhichOneof("kind") not in (None, "null_value"):
-        stop = struct_pb2.Value()
-        stop.CopyFrom(request.stop)
-        fields["stop"] = stop
-    return fields
+        parameters.stop.CopyFrom(request.stop)
+    return parameters
 
 
 def chat_fields(
     request: openai_pb2.CreateChatCompletionRequest, turns: Iterable[tuple[str, str]], model: str
 ) -> dict[str, Any]:
-    max_tokens: int | None = None
-    if request.HasField("max_completion_tokens"):
-        max_tokens = request.max_completion_tokens
-    elif request.HasField("max_tokens"):
-        max_tokens = request.max_tokens
     return {
         "messages": [common_pb2.ChatMessage(role=role, content=text) for role, text in turns],
         "model": model,
-        **sampling_fields(request, max_tokens),
+        "parameters": sampling_parameters(request),
     }
 
 
 def completion_fields(request: openai_pb2.CreateCompletionRequest, prompt: str, model: str) -> dict[str, Any]:
-    max_tokens = request.max_tokens if request.HasField("max_tokens") else COMPLETION_DEFAULT_MAX_TOKENS
-    return {"prompt": prompt, "model": model, **sampling_fields(request, max_tokens)}
+    return {"prompt": prompt, "model": model, "parameters": sampling_parameters(request)}
 
 
 def _sequences(response: generation_pb2.GenerateResponse) -> list[common_pb2.GeneratedSequence]:

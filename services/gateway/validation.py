@@ -5,30 +5,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
-from google.protobuf.message import Message
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
+from services.common import sampling
+from services.common.sampling import DEFAULT_LIMITS, SamplingLimits
+from services.gateway import openai_compat
 from services.gateway.errors import invalid_argument
 
 NATIVE_ROLES = ("system", "user", "assistant")
 OPENAI_ROLES = ("system", "developer", "user", "assistant")
-MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
+# OpenAI's own ranges for its knobs; the native knobs' ranges are sampling.DEFAULT_LIMITS'.
+OPENAI_MAX_TEMPERATURE = 2.0
+OPENAI_PENALTY_RANGE = (-2.0, 2.0)
 
 
 @dataclass(frozen=True)
 class RequestLimits:
     max_prompt_chars: int = 100_000
     max_messages: int = 256
-    max_new_tokens: int = 4096
-    max_sequences: int = 8
-    max_stop_sequences: int = 4
+    max_new_tokens: int = DEFAULT_LIMITS.max_new_tokens
+    max_sequences: int = DEFAULT_LIMITS.max_num_return_sequences
+    max_stop_sequences: int = DEFAULT_LIMITS.max_stop_sequences
     max_embedding_inputs: int = 2048
-    max_temperature: float = 100.0
+
+    @property
+    def sampling(self) -> SamplingLimits:
+        """The knobs' ranges with this gateway's counts."""
+        return replace(
+            DEFAULT_LIMITS,
+            max_new_tokens=self.max_new_tokens,
+            max_num_return_sequences=self.max_sequences,
+            max_num_beams=self.max_sequences,
+            max_stop_sequences=self.max_stop_sequences,
+        )
 
 
 class Violations:
@@ -42,62 +56,21 @@ class Violations:
         if self.items:
             raise invalid_argument(self.items)
 
-    def optional_int(
-        self, request: Message, field: str, low: int, high: int, name: str | None = None
-    ) -> None:
-        if request.HasField(field):
-            value = getattr(request, field)
-            if not low <= value <= high:
-                self.add(name or field, f"must be between {low} and {high}, got {value}")
+    def int_range(self, field: str, value: int | None, low: int, high: int) -> None:
+        """Checks low <= value <= high; None (an absent field) passes."""
+        if value is not None and not low <= value <= high:
+            self.add(field, f"must be between {low} and {high}, got {value}")
 
-    def optional_float(
-        self,
-        request: Message,
-        field: str,
-        low: float,
-        high: float,
-        low_open: bool = False,
-        name: str | None = None,
-    ) -> None:
-        if request.HasField(field):
-            value = float(getattr(request, field))
-            too_low = value <= low if low_open else value < low
-            if not math.isfinite(value) or too_low or value > high:
-                bracket = "(" if low_open else "["
-                self.add(name or field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+    def float_range(self, field: str, value: float | None, low: float, high: float) -> None:
+        """Checks low <= value <= high; None (an absent field) passes."""
+        if value is not None and (not math.isfinite(value) or not low <= value <= high):
+            self.add(field, f"must be in [{low:g}, {high:g}], got {value:g}")
 
     def text(self, field: str, value: str, limit: int, required: bool = True) -> None:
         if required and not value.strip():
             self.add(field, "must not be empty")
         elif len(value) > limit:
             self.add(field, f"is {len(value)} characters, more than the limit of {limit}")
-
-
-def stop_sequences(value: struct_pb2.Value, field: str, limits: RequestLimits, out: Violations) -> list[str]:
-    """The stop strings of a string-or-list Value."""
-    kind = value.WhichOneof("kind")
-    if kind is None or kind == "null_value":
-        return []
-    if kind == "string_value":
-        items: list[Any] = [value.string_value]
-    elif kind == "list_value":
-        items = list(_plain(value))
-    else:
-        out.add(field, "must be a string or a list of strings")
-        return []
-    if len(items) > limits.max_stop_sequences:
-        out.add(field, f"has {len(items)} sequences, more than the limit of {limits.max_stop_sequences}")
-    result = []
-    for index, item in enumerate(items):
-        if not isinstance(item, str):
-            out.add(f"{field}[{index}]", "must be a string")
-        elif not item:
-            out.add(f"{field}[{index}]", "must not be empty")
-        elif len(item) > MAX_STOP_CHARS:
-            out.add(f"{field}[{index}]", f"is longer than {MAX_STOP_CHARS} characters")
-        else:
-            result.append(item)
-    return result
 
 
 def _plain(value: struct_pb2.Value) -> Any:
@@ -134,16 +107,9 @@ def _messages(
         out.text(f"messages[{index}].content", message.content, limits.max_prompt_chars, required=False)
 
 
-def _sampling(request: Message, limits: RequestLimits, out: Violations) -> None:
-    out.optional_int(request, "max_new_tokens", 1, limits.max_new_tokens)
-    out.optional_float(request, "temperature", 0.0, limits.max_temperature)
-    fields = request.DESCRIPTOR.fields_by_name
-    if "top_p" in fields:
-        out.optional_float(request, "top_p", 0.0, 1.0, low_open=True)
-    if "top_k" in fields:
-        out.optional_int(request, "top_k", 0, 1_000_000)
-    if "repetition_penalty" in fields:
-        out.optional_float(request, "repetition_penalty", 0.0, 10.0, low_open=True)
+def _sampling(parameters: common_pb2.SamplingParameters, limits: RequestLimits, out: Violations) -> None:
+    for path, problem in sampling.violations(parameters, limits.sampling):
+        out.add(path, problem)
 
 
 def validate_generate(
@@ -157,10 +123,7 @@ def validate_generate(
     else:
         out.text("prompt", request.prompt, limits.max_prompt_chars, required=False)
     _messages(request.messages, limits, out)
-    _sampling(request, limits, out)
-    out.optional_int(request, "num_return_sequences", 1, limits.max_sequences)
-    out.optional_int(request, "num_beams", 1, limits.max_sequences)
-    stop_sequences(request.stop, "stop", limits, out)
+    _sampling(request.parameters, limits, out)
     out.raise_if_any()
 
 
@@ -169,8 +132,7 @@ def validate_chat(request: generation_pb2.ChatRequest, limits: RequestLimits) ->
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
     _messages(request.messages, limits, out)
-    _sampling(request, limits, out)
-    stop_sequences(request.stop, "stop", limits, out)
+    _sampling(request.parameters, limits, out)
     out.raise_if_any()
 
 
@@ -181,7 +143,7 @@ def validate_solve(
     out.text("problem", request.problem, limits.max_prompt_chars)
     if isinstance(request, generation_pb2.SolveCodingRequest) and len(request.language) > 32:
         out.add("language", "is longer than 32 characters")
-    _sampling(request, limits, out)
+    _sampling(request.parameters, limits, out)
     out.raise_if_any()
 
 
@@ -221,7 +183,7 @@ def _token_ids(items: list[Any], field: str, out: Violations) -> None:
 def validate_embed(request: embedding_pb2.EmbedRequest, limits: RequestLimits) -> None:
     out = Violations()
     embedding_inputs(request.input, "input", limits, out)
-    out.optional_int(request, "dimensions", 1, 65536)
+    out.int_range("dimensions", request.dimensions if request.HasField("dimensions") else None, 1, 65536)
     out.text("model", request.model, 512, required=False)
     out.raise_if_any()
 
@@ -257,15 +219,22 @@ def _openai_sampling(
     limits: RequestLimits,
     out: Violations,
 ) -> None:
-    out.optional_int(request, "max_tokens", 1, limits.max_new_tokens)
-    out.optional_float(request, "temperature", 0.0, 2.0)
-    out.optional_float(request, "top_p", 0.0, 1.0, low_open=True)
-    out.optional_int(request, "n", 1, limits.max_sequences)
-    out.optional_float(request, "presence_penalty", -2.0, 2.0)
-    out.optional_float(request, "frequency_penalty", -2.0, 2.0)
-    out.optional_int(request, "top_k", 0, 1_000_000)
-    out.optional_float(request, "repetition_penalty", 0.0, 10.0, low_open=True)
-    stop_sequences(request.stop, "stop", limits, out)
+    """The native ranges of the knobs the request converts to, under OpenAI's field names, and
+    OpenAI's own ranges of temperature and the penalties."""
+    names = {
+        "max_new_tokens": openai_compat.max_tokens_field(request),
+        "num_return_sequences": "n",
+    }
+    for path, problem in sampling.violations(openai_compat.sampling_parameters(request), limits.sampling):
+        knob, dot, rest = path.removeprefix(f"{sampling.FIELD}.").partition(".")
+        out.add(names.get(knob, knob) + dot + rest, problem)
+    if request.HasField("temperature"):
+        out.float_range("temperature", request.temperature, 0.0, OPENAI_MAX_TEMPERATURE)
+    low, high = OPENAI_PENALTY_RANGE
+    if request.HasField("presence_penalty"):
+        out.float_range("presence_penalty", request.presence_penalty, low, high)
+    if request.HasField("frequency_penalty"):
+        out.float_range("frequency_penalty", request.frequency_penalty, low, high)
     if not request.model.strip():
         out.add("model", "is required")
 
@@ -276,7 +245,6 @@ def validate_chat_completion(
     """Checks the request; returns (role, text) of each message."""
     out = Violations()
     _openai_sampling(request, limits, out)
-    out.optional_int(request, "max_completion_tokens", 1, limits.max_new_tokens)
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
     if len(request.messages) > limits.max_messages:
@@ -323,7 +291,7 @@ def validate_openai_embedding(request: openai_pb2.CreateEmbeddingRequest, limits
     embedding_inputs(request.input, "input", limits, out)
     if request.encoding_format not in ("", "float", "base64"):
         out.add("encoding_format", f"must be 'float' or 'base64', got {request.encoding_format!r}")
-    out.optional_int(request, "dimensions", 1, 65536)
+    out.int_range("dimensions", request.dimensions if request.HasField("dimensions") else None, 1, 65536)
     if not request.model.strip():
         out.add("model", "is required")
     out.raise_if_any()

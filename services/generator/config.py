@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from services.common.config import LogLevel
+from services.common.sampling import DEFAULT_LIMITS
 
 PREFIX = "GENERATOR"
 DESCRIPTION = "Serve one causal language model over gRPC with continuous batching."
@@ -133,10 +134,16 @@ class GeneratorConfig:
     default_max_new_tokens: int = field(
         default=256, metadata={"help": "max_new_tokens when a request does not set it"}
     )
-    max_new_tokens_limit: int = field(default=4096, metadata={"help": "largest max_new_tokens accepted"})
-    max_num_return_sequences: int = field(default=16, metadata={"help": "largest num_return_sequences"})
-    max_num_beams: int = field(default=8, metadata={"help": "largest num_beams"})
-    max_stop_sequences: int = field(default=16, metadata={"help": "most stop sequences in one request"})
+    max_new_tokens_limit: int = field(
+        default=DEFAULT_LIMITS.max_new_tokens, metadata={"help": "largest max_new_tokens accepted"}
+    )
+    max_num_return_sequences: int = field(
+        default=DEFAULT_LIMITS.max_num_return_sequences, metadata={"help": "largest num_return_sequences"}
+    )
+    max_num_beams: int = field(default=DEFAULT_LIMITS.max_num_beams, metadata={"help": "largest num_beams"})
+    max_stop_sequences: int = field(
+        default=DEFAULT_LIMITS.max_stop_sequences, metadata={"help": "most stop sequences in one request"}
+    )
     threads: int = field(default=0, metadata={"help": "CPU threads of the model runtime (0: its default)"})
     warmup: bool = field(default=True, metadata={"help": "run a short generation before reporting SERVING"})
     shutdown_grace_seconds: float = field(

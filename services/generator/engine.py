@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
+from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_violations
+from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
 from services.generator.runner import BeamSettings, Runner
 from services.generator.sampling import BatchKnobs, RowKnobs, sample
@@ -64,21 +65,10 @@ class ShuttingDown(EngineError):
     pass
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    num_return_sequences: int = 1
-    num_beams: int = 1
-
-    def knobs(self) -> RowKnobs:
-        return RowKnobs(self.do_sample, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+def _row_knobs(params: SamplingParams) -> RowKnobs:
+    return RowKnobs(
+        params.do_sample, params.temperature, params.top_k, params.top_p, params.repetition_penalty
+    )
 
 
 @dataclass(frozen=True)
@@ -88,11 +78,23 @@ class SchedulerLimits:
     max_total_tokens: int = 262144
     max_prefill_tokens: int = 4096
     max_model_len: int = 0
-    max_new_tokens_limit: int = 4096
-    max_num_return_sequences: int = 16
-    max_num_beams: int = 8
-    max_stop_sequences: int = 16
-    max_stop_length: int = 256
+    max_new_tokens_limit: int = DEFAULT_LIMITS.max_new_tokens
+    max_num_return_sequences: int = DEFAULT_LIMITS.max_num_return_sequences
+    max_num_beams: int = DEFAULT_LIMITS.max_num_beams
+    max_stop_sequences: int = DEFAULT_LIMITS.max_stop_sequences
+    max_stop_length: int = DEFAULT_LIMITS.max_stop_length
+
+    @property
+    def sampling(self) -> SamplingLimits:
+        """The knobs' ranges under this server's counts (sequences also fit the running batch)."""
+        return replace(
+            DEFAULT_LIMITS,
+            max_new_tokens=self.max_new_tokens_limit,
+            max_num_return_sequences=min(self.max_num_return_sequences, self.max_running_sequences),
+            max_num_beams=self.max_num_beams,
+            max_stop_sequences=self.max_stop_sequences,
+            max_stop_length=self.max_stop_length,
+        )
 
 
 @dataclass
@@ -270,39 +272,22 @@ class Engine:
     # ----- admission -----
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        limits = self.limits
+        """Raises InvalidRequest naming every bad field: the knobs' shared ranges under this
+        server's limits, and what depends on the model (context length, vocabulary)."""
         bad: list[tuple[str, str]] = []
         if not prompt_ids:
             bad.append(("prompt", "must not be empty"))
-        if not 1 <= params.max_new_tokens <= limits.max_new_tokens_limit:
-            bad.append(("max_new_tokens", f"must be between 1 and {limits.max_new_tokens_limit}"))
-        elif len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+        bad.extend(params_violations(params, self.limits.sampling))
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
             bad.append(
                 (
-                    "max_new_tokens",
+                    "parameters.max_new_tokens",
                     f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
                     f"exceeds the model's context of {self.max_model_len} tokens",
                 )
             )
-        if not (0.0 <= params.temperature <= 100.0) or math.isnan(params.temperature):
-            bad.append(("temperature", "must be between 0 and 100"))
-        if not (0.0 < params.top_p <= 1.0):
-            bad.append(("top_p", "must be greater than 0 and at most 1"))
-        if not 0 <= params.top_k <= self.vocab_size:
-            bad.append(("top_k", f"must be between 0 and the vocabulary size {self.vocab_size}"))
-        if not (0.0 < params.repetition_penalty <= 10.0):
-            bad.append(("repetition_penalty", "must be greater than 0 and at most 10"))
-        most_sequences = min(limits.max_num_return_sequences, limits.max_running_sequences)
-        if not 1 <= params.num_return_sequences <= most_sequences:
-            bad.append(("num_return_sequences", f"must be between 1 and {most_sequences}"))
-        if not 1 <= params.num_beams <= limits.max_num_beams:
-            bad.append(("num_beams", f"must be between 1 and {limits.max_num_beams}"))
-        elif params.num_beams > 1 and params.num_return_sequences > params.num_beams:
-            bad.append(("num_return_sequences", f"must not exceed num_beams ({params.num_beams})"))
-        if len(params.stop) > limits.max_stop_sequences:
-            bad.append(("stop", f"at most {limits.max_stop_sequences} stop sequences"))
-        if any(not s or len(s) > limits.max_stop_length for s in params.stop):
-            bad.append(("stop", f"each stop sequence must have 1 to {limits.max_stop_length} characters"))
+        if params.top_k > self.vocab_size:
+            bad.append(("parameters.top_k", f"must be between 0 and the vocabulary size {self.vocab_size}"))
         if bad:
             raise InvalidRequest(bad)
 
@@ -316,7 +301,7 @@ class Engine:
             raise InvalidRequest(
                 [
                     (
-                        "max_new_tokens",
+                        "parameters.max_new_tokens",
                         f"needs more than the server's {self.limits.max_total_tokens}-token budget",
                     )
                 ]
@@ -550,7 +535,7 @@ class Engine:
         if batch.presence is not None:
             batch.presence = batch.presence.index_select(0, index)
         batch.knobs = BatchKnobs(
-            [r.request.params.knobs() for r in batch.rows], [r.generator for r in batch.rows]
+            [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
@@ -568,7 +553,7 @@ class Engine:
             self._batch.presence is not None
         )
         presence = self._presence_of(rows) if need_presence else None
-        knobs = BatchKnobs([r.request.params.knobs() for r in rows], [r.generator for r in rows])
+        knobs = BatchKnobs([_row_knobs(r.request.params) for r in rows], [r.generator for r in rows])
         tokens = self._sample_rows(rows, logits, presence, knobs, events)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
@@ -597,7 +582,7 @@ class Engine:
             batch.rows = batch.rows + rows
             batch.last = torch.cat([batch.last, last])
         batch.knobs = BatchKnobs(
-            [r.request.params.knobs() for r in batch.rows], [r.generator for r in batch.rows]
+            [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
 
     def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:

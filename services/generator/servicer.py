@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from inference.v1 import (
     common_pb2,
@@ -19,14 +18,15 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
+from services.common import sampling
 from services.common.machine import device_info, memory_info
+from services.common.sampling import SamplingLimits, SamplingParams
 from services.generator import errors, tasks
 from services.generator.engine import (
     Engine,
     FinishReason,
     GenerationResult,
     InvalidRequest,
-    SamplingParams,
 )
 
 FINISH = {
@@ -35,14 +35,11 @@ FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
 ROLES = {"system", "user", "assistant"}
-_KNOBS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "do_sample",
-    "num_return_sequences",
-    "num_beams",
+GenerationRequest = (
+    generation_pb2.GenerateRequest
+    | generation_pb2.ChatRequest
+    | generation_pb2.SolveMathRequest
+    | generation_pb2.SolveCodingRequest
 )
 
 
@@ -64,54 +61,14 @@ class ServedInfo:
             self.engine.stats.requests_failed += 1
 
 
-def _has(message: Message, name: str) -> bool:
-    fields = message.DESCRIPTOR.fields_by_name
-    return name in fields and message.HasField(name)
-
-
-def _stop_sequences(message: Message) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
-    if not _has(message, "stop"):
-        return (), []
-    value: struct_pb2.Value = message.stop  # type: ignore[attr-defined]
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return ((value.string_value,) if value.string_value else ()), []
-    if kind == "null_value" or kind is None:
-        return (), []
-    if kind == "list_value" and all(v.WhichOneof("kind") == "string_value" for v in value.list_value.values):
-        return tuple(v.string_value for v in value.list_value.values), []
-    return (), [("stop", "must be a string or a list of strings")]
-
-
-def sampling_params(message: Message, default_max_new_tokens: int) -> SamplingParams:
-    """The request's knobs with the server's defaults; raises InvalidRequest for unreadable ones."""
-    stop, bad = _stop_sequences(message)
+def sampling_params(
+    parameters: common_pb2.SamplingParameters, default_max_new_tokens: int, limits: SamplingLimits
+) -> SamplingParams:
+    """The request's knobs with the server's defaults; raises InvalidRequest for any out of range."""
+    bad = sampling.violations(parameters, limits)
     if bad:
         raise InvalidRequest(bad)
-
-    def get(name: str, default: Any) -> Any:
-        return getattr(message, name) if _has(message, name) else default
-
-    temperature = float(get("temperature", 1.0))
-    if _has(message, "do_sample"):
-        do_sample = bool(message.do_sample)  # type: ignore[attr-defined]
-    else:
-        do_sample = any(_has(message, name) for name in ("temperature", "top_p", "top_k"))
-    if temperature == 0.0:
-        do_sample, temperature = False, 1.0
-    seed = int(message.seed) if _has(message, "seed") else None  # type: ignore[attr-defined]
-    return SamplingParams(
-        max_new_tokens=int(get("max_new_tokens", default_max_new_tokens)),
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=int(get("top_k", 0)),
-        top_p=float(get("top_p", 1.0)),
-        repetition_penalty=float(get("repetition_penalty", 1.0)),
-        seed=seed,
-        stop=stop,
-        num_return_sequences=int(get("num_return_sequences", 1)),
-        num_beams=int(get("num_beams", 1)),
-    )
+    return sampling.from_proto(parameters, default_max_new_tokens)
 
 
 def _usage(prompt: int, completion: int) -> common_pb2.Usage:
@@ -164,11 +121,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise errors.invalid_argument(bad)
         return [(m.role, m.content) for m in chat]
 
-    async def _generate(self, message: Message, prompt_ids: list[int] | None = None) -> GenerationResult:
-        self._check_model(getattr(message, "model", ""))
+    async def _generate(
+        self, message: GenerationRequest, prompt_ids: list[int] | None = None
+    ) -> GenerationResult:
+        self._check_model(message.model)
         ids = prompt_ids if prompt_ids is not None else self._prompt_ids(message)
-        params = sampling_params(message, self._default_max_new_tokens)
-        return await self._engine().generate(ids, params)
+        engine = self._engine()
+        params = sampling_params(message.parameters, self._default_max_new_tokens, engine.limits.sampling)
+        return await engine.generate(ids, params)
 
     def _chat_ids(self, system: str, user: str) -> list[int]:
         return self._engine().encode_chat([("system", system), ("user", user)])
@@ -205,8 +165,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         self._check_model(request.model)
         ids = self._prompt_ids(request)
-        params = sampling_params(request, self._default_max_new_tokens)
-        handle = self._engine().submit(ids, params)
+        engine = self._engine()
+        params = sampling_params(request.parameters, self._default_max_new_tokens, engine.limits.sampling)
+        handle = engine.submit(ids, params)
         try:
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}

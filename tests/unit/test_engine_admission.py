@@ -41,7 +41,7 @@ async def test_the_total_token_budget_counts_prompt_new_tokens_and_sequences(
         make_engine(limits=SchedulerLimits(max_total_tokens=100), start=False).submit(
             [1, 2], SamplingParams(max_new_tokens=99)
         )
-    assert [name for name, _ in invalid.value.violations] == ["max_new_tokens"]
+    assert [name for name, _ in invalid.value.violations] == ["parameters.max_new_tokens"]
 
 
 async def test_running_rows_never_exceed_the_limit_and_the_rest_wait_their_turn(
@@ -89,13 +89,13 @@ async def test_validation_names_every_bad_field(make_engine: EngineFactory) -> N
         engine.submit([], bad)
     assert {name for name, _ in invalid.value.violations} == {
         "prompt",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "num_return_sequences",
-        "stop",
+        "parameters.max_new_tokens",
+        "parameters.temperature",
+        "parameters.top_p",
+        "parameters.top_k",
+        "parameters.repetition_penalty",
+        "parameters.num_return_sequences",
+        "parameters.stop[0]",
     }
     with pytest.raises(InvalidRequest, match="context of 64 tokens"):
         engine.submit([1] * 10, SamplingParams(max_new_tokens=55))

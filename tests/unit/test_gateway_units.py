@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
+from services.common import sampling
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.auth import (
@@ -243,21 +244,25 @@ def test_keys_without_limits_use_the_defaults_and_zero_means_unlimited() -> None
 
 def test_generate_requests_name_every_bad_field_and_its_limit() -> None:
     request = generation_pb2.GenerateRequest(
-        prompt="", max_new_tokens=0, temperature=-1, top_p=1.5, num_return_sequences=99
+        prompt="",
+        parameters=common_pb2.SamplingParameters(
+            max_new_tokens=0, temperature=-1, top_p=1.5, num_return_sequences=99
+        ),
     )
-    request.stop.list_value.values.add(string_value="")
+    request.parameters.stop.list_value.values.add(string_value="")
     with pytest.raises(GatewayError) as bad:
         validation.validate_generate(request, LIMITS)
     fields = violations(bad.value)
     assert set(fields) == {
         "prompt",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "num_return_sequences",
-        "stop[0]",
+        "parameters.max_new_tokens",
+        "parameters.temperature",
+        "parameters.top_p",
+        "parameters.num_return_sequences",
+        "parameters.stop[0]",
     }
-    assert "4096" in fields["max_new_tokens"] and "8" in fields["num_return_sequences"]
+    assert "4096" in fields["parameters.max_new_tokens"]
+    assert "8" in fields["parameters.num_return_sequences"]
 
 
 def test_prompt_and_messages_are_exclusive_and_roles_are_checked() -> None:
@@ -277,8 +282,11 @@ def test_oversize_prompts_are_refused_with_the_limit() -> None:
 
 
 def test_a_good_generate_request_passes() -> None:
-    request = generation_pb2.GenerateRequest(prompt="hi", max_new_tokens=5, temperature=0.7, top_k=5, seed=3)
-    request.stop.string_value = "\n"
+    request = generation_pb2.GenerateRequest(
+        prompt="hi",
+        parameters=common_pb2.SamplingParameters(max_new_tokens=5, temperature=0.7, top_k=5, seed=3),
+    )
+    request.parameters.stop.string_value = "\n"
     validation.validate_generate(request, LIMITS)
 
 
@@ -346,11 +354,25 @@ def test_completion_prompts_as_token_ids_are_refused_with_a_reason() -> None:
 
 def test_only_greedy_or_seeded_requests_are_deterministic() -> None:
     assert is_deterministic(generation_pb2.GenerateRequest(prompt="x"))
-    assert is_deterministic(generation_pb2.GenerateRequest(prompt="x", do_sample=False, temperature=0.9))
-    assert is_deterministic(generation_pb2.GenerateRequest(prompt="x", do_sample=True, seed=1))
-    assert not is_deterministic(generation_pb2.GenerateRequest(prompt="x", do_sample=True))
-    assert not is_deterministic(generation_pb2.GenerateRequest(prompt="x", temperature=0.7))
-    assert not is_deterministic(generation_pb2.GenerateRequest(prompt="x", top_k=5))
+    assert is_deterministic(
+        generation_pb2.GenerateRequest(
+            prompt="x", parameters=common_pb2.SamplingParameters(do_sample=False, temperature=0.9)
+        )
+    )
+    assert is_deterministic(
+        generation_pb2.GenerateRequest(
+            prompt="x", parameters=common_pb2.SamplingParameters(do_sample=True, seed=1)
+        )
+    )
+    assert not is_deterministic(
+        generation_pb2.GenerateRequest(prompt="x", parameters=common_pb2.SamplingParameters(do_sample=True))
+    )
+    assert not is_deterministic(
+        generation_pb2.GenerateRequest(prompt="x", parameters=common_pb2.SamplingParameters(temperature=0.7))
+    )
+    assert not is_deterministic(
+        generation_pb2.GenerateRequest(prompt="x", parameters=common_pb2.SamplingParameters(top_k=5))
+    )
 
 
 def test_the_response_cache_is_a_bounded_lru_that_counts_hits() -> None:
@@ -441,10 +463,24 @@ def test_embeddings_render_as_floats_or_base64_little_endian() -> None:
 
 
 def test_openai_temperature_zero_is_greedy_and_sampling_is_the_default() -> None:
-    greedy = oai.sampling_fields(openai_pb2.CreateChatCompletionRequest(temperature=0), None)
-    assert greedy["do_sample"] is False and "temperature" not in greedy
-    default = oai.sampling_fields(openai_pb2.CreateChatCompletionRequest(n=2, seed=4), 7)
-    assert default == {"do_sample": True, "num_return_sequences": 2, "seed": 4, "max_new_tokens": 7}
+    greedy = oai.sampling_parameters(openai_pb2.CreateChatCompletionRequest(temperature=0))
+    assert sampling.is_greedy(greedy)
+    default = oai.sampling_parameters(openai_pb2.CreateChatCompletionRequest(n=2, seed=4, max_tokens=7))
+    assert default == common_pb2.SamplingParameters(
+        do_sample=True, num_return_sequences=2, seed=4, max_new_tokens=7
+    )
+    assert not sampling.is_greedy(default)
+    completion = oai.sampling_parameters(openai_pb2.CreateCompletionRequest())
+    assert completion.max_new_tokens == oai.COMPLETION_DEFAULT_MAX_TOKENS
+
+
+def test_openai_violations_use_openai_field_names() -> None:
+    request = openai_pb2.CreateChatCompletionRequest(model="m", n=99, max_tokens=5, max_completion_tokens=0)
+    request.messages.add(role="user").content.string_value = "hi"
+    request.stop.list_value.values.add(string_value="")
+    with pytest.raises(GatewayError) as bad:
+        validation.validate_chat_completion(request, LIMITS)
+    assert set(violations(bad.value)) == {"n", "max_completion_tokens", "stop[0]"}
 
 
 class _CallContext:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.protobuf import struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2
@@ -57,6 +58,16 @@ def _messages(messages: Iterable[MessageLike]) -> list[common_pb2.ChatMessage]:
     return result
 
 
+def sampling_parameters(options: ChatOptions | GenerateOptions) -> common_pb2.SamplingParameters:
+    """The knobs among the keyword options (all but `model`) as the request's `parameters`."""
+    knobs: dict[str, Any] = {k: v for k, v in options.items() if k not in ("model", "stop")}
+    parameters = common_pb2.SamplingParameters(**knobs)
+    stop = _stop_value(options.get("stop"))
+    if stop is not None:
+        parameters.stop.CopyFrom(stop)
+    return parameters
+
+
 def generate_request(
     prompt: str, messages: Iterable[MessageLike] | None, options: GenerateOptions
 ) -> generation_pb2.GenerateRequest:
@@ -64,40 +75,24 @@ def generate_request(
         prompt=prompt,
         messages=_messages(messages or ()),
         model=options.get("model", ""),
-        max_new_tokens=options.get("max_new_tokens"),
-        temperature=options.get("temperature"),
-        top_p=options.get("top_p"),
-        top_k=options.get("top_k"),
-        repetition_penalty=options.get("repetition_penalty"),
-        do_sample=options.get("do_sample"),
-        num_return_sequences=options.get("num_return_sequences"),
-        num_beams=options.get("num_beams"),
-        stop=_stop_value(options.get("stop")),
-        seed=options.get("seed"),
+        parameters=sampling_parameters(options),
     )
 
 
 def stream_request(
     prompt: str, messages: Iterable[MessageLike] | None, options: GenerateOptions
 ) -> generation_pb2.GenerateStreamRequest:
-    request = generation_pb2.GenerateStreamRequest()
-    # The two request messages have the same fields with the same numbers (the proto says so).
-    request.ParseFromString(generate_request(prompt, messages, options).SerializeToString())
-    return request
+    return generation_pb2.GenerateStreamRequest(
+        prompt=prompt,
+        messages=_messages(messages or ()),
+        model=options.get("model", ""),
+        parameters=sampling_parameters(options),
+    )
 
 
 def chat_request(messages: Iterable[MessageLike], options: ChatOptions) -> generation_pb2.ChatRequest:
     return generation_pb2.ChatRequest(
-        messages=_messages(messages),
-        model=options.get("model", ""),
-        max_new_tokens=options.get("max_new_tokens"),
-        temperature=options.get("temperature"),
-        top_p=options.get("top_p"),
-        top_k=options.get("top_k"),
-        repetition_penalty=options.get("repetition_penalty"),
-        do_sample=options.get("do_sample"),
-        stop=_stop_value(options.get("stop")),
-        seed=options.get("seed"),
+        messages=_messages(messages), model=options.get("model", ""), parameters=sampling_parameters(options)
     )
 
 

@@ -8,8 +8,8 @@ from typing import TypedDict
 
 
 class ChatOptions(TypedDict, total=False):
-    """Sampling knobs; a knob left out means the server's default (greedy decoding unless
-    temperature, top_p or top_k is set)."""
+    """Sampling knobs, sent as the request's `parameters`; a knob left out means the server's
+    default (greedy decoding unless temperature above 0, top_p or top_k is set)."""
 
     model: str
     max_new_tokens: int

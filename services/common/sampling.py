@@ -1,0 +1,156 @@
+"""The sampling contract in one place: the engine's plain SamplingParams, the limits the gateway and
+the generator both enforce, the conversion from the wire's SamplingParameters and the greedy rule.
+
+A new knob touches the proto message, SamplingParams and `from_proto` (and `params_violations` if
+it has a range), the engine and its tests. No torch here: the gateway imports this module too."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from google.protobuf import struct_pb2
+from inference.v1 import common_pb2
+
+FIELD = "parameters"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's knobs with every default resolved, as the engine samples with them."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+    num_beams: int = 1
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """The accepted range of each knob; a tier's configuration may lower or raise a count limit."""
+
+    max_new_tokens: int = 4096
+    max_temperature: float = 100.0
+    max_top_k: int = 1_000_000
+    max_repetition_penalty: float = 10.0
+    max_num_return_sequences: int = 8
+    max_num_beams: int = 8
+    max_stop_sequences: int = 4
+    max_stop_length: int = 256
+
+
+DEFAULT_LIMITS = SamplingLimits()
+
+
+def is_greedy(parameters: common_pb2.SamplingParameters) -> bool:
+    """Temperature 0 is greedy; otherwise do_sample decides, and when it is absent any of
+    temperature, top_p or top_k asks for sampling."""
+    if parameters.HasField("temperature") and parameters.temperature == 0.0:
+        return True
+    if parameters.HasField("do_sample"):
+        return not parameters.do_sample
+    return not (
+        parameters.HasField("temperature") or parameters.HasField("top_p") or parameters.HasField("top_k")
+    )
+
+
+def is_deterministic(parameters: common_pb2.SamplingParameters) -> bool:
+    """Greedy decoding or a fixed seed gives the same answer every time."""
+    return parameters.HasField("seed") or is_greedy(parameters)
+
+
+def stop_sequences(value: struct_pb2.Value) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+    """The stop strings of a string-or-list Value, and the (field path, problem) of unreadable ones."""
+    field = f"{FIELD}.stop"
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return (), []
+    if kind == "string_value":
+        return (value.string_value,), []
+    if kind != "list_value":
+        return (), [(field, "must be a string or a list of strings")]
+    items: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for index, item in enumerate(value.list_value.values):
+        if item.WhichOneof("kind") == "string_value":
+            items.append(item.string_value)
+        else:
+            bad.append((f"{field}[{index}]", "must be a string"))
+    return tuple(items), bad
+
+
+def params_violations(
+    params: SamplingParams, limits: SamplingLimits = DEFAULT_LIMITS
+) -> list[tuple[str, str]]:
+    """(field path, problem) of every resolved knob outside its range, naming the limit."""
+    bad: list[tuple[str, str]] = []
+
+    def count(name: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            bad.append((f"{FIELD}.{name}", f"must be between {low} and {high}, got {value}"))
+
+    def real(name: str, value: float, low: float, high: float, low_open: bool) -> None:
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bracket = "(" if low_open else "["
+            bad.append((f"{FIELD}.{name}", f"must be in {bracket}{low:g}, {high:g}], got {value:g}"))
+
+    count("max_new_tokens", params.max_new_tokens, 1, limits.max_new_tokens)
+    real("temperature", params.temperature, 0.0, limits.max_temperature, low_open=False)
+    real("top_p", params.top_p, 0.0, 1.0, low_open=True)
+    count("top_k", params.top_k, 0, limits.max_top_k)
+    real("repetition_penalty", params.repetition_penalty, 0.0, limits.max_repetition_penalty, low_open=True)
+    count("num_return_sequences", params.num_return_sequences, 1, limits.max_num_return_sequences)
+    count("num_beams", params.num_beams, 1, limits.max_num_beams)
+    if 1 < params.num_beams < params.num_return_sequences:
+        bad.append((f"{FIELD}.num_return_sequences", f"must not exceed num_beams ({params.num_beams})"))
+    if len(params.stop) > limits.max_stop_sequences:
+        bad.append(
+            (
+                f"{FIELD}.stop",
+                f"has {len(params.stop)} sequences, more than the limit of {limits.max_stop_sequences}",
+            )
+        )
+    for index, item in enumerate(params.stop):
+        if not 1 <= len(item) <= limits.max_stop_length:
+            bad.append(
+                (
+                    f"{FIELD}.stop[{index}]",
+                    f"must have 1 to {limits.max_stop_length} characters, has {len(item)}",
+                )
+            )
+    return bad
+
+
+def violations(
+    parameters: common_pb2.SamplingParameters, limits: SamplingLimits = DEFAULT_LIMITS
+) -> list[tuple[str, str]]:
+    """(field path, problem) of every knob on the wire that is unreadable or outside its range."""
+    _, unreadable = stop_sequences(parameters.stop)
+    # An absent max_new_tokens means the server's default, which is never out of range.
+    return unreadable + params_violations(from_proto(parameters, default_max_new_tokens=1), limits)
+
+
+def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
+    """The request's knobs with the server's defaults (check `violations` first)."""
+    p = parameters
+    greedy = is_greedy(p)
+    return SamplingParams(
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new_tokens,
+        do_sample=not greedy,
+        # Kept as sent (so that its range is checked); greedy decoding never reads it.
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=stop_sequences(p.stop)[0],
+        num_return_sequences=p.num_return_sequences if p.HasField("num_return_sequences") else 1,
+        num_beams=p.num_beams if p.HasField("num_beams") else 1,
+    )

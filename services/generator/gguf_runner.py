@@ -26,12 +26,19 @@ def rotary_tables_of(hf_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     rope = hf_config.get("rope_parameters") or {}
     theta = float(hf_config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     # The builder's own arithmetic (float32 torch, both halves then the first kept), so that the
-    # tables match its export exactly.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    positions = torch.arange(int(hf_config["max_position_embeddings"]), dtype=torch.int64).type_as(inv_freq)
-    freqs = torch.outer(positions, inv_freq)
-    both = torch.cat((freqs, freqs), dim=-1)
-    return both.cos()[:, : dim // 2].numpy(), both.sin()[:, : dim // 2].numpy()
+    # tables match its export exactly. On one thread: torch's thread pool started from the loading
+    # thread slowed the served model's one stream 3x (docs/backends.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        length = int(hf_config["max_position_embeddings"])
+        positions = torch.arange(length, dtype=torch.int64).type_as(inv_freq)
+        freqs = torch.outer(positions, inv_freq)
+        both = torch.cat((freqs, freqs), dim=-1)
+        return both.cos()[:, : dim // 2].numpy(), both.sin()[:, : dim // 2].numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class GgufRunner(KvCacheRunner):

@@ -4,14 +4,15 @@ llama-cpp-python is importable), measured in one run so that the ratios are comp
     .venv/bin/python bench/bench_generator.py                      # 64 new tokens, 1/4/16/32 streams
     .venv/bin/python bench/bench_generator.py --versus-torch       # and the torch backend's service
     .venv/bin/python bench/bench_generator.py --backend onnx --onnx-precision int8
-    .venv/bin/python bench/bench_generator.py --server-args "--decode-kernel onnx"   # ONNX Runtime throughout
+    .venv/bin/python bench/bench_generator.py --backend onnx         # ONNX Runtime, not the GGUF blocks
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
 
 Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights
-(transformers `generate` for --backend torch, onnxruntime-genai's own generator on the same
-exported model for --backend onnx); N concurrent streams' aggregate tokens/s vs an in-process
-static batch of N; llama.cpp's aggregate on the same GGUF with all cores, through its batch API,
-at the same stream counts and at 8 (its best here in earlier runs). Every stream asks for a story
+(transformers `generate` for --backend torch, onnxruntime-genai's own generator on the model
+exported from the same weights for --backend onnx and gguf); N concurrent streams' aggregate
+tokens/s vs an in-process static batch of N; llama.cpp's aggregate on the same GGUF with all
+cores, through its batch API, at the same stream counts and at 8 (its best here in earlier runs).
+Every stream asks for a story
 of its own (the service and llama.cpp get the same prompts, which share the chat template's
 system prompt; each reuses that shared prefix: the service through its prefix cache, llama.cpp
 by copying it between sequences); the in-process static batches repeat one prompt of the same
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
 
 from services.generator.engine import chat_prompt_ids  # noqa: E402
-from services.generator.loader import LoadSpec, hf_folder, load, locate, resolve_backend  # noqa: E402
+from services.generator.loader import LoadSpec, choose, hf_folder, load, locate  # noqa: E402
 from services.generator.onnx_runner import build_onnx_model  # noqa: E402
 from tests.fixtures_generator import start_generator  # noqa: E402
 
@@ -274,7 +275,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated stream counts")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "gguf"])
     parser.add_argument("--onnx-precision", default="fp32", choices=["fp32", "int8", "int4"])
     parser.add_argument(
         "--versus-torch",
@@ -296,8 +297,9 @@ def main() -> None:
         backend=args.backend,
         onnx_precision=args.onnx_precision,
     )
-    backend = resolve_backend(spec)
-    loaded = load(replace(spec, backend=backend))
+    backend = choose(spec).backend
+    # The gguf service is compared with ONNX Runtime's own generator on the fp32 export.
+    loaded = load(replace(spec, backend="onnx" if backend == "gguf" else backend))
     # Each stream count gets prompts of its own, so that no level finds a whole prompt cached.
     llama_levels = sorted({*levels, 8})  # llama.cpp's best aggregate was at 8 streams
     warm_up = prompts_for(0, 2)
@@ -319,14 +321,15 @@ def main() -> None:
         f"{min(lengths)}-{max(lengths)} tokens ({shared_prefix(every_prompt)} shared by all), "
         f"in-process baselines {ids.shape[1]} tokens repeated, {new_tokens} new tokens"
     )
-    if backend == "onnx":
+    if backend in ("onnx", "gguf"):
         folder, gguf, _ = locate(spec.model, spec.gguf_file)
         # load() exported it already; this returns the cached folder.
         exported = build_onnx_model(hf_folder(spec, folder, gguf), args.onnx_precision, spec.cache_dir)
         print(f"in-process: onnxruntime-genai on {exported}")
         onnx_in_process(exported, ids[0].tolist(), 1, 4)  # warm-up
         baseline = {n: onnx_in_process(exported, ids[0].tolist(), n, new_tokens) for n in levels}
-        server_args = ["--backend", "onnx", "--onnx-precision", args.onnx_precision]
+        server_args = ["--backend", backend]
+        server_args += ["--onnx-precision", args.onnx_precision] if backend == "onnx" else []
     else:
         in_process(loaded.model, ids, 1, 4)  # warm-up
         baseline = {n: in_process(loaded.model, ids, n, new_tokens) for n in levels}

@@ -1,6 +1,6 @@
-"""Generator memory: the resident size of the served default model (with the GGUF block decoder
-where it runs) against ONNX Runtime prefilling and decoding (`--backend onnx --decode-kernel onnx`),
-measured in one run so that the ratio is comparable.
+"""Generator memory: the resident size of the served default model (the gguf backend where it
+runs) against ONNX Runtime prefilling and decoding (`--backend onnx`), measured in one run so that
+the ratio is comparable.
 
     .venv/bin/python bench/bench_generator_memory.py
     .venv/bin/python bench/bench_generator_memory.py --versus "--backend torch"
@@ -50,9 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--versus", default="--backend onnx --decode-kernel onnx", help="the compared setup's generator flags"
-    )
+    parser.add_argument("--versus", default="--backend onnx", help="the compared setup's generator flags")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setups = {"default": [], args.versus: args.versus.split()}

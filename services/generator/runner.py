@@ -1,10 +1,6 @@
 """What the engine needs from a model backend: prefill prompts, decode one token for every row of
-a running batch, and reshape that batch's KV cache when rows leave or join.
-
-The engine owns scheduling, sampling, stop rules and text; a runner owns the forward pass and the
-cache layout. Two runners exist: transformers on torch (any model, CPU or CUDA, bitsandbytes) and
-ONNX Runtime on a CPU (fp32, or int8/int4 weight-only matmuls; with a prefix cache; at fp32 on a
-GGUF model its prompts and decode steps run from the GGUF's own blocks)."""
+a running batch, and reshape that batch's KV cache when rows leave or join; the engine owns
+scheduling, sampling, stop rules and text (the backends: docs/backends.md)."""
 
 from __future__ import annotations
 

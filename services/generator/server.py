@@ -110,8 +110,7 @@ async def serve(config: GeneratorConfig) -> int:
         onnx_precision=config.onnx_precision,
         threads=config.threads,
         prefix_cache_mib=config.prefix_cache_mib,
-        decode_kernel=config.decode_kernel,
-        decode_activations=config.decode_activations,
+        gguf_activations=config.gguf_activations,
     )
     loading = asyncio.ensure_future(asyncio.to_thread(load, spec))
     waiter = asyncio.ensure_future(stopping.wait())

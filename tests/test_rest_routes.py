@@ -162,7 +162,8 @@ def test_health_reports_every_tier(rest: httpx2.Client) -> None:
     reply = rest.get("/health")
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["status"] == "SERVING_STATUS_SERVING"
+    states = [(c["component"], c["status"], c.get("message", "")) for c in body["components"]]
+    assert body["status"] == "SERVING_STATUS_SERVING", states
     components = [item["component"] for item in body["components"]]
     assert components[0] == "gateway" and "generator" in components and "embedder" in components
     assert body["components"][0]["memory"]["process_rss_mib"] > 0

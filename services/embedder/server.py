@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common import telemetry
+from services.common import keepalive, telemetry
 from services.common.interceptors import serving_interceptor
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbeddingEngine
@@ -54,6 +54,7 @@ async def serve(config: EmbedderConfig) -> int:
         options=[
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+            *keepalive.server_options(),
         ],
     )
     address = f"{config.host}:{config.port}"

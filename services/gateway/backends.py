@@ -28,7 +28,7 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
-from services.common import sampling
+from services.common import keepalive, sampling
 from services.common.methods import unary_methods
 from services.gateway.interceptors import Context
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
@@ -107,7 +107,7 @@ def channel_options(attempts: int) -> list[tuple[str, Any]]:
         ("grpc.enable_retries", 1 if attempts > 1 else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 30_000),
+        *keepalive.client_options(),
     ]
 
 

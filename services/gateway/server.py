@@ -24,6 +24,7 @@ from inference.v1 import (
 )
 from prometheus_client import start_http_server
 
+from services.common import keepalive
 from services.common import telemetry as common_telemetry
 from services.common.interceptors import serving_interceptor
 from services.gateway import telemetry, validation
@@ -104,6 +105,7 @@ async def build(config: GatewayConfig) -> Gateway:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            *keepalive.server_options(),
         ],
     )
     address = f"{config.host}:{config.port}"

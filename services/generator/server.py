@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common import telemetry
+from services.common import keepalive, telemetry
 from services.common.interceptors import serving_interceptor
 from services.generator import errors
 from services.generator.config import GeneratorConfig
@@ -80,7 +80,8 @@ async def serve(config: GeneratorConfig) -> int:
         interceptors=[
             *telemetry.server_interceptors("generator", config.otlp_endpoint),
             serving_interceptor(GeneratorRequests(info.count_failure), errors.MAPPING),
-        ]
+        ],
+        options=keepalive.server_options(),
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(info, config.default_max_new_tokens), server

@@ -65,6 +65,17 @@ class ShuttingDown(EngineError):
     pass
 
 
+class ModelLoading(EngineError):
+    """No engine yet: the model is still loading."""
+
+
+class ModelNotFound(EngineError):
+    def __init__(self, name: str, served: str) -> None:
+        self.name = name
+        self.served = served
+        super().__init__(f"model {name!r} not found (available: {served})")
+
+
 def _row_knobs(params: SamplingParams) -> RowKnobs:
     return RowKnobs(
         params.do_sample, params.temperature, params.top_k, params.top_p, params.repetition_penalty

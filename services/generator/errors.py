@@ -1,17 +1,20 @@
 """The generator's failures as gRPC statuses with google.rpc details (BadRequest, RetryInfo,
-ErrorInfo): constructors for the servicer's own checks and `MAPPING` for the engine's refusals,
-which the common error-mapping interceptor applies."""
+ErrorInfo): `MAPPING` from the engine layer's exceptions, which the common error-mapping
+interceptor applies."""
 
 from __future__ import annotations
 
 import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
-# Re-exported: handlers raise these through this module.
-from services.common.errors import FailureMapping, error_info, retry_info
-from services.common.errors import RpcFailure as RpcFailure
-from services.common.errors import invalid_argument as invalid_argument
-from services.generator.engine import InvalidRequest, OverCapacity, ShuttingDown
+from services.common.errors import FailureMapping, RpcFailure, error_info, invalid_argument, retry_info
+from services.generator.engine import (
+    InvalidRequest,
+    ModelLoading,
+    ModelNotFound,
+    OverCapacity,
+    ShuttingDown,
+)
 
 DOMAIN = "inference.generator"
 
@@ -21,8 +24,8 @@ def resource_exhausted(message: str, retry_after: float, reason: str) -> RpcFail
     return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
 
 
-def unavailable(message: str) -> RpcFailure:
-    details = (retry_info(1.0), error_info("SHUTTING_DOWN", DOMAIN))
+def unavailable(message: str, reason: str) -> RpcFailure:
+    details = (retry_info(1.0), error_info(reason, DOMAIN))
     return RpcFailure(grpc.StatusCode.UNAVAILABLE, message, details)
 
 
@@ -36,4 +39,6 @@ def model_not_found(name: str, served: str) -> RpcFailure:
 MAPPING = FailureMapping()
 MAPPING.register(InvalidRequest, lambda error: invalid_argument(error.violations))
 MAPPING.register(OverCapacity, lambda error: resource_exhausted(str(error), error.retry_after, error.reason))
-MAPPING.register(ShuttingDown, lambda error: unavailable(str(error)))
+MAPPING.register(ShuttingDown, lambda error: unavailable(str(error), "SHUTTING_DOWN"))
+MAPPING.register(ModelLoading, lambda error: unavailable(str(error), "MODEL_LOADING"))
+MAPPING.register(ModelNotFound, lambda error: model_not_found(error.name, error.served))

@@ -21,12 +21,14 @@ from inference.v1 import (
 from services.common import sampling
 from services.common.machine import device_info, memory_info
 from services.common.sampling import SamplingLimits, SamplingParams
-from services.generator import errors, tasks
+from services.generator import tasks
 from services.generator.engine import (
     Engine,
     FinishReason,
     GenerationResult,
     InvalidRequest,
+    ModelLoading,
+    ModelNotFound,
 )
 
 FINISH = {
@@ -90,24 +92,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def _engine(self) -> Engine:
         if self._info.engine is None:
-            raise errors.unavailable("the model is still loading")
+            raise ModelLoading("the model is still loading")
         return self._info.engine
 
     def _check_model(self, name: str) -> None:
         engine = self._engine()
         if name and name not in (engine.model_id, self._info.source):
-            raise errors.model_not_found(name, engine.model_id)
+            raise ModelNotFound(name, engine.model_id)
 
     def _prompt_ids(self, message: Message) -> list[int]:
         engine = self._engine()
         prompt: str = getattr(message, "prompt", "")
         chat = list(getattr(message, "messages", []))
         if prompt and chat:
-            raise errors.invalid_argument([("prompt", "set either prompt or messages, not both")])
+            raise InvalidRequest([("prompt", "set either prompt or messages, not both")])
         if chat:
             return engine.encode_chat(self._conversation(chat))
         if not prompt:
-            raise errors.invalid_argument([("prompt", "must not be empty (or give messages)")])
+            raise InvalidRequest([("prompt", "must not be empty (or give messages)")])
         return engine.encode_prompt(prompt)
 
     @staticmethod
@@ -118,7 +120,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if m.role not in ROLES
         ]
         if bad:
-            raise errors.invalid_argument(bad)
+            raise InvalidRequest(bad)
         return [(m.role, m.content) for m in chat]
 
     async def _generate(
@@ -201,7 +203,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.ChatResponse:
         if not request.messages:
-            raise errors.invalid_argument([("messages", "must hold at least one message")])
+            raise InvalidRequest([("messages", "must hold at least one message")])
         result = await self._generate(request)
         first = result.sequences[0]
         return generation_pb2.ChatResponse(
@@ -219,7 +221,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveMathResponse:
         if not request.problem.strip():
-            raise errors.invalid_argument([("problem", "must not be empty")])
+            raise InvalidRequest([("problem", "must not be empty")])
         self._check_model(request.model)
         ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
         result = await self._generate(request, ids)
@@ -239,7 +241,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveCodingResponse:
         if not request.problem.strip():
-            raise errors.invalid_argument([("problem", "must not be empty")])
+            raise InvalidRequest([("problem", "must not be empty")])
         self._check_model(request.model)
         language = request.language.strip() or "python"
         ids = self._chat_ids(tasks.coding_system(language), request.problem)

@@ -271,6 +271,10 @@ def test_the_generator_maps_every_engine_refusal() -> None:
     assert over.code == grpc.StatusCode.RESOURCE_EXHAUSTED and reasons(over) == ["TOO_MANY_TOKENS"]
     down = mapped(mapping, generator.ShuttingDown("draining"))
     assert down.code == grpc.StatusCode.UNAVAILABLE and reasons(down) == ["SHUTTING_DOWN"]
+    loading = mapped(mapping, generator.ModelLoading("the model is still loading"))
+    assert loading.code == grpc.StatusCode.UNAVAILABLE and reasons(loading) == ["MODEL_LOADING"]
+    missing = mapped(mapping, generator.ModelNotFound("gpt-9", "SmolLM2-135M-Instruct"))
+    assert missing.code == grpc.StatusCode.NOT_FOUND and "gpt-9" in missing.message
     assert mapping.failure_of(ValueError("x")) is None
 
 

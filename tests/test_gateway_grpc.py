@@ -22,8 +22,6 @@ from inference.v1 import (
 
 from tests.fixtures_gateway import GatewayService
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def channel(gateway_service: GatewayService) -> Iterator[grpc.Channel]:

@@ -20,8 +20,6 @@ from inference.v1 import openai_pb2, openai_pb2_grpc
 
 from tests.fixtures_gateway import GatewayService, OtlpCollector, SpanRecord
 
-pytestmark = pytest.mark.slow
-
 CHAT = [{"role": "user", "content": "Say hi."}]
 
 

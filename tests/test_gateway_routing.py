@@ -19,8 +19,6 @@ from openai import OpenAI
 from tests.fixtures_gateway import GatewayService, start_envoy, start_gateway
 from tests.fixtures_generator import GeneratorService, start_generator
 
-pytestmark = pytest.mark.slow
-
 
 def generator_stats(address: str) -> info_pb2.ComponentStats:
     with grpc.insecure_channel(address) as channel:

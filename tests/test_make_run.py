@@ -23,8 +23,6 @@ import pytest
 
 from tests.stack import ROOT, free_port
 
-pytestmark = pytest.mark.slow
-
 READY = "The stack is SERVING"
 PORT_VARIABLES = (
     "ENVOY_PORT",

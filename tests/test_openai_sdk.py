@@ -13,8 +13,6 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fixtures_gateway import GatewayService
 
-pytestmark = pytest.mark.slow
-
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 

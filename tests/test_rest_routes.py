@@ -16,8 +16,6 @@ from inference.v1 import info_pb2, info_pb2_grpc
 
 from tests.fixtures_gateway import GatewayService
 
-pytestmark = pytest.mark.slow
-
 PROMPT = "What is the capital of France?"
 
 

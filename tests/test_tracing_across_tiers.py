@@ -44,8 +44,6 @@ SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
 DETACH_FAILURE = "Failed to detach context"
 
-pytestmark = pytest.mark.slow
-
 
 @dataclass
 class TracedStack:

@@ -205,12 +205,14 @@ def hf_folder(spec: LoadSpec, folder: str, gguf: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.jinja", "*.model", "*.txt"]
     try:
-        return Path(
-            snapshot_download(
-                folder, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
-            )
-        )
+        snapshot = Path(snapshot_download(folder, allow_patterns=[*patterns, "*.safetensors"]))
+        if not any(snapshot.glob("*.safetensors")):
+            # Older repositories publish PyTorch .bin weights only; fetched only then, as most
+            # repositories that have .bin files have safetensors too.
+            snapshot = Path(snapshot_download(folder, allow_patterns=[*patterns, "*.bin"]))
+        return snapshot
     except Exception as error:
         raise ModelLoadError(f"cannot find {folder} locally or in the Hugging Face cache: {error}") from error
 

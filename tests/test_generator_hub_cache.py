@@ -30,9 +30,10 @@ def cache_snapshot(cache: Path, safe_serialization: bool) -> None:
     vocab = {chr(ord("a") + i): i for i in range(26)} | {"<unk>": 26}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>").save_pretrained(
-        snapshot
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>"
     )
+    tokenizer.save_pretrained(snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
 

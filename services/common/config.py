@@ -1,12 +1,6 @@
-"""One typed configuration object per service, filled from flags and environment variables.
-
-A service declares a frozen dataclass whose fields carry their help text in
-`field(metadata={"help": ...})`. `load_config` builds the argparse parser from it: the field
-`max_batch_size` is the flag `--max-batch-size` and the environment variable
-`<PREFIX>_MAX_BATCH_SIZE` (the prefix keeps services that share one environment apart, as under
-`make run`). A flag beats the environment, which beats the default. `--help` lists every field
-with its variable and default, as vLLM's engine arguments do.
-"""
+"""One typed configuration object per service: a frozen dataclass (help in `field(metadata={"help": ...})`)
+whose field `max_batch_size` is the flag `--max-batch-size` and the variable `<PREFIX>_MAX_BATCH_SIZE`; a
+flag beats the environment, which beats the default."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Failures as gRPC statuses with google.rpc details, shared by every service.
-
-A handler raises `RpcFailure` or a domain exception that its tier registered in a
-`FailureMapping`; the error-mapping interceptor turns either into the call's status.
-"""
+"""Failures as gRPC statuses with google.rpc details, shared by every service: a handler raises
+`RpcFailure` or a domain exception its tier registered in a `FailureMapping`, and the error-mapping
+interceptor turns either into the call's status."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""The sampling contract in one place: the engine's plain SamplingParams, the limits the gateway and
-the generator both enforce, the conversion from the wire's SamplingParameters and the greedy rule.
-
-A new knob touches the proto message, SamplingParams and `from_proto` (and `params_violations` if
-it has a range), the engine and its tests. No torch here: the gateway imports this module too."""
+"""The sampling contract in one place: the engine's SamplingParams, the limits the gateway and the
+generator both enforce, the conversion from the wire's SamplingParameters and the greedy rule. No torch
+here: the gateway imports this module too."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""OpenTelemetry traces for every service: a SERVER span per call that continues the W3C trace
-context the caller sent in the gRPC metadata (`traceparent`, `tracestate`), exported over
-OTLP/gRPC when an endpoint is configured (the service's --otlp-endpoint, else the standard
-OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT variables).
-
-The server side is an interceptor of our own rather than opentelemetry-instrumentation-grpc's aio
-server interceptor: that one keeps the span's context attached across the yields of a stream, and
-a stream the client drops is closed from another task, where detaching fails (and is logged as an
-error). Here the context is attached only while the inner behaviour runs and detached before each
-yield."""
+"""OpenTelemetry traces for every service: a SERVER span per call that continues the caller's W3C trace
+context (`traceparent`, `tracestate` metadata), exported over OTLP/gRPC to --otlp-endpoint, else to
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT."""
 
 from __future__ import annotations
 

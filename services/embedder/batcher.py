@@ -1,11 +1,6 @@
-"""Dynamic batching across requests, as TEI does it.
-
-Callers put their token-id sequences on a per-model queue and await one future. A single batcher
-task takes the oldest model's inputs (up to `max_batch_size`), waiting at most `max_wait_s` after
-the oldest input arrived for more to join, sorts them by length so that padding is small, splits
-them under the padded-token budget, and runs each batch on one worker thread. Inputs that arrive
-while a batch runs make up the next batch without further waiting.
-"""
+"""Dynamic batching across requests, as TEI does it: callers queue token-id sequences per model and await
+one future; one task waits up to `max_wait_s` for up to `max_batch_size` inputs, splits them under the
+padded-token budget and runs each batch on a worker thread."""
 
 from __future__ import annotations
 
@@ -188,12 +183,8 @@ class DynamicBatcher:
         return items
 
     def _split(self, items: list[_Item]) -> list[list[_Item]]:
-        """Sort by length and cut into forward passes with the least padded work.
-
-        Padding costs compute in proportion to (inputs x longest input), and every forward pass
-        has a fixed cost; a dynamic program over the sorted lengths picks the cuts that minimise
-        the sum, within the batch size and padded-token budget.
-        """
+        """Sort by length and cut into forward passes with the least padded work plus a fixed cost per
+        pass, within the batch size and padded-token budget."""
         items.sort(key=lambda item: len(item.ids))
         lengths = [len(item.ids) for item in items]
         count = len(items)

@@ -1,9 +1,5 @@
-"""The model cache: load on first use, evict least recently used by count or by memory.
-
-Every mutation happens on the event loop; only the blocking load runs in a worker thread, one at
-a time, so that eviction decisions see the memory the previous load really took. A model that is
-evicted while a batch still holds it stays alive until that batch ends.
-"""
+"""The model cache: load on first use, evict least recently used by count or by memory. Loads run one at a
+time in a worker thread; a model evicted while a batch still holds it stays alive until that batch ends."""
 
 from __future__ import annotations
 

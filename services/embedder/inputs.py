@@ -1,9 +1,5 @@
-"""Request input validation: OpenAI's four shapes of `input` as plain Python values.
-
-`input` reaches the engine as the Python form of a google.protobuf.Value: a string, a list of
-strings, a list of token ids, or a list of token-id lists. JSON has no integers, so ids arrive as
-floats and must be whole numbers.
-"""
+"""Request input validation: OpenAI's four shapes of `input` (a string, a list of strings, a list of token
+ids, a list of token-id lists) from the Python form of a google.protobuf.Value; ids must be whole numbers."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""One loaded sentence-transformers model, driven with token ids.
-
-The engine tokenizes each input once (for validation and usage counts) and hands those ids to
-`embed`, so the forward pass never tokenizes again. The trailing Normalize module, where a model
-has one, is skipped: normalization is a request option, applied after `dimensions`.
-"""
+"""One loaded sentence-transformers model, driven with the token ids the engine already made. The trailing
+Normalize module is skipped: normalization is a request option, applied after `dimensions`."""
 
 from __future__ import annotations
 

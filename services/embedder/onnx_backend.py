@@ -1,10 +1,5 @@
-"""An ONNX Runtime stand-in for the Transformer module of a sentence-transformers model.
-
-The `backend="onnx"` of sentence-transformers does not install beside transformers 5, so the
-Hugging Face model is exported here with torch.onnx (once per model file, cached on disk) and run
-by onnxruntime; the later modules (pooling, dense layers) stay in torch. On this kind of CPU it
-is faster than eager torch, especially for small batches.
-"""
+"""An ONNX Runtime stand-in for the Transformer module of a sentence-transformers model: exported with
+torch.onnx once per model file (cached on disk); the later modules (pooling, dense layers) stay in torch."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""API keys: loaded from a JSON file (reloaded when it changes) or the environment, stored as
-SHA-256 hashes, each with scopes and its own rate limits. One interceptor authenticates every call.
-
-Key file format::
-
-    {"keys": [{"name": "alice", "sha256": "<hex digest of the key>",
-               "scopes": ["generate", "embed", "admin"],
-               "requests_per_minute": 60, "tokens_per_minute": 20000, "burst": 10,
-               "revoked": false}]}
-
-`python -m services.gateway.auth KEY` prints the digest of KEY.
-"""
+"""API keys from a JSON file (reloaded when it changes) or the environment, stored as SHA-256 hashes, each
+with scopes and its own rate limits; one interceptor authenticates every call. The key file format is in
+docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Channels to the backend replicas and the calls the gateway makes on them.
-
-Each backend is one channel with round-robin load balancing over its replicas, client-side health
-checking (a replica that reports NOT_SERVING gets no calls) and retries of unary calls that fail
-with UNAVAILABLE, all set through the gRPC service config. Calls carry the client's remaining
-deadline and a filtered copy of its metadata; a stream is cancelled as soon as the client goes.
-"""
+"""Channels to the backend replicas and the calls the gateway makes on them: round-robin, health-checked,
+unary calls retried on UNAVAILABLE; calls carry the client's remaining deadline and filtered metadata, and a
+stream is cancelled as soon as the client goes."""
 
 from __future__ import annotations
 

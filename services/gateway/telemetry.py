@@ -1,12 +1,6 @@
-"""The gateway's part of tracing: a CLIENT span per backend call, child of the gateway's SERVER
-span, whose context goes to the backend in the gRPC metadata (W3C `traceparent`), so that the
-backend's own SERVER span is its child. The server spans, the OTLP export and its settings are
-services.common.telemetry's.
-
-These are interceptors of our own rather than opentelemetry-instrumentation-grpc's aio client
-interceptors: those end a stream's span when the wrapping generator finishes, and a stream the
-gateway cancels (its client went away) leaves that generator suspended, so the span is never
-exported. Here a span ends when the call itself is done, however it ends."""
+"""The gateway's part of tracing: a CLIENT span per backend call, child of the gateway's SERVER span, whose
+W3C `traceparent` goes to the backend in the gRPC metadata; a span ends when its call does, however it
+ends."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The generation engine: one model, one scheduler, continuous batching. No gRPC in here.
-
-The scheduler task owns the model. Each step runs in one worker thread (the event loop never
-blocks on the model): sequences that finished or were cancelled leave the batch, waiting requests
-are prefilled and join it, and every running row decodes one token. The forward passes and the
-KV cache layout belong to a runner (services/generator/runner.py); sampling, stop rules and text
-are the same whichever runner serves.
-"""
+"""The generation engine: one model, one scheduler, continuous batching; no gRPC in here. The forward passes
+and the KV cache layout belong to a runner (services/generator/runner.py); sampling, stop rules and text
+are the same whichever runner serves."""
 
 from __future__ import annotations
 

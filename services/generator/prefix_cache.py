@@ -1,12 +1,6 @@
-"""The keys and values of recent prompts, kept so that a prompt sharing a prefix with one of them
-(the chat template's system prompt, an application's fixed instructions, the earlier turns of a
-conversation) prefills only the tokens after that prefix, as vLLM's automatic prefix caching and
-TGI's prefix cache do.
-
-An entry is one whole prompt's cache, one [kv_heads, tokens, head_dim] array per layer for keys and
-for values. A lookup takes the entry with the longest common prefix, whatever its length (no
-blocks), and the entries stay within a byte budget, least recently used out first. Pure numpy; the
-runner that owns the cache layout copies the arrays in and out."""
+"""The keys and values of recent prompts, so that a prompt sharing a prefix with one of them prefills only
+the tokens after it: longest-common-prefix lookup, a byte budget, least recently used out first. Pure numpy;
+the runner that owns the cache layout copies the arrays in and out."""
 
 from __future__ import annotations
 
@@ -48,8 +42,7 @@ class PrefixCache:
         self.fresh_tokens = max(1, fresh_tokens)
         self.nbytes = 0
         self._entries: OrderedDict[int, CachedPrefix] = OrderedDict()
-        # A trie of the entries' tokens, so that a lookup costs the prompt's length, not the
-        # number of entries (a linear scan took 23 ms per prompt with 2000 short entries).
+        # A trie, so that a lookup costs the prompt's length, not the number of entries.
         self._root = _Node()
         self._ids = count()
 

@@ -4,7 +4,6 @@ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from services.common.interceptors import (
     StreamBehavior,
     UnaryBehavior,
     WrappingInterceptor,
+    final_code,
 )
 
 log = logging.getLogger(__name__)
@@ -110,12 +110,7 @@ class ServerSpans(BehaviorWrapper):
 
     @staticmethod
     def _finish(span: Span, context: Context, error: BaseException | None) -> None:
-        code = context.code()
-        if not isinstance(code, grpc.StatusCode):
-            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-        if isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            code = grpc.StatusCode.CANCELLED
-        end_span(span, code)
+        end_span(span, final_code(context, error))
 
     def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def traced(request: Any, context: Context) -> Any:

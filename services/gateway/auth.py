@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 from services.gateway.errors import permission_denied, unauthenticated
-from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from inference.v1 import (
 )
 
 from services.common import keepalive, sampling
+from services.common.interceptors import Context
 from services.common.methods import unary_methods
-from services.gateway.interceptors import Context
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
 from services.gateway.ratelimit import charge_tokens
 

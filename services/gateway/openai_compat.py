@@ -35,16 +35,22 @@ def max_tokens_field(request: OpenAIGeneration) -> str:
     return "max_tokens"
 
 
+def sent_max_tokens(request: OpenAIGeneration) -> int | None:
+    """The token limit the client sent, from the field max_tokens_field names; None if absent."""
+    if isinstance(request, openai_pb2.CreateChatCompletionRequest) and request.HasField(
+        "max_completion_tokens"
+    ):
+        return request.max_completion_tokens
+    return request.max_tokens if request.HasField("max_tokens") else None
+
+
 def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParameters:
     """The native knobs of an OpenAI request: the one place its flat fields are read. OpenAI
     samples (at temperature 1) unless told otherwise, and temperature 0 is greedy."""
     parameters = common_pb2.SamplingParameters(do_sample=True)
-    if isinstance(request, openai_pb2.CreateChatCompletionRequest) and request.HasField(
-        "max_completion_tokens"
-    ):
-        parameters.max_new_tokens = request.max_completion_tokens
-    elif request.HasField("max_tokens"):
-        parameters.max_new_tokens = request.max_tokens
+    max_tokens = sent_max_tokens(request)
+    if max_tokens is not None:
+        parameters.max_new_tokens = max_tokens
     elif isinstance(request, openai_pb2.CreateCompletionRequest):
         parameters.max_new_tokens = COMPLETION_DEFAULT_MAX_TOKENS
     if request.HasField("temperature"):

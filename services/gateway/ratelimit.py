@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 from services.gateway.auth import ApiKey, current_key
 from services.gateway.errors import GatewayError, resource_exhausted
-from services.gateway.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 from services.gateway.metrics import RATE_LIMITED, TOKENS
 
 

@@ -23,13 +23,13 @@ from inference.v1 import (
     openai_pb2_grpc,
 )
 
+from services.common.interceptors import Context
 from services.common.machine import device_info, memory_info
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.backends import Backend, Backends
 from services.gateway.catalog import ModelCatalog
-from services.gateway.errors import GatewayError, from_backend, http_like, not_found
-from services.gateway.interceptors import Context
+from services.gateway.errors import MAPPING, GatewayError, http_like, not_found
 from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
@@ -81,9 +81,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 sent = True
                 yield message
         except (GatewayError, grpc.aio.AioRpcError) as raised:
-            if not (sent and is_rest(context)):
+            error = MAPPING.failure_of(raised)
+            if error is None or not (sent and is_rest(context)):
                 raise
-            error = raised if isinstance(raised, GatewayError) else from_backend(raised)
             yield generation_pb2.GenerateStreamResponse(error=error.to_status())
 
     async def Chat(
@@ -250,9 +250,9 @@ async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[ht
             sent = True
             yield _sse(oai.sse_event(body))
     except (GatewayError, grpc.aio.AioRpcError) as raised:
-        if not sent:
+        error = MAPPING.failure_of(raised)
+        if error is None or not sent:
             raise
-        error = raised if isinstance(raised, GatewayError) else from_backend(raised)
         kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"
         yield _sse(oai.sse_error(error.message, kind, http_like(error.code), error.code.name))
         return

@@ -3,6 +3,7 @@ violation naming its field and the limit (INVALID_ARGUMENT with a BadRequest det
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ class RequestLimits:
     max_stop_sequences: int = DEFAULT_LIMITS.max_stop_sequences
     max_embedding_inputs: int = 2048
 
-    @property
+    @functools.cached_property
     def sampling(self) -> SamplingLimits:
         """The knobs' ranges with this gateway's counts."""
         return replace(
@@ -43,6 +44,11 @@ class RequestLimits:
             max_num_beams=self.max_sequences,
             max_stop_sequences=self.max_stop_sequences,
         )
+
+    @functools.cached_property
+    def openai_sampling(self) -> SamplingLimits:
+        """The same, with OpenAI's own range of temperature."""
+        return replace(self.sampling, max_temperature=OPENAI_MAX_TEMPERATURE)
 
 
 class Violations:
@@ -219,17 +225,19 @@ def _openai_sampling(
     limits: RequestLimits,
     out: Violations,
 ) -> None:
-    """The native ranges of the knobs the request converts to, under OpenAI's field names, and
-    OpenAI's own ranges of temperature and the penalties."""
+    """The native ranges of the knobs the request converts to (with OpenAI's own temperature
+    range), under OpenAI's field names, and OpenAI's ranges of the penalties."""
     names = {
         "max_new_tokens": openai_compat.max_tokens_field(request),
         "num_return_sequences": "n",
     }
-    for path, problem in sampling.violations(openai_compat.sampling_parameters(request), limits.sampling):
+    parameters = openai_compat.sampling_parameters(request)
+    if openai_compat.sent_max_tokens(request) is None:
+        # The default the conversion fills in is the server's choice, not the client's to fix.
+        parameters.ClearField("max_new_tokens")
+    for path, problem in sampling.violations(parameters, limits.openai_sampling):
         knob, dot, rest = path.removeprefix(f"{sampling.FIELD}.").partition(".")
         out.add(names.get(knob, knob) + dot + rest, problem)
-    if request.HasField("temperature"):
-        out.float_range("temperature", request.temperature, 0.0, OPENAI_MAX_TEMPERATURE)
     low, high = OPENAI_PENALTY_RANGE
     if request.HasField("presence_penalty"):
         out.float_range("presence_penalty", request.presence_penalty, low, high)

@@ -218,24 +218,26 @@ async def test_the_generator_counts_by_rpc_and_outcome_and_tells_the_engine_of_f
     observer = GeneratorRequests(lambda: failures.append(1))
     labels = {"rpc": "Generate", "outcome": "unavailable"}
     before = sample("generator_requests_total", **labels)
+    timed = sample("generator_request_seconds_count", rpc="Generate")
     async with serving(generator_errors.MAPPING, observer) as served:
         error = await failed_unary(served, generator.ShuttingDown("shutting down"))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         served.fake.error = None
         await served.stub.Generate(generation_pb2.GenerateRequest(prompt="x"), timeout=10)
     assert sample("generator_requests_total", **labels) == before + 1
-    assert sample("generator_request_seconds_count", rpc="Generate") >= 2
+    assert sample("generator_request_seconds_count", rpc="Generate") == timed + 2
     assert failures == [1]
 
 
 async def test_the_embedder_counts_by_method_and_code() -> None:
     labels = {"method": "GenerateStream", "code": "NOT_FOUND"}
     before = sample("embedder_requests_total", **labels)
+    timed = sample("embedder_request_seconds_count", method="GenerateStream")
     async with serving(embedder_errors.MAPPING, EmbedderRequests()) as served:
         _, error = await failed_stream(served, embedder.ModelNotFound("nope", "not allowed"), "before")
         assert error.code() == grpc.StatusCode.NOT_FOUND
     assert sample("embedder_requests_total", **labels) == before + 1
-    assert sample("embedder_request_seconds_count", method="GenerateStream") >= 1
+    assert sample("embedder_request_seconds_count", method="GenerateStream") == timed + 1
 
 
 async def test_the_gateway_counts_by_full_method_key_and_code() -> None:
@@ -310,3 +312,23 @@ def test_the_most_specific_registered_class_decides() -> None:
     assert mapped(mapping, Base()).code == grpc.StatusCode.INTERNAL
     own = RpcFailure(grpc.StatusCode.NOT_FOUND, "as raised")
     assert mapping.failure_of(own) is own
+
+
+def test_the_gateway_passes_a_backends_status_and_details_on() -> None:
+    """The gateway's one rule: a backend's failure reaches the client with its code, message and
+    google.rpc details (here a PreconditionFailure), not as the gateway's own INTERNAL."""
+    precondition = error_details_pb2.PreconditionFailure()
+    precondition.violations.add(type="MODEL", subject="tiny", description="not loaded")
+    status = status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="not loaded")
+    status.details.add().Pack(precondition)
+    backend = grpc.aio.AioRpcError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata((gateway_errors.STATUS_DETAILS_KEY, status.SerializeToString())),
+        "not loaded",
+    )
+    failure = mapped(gateway_errors.MAPPING, backend)
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION and failure.message == "not loaded"
+    (detail,) = failure.details
+    assert isinstance(detail, error_details_pb2.PreconditionFailure)
+    assert detail.violations[0].subject == "tiny"

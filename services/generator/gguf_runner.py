@@ -46,20 +46,10 @@ class GgufRunner(KvCacheRunner):
 
     backend = "gguf"
 
-    def __init__(
-        self, decoder: GgufDecoder, hf_config: dict[str, Any], facts: ModelFacts, prefix_cache_mib: int = 0
-    ) -> None:
-        heads = int(hf_config["num_attention_heads"])
+    def __init__(self, decoder: GgufDecoder, facts: ModelFacts, prefix_cache_mib: int = 0) -> None:
+        shape = decoder.model
         # The decoder computes a prompt's token as it decodes one, so one fresh token is exact.
-        super().__init__(
-            facts,
-            int(hf_config["num_hidden_layers"]),
-            int(hf_config.get("num_key_value_heads") or heads),
-            int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads),
-            1,
-            prefix_cache_mib,
-            1,
-        )
+        super().__init__(facts, shape.layers, shape.kv_heads, shape.head_dim, 1, prefix_cache_mib, 1)
         self.decoder = decoder
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, KvBatch]:

@@ -329,7 +329,7 @@ def _load_gguf(spec: LoadSpec, located: Located) -> LoadedModel:
         raise ModelLoadError(f"the GGUF block decoder cannot run: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(located.weights)
     facts = _model_facts(located.weights, tokenizer)
-    runner = GgufRunner(decoder, located.config, facts, spec.prefix_cache_mib)
+    runner = GgufRunner(decoder, facts, spec.prefix_cache_mib)
     log.info(
         "loaded %s in %.1f s (prefix cache %d MiB)",
         located.model_id,

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 
 import grpc
 import grpc.aio
@@ -19,6 +20,7 @@ from prometheus_client import start_http_server
 
 from services.common import keepalive, telemetry
 from services.common.interceptors import serving_interceptor
+from services.common.sampling import DEFAULT_LIMITS
 from services.generator import errors
 from services.generator.config import GeneratorConfig
 from services.generator.engine import Engine, SamplingParams, SchedulerLimits
@@ -41,10 +43,13 @@ def limits_of(config: GeneratorConfig) -> SchedulerLimits:
         max_total_tokens=config.max_total_tokens,
         max_prefill_tokens=config.max_prefill_tokens,
         max_model_len=config.max_model_len,
-        max_new_tokens_limit=config.max_new_tokens_limit,
-        max_num_return_sequences=config.max_num_return_sequences,
-        max_num_beams=config.max_num_beams,
-        max_stop_sequences=config.max_stop_sequences,
+        sampling=replace(
+            DEFAULT_LIMITS,
+            max_new_tokens=config.max_new_tokens_limit,
+            max_num_return_sequences=config.max_num_return_sequences,
+            max_num_beams=config.max_num_beams,
+            max_stop_sequences=config.max_stop_sequences,
+        ),
     )
 
 

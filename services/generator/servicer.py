@@ -20,7 +20,7 @@ from inference.v1 import (
 
 from services.common import sampling
 from services.common.machine import device_info, memory_info
-from services.common.sampling import SamplingLimits, SamplingParams
+from services.common.sampling import SamplingParams
 from services.generator import tasks
 from services.generator.engine import (
     Engine,
@@ -63,13 +63,12 @@ class ServedInfo:
             self.engine.stats.requests_failed += 1
 
 
-def sampling_params(
-    parameters: common_pb2.SamplingParameters, default_max_new_tokens: int, limits: SamplingLimits
-) -> SamplingParams:
-    """The request's knobs with the server's defaults; raises InvalidRequest for any out of range."""
-    bad = sampling.violations(parameters, limits)
-    if bad:
-        raise InvalidRequest(bad)
+def sampling_params(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
+    """The request's knobs with the server's defaults; raises InvalidRequest for unreadable stop
+    items (the engine checks the ranges when the request is submitted)."""
+    _, unreadable = sampling.stop_sequences(parameters.stop)
+    if unreadable:
+        raise InvalidRequest(unreadable)
     return sampling.from_proto(parameters, default_max_new_tokens)
 
 
@@ -128,9 +127,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> GenerationResult:
         self._check_model(message.model)
         ids = prompt_ids if prompt_ids is not None else self._prompt_ids(message)
-        engine = self._engine()
-        params = sampling_params(message.parameters, self._default_max_new_tokens, engine.limits.sampling)
-        return await engine.generate(ids, params)
+        params = sampling_params(message.parameters, self._default_max_new_tokens)
+        return await self._engine().generate(ids, params)
 
     def _chat_ids(self, system: str, user: str) -> list[int]:
         return self._engine().encode_chat([("system", system), ("user", user)])
@@ -167,9 +165,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         self._check_model(request.model)
         ids = self._prompt_ids(request)
-        engine = self._engine()
-        params = sampling_params(request.parameters, self._default_max_new_tokens, engine.limits.sampling)
-        handle = engine.submit(ids, params)
+        params = sampling_params(request.parameters, self._default_max_new_tokens)
+        handle = self._engine().submit(ids, params)
         try:
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}

@@ -40,12 +40,11 @@ def resource_exhausted(
 
 
 def unauthenticated(message: str, reason: str) -> GatewayError:
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
-    return GatewayError(grpc.StatusCode.UNAUTHENTICATED, message, (info,))
+    return GatewayError(grpc.StatusCode.UNAUTHENTICATED, message, (error_info(reason, ERROR_DOMAIN),))
 
 
 def permission_denied(message: str, scope: str) -> GatewayError:
-    info = error_details_pb2.ErrorInfo(reason="MISSING_SCOPE", domain=ERROR_DOMAIN, metadata={"scope": scope})
+    info = error_info("MISSING_SCOPE", ERROR_DOMAIN, scope=scope)
     return GatewayError(grpc.StatusCode.PERMISSION_DENIED, message, (info,))
 
 

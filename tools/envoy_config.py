@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +30,22 @@ DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 Renderer = Callable[[int, int, str, str, str, str], str]
 
 
-def _renderer() -> Renderer:
-    spec = importlib.util.spec_from_file_location("_envoy_render", RENDER)
+def render_module() -> ModuleType:
+    """envoy/render.py, loaded once by path."""
+    name = "_envoy_render"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RENDER)
     assert spec is not None and spec.loader is not None, f"cannot load {RENDER}"
     module = importlib.util.module_from_spec(spec)
     # Registered before it runs: its dataclasses look their module up by name.
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
-    return cast(Renderer, module.render_envoy_config)
+    return module
+
+
+def _renderer() -> Renderer:
+    return cast(Renderer, render_module().render_envoy_config)
 
 
 def render_config(

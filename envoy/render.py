@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2
 
 TEMPLATE = Path(__file__).resolve().parent / "envoy.yaml"
@@ -31,7 +31,9 @@ _ADMIN = "socket_address: {address: 127.0.0.1, port_value: 9901}"
 _GATEWAY = "socket_address: {address: 127.0.0.1, port_value: 50051}"
 _DESCRIPTOR = "proto_descriptor: build/inference.pb"
 # The Lua filter's placeholder: left unrendered, the filter refuses REST bodies with a 500 saying so.
-STRICT_PLACEHOLDER = "local strict = nil -- UNRENDERED: envoy/render.py puts the descriptor's field tables here"
+STRICT_PLACEHOLDER = (
+    "local strict = nil -- UNRENDERED: envoy/render.py puts the descriptor's field tables here"
+)
 
 # Message types that take any JSON (or a JSON scalar): the gateway validates what is inside them.
 _OPAQUE_PREFIX = ".google.protobuf."
@@ -149,7 +151,9 @@ def _body_field_type(messages: dict[str, descriptor_pb2.DescriptorProto], messag
 def _child(messages: dict[str, descriptor_pb2.DescriptorProto], item: Any) -> tuple[str, Shape]:
     """The message type to look inside for this field ("" for none) and its JSON shape."""
     repeated = item.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
-    if item.type != descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE or item.type_name.startswith(_OPAQUE_PREFIX):
+    if item.type != descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE or item.type_name.startswith(
+        _OPAQUE_PREFIX
+    ):
         return "", "list" if repeated else "one"
     target = messages[item.type_name]
     if target.options.map_entry:
@@ -331,7 +335,9 @@ def _with_cors(text: str, origins: str) -> str:
                     0,
                     {
                         "name": "envoy.filters.http.cors",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+                        },
                     },
                 )
                 for host in manager["route_config"]["virtual_hosts"]:

@@ -17,7 +17,7 @@ Field = descriptor_pb2.FieldDescriptorProto
 
 
 def field(
-    name: str, number: int, kind: int = Field.TYPE_STRING, type_name: str = "", repeated: bool = False
+    name: str, number: int, kind: Any = Field.TYPE_STRING, type_name: str = "", repeated: bool = False
 ) -> Any:
     label = Field.LABEL_REPEATED if repeated else Field.LABEL_OPTIONAL
     return Field(name=name, number=number, type=kind, type_name=type_name, label=label)

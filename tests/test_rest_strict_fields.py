@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 
 from tests.fixtures_gateway import DESCRIPTOR, GatewayService
+from tests.stack import ROOT, ServiceProcess, free_port
 from tools.envoy_config import render_module
 
 ROUTES = render_module().field_tables(DESCRIPTOR.read_bytes())[0] if DESCRIPTOR.exists() else []
@@ -133,3 +137,42 @@ def test_a_large_batch_is_scanned_to_its_end(rest: httpx2.Client) -> None:
 
 def test_body_less_routes_are_not_checked(rest: httpx2.Client) -> None:
     assert rest.get("/health").status_code == 200
+
+
+def test_an_unrendered_template_refuses_bodies_loudly(
+    gateway_service: GatewayService, tmp_path: Path
+) -> None:
+    """envoy/envoy.yaml as checked in, only its ports and paths changed: no field table, so no
+    body passes unchecked, and the reply says what to run."""
+    port, admin = free_port(), free_port()
+    host, gateway_port = gateway_service.address.rsplit(":", 1)
+    text = (
+        (ROOT / "envoy" / "envoy.yaml")
+        .read_text()
+        .replace("port_value: 8080}", f"port_value: {port}}}")
+        .replace("port_value: 9901}", f"port_value: {admin}}}")
+        .replace("port_value: 50051}", f"port_value: {gateway_port}}}")
+        .replace("proto_descriptor: build/inference.pb", f"proto_descriptor: {DESCRIPTOR}")
+    )
+    assert "local strict = nil" in text and host == "127.0.0.1"
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
+    process = ServiceProcess("envoy-unrendered", [envoy, "-c", str(config), "--base-id", str(port)]).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx2.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert process.alive() and time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.1)
+        response = httpx2.post(f"{url}/generate", json={"prompt": "hi"}, timeout=30)
+        assert response.status_code == 500 and "not rendered" in response.json()["message"]
+        response = httpx2.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    finally:
+        process.stop()

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import httpx2
 import pytest
-from inference.v1 import info_pb2, info_pb2_grpc
+from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from inference_client import AsyncInferenceClient, InferenceClient
 
 from tests.fixtures_gateway import GatewayService
@@ -232,3 +232,41 @@ def test_a_cancelled_grpc_solve_stream_frees_the_batch_slot(
                     break
             assert not stream.done
         assert wait_running(generator_address, 0, 5) == 0
+
+
+# --- the generator serves the same RPCs -----------------------------------------------------
+
+
+def test_the_generator_serves_the_streams_and_their_sse(
+    generator_stub: generation_pb2_grpc.GenerationServiceStub,
+) -> None:
+    parameters = common_pb2.SamplingParameters(max_tokens=16)
+    request = generation_pb2.SolveMathRequest(problem="What is 3 + 4?", parameters=parameters)
+    unary = generator_stub.SolveMath(request, timeout=120)
+    messages = list(generator_stub.SolveMathStream(request, timeout=120))
+    assert "".join(message.token.text for message in messages) == unary.solution
+    assert messages[-1].HasField("answer") and messages[-1].answer == unary.answer
+    assert messages[-1].usage.completion_tokens == unary.tokens_generated <= 16
+
+    chat = generation_pb2.ChatRequest(
+        messages=[common_pb2.ChatMessage(role="user", content="Hi")], parameters=parameters
+    )
+    data = b"".join(body.data for body in generator_stub.ChatStreamEvents(chat, timeout=120)).decode()
+    payloads = [line.removeprefix("data: ") for line in data.split("\n\n") if line]
+    assert payloads[-1] == "[DONE]"
+    final = json.loads(payloads[-2])
+    assert final["finish_reason"] != "FINISH_REASON_UNSPECIFIED" and final["usage"]["total_tokens"] > 0
+
+
+def test_the_generator_refuses_conflicting_aliases_too(
+    generator_stub: generation_pb2_grpc.GenerationServiceStub,
+) -> None:
+    parameters = common_pb2.SamplingParameters(max_tokens=2, max_new_tokens=3)
+    with pytest.raises(grpc.RpcError) as caught:
+        generator_stub.Generate(
+            generation_pb2.GenerateRequest(prompt="Hi", parameters=parameters), timeout=60
+        )
+    error = caught.value
+    assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameters.max_tokens" in (error.details() or "")
+    assert "parameters.max_new_tokens" in (error.details() or "")

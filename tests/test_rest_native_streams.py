@@ -6,6 +6,7 @@ gateway; seed-style aliases (max_tokens, stop_sequences); a dropped stream frees
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from inference_client import AsyncInferenceClient, InferenceClient
 
-from tests.fixtures_gateway import GatewayService
+from tests.fixtures_gateway import GatewayService, start_envoy, start_gateway
+from tests.fixtures_generator import GeneratorService, start_generator
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
@@ -270,3 +272,45 @@ def test_the_generator_refuses_conflicting_aliases_too(
     assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameters.max_tokens" in (error.details() or "")
     assert "parameters.max_new_tokens" in (error.details() or "")
+
+
+# --- a failure after the first event --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def doomed_stack(
+    embedder_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, GeneratorService]]:
+    """Envoy and a gateway in front of a generator of their own, which a test may kill."""
+    generator = start_generator()
+    process, address, _ = start_gateway(
+        generator.address,
+        embedder_address,
+        ("--tracing", "false", "--metrics-port", "0"),
+        name="gateway-doomed",
+    )
+    envoy = start_envoy(address, tmp_path_factory.mktemp("envoy-doomed"), name="envoy-doomed")
+    yield envoy.url, generator
+    envoy.process.stop()
+    process.stop()
+    generator.stop()
+
+
+def test_a_native_stream_whose_backend_dies_ends_with_an_error_event(
+    doomed_stack: tuple[str, GeneratorService],
+) -> None:
+    url, generator = doomed_stack
+    body = {"problem": STORY, "stream": True, "parameters": {"max_new_tokens": 3000, "do_sample": False}}
+    with httpx2.stream("POST", f"{url}/solve/coding", json=body, timeout=120) as reply:
+        assert reply.status_code == 200
+        payloads = []
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line.removeprefix("data: "))
+                if len(payloads) == 2:
+                    generator.process.send_signal(signal.SIGKILL)
+    assert len(payloads) >= 3 and "[DONE]" not in payloads
+    last = json.loads(payloads[-1])
+    # A killed backend reads as UNAVAILABLE (a reset connection); the point is: not a clean end.
+    assert last["error"]["code"] != grpc.StatusCode.OK.value[0] and last["error"]["message"]
+    assert all("error" not in json.loads(payload) for payload in payloads[:-1])

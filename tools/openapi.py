@@ -168,7 +168,8 @@ def _first_sentence(text: str) -> str:
 class Descriptors:
     """The messages, enums, services and comments of a FileDescriptorSet, by full name."""
 
-    def __init__(self, files: descriptor_pb2.FileDescriptorSet) -> None:
+    def __init__(self, files: descriptor_pb2.FileDescriptorSet, package: str = PACKAGE) -> None:
+        self.package = package
         self.messages: dict[str, descriptor_pb2.DescriptorProto] = {}
         self.enums: dict[str, descriptor_pb2.EnumDescriptorProto] = {}
         self.comments: dict[str, str] = {}
@@ -184,7 +185,7 @@ class Descriptors:
                 self._add_message(prefix, message, (4, index), comments)
             for index, enum in enumerate(file.enum_type):
                 self._add_enum(prefix, enum, (5, index), comments)
-            if file.package != PACKAGE:
+            if file.package != package:
                 continue
             for s_index, service in enumerate(file.service):
                 rpcs = [
@@ -257,21 +258,20 @@ def _routes(rule: http_pb2.HttpRule) -> list[Route]:
     return routes
 
 
-def schema_name(full_name: str) -> str:
-    """The components/schemas key: short for this package's types, full for others."""
-    return full_name.removeprefix(PACKAGE + ".")
-
-
-def ref(full_name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{schema_name(full_name)}"}
-
-
 class Generator:
     """Builds the document; schemas are added to components as operations reference them."""
 
     def __init__(self, descriptors: Descriptors) -> None:
         self.d = descriptors
+        self.package = descriptors.package
         self.schemas: dict[str, dict[str, Any]] = {}
+
+    def schema_name(self, full_name: str) -> str:
+        """The components/schemas key: short for the package's types, full for others."""
+        return full_name.removeprefix(self.package + ".")
+
+    def ref(self, full_name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{self.schema_name(full_name)}"}
 
     # -- schemas -----------------------------------------------------------------------------
 
@@ -282,10 +282,10 @@ class Generator:
         if full_name == "google.protobuf.NullValue":
             return {"type": "null"}
         self._define(full_name)
-        return ref(full_name)
+        return self.ref(full_name)
 
     def _define(self, full_name: str) -> None:
-        key = schema_name(full_name)
+        key = self.schema_name(full_name)
         if key in self.schemas:
             return
         if full_name in self.d.enums:
@@ -297,7 +297,7 @@ class Generator:
     def _description(self, full_name: str) -> str:
         text = self.d.comments.get(full_name, "")
         # Other packages' comments (googleapis) run long: their first paragraph says enough.
-        return text if full_name.startswith(PACKAGE + ".") else text.split("\n\n", 1)[0]
+        return text if full_name.startswith(self.package + ".") else text.split("\n\n", 1)[0]
 
     def _enum_schema(self, full_name: str) -> dict[str, Any]:
         enum = self.d.enums[full_name]
@@ -404,7 +404,7 @@ class Generator:
         openai = route.path.startswith("/v1/")
         if rpc.output != HTTP_BODY:
             return self.type_schema(rpc.output), (
-                f"Server-sent events: each `data:` line is one `{schema_name(rpc.output)}` (the schema "
+                f"Server-sent events: each `data:` line is one `{self.schema_name(rpc.output)}` (the schema "
                 "below) as JSON, one per message of the stream. A failure after the stream started "
                 "arrives in band as the last event."
             )
@@ -422,7 +422,7 @@ class Generator:
         )
         if typed is None:
             return {"type": "string"}, "Server-sent events (`text/event-stream`)."
-        name = schema_name(typed.output)
+        name = self.schema_name(typed.output)
         text = f"Server-sent events: each `data:` line is one `{name}` (the schema below) as JSON"
         if openai:
             self._define_openai_error()
@@ -533,7 +533,9 @@ class Generator:
                     f"`POST {stream_route.path}` ({stream_rpc.name}) and the reply is server-sent events."
                 )
         op["description"] = "\n\n".join(
-            part for part in [description, *notes, f"gRPC: `{PACKAGE}.{rpc.service}/{rpc.name}`."] if part
+            part
+            for part in [description, *notes, f"gRPC: `{self.package}.{rpc.service}/{rpc.name}`."]
+            if part
         )
         op["responses"] = {"200": {"description": ok, "content": content}, **self._errors(route.path)}
         order = ["tags", "summary", "description", "operationId", "parameters", "requestBody", "responses"]
@@ -567,7 +569,7 @@ class Generator:
         self._define_openai_error()
         responses: dict[str, Any] = {}
         for prefix, schema in (
-            ("Error", ref(STATUS)),
+            ("Error", self.ref(STATUS)),
             ("OpenAIError", {"$ref": f"#/components/schemas/{OPENAI_ERROR}"}),
         ):
             for code, text in ERROR_STATUSES.items():
@@ -596,7 +598,7 @@ class Generator:
                 }
             }
         responses = self._responses()
-        status = self.schemas.get(schema_name(STATUS))
+        status = self.schemas.get(self.schema_name(STATUS))
         if status and "details" in status.get("properties", {}):
             known = ", ".join(f"`{name}`" for name in ERROR_DETAILS if name in self.d.messages)
             status["properties"]["details"]["description"] = (
@@ -611,7 +613,7 @@ class Generator:
             "openapi": OPENAPI_VERSION,
             "info": {
                 "title": "inference-stack REST API",
-                "version": PACKAGE.rsplit(".", 1)[-1],
+                "version": self.package.rsplit(".", 1)[-1],
                 "description": _INFO_DESCRIPTION,
                 "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
             },
@@ -633,9 +635,10 @@ class Generator:
         }
 
 
-def build_document(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
-    """The OpenAPI document of a descriptor set (which should keep its source info for comments)."""
-    return Generator(Descriptors(files)).document()
+def build_document(files: descriptor_pb2.FileDescriptorSet, package: str = PACKAGE) -> dict[str, Any]:
+    """The OpenAPI document of the package's services in a descriptor set (which should keep its
+    source info: the comments become descriptions)."""
+    return Generator(Descriptors(files, package)).document()
 
 
 def render(descriptor: Path) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from playwright.async_api import ConsoleMessage, Request, async_playwright
 from tests.fixtures_gateway import GatewayService
 from tests.stack import ROOT
 from tools import protos
+from tools.envoy_config import render_config
 from tools.openapi import routes
 
 COMMITTED = ROOT / "docs" / "openapi.json"
@@ -104,6 +106,22 @@ def test_envoy_serves_the_document_and_both_pages_with_their_assets(envoy_url: s
                 assert loaded.status_code == 200 and len(loaded.content) > 1000, asset
                 assert loaded.headers["content-type"].startswith(CONTENT_TYPES[Path(asset).suffix]), asset
             assert "/openapi.json" in reply.text, page
+
+
+def test_envoy_starts_without_the_docs_assets(tmp_path: Path) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(
+        render_config(18080, 19901, "127.0.0.1:15051", ROOT / "build" / "inference.pb", docs_assets=tmp_path)
+    )
+    envoy = shutil.which("envoy")
+    assert envoy, "envoy is missing"
+    result = subprocess.run(
+        [envoy, "--mode", "validate", "-c", str(config), "--base-id", "94"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def schema_validator(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:

@@ -3,6 +3,8 @@ modules, and a small proto written here for the mappings the contract does not u
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from inference.v1 import embedding_pb2, generation_pb2, info_pb2, openai_pb2
 from openapi_spec_validator import validate
 
+from tools.envoy_config import render_config
 from tools.openapi import build_document, routes
 
 
@@ -251,3 +254,20 @@ def test_maps_oneofs_and_uint64(sample: dict[str, Any]) -> None:
     assert item["size"]["type"] == ["integer", "string"] and item["size"]["format"] == "uint64"
     assert item["parent"] == {"$ref": "#/components/schemas/Item"}
     assert "Item.LabelsEntry" not in sample["components"]["schemas"]
+
+
+def test_envoy_serves_the_files_by_absolute_path_and_a_missing_one_as_a_503(tmp_path: Path) -> None:
+    text = render_config(1, 2, "gateway:50051", tmp_path / "inference.pb", docs_assets=tmp_path / "none")
+    served = re.findall(
+        r"direct_response: \{status: (\d+), body: \{(filename|inline_string): \"([^\"]*)\"", text
+    )
+    by_status = {
+        status: [(kind, value) for s, kind, value in served if s == status] for status in ("200", "503")
+    }
+    files = [Path(value) for kind, value in by_status["200"] if kind == "filename"]
+    assert {path.name for path in files} == {"docs.html", "redoc.html"}
+    assert all(path.is_absolute() and path.is_file() for path in files)
+    messages = [value for _, value in by_status["503"]]
+    assert len(messages) == 4
+    assert any(str(tmp_path / "openapi.json") in m and "make descriptor" in m for m in messages)
+    assert sum("make install" in m for m in messages) == 3

@@ -103,14 +103,15 @@ _ENVOY_ROUTES: list[tuple[str, str, str, str, dict[str, Any]]] = [
 ]
 _INFO_DESCRIPTION = """\
 The REST side of the inference stack, served by Envoy, which transcodes each route to the gRPC \
-method named in its operation id (package `inference.v1`).
+method named in its operation id (package `{package}`).
 
 - JSON names are the proto field names (snake_case); lowerCamel names are accepted on input.
 - 64-bit integers are printed as strings and accepted as numbers or strings; enums are printed as \
 their names.
-- Fields marked optional in the protos, when absent, take the server's default.
-- Streams are server-sent events (`text/event-stream`). `POST /generate`, `/v1/chat/completions` \
-and `/v1/completions` stream on the same URL when the body has `"stream": true`.
+- A field left out takes its default (a sampling knob: the server's); the schemas require none, \
+the server checks what a request needs.
+- Streams are server-sent events (`text/event-stream`). {stream_urls} stream on the same URL when \
+the body has `"stream": true`.
 - Errors: the native routes answer a `google.rpc.Status` as JSON (`code`, `message`, `details`); \
 the OpenAI routes (`/v1/...`) answer OpenAI's error object.
 - With API keys configured, send `Authorization: Bearer KEY` or `x-api-key: KEY`.
@@ -265,6 +266,8 @@ class Generator:
         self.d = descriptors
         self.package = descriptors.package
         self.schemas: dict[str, dict[str, Any]] = {}
+        # The URLs that stream with "stream": true, as operations find them.
+        self.stream_urls: list[str] = []
 
     def schema_name(self, full_name: str) -> str:
         """The components/schemas key: short for the package's types, full for others."""
@@ -408,20 +411,20 @@ class Generator:
                 "below) as JSON, one per message of the stream. A failure after the stream started "
                 "arrives in band as the last event."
             )
-        typed = next(
-            (
-                other
-                for other in self.d.rpcs()
-                if other.service == rpc.service
-                and other.server_streaming
-                and other.output != HTTP_BODY
-                and other.input == rpc.input
-                and rpc.name == other.name + "Events"
-            ),
-            None,
-        )
+        # The typed stream it frames: same service and request, and its name a prefix of this one
+        # (StreamChatCompletion -> StreamChatCompletionEvents), or else the only such stream.
+        typed_streams = [
+            other
+            for other in self.d.rpcs()
+            if other.service == rpc.service
+            and other.server_streaming
+            and other.output != HTTP_BODY
+            and other.input == rpc.input
+        ]
+        named = [other for other in typed_streams if rpc.name.startswith(other.name)]
+        typed = named[0] if named else typed_streams[0] if len(typed_streams) == 1 else None
         if typed is None:
-            return {"type": "string"}, "Server-sent events (`text/event-stream`)."
+            return {}, "Server-sent events (`text/event-stream`) rendered by the gateway."
         name = self.schema_name(typed.output)
         text = f"Server-sent events: each `data:` line is one `{name}` (the schema below) as JSON"
         if openai:
@@ -524,6 +527,7 @@ class Generator:
             ok = "OK"
             sibling = self._stream_sibling(rpc, route)
             if sibling is not None:
+                self.stream_urls.append(f"`POST {route.path}`")
                 stream_rpc, stream_route = sibling
                 stream_schema, what = self._stream_events(stream_rpc, stream_route)
                 content[SSE] = {"schema": stream_schema}
@@ -562,6 +566,7 @@ class Generator:
         }
 
     def _responses(self) -> dict[str, Any]:
+        assert STATUS in self.d.messages, f"the descriptor set lacks {STATUS} (google/rpc/status.proto)"
         self._define(STATUS)
         for detail in ERROR_DETAILS:
             if detail in self.d.messages:
@@ -614,7 +619,9 @@ class Generator:
             "info": {
                 "title": "inference-stack REST API",
                 "version": self.package.rsplit(".", 1)[-1],
-                "description": _INFO_DESCRIPTION,
+                "description": _INFO_DESCRIPTION.format(
+                    package=self.package, stream_urls=", ".join(self.stream_urls) or "No URLs"
+                ),
                 "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
             },
             "tags": tags,

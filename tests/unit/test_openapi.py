@@ -141,6 +141,7 @@ SAMPLE = r"""
 name: "sample/v1/sample.proto"
 package: "sample.v1"
 dependency: "google/api/annotations.proto"
+dependency: "google/api/httpbody.proto"
 message_type {
   name: "Item"
   field { name: "name" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
@@ -175,6 +176,19 @@ message_type {
   field { name: "item" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".sample.v1.Item" }
   field { name: "force" number: 3 label: LABEL_OPTIONAL type: TYPE_BOOL }
 }
+message_type {
+  name: "ChatRequest"
+  field { name: "text" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+  field { name: "stream" number: 2 label: LABEL_OPTIONAL type: TYPE_BOOL }
+}
+message_type {
+  name: "ChatResponse"
+  field { name: "text" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+}
+message_type {
+  name: "ChatChunk"
+  field { name: "delta" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+}
 enum_type {
   name: "View"
   value { name: "VIEW_UNSPECIFIED" number: 0 }
@@ -200,6 +214,25 @@ service {
     options { [google.api.http] { patch: "/items/{name}" body: "item" } }
   }
   method {
+    name: "Chat"
+    input_type: ".sample.v1.ChatRequest"
+    output_type: ".sample.v1.ChatResponse"
+    options { [google.api.http] { post: "/chat" body: "*" } }
+  }
+  method {
+    name: "ChatStream"
+    input_type: ".sample.v1.ChatRequest"
+    output_type: ".sample.v1.ChatChunk"
+    server_streaming: true
+  }
+  method {
+    name: "ChatStreamSse"
+    input_type: ".sample.v1.ChatRequest"
+    output_type: ".google.api.HttpBody"
+    server_streaming: true
+    options { [google.api.http] { post: "/chat:stream" body: "*" } }
+  }
+  method {
     name: "Unannotated"
     input_type: ".sample.v1.GetItemRequest"
     output_type: ".sample.v1.Item"
@@ -211,7 +244,7 @@ syntax: "proto3"
 
 @pytest.fixture(scope="module")
 def sample() -> dict[str, Any]:
-    files = descriptor_set(generation_pb2.DESCRIPTOR)
+    files = descriptor_set(generation_pb2.DESCRIPTOR, openai_pb2.DESCRIPTOR)
     files.file.append(text_format.Parse(SAMPLE, descriptor_pb2.FileDescriptorProto()))
     document = build_document(files, package="sample.v1")
     validate(document)
@@ -271,3 +304,14 @@ def test_envoy_serves_the_files_by_absolute_path_and_a_missing_one_as_a_503(tmp_
     assert len(messages) == 4
     assert any(str(tmp_path / "openapi.json") in m and "make descriptor" in m for m in messages)
     assert sum("make install" in m for m in messages) == 3
+
+
+def test_an_http_body_stream_documents_the_events_of_its_typed_sibling(sample: dict[str, Any]) -> None:
+    chat = sample["paths"]["/chat"]["post"]
+    assert chat["responses"]["200"]["content"]["text/event-stream"]["schema"] == {
+        "$ref": "#/components/schemas/ChatChunk"
+    }
+    assert "`POST /chat:stream`" in chat["description"]
+    stream = sample["paths"]["/chat:stream"]["post"]
+    assert "Also reached through `POST /chat`" in stream["description"]
+    assert "`POST /chat`" in sample["info"]["description"]

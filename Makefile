@@ -35,9 +35,10 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
 
 # After buf: two npm installs into one prefix must not run at once. Only the bundles are used,
-# which carry their own React, so the peer dependencies are left out.
+# which carry their own React: no peer dependencies, and no install scripts (swagger-ui-dist's
+# @scarf/scarf would report the install).
 $(DOCS_UI): | $(BUF)
-	npm install --silent --no-audit --no-fund --save-exact --legacy-peer-deps --prefix .tools \
+	npm install --silent --no-audit --no-fund --save-exact --legacy-peer-deps --ignore-scripts --prefix .tools \
 		$(SWAGGER_UI) $(REDOC)
 	touch $@
 

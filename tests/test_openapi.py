@@ -124,6 +124,24 @@ def test_envoy_starts_without_the_docs_assets(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def test_the_image_copies_every_asset_envoy_serves_at_the_makefiles_versions() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    packages = re.findall(r"^(?:SWAGGER_UI|REDOC) := (\S+)$", makefile, re.M)
+    assert len(packages) == 2, "the Makefile names the docs packages in SWAGGER_UI and REDOC"
+    for package in packages:
+        assert package in dockerfile, f"the Dockerfile does not install {package}"
+    served = re.findall(
+        r"filename: \.tools/node_modules/(\S+)\}", (ROOT / "envoy" / "envoy.yaml").read_text()
+    )
+    assert len(served) == 3
+    for asset in served:
+        folder = asset.rsplit("/", 1)[0]
+        assert f"/ui/node_modules/{asset}" in dockerfile and f".tools/node_modules/{folder}/" in dockerfile, (
+            asset
+        )
+
+
 def schema_validator(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:
     return Draft202012Validator({**schema, "components": document["components"]})
 

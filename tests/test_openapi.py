@@ -131,15 +131,13 @@ def test_the_image_copies_every_asset_envoy_serves_at_the_makefiles_versions() -
     assert len(packages) == 2, "the Makefile names the docs packages in SWAGGER_UI and REDOC"
     for package in packages:
         assert package in dockerfile, f"the Dockerfile does not install {package}"
-    served = re.findall(
-        r"filename: \.tools/node_modules/(\S+)\}", (ROOT / "envoy" / "envoy.yaml").read_text()
-    )
+    template = (ROOT / "envoy" / "envoy.yaml").read_text()
+    served = re.findall(r"filename: \.tools/node_modules/([^\s}]+)", template)
     assert len(served) == 3
     for asset in served:
         folder = asset.rsplit("/", 1)[0]
-        assert f"/ui/node_modules/{asset}" in dockerfile and f".tools/node_modules/{folder}/" in dockerfile, (
-            asset
-        )
+        assert f"/ui/node_modules/{asset}" in dockerfile, asset
+        assert f".tools/node_modules/{folder}/" in dockerfile, asset
 
 
 def schema_validator(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:

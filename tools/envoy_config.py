@@ -27,7 +27,7 @@ RENDER = ROOT / "envoy" / "render.py"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 
-Renderer = Callable[[int, int, str, str, str, str], str]
+Renderer = Callable[..., str]
 
 
 def render_module() -> ModuleType:
@@ -54,11 +54,23 @@ def render_config(
     gateway_address: str,
     descriptor: Path = DESCRIPTOR,
     otlp_endpoint: str = "",
+    openapi: Path | None = None,
+    docs_assets: Path | None = None,
     cors_origins: str = "",
 ) -> str:
-    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there, with
-    `cors_origins` (comma-separated, `*` for any) it answers CORS preflights from those origins."""
-    return _renderer()(listen_port, admin_port, gateway_address, str(descriptor), otlp_endpoint, cors_origins)
+    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
+    `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
+    With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them."""
+    return _renderer()(
+        listen_port,
+        admin_port,
+        gateway_address,
+        str(descriptor),
+        otlp_endpoint,
+        str(openapi or ""),
+        str(docs_assets or ""),
+        cors_origins,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         help="OTLP/gRPC collector (host:port) for Envoy's spans [env ENVOY_OTLP_ENDPOINT]; empty: none",
     )
     parser.add_argument(
+        "--openapi", type=Path, help="the OpenAPI document [default: openapi.json beside the descriptor]"
+    )
+    parser.add_argument(
+        "--docs-assets",
+        type=Path,
+        help="node_modules holding swagger-ui-dist and redoc [default: .tools/node_modules]",
+    )
+    parser.add_argument(
         "--cors-origins",
         default=os.environ.get("ENVOY_CORS_ORIGINS", ""),
         help="browser origins allowed to call the API, comma-separated (e.g. http://localhost:8501), "
@@ -81,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
     text = render_config(
-        args.port, args.admin_port, args.gateway, args.descriptor, args.otlp_endpoint, args.cors_origins
+        args.port,
+        args.admin_port,
+        args.gateway,
+        args.descriptor,
+        args.otlp_endpoint,
+        openapi=args.openapi,
+        docs_assets=args.docs_assets,
+        cors_origins=args.cors_origins,
     )
     if args.output is None:
         sys.stdout.write(text)

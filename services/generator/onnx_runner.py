@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.generator.kv_cache import KvBatch, KvCacheRunner
+from services.generator.kv_cache import HEADROOM, KvBatch, KvCacheRunner
 from services.generator.runner import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,9 @@ class OnnxRunner(KvCacheRunner):
             raise OnnxBuildError("this ONNX export takes position_ids, which the runner does not feed")
         return session
 
-    def _run(self, state: KvBatch, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(
+        self, state: KvBatch, input_ids: np.ndarray, mask: np.ndarray, every: bool = False
+    ) -> np.ndarray:
         if state.bound is None:
             binding = self.session.io_binding()
             binding.bind_output("logits")
@@ -151,7 +153,7 @@ class OnnxRunner(KvCacheRunner):
         binding.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(binding)
         logits: np.ndarray = binding.get_outputs()[0].numpy()
-        return logits[:, -1, :]
+        return logits if every else logits[:, -1, :]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, KvBatch]:
         batch = self._new_batch(prompts)
@@ -173,6 +175,13 @@ class OnnxRunner(KvCacheRunner):
             batch.lengths[row] = len(prompt)
             self._remember(batch, row, prompt, cached)
         return torch.from_numpy(np.concatenate(logits)), batch
+
+    def position_logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Every position's logits [len(tokens), V] of one run on scratch buffers."""
+        scratch = self._empty(1, len(tokens) + HEADROOM)
+        ids = np.asarray([list(tokens)], dtype=np.int64)
+        logits = self._run(scratch, ids, np.ones((1, len(tokens)), np.int64), every=True)
+        return torch.from_numpy(np.ascontiguousarray(logits[0]))
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

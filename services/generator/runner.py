@@ -1,6 +1,8 @@
 """What the engine needs from a model backend: prefill prompts, decode one token for every row of
 a running batch, and reshape that batch's KV cache when rows leave or join; the engine owns
-scheduling, sampling, stop rules and text (the backends: docs/backends.md)."""
+scheduling, sampling, stop rules and text (the backends: docs/backends.md). A runner may also
+offer position_logits(tokens) -> [len(tokens), V], every position's logits apart from any batch
+and cache; position_logits() below falls back to prefill and decode steps where it does not."""
 
 from __future__ import annotations
 
@@ -69,3 +71,17 @@ class Runner(Protocol):
     def beam_search(self, prompt_ids: Sequence[int], settings: BeamSettings) -> list[list[int]]:
         """The best num_return_sequences beams' new token ids, best first."""
         ...
+
+
+def position_logits(runner: Runner, tokens: Sequence[int]) -> torch.Tensor:
+    """The float32 logits after each of `tokens` [len(tokens), V] (for prompt logprobs): the
+    runner's own position_logits where it has one, else one prefill and a decode step per token."""
+    own = getattr(runner, "position_logits", None)
+    if own is not None:
+        result: torch.Tensor = own(tokens)
+        return result
+    first, state = runner.prefill([list(tokens[:1])])
+    rows = [first[0]]
+    for token in tokens[1:]:
+        rows.append(runner.decode(state, torch.tensor([token], dtype=torch.long))[0])
+    return torch.stack(rows)

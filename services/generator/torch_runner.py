@@ -108,6 +108,12 @@ class TorchRunner:
         logits = out.logits[:, -1, :].float().cpu()
         return logits, TorchBatch(cache, mask, mask.sum(dim=1))
 
+    def position_logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Every position's logits [len(tokens), V] of one forward pass without a cache."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=False)
+        return cast(torch.Tensor, out.logits[0].float().cpu())
+
     def decode(self, state: TorchBatch, tokens: torch.Tensor) -> torch.Tensor:
         mask = torch.cat([state.mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)
         out = self.model(

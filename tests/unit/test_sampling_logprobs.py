@@ -1,0 +1,153 @@
+"""Logprobs in the sampler and the engine with fakes: read from the distribution the sampler draws
+from before its top-k/top-p cut, alternatives only for the rows that ask, prompt logprobs through
+the generic fallback, the limits, and each token's own text and bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+import torch
+
+from services.common.sampling import SamplingParams, params_violations
+from services.generator.engine import SamplingParams as EngineParams
+from services.generator.sampling import BatchKnobs, RowKnobs, sample
+from services.generator.textstream import TokenPieces
+from tests.unit.fakes import EngineFactory, FakeRunner, within
+
+GREEDY = RowKnobs(False, 1.0, 0, 1.0, 1.0)
+
+
+def logits_of(rows: int, vocab: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_logprobs_are_the_log_softmax_and_top_is_sorted_with_the_choice_first() -> None:
+    logits = logits_of(3)
+    knobs = BatchKnobs([GREEDY, RowKnobs(False, 1.0, 0, 1.0, 1.0, 5), GREEDY], [None] * 3)
+    sampled = sample(logits, None, knobs)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(sampled.tokens, logits.argmax(dim=-1))
+    assert torch.allclose(sampled.logprobs, expected.gather(1, sampled.tokens[:, None]).squeeze(1), atol=1e-5)
+    assert sampled.top is not None and sampled.top.rows == [1]
+    values = sampled.top.logprobs[0]
+    assert sampled.top.ids.shape == (1, 5)
+    assert torch.all(values[:-1] >= values[1:])
+    assert int(sampled.top.ids[0, 0]) == int(sampled.tokens[1])
+    assert torch.allclose(values, expected[1].topk(5).values, atol=1e-5)
+
+
+def test_no_alternatives_are_computed_when_no_row_asks() -> None:
+    sampled = sample(logits_of(2), None, BatchKnobs([GREEDY, GREEDY], [None, None]))
+    assert sampled.top is None
+
+
+def test_sampled_logprobs_follow_temperature_but_not_the_top_k_cut() -> None:
+    logits = logits_of(2, seed=1)
+    # top_k=1 leaves one token, whose probability after the cut would be 1 (logprob 0).
+    rows = [RowKnobs(True, 0.5, 1, 1.0, 1.0), RowKnobs(True, 2.0, 0, 0.3, 1.0)]
+    generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    sampled = sample(logits, None, BatchKnobs(rows, generators))
+    scaled = logits / torch.tensor([[0.5], [2.0]])
+    expected = torch.log_softmax(scaled, dim=-1).gather(1, sampled.tokens[:, None]).squeeze(1)
+    assert torch.allclose(sampled.logprobs, expected, atol=1e-5)
+    assert float(sampled.logprobs[0]) < -1e-3
+    assert int(sampled.tokens[0]) == int(logits[0].argmax())
+
+
+def test_logprobs_are_taken_after_the_repetition_penalty() -> None:
+    logits = logits_of(1, seed=2)
+    presence = torch.zeros_like(logits, dtype=torch.bool)
+    presence[0, int(logits[0].argmax())] = True
+    knobs = BatchKnobs([RowKnobs(False, 1.0, 0, 1.0, 2.0, 2)], [None])
+    sampled = sample(logits, presence, knobs)
+    penalized = torch.where(presence, torch.where(logits > 0, logits / 2.0, logits * 2.0), logits)
+    expected = torch.log_softmax(penalized, dim=-1)
+    assert int(sampled.tokens[0]) == int(penalized.argmax())
+    assert torch.allclose(sampled.logprobs, expected[0, sampled.tokens], atol=1e-5)
+    assert sampled.top is not None
+    assert torch.allclose(sampled.top.logprobs[0], expected[0].topk(2).values, atol=1e-5)
+
+
+def fake_logprobs(runner: FakeRunner, last: int) -> torch.Tensor:
+    return torch.log_softmax(runner._logits([last])[0], dim=-1)
+
+
+async def test_engine_returns_each_tokens_logprob_and_alternatives(make_engine: EngineFactory) -> None:
+    runner = FakeRunner()
+    engine = make_engine(runner)
+    params = EngineParams(max_new_tokens=4, logprobs=True, top_logprobs=3)
+    result = await within(engine.generate([1, 2], params))
+    (sequence,) = result.sequences
+    assert [e.token_id for e in sequence.tokens] == [3, 4, 5, 6]
+    previous = 2
+    for event in sequence.tokens:
+        expected = fake_logprobs(runner, previous)
+        assert event.logprob == pytest.approx(float(expected[event.token_id]), abs=1e-5)
+        assert [i for i, _ in event.top] == expected.topk(3).indices.tolist()
+        assert event.top[0][0] == event.token_id
+        previous = event.token_id
+    assert result.prompt_logprobs is None
+
+
+async def test_a_request_without_logprobs_keeps_no_token_list(make_engine: EngineFactory) -> None:
+    result = await within(make_engine().generate([1, 2], EngineParams(max_new_tokens=3)))
+    assert result.sequences[0].tokens == []
+
+
+async def test_prompt_logprobs_through_the_generic_fallback(make_engine: EngineFactory) -> None:
+    runner = FakeRunner()
+    engine = make_engine(runner)
+    prompt = [1, 2, 9, 4]
+    params = EngineParams(max_new_tokens=1, prompt_logprobs=True, top_logprobs=2)
+    result = await within(engine.generate(prompt, params))
+    assert result.prompt_logprobs is not None
+    first, *rest = result.prompt_logprobs
+    assert (first.token_id, first.logprob, first.top) == (1, None, [])
+    for before, item in zip(prompt, rest, strict=False):
+        expected = fake_logprobs(runner, before)
+        assert item.logprob == pytest.approx(float(expected[item.token_id]), abs=1e-5)
+        assert [i for i, _ in item.top] == expected.topk(2).indices.tolist()
+    assert [item.token_id for item in result.prompt_logprobs] == prompt
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "words"),
+    [
+        (SamplingParams(max_new_tokens=1, top_logprobs=21), "parameters.top_logprobs", "between 0 and 20"),
+        (SamplingParams(max_new_tokens=1, top_logprobs=-1), "parameters.top_logprobs", "between 0 and 20"),
+        (
+            SamplingParams(max_new_tokens=1, num_beams=2, logprobs=True),
+            "parameters.logprobs",
+            "beam search",
+        ),
+        (
+            SamplingParams(max_new_tokens=1, num_beams=2, prompt_logprobs=True),
+            "parameters.prompt_logprobs",
+            "beam search",
+        ),
+    ],
+)
+def test_limits_name_the_field(params: SamplingParams, field: str, words: str) -> None:
+    bad = params_violations(params)
+    assert any(name == field and words in why for name, why in bad), bad
+
+
+class ByteTokenizer:
+    """Byte-level BPE pieces: id 0 is "Ġhi", id 1 the first byte of "é" alone, id 2 "é" whole."""
+
+    raw = ["Ġhi", "Ã", "Ã©"]
+    text = [" hi", "\ufffd", "é"]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.text[i] for i in ids)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.raw[i] for i in ids]
+
+
+def test_token_pieces_keep_partial_utf8_bytes() -> None:
+    pieces = TokenPieces(ByteTokenizer())
+    assert pieces(0) == (" hi", b" hi")
+    assert pieces(1) == ("\ufffd", b"\xc3")
+    assert pieces(2) == ("é", "é".encode())

@@ -136,8 +136,8 @@ def test_limits_name_the_field(params: SamplingParams, field: str, words: str) -
 class ByteTokenizer:
     """Byte-level BPE pieces: id 0 is "Ġhi", id 1 the first byte of "é" alone, id 2 "é" whole."""
 
-    raw = ["Ġhi", "Ã", "Ã©"]
-    text = [" hi", "\ufffd", "é"]
+    raw = ("Ġhi", "Ã", "Ã©")
+    text = (" hi", "\ufffd", "é")
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return "".join(self.text[i] for i in ids)

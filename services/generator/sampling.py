@@ -67,17 +67,29 @@ class Sampled:
 
 
 def _logprobs_of(
-    logits: torch.Tensor, tokens: torch.Tensor, knobs: BatchKnobs
+    logprobs: torch.Tensor,
+    tokens: torch.Tensor,
+    knobs: BatchKnobs,
+    redo: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, TopLogprobs | None]:
-    """The chosen tokens' logprobs and the asked-for alternatives under `logits` (the distribution
-    before the top-k/top-p cut): one logsumexp per row, topk only over the rows that ask."""
-    norm = torch.logsumexp(logits, dim=-1)
-    chosen = logits.gather(1, tokens[:, None]).squeeze(1) - norm
+    """The chosen tokens' logprobs and the asked-for alternatives from `logprobs` [B, V], the
+    log-softmax the sampler computed anyway, which is the uncut distribution except for the rows
+    in `redo` (rows, their logits before the cut); topk runs over the rows that ask only."""
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    if redo is not None:
+        rows, scaled = redo
+        if knobs.max_top:
+            uncut = torch.log_softmax(scaled, dim=-1)
+            logprobs = logprobs.index_copy(0, rows, uncut)
+            fixed = uncut.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
+        else:  # one reduction, no [R, V] result
+            picked = scaled.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
+            fixed = picked - torch.logsumexp(scaled, dim=-1)
+        chosen = chosen.index_copy(0, rows, fixed)
     if not knobs.max_top:
         return chosen, None
-    rows = knobs.top_rows
-    values, ids = logits.index_select(0, rows).topk(knobs.max_top, dim=-1)
-    return chosen, TopLogprobs(rows.tolist(), ids, values - norm.index_select(0, rows)[:, None])
+    values, ids = logprobs.index_select(0, knobs.top_rows).topk(knobs.max_top, dim=-1)
+    return chosen, TopLogprobs(knobs.top_rows.tolist(), ids, values)
 
 
 def sample(logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs) -> Sampled:
@@ -90,10 +102,10 @@ def sample(logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnob
         logits = torch.where(presence, penalized, logits)
     if not knobs.any_sample:
         tokens = logits.argmax(dim=-1)
-        return Sampled(tokens, *_logprobs_of(logits, tokens, knobs))
+        return Sampled(tokens, *_logprobs_of(torch.log_softmax(logits, dim=-1), tokens, knobs))
     if knobs.any_temperature:
         logits = logits / knobs.temperature[:, None]
-    # The distribution logprobs are read from: before the top-k/top-p cut below.
+    # Logprobs are read before the top-k/top-p cut: the cut rows' own log-softmax is redone below.
     scaled = logits
     if knobs.filter_rows.numel():
         rows = knobs.filter_rows
@@ -120,4 +132,8 @@ def sample(logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnob
         generator = knobs.generators[row]
         drawn = torch.multinomial(probs_all[row], 1, generator=generator)
         tokens[row] = drawn[0]
-    return Sampled(tokens, *_logprobs_of(scaled, tokens, knobs))
+    redo = None
+    if knobs.filter_rows.numel():
+        rows = knobs.filter_rows
+        redo = (rows, scaled.index_select(0, rows))
+    return Sampled(tokens, *_logprobs_of(logprobs_all, tokens, knobs, redo))

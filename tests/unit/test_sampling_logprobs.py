@@ -55,6 +55,18 @@ def test_sampled_logprobs_follow_temperature_but_not_the_top_k_cut() -> None:
     assert int(sampled.tokens[0]) == int(logits[0].argmax())
 
 
+def test_alternatives_of_a_cut_row_come_from_before_the_cut() -> None:
+    logits = logits_of(2, seed=5)
+    rows = [RowKnobs(True, 0.5, 2, 1.0, 1.0, 4), RowKnobs(True, 1.0, 0, 1.0, 1.0, 2)]
+    sampled = sample(logits, None, BatchKnobs(rows, [torch.Generator().manual_seed(6), None]))
+    expected = torch.log_softmax(logits / torch.tensor([[0.5], [1.0]]), dim=-1)
+    assert sampled.top is not None and sampled.top.rows == [0, 1]
+    assert torch.allclose(sampled.top.logprobs[0], expected[0].topk(4).values, atol=1e-5)
+    assert torch.allclose(sampled.top.logprobs[1, :2], expected[1].topk(2).values, atol=1e-5)
+    chosen = expected.gather(1, sampled.tokens[:, None]).squeeze(1)
+    assert torch.allclose(sampled.logprobs, chosen, atol=1e-5)
+
+
 def test_logprobs_are_taken_after_the_repetition_penalty() -> None:
     logits = logits_of(1, seed=2)
     presence = torch.zeros_like(logits, dtype=torch.bool)

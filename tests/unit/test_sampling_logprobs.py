@@ -1,15 +1,22 @@
-"""Logprobs in the sampler and the engine with fakes: read from the distribution the sampler draws
-from before its top-k/top-p cut, alternatives only for the rows that ask, prompt logprobs through
-the generic fallback, the limits, and each token's own text and bytes."""
+"""Logprobs with fakes: the sampler reads them from the distribution it draws from before its
+top-k/top-p cut, alternatives only for the rows that ask, prompt logprobs through the generic
+fallback, the limits, each token's own text and bytes, and the gateway's OpenAI shapes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import grpc
 import pytest
 import torch
+from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+from inference.v1 import common_pb2, generation_pb2, openai_pb2
 
 from services.common.sampling import SamplingParams, params_violations
+from services.gateway import openai_compat as oai
+from services.gateway import validation
+from services.gateway.errors import GatewayError
 from services.generator.engine import SamplingParams as EngineParams
 from services.generator.sampling import BatchKnobs, RowKnobs, sample
 from services.generator.textstream import TokenPieces
@@ -163,3 +170,111 @@ def test_token_pieces_keep_partial_utf8_bytes() -> None:
     assert pieces(0) == (" hi", b" hi")
     assert pieces(1) == ("\ufffd", b"\xc3")
     assert pieces(2) == ("é", "é".encode())
+
+
+# --- the gateway's OpenAI shapes and limits -----------------------------------------------------
+
+
+def token(
+    token_id: int, piece: str, logprob: float, text: str | None = None, special: bool = False
+) -> common_pb2.Token:
+    alternative = common_pb2.TopLogprob(id=token_id, text=piece, logprob=logprob, bytes=piece.encode())
+    other = common_pb2.TopLogprob(id=99, text="x", logprob=logprob - 1, bytes=b"x")
+    return common_pb2.Token(
+        id=token_id,
+        text=piece if text is None else text,
+        logprob=logprob,
+        special=special,
+        piece=piece,
+        piece_bytes=piece.encode(),
+        top_logprobs=[alternative, other],
+    )
+
+
+def stream_message(item: common_pb2.Token, finish: bool = False) -> generation_pb2.GenerateStreamResponse:
+    message = generation_pb2.GenerateStreamResponse(request_id="r", index=0, token=item)
+    if finish:
+        message.finish_reason = common_pb2.FINISH_REASON_EOS_TOKEN
+    return message
+
+
+def test_chat_chunks_carry_withheld_tokens_with_the_next_text_and_skip_eos() -> None:
+    chunker = oai.ChatChunker("m", include_usage=False, logprobs=True)
+    chunks = [
+        *chunker.feed(stream_message(token(1, "\ufffd", -0.5, text=""))),
+        *chunker.feed(stream_message(token(2, "\ufffd", -0.25, text="é"))),
+        *chunker.feed(stream_message(token(0, "<eos>", -0.1, text="", special=True), finish=True)),
+    ]
+    bodies = [oai.chat_chunk_json(chunk)["choices"][0] for chunk in chunks]
+    with_logprobs = [body for body in bodies if body["logprobs"] is not None]
+    assert len(with_logprobs) == 1 and with_logprobs[0]["delta"]["content"] == "é"
+    content = with_logprobs[0]["logprobs"]["content"]
+    assert [entry["logprob"] for entry in content] == [-0.5, -0.25]
+    assert content[0]["top_logprobs"][1] == {"token": "x", "logprob": -1.5, "bytes": [120]}
+
+
+def test_completion_logprobs_put_null_first_with_echo_and_count_offsets() -> None:
+    response = generation_pb2.GenerateResponse(
+        request_id="r",
+        prompt_tokens=[token(5, "Hi", 0.0), token(6, " there", -2.0)],
+        sequences=[common_pb2.GeneratedSequence(index=0, text="!", tokens=[token(7, "!", -0.5)])],
+    )
+    reply = oai.completion_response([response], ["Hi there"], echo=True, model="m", logprobs=True)
+    body = json_format.MessageToDict(reply.choices[0].logprobs, preserving_proto_field_name=True)
+    assert body["tokens"] == ["Hi", " there", "!"]
+    assert body["token_logprobs"] == [None, -2.0, -0.5]
+    assert body["top_logprobs"][0] is None and body["top_logprobs"][2] == {"!": -0.5, "x": -1.5}
+    assert body["text_offset"] == [0, 2, 8]
+    assert not reply.choices[0].text.startswith("!") and reply.choices[0].text == "Hi there!"
+
+
+@pytest.mark.parametrize(
+    ("request_message", "field", "words"),
+    [
+        (
+            openai_pb2.CreateCompletionRequest(
+                model="m", prompt=struct_pb2.Value(string_value="a"), logprobs=6
+            ),
+            "logprobs",
+            "between 0 and 5",
+        ),
+        (
+            openai_pb2.CreateChatCompletionRequest(
+                model="m",
+                messages=[
+                    openai_pb2.ChatCompletionMessage(role="user", content=struct_pb2.Value(string_value="a"))
+                ],
+                logprobs=True,
+                top_logprobs=21,
+            ),
+            "top_logprobs",
+            "between 0 and 20",
+        ),
+        (
+            openai_pb2.CreateChatCompletionRequest(
+                model="m",
+                messages=[
+                    openai_pb2.ChatCompletionMessage(role="user", content=struct_pb2.Value(string_value="a"))
+                ],
+                top_logprobs=2,
+            ),
+            "top_logprobs",
+            "logprobs",
+        ),
+    ],
+)
+def test_openai_logprob_limits_name_the_field(
+    request_message: openai_pb2.CreateCompletionRequest | openai_pb2.CreateChatCompletionRequest,
+    field: str,
+    words: str,
+) -> None:
+    with pytest.raises(GatewayError) as bad:
+        if isinstance(request_message, openai_pb2.CreateCompletionRequest):
+            validation.validate_completion(request_message, validation.RequestLimits())
+        else:
+            validation.validate_chat_completion(request_message, validation.RequestLimits())
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    (detail,) = bad.value.details
+    assert isinstance(detail, error_details_pb2.BadRequest)
+    found = {item.field: item.description for item in detail.field_violations}
+    assert set(found) == {field} and words in found[field], found

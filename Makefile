@@ -9,12 +9,17 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
+# Swagger UI (/docs) and ReDoc (/redoc), served by Envoy from these npm packages.
+SWAGGER_UI := swagger-ui-dist@5.35.0
+REDOC := redoc@2.5.2
+DOCS_UI := .tools/node_modules/.docs-ui-$(SWAGGER_UI)-$(REDOC)
 DESCRIPTOR := build/inference.pb
+OPENAPI := build/openapi.json
 PYTEST_ARGS ?=
 
-.PHONY: install protos descriptor run test test-fast lint clean
+.PHONY: install protos descriptor run test test-fast lint clean browser
 
-install: $(STAMP) $(BUF)
+install: $(STAMP) $(BUF) $(DOCS_UI)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,20 +34,36 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
 
+# After buf: two npm installs into one prefix must not run at once. Only the bundles are used,
+# which carry their own React: no peer dependencies, and no install scripts (swagger-ui-dist's
+# @scarf/scarf would report the install).
+$(DOCS_UI): | $(BUF)
+	npm install --silent --no-audit --no-fund --save-exact --legacy-peer-deps --ignore-scripts --prefix .tools \
+		$(SWAGGER_UI) $(REDOC)
+	touch $@
+
+# Debian's chromium for the browser test of /docs and /redoc (tests/test_openapi.py); as root
+# only, and skipped when a chromium is already there.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "make: install Debian's chromium (apt-get install chromium) for tests/test_openapi.py"
+
 # Regenerates the committed Python code and the descriptor Envoy reads.
 protos: $(STAMP)
 	$(PY) tools/protos.py
 
-# The descriptor only (not committed): rebuilt when a proto changes.
+# The descriptor and the OpenAPI document beside it (neither committed): rebuilt when a proto
+# or the generator changes.
 descriptor: $(DESCRIPTOR)
-$(DESCRIPTOR): $(STAMP) $(wildcard protos/inference/v1/*.proto)
+$(DESCRIPTOR) $(OPENAPI) &: $(STAMP) $(wildcard protos/inference/v1/*.proto) tools/openapi.py
 	$(PY) tools/protos.py --descriptor-only
 
-run: install $(DESCRIPTOR)
+run: install $(DESCRIPTOR) $(OPENAPI)
 	$(PY) -m tools.run
 
 # Lint first: style problems show in seconds, before the end-to-end tests load models.
-test: lint $(DESCRIPTOR)
+test: lint $(DESCRIPTOR) $(OPENAPI) browser
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tier: fakes instead of models, no process started; well under two minutes.

@@ -193,7 +193,7 @@ async def rest_streams(url: str, count: int, tokens: int, use_httpx: bool) -> tu
             async with client.stream("POST", "/generate", json=body) as reply:
                 reply.raise_for_status()
                 async for line in reply.aiter_lines():
-                    if line.startswith("data: "):
+                    if line.startswith("data: ") and line != "data: [DONE]":
                         event = json.loads(line[6:])
                         if "usage" in event:
                             produced = event["usage"]["completion_tokens"]

@@ -231,7 +231,8 @@ def test_dockerfile_pins_the_same_versions_as_the_project() -> None:
         assert pins.get(name.lower()) == version, (
             f"Dockerfile pins {name}=={version}, the project {pins.get(name)}"
         )
-    for source in re.findall(r"^COPY\s+(.+)\s+\S+$", text, re.M):
+    # From the build context only: `COPY --from=stage` copies out of another stage.
+    for source in re.findall(r"^COPY\s+(?!--from=)(.+)\s+\S+$", text, re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
 

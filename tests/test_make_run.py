@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,17 @@ def test_make_run_prints_every_tier_and_the_commands_to_try(stack: RunningStack)
         assert f"http://localhost:{ports[tier.upper() + '_METRICS_PORT']}/metrics" in output
     for command in ("curl -s", "grpcurl -plaintext", "from openai import OpenAI"):
         assert command in output, f"make run did not print the {command.split()[0]} command"
+    assert f"http://localhost:{ports['ENVOY_PORT']}/docs" in output
+
+
+def test_make_run_serves_the_api_docs(stack: RunningStack) -> None:
+    base = f"http://127.0.0.1:{stack.ports['ENVOY_PORT']}"
+    pages = (("/openapi.json", "application/json"), ("/docs", "text/html"), ("/redoc", "text/html"))
+    for path, media in pages:
+        with urllib.request.urlopen(base + path, timeout=30) as reply:
+            assert reply.status == 200 and reply.headers["content-type"].startswith(media), path
+    with urllib.request.urlopen(base + "/docs/swagger-ui-bundle.js", timeout=30) as reply:
+        assert reply.status == 200 and len(reply.read()) > 100_000
 
 
 def test_commands_make_run_printed_work(stack: RunningStack) -> None:

@@ -32,12 +32,11 @@ def admin(envoy_url: str, gateway_service: GatewayService) -> Iterator[httpx2.Cl
 
 
 def sse_events(response: httpx2.Response) -> list[dict[str, Any]]:
+    """The JSON events of a native stream, which ends in `data: [DONE]`."""
     assert response.headers["content-type"].startswith("text/event-stream"), response.headers
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            events.append(json.loads(line[len("data: ") :]))
-    return events
+    payloads = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert payloads and payloads[-1] == "[DONE]", payloads[-3:]
+    return [json.loads(payload) for payload in payloads[:-1]]
 
 
 def embedding_model(rest: httpx2.Client) -> str:

@@ -24,7 +24,7 @@ RENDER = ROOT / "envoy" / "render.py"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 
-Renderer = Callable[[int, int, str, str, str], str]
+Renderer = Callable[..., str]
 
 
 def _renderer() -> Renderer:
@@ -41,9 +41,20 @@ def render_config(
     gateway_address: str,
     descriptor: Path = DESCRIPTOR,
     otlp_endpoint: str = "",
+    openapi: Path | None = None,
+    docs_assets: Path | None = None,
 ) -> str:
-    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there."""
-    return _renderer()(listen_port, admin_port, gateway_address, str(descriptor), otlp_endpoint)
+    """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
+    `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules."""
+    return _renderer()(
+        listen_port,
+        admin_port,
+        gateway_address,
+        str(descriptor),
+        otlp_endpoint,
+        str(openapi or ""),
+        str(docs_assets or ""),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("ENVOY_OTLP_ENDPOINT", ""),
         help="OTLP/gRPC collector (host:port) for Envoy's spans [env ENVOY_OTLP_ENDPOINT]; empty: none",
     )
+    parser.add_argument(
+        "--openapi", type=Path, help="the OpenAPI document [default: openapi.json beside the descriptor]"
+    )
+    parser.add_argument(
+        "--docs-assets",
+        type=Path,
+        help="node_modules holding swagger-ui-dist and redoc [default: .tools/node_modules]",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
-    text = render_config(args.port, args.admin_port, args.gateway, args.descriptor, args.otlp_endpoint)
+    text = render_config(
+        args.port,
+        args.admin_port,
+        args.gateway,
+        args.descriptor,
+        args.otlp_endpoint,
+        openapi=args.openapi,
+        docs_assets=args.docs_assets,
+    )
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -1,10 +1,11 @@
 """Generate Python messages, gRPC stubs, mypy stubs and Envoy's descriptor set from protos/.
 
 `python tools/protos.py` writes the committed Python code under clients/python/src (import root
-`inference.v1`, mirroring the proto package) and the descriptor set to build/inference.pb.
-`--descriptor-only` writes just the descriptor (it is not committed).
+`inference.v1`, mirroring the proto package), the descriptor set to build/inference.pb, the
+OpenAPI document beside it (build/openapi.json) and its committed copy docs/openapi.json.
+`--descriptor-only` writes just the descriptor and build/openapi.json (neither is committed).
 `python tools/protos.py --check` regenerates into a temporary folder and fails when the
-committed code differs from what the protos produce.
+committed code or docs/openapi.json differs from what the protos produce.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ THIRD_PARTY = ROOT / "third_party" / "googleapis"
 PYTHON_ROOT = ROOT / "clients" / "python" / "src"
 GENERATED_PACKAGE = Path("inference") / "v1"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
+OPENAPI_COPY = ROOT / "docs" / "openapi.json"
 PACKAGE_DOC = '"""Generated from protos/ by tools/protos.py; never edit by hand."""\n'
 
 
@@ -60,13 +62,23 @@ def generate(python_out: Path, descriptor_out: Path) -> None:
         *command[:6],
         f"--descriptor_set_out={descriptor_out}",
         "--include_imports",
+        # The proto comments become the OpenAPI document's descriptions.
+        "--include_source_info",
         *proto_files(),
         "google/rpc/error_details.proto",
     ]
     subprocess.run(descriptor_command, check=True, cwd=ROOT)
+    # Run as a module: this file runs as a script, without the repository on sys.path.
+    openapi_command = [sys.executable, "-m", "tools.openapi", f"--descriptor={descriptor_out}"]
+    subprocess.run([*openapi_command, f"--output={openapi_path(descriptor_out)}"], check=True, cwd=ROOT)
     for package in (python_out / "inference", python_out / GENERATED_PACKAGE):
         (package / "__init__.py").write_text(PACKAGE_DOC)
         (package / "py.typed").write_text("")
+
+
+def openapi_path(descriptor: Path) -> Path:
+    """Where the OpenAPI document of a descriptor is written: beside it (Envoy serves it)."""
+    return descriptor.with_name("openapi.json")
 
 
 def generated_files(root: Path) -> set[Path]:
@@ -89,10 +101,13 @@ def check() -> int:
             for p in sorted(expected & committed)
             if not filecmp.cmp(fresh / p, PYTHON_ROOT / p, shallow=False)
         ]
+        fresh_openapi = openapi_path(Path(tmp) / "inference.pb")
+        if not OPENAPI_COPY.is_file() or not filecmp.cmp(fresh_openapi, OPENAPI_COPY, shallow=False):
+            problems.append(f"differs from protos/: {OPENAPI_COPY.relative_to(ROOT)}")
     if problems:
-        print("clients/python/src/inference is stale; run `make protos`:", *problems, sep="\n  ")
+        print("generated code is stale; run `make protos`:", *problems, sep="\n  ")
         return 1
-    print(f"generated code matches protos/ ({len(expected)} files)")
+    print(f"generated code matches protos/ ({len(expected)} files and {OPENAPI_COPY.name})")
     return 0
 
 
@@ -108,11 +123,12 @@ def main() -> int:
     if args.descriptor_only:
         with tempfile.TemporaryDirectory() as tmp:
             generate(Path(tmp), DESCRIPTOR)
-        print(f"wrote {DESCRIPTOR}")
+        print(f"wrote {DESCRIPTOR} and {openapi_path(DESCRIPTOR)}")
         return 0
     shutil.rmtree(PYTHON_ROOT / "inference", ignore_errors=True)
     generate(PYTHON_ROOT, DESCRIPTOR)
-    print(f"wrote {PYTHON_ROOT / GENERATED_PACKAGE} and {DESCRIPTOR}")
+    shutil.copyfile(openapi_path(DESCRIPTOR), OPENAPI_COPY)
+    print(f"wrote {PYTHON_ROOT / GENERATED_PACKAGE}, {DESCRIPTOR}, {OPENAPI_COPY} and the OpenAPI beside it")
     return 0
 
 

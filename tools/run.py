@@ -254,6 +254,8 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
     lines = [f"The stack is SERVING (after {elapsed:.0f}s):"]
     if "envoy" in names:
         lines.append(f"  REST, OpenAI API and gRPC  http://localhost:{env['ENVOY_PORT']}   (Envoy)")
+        docs = f"http://localhost:{env['ENVOY_PORT']}"
+        lines.append(f"  API docs                   {docs}/docs   (ReDoc: /redoc, OpenAPI: /openapi.json)")
         lines.append(f"  Envoy admin                http://127.0.0.1:{env['ENVOY_ADMIN_PORT']}")
     for tier in plan.tiers:
         if tier.name == "envoy":

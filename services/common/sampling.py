@@ -136,21 +136,75 @@ def params_violations(
     return bad
 
 
+def _stop_sent(p: common_pb2.SamplingParameters) -> bool:
+    return p.stop.WhichOneof("kind") not in (None, "null_value")
+
+
+def _max_new_tokens(p: common_pb2.SamplingParameters) -> int | None:
+    if p.HasField("max_new_tokens"):
+        return p.max_new_tokens
+    return p.max_tokens if p.HasField("max_tokens") else None
+
+
+def _stop(p: common_pb2.SamplingParameters) -> tuple[str, ...]:
+    return stop_sequences(p.stop)[0] if _stop_sent(p) else tuple(p.stop_sequences)
+
+
+def _alias_conflicts(p: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
+    bad: list[tuple[str, str]] = []
+    if p.HasField("max_tokens") and p.HasField("max_new_tokens") and p.max_tokens != p.max_new_tokens:
+        bad.append(
+            (
+                f"{FIELD}.max_tokens",
+                f"is an alias of {FIELD}.max_new_tokens and differs from it "
+                f"({p.max_tokens} and {p.max_new_tokens}): send one of them",
+            )
+        )
+    if p.stop_sequences and _stop_sent(p) and tuple(p.stop_sequences) != stop_sequences(p.stop)[0]:
+        bad.append(
+            (
+                f"{FIELD}.stop_sequences",
+                f"is an alias of {FIELD}.stop and differs from it: send one of them",
+            )
+        )
+    return bad
+
+
+def wire_violations(parameters: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
+    """(field path, problem) of what no range check can see: unreadable stop items and an alias
+    that contradicts its canonical knob."""
+    return stop_sequences(parameters.stop)[1] + _alias_conflicts(parameters)
+
+
+def _sent_name(p: common_pb2.SamplingParameters, path: str) -> str:
+    """The path under the name the client used: a range problem of max_new_tokens that arrived
+    as max_tokens names max_tokens (and stop[i] as stop_sequences[i])."""
+    if path == f"{FIELD}.max_new_tokens" and not p.HasField("max_new_tokens") and p.HasField("max_tokens"):
+        return f"{FIELD}.max_tokens"
+    if path.startswith(f"{FIELD}.stop") and not _stop_sent(p) and p.stop_sequences:
+        return f"{FIELD}.stop_sequences" + path.removeprefix(f"{FIELD}.stop")
+    return path
+
+
 def violations(
     parameters: common_pb2.SamplingParameters, limits: SamplingLimits = DEFAULT_LIMITS
 ) -> list[tuple[str, str]]:
-    """(field path, problem) of every knob on the wire that is unreadable or outside its range."""
-    _, unreadable = stop_sequences(parameters.stop)
+    """(field path, problem) of every knob on the wire that is unreadable, contradicts its alias
+    or is outside its range; a problem is named by the field the client sent."""
+    wire = wire_violations(parameters)
     # An absent max_new_tokens means the server's default, which is never out of range.
-    return unreadable + params_violations(from_proto(parameters, default_max_new_tokens=1), limits)
+    ranges = params_violations(from_proto(parameters, default_max_new_tokens=1), limits)
+    return wire + [(_sent_name(parameters, path), problem) for path, problem in ranges]
 
 
 def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
-    """The request's knobs with the server's defaults (check `violations` first)."""
+    """The request's knobs with the server's defaults, each alias (max_tokens, stop_sequences)
+    read where its canonical knob is absent (check `violations` first)."""
     p = parameters
     greedy = is_greedy(p)
+    max_new_tokens = _max_new_tokens(p)
     return SamplingParams(
-        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new_tokens,
+        max_new_tokens=default_max_new_tokens if max_new_tokens is None else max_new_tokens,
         do_sample=not greedy,
         # Kept as sent (so that its range is checked); greedy decoding never reads it.
         temperature=p.temperature if p.HasField("temperature") else 1.0,
@@ -158,7 +212,7 @@ def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
         seed=p.seed if p.HasField("seed") else None,
-        stop=stop_sequences(p.stop)[0],
+        stop=_stop(p),
         num_return_sequences=p.num_return_sequences if p.HasField("num_return_sequences") else 1,
         num_beams=p.num_beams if p.HasField("num_beams") else 1,
         logprobs=p.logprobs or p.top_logprobs > 0,

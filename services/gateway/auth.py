@@ -30,7 +30,23 @@ _EMB = "/inference.v1.EmbeddingService/"
 _OAI = "/inference.v1.OpenAIService/"
 _INFO = "/inference.v1.InfoService/"
 METHOD_SCOPES: dict[str, str] = {
-    **{_GEN + m: "generate" for m in ("Generate", "GenerateStream", "Chat", "SolveMath", "SolveCoding")},
+    **{
+        _GEN + m: "generate"
+        for m in (
+            "Generate",
+            "GenerateStream",
+            "GenerateStreamEvents",
+            "Chat",
+            "ChatStream",
+            "ChatStreamEvents",
+            "SolveMath",
+            "SolveMathStream",
+            "SolveMathStreamEvents",
+            "SolveCoding",
+            "SolveCodingStream",
+            "SolveCodingStreamEvents",
+        )
+    },
     **{
         _OAI + m: "generate"
         for m in (

@@ -296,23 +296,47 @@ class Backends:
             is_deterministic(request),
         )
 
-    async def generate_stream(
-        self, request: generation_pb2.GenerateStreamRequest, context: Context
+    async def _stream(
+        self,
+        method: str,
+        callable_: grpc.aio.UnaryStreamMultiCallable[Any, generation_pb2.GenerateStreamResponse],
+        request: Message,
+        context: Context,
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         timeout, metadata = call_options(context, self.generator.tracing)
-        call = self._generation.GenerateStream(request, timeout=timeout, metadata=metadata)
+        call = callable_(request, timeout=timeout, metadata=metadata)
         try:
             async for message in call:
                 if message.HasField("usage"):
                     charge_tokens(message.usage.total_tokens)
                 yield message
         except grpc.aio.AioRpcError as error:
-            BACKEND_ERRORS.labels("GenerateStream", error.code().name).inc()
+            BACKEND_ERRORS.labels(method, error.code().name).inc()
             raise
         finally:
             # The client went away (CancelledError/GeneratorExit) or the stream ended: either way the
             # backend's batch slot must be freed now, not when its deadline passes.
             call.cancel()
+
+    def generate_stream(
+        self, request: generation_pb2.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        return self._stream("GenerateStream", self._generation.GenerateStream, request, context)
+
+    def chat_stream(
+        self, request: generation_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        return self._stream("ChatStream", self._generation.ChatStream, request, context)
+
+    def solve_math_stream(
+        self, request: generation_pb2.SolveMathRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        return self._stream("SolveMathStream", self._generation.SolveMathStream, request, context)
+
+    def solve_coding_stream(
+        self, request: generation_pb2.SolveCodingRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        return self._stream("SolveCodingStream", self._generation.SolveCodingStream, request, context)
 
     async def embed(
         self, request: embedding_pb2.EmbedRequest, context: Context

@@ -4,7 +4,6 @@ and the server-sent-event rendering of streamed chunks. Pure conversion: no I/O.
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 from collections.abc import Iterable
@@ -13,9 +12,11 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
+from services.common.sse import DONE_EVENT as DONE_EVENT
+from services.common.sse import SSE_CONTENT_TYPE as SSE_CONTENT_TYPE
+from services.common.sse import sse_event as sse_event
+
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-SSE_CONTENT_TYPE = "text/event-stream"
-DONE_EVENT = b"data: [DONE]\n\n"
 OWNER = "inference-stack"
 
 
@@ -459,10 +460,6 @@ def completion_chunk_json(chunk: openai_pb2.StreamCompletionResponse) -> dict[st
     if chunk.HasField("usage"):
         body["usage"] = _usage_json(chunk.usage)
     return body
-
-
-def sse_event(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def sse_error(message: str, kind: str, code: int, status: str) -> bytes:

@@ -23,6 +23,7 @@ from inference.v1 import (
     openai_pb2_grpc,
 )
 
+from services.common import sse
 from services.common.interceptors import Context
 from services.common.machine import device_info, memory_info
 from services.gateway import openai_compat as oai
@@ -34,14 +35,6 @@ from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
 RequestT = TypeVar("RequestT", bound=Message)
-
-# Set by Envoy's Lua filter on requests that arrived as REST/JSON: their streams report a failure
-# after the first event in band, since an HTTP status can no longer change by then.
-REST_HEADER = "x-inference-rest"
-
-
-def is_rest(context: Context) -> bool:
-    return any(key == REST_HEADER for key, _ in (context.invocation_metadata() or ()))
 
 
 def _copy(request: RequestT) -> RequestT:
@@ -74,17 +67,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         validation.validate_generate(request, self._limits)
-        forwarded = await self._prepared(request)
-        sent = False
-        try:
-            async for message in self._backends.generate_stream(forwarded, context):
-                sent = True
-                yield message
-        except (GatewayError, grpc.aio.AioRpcError) as raised:
-            error = MAPPING.failure_of(raised)
-            if error is None or not (sent and is_rest(context)):
-                raise
-            yield generation_pb2.GenerateStreamResponse(error=error.to_status())
+        async for message in self._backends.generate_stream(await self._prepared(request), context):
+            yield message
+
+    async def GenerateStreamEvents(
+        self, request: generation_pb2.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.GenerateStream(request, context), MAPPING.failure_of):
+            yield event
 
     async def Chat(
         self, request: generation_pb2.ChatRequest, context: Context
@@ -92,17 +82,56 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         validation.validate_chat(request, self._limits)
         return await self._backends.chat(await self._prepared(request), context)
 
+    async def ChatStream(
+        self, request: generation_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        validation.validate_chat(request, self._limits)
+        async for message in self._backends.chat_stream(await self._prepared(request), context):
+            yield message
+
+    async def ChatStreamEvents(
+        self, request: generation_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.ChatStream(request, context), MAPPING.failure_of):
+            yield event
+
     async def SolveMath(
         self, request: generation_pb2.SolveMathRequest, context: Context
     ) -> generation_pb2.SolveMathResponse:
         validation.validate_solve(request, self._limits)
         return await self._backends.solve_math(await self._prepared(request), context)
 
+    async def SolveMathStream(
+        self, request: generation_pb2.SolveMathRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        validation.validate_solve(request, self._limits)
+        async for message in self._backends.solve_math_stream(await self._prepared(request), context):
+            yield message
+
+    async def SolveMathStreamEvents(
+        self, request: generation_pb2.SolveMathRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.SolveMathStream(request, context), MAPPING.failure_of):
+            yield event
+
     async def SolveCoding(
         self, request: generation_pb2.SolveCodingRequest, context: Context
     ) -> generation_pb2.SolveCodingResponse:
         validation.validate_solve(request, self._limits)
         return await self._backends.solve_coding(await self._prepared(request), context)
+
+    async def SolveCodingStream(
+        self, request: generation_pb2.SolveCodingRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        validation.validate_solve(request, self._limits)
+        async for message in self._backends.solve_coding_stream(await self._prepared(request), context):
+            yield message
+
+    async def SolveCodingStreamEvents(
+        self, request: generation_pb2.SolveCodingRequest, context: Context
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.SolveCodingStream(request, context), MAPPING.failure_of):
+            yield event
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -237,26 +266,14 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         return info_pb2.ListServedModelsResponse(models=await self._catalog.all_models())
 
 
-def _sse(data: bytes) -> httpbody_pb2.HttpBody:
-    return httpbody_pb2.HttpBody(content_type=oai.SSE_CONTENT_TYPE, data=data)
+def _openai_error_event(error: GatewayError) -> bytes:
+    kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"
+    return oai.sse_error(error.message, kind, http_like(error.code), error.code.name)
 
 
-async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[httpbody_pb2.HttpBody]:
-    """SSE events ending in [DONE]; a failure before the first event is the call's status (an HTTP
-    error), one after it an in-band error event (never a clean end)."""
-    sent = False
-    try:
-        async for body in chunks:
-            sent = True
-            yield _sse(oai.sse_event(body))
-    except (GatewayError, grpc.aio.AioRpcError) as raised:
-        error = MAPPING.failure_of(raised)
-        if error is None or not sent:
-            raise
-        kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"
-        yield _sse(oai.sse_error(error.message, kind, http_like(error.code), error.code.name))
-        return
-    yield _sse(oai.DONE_EVENT)
+def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[httpbody_pb2.HttpBody]:
+    """OpenAI's SSE: chunks ending in [DONE], a failure after the first one in OpenAI's error shape."""
+    return sse.sse_stream(chunks, MAPPING.failure_of, _openai_error_event)
 
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf.message import Message
 from inference.v1 import (
     common_pb2,
@@ -18,7 +19,7 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
-from services.common import sampling
+from services.common import sampling, sse
 from services.common.machine import device_info, memory_info
 from services.common.sampling import SamplingParams
 from services.generator import tasks
@@ -32,6 +33,7 @@ from services.generator.engine import (
     PromptToken,
     TokenEvent,
 )
+from services.generator.errors import MAPPING
 
 FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -67,8 +69,8 @@ class ServedInfo:
 
 def sampling_params(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
     """The request's knobs with the server's defaults; raises InvalidRequest for unreadable stop
-    items (the engine checks the ranges when the request is submitted)."""
-    _, unreadable = sampling.stop_sequences(parameters.stop)
+    items and contradicting aliases (the engine checks the ranges when the request is submitted)."""
+    unreadable = sampling.wire_violations(parameters)
     if unreadable:
         raise InvalidRequest(unreadable)
     return sampling.from_proto(parameters, default_max_new_tokens)
@@ -204,12 +206,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             tokens=sequences[0].tokens,
         )
 
-    async def GenerateStream(
-        self, request: generation_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    async def _stream(
+        self,
+        message: GenerationRequest | generation_pb2.GenerateStreamRequest,
+        ids: list[int],
+        finish: Callable[[generation_pb2.GenerateStreamResponse], None] | None = None,
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        self._check_model(request.model)
-        ids = self._prompt_ids(request)
-        params = sampling_params(request.parameters, self._default_max_new_tokens)
+        """One message per token; the last of each sequence gets its summary (and `finish`'s
+        additions), the last of the stream the usage."""
+        params = sampling_params(message.parameters, self._default_max_new_tokens)
         engine = self._engine()
         handle = engine.submit(ids, params)
         try:
@@ -236,12 +241,84 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     reply.tokens_generated = counts[event.index]
                     reply.generation_time = elapsed
                     reply.tokens_per_second = _rate(counts[event.index], elapsed)
+                    if finish is not None:
+                        finish(reply)
                     if finished == params.num_return_sequences:
                         reply.usage.CopyFrom(_usage(len(ids), sum(counts.values())))
                 yield reply
         finally:
             # A cancelled or failed stream leaves the batch at the next step.
             handle.cancel()
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        self._check_model(request.model)
+        async for reply in self._stream(request, self._prompt_ids(request)):
+            yield reply
+
+    async def ChatStream(
+        self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        if not request.messages:
+            raise InvalidRequest([("messages", "must hold at least one message")])
+        self._check_model(request.model)
+        async for reply in self._stream(request, self._prompt_ids(request)):
+            yield reply
+
+    async def SolveMathStream(
+        self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        if not request.problem.strip():
+            raise InvalidRequest([("problem", "must not be empty")])
+        self._check_model(request.model)
+
+        def answer(reply: generation_pb2.GenerateStreamResponse) -> None:
+            reply.answer = tasks.extract_answer(reply.generated_text)
+
+        ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
+        async for reply in self._stream(request, ids, answer):
+            yield reply
+
+    async def SolveCodingStream(
+        self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        if not request.problem.strip():
+            raise InvalidRequest([("problem", "must not be empty")])
+        self._check_model(request.model)
+        language = request.language.strip() or "python"
+
+        def code(reply: generation_pb2.GenerateStreamResponse) -> None:
+            reply.code = tasks.extract_code(reply.generated_text)
+            reply.language = language
+
+        ids = self._chat_ids(tasks.coding_system(language), request.problem)
+        async for reply in self._stream(request, ids, code):
+            yield reply
+
+    async def GenerateStreamEvents(
+        self, request: generation_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.GenerateStream(request, context), MAPPING.failure_of):
+            yield event
+
+    async def ChatStreamEvents(
+        self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.ChatStream(request, context), MAPPING.failure_of):
+            yield event
+
+    async def SolveMathStreamEvents(
+        self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.SolveMathStream(request, context), MAPPING.failure_of):
+            yield event
+
+    async def SolveCodingStreamEvents(
+        self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        async for event in sse.native_sse(self.SolveCodingStream(request, context), MAPPING.failure_of):
+            yield event
 
     async def Chat(
         self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]

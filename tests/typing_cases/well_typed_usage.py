@@ -32,6 +32,12 @@ def sync_usage(address: str) -> str:
 
         reply = client.chat([ChatMessage("system", "Be brief."), ("user", "Hi")], max_new_tokens=8)
         answer: str = reply.message.content
+        chat_stream = client.chat_stream([("user", "Hi")], max_new_tokens=8, stop="\n")
+        math = client.solve_math_stream("What is 2 + 2?", temperature=0.0)
+        coding = client.solve_coding_stream("Add two numbers.", language="python", timeout=5.0)
+        extracted: str | None = math.summaries[0].answer if math.summaries else None
+        code: str | None = coding.summaries[0].code if coding.summaries else None
+        print([token.text for token in chat_stream], extracted, code)
 
         vectors: list[list[float]] = client.embed(["a", "b"], dimensions=64, encoding_format="base64").vectors
         from_ids = client.embed([[101, 2023, 102]], normalize=False)
@@ -56,6 +62,8 @@ async def async_usage(address: str) -> str:
         result = await client.generate(messages=[("user", "Hi")], max_new_tokens=4)
         stream = client.stream("Count to three", max_new_tokens=8)
         tokens = [token.text async for token in stream]
+        solved = client.solve_coding_stream("Sort a list.", max_new_tokens=8)
+        tokens += [token.text async for token in solved]
         embedding = await client.embed("hello")
         health = await client.health()
         return f"{result.text}{tokens}{stream.usage}{embedding.vectors[0][0]}{health.status.value}"

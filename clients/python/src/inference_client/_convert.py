@@ -98,6 +98,23 @@ def chat_request(messages: Iterable[MessageLike], options: ChatOptions) -> gener
     )
 
 
+def solve_math_request(problem: str, options: ChatOptions) -> generation_pb2.SolveMathRequest:
+    return generation_pb2.SolveMathRequest(
+        problem=problem, model=options.get("model", ""), parameters=sampling_parameters(options)
+    )
+
+
+def solve_coding_request(
+    problem: str, language: str, options: ChatOptions
+) -> generation_pb2.SolveCodingRequest:
+    return generation_pb2.SolveCodingRequest(
+        problem=problem,
+        language=language,
+        model=options.get("model", ""),
+        parameters=sampling_parameters(options),
+    )
+
+
 def _input_value(inputs: EmbeddingInput) -> struct_pb2.Value:
     value = struct_pb2.Value()
     if isinstance(inputs, str):
@@ -313,6 +330,9 @@ class StreamState:
                 generation_time=message.generation_time,
                 tokens_per_second=message.tokens_per_second,
                 finish_reason=finish_reason(message.finish_reason),
+                answer=message.answer if message.HasField("answer") else None,
+                code=message.code if message.HasField("code") else None,
+                language=message.language if message.HasField("language") else None,
             )
         if message.HasField("usage"):
             self.usage = usage(message.usage)

@@ -57,9 +57,7 @@ class AsyncTokenStream:
 
     def __init__(
         self,
-        call: grpc.aio.UnaryStreamCall[
-            generation_pb2.GenerateStreamRequest, generation_pb2.GenerateStreamResponse
-        ],
+        call: grpc.aio.UnaryStreamCall[Any, generation_pb2.GenerateStreamResponse],
     ) -> None:
         self._call = call
         self._state = _convert.StreamState()
@@ -212,6 +210,44 @@ class AsyncInferenceClient:
         """Answers a conversation of (role, content) pairs or ChatMessages."""
         request = _convert.chat_request(messages, options)
         return _convert.chat_reply(await self._unary(self._generation.Chat, request, timeout))
+
+    def chat_stream(
+        self,
+        messages: Iterable[MessageLike],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[ChatOptions],
+    ) -> AsyncTokenStream:
+        """Answers a conversation as a token stream (the messages of `stream`). Not retried."""
+        request = _convert.chat_request(messages, options)
+        call = self._generation.ChatStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        return AsyncTokenStream(call)
+
+    def solve_math_stream(
+        self, problem: str, *, timeout: float | None = None, **options: Unpack[ChatOptions]
+    ) -> AsyncTokenStream:
+        """Solves a math problem as a token stream; each sequence's summary carries the `answer`."""
+        request = _convert.solve_math_request(problem, options)
+        call = self._generation.SolveMathStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return AsyncTokenStream(call)
+
+    def solve_coding_stream(
+        self,
+        problem: str,
+        *,
+        language: str = "",
+        timeout: float | None = None,
+        **options: Unpack[ChatOptions],
+    ) -> AsyncTokenStream:
+        """Writes code for a task as a token stream; each sequence's summary carries the `code`
+        and its `language` ("python" when empty)."""
+        request = _convert.solve_coding_request(problem, language, options)
+        call = self._generation.SolveCodingStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return AsyncTokenStream(call)
 
     async def embed(
         self,

@@ -208,6 +208,44 @@ class InferenceClient:
         request = _convert.chat_request(messages, options)
         return _convert.chat_reply(self._unary(self._generation.Chat, request, timeout))
 
+    def chat_stream(
+        self,
+        messages: Iterable[MessageLike],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[ChatOptions],
+    ) -> TokenStream:
+        """Answers a conversation as a token stream (the messages of `stream`). Not retried."""
+        request = _convert.chat_request(messages, options)
+        call = self._generation.ChatStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        return TokenStream(call, call.cancel)
+
+    def solve_math_stream(
+        self, problem: str, *, timeout: float | None = None, **options: Unpack[ChatOptions]
+    ) -> TokenStream:
+        """Solves a math problem as a token stream; each sequence's summary carries the `answer`."""
+        request = _convert.solve_math_request(problem, options)
+        call = self._generation.SolveMathStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return TokenStream(call, call.cancel)
+
+    def solve_coding_stream(
+        self,
+        problem: str,
+        *,
+        language: str = "",
+        timeout: float | None = None,
+        **options: Unpack[ChatOptions],
+    ) -> TokenStream:
+        """Writes code for a task as a token stream; each sequence's summary carries the `code`
+        and its `language` ("python" when empty)."""
+        request = _convert.solve_coding_request(problem, language, options)
+        call = self._generation.SolveCodingStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return TokenStream(call, call.cancel)
+
     def embed(
         self,
         inputs: EmbeddingInput,

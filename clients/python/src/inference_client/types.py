@@ -134,6 +134,12 @@ class StreamSummary:
     generation_time: float
     tokens_per_second: float
     finish_reason: FinishReason
+    answer: str | None = None
+    """solve_math_stream only: the answer extracted from the text."""
+    code: str | None = None
+    """solve_coding_stream only: the code block extracted from the text."""
+    language: str | None = None
+    """solve_coding_stream only: the language of `code`."""
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,8 @@ class SamplingParameters(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCES_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """Default: the server's (--default-max-new-tokens)."""
     temperature: _builtins.float
@@ -276,9 +278,19 @@ class SamplingParameters(_message.Message):
     """Return the prompt's tokens with their logprobs under the model (no temperature or penalty),
     and top_logprobs alternatives each; the first prompt token has none.
     """
+    max_tokens: _builtins.int
+    """Alias of max_new_tokens, the name seed-style clients send. Giving both with different values
+    is an error; giving both with the same value is fine.
+    """
     @_builtins.property
     def stop(self) -> _struct_pb2.Value:
         """A string or a list of strings; generation stops before any of them and omits it."""
+
+    @_builtins.property
+    def stop_sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Alias of stop, the name seed-style clients send (always a list there). Giving both with
+        different sequences is an error; giving both with the same sequences is fine.
+        """
 
     def __init__(
         self,
@@ -296,10 +308,12 @@ class SamplingParameters(_message.Message):
         logprobs: _builtins.bool | None = ...,
         top_logprobs: _builtins.int | None = ...,
         prompt_logprobs: _builtins.bool | None = ...,
+        max_tokens: _builtins.int | None = ...,
+        stop_sequences: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__do_sample: _TypeAlias = _typing.Literal["do_sample"]  # noqa: Y015
     _WhichOneofArgType__do_sample: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample"]  # noqa: Y015
@@ -307,6 +321,8 @@ class SamplingParameters(_message.Message):
     _WhichOneofArgType__logprobs: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
     _WhichOneofReturnType__num_beams: _TypeAlias = _typing.Literal["num_beams"]  # noqa: Y015
     _WhichOneofArgType__num_beams: _TypeAlias = _typing.Literal["_num_beams", b"_num_beams"]  # noqa: Y015
     _WhichOneofReturnType__num_return_sequences: _TypeAlias = _typing.Literal["num_return_sequences"]  # noqa: Y015
@@ -331,6 +347,8 @@ class SamplingParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprobs) -> _WhichOneofReturnType__logprobs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_beams) -> _WhichOneofReturnType__num_beams | None: ...
     @_typing.overload

@@ -34,7 +34,7 @@ class GenerateRequest(_message.Message):
     model: _builtins.str
     """The model to use; empty for the server's model."""
     stream: _builtins.bool
-    """REST only: true answers with the token stream of GenerateStream on the same URL."""
+    """REST only: true answers with the token stream of GenerateStreamEvents on the same URL."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Chat messages, rendered with the model's chat template (with the generation prompt)."""
@@ -178,6 +178,9 @@ class GenerateStreamResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     index: _builtins.int
     """Which of the num_return_sequences sequences this token belongs to."""
@@ -188,6 +191,16 @@ class GenerateStreamResponse(_message.Message):
     tokens_generated: _builtins.int
     generation_time: _builtins.float
     tokens_per_second: _builtins.float
+    answer: _builtins.str
+    """SolveMathStream only, on the last message of each sequence: the answer extracted from
+    generated_text (as SolveMathResponse.answer).
+    """
+    code: _builtins.str
+    """SolveCodingStream only, on the last message of each sequence: the code block extracted from
+    generated_text (as SolveCodingResponse.code).
+    """
+    language: _builtins.str
+    """SolveCodingStream only, with `code`: the programming language."""
     @_builtins.property
     def token(self) -> _common_pb2.Token: ...
     @_builtins.property
@@ -220,12 +233,26 @@ class GenerateStreamResponse(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         error: _status_pb2.Status | None = ...,
         prompt_tokens: _abc.Iterable[_common_pb2.Token] | None = ...,
+        answer: _builtins.str | None = ...,
+        code: _builtins.str | None = ...,
+        language: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "token", b"token", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer", b"_answer", "_code", b"_code", "_language", b"_language", "answer", b"answer", "code", b"code", "error", b"error", "language", b"language", "token", b"token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "index", b"index", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "token", b"token", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer", b"_answer", "_code", b"_code", "_language", b"_language", "answer", b"answer", "code", b"code", "error", b"error", "finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "index", b"index", "language", b"language", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "token", b"token", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__answer: _TypeAlias = _typing.Literal["answer"]  # noqa: Y015
+    _WhichOneofArgType__answer: _TypeAlias = _typing.Literal["_answer", b"_answer"]  # noqa: Y015
+    _WhichOneofReturnType__code: _TypeAlias = _typing.Literal["code"]  # noqa: Y015
+    _WhichOneofArgType__code: _TypeAlias = _typing.Literal["_code", b"_code"]  # noqa: Y015
+    _WhichOneofReturnType__language: _TypeAlias = _typing.Literal["language"]  # noqa: Y015
+    _WhichOneofArgType__language: _TypeAlias = _typing.Literal["_language", b"_language"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__answer) -> _WhichOneofReturnType__answer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__code) -> _WhichOneofReturnType__code | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__language) -> _WhichOneofReturnType__language | None: ...
 
 Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
 
@@ -236,7 +263,10 @@ class ChatRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    stream: _builtins.bool
+    """REST only: true answers with the token stream of ChatStreamEvents on the same URL."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -247,12 +277,15 @@ class ChatRequest(_message.Message):
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         model: _builtins.str = ...,
         parameters: _common_pb2.SamplingParameters | None = ...,
+        stream: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "messages", b"messages", "model", b"model", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
+    _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream) -> _WhichOneofReturnType__stream | None: ...
 
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
@@ -313,9 +346,12 @@ class SolveMathRequest(_message.Message):
     PROBLEM_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     problem: _builtins.str
     """The problem statement, e.g. "What is 12 * 7?"."""
     model: _builtins.str
+    stream: _builtins.bool
+    """REST only: true answers with the token stream of SolveMathStreamEvents on the same URL."""
     @_builtins.property
     def parameters(self) -> _common_pb2.SamplingParameters: ...
     def __init__(
@@ -324,12 +360,15 @@ class SolveMathRequest(_message.Message):
         problem: _builtins.str = ...,
         model: _builtins.str = ...,
         parameters: _common_pb2.SamplingParameters | None = ...,
+        stream: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parameters", b"parameters", "problem", b"problem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "model", b"model", "parameters", b"parameters", "problem", b"problem", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
+    _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream) -> _WhichOneofReturnType__stream | None: ...
 
 Global___SolveMathRequest: _TypeAlias = SolveMathRequest  # noqa: Y015
 
@@ -384,11 +423,14 @@ class SolveCodingRequest(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     problem: _builtins.str
     """What the code should do."""
     language: _builtins.str
     """The programming language; "python" when empty."""
     model: _builtins.str
+    stream: _builtins.bool
+    """REST only: true answers with the token stream of SolveCodingStreamEvents on the same URL."""
     @_builtins.property
     def parameters(self) -> _common_pb2.SamplingParameters: ...
     def __init__(
@@ -398,12 +440,15 @@ class SolveCodingRequest(_message.Message):
         language: _builtins.str = ...,
         model: _builtins.str = ...,
         parameters: _common_pb2.SamplingParameters | None = ...,
+        stream: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "model", b"model", "parameters", b"parameters", "problem", b"problem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "language", b"language", "model", b"model", "parameters", b"parameters", "problem", b"problem", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
+    _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream) -> _WhichOneofReturnType__stream | None: ...
 
 Global___SolveCodingRequest: _TypeAlias = SolveCodingRequest  # noqa: Y015
 

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from inference.v1 import generation_pb2 as inference_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -46,20 +47,55 @@ class GenerationServiceStub:
                 request_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateStreamEvents = channel.unary_stream(
+                '/inference.v1.GenerationService/GenerateStreamEvents',
+                request_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.Chat = channel.unary_unary(
                 '/inference.v1.GenerationService/Chat',
                 request_serializer=inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_generation__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/inference.v1.GenerationService/ChatStream',
+                request_serializer=inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.ChatStreamEvents = channel.unary_stream(
+                '/inference.v1.GenerationService/ChatStreamEvents',
+                request_serializer=inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.SolveMath = channel.unary_unary(
                 '/inference.v1.GenerationService/SolveMath',
                 request_serializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_generation__pb2.SolveMathResponse.FromString,
                 _registered_method=True)
+        self.SolveMathStream = channel.unary_stream(
+                '/inference.v1.GenerationService/SolveMathStream',
+                request_serializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.SolveMathStreamEvents = channel.unary_stream(
+                '/inference.v1.GenerationService/SolveMathStreamEvents',
+                request_serializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.SolveCoding = channel.unary_unary(
                 '/inference.v1.GenerationService/SolveCoding',
                 request_serializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_generation__pb2.SolveCodingResponse.FromString,
+                _registered_method=True)
+        self.SolveCodingStream = channel.unary_stream(
+                '/inference.v1.GenerationService/SolveCodingStream',
+                request_serializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
+        self.SolveCodingStreamEvents = channel.unary_stream(
+                '/inference.v1.GenerationService/SolveCodingStreamEvents',
+                request_serializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
 
@@ -70,15 +106,29 @@ class GenerationServiceServicer:
 
     def Generate(self, request, context):
         """Generates a completion of a prompt (or of chat messages) and returns it whole.
-        Over REST, a body with "stream": true is answered by GenerateStream instead.
+        Over REST, a body with "stream": true is answered by GenerateStreamEvents instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Streams one message per generated token; the last message carries finish reason and usage.
-        Over REST the messages arrive as server-sent events.
+        """Streams one message per generated token; the last message of each sequence carries its
+        finish reason, text and timings, and the last message of the stream the usage. gRPC only:
+        REST clients get the same messages from GenerateStreamEvents.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStreamEvents(self, request, context):
+        """The SSE framing of GenerateStream for REST clients: one `data: {...}` event per message (the
+        JSON of GenerateStreamResponse), then `data: [DONE]`; a failure after the first event is an
+        in-band event with `error` set, and the stream ends without [DONE].
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +136,28 @@ class GenerationServiceServicer:
 
     def Chat(self, request, context):
         """Answers a conversation, rendered with the model's chat template.
+        Over REST, a body with "stream": true is answered by ChatStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Chat as a token stream, the same messages as GenerateStream's (gRPC only).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStreamEvents(self, request, context):
+        """The SSE framing of ChatStream for REST clients, as GenerateStreamEvents frames GenerateStream.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +165,28 @@ class GenerationServiceServicer:
 
     def SolveMath(self, request, context):
         """Solves a math problem step by step and extracts the final answer.
+        Over REST, a body with "stream": true is answered by SolveMathStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SolveMathStream(self, request, context):
+        """SolveMath as a token stream (gRPC only); the last message of each sequence carries `answer`.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SolveMathStreamEvents(self, request, context):
+        """The SSE framing of SolveMathStream for REST clients.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +194,29 @@ class GenerationServiceServicer:
 
     def SolveCoding(self, request, context):
         """Writes code for a task and extracts the code block.
+        Over REST, a body with "stream": true is answered by SolveCodingStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SolveCodingStream(self, request, context):
+        """SolveCoding as a token stream (gRPC only); the last message of each sequence carries `code`
+        and `language`.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SolveCodingStreamEvents(self, request, context):
+        """The SSE framing of SolveCodingStream for REST clients.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,20 +235,55 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     request_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamRequest.FromString,
                     response_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
             ),
+            'GenerateStreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStreamEvents,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
             'Chat': grpc.unary_unary_rpc_method_handler(
                     servicer.Chat,
                     request_deserializer=inference_dot_v1_dot_generation__pb2.ChatRequest.FromString,
                     response_serializer=inference_dot_v1_dot_generation__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.ChatRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'ChatStreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStreamEvents,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.ChatRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'SolveMath': grpc.unary_unary_rpc_method_handler(
                     servicer.SolveMath,
                     request_deserializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.FromString,
                     response_serializer=inference_dot_v1_dot_generation__pb2.SolveMathResponse.SerializeToString,
             ),
+            'SolveMathStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SolveMathStream,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'SolveMathStreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SolveMathStreamEvents,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.SolveMathRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
             'SolveCoding': grpc.unary_unary_rpc_method_handler(
                     servicer.SolveCoding,
                     request_deserializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.FromString,
                     response_serializer=inference_dot_v1_dot_generation__pb2.SolveCodingResponse.SerializeToString,
+            ),
+            'SolveCodingStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SolveCodingStream,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'SolveCodingStreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SolveCodingStreamEvents,
+                    request_deserializer=inference_dot_v1_dot_generation__pb2.SolveCodingRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -201,6 +353,33 @@ class GenerationService:
             _registered_method=True)
 
     @staticmethod
+    def GenerateStreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/GenerateStreamEvents',
+            inference_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Chat(request,
             target,
             options=(),
@@ -217,6 +396,60 @@ class GenerationService:
             '/inference.v1.GenerationService/Chat',
             inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
             inference_dot_v1_dot_generation__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/ChatStream',
+            inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+            inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/ChatStreamEvents',
+            inference_dot_v1_dot_generation__pb2.ChatRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,6 +488,60 @@ class GenerationService:
             _registered_method=True)
 
     @staticmethod
+    def SolveMathStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/SolveMathStream',
+            inference_dot_v1_dot_generation__pb2.SolveMathRequest.SerializeToString,
+            inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SolveMathStreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/SolveMathStreamEvents',
+            inference_dot_v1_dot_generation__pb2.SolveMathRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SolveCoding(request,
             target,
             options=(),
@@ -271,6 +558,60 @@ class GenerationService:
             '/inference.v1.GenerationService/SolveCoding',
             inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
             inference_dot_v1_dot_generation__pb2.SolveCodingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SolveCodingStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/SolveCodingStream',
+            inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
+            inference_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SolveCodingStreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.GenerationService/SolveCodingStreamEvents',
+            inference_dot_v1_dot_generation__pb2.SolveCodingRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from inference.v1 import generation_pb2 as _generation_pb2
 import abc as _abc_1
@@ -37,18 +38,74 @@ class GenerationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> GenerationServiceAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]
     """Generates a completion of a prompt (or of chat messages) and returns it whole.
-    Over REST, a body with "stream": true is answered by GenerateStream instead.
+    Over REST, a body with "stream": true is answered by GenerateStreamEvents instead.
     """
     GenerateStream: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _generation_pb2.GenerateStreamResponse]
-    """Streams one message per generated token; the last message carries finish reason and usage.
-    Over REST the messages arrive as server-sent events.
+    """Streams one message per generated token; the last message of each sequence carries its
+    finish reason, text and timings, and the last message of the stream the usage. gRPC only:
+    REST clients get the same messages from GenerateStreamEvents.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GenerateStreamEvents: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _httpbody_pb2.HttpBody]
+    """The SSE framing of GenerateStream for REST clients: one `data: {...}` event per message (the
+    JSON of GenerateStreamResponse), then `data: [DONE]`; a failure after the first event is an
+    in-band event with `error` set, and the stream ends without [DONE].
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     Chat: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ChatRequest, _generation_pb2.ChatResponse]
-    """Answers a conversation, rendered with the model's chat template."""
+    """Answers a conversation, rendered with the model's chat template.
+    Over REST, a body with "stream": true is answered by ChatStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ChatStream: _grpc.UnaryStreamMultiCallable[_generation_pb2.ChatRequest, _generation_pb2.GenerateStreamResponse]
+    """Chat as a token stream, the same messages as GenerateStream's (gRPC only).
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ChatStreamEvents: _grpc.UnaryStreamMultiCallable[_generation_pb2.ChatRequest, _httpbody_pb2.HttpBody]
+    """The SSE framing of ChatStream for REST clients, as GenerateStreamEvents frames GenerateStream.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SolveMath: _grpc.UnaryUnaryMultiCallable[_generation_pb2.SolveMathRequest, _generation_pb2.SolveMathResponse]
-    """Solves a math problem step by step and extracts the final answer."""
+    """Solves a math problem step by step and extracts the final answer.
+    Over REST, a body with "stream": true is answered by SolveMathStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveMathStream: _grpc.UnaryStreamMultiCallable[_generation_pb2.SolveMathRequest, _generation_pb2.GenerateStreamResponse]
+    """SolveMath as a token stream (gRPC only); the last message of each sequence carries `answer`.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveMathStreamEvents: _grpc.UnaryStreamMultiCallable[_generation_pb2.SolveMathRequest, _httpbody_pb2.HttpBody]
+    """The SSE framing of SolveMathStream for REST clients.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SolveCoding: _grpc.UnaryUnaryMultiCallable[_generation_pb2.SolveCodingRequest, _generation_pb2.SolveCodingResponse]
-    """Writes code for a task and extracts the code block."""
+    """Writes code for a task and extracts the code block.
+    Over REST, a body with "stream": true is answered by SolveCodingStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveCodingStream: _grpc.UnaryStreamMultiCallable[_generation_pb2.SolveCodingRequest, _generation_pb2.GenerateStreamResponse]
+    """SolveCoding as a token stream (gRPC only); the last message of each sequence carries `code`
+    and `language`.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveCodingStreamEvents: _grpc.UnaryStreamMultiCallable[_generation_pb2.SolveCodingRequest, _httpbody_pb2.HttpBody]
+    """The SSE framing of SolveCodingStream for REST clients.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -59,18 +116,74 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generates a completion of a prompt (or of chat messages) and returns it whole.
-    Over REST, a body with "stream": true is answered by GenerateStream instead.
+    Over REST, a body with "stream": true is answered by GenerateStreamEvents instead.
     """
     GenerateStream: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _generation_pb2.GenerateStreamResponse]  # type: ignore[assignment]
-    """Streams one message per generated token; the last message carries finish reason and usage.
-    Over REST the messages arrive as server-sent events.
+    """Streams one message per generated token; the last message of each sequence carries its
+    finish reason, text and timings, and the last message of the stream the usage. gRPC only:
+    REST clients get the same messages from GenerateStreamEvents.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GenerateStreamEvents: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateStreamRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The SSE framing of GenerateStream for REST clients: one `data: {...}` event per message (the
+    JSON of GenerateStreamResponse), then `data: [DONE]`; a failure after the first event is an
+    in-band event with `error` set, and the stream ends without [DONE].
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     Chat: _aio.UnaryUnaryMultiCallable[_generation_pb2.ChatRequest, _generation_pb2.ChatResponse]  # type: ignore[assignment]
-    """Answers a conversation, rendered with the model's chat template."""
+    """Answers a conversation, rendered with the model's chat template.
+    Over REST, a body with "stream": true is answered by ChatStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ChatStream: _aio.UnaryStreamMultiCallable[_generation_pb2.ChatRequest, _generation_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """Chat as a token stream, the same messages as GenerateStream's (gRPC only).
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    ChatStreamEvents: _aio.UnaryStreamMultiCallable[_generation_pb2.ChatRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The SSE framing of ChatStream for REST clients, as GenerateStreamEvents frames GenerateStream.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SolveMath: _aio.UnaryUnaryMultiCallable[_generation_pb2.SolveMathRequest, _generation_pb2.SolveMathResponse]  # type: ignore[assignment]
-    """Solves a math problem step by step and extracts the final answer."""
+    """Solves a math problem step by step and extracts the final answer.
+    Over REST, a body with "stream": true is answered by SolveMathStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveMathStream: _aio.UnaryStreamMultiCallable[_generation_pb2.SolveMathRequest, _generation_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """SolveMath as a token stream (gRPC only); the last message of each sequence carries `answer`.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveMathStreamEvents: _aio.UnaryStreamMultiCallable[_generation_pb2.SolveMathRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The SSE framing of SolveMathStream for REST clients.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     SolveCoding: _aio.UnaryUnaryMultiCallable[_generation_pb2.SolveCodingRequest, _generation_pb2.SolveCodingResponse]  # type: ignore[assignment]
-    """Writes code for a task and extracts the code block."""
+    """Writes code for a task and extracts the code block.
+    Over REST, a body with "stream": true is answered by SolveCodingStreamEvents instead.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveCodingStream: _aio.UnaryStreamMultiCallable[_generation_pb2.SolveCodingRequest, _generation_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """SolveCoding as a token stream (gRPC only); the last message of each sequence carries `code`
+    and `language`.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    SolveCodingStreamEvents: _aio.UnaryStreamMultiCallable[_generation_pb2.SolveCodingRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The SSE framing of SolveCodingStream for REST clients.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Text generation with a causal language model. Served by the generator (one model, continuous
@@ -84,7 +197,7 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.GenerateResponse, _abc.Awaitable[_generation_pb2.GenerateResponse]]:
         """Generates a completion of a prompt (or of chat messages) and returns it whole.
-        Over REST, a body with "stream": true is answered by GenerateStream instead.
+        Over REST, a body with "stream": true is answered by GenerateStreamEvents instead.
         """
 
     @_abc_1.abstractmethod
@@ -93,8 +206,24 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.GenerateStreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generation_pb2.GenerateStreamResponse]]:
-        """Streams one message per generated token; the last message carries finish reason and usage.
-        Over REST the messages arrive as server-sent events.
+        """Streams one message per generated token; the last message of each sequence carries its
+        finish reason, text and timings, and the last message of the stream the usage. gRPC only:
+        REST clients get the same messages from GenerateStreamEvents.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStreamEvents(
+        self,
+        request: _generation_pb2.GenerateStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The SSE framing of GenerateStream for REST clients: one `data: {...}` event per message (the
+        JSON of GenerateStreamResponse), then `data: [DONE]`; a failure after the first event is an
+        in-band event with `error` set, and the stream ends without [DONE].
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod
@@ -103,7 +232,34 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.ChatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ChatResponse, _abc.Awaitable[_generation_pb2.ChatResponse]]:
-        """Answers a conversation, rendered with the model's chat template."""
+        """Answers a conversation, rendered with the model's chat template.
+        Over REST, a body with "stream": true is answered by ChatStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def ChatStream(
+        self,
+        request: _generation_pb2.ChatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generation_pb2.GenerateStreamResponse]]:
+        """Chat as a token stream, the same messages as GenerateStream's (gRPC only).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def ChatStreamEvents(
+        self,
+        request: _generation_pb2.ChatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The SSE framing of ChatStream for REST clients, as GenerateStreamEvents frames GenerateStream.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def SolveMath(
@@ -111,7 +267,34 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.SolveMathRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.SolveMathResponse, _abc.Awaitable[_generation_pb2.SolveMathResponse]]:
-        """Solves a math problem step by step and extracts the final answer."""
+        """Solves a math problem step by step and extracts the final answer.
+        Over REST, a body with "stream": true is answered by SolveMathStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def SolveMathStream(
+        self,
+        request: _generation_pb2.SolveMathRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generation_pb2.GenerateStreamResponse]]:
+        """SolveMath as a token stream (gRPC only); the last message of each sequence carries `answer`.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def SolveMathStreamEvents(
+        self,
+        request: _generation_pb2.SolveMathRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The SSE framing of SolveMathStream for REST clients.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def SolveCoding(
@@ -119,6 +302,34 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.SolveCodingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.SolveCodingResponse, _abc.Awaitable[_generation_pb2.SolveCodingResponse]]:
-        """Writes code for a task and extracts the code block."""
+        """Writes code for a task and extracts the code block.
+        Over REST, a body with "stream": true is answered by SolveCodingStreamEvents instead.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def SolveCodingStream(
+        self,
+        request: _generation_pb2.SolveCodingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generation_pb2.GenerateStreamResponse]]:
+        """SolveCoding as a token stream (gRPC only); the last message of each sequence carries `code`
+        and `language`.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def SolveCodingStreamEvents(
+        self,
+        request: _generation_pb2.SolveCodingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The SSE framing of SolveCodingStream for REST clients.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

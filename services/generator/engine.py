@@ -640,20 +640,24 @@ class Engine:
         result = [PromptToken(prompt[0], None, [])]
         if len(prompt) < 2:
             return result
-        logprobs = torch.log_softmax(position_logits(self.runner, prompt[:-1]).float(), dim=-1)
-        following = torch.tensor(prompt[1:], dtype=torch.long)
-        chosen = logprobs.gather(1, following[:, None]).squeeze(1).tolist()
-        alternatives: list[list[tuple[int, float]]] = [[] for _ in chosen]
-        if top:
-            values, ids = logprobs.topk(top, dim=-1)
-            alternatives = [
-                list(zip(row_ids, row_values, strict=True))
-                for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
-            ]
-        result.extend(
-            PromptToken(token, value, alt)
-            for token, value, alt in zip(prompt[1:], chosen, alternatives, strict=True)
-        )
+        at = 1
+        for chunk in position_logits(self.runner, prompt[:-1]):
+            logprobs = chunk.float()
+            logprobs -= logprobs.logsumexp(dim=-1, keepdim=True)  # in place: a chunk may be large
+            following = prompt[at : at + len(logprobs)]
+            chosen = logprobs.gather(1, torch.tensor(following, dtype=torch.long)[:, None]).squeeze(1)
+            alternatives: list[list[tuple[int, float]]] = [[] for _ in following]
+            if top:
+                values, ids = logprobs.topk(top, dim=-1)
+                alternatives = [
+                    list(zip(row_ids, row_values, strict=True))
+                    for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+                ]
+            result.extend(
+                PromptToken(token, value, alt)
+                for token, value, alt in zip(following, chosen.tolist(), alternatives, strict=True)
+            )
+            at += len(logprobs)
         return result
 
     def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:

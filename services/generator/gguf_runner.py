@@ -3,7 +3,7 @@ the block decoder (gguf_decoder.py), into the shared KV buffers (kv_cache.py), o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,26 +80,24 @@ class GgufRunner(KvCacheRunner):
         run_group()
         return torch.from_numpy(np.stack(logits)), batch
 
-    def position_logits(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Every position's logits [len(tokens), V] in scratch buffers (the kernel's forward
-        returns any rows asked for, so this costs one prompt's pass; no prefix cache is involved)."""
+    def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Every position's logits, PREFILL_ROWS rows at a time, from scratch buffers (the
+        kernel's forward returns any rows asked for, so this costs one prompt's pass; no prefix
+        cache is involved)."""
         scratch = self._empty(1, len(tokens))
-        pieces = []
         for at in range(0, len(tokens), PREFILL_ROWS):
             piece = np.asarray(tokens[at : at + PREFILL_ROWS], np.int64)
             every = np.arange(len(piece), dtype=np.int64)
-            pieces.append(
-                self.decoder.forward(
-                    scratch.keys,
-                    scratch.values,
-                    np.zeros(len(piece), np.int64),
-                    at + every,
-                    piece,
-                    every,
-                    self.decoder.prompt_model,
-                )
+            logits = self.decoder.forward(
+                scratch.keys,
+                scratch.values,
+                np.zeros(len(piece), np.int64),
+                at + every,
+                piece,
+                every,
+                self.decoder.prompt_model,
             )
-        return torch.from_numpy(np.concatenate(pieces))
+            yield torch.from_numpy(logits)
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +176,12 @@ class OnnxRunner(KvCacheRunner):
             self._remember(batch, row, prompt, cached)
         return torch.from_numpy(np.concatenate(logits)), batch
 
-    def position_logits(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Every position's logits [len(tokens), V] of one run on scratch buffers."""
+    def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Every position's logits of one run on scratch buffers, in one chunk."""
         scratch = self._empty(1, len(tokens) + HEADROOM)
         ids = np.asarray([list(tokens)], dtype=np.int64)
         logits = self._run(scratch, ids, np.ones((1, len(tokens)), np.int64), every=True)
-        return torch.from_numpy(np.ascontiguousarray(logits[0]))
+        yield torch.from_numpy(np.ascontiguousarray(logits[0]))
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

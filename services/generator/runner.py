@@ -1,12 +1,13 @@
 """What the engine needs from a model backend: prefill prompts, decode one token for every row of
 a running batch, and reshape that batch's KV cache when rows leave or join; the engine owns
 scheduling, sampling, stop rules and text (the backends: docs/backends.md). A runner may also
-offer position_logits(tokens) -> [len(tokens), V], every position's logits apart from any batch
-and cache; position_logits() below falls back to prefill and decode steps where it does not."""
+offer position_logits(tokens): every position's logits [m, V], in consecutive chunks of m rows,
+apart from any batch and cache; position_logits() below falls back to prefill and decode steps
+where it does not."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,15 +74,15 @@ class Runner(Protocol):
         ...
 
 
-def position_logits(runner: Runner, tokens: Sequence[int]) -> torch.Tensor:
-    """The float32 logits after each of `tokens` [len(tokens), V] (for prompt logprobs): the
-    runner's own position_logits where it has one, else one prefill and a decode step per token."""
+def position_logits(runner: Runner, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+    """The float32 logits after each of `tokens`, in consecutive chunks [m, V] (for prompt
+    logprobs; a chunk at a time bounds the memory of a long prompt): the runner's own
+    position_logits where it has one, else one prefill and a decode step per token."""
     own = getattr(runner, "position_logits", None)
     if own is not None:
-        result: torch.Tensor = own(tokens)
-        return result
+        yield from own(tokens)
+        return
     first, state = runner.prefill([list(tokens[:1])])
-    rows = [first[0]]
+    yield first[:1]
     for token in tokens[1:]:
-        rows.append(runner.decode(state, torch.tensor([token], dtype=torch.long))[0])
-    return torch.stack(rows)
+        yield runner.decode(state, torch.tensor([token], dtype=torch.long))[:1]

@@ -130,6 +130,13 @@ async def test_prompt_logprobs_through_the_generic_fallback(make_engine: EngineF
     assert [item.token_id for item in result.prompt_logprobs] == prompt
 
 
+async def test_a_one_token_prompt_has_one_prompt_token_without_logprob(make_engine: EngineFactory) -> None:
+    params = EngineParams(max_new_tokens=1, prompt_logprobs=True, top_logprobs=2)
+    result = await within(make_engine().generate([5], params))
+    assert result.prompt_logprobs is not None
+    assert [(p.token_id, p.logprob, p.top) for p in result.prompt_logprobs] == [(5, None, [])]
+
+
 @pytest.mark.parametrize(
     ("params", "field", "words"),
     [

@@ -114,6 +114,24 @@ def stub_of(args: list[str]) -> Iterator[generation_pb2_grpc.GenerationServiceSt
         service.stop()
 
 
+def test_prompt_logprobs_of_a_prompt_longer_than_one_kernel_chunk(
+    generator_stub: generation_pb2_grpc.GenerationServiceStub, reference: LoadedModel
+) -> None:
+    """Over 512 positions the gguf runner computes them in chunks that attend to the earlier ones."""
+    prompt = " ".join(f"Item {n} is a small {['red', 'blue', 'green'][n % 3]} box." for n in range(70))
+    request = generation_pb2.GenerateRequest(
+        prompt=prompt,
+        parameters=common_pb2.SamplingParameters(max_new_tokens=1, prompt_logprobs=True, top_logprobs=1),
+    )
+    reply = generator_stub.Generate(request, timeout=TIMEOUT)
+    ids = [t.id for t in reply.prompt_tokens]
+    assert len(ids) > 600 and ids == reference.tokenizer.encode(prompt)
+    expected = model_logprobs(reference, ids)
+    got = [t.logprob for t in reply.prompt_tokens[1:]]
+    want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert got == pytest.approx(want, abs=1e-3)
+
+
 @pytest.fixture(scope="module")
 def torch_stub() -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
     yield from stub_of(["--backend", "torch", "--dtype", "float32"])

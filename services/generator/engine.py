@@ -213,6 +213,8 @@ class Request:
         self.sequences: list[_Sequence] = []
         # Set by the worker when the request joins, before its first event (prompt_logprobs).
         self.prompt_logprobs: list[PromptToken] | None = None
+        # Set by the worker when this request alone failed to join; the scheduler reports it.
+        self.failure: Exception | None = None
         self.unfinished = params.num_return_sequences
         self.reserved_tokens = (len(prompt_ids) + params.max_new_tokens) * params.num_return_sequences
         self.submitted_at = time.monotonic()
@@ -469,6 +471,11 @@ class Engine:
             self.stats.running = rows
             metrics.RUNNING.set(rows)
             self._dispatch(events)
+            for request in joiners:
+                if request.failure is not None:
+                    self.stats.requests_failed += 1
+                    request._queue.put_nowait(RuntimeError(f"generation failed: {request.failure}"))
+                    self._finish(request)
 
     def _dispatch(self, events: list[tuple[Request, TokenEvent]]) -> None:
         now = time.monotonic()
@@ -586,7 +593,14 @@ class Engine:
         for request in joiners:
             params = request.params
             if params.prompt_logprobs:
-                request.prompt_logprobs = self._prompt_logprobs(request.prompt_ids, params.top_logprobs)
+                try:
+                    request.prompt_logprobs = self._prompt_logprobs(request.prompt_ids, params.top_logprobs)
+                except Exception as error:  # this request's own pass: the others still join
+                    log.exception("prompt logprobs failed")
+                    request.failure = error
+        joiners = [r for r in joiners if r.failure is None]
+        if not joiners:
+            return
         logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
         rows: list[_Sequence] = []
         origin: list[int] = []

@@ -4,7 +4,7 @@ fallback, the limits, each token's own text and bytes, and the gateway's OpenAI 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
@@ -20,7 +20,7 @@ from services.gateway.errors import GatewayError
 from services.generator.engine import SamplingParams as EngineParams
 from services.generator.sampling import BatchKnobs, RowKnobs, sample
 from services.generator.textstream import TokenPieces
-from tests.unit.fakes import EngineFactory, FakeRunner, within
+from tests.unit.fakes import EngineFactory, FakeRunner, drain, within
 
 GREEDY = RowKnobs(False, 1.0, 0, 1.0, 1.0)
 
@@ -128,6 +128,25 @@ async def test_prompt_logprobs_through_the_generic_fallback(make_engine: EngineF
         assert item.logprob == pytest.approx(float(expected[item.token_id]), abs=1e-5)
         assert [i for i, _ in item.top] == expected.topk(2).indices.tolist()
     assert [item.token_id for item in result.prompt_logprobs] == prompt
+
+
+class FailingPromptRunner(FakeRunner):
+    def position_logits(self, tokens: list[int]) -> Iterator[torch.Tensor]:
+        raise RuntimeError("no logits for you")
+        yield torch.zeros(0)
+
+
+async def test_a_failed_prompt_pass_fails_its_request_only(make_engine: EngineFactory) -> None:
+    runner = FailingPromptRunner()
+    runner.hold()
+    engine = make_engine(runner)
+    plain = engine.submit([1, 2], EngineParams(max_new_tokens=3))
+    echo = engine.submit([1, 2], EngineParams(max_new_tokens=3, prompt_logprobs=True))
+    runner.free()
+    with pytest.raises(RuntimeError, match="no logits for you"):
+        await drain(echo)
+    assert [e.token_id for e in await drain(plain)] == [3, 4, 5]
+    assert engine.stats.requests_failed == 1
 
 
 async def test_a_one_token_prompt_has_one_prompt_token_without_logprob(make_engine: EngineFactory) -> None:

@@ -27,6 +27,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     num_return_sequences: int = 1
     num_beams: int = 1
+    # Logprobs asked for: each token's (reply detail), N alternatives each, the prompt's tokens.
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class SamplingLimits:
     max_num_beams: int = 8
     max_stop_sequences: int = 4
     max_stop_length: int = 256
+    max_top_logprobs: int = 20
 
 
 DEFAULT_LIMITS = SamplingLimits()
@@ -108,6 +113,11 @@ def params_violations(
     count("num_beams", params.num_beams, 1, limits.max_num_beams)
     if 1 < params.num_beams < params.num_return_sequences:
         bad.append((f"{FIELD}.num_return_sequences", f"must not exceed num_beams ({params.num_beams})"))
+    count("top_logprobs", params.top_logprobs, 0, limits.max_top_logprobs)
+    if params.num_beams > 1:
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name):
+                bad.append((f"{FIELD}.{name}", "is not supported with beam search (num_beams above 1)"))
     if len(params.stop) > limits.max_stop_sequences:
         bad.append(
             (
@@ -205,4 +215,7 @@ def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens
         stop=_stop(p),
         num_return_sequences=p.num_return_sequences if p.HasField("num_return_sequences") else 1,
         num_beams=p.num_beams if p.HasField("num_beams") else 1,
+        logprobs=p.logprobs or p.top_logprobs > 0,
+        top_logprobs=p.top_logprobs,
+        prompt_logprobs=p.prompt_logprobs,
     )

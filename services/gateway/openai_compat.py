@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common.sse import DONE_EVENT as DONE_EVENT
@@ -68,7 +68,78 @@ def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParamet
         parameters.num_return_sequences = request.n
     if request.stop.WhichOneof("kind") not in (None, "null_value"):
         parameters.stop.CopyFrom(request.stop)
+    _logprob_parameters(request, parameters)
     return parameters
+
+
+def _logprob_parameters(request: OpenAIGeneration, parameters: common_pb2.SamplingParameters) -> None:
+    """Chat's logprobs and top_logprobs as they are; completions' logprobs N as logprobs with N
+    alternatives, and with echo the prompt's logprobs too."""
+    if isinstance(request, openai_pb2.CreateChatCompletionRequest):
+        if request.HasField("logprobs"):
+            parameters.logprobs = request.logprobs
+        if request.HasField("top_logprobs"):
+            parameters.top_logprobs = request.top_logprobs
+    elif request.HasField("logprobs"):
+        parameters.logprobs = True
+        parameters.top_logprobs = request.logprobs
+        if request.echo:
+            parameters.prompt_logprobs = True
+
+
+def wants_logprobs(request: OpenAIGeneration) -> bool:
+    """Whether the reply carries logprobs: chat's logprobs true, or completions' logprobs set."""
+    if isinstance(request, openai_pb2.CreateChatCompletionRequest):
+        return request.logprobs
+    return request.HasField("logprobs")
+
+
+def _chat_entry(token: common_pb2.Token) -> openai_pb2.ChatCompletionTokenLogprob:
+    return openai_pb2.ChatCompletionTokenLogprob(
+        token=token.piece,
+        logprob=token.logprob,
+        bytes=list(token.piece_bytes),
+        top_logprobs=[
+            openai_pb2.ChatCompletionTopLogprob(token=top.text, logprob=top.logprob, bytes=list(top.bytes))
+            for top in token.top_logprobs
+        ],
+    )
+
+
+def chat_logprobs(tokens: Iterable[common_pb2.Token]) -> openai_pb2.ChatCompletionLogprobs:
+    """OpenAI's chat logprobs of the content's tokens (special tokens such as EOS are not content)."""
+    return openai_pb2.ChatCompletionLogprobs(
+        content=[_chat_entry(token) for token in tokens if not token.special]
+    )
+
+
+class CompletionLogprobsBuilder:
+    """OpenAI's legacy completions logprobs: parallel lists, the offsets counted in the choice's
+    text from `offset` on. Each top_logprobs object holds the chosen token too, as OpenAI's do."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+
+    def build(
+        self, tokens: Iterable[common_pb2.Token], first_is_prompt_start: bool = False
+    ) -> openai_pb2.CompletionLogprobs:
+        result = openai_pb2.CompletionLogprobs()
+        for number, token in enumerate(tokens):
+            if token.special:
+                continue
+            result.tokens.append(token.piece)
+            result.text_offset.append(self.offset)
+            self.offset += len(token.piece)
+            if number == 0 and first_is_prompt_start:
+                result.token_logprobs.values.add().null_value = struct_pb2.NULL_VALUE
+                result.top_logprobs.values.add().null_value = struct_pb2.NULL_VALUE
+                continue
+            result.token_logprobs.values.add().number_value = token.logprob
+            top = result.top_logprobs.values.add().struct_value
+            for alternative in token.top_logprobs:
+                top.fields[alternative.text].number_value = alternative.logprob
+            top.fields[token.piece].number_value = token.logprob
+        return result
 
 
 def chat_fields(
@@ -108,7 +179,7 @@ def usage(total: Iterable[common_pb2.Usage]) -> openai_pb2.CompletionUsage:
 
 
 def chat_response(
-    response: generation_pb2.GenerateResponse, model: str
+    response: generation_pb2.GenerateResponse, model: str, logprobs: bool = False
 ) -> openai_pb2.CreateChatCompletionResponse:
     return openai_pb2.CreateChatCompletionResponse(
         id=f"chatcmpl-{response.request_id}",
@@ -120,6 +191,7 @@ def chat_response(
                 index=sequence.index,
                 message=openai_pb2.ChatCompletionResponseMessage(role="assistant", content=sequence.text),
                 finish_reason=finish_reason(sequence.finish_reason),
+                logprobs=chat_logprobs(sequence.tokens) if logprobs else None,
             )
             for sequence in _sequences(response)
         ],
@@ -129,19 +201,26 @@ def chat_response(
 
 
 def completion_response(
-    responses: list[generation_pb2.GenerateResponse], prompts: list[str], echo: bool, model: str
+    responses: list[generation_pb2.GenerateResponse],
+    prompts: list[str],
+    echo: bool,
+    model: str,
+    logprobs: bool = False,
 ) -> openai_pb2.CreateCompletionResponse:
     choices = []
     for number, (response, prompt) in enumerate(zip(responses, prompts, strict=True)):
         sequences = _sequences(response)
         for sequence in sequences:
-            choices.append(
-                openai_pb2.CompletionChoice(
-                    index=number * len(sequences) + sequence.index,
-                    text=(prompt if echo else "") + sequence.text,
-                    finish_reason=finish_reason(sequence.finish_reason),
-                )
+            choice = openai_pb2.CompletionChoice(
+                index=number * len(sequences) + sequence.index,
+                text=(prompt if echo else "") + sequence.text,
+                finish_reason=finish_reason(sequence.finish_reason),
             )
+            if logprobs:
+                tokens = [*(response.prompt_tokens if echo else []), *sequence.tokens]
+                built = CompletionLogprobsBuilder().build(tokens, first_is_prompt_start=echo)
+                choice.logprobs.CopyFrom(built)
+            choices.append(choice)
     request_id = responses[0].request_id if responses else ""
     return openai_pb2.CreateCompletionResponse(
         id=f"cmpl-{request_id}",
@@ -157,13 +236,16 @@ def completion_response(
 class ChatChunker:
     """Turns native stream messages into chat.completion.chunk messages."""
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
+        self.logprobs = logprobs
         self.created = int(time.time())
         self.id = ""
         self._started: set[int] = set()
         self._usage: list[common_pb2.Usage] = []
+        # Tokens whose text has not been sent yet (part of a character or of a possible stop).
+        self._pending: dict[int, list[common_pb2.Token]] = {}
 
     def _chunk(
         self, choices: list[openai_pb2.ChatCompletionChunkChoice]
@@ -187,15 +269,25 @@ class ChatChunker:
             self._started.add(index)
             delta = openai_pb2.ChatCompletionDelta(role="assistant", content="")
             chunks.append(self._chunk([openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)]))
+        pending = self._pending.setdefault(index, [])
+        if self.logprobs and message.HasField("token") and not message.token.special:
+            pending.append(message.token)
         if message.token.text:
             delta = openai_pb2.ChatCompletionDelta(content=message.token.text)
-            chunks.append(self._chunk([openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)]))
+            choice = openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)
+            if self.logprobs:
+                choice.logprobs.CopyFrom(chat_logprobs(pending))
+                pending.clear()
+            chunks.append(self._chunk([choice]))
         if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             choice = openai_pb2.ChatCompletionChunkChoice(
                 index=index,
                 delta=openai_pb2.ChatCompletionDelta(),
                 finish_reason=finish_reason(message.finish_reason),
             )
+            if pending:
+                choice.logprobs.CopyFrom(chat_logprobs(pending))
+                pending.clear()
             chunks.append(self._chunk([choice]))
         if message.HasField("usage"):
             self._usage.append(message.usage)
@@ -212,14 +304,19 @@ class ChatChunker:
 class CompletionChunker:
     """Turns native stream messages of one or more prompts into text_completion chunks."""
 
-    def __init__(self, model: str, include_usage: bool, echo: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, echo: bool, logprobs: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
         self.echo = echo
+        self.logprobs = logprobs
         self.created = int(time.time())
         self.id = ""
         self._started: set[int] = set()
         self._usage: list[common_pb2.Usage] = []
+        self._pending: dict[int, list[common_pb2.Token]] = {}
+        self._offsets: dict[int, CompletionLogprobsBuilder] = {}
+        # The prompt's tokens, from the first message of each prompt's stream (echo with logprobs).
+        self._prompt_tokens: dict[int, list[common_pb2.Token]] = {}
 
     def _chunk(self, choices: list[openai_pb2.CompletionChoice]) -> openai_pb2.StreamCompletionResponse:
         return openai_pb2.StreamCompletionResponse(
@@ -234,20 +331,40 @@ class CompletionChunker:
         index = offset + message.index
         chunks = []
         text = message.token.text
+        if len(message.prompt_tokens):
+            self._prompt_tokens[offset] = list(message.prompt_tokens)
+        pending = self._pending.setdefault(index, [])
+        echoed = False
         if index not in self._started:
             self._started.add(index)
             if self.echo:
                 text = prompt + text
+                echoed = self.logprobs
+                pending.extend(self._prompt_tokens.get(offset, []))
+        if self.logprobs and message.HasField("token") and not message.token.special:
+            pending.append(message.token)
         if text:
-            chunks.append(self._chunk([openai_pb2.CompletionChoice(index=index, text=text)]))
+            choice = openai_pb2.CompletionChoice(index=index, text=text)
+            self._attach(choice, pending, echoed)
+            chunks.append(self._chunk([choice]))
         if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             choice = openai_pb2.CompletionChoice(
                 index=index, finish_reason=finish_reason(message.finish_reason)
             )
+            self._attach(choice, pending, False)
             chunks.append(self._chunk([choice]))
         if message.HasField("usage"):
             self._usage.append(message.usage)
         return chunks
+
+    def _attach(
+        self, choice: openai_pb2.CompletionChoice, pending: list[common_pb2.Token], echoed: bool
+    ) -> None:
+        if not self.logprobs or not pending:
+            return
+        builder = self._offsets.setdefault(choice.index, CompletionLogprobsBuilder())
+        choice.logprobs.CopyFrom(builder.build(pending, first_is_prompt_start=echoed))
+        pending.clear()
 
     def finish(self) -> list[openai_pb2.StreamCompletionResponse]:
         if not self.include_usage:
@@ -265,6 +382,36 @@ def _usage_json(value: openai_pb2.CompletionUsage) -> dict[str, int]:
     }
 
 
+def chat_logprobs_json(value: openai_pb2.ChatCompletionLogprobs) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": entry.token,
+                "logprob": entry.logprob,
+                "bytes": list(entry.bytes),
+                "top_logprobs": [
+                    {"token": top.token, "logprob": top.logprob, "bytes": list(top.bytes)}
+                    for top in entry.top_logprobs
+                ],
+            }
+            for entry in value.content
+        ]
+    }
+
+
+def completion_logprobs_json(value: openai_pb2.CompletionLogprobs) -> dict[str, Any]:
+    return {
+        "tokens": list(value.tokens),
+        "token_logprobs": json_format.MessageToDict(value.token_logprobs),
+        "top_logprobs": json_format.MessageToDict(value.top_logprobs),
+        "text_offset": list(value.text_offset),
+    }
+
+
+def _completion_logprobs_or_none(choice: openai_pb2.CompletionChoice) -> dict[str, Any] | None:
+    return completion_logprobs_json(choice.logprobs) if choice.HasField("logprobs") else None
+
+
 def chat_chunk_json(chunk: openai_pb2.StreamChatCompletionResponse) -> dict[str, Any]:
     choices = []
     for choice in chunk.choices:
@@ -278,7 +425,7 @@ def chat_chunk_json(chunk: openai_pb2.StreamChatCompletionResponse) -> dict[str,
             {
                 "index": choice.index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": chat_logprobs_json(choice.logprobs) if choice.HasField("logprobs") else None,
                 "finish_reason": choice.finish_reason or None,
             }
         )
@@ -304,7 +451,7 @@ def completion_chunk_json(chunk: openai_pb2.StreamCompletionResponse) -> dict[st
             {
                 "index": choice.index,
                 "text": choice.text,
-                "logprobs": None,
+                "logprobs": _completion_logprobs_or_none(choice),
                 "finish_reason": choice.finish_reason or None,
             }
             for choice in chunk.choices

@@ -297,13 +297,15 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     ) -> openai_pb2.CreateChatCompletionResponse:
         fields, model = await self._chat_native(request)
         response = await self._backends.generate(generation_pb2.GenerateRequest(**fields), context)
-        return oai.chat_response(response, request.model or model)
+        return oai.chat_response(response, request.model or model, oai.wants_logprobs(request))
 
     async def StreamChatCompletion(
         self, request: openai_pb2.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[openai_pb2.StreamChatCompletionResponse]:
         fields, model = await self._chat_native(request)
-        chunker = oai.ChatChunker(request.model or model, request.stream_options.include_usage)
+        chunker = oai.ChatChunker(
+            request.model or model, request.stream_options.include_usage, oai.wants_logprobs(request)
+        )
         async for message in self._backends.generate_stream(
             generation_pb2.GenerateStreamRequest(**fields), context
         ):
@@ -336,14 +338,19 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         responses = await asyncio.gather(
             *(self._backends.generate(generation_pb2.GenerateRequest(**one), context) for one in fields)
         )
-        return oai.completion_response(list(responses), prompts, request.echo, request.model or model)
+        return oai.completion_response(
+            list(responses), prompts, request.echo, request.model or model, oai.wants_logprobs(request)
+        )
 
     async def StreamCompletion(
         self, request: openai_pb2.CreateCompletionRequest, context: Context
     ) -> AsyncIterator[openai_pb2.StreamCompletionResponse]:
         prompts, fields, model = await self._completion_native(request)
         chunker = oai.CompletionChunker(
-            request.model or model, request.stream_options.include_usage, request.echo
+            request.model or model,
+            request.stream_options.include_usage,
+            request.echo,
+            oai.wants_logprobs(request),
         )
         per_prompt = request.n if request.HasField("n") else 1
         for number, (prompt, one) in enumerate(zip(prompts, fields, strict=True)):

@@ -23,6 +23,8 @@ MAX_TOKEN_ID = 2**31 - 1
 # OpenAI's own ranges for its knobs; the native knobs' ranges are sampling.DEFAULT_LIMITS'.
 OPENAI_MAX_TEMPERATURE = 2.0
 OPENAI_PENALTY_RANGE = (-2.0, 2.0)
+# OpenAI's legacy completions take at most 5 alternatives per token (chat's top_logprobs: 20).
+OPENAI_COMPLETION_MAX_LOGPROBS = 5
 
 
 @dataclass(frozen=True)
@@ -230,9 +232,21 @@ def _openai_sampling(
     if openai_compat.sent_max_tokens(request) is None:
         # The default the conversion fills in is the server's choice, not the client's to fix.
         parameters.ClearField("max_new_tokens")
+    completion = isinstance(request, openai_pb2.CreateCompletionRequest)
     for path, problem in sampling.violations(parameters, limits.openai_sampling):
         knob, dot, rest = path.removeprefix(f"{sampling.FIELD}.").partition(".")
+        if completion and knob == "top_logprobs":
+            continue  # completions' own, narrower logprobs range is checked below
         out.add(names.get(knob, knob) + dot + rest, problem)
+    if completion and request.HasField("logprobs"):
+        out.int_range("logprobs", request.logprobs, 0, OPENAI_COMPLETION_MAX_LOGPROBS)
+    if (
+        isinstance(request, openai_pb2.CreateChatCompletionRequest)
+        and request.HasField("top_logprobs")
+        and request.top_logprobs > 0
+        and not request.logprobs
+    ):
+        out.add("top_logprobs", "needs logprobs set to true")
     low, high = OPENAI_PENALTY_RANGE
     if request.HasField("presence_penalty"):
         out.float_range("presence_penalty", request.presence_penalty, low, high)

@@ -20,9 +20,9 @@ import torch
 from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_violations
 from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
-from services.generator.runner import BeamSettings, Runner
+from services.generator.runner import BeamSettings, Runner, position_logits
 from services.generator.sampling import BatchKnobs, RowKnobs, sample
-from services.generator.textstream import IncrementalDetokenizer, StopMatcher
+from services.generator.textstream import IncrementalDetokenizer, StopMatcher, TokenPieces
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,12 @@ class ModelNotFound(EngineError):
 
 def _row_knobs(params: SamplingParams) -> RowKnobs:
     return RowKnobs(
-        params.do_sample, params.temperature, params.top_k, params.top_p, params.repetition_penalty
+        params.do_sample,
+        params.temperature,
+        params.top_k,
+        params.top_p,
+        params.repetition_penalty,
+        params.top_logprobs,
     )
 
 
@@ -103,6 +108,18 @@ class TokenEvent:
     logprob: float
     special: bool
     finish_reason: FinishReason | None = None
+    # (id, logprob) of the most likely tokens, best first, when the request asks for top_logprobs.
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    """A prompt token with its logprob given the tokens before it (None for the first one) and
+    the most likely tokens at its position, best first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -111,6 +128,8 @@ class SequenceResult:
     text: str
     tokens_generated: int
     finish_reason: FinishReason
+    # Every token's event when the request asks for logprobs, else empty.
+    tokens: list[TokenEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -119,6 +138,7 @@ class GenerationResult:
     sequences: list[SequenceResult]
     prompt_tokens: int
     generation_time: float
+    prompt_logprobs: list[PromptToken] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -139,6 +159,7 @@ class _Sequence:
         self.stop = StopMatcher(params.stop)
         self.special_ids = special_ids
         self.parts: list[str] = []
+        self.events: list[TokenEvent] = []
         self.token_ids: list[int] = []
         self.generated = 0
         self.finish_reason: FinishReason | None = None
@@ -147,7 +168,13 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.request.cancelled
 
-    def accept(self, token_id: int, logprob: float, eos_ids: frozenset[int]) -> TokenEvent:
+    def accept(
+        self,
+        token_id: int,
+        logprob: float,
+        eos_ids: frozenset[int],
+        top: list[tuple[int, float]] | None = None,
+    ) -> TokenEvent:
         self.generated += 1
         self.token_ids.append(token_id)
         special = token_id in self.special_ids
@@ -164,10 +191,15 @@ class _Sequence:
                 finish = "length"
         self.parts.append(text)
         self.finish_reason = finish
-        return TokenEvent(self.index, token_id, text, logprob, special, finish)
+        event = TokenEvent(self.index, token_id, text, logprob, special, finish, top or [])
+        if self.request.params.logprobs:
+            self.events.append(event)
+        return event
 
     def result(self) -> SequenceResult:
-        return SequenceResult(self.index, "".join(self.parts), self.generated, self.finish_reason or "length")
+        return SequenceResult(
+            self.index, "".join(self.parts), self.generated, self.finish_reason or "length", self.events
+        )
 
 
 class Request:
@@ -179,6 +211,10 @@ class Request:
         self.params = params
         self.cancelled = False
         self.sequences: list[_Sequence] = []
+        # Set by the worker when the request joins, before its first event (prompt_logprobs).
+        self.prompt_logprobs: list[PromptToken] | None = None
+        # Set by the worker when this request alone failed to join; the scheduler reports it.
+        self.failure: Exception | None = None
         self.unfinished = params.num_return_sequences
         self.reserved_tokens = (len(prompt_ids) + params.max_new_tokens) * params.num_return_sequences
         self.submitted_at = time.monotonic()
@@ -243,6 +279,7 @@ class Engine:
         self.vocab_size = facts.vocab_size
         self.eos_ids = facts.eos_token_ids
         self.special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        self.pieces = TokenPieces(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self.stats = SchedulerStats()
@@ -336,7 +373,11 @@ class Engine:
         finally:
             request.cancel()
         return GenerationResult(
-            request.id, request.results(), len(prompt_ids), request.finished_at - request.admitted_at
+            request.id,
+            request.results(),
+            len(prompt_ids),
+            request.finished_at - request.admitted_at,
+            request.prompt_logprobs,
         )
 
     # ----- lifecycle -----
@@ -430,6 +471,11 @@ class Engine:
             self.stats.running = rows
             metrics.RUNNING.set(rows)
             self._dispatch(events)
+            for request in joiners:
+                if request.failure is not None:
+                    self.stats.requests_failed += 1
+                    request._queue.put_nowait(RuntimeError(f"generation failed: {request.failure}"))
+                    self._finish(request)
 
     def _dispatch(self, events: list[tuple[Request, TokenEvent]]) -> None:
         now = time.monotonic()
@@ -505,15 +551,24 @@ class Engine:
         knobs: BatchKnobs,
         events: list[tuple[Request, TokenEvent]],
     ) -> torch.Tensor:
-        tokens, logprobs = sample(logits, presence, knobs)
+        sampled = sample(logits, presence, knobs)
+        tokens = sampled.tokens
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
         if rows is self._batch.rows:
             self._batch.last = tokens
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+        tops: dict[int, list[tuple[int, float]]] = {}
+        if sampled.top is not None:
+            top = sampled.top
+            for row_index, ids, values in zip(top.rows, top.ids.tolist(), top.logprobs.tolist(), strict=True):
+                wanted = rows[row_index].request.params.top_logprobs
+                tops[row_index] = list(zip(ids[:wanted], values[:wanted], strict=True))
+        for i, (row, token, logprob) in enumerate(
+            zip(rows, tokens.tolist(), sampled.logprobs.tolist(), strict=True)
+        ):
             if row.done:
                 continue
-            events.append((row.request, row.accept(token, logprob, self.eos_ids)))
+            events.append((row.request, row.accept(token, logprob, self.eos_ids, tops.get(i))))
         return tokens
 
     def _evict(self) -> None:
@@ -535,6 +590,17 @@ class Engine:
         )
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
+        for request in joiners:
+            params = request.params
+            if params.prompt_logprobs:
+                try:
+                    request.prompt_logprobs = self._prompt_logprobs(request.prompt_ids, params.top_logprobs)
+                except Exception as error:  # this request's own pass: the others still join
+                    log.exception("prompt logprobs failed")
+                    request.failure = error
+        joiners = [r for r in joiners if r.failure is None]
+        if not joiners:
+            return
         logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
         rows: list[_Sequence] = []
         origin: list[int] = []
@@ -580,6 +646,33 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+
+    def _prompt_logprobs(self, prompt: list[int], top: int) -> list[PromptToken]:
+        """Each prompt token's logprob under the model's own distribution given the tokens before
+        it (no temperature or penalty, as vLLM's prompt logprobs), and `top` alternatives. Computed
+        apart from the batch and the prefix cache, so a cached prefix cannot leave positions out."""
+        result = [PromptToken(prompt[0], None, [])]
+        if len(prompt) < 2:
+            return result
+        at = 1
+        for chunk in position_logits(self.runner, prompt[:-1]):
+            logprobs = chunk.float()
+            logprobs -= logprobs.logsumexp(dim=-1, keepdim=True)  # in place: a chunk may be large
+            following = prompt[at : at + len(logprobs)]
+            chosen = logprobs.gather(1, torch.tensor(following, dtype=torch.long)[:, None]).squeeze(1)
+            alternatives: list[list[tuple[int, float]]] = [[] for _ in following]
+            if top:
+                values, ids = logprobs.topk(top, dim=-1)
+                alternatives = [
+                    list(zip(row_ids, row_values, strict=True))
+                    for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+                ]
+            result.extend(
+                PromptToken(token, value, alt)
+                for token, value, alt in zip(following, chosen.tolist(), alternatives, strict=True)
+            )
+            at += len(logprobs)
+        return result
 
     def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:
         """Seen-token masks (prompt and generated ids) for repetition penalties."""

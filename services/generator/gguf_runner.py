@@ -3,13 +3,13 @@ the block decoder (gguf_decoder.py), into the shared KV buffers (kv_cache.py), o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.generator.gguf_decoder import GgufDecoder
+from services.generator.gguf_decoder import PREFILL_ROWS, GgufDecoder
 from services.generator.kv_cache import KvBatch, KvCacheRunner
 from services.generator.runner import ModelFacts
 
@@ -79,6 +79,25 @@ class GgufRunner(KvCacheRunner):
             batch.lengths[row] = len(prompt)
         run_group()
         return torch.from_numpy(np.stack(logits)), batch
+
+    def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Every position's logits, PREFILL_ROWS rows at a time, from scratch buffers (the
+        kernel's forward returns any rows asked for, so this costs one prompt's pass; no prefix
+        cache is involved)."""
+        scratch = self._empty(1, len(tokens))
+        for at in range(0, len(tokens), PREFILL_ROWS):
+            piece = np.asarray(tokens[at : at + PREFILL_ROWS], np.int64)
+            every = np.arange(len(piece), dtype=np.int64)
+            logits = self.decoder.forward(
+                scratch.keys,
+                scratch.values,
+                np.zeros(len(piece), np.int64),
+                at + every,
+                piece,
+                every,
+                self.decoder.prompt_model,
+            )
+            yield torch.from_numpy(logits)
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

@@ -12,14 +12,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.generator.kv_cache import KvBatch, KvCacheRunner
+from services.generator.kv_cache import HEADROOM, KvBatch, KvCacheRunner
 from services.generator.runner import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,18 @@ class OnnxRunner(KvCacheRunner):
             batch.lengths[row] = len(prompt)
             self._remember(batch, row, prompt, cached)
         return torch.from_numpy(np.concatenate(logits)), batch
+
+    def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Every position's logits, one at a time: the export returns the last position's only,
+        so the first token runs as a prompt and each next one as a decode step, on scratch
+        buffers (no prefix cache is involved)."""
+        batch = self._empty(1, len(tokens) + HEADROOM, self.min_decode_rows)
+        row = KvBatch([k[:1] for k in batch.keys], [v[:1] for v in batch.values], batch.lengths[:1])
+        first = self._run(row, np.asarray([[tokens[0]]], np.int64), np.ones((1, 1), np.int64))
+        yield torch.from_numpy(np.ascontiguousarray(first))
+        batch.lengths[0] = 1
+        for token in tokens[1:]:
+            yield self.decode(batch, torch.tensor([token], dtype=torch.long))
 
     def decode(self, state: KvBatch, tokens: torch.Tensor) -> torch.Tensor:
         self._make_room(state)

@@ -1,10 +1,13 @@
 """What the engine needs from a model backend: prefill prompts, decode one token for every row of
 a running batch, and reshape that batch's KV cache when rows leave or join; the engine owns
-scheduling, sampling, stop rules and text (the backends: docs/backends.md)."""
+scheduling, sampling, stop rules and text (the backends: docs/backends.md). A runner may also
+offer position_logits(tokens): every position's logits [m, V], in consecutive chunks of m rows,
+apart from any batch and cache; position_logits() below falls back to prefill and decode steps
+where it does not."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,3 +72,17 @@ class Runner(Protocol):
     def beam_search(self, prompt_ids: Sequence[int], settings: BeamSettings) -> list[list[int]]:
         """The best num_return_sequences beams' new token ids, best first."""
         ...
+
+
+def position_logits(runner: Runner, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+    """The float32 logits after each of `tokens`, in consecutive chunks [m, V] (for prompt
+    logprobs; a chunk at a time bounds the memory of a long prompt): the runner's own
+    position_logits where it has one, else one prefill and a decode step per token."""
+    own = getattr(runner, "position_logits", None)
+    if own is not None:
+        yield from own(tokens)
+        return
+    first, state = runner.prefill([list(tokens[:1])])
+    yield first[:1]
+    for token in tokens[1:]:
+        yield runner.decode(state, torch.tensor([token], dtype=torch.long))[:1]

@@ -1,7 +1,9 @@
 """Per-row sampling for a batch whose rows each have their own knobs, vectorized over the rows.
 
 Rows are independent (each row's softmax, sort and draw look only at that row), so a row's
-token does not depend on its neighbours; a seeded row draws from its own torch.Generator."""
+token does not depend on its neighbours; a seeded row draws from its own torch.Generator.
+Logprobs are read from the distribution the sampler draws from before its top-k/top-p cut: after
+the penalties and the temperature (1 for greedy rows), as vLLM reports them."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class RowKnobs:
     top_k: int
     top_p: float
     repetition_penalty: float
+    top_logprobs: int = 0
 
 
 class BatchKnobs:
@@ -40,12 +43,58 @@ class BatchKnobs:
         self.unseeded_sample_rows = torch.tensor(
             [i for i, r in enumerate(rows) if r.do_sample and i not in seeded], dtype=torch.long
         )
+        # Rows that ask for alternatives, and the most any of them asks for.
+        self.top_rows = torch.tensor([i for i, r in enumerate(rows) if r.top_logprobs > 0], dtype=torch.long)
+        self.max_top = max((r.top_logprobs for r in rows), default=0)
 
 
-def sample(
-    logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [B], their log-probabilities under the sampling distribution [B])."""
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The max_top most likely (ids, logprobs) [R, max_top] of each row in `rows`, best first."""
+
+    rows: list[int]
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The tokens drawn [B], their logprobs [B] and the alternatives of the rows that ask."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    top: TopLogprobs | None = None
+
+
+def _logprobs_of(
+    logprobs: torch.Tensor,
+    tokens: torch.Tensor,
+    knobs: BatchKnobs,
+    redo: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, TopLogprobs | None]:
+    """The chosen tokens' logprobs and the asked-for alternatives from `logprobs` [B, V], the
+    log-softmax the sampler computed anyway, which is the uncut distribution except for the rows
+    in `redo` (rows, their logits before the cut); topk runs over the rows that ask only."""
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    if redo is not None:
+        rows, scaled = redo
+        if knobs.max_top:
+            uncut = torch.log_softmax(scaled, dim=-1)
+            logprobs = logprobs.index_copy(0, rows, uncut)
+            fixed = uncut.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
+        else:  # one reduction, no [R, V] result
+            picked = scaled.gather(1, tokens.index_select(0, rows)[:, None]).squeeze(1)
+            fixed = picked - torch.logsumexp(scaled, dim=-1)
+        chosen = chosen.index_copy(0, rows, fixed)
+    if not knobs.max_top:
+        return chosen, None
+    values, ids = logprobs.index_select(0, knobs.top_rows).topk(knobs.max_top, dim=-1)
+    return chosen, TopLogprobs(knobs.top_rows.tolist(), ids, values)
+
+
+def sample(logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs) -> Sampled:
+    """The token of every row [B], its logprob (see the module's note) and the alternatives of
+    the rows whose knobs ask for them."""
     if knobs.any_penalty and presence is not None:
         # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.
         rp = knobs.penalty[:, None]
@@ -53,10 +102,11 @@ def sample(
         logits = torch.where(presence, penalized, logits)
     if not knobs.any_sample:
         tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        return tokens, logprobs
+        return Sampled(tokens, *_logprobs_of(torch.log_softmax(logits, dim=-1), tokens, knobs))
     if knobs.any_temperature:
         logits = logits / knobs.temperature[:, None]
+    # Logprobs are read before the top-k/top-p cut: the cut rows' own log-softmax is redone below.
+    scaled = logits
     if knobs.filter_rows.numel():
         rows = knobs.filter_rows
         part = logits.index_select(0, rows)
@@ -82,5 +132,8 @@ def sample(
         generator = knobs.generators[row]
         drawn = torch.multinomial(probs_all[row], 1, generator=generator)
         tokens[row] = drawn[0]
-    logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, logprobs
+    redo = None
+    if knobs.filter_rows.numel():
+        rows = knobs.filter_rows
+        redo = (rows, scaled.index_select(0, rows))
+    return Sampled(tokens, *_logprobs_of(logprobs_all, tokens, knobs, redo))

@@ -30,6 +30,8 @@ from services.generator.engine import (
     InvalidRequest,
     ModelLoading,
     ModelNotFound,
+    PromptToken,
+    TokenEvent,
 )
 from services.generator.errors import MAPPING
 
@@ -82,6 +84,43 @@ def _usage(prompt: int, completion: int) -> common_pb2.Usage:
 
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
+
+
+def _alternatives(engine: Engine, top: list[tuple[int, float]]) -> list[common_pb2.TopLogprob]:
+    result = []
+    for token_id, logprob in top:
+        text, raw = engine.pieces(token_id)
+        result.append(common_pb2.TopLogprob(id=token_id, text=text, logprob=logprob, bytes=raw))
+    return result
+
+
+def token_message(engine: Engine, event: TokenEvent, detail: bool) -> common_pb2.Token:
+    """A generated token; with `detail` (the request asked for logprobs) its piece, bytes and
+    alternatives too."""
+    token = common_pb2.Token(id=event.token_id, text=event.text, logprob=event.logprob, special=event.special)
+    if detail:
+        token.piece, token.piece_bytes = engine.pieces(event.token_id)
+        token.top_logprobs.extend(_alternatives(engine, event.top))
+    return token
+
+
+def prompt_token_messages(engine: Engine, prompt: list[PromptToken] | None) -> list[common_pb2.Token]:
+    """The prompt's tokens with their logprobs; the first has none (0, no alternatives)."""
+    result = []
+    for item in prompt or []:
+        text, raw = engine.pieces(item.token_id)
+        result.append(
+            common_pb2.Token(
+                id=item.token_id,
+                text=text,
+                logprob=item.logprob or 0.0,
+                special=item.token_id in engine.special_ids,
+                top_logprobs=_alternatives(engine, item.top),
+                piece=text,
+                piece_bytes=raw,
+            )
+        )
+    return result
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -142,6 +181,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> generation_pb2.GenerateResponse:
         result = await self._generate(request)
         first = result.sequences[0]
+        engine = self._engine()
+        sequences = [
+            common_pb2.GeneratedSequence(
+                index=s.index,
+                text=s.text,
+                tokens_generated=s.tokens_generated,
+                finish_reason=FINISH[s.finish_reason],
+                tokens=[token_message(engine, event, True) for event in s.tokens],
+            )
+            for s in result.sequences
+        ]
         return generation_pb2.GenerateResponse(
             request_id=result.request_id,
             generated_text=first.text,
@@ -150,16 +200,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             tokens_per_second=_rate(result.completion_tokens, result.generation_time),
             finish_reason=FINISH[first.finish_reason],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
-            sequences=[
-                common_pb2.GeneratedSequence(
-                    index=s.index,
-                    text=s.text,
-                    tokens_generated=s.tokens_generated,
-                    finish_reason=FINISH[s.finish_reason],
-                )
-                for s in result.sequences
-            ],
-            model=self._engine().model_id,
+            sequences=sequences,
+            model=engine.model_id,
+            prompt_tokens=prompt_token_messages(engine, result.prompt_logprobs),
+            tokens=sequences[0].tokens,
         )
 
     async def _stream(
@@ -171,7 +215,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """One message per token; the last of each sequence gets its summary (and `finish`'s
         additions), the last of the stream the usage."""
         params = sampling_params(message.parameters, self._default_max_new_tokens)
-        handle = self._engine().submit(ids, params)
+        engine = self._engine()
+        handle = engine.submit(ids, params)
         try:
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}
@@ -182,10 +227,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 reply = generation_pb2.GenerateStreamResponse(
                     request_id=handle.id,
                     index=event.index,
-                    token=common_pb2.Token(
-                        id=event.token_id, text=event.text, logprob=event.logprob, special=event.special
-                    ),
+                    token=token_message(engine, event, params.logprobs),
                 )
+                if handle.prompt_logprobs is not None:
+                    # Set before the first event; sent once, on the stream's first message.
+                    reply.prompt_tokens.extend(prompt_token_messages(engine, handle.prompt_logprobs))
+                    handle.prompt_logprobs = None
                 if event.finish_reason is not None:
                     finished += 1
                     elapsed = time.monotonic() - handle.admitted_at
@@ -289,6 +336,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             finish_reason=FINISH[first.finish_reason],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
             model=self._engine().model_id,
+            tokens=[token_message(self._engine(), event, True) for event in first.tokens],
         )
 
     async def SolveMath(

@@ -66,3 +66,49 @@ class StopMatcher:
     def flush(self) -> str:
         text, self._pending = self._pending, ""
         return text
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+class TokenPieces:
+    """Each token's text alone (the tokenizer's decoding of that one id, as OpenAI's `token`)
+    and its UTF-8 bytes, where a token holding part of a character keeps its partial bytes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._known: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        known = self._known.get(token_id)
+        if known is None:
+            text: str = self._tokenizer.decode([token_id])
+            known = (text, self._raw_bytes(token_id) if REPLACEMENT in text else text.encode())
+            self._known[token_id] = known
+        return known
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        """The bytes a lossy decoding stands for: a byte-fallback piece (<0xE2>) or a byte-level
+        BPE piece (GPT-2's alphabet); else the decoding's own bytes."""
+        raw = str(self._tokenizer.convert_ids_to_tokens([token_id])[0])
+        if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
+            try:
+                return bytes([int(raw[3:5], 16)])
+            except ValueError:
+                pass
+        if raw and all(c in _BYTE_LEVEL for c in raw):
+            return bytes(_BYTE_LEVEL[c] for c in raw)
+        return str(self._tokenizer.decode([token_id])).encode()

@@ -4,7 +4,7 @@ leaving selects the surviving rows and drops columns that are padding for every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -107,6 +107,12 @@ class TorchRunner:
         )
         logits = out.logits[:, -1, :].float().cpu()
         return logits, TorchBatch(cache, mask, mask.sum(dim=1))
+
+    def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Every position's logits of one forward pass without a cache, in one chunk."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=False)
+        yield cast(torch.Tensor, out.logits[0].float().cpu())
 
     def decode(self, state: TorchBatch, tokens: torch.Tensor) -> torch.Tensor:
         mask = torch.cat([state.mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)

@@ -60,7 +60,15 @@ async def test_token_events_then_the_final_event_then_done() -> None:
     first, final = event(sent[0]), event(sent[1])
     # Proto field names, fields without presence printed, enums by name, as the transcoder did.
     assert first["finish_reason"] == "FINISH_REASON_UNSPECIFIED" and first["generated_text"] == ""
-    assert first["token"] == {"id": 7, "text": "Hi", "logprob": -0.5, "special": False}
+    assert first["token"] == {
+        "id": 7,
+        "text": "Hi",
+        "logprob": -0.5,
+        "special": False,
+        "top_logprobs": [],
+        "piece": "",
+        "piece_bytes": "",
+    }
     assert "usage" not in first and "answer" not in first and "error" not in first
     assert final["finish_reason"] == "FINISH_REASON_LENGTH"
     assert final["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

@@ -38,6 +38,8 @@ from inference_client.types import (
     ServingStatus,
     StreamSummary,
     StreamToken,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -76,7 +78,9 @@ __all__ = [
     "ServingStatus",
     "StreamSummary",
     "StreamToken",
+    "TokenLogprob",
     "TokenStream",
+    "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

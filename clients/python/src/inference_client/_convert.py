@@ -29,6 +29,8 @@ from inference_client.types import (
     ServingStatus,
     StreamSummary,
     StreamToken,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -163,6 +165,25 @@ def usage(value: common_pb2.Usage) -> Usage:
     return Usage(value.prompt_tokens, value.completion_tokens, value.total_tokens)
 
 
+def _top(items: Iterable[common_pb2.TopLogprob]) -> tuple[TopLogprob, ...]:
+    return tuple(TopLogprob(item.id, item.text, item.logprob, item.bytes) for item in items)
+
+
+def token_logprobs(tokens: Iterable[common_pb2.Token], prompt: bool = False) -> tuple[TokenLogprob, ...]:
+    """Tokens with their logprobs; of a prompt's, the first has none."""
+    return tuple(
+        TokenLogprob(
+            id=token.id,
+            text=token.piece,
+            logprob=None if prompt and number == 0 else token.logprob,
+            bytes=token.piece_bytes,
+            special=token.special,
+            top_logprobs=_top(token.top_logprobs),
+        )
+        for number, token in enumerate(tokens)
+    )
+
+
 def generation(reply: generation_pb2.GenerateResponse) -> Generation:
     return Generation(
         request_id=reply.request_id,
@@ -174,9 +195,17 @@ def generation(reply: generation_pb2.GenerateResponse) -> Generation:
         usage=usage(reply.usage),
         model=reply.model,
         sequences=tuple(
-            GeneratedSequence(item.index, item.text, item.tokens_generated, finish_reason(item.finish_reason))
+            GeneratedSequence(
+                item.index,
+                item.text,
+                item.tokens_generated,
+                finish_reason(item.finish_reason),
+                token_logprobs(item.tokens),
+            )
             for item in reply.sequences
         ),
+        tokens=token_logprobs(reply.tokens),
+        prompt_tokens=token_logprobs(reply.prompt_tokens, prompt=True),
     )
 
 
@@ -190,6 +219,7 @@ def chat_reply(reply: generation_pb2.ChatResponse) -> ChatReply:
         finish_reason=finish_reason(reply.finish_reason),
         usage=usage(reply.usage),
         model=reply.model,
+        tokens=token_logprobs(reply.tokens),
     )
 
 
@@ -274,9 +304,13 @@ class StreamState:
         self.summaries: dict[int, StreamSummary] = {}
         self.usage: Usage | None = None
         self.done = False
+        self.prompt_tokens: tuple[TokenLogprob, ...] = ()
+        """The prompt's tokens with their logprobs (first message, with prompt_logprobs)."""
 
     def feed(self, message: generation_pb2.GenerateStreamResponse) -> StreamToken | None:
         self.request_id = self.request_id or message.request_id
+        if len(message.prompt_tokens):
+            self.prompt_tokens = token_logprobs(message.prompt_tokens, prompt=True)
         token: StreamToken | None = None
         if message.HasField("token"):
             token = StreamToken(
@@ -285,6 +319,7 @@ class StreamState:
                 logprob=message.token.logprob,
                 special=message.token.special,
                 index=message.index,
+                top_logprobs=_top(message.token.top_logprobs),
             )
             self.texts.setdefault(message.index, []).append(token.text)
         if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:

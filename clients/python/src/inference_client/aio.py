@@ -37,6 +37,7 @@ from inference_client.types import (
     Model,
     StreamSummary,
     StreamToken,
+    TokenLogprob,
     Usage,
 )
 
@@ -104,6 +105,11 @@ class AsyncTokenStream:
     @property
     def usage(self) -> Usage | None:
         return self._state.usage
+
+    @property
+    def prompt_tokens(self) -> tuple[TokenLogprob, ...]:
+        """The prompt's tokens with their logprobs (with prompt_logprobs; from the first message)."""
+        return self._state.prompt_tokens
 
     @property
     def summaries(self) -> dict[int, StreamSummary]:

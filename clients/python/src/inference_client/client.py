@@ -31,6 +31,7 @@ from inference_client.types import (
     Model,
     StreamSummary,
     StreamToken,
+    TokenLogprob,
     Usage,
 )
 
@@ -99,6 +100,11 @@ class TokenStream:
     def usage(self) -> Usage | None:
         """Token counts of the request; None until the last message arrived."""
         return self._state.usage
+
+    @property
+    def prompt_tokens(self) -> tuple[TokenLogprob, ...]:
+        """The prompt's tokens with their logprobs (with prompt_logprobs; from the first message)."""
+        return self._state.prompt_tokens
 
     @property
     def summaries(self) -> dict[int, StreamSummary]:

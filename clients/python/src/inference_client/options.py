@@ -22,8 +22,14 @@ class ChatOptions(TypedDict, total=False):
     """Generation stops before any of these strings and omits it."""
     seed: int
     """The same seed gives the same sampled text."""
+    logprobs: bool
+    """Return each token with its logprob (the sampler's distribution before top_k/top_p)."""
+    top_logprobs: int
+    """Also return this many (0-20) most likely tokens at each position."""
 
 
 class GenerateOptions(ChatOptions, total=False):
     num_return_sequences: int
     num_beams: int
+    prompt_logprobs: bool
+    """Return the prompt's tokens with their logprobs (unary calls: Generation.prompt_tokens)."""

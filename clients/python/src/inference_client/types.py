@@ -49,6 +49,33 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    id: int
+    text: str
+    """The tokenizer's decoding of this token alone."""
+    logprob: float
+    bytes: bytes
+    """Its UTF-8 bytes (part of a character stays partial)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its logprob (asked for with logprobs, top_logprobs or prompt_logprobs)."""
+
+    id: int
+    text: str
+    """The tokenizer's decoding of this token alone."""
+    logprob: float | None
+    """Natural-log probability; None for the first prompt token, which has no context."""
+    bytes: bytes
+    special: bool = False
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    """The most likely tokens at this position, most likely first."""
+
+
+@dataclass(frozen=True)
 class GeneratedSequence:
     """One of the num_return_sequences results of a request."""
 
@@ -56,6 +83,8 @@ class GeneratedSequence:
     text: str
     tokens_generated: int
     finish_reason: FinishReason
+    tokens: tuple[TokenLogprob, ...] = ()
+    """Every token with its logprob, when the request asked for logprobs."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +102,10 @@ class Generation:
     usage: Usage
     model: str
     sequences: tuple[GeneratedSequence, ...] = ()
+    tokens: tuple[TokenLogprob, ...] = ()
+    """The first sequence's tokens with their logprobs, when the request asked for logprobs."""
+    prompt_tokens: tuple[TokenLogprob, ...] = ()
+    """The prompt's tokens with their logprobs, when the request asked for prompt_logprobs."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +120,8 @@ class StreamToken:
     special: bool
     index: int = 0
     """Which of the num_return_sequences sequences it belongs to."""
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    """The most likely tokens at this position, when the request asked for top_logprobs."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +152,8 @@ class ChatReply:
     finish_reason: FinishReason
     usage: Usage
     model: str
+    tokens: tuple[TokenLogprob, ...] = ()
+    """The reply's tokens with their logprobs, when the request asked for logprobs."""
 
     @property
     def text(self) -> str:

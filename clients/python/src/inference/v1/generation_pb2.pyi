@@ -75,6 +75,8 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SEQUENCES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     generated_text: _builtins.str
     """The text of the first sequence (all sequences are in `sequences`)."""
@@ -90,6 +92,16 @@ class GenerateResponse(_message.Message):
     def sequences(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.GeneratedSequence]:
         """One entry per returned sequence (num_return_sequences, or 1)."""
 
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
+        """With parameters.prompt_logprobs: the prompt's tokens, each with its logprob given the tokens
+        before it (the first token has none: logprob 0 and no alternatives).
+        """
+
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
+        """With parameters.logprobs or top_logprobs: the first sequence's tokens (as sequences[0].tokens)."""
+
     def __init__(
         self,
         *,
@@ -102,10 +114,12 @@ class GenerateResponse(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         sequences: _abc.Iterable[_common_pb2.GeneratedSequence] | None = ...,
         model: _builtins.str = ...,
+        prompt_tokens: _abc.Iterable[_common_pb2.Token] | None = ...,
+        tokens: _abc.Iterable[_common_pb2.Token] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "model", b"model", "request_id", b"request_id", "sequences", b"sequences", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "sequences", b"sequences", "tokens", b"tokens", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,6 +177,7 @@ class GenerateStreamResponse(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
@@ -198,6 +213,12 @@ class GenerateStreamResponse(_message.Message):
         gRPC clients get a failed status instead.
         """
 
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
+        """With parameters.prompt_logprobs, on the first message of the stream only: the prompt's tokens
+        with their logprobs (as GenerateResponse.prompt_tokens).
+        """
+
     def __init__(
         self,
         *,
@@ -211,13 +232,14 @@ class GenerateStreamResponse(_message.Message):
         tokens_per_second: _builtins.float = ...,
         usage: _common_pb2.Usage | None = ...,
         error: _status_pb2.Status | None = ...,
+        prompt_tokens: _abc.Iterable[_common_pb2.Token] | None = ...,
         answer: _builtins.str | None = ...,
         code: _builtins.str | None = ...,
         language: _builtins.str | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer", b"_answer", "_code", b"_code", "_language", b"_language", "answer", b"answer", "code", b"code", "error", b"error", "language", b"language", "token", b"token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer", b"_answer", "_code", b"_code", "_language", b"_language", "answer", b"answer", "code", b"code", "error", b"error", "finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "index", b"index", "language", b"language", "request_id", b"request_id", "token", b"token", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer", b"_answer", "_code", b"_code", "_language", b"_language", "answer", b"answer", "code", b"code", "error", b"error", "finish_reason", b"finish_reason", "generated_text", b"generated_text", "generation_time", b"generation_time", "index", b"index", "language", b"language", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "token", b"token", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer: _TypeAlias = _typing.Literal["answer"]  # noqa: Y015
     _WhichOneofArgType__answer: _TypeAlias = _typing.Literal["_answer", b"_answer"]  # noqa: Y015
@@ -279,6 +301,7 @@ class ChatResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tokens_generated: _builtins.int
     generation_time: _builtins.float
@@ -291,6 +314,10 @@ class ChatResponse(_message.Message):
 
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]:
+        """With parameters.logprobs or top_logprobs: the reply's tokens with their logprobs."""
+
     def __init__(
         self,
         *,
@@ -302,10 +329,11 @@ class ChatResponse(_message.Message):
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
         usage: _common_pb2.Usage | None = ...,
         model: _builtins.str = ...,
+        tokens: _abc.Iterable[_common_pb2.Token] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generation_time", b"generation_time", "message", b"message", "model", b"model", "request_id", b"request_id", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generation_time", b"generation_time", "message", b"message", "model", b"model", "request_id", b"request_id", "tokens", b"tokens", "tokens_generated", b"tokens_generated", "tokens_per_second", b"tokens_per_second", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

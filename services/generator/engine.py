@@ -73,7 +73,14 @@ class ModelNotFound(EngineError):
 
 def _row_knobs(params: SamplingParams) -> RowKnobs:
     return RowKnobs(
-        params.do_sample, params.temperature, params.top_k, params.top_p, params.repetition_penalty
+        params.do_sample,
+        params.temperature,
+        params.top_k,
+        params.top_p,
+        params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=params.logit_bias,
     )
 
 
@@ -228,6 +235,8 @@ class _Batch:
         self.state: Any = None
         self.last = torch.zeros(0, dtype=torch.long)
         self.presence: torch.Tensor | None = None
+        # Generated-token counts [B, V], kept only while some row has a presence/frequency penalty.
+        self.counts: torch.Tensor | None = None
         self.knobs = BatchKnobs([], [])
 
 
@@ -284,6 +293,14 @@ class Engine:
             )
         if params.top_k > self.vocab_size:
             bad.append(("parameters.top_k", f"must be between 0 and the vocabulary size {self.vocab_size}"))
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                bad.append(
+                    (
+                        f"parameters.logit_bias[{token}]",
+                        f"token id {token} is not below the model's vocabulary size {self.vocab_size}",
+                    )
+                )
         if bad:
             raise InvalidRequest(bad)
 
@@ -494,7 +511,7 @@ class Engine:
         if not batch.rows:
             return events
         logits = self.runner.decode(batch.state, batch.last)
-        self._sample_rows(batch.rows, logits, batch.presence, batch.knobs, events)
+        self._sample_rows(batch.rows, logits, batch.presence, batch.counts, batch.knobs, events)
         return events
 
     def _sample_rows(
@@ -502,12 +519,15 @@ class Engine:
         rows: list[_Sequence],
         logits: torch.Tensor,
         presence: torch.Tensor | None,
+        counts: torch.Tensor | None,
         knobs: BatchKnobs,
         events: list[tuple[Request, TokenEvent]],
     ) -> torch.Tensor:
-        tokens, logprobs = sample(logits, presence, knobs)
+        tokens, logprobs = sample(logits, presence, knobs, counts)
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
+        if counts is not None:
+            counts.scatter_add_(1, tokens[:, None], torch.ones((len(rows), 1), dtype=counts.dtype))
         if rows is self._batch.rows:
             self._batch.last = tokens
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
@@ -533,6 +553,9 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        if batch.counts is not None:
+            # Dropped with the last row that needs them, so a batch without penalties pays nothing.
+            batch.counts = batch.counts.index_select(0, index) if batch.knobs.any_count_penalty else None
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
         logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
@@ -549,8 +572,10 @@ class Engine:
             self._batch.presence is not None
         )
         presence = self._presence_of(rows) if need_presence else None
+        need_counts = any(r.request.params.uses_counts for r in rows)
+        counts = self._counts_of(rows) if need_counts else None
         knobs = BatchKnobs([_row_knobs(r.request.params) for r in rows], [r.generator for r in rows])
-        tokens = self._sample_rows(rows, logits, presence, knobs, events)
+        tokens = self._sample_rows(rows, logits, presence, counts, knobs, events)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
             return
@@ -561,20 +586,31 @@ class Engine:
         new_rows = [rows[i] for i in alive]
         new_last = tokens.index_select(0, keep)
         new_presence = presence.index_select(0, keep) if presence is not None else None
-        self._merge(state, new_rows, new_last, new_presence)
+        new_counts = counts.index_select(0, keep) if counts is not None else None
+        self._merge(state, new_rows, new_last, new_presence, new_counts)
 
     def _merge(
-        self, state: Any, rows: list[_Sequence], last: torch.Tensor, presence: torch.Tensor | None
+        self,
+        state: Any,
+        rows: list[_Sequence],
+        last: torch.Tensor,
+        presence: torch.Tensor | None,
+        counts: torch.Tensor | None,
     ) -> None:
         batch = self._batch
         if not batch.rows:
             batch.state, batch.rows, batch.last, batch.presence = state, rows, last, presence
+            batch.counts = counts
         else:
             batch.state = self.runner.merge(batch.state, state)
             if batch.presence is not None or presence is not None:
                 mine = batch.presence if batch.presence is not None else self._presence_of(batch.rows)
                 theirs = presence if presence is not None else self._presence_of(rows)
                 batch.presence = torch.cat([mine, theirs])
+            if batch.counts is not None or counts is not None:
+                mine_counts = batch.counts if batch.counts is not None else self._counts_of(batch.rows)
+                theirs_counts = counts if counts is not None else self._counts_of(rows)
+                batch.counts = torch.cat([mine_counts, theirs_counts])
             batch.rows = batch.rows + rows
             batch.last = torch.cat([batch.last, last])
         batch.knobs = BatchKnobs(
@@ -590,6 +626,15 @@ class Engine:
             if seen:
                 presence[i, torch.tensor(seen, dtype=torch.long)] = True
         return presence
+
+    def _counts_of(self, rows: list[_Sequence]) -> torch.Tensor:
+        """How often each row has generated each token so far (the prompt does not count)."""
+        counts = torch.zeros((len(rows), self.vocab_size), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            if row.token_ids:
+                seen = torch.tensor(row.token_ids, dtype=torch.long)
+                counts[i].scatter_add_(0, seen, torch.ones(len(seen), dtype=torch.float32))
+        return counts
 
     @torch.inference_mode()
     def _beam_search(self, request: Request) -> list[tuple[Request, TokenEvent]]:

@@ -1,7 +1,9 @@
 """Per-row sampling for a batch whose rows each have their own knobs, vectorized over the rows.
 
 Rows are independent (each row's softmax, sort and draw look only at that row), so a row's
-token does not depend on its neighbours; a seeded row draws from its own torch.Generator."""
+token does not depend on its neighbours; a seeded row draws from its own torch.Generator. The
+logits go through logit_bias, the repetition penalty, presence/frequency penalties, temperature,
+top-k/top-p, then the draw (greedy rows: the argmax after the biases and penalties)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ class RowKnobs:
     top_k: int
     top_p: float
     repetition_penalty: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 class BatchKnobs:
@@ -34,6 +39,16 @@ class BatchKnobs:
         self.any_penalty = bool((self.penalty != 1.0).any())
         self.filter_rows = torch.nonzero((self.top_k > 0) | (self.top_p < 1.0)).flatten()
         self.any_temperature = bool((self.temperature != 1.0).any())
+        self.presence_penalty = torch.tensor([r.presence_penalty for r in rows])
+        self.frequency_penalty = torch.tensor([r.frequency_penalty for r in rows])
+        self.any_count_penalty = bool(
+            (self.presence_penalty != 0.0).any() or (self.frequency_penalty != 0.0).any()
+        )
+        # logit_bias as a sparse add: one (row, token id, bias) triple per entry of every row.
+        entries = [(i, token, bias) for i, r in enumerate(rows) for token, bias in r.logit_bias]
+        self.bias_rows = torch.tensor([e[0] for e in entries], dtype=torch.long)
+        self.bias_ids = torch.tensor([e[1] for e in entries], dtype=torch.long)
+        self.bias_values = torch.tensor([e[2] for e in entries], dtype=torch.float32)
         self.generators = list(generators)
         self.seeded_rows = [i for i, g in enumerate(generators) if g is not None and rows[i].do_sample]
         seeded = set(self.seeded_rows)
@@ -42,15 +57,40 @@ class BatchKnobs:
         )
 
 
+def apply_logit_bias(logits: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
+    """The logits with each row's logit_bias added to its token ids (unchanged when no row has one)."""
+    if not knobs.bias_rows.numel():
+        return logits
+    values = knobs.bias_values.to(logits.dtype)
+    return logits.index_put((knobs.bias_rows, knobs.bias_ids), values, accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, knobs: BatchKnobs, counts: torch.Tensor | None) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over `counts` [B, V], how often each row has
+    generated each token: logits - frequency * count - presence * (count > 0)."""
+    if not knobs.any_count_penalty or counts is None:
+        return logits
+    counts = counts.to(logits.dtype)
+    frequency = knobs.frequency_penalty.to(logits.dtype)[:, None]
+    presence = knobs.presence_penalty.to(logits.dtype)[:, None]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def sample(
-    logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs
+    logits: torch.Tensor,
+    presence: torch.Tensor | None,
+    knobs: BatchKnobs,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [B], their log-probabilities under the sampling distribution [B])."""
+    """(token ids [B], their log-probabilities under the sampling distribution [B]). `counts` [B, V]
+    are the generated-token counts that presence and frequency penalties need."""
+    logits = apply_logit_bias(logits, knobs)
     if knobs.any_penalty and presence is not None:
         # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.
         rp = knobs.penalty[:, None]
         penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(presence, penalized, logits)
+    logits = apply_penalties(logits, knobs, counts)
     if not knobs.any_sample:
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inference/v1/common.proto\x12\x0cinference.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"}\n\x11GeneratedSequence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\"\xac\x03\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x16\n\tdo_sample\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\tnum_beams\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12$\n\x04stop\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x0c\n\n_do_sampleB\x17\n\x15_num_return_sequencesB\x0c\n\n_num_beamsB\x07\n\x05_seed*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19inference/v1/common.proto\x12\x0cinference.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"}\n\x11GeneratedSequence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\"\x8d\x05\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x16\n\tdo_sample\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12!\n\x14num_return_sequences\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x16\n\tnum_beams\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12$\n\x04stop\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\n\x88\x01\x01\x12\x43\n\nlogit_bias\x18\r \x03(\x0b\x32/.inference.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x0c\n\n_do_sampleB\x17\n\x15_num_return_sequencesB\x0c\n\n_num_beamsB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inference.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=828
-  _globals['_FINISHREASON']._serialized_end=961
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1053
+  _globals['_FINISHREASON']._serialized_end=1186
   _globals['_USAGE']._serialized_start=73
   _globals['_USAGE']._serialized_end=152
   _globals['_CHATMESSAGE']._serialized_start=154
@@ -43,5 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDSEQUENCE']._serialized_start=269
   _globals['_GENERATEDSEQUENCE']._serialized_end=394
   _globals['_SAMPLINGPARAMETERS']._serialized_start=397
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=825
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1050
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=819
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=867
 # @@protoc_insertion_point(module_scope)

@@ -99,10 +99,10 @@ async def test_frequency_and_presence_penalties_reduce_repetition(make_engine: E
     base = SamplingParams(max_new_tokens=10)
     plain = texts(await drain(engine.submit([2], base)))
     assert plain == [1] * 10
-    for knob in ("frequency_penalty", "presence_penalty"):
-        penalized = texts(await drain(engine.submit([2], replace(base, **{knob: 2.0}))))
-        assert max(penalized.count(t) for t in set(penalized)) < 10, knob
-        assert len(set(penalized)) > 1, knob
+    for params in (replace(base, frequency_penalty=2.0), replace(base, presence_penalty=2.0)):
+        penalized = texts(await drain(engine.submit([2], params)))
+        assert max(penalized.count(t) for t in set(penalized)) < 10, params
+        assert len(set(penalized)) > 1, params
     # A negative penalty keeps the repetition.
     assert texts(await drain(engine.submit([2], replace(base, frequency_penalty=-2.0)))) == plain
 

@@ -16,6 +16,7 @@ import pytest
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from inference_client import InferenceClient, InvalidArgumentError
 from openai import OpenAI
 
 from tests.fixtures_gateway import GatewayService
@@ -179,6 +180,24 @@ def test_the_openai_sdk_honours_penalties_and_logit_bias(
     assert plain_chat.startswith(first_text) and "capital" in plain_chat, plain_chat
     assert not chat({str(first): -100}).startswith(first_text)
     assert chat({str(paris(france)): 100}).count("Paris") == 6
+
+
+def test_the_typed_client_sends_the_penalties_and_logit_bias(
+    gateway_service: GatewayService, france: list[tuple[int, str]]
+) -> None:
+    with InferenceClient(
+        gateway_service.address, api_key=gateway_service.keys["user"], timeout=TIMEOUT
+    ) as client:
+        forced = client.chat([("user", FRANCE)], max_new_tokens=5, logit_bias={paris(france): 100.0})
+        assert forced.message.content.count("Paris") == 5
+        plain = client.generate(REPEATING, max_new_tokens=48).text
+        penalized = client.generate(
+            REPEATING, max_new_tokens=48, frequency_penalty=2.0, presence_penalty=1.0
+        ).text
+        assert repeats(words(penalized)) < repeats(words(plain)), (plain, penalized)
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.generate(FRANCE, max_new_tokens=4, presence_penalty=-2.5)
+    assert [v.field for v in caught.value.field_violations] == ["parameters.presence_penalty"]
 
 
 # --- bad values are a 400 naming the field ---------------------------------------------------

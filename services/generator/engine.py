@@ -21,7 +21,7 @@ from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_viol
 from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
 from services.generator.runner import BeamSettings, Runner
-from services.generator.sampling import BatchKnobs, RowKnobs, sample
+from services.generator.sampling import BatchKnobs, RowKnobs, penalties_of, record_tokens, sample
 from services.generator.textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,10 @@ class _Batch:
         self.state: Any = None
         self.last = torch.zeros(0, dtype=torch.long)
         self.presence: torch.Tensor | None = None
-        # Generated-token counts [B, V], kept only while some row has a presence/frequency penalty.
+        # Generated-token counts [B, V] and their presence/frequency penalties, kept only while some
+        # row has such a penalty.
         self.counts: torch.Tensor | None = None
+        self.penalties: torch.Tensor | None = None
         self.knobs = BatchKnobs([], [])
 
 
@@ -511,7 +513,9 @@ class Engine:
         if not batch.rows:
             return events
         logits = self.runner.decode(batch.state, batch.last)
-        self._sample_rows(batch.rows, logits, batch.presence, batch.counts, batch.knobs, events)
+        self._sample_rows(
+            batch.rows, logits, batch.presence, batch.counts, batch.penalties, batch.knobs, events
+        )
         return events
 
     def _sample_rows(
@@ -520,14 +524,15 @@ class Engine:
         logits: torch.Tensor,
         presence: torch.Tensor | None,
         counts: torch.Tensor | None,
+        penalties: torch.Tensor | None,
         knobs: BatchKnobs,
         events: list[tuple[Request, TokenEvent]],
     ) -> torch.Tensor:
-        tokens, logprobs = sample(logits, presence, knobs, counts)
+        tokens, logprobs = sample(logits, presence, knobs, penalties)
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
-        if counts is not None:
-            counts.scatter_add_(1, tokens[:, None], torch.ones((len(rows), 1), dtype=counts.dtype))
+        if counts is not None and penalties is not None:
+            record_tokens(counts, penalties, tokens, knobs)
         if rows is self._batch.rows:
             self._batch.last = tokens
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
@@ -553,9 +558,11 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
-        if batch.counts is not None:
+        if batch.counts is not None and batch.penalties is not None:
             # Dropped with the last row that needs them, so a batch without penalties pays nothing.
-            batch.counts = batch.counts.index_select(0, index) if batch.knobs.any_count_penalty else None
+            keep_counts = batch.knobs.any_count_penalty
+            batch.counts = batch.counts.index_select(0, index) if keep_counts else None
+            batch.penalties = batch.penalties.index_select(0, index) if keep_counts else None
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
         logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
@@ -572,10 +579,10 @@ class Engine:
             self._batch.presence is not None
         )
         presence = self._presence_of(rows) if need_presence else None
-        need_counts = any(r.request.params.uses_counts for r in rows)
-        counts = self._counts_of(rows) if need_counts else None
         knobs = BatchKnobs([_row_knobs(r.request.params) for r in rows], [r.generator for r in rows])
-        tokens = self._sample_rows(rows, logits, presence, counts, knobs, events)
+        counts = self._counts_of(rows) if knobs.any_count_penalty else None
+        penalties = penalties_of(counts, knobs) if counts is not None else None
+        tokens = self._sample_rows(rows, logits, presence, counts, penalties, knobs, events)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
             return
@@ -616,6 +623,8 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        # Recomputed at a join only (steps update them in place): each row's own knobs.
+        batch.penalties = penalties_of(batch.counts, batch.knobs) if batch.counts is not None else None
 
     def _presence_of(self, rows: list[_Sequence]) -> torch.Tensor:
         """Seen-token masks (prompt and generated ids) for repetition penalties."""

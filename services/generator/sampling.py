@@ -65,32 +65,50 @@ def apply_logit_bias(logits: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
     return logits.index_put((knobs.bias_rows, knobs.bias_ids), values, accumulate=True)
 
 
-def apply_penalties(logits: torch.Tensor, knobs: BatchKnobs, counts: torch.Tensor | None) -> torch.Tensor:
-    """OpenAI's presence and frequency penalties over `counts` [B, V], how often each row has
-    generated each token: logits - frequency * count - presence * (count > 0)."""
-    if not knobs.any_count_penalty or counts is None:
+def penalties_of(counts: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties [B, V] of `counts` [B, V], how often each row has
+    generated each token: frequency * count + presence * (count > 0)."""
+    frequency = knobs.frequency_penalty[:, None]
+    presence = knobs.presence_penalty[:, None]
+    return frequency * counts + presence * (counts > 0).to(counts.dtype)
+
+
+def record_tokens(
+    counts: torch.Tensor, penalties: torch.Tensor, tokens: torch.Tensor, knobs: BatchKnobs
+) -> None:
+    """Counts each row's new token and updates that token's penalty in place: O(rows) per step,
+    where recomputing `penalties_of` would read the whole [B, V] tensor."""
+    index = tokens[:, None]
+    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=counts.dtype))
+    count = counts.gather(1, index)
+    frequency = knobs.frequency_penalty[:, None]
+    presence = knobs.presence_penalty[:, None]
+    penalties.scatter_(1, index, frequency * count + presence * (count > 0).to(counts.dtype))
+
+
+def apply_penalties(logits: torch.Tensor, knobs: BatchKnobs, penalties: torch.Tensor | None) -> torch.Tensor:
+    """The logits less each row's presence and frequency penalties (`penalties_of` the row's
+    generated-token counts); unchanged when no row has them."""
+    if not knobs.any_count_penalty or penalties is None:
         return logits
-    counts = counts.to(logits.dtype)
-    frequency = knobs.frequency_penalty.to(logits.dtype)[:, None]
-    presence = knobs.presence_penalty.to(logits.dtype)[:, None]
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits - penalties.to(logits.dtype)
 
 
 def sample(
     logits: torch.Tensor,
     presence: torch.Tensor | None,
     knobs: BatchKnobs,
-    counts: torch.Tensor | None = None,
+    penalties: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [B], their log-probabilities under the sampling distribution [B]). `counts` [B, V]
-    are the generated-token counts that presence and frequency penalties need."""
+    """(token ids [B], their log-probabilities under the sampling distribution [B]). `penalties`
+    [B, V] are the presence and frequency penalties of the tokens each row has generated."""
     logits = apply_logit_bias(logits, knobs)
     if knobs.any_penalty and presence is not None:
         # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.
         rp = knobs.penalty[:, None]
         penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(presence, penalized, logits)
-    logits = apply_penalties(logits, knobs, counts)
+    logits = apply_penalties(logits, knobs, penalties)
     if not knobs.any_sample:
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)

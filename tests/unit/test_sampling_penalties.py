@@ -16,7 +16,15 @@ from services.common.sampling import SamplingParams
 from services.gateway import openai_compat, validation
 from services.gateway.errors import GatewayError
 from services.generator.engine import InvalidRequest, TokenEvent
-from services.generator.sampling import BatchKnobs, RowKnobs, apply_logit_bias, apply_penalties, sample
+from services.generator.sampling import (
+    BatchKnobs,
+    RowKnobs,
+    apply_logit_bias,
+    apply_penalties,
+    penalties_of,
+    record_tokens,
+    sample,
+)
 from tests.unit.fakes import EngineFactory, FakeRunner, drain, eventually
 
 GREEDY = RowKnobs(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
@@ -37,7 +45,7 @@ def test_frequency_and_presence_penalties_lower_generated_tokens_by_count_and_on
         replace(GREEDY, presence_penalty=1.5),
         GREEDY,
     )
-    out = apply_penalties(logits, batch, counts)
+    out = apply_penalties(logits, batch, penalties_of(counts, batch))
     assert out[0, 2] == -1.5 and out[0, 5] == -0.5 and out[0, 0] == 0.0
     assert out[1, 2] == -1.5 and out[1, 5] == -1.5 and out[1, 0] == 0.0
     assert torch.equal(out[2], logits[2])
@@ -46,10 +54,23 @@ def test_frequency_and_presence_penalties_lower_generated_tokens_by_count_and_on
 def test_negative_penalties_favour_generated_tokens() -> None:
     counts = torch.zeros(1, VOCAB)
     counts[0, 4] = 2.0
-    out = apply_penalties(
-        torch.zeros(1, VOCAB), knobs(replace(GREEDY, frequency_penalty=-1.0, presence_penalty=-0.5)), counts
-    )
+    batch = knobs(replace(GREEDY, frequency_penalty=-1.0, presence_penalty=-0.5))
+    out = apply_penalties(torch.zeros(1, VOCAB), batch, penalties_of(counts, batch))
     assert out[0, 4] == 2.5 and (out[0, :4] == 0.0).all()
+
+
+def test_recording_tokens_step_by_step_matches_the_penalties_of_the_counts() -> None:
+    batch = knobs(
+        replace(GREEDY, frequency_penalty=-0.5, presence_penalty=1.0),
+        replace(GREEDY, frequency_penalty=0.75),
+        GREEDY,
+    )
+    counts, penalties = torch.zeros(3, VOCAB), torch.zeros(3, VOCAB)
+    for step in ([1, 2, 3], [1, 2, 1], [4, 2, 1], [1, 5, 1]):
+        record_tokens(counts, penalties, torch.tensor(step), batch)
+    assert counts[0, 1] == 3 and counts[1, 2] == 3 and counts[2, 1] == 3
+    assert torch.allclose(penalties, penalties_of(counts, batch))
+    assert penalties[0, 1] == -0.5 and not penalties[2].any()
 
 
 def test_logit_bias_adds_to_the_given_ids_of_its_own_row_only() -> None:
@@ -69,9 +90,10 @@ def test_greedy_rows_take_the_argmax_after_bias_and_penalties() -> None:
         replace(GREEDY, logit_bias=((0, 100.0),)),
         replace(GREEDY, presence_penalty=2.0),
     )
-    tokens, _ = sample(logits, None, batch, counts)
+    tokens, _ = sample(logits, None, batch, penalties_of(counts, batch))
     assert tokens.tolist() == [2, 0, 2]
-    plain, _ = sample(logits, None, knobs(GREEDY, GREEDY, GREEDY), counts)
+    plain_knobs = knobs(GREEDY, GREEDY, GREEDY)
+    plain, _ = sample(logits, None, plain_knobs, penalties_of(counts, plain_knobs))
     assert plain.tolist() == [1, 1, 1]
 
 

@@ -31,6 +31,15 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs in id order: immutable, and equal for equal maps.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def uses_counts(self) -> bool:
+        """Whether sampling needs this sequence's generated-token counts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,10 @@ class SamplingLimits:
     max_stop_sequences: int = 4
     max_stop_length: int = 256
     max_top_logprobs: int = 20
+    # OpenAI's ranges: presence and frequency penalties in [-max, max], biases in [-max, max].
+    max_abs_penalty: float = 2.0
+    max_abs_logit_bias: float = 100.0
+    max_logit_bias_entries: int = 300
 
 
 DEFAULT_LIMITS = SamplingLimits()
@@ -53,7 +66,8 @@ DEFAULT_LIMITS = SamplingLimits()
 
 def is_greedy(parameters: common_pb2.SamplingParameters) -> bool:
     """Temperature 0 is greedy; otherwise do_sample decides, and when it is absent any of
-    temperature, top_p or top_k asks for sampling."""
+    temperature, top_p or top_k asks for sampling. Penalties and logit_bias only move the logits, so
+    they leave a request greedy (and deterministic)."""
     if parameters.HasField("temperature") and parameters.temperature == 0.0:
         return True
     if parameters.HasField("do_sample"):
@@ -118,6 +132,10 @@ def params_violations(
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(params, name):
                 bad.append((f"{FIELD}.{name}", "is not supported with beam search (num_beams above 1)"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        real(name, value, -limits.max_abs_penalty, limits.max_abs_penalty, low_open=False)
+    bad.extend(_logit_bias_violations(params, limits))
     if len(params.stop) > limits.max_stop_sequences:
         bad.append(
             (
@@ -186,6 +204,28 @@ def _sent_name(p: common_pb2.SamplingParameters, path: str) -> str:
     return path
 
 
+def _logit_bias_violations(params: SamplingParams, limits: SamplingLimits) -> list[tuple[str, str]]:
+    field = f"{FIELD}.logit_bias"
+    bad: list[tuple[str, str]] = []
+    entries, limit = len(params.logit_bias), limits.max_logit_bias_entries
+    if entries > limit:
+        bad.append((field, f"has {entries} entries, more than the limit of {limit}"))
+    high = limits.max_abs_logit_bias
+    for token, bias in params.logit_bias:
+        if token < 0:
+            bad.append((f"{field}[{token}]", f"token id {token} is negative"))
+        if not math.isfinite(bias) or not -high <= bias <= high:
+            bad.append((f"{field}[{token}]", f"must be in [{-high:g}, {high:g}], got {bias:g}"))
+    if params.num_beams > 1:
+        # Beam search runs outside the batch, without the batch's penalties and biases.
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name) != 0.0:
+                bad.append((f"{FIELD}.{name}", "is not supported with num_beams above 1 (beam search)"))
+        if params.logit_bias:
+            bad.append((field, "is not supported with num_beams above 1 (beam search)"))
+    return bad
+
+
 def violations(
     parameters: common_pb2.SamplingParameters, limits: SamplingLimits = DEFAULT_LIMITS
 ) -> list[tuple[str, str]]:
@@ -218,4 +258,7 @@ def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens
         logprobs=p.logprobs or p.top_logprobs > 0,
         top_logprobs=p.top_logprobs,
         prompt_logprobs=p.prompt_logprobs,
+        presence_penalty=p.presence_penalty if p.HasField("presence_penalty") else 0.0,
+        frequency_penalty=p.frequency_penalty if p.HasField("frequency_penalty") else 0.0,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
     )

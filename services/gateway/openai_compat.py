@@ -66,6 +66,11 @@ def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParamet
         parameters.seed = request.seed
     if request.HasField("n"):
         parameters.num_return_sequences = request.n
+    if request.HasField("presence_penalty"):
+        parameters.presence_penalty = request.presence_penalty
+    if request.HasField("frequency_penalty"):
+        parameters.frequency_penalty = request.frequency_penalty
+    parameters.logit_bias.update(request.logit_bias)
     if request.stop.WhichOneof("kind") not in (None, "null_value"):
         parameters.stop.CopyFrom(request.stop)
     _logprob_parameters(request, parameters)

@@ -20,9 +20,8 @@ from services.gateway.errors import invalid_argument
 NATIVE_ROLES = ("system", "user", "assistant")
 OPENAI_ROLES = ("system", "developer", "user", "assistant")
 MAX_TOKEN_ID = 2**31 - 1
-# OpenAI's own ranges for its knobs; the native knobs' ranges are sampling.DEFAULT_LIMITS'.
+# OpenAI's own range of temperature; every other knob's range is sampling.DEFAULT_LIMITS'.
 OPENAI_MAX_TEMPERATURE = 2.0
-OPENAI_PENALTY_RANGE = (-2.0, 2.0)
 # OpenAI's legacy completions take at most 5 alternatives per token (chat's top_logprobs: 20).
 OPENAI_COMPLETION_MAX_LOGPROBS = 5
 
@@ -223,7 +222,7 @@ def _openai_sampling(
     out: Violations,
 ) -> None:
     """The native ranges of the knobs the request converts to (with OpenAI's own temperature
-    range), under OpenAI's field names, and OpenAI's ranges of the penalties."""
+    range), under OpenAI's field names."""
     names = {
         "max_new_tokens": openai_compat.max_tokens_field(request),
         "num_return_sequences": "n",
@@ -247,11 +246,6 @@ def _openai_sampling(
         and not request.logprobs
     ):
         out.add("top_logprobs", "needs logprobs set to true")
-    low, high = OPENAI_PENALTY_RANGE
-    if request.HasField("presence_penalty"):
-        out.float_range("presence_penalty", request.presence_penalty, low, high)
-    if request.HasField("frequency_penalty"):
-        out.float_range("frequency_penalty", request.frequency_penalty, low, high)
     if not request.model.strip():
         out.add("model", "is required")
 

@@ -21,7 +21,7 @@ from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_viol
 from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
 from services.generator.runner import BeamSettings, Runner, position_logits
-from services.generator.sampling import BatchKnobs, RowKnobs, sample
+from services.generator.sampling import BatchKnobs, RowKnobs, penalties_of, record_tokens, sample
 from services.generator.textstream import IncrementalDetokenizer, StopMatcher, TokenPieces
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ def _row_knobs(params: SamplingParams) -> RowKnobs:
         params.top_p,
         params.repetition_penalty,
         params.top_logprobs,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=params.logit_bias,
     )
 
 
@@ -264,6 +267,10 @@ class _Batch:
         self.state: Any = None
         self.last = torch.zeros(0, dtype=torch.long)
         self.presence: torch.Tensor | None = None
+        # Generated-token counts [B, V] and their presence/frequency penalties, kept only while some
+        # row has such a penalty.
+        self.counts: torch.Tensor | None = None
+        self.penalties: torch.Tensor | None = None
         self.knobs = BatchKnobs([], [])
 
 
@@ -321,6 +328,14 @@ class Engine:
             )
         if params.top_k > self.vocab_size:
             bad.append(("parameters.top_k", f"must be between 0 and the vocabulary size {self.vocab_size}"))
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                bad.append(
+                    (
+                        f"parameters.logit_bias[{token}]",
+                        f"token id {token} is not below the model's vocabulary size {self.vocab_size}",
+                    )
+                )
         if bad:
             raise InvalidRequest(bad)
 
@@ -540,7 +555,9 @@ class Engine:
         if not batch.rows:
             return events
         logits = self.runner.decode(batch.state, batch.last)
-        self._sample_rows(batch.rows, logits, batch.presence, batch.knobs, events)
+        self._sample_rows(
+            batch.rows, logits, batch.presence, batch.counts, batch.penalties, batch.knobs, events
+        )
         return events
 
     def _sample_rows(
@@ -548,13 +565,17 @@ class Engine:
         rows: list[_Sequence],
         logits: torch.Tensor,
         presence: torch.Tensor | None,
+        counts: torch.Tensor | None,
+        penalties: torch.Tensor | None,
         knobs: BatchKnobs,
         events: list[tuple[Request, TokenEvent]],
     ) -> torch.Tensor:
-        sampled = sample(logits, presence, knobs)
+        sampled = sample(logits, presence, knobs, penalties)
         tokens = sampled.tokens
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
+        if counts is not None and penalties is not None:
+            record_tokens(counts, penalties, tokens, knobs)
         if rows is self._batch.rows:
             self._batch.last = tokens
         tops: dict[int, list[tuple[int, float]]] = {}
@@ -588,6 +609,11 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        if batch.counts is not None and batch.penalties is not None:
+            # Dropped with the last row that needs them, so a batch without penalties pays nothing.
+            keep_counts = batch.knobs.any_count_penalty
+            batch.counts = batch.counts.index_select(0, index) if keep_counts else None
+            batch.penalties = batch.penalties.index_select(0, index) if keep_counts else None
 
     def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
         for request in joiners:
@@ -616,7 +642,9 @@ class Engine:
         )
         presence = self._presence_of(rows) if need_presence else None
         knobs = BatchKnobs([_row_knobs(r.request.params) for r in rows], [r.generator for r in rows])
-        tokens = self._sample_rows(rows, logits, presence, knobs, events)
+        counts = self._counts_of(rows) if knobs.any_count_penalty else None
+        penalties = penalties_of(counts, knobs) if counts is not None else None
+        tokens = self._sample_rows(rows, logits, presence, counts, penalties, knobs, events)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
             return
@@ -627,25 +655,38 @@ class Engine:
         new_rows = [rows[i] for i in alive]
         new_last = tokens.index_select(0, keep)
         new_presence = presence.index_select(0, keep) if presence is not None else None
-        self._merge(state, new_rows, new_last, new_presence)
+        new_counts = counts.index_select(0, keep) if counts is not None else None
+        self._merge(state, new_rows, new_last, new_presence, new_counts)
 
     def _merge(
-        self, state: Any, rows: list[_Sequence], last: torch.Tensor, presence: torch.Tensor | None
+        self,
+        state: Any,
+        rows: list[_Sequence],
+        last: torch.Tensor,
+        presence: torch.Tensor | None,
+        counts: torch.Tensor | None,
     ) -> None:
         batch = self._batch
         if not batch.rows:
             batch.state, batch.rows, batch.last, batch.presence = state, rows, last, presence
+            batch.counts = counts
         else:
             batch.state = self.runner.merge(batch.state, state)
             if batch.presence is not None or presence is not None:
                 mine = batch.presence if batch.presence is not None else self._presence_of(batch.rows)
                 theirs = presence if presence is not None else self._presence_of(rows)
                 batch.presence = torch.cat([mine, theirs])
+            if batch.counts is not None or counts is not None:
+                mine_counts = batch.counts if batch.counts is not None else self._counts_of(batch.rows)
+                theirs_counts = counts if counts is not None else self._counts_of(rows)
+                batch.counts = torch.cat([mine_counts, theirs_counts])
             batch.rows = batch.rows + rows
             batch.last = torch.cat([batch.last, last])
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        # Recomputed at a join only (steps update them in place): each row's own knobs.
+        batch.penalties = penalties_of(batch.counts, batch.knobs) if batch.counts is not None else None
 
     def _prompt_logprobs(self, prompt: list[int], top: int) -> list[PromptToken]:
         """Each prompt token's logprob under the model's own distribution given the tokens before
@@ -683,6 +724,15 @@ class Engine:
             if seen:
                 presence[i, torch.tensor(seen, dtype=torch.long)] = True
         return presence
+
+    def _counts_of(self, rows: list[_Sequence]) -> torch.Tensor:
+        """How often each row has generated each token so far (the prompt does not count)."""
+        counts = torch.zeros((len(rows), self.vocab_size), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            if row.token_ids:
+                seen = torch.tensor(row.token_ids, dtype=torch.long)
+                counts[i].scatter_add_(0, seen, torch.ones(len(seen), dtype=torch.float32))
+        return counts
 
     @torch.inference_mode()
     def _beam_search(self, request: Request) -> list[tuple[Request, TokenEvent]]:

@@ -1,8 +1,10 @@
 """Per-row sampling for a batch whose rows each have their own knobs, vectorized over the rows.
 
 Rows are independent (each row's softmax, sort and draw look only at that row), so a row's
-token does not depend on its neighbours; a seeded row draws from its own torch.Generator.
-Logprobs are read from the distribution the sampler draws from before its top-k/top-p cut: after
+token does not depend on its neighbours; a seeded row draws from its own torch.Generator. The
+logits go through logit_bias, the repetition penalty, presence/frequency penalties, temperature,
+top-k/top-p, then the draw (greedy rows: the argmax after the biases and penalties). Logprobs are
+read from the distribution the sampler draws from before its top-k/top-p cut: after the biases,
 the penalties and the temperature (1 for greedy rows), as vLLM reports them."""
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class RowKnobs:
     top_p: float
     repetition_penalty: float
     top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 class BatchKnobs:
@@ -37,6 +42,16 @@ class BatchKnobs:
         self.any_penalty = bool((self.penalty != 1.0).any())
         self.filter_rows = torch.nonzero((self.top_k > 0) | (self.top_p < 1.0)).flatten()
         self.any_temperature = bool((self.temperature != 1.0).any())
+        self.presence_penalty = torch.tensor([r.presence_penalty for r in rows])
+        self.frequency_penalty = torch.tensor([r.frequency_penalty for r in rows])
+        self.any_count_penalty = bool(
+            (self.presence_penalty != 0.0).any() or (self.frequency_penalty != 0.0).any()
+        )
+        # logit_bias as a sparse add: one (row, token id, bias) triple per entry of every row.
+        entries = [(i, token, bias) for i, r in enumerate(rows) for token, bias in r.logit_bias]
+        self.bias_rows = torch.tensor([e[0] for e in entries], dtype=torch.long)
+        self.bias_ids = torch.tensor([e[1] for e in entries], dtype=torch.long)
+        self.bias_values = torch.tensor([e[2] for e in entries], dtype=torch.float32)
         self.generators = list(generators)
         self.seeded_rows = [i for i, g in enumerate(generators) if g is not None and rows[i].do_sample]
         seeded = set(self.seeded_rows)
@@ -46,6 +61,43 @@ class BatchKnobs:
         # Rows that ask for alternatives, and the most any of them asks for.
         self.top_rows = torch.tensor([i for i, r in enumerate(rows) if r.top_logprobs > 0], dtype=torch.long)
         self.max_top = max((r.top_logprobs for r in rows), default=0)
+
+
+def apply_logit_bias(logits: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
+    """The logits with each row's logit_bias added to its token ids (unchanged when no row has one)."""
+    if not knobs.bias_rows.numel():
+        return logits
+    values = knobs.bias_values.to(logits.dtype)
+    return logits.index_put((knobs.bias_rows, knobs.bias_ids), values, accumulate=True)
+
+
+def penalties_of(counts: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties [B, V] of `counts` [B, V], how often each row has
+    generated each token: frequency * count + presence * (count > 0)."""
+    frequency = knobs.frequency_penalty[:, None]
+    presence = knobs.presence_penalty[:, None]
+    return frequency * counts + presence * (counts > 0).to(counts.dtype)
+
+
+def record_tokens(
+    counts: torch.Tensor, penalties: torch.Tensor, tokens: torch.Tensor, knobs: BatchKnobs
+) -> None:
+    """Counts each row's new token and updates that token's penalty in place: O(rows) per step,
+    where recomputing `penalties_of` would read the whole [B, V] tensor."""
+    index = tokens[:, None]
+    counts.scatter_add_(1, index, torch.ones(index.shape, dtype=counts.dtype))
+    count = counts.gather(1, index)
+    frequency = knobs.frequency_penalty[:, None]
+    presence = knobs.presence_penalty[:, None]
+    penalties.scatter_(1, index, frequency * count + presence * (count > 0).to(counts.dtype))
+
+
+def apply_penalties(logits: torch.Tensor, knobs: BatchKnobs, penalties: torch.Tensor | None) -> torch.Tensor:
+    """The logits less each row's presence and frequency penalties (`penalties_of` the row's
+    generated-token counts); unchanged when no row has them."""
+    if not knobs.any_count_penalty or penalties is None:
+        return logits
+    return logits - penalties.to(logits.dtype)
 
 
 @dataclass(frozen=True)
@@ -92,14 +144,22 @@ def _logprobs_of(
     return chosen, TopLogprobs(knobs.top_rows.tolist(), ids, values)
 
 
-def sample(logits: torch.Tensor, presence: torch.Tensor | None, knobs: BatchKnobs) -> Sampled:
+def sample(
+    logits: torch.Tensor,
+    presence: torch.Tensor | None,
+    knobs: BatchKnobs,
+    penalties: torch.Tensor | None = None,
+) -> Sampled:
     """The token of every row [B], its logprob (see the module's note) and the alternatives of
-    the rows whose knobs ask for them."""
+    the rows whose knobs ask for them. `penalties` [B, V] are the presence and frequency
+    penalties of the tokens each row has generated."""
+    logits = apply_logit_bias(logits, knobs)
     if knobs.any_penalty and presence is not None:
         # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.
         rp = knobs.penalty[:, None]
         penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(presence, penalized, logits)
+    logits = apply_penalties(logits, knobs, penalties)
     if not knobs.any_sample:
         tokens = logits.argmax(dim=-1)
         return Sampled(tokens, *_logprobs_of(torch.log_softmax(logits, dim=-1), tokens, knobs))

@@ -3,7 +3,7 @@ type at the call site, and the sync and asyncio clients share one definition."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 
@@ -26,6 +26,12 @@ class ChatOptions(TypedDict, total=False):
     """Return each token with its logprob (the sampler's distribution before top_k/top_p)."""
     top_logprobs: int
     """Also return this many (0-20) most likely tokens at each position."""
+    presence_penalty: float
+    """In [-2, 2]: subtracted once from every token the sequence has generated (OpenAI's)."""
+    frequency_penalty: float
+    """In [-2, 2]: subtracted once per time the sequence has generated a token (OpenAI's)."""
+    logit_bias: Mapping[int, float]
+    """Token id to a value in [-100, 100] added to its logit; at most 300 entries."""
 
 
 class GenerateOptions(ChatOptions, total=False):

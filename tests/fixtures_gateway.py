@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
+from openai import OpenAI
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.stack import ROOT, ServiceProcess, free_port
@@ -285,3 +286,12 @@ def envoy_service(
 @pytest.fixture(scope="session")
 def envoy_url(envoy_service: EnvoyService) -> str:
     return envoy_service.url
+
+
+@pytest.fixture(scope="session")
+def openai_sdk(envoy_url: str, gateway_service: GatewayService) -> Iterator[OpenAI]:
+    """The official openai SDK on the shared stack's Envoy, as the "user" key, without retries."""
+    with OpenAI(
+        base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=180
+    ) as sdk:
+        yield sdk

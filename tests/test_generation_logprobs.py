@@ -210,11 +210,8 @@ def test_beam_search_refuses_logprobs(generator_stub: generation_pb2_grpc.Genera
 
 
 @pytest.fixture(scope="module")
-def client(envoy_url: str, gateway_service: GatewayService) -> Iterator[OpenAI]:
-    with OpenAI(
-        base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=180
-    ) as sdk:
-        yield sdk
+def client(openai_sdk: OpenAI) -> OpenAI:
+    return openai_sdk
 
 
 @pytest.fixture(scope="module")

@@ -41,11 +41,8 @@ def rest(envoy_url: str, gateway_service: GatewayService) -> Iterator[httpx2.Cli
 
 
 @pytest.fixture(scope="module")
-def sdk(envoy_url: str, gateway_service: GatewayService) -> Iterator[OpenAI]:
-    with OpenAI(
-        base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=TIMEOUT
-    ) as client:
-        yield client
+def sdk(openai_sdk: OpenAI) -> OpenAI:
+    return openai_sdk
 
 
 @pytest.fixture(scope="module")

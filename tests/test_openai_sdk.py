@@ -4,7 +4,6 @@ streamed, embeddings (float, base64, dimensions), models, and its error types.""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -17,11 +16,8 @@ QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What 
 
 
 @pytest.fixture(scope="module")
-def client(envoy_url: str, gateway_service: GatewayService) -> Iterator[OpenAI]:
-    with OpenAI(
-        base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=180
-    ) as sdk:
-        yield sdk
+def client(openai_sdk: OpenAI) -> OpenAI:
+    return openai_sdk
 
 
 @pytest.fixture(scope="module")

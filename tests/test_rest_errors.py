@@ -24,11 +24,8 @@ USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def sdk(envoy_url: str, gateway_service: GatewayService) -> Iterator[OpenAI]:
-    with OpenAI(
-        base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=120
-    ) as client:
-        yield client
+def sdk(openai_sdk: OpenAI) -> OpenAI:
+    return openai_sdk
 
 
 @pytest.fixture(scope="module")

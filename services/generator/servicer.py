@@ -25,7 +25,6 @@ from services.common.sampling import SamplingParams
 from services.generator import tasks
 from services.generator.engine import (
     Engine,
-    FinishReason,
     GenerationResult,
     InvalidRequest,
     ModelLoading,
@@ -174,6 +173,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _chat_ids(self, system: str, user: str) -> list[int]:
         return self._engine().encode_chat([("system", system), ("user", user)])
 
+    def _chat_prompt(self, request: generation_pb2.ChatRequest) -> list[int]:
+        if not request.messages:
+            raise InvalidRequest([("messages", "must hold at least one message")])
+        self._check_model(request.model)
+        return self._prompt_ids(request)
+
+    def _math_prompt(self, request: generation_pb2.SolveMathRequest) -> list[int]:
+        if not request.problem.strip():
+            raise InvalidRequest([("problem", "must not be empty")])
+        self._check_model(request.model)
+        return self._chat_ids(tasks.MATH_SYSTEM, request.problem)
+
+    def _coding_prompt(self, request: generation_pb2.SolveCodingRequest) -> tuple[list[int], str]:
+        """The prompt's ids and the language ("python" when none is given)."""
+        if not request.problem.strip():
+            raise InvalidRequest([("problem", "must not be empty")])
+        self._check_model(request.model)
+        language = request.language.strip() or "python"
+        return self._chat_ids(tasks.coding_system(language), request.problem), language
+
     # ----- RPCs -----
 
     async def Generate(
@@ -260,39 +279,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def ChatStream(
         self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        if not request.messages:
-            raise InvalidRequest([("messages", "must hold at least one message")])
-        self._check_model(request.model)
-        async for reply in self._stream(request, self._prompt_ids(request)):
+        async for reply in self._stream(request, self._chat_prompt(request)):
             yield reply
 
     async def SolveMathStream(
         self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        if not request.problem.strip():
-            raise InvalidRequest([("problem", "must not be empty")])
-        self._check_model(request.model)
+        ids = self._math_prompt(request)
 
         def answer(reply: generation_pb2.GenerateStreamResponse) -> None:
             reply.answer = tasks.extract_answer(reply.generated_text)
 
-        ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
         async for reply in self._stream(request, ids, answer):
             yield reply
 
     async def SolveCodingStream(
         self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        if not request.problem.strip():
-            raise InvalidRequest([("problem", "must not be empty")])
-        self._check_model(request.model)
-        language = request.language.strip() or "python"
+        ids, language = self._coding_prompt(request)
 
         def code(reply: generation_pb2.GenerateStreamResponse) -> None:
             reply.code = tasks.extract_code(reply.generated_text)
             reply.language = language
 
-        ids = self._chat_ids(tasks.coding_system(language), request.problem)
         async for reply in self._stream(request, ids, code):
             yield reply
 
@@ -323,9 +332,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Chat(
         self, request: generation_pb2.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.ChatResponse:
-        if not request.messages:
-            raise InvalidRequest([("messages", "must hold at least one message")])
-        result = await self._generate(request)
+        result = await self._generate(request, self._chat_prompt(request))
         first = result.sequences[0]
         return generation_pb2.ChatResponse(
             request_id=result.request_id,
@@ -342,11 +349,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def SolveMath(
         self, request: generation_pb2.SolveMathRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveMathResponse:
-        if not request.problem.strip():
-            raise InvalidRequest([("problem", "must not be empty")])
-        self._check_model(request.model)
-        ids = self._chat_ids(tasks.MATH_SYSTEM, request.problem)
-        result = await self._generate(request, ids)
+        result = await self._generate(request, self._math_prompt(request))
         first = result.sequences[0]
         return generation_pb2.SolveMathResponse(
             request_id=result.request_id,
@@ -354,7 +357,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             answer=tasks.extract_answer(first.text),
             tokens_generated=first.tokens_generated,
             generation_time=result.generation_time,
-            finish_reason=_finish(first.finish_reason),
+            finish_reason=FINISH[first.finish_reason],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
             model=self._engine().model_id,
         )
@@ -362,11 +365,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def SolveCoding(
         self, request: generation_pb2.SolveCodingRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.SolveCodingResponse:
-        if not request.problem.strip():
-            raise InvalidRequest([("problem", "must not be empty")])
-        self._check_model(request.model)
-        language = request.language.strip() or "python"
-        ids = self._chat_ids(tasks.coding_system(language), request.problem)
+        ids, language = self._coding_prompt(request)
         result = await self._generate(request, ids)
         first = result.sequences[0]
         return generation_pb2.SolveCodingResponse(
@@ -376,14 +375,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             language=language,
             tokens_generated=first.tokens_generated,
             generation_time=result.generation_time,
-            finish_reason=_finish(first.finish_reason),
+            finish_reason=FINISH[first.finish_reason],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
             model=self._engine().model_id,
         )
-
-
-def _finish(reason: FinishReason) -> common_pb2.FinishReason.ValueType:
-    return FINISH[reason]
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):

@@ -135,10 +135,6 @@ def test_a_large_batch_is_scanned_to_its_end(rest: httpx2.Client) -> None:
     assert_unknown_field(response, "/v1/embeddings", "dimenions")
 
 
-def test_body_less_routes_are_not_checked(rest: httpx2.Client) -> None:
-    assert rest.get("/health").status_code == 200
-
-
 def test_an_unrendered_template_refuses_bodies_loudly(
     gateway_service: GatewayService, tmp_path: Path
 ) -> None:

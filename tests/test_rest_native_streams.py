@@ -174,7 +174,7 @@ def test_typed_streams_through_the_gateway(gateway_service: GatewayService) -> N
         assert summary.text == text and summary.code is not None and summary.language == "python"
 
 
-async def test_async_typed_chat_stream_matches_the_sync_one(gateway_service: GatewayService) -> None:
+async def test_async_typed_solve_math_stream_matches_the_sync_one(gateway_service: GatewayService) -> None:
     key = gateway_service.keys["user"]
     async with AsyncInferenceClient(gateway_service.address, api_key=key, timeout=120) as client:
         stream = client.solve_math_stream("What is 2 + 3?", max_new_tokens=24)
@@ -182,6 +182,7 @@ async def test_async_typed_chat_stream_matches_the_sync_one(gateway_service: Gat
     with InferenceClient(gateway_service.address, api_key=key, timeout=120) as client:
         again = client.solve_math_stream("What is 2 + 3?", max_new_tokens=24)
         assert "".join(token.text for token in again) == "".join(pieces)
+        assert again.summaries[0].answer is not None
         assert again.summaries[0].answer == stream.summaries[0].answer
 
 

@@ -36,11 +36,6 @@ class SamplingParams:
     # (token id, bias) pairs in id order: immutable, and equal for equal maps.
     logit_bias: tuple[tuple[int, float], ...] = ()
 
-    @property
-    def uses_counts(self) -> bool:
-        """Whether sampling needs this sequence's generated-token counts."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
 
 @dataclass(frozen=True)
 class SamplingLimits:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference.v1 import generation_pb2
+
 from services.common.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 from services.gateway.errors import permission_denied, unauthenticated
 
@@ -30,22 +32,10 @@ _EMB = "/inference.v1.EmbeddingService/"
 _OAI = "/inference.v1.OpenAIService/"
 _INFO = "/inference.v1.InfoService/"
 METHOD_SCOPES: dict[str, str] = {
+    # Every generation RPC generates: a method added to the service needs the scope by itself.
     **{
-        _GEN + m: "generate"
-        for m in (
-            "Generate",
-            "GenerateStream",
-            "GenerateStreamEvents",
-            "Chat",
-            "ChatStream",
-            "ChatStreamEvents",
-            "SolveMath",
-            "SolveMathStream",
-            "SolveMathStreamEvents",
-            "SolveCoding",
-            "SolveCodingStream",
-            "SolveCodingStreamEvents",
-        )
+        _GEN + m.name: "generate"
+        for m in generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].methods
     },
     **{
         _OAI + m: "generate"

@@ -12,9 +12,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
-from services.common.sse import DONE_EVENT as DONE_EVENT
-from services.common.sse import SSE_CONTENT_TYPE as SSE_CONTENT_TYPE
-from services.common.sse import sse_event as sse_event
+from services.common.sse import sse_event
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 OWNER = "inference-stack"
@@ -120,10 +118,10 @@ def chat_logprobs(tokens: Iterable[common_pb2.Token]) -> openai_pb2.ChatCompleti
 
 class CompletionLogprobsBuilder:
     """OpenAI's legacy completions logprobs: parallel lists, the offsets counted in the choice's
-    text from `offset` on. Each top_logprobs object holds the chosen token too, as OpenAI's do."""
+    text across calls. Each top_logprobs object holds the chosen token too, as OpenAI's do."""
 
-    def __init__(self, offset: int = 0) -> None:
-        self.offset = offset
+    def __init__(self) -> None:
+        self.offset = 0
 
     def build(
         self, tokens: Iterable[common_pb2.Token], first_is_prompt_start: bool = False
@@ -319,7 +317,7 @@ class CompletionChunker:
         self._started: set[int] = set()
         self._usage: list[common_pb2.Usage] = []
         self._pending: dict[int, list[common_pb2.Token]] = {}
-        self._offsets: dict[int, CompletionLogprobsBuilder] = {}
+        self._builders: dict[int, CompletionLogprobsBuilder] = {}
         # The prompt's tokens, from the first message of each prompt's stream (echo with logprobs).
         self._prompt_tokens: dict[int, list[common_pb2.Token]] = {}
 
@@ -367,7 +365,7 @@ class CompletionChunker:
     ) -> None:
         if not self.logprobs or not pending:
             return
-        builder = self._offsets.setdefault(choice.index, CompletionLogprobsBuilder())
+        builder = self._builders.setdefault(choice.index, CompletionLogprobsBuilder())
         choice.logprobs.CopyFrom(builder.build(pending, first_is_prompt_start=echoed))
         pending.clear()
 

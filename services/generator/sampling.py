@@ -86,10 +86,7 @@ def record_tokens(
     where recomputing `penalties_of` would read the whole [B, V] tensor."""
     index = tokens[:, None]
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=counts.dtype))
-    count = counts.gather(1, index)
-    frequency = knobs.frequency_penalty[:, None]
-    presence = knobs.presence_penalty[:, None]
-    penalties.scatter_(1, index, frequency * count + presence * (count > 0).to(counts.dtype))
+    penalties.scatter_(1, index, penalties_of(counts.gather(1, index), knobs))
 
 
 def apply_penalties(logits: torch.Tensor, knobs: BatchKnobs, penalties: torch.Tensor | None) -> torch.Tensor:
@@ -165,11 +162,13 @@ def sample(
         return Sampled(tokens, *_logprobs_of(torch.log_softmax(logits, dim=-1), tokens, knobs))
     if knobs.any_temperature:
         logits = logits / knobs.temperature[:, None]
-    # Logprobs are read before the top-k/top-p cut: the cut rows' own log-softmax is redone below.
-    scaled = logits
+    # Logprobs are read before the top-k/top-p cut: the cut rows' own log-softmax is redone from
+    # their logits before the cut.
+    redo = None
     if knobs.filter_rows.numel():
         rows = knobs.filter_rows
         part = logits.index_select(0, rows)
+        redo = (rows, part)
         ordered, order = part.sort(dim=-1, descending=True)
         vocab = ordered.shape[-1]
         ranks = torch.arange(vocab)[None, :]
@@ -192,8 +191,4 @@ def sample(
         generator = knobs.generators[row]
         drawn = torch.multinomial(probs_all[row], 1, generator=generator)
         tokens[row] = drawn[0]
-    redo = None
-    if knobs.filter_rows.numel():
-        rows = knobs.filter_rows
-        redo = (rows, scaled.index_select(0, rows))
     return Sampled(tokens, *_logprobs_of(logprobs_all, tokens, knobs, redo))

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
-from services.common import sampling
+from services.common import sampling, sse
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.auth import (
@@ -461,8 +461,8 @@ def test_chat_chunks_start_with_the_role_end_with_a_reason_and_usage() -> None:
 
 
 def test_sse_events_are_data_lines_and_errors_are_in_band() -> None:
-    assert oai.sse_event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
-    assert oai.DONE_EVENT == b"data: [DONE]\n\n"
+    assert sse.sse_event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+    assert sse.DONE_EVENT == b"data: [DONE]\n\n"
     error = json.loads(oai.sse_error("boom", "server_error", 503, "UNAVAILABLE")[len(b"data: ") :])
     assert error["error"]["message"] == "boom" and error["error"]["code"] == 503
 

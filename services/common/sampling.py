@@ -4,13 +4,81 @@ here: the gateway imports this module too."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2
 
 FIELD = "parameters"
+
+
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `value` is the JSON Schema as canonical JSON text (keys sorted,
+    integral numbers as integers), the regular expression, the Lark grammar, the choice list as a
+    JSON array, or "" for json_object; equal constraints have equal values (the compile cache key)."""
+
+    kind: ConstraintKind
+    value: str
+
+    @property
+    def field(self) -> str:
+        return f"{FIELD}.{self.kind}"
+
+
+def _integral(value: Any) -> Any:
+    """Struct keeps every number as a double: 3.0 back to 3, so that "maxItems": 3 stays an integer."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """`value` as compact JSON with sorted keys and integral numbers as integers."""
+    return json.dumps(_integral(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def constraint_of(p: common_pb2.SamplingParameters) -> Constraint | None:
+    """The request's constraint, or None (json_object false is none)."""
+    kind = p.WhichOneof("constraint")
+    if kind == "json_schema":
+        return Constraint("json_schema", canonical_json(json_format.MessageToDict(p.json_schema)))
+    if kind == "json_object":
+        return Constraint("json_object", "") if p.json_object else None
+    if kind == "regex":
+        return Constraint("regex", p.regex)
+    if kind == "grammar":
+        return Constraint("grammar", p.grammar)
+    if kind == "choice":
+        return Constraint("choice", canonical_json(json_format.MessageToDict(p.choice)))
+    return None
+
+
+def _constraint_wire_violations(p: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
+    kind = p.WhichOneof("constraint")
+    field = f"{FIELD}.{kind}"
+    if kind == "choice":
+        items = p.choice.values
+        if not items:
+            return [(field, "must be a non-empty list of strings")]
+        return [
+            (f"{field}[{i}]", "must be a non-empty string")
+            for i, item in enumerate(items)
+            if item.WhichOneof("kind") != "string_value" or not item.string_value
+        ]
+    if kind in ("regex", "grammar") and not getattr(p, kind):
+        return [(field, "must not be empty")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -35,6 +103,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # (token id, bias) pairs in id order: immutable, and equal for equal maps.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +123,8 @@ class SamplingLimits:
     max_abs_penalty: float = 2.0
     max_abs_logit_bias: float = 100.0
     max_logit_bias_entries: int = 300
+    # Characters of a JSON Schema (as compact JSON), regular expression, grammar or choice list.
+    max_constraint_length: int = 65_536
 
 
 DEFAULT_LIMITS = SamplingLimits()
@@ -131,6 +202,14 @@ def params_violations(
         value = getattr(params, name)
         real(name, value, -limits.max_abs_penalty, limits.max_abs_penalty, low_open=False)
     bad.extend(_logit_bias_violations(params, limits))
+    if params.constraint is not None:
+        field, size = params.constraint.field, len(params.constraint.value)
+        if size > limits.max_constraint_length:
+            bad.append(
+                (field, f"has {size} characters, more than the limit of {limits.max_constraint_length}")
+            )
+        if params.num_beams > 1:
+            bad.append((field, "is not supported with num_beams above 1 (beam search)"))
     if len(params.stop) > limits.max_stop_sequences:
         bad.append(
             (
@@ -184,9 +263,13 @@ def _alias_conflicts(p: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
 
 
 def wire_violations(parameters: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
-    """(field path, problem) of what no range check can see: unreadable stop items and an alias
-    that contradicts its canonical knob."""
-    return stop_sequences(parameters.stop)[1] + _alias_conflicts(parameters)
+    """(field path, problem) of what no range check can see: unreadable stop items, an alias
+    that contradicts its canonical knob, an empty or malformed constraint."""
+    return (
+        stop_sequences(parameters.stop)[1]
+        + _alias_conflicts(parameters)
+        + _constraint_wire_violations(parameters)
+    )
 
 
 def _sent_name(p: common_pb2.SamplingParameters, path: str) -> str:
@@ -256,4 +339,5 @@ def from_proto(parameters: common_pb2.SamplingParameters, default_max_new_tokens
         presence_penalty=p.presence_penalty if p.HasField("presence_penalty") else 0.0,
         frequency_penalty=p.frequency_penalty if p.HasField("frequency_penalty") else 0.0,
         logit_bias=tuple(sorted(p.logit_bias.items())),
+        constraint=constraint_of(p),
     )

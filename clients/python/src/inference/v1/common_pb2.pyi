@@ -33,6 +33,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The model produced its end-of-sequence token."""
     FINISH_REASON_STOP_SEQUENCE: _FinishReason.ValueType  # 3
     """One of the request's stop sequences was produced (it is not part of the text)."""
+    FINISH_REASON_CONSTRAINT_COMPLETE: _FinishReason.ValueType  # 4
+    """The output completed the request's constraint (parameters.json_schema, regex, choice, ...)
+    and the constraint allows no further token.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Shared message types of the inference.v1 services. This file holds no service.
@@ -47,6 +51,10 @@ FINISH_REASON_EOS_TOKEN: FinishReason.ValueType  # 2
 """The model produced its end-of-sequence token."""
 FINISH_REASON_STOP_SEQUENCE: FinishReason.ValueType  # 3
 """One of the request's stop sequences was produced (it is not part of the text)."""
+FINISH_REASON_CONSTRAINT_COMPLETE: FinishReason.ValueType  # 4
+"""The output completed the request's constraint (parameters.json_schema, regex, choice, ...)
+and the constraint allows no further token.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -273,6 +281,11 @@ class SamplingParameters(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     STOP_SEQUENCES_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """Default: the server's (--default-max-new-tokens)."""
     temperature: _builtins.float
@@ -313,6 +326,12 @@ class SamplingParameters(_message.Message):
     """Alias of max_new_tokens, the name seed-style clients send. Giving both with different values
     is an error; giving both with the same value is fine.
     """
+    json_object: _builtins.bool
+    """When true, the output is one JSON object (any keys)."""
+    regex: _builtins.str
+    """A regular expression the whole output must match (Rust regex syntax, anchored at both ends)."""
+    grammar: _builtins.str
+    """A context-free grammar in Lark syntax (llguidance's dialect, start rule "start")."""
     @_builtins.property
     def stop(self) -> _struct_pb2.Value:
         """A string or a list of strings; generation stops before any of them and omits it."""
@@ -329,6 +348,14 @@ class SamplingParameters(_message.Message):
         """Alias of stop, the name seed-style clients send (always a list there). Giving both with
         different sequences is an error; giving both with the same sequences is fine.
         """
+
+    @_builtins.property
+    def json_schema(self) -> _struct_pb2.Struct:
+        """A JSON Schema (an object) the output must validate against."""
+
+    @_builtins.property
+    def choice(self) -> _struct_pb2.ListValue:
+        """A list of strings: the output is exactly one of them."""
 
     def __init__(
         self,
@@ -351,10 +378,15 @@ class SamplingParameters(_message.Message):
         prompt_logprobs: _builtins.bool | None = ...,
         max_tokens: _builtins.int | None = ...,
         stop_sequences: _abc.Iterable[_builtins.str] | None = ...,
+        json_schema: _struct_pb2.Struct | None = ...,
+        json_object: _builtins.bool = ...,
+        regex: _builtins.str = ...,
+        choice: _struct_pb2.ListValue | None = ...,
+        grammar: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_frequency_penalty", b"_frequency_penalty", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "frequency_penalty", b"frequency_penalty", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_frequency_penalty", b"_frequency_penalty", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "choice", b"choice", "constraint", b"constraint", "do_sample", b"do_sample", "frequency_penalty", b"frequency_penalty", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "regex", b"regex", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_frequency_penalty", b"_frequency_penalty", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "do_sample", b"do_sample", "frequency_penalty", b"frequency_penalty", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample", "_frequency_penalty", b"_frequency_penalty", "_logprobs", b"_logprobs", "_max_new_tokens", b"_max_new_tokens", "_max_tokens", b"_max_tokens", "_num_beams", b"_num_beams", "_num_return_sequences", b"_num_return_sequences", "_presence_penalty", b"_presence_penalty", "_prompt_logprobs", b"_prompt_logprobs", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "choice", b"choice", "constraint", b"constraint", "do_sample", b"do_sample", "frequency_penalty", b"frequency_penalty", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "max_tokens", b"max_tokens", "num_beams", b"num_beams", "num_return_sequences", b"num_return_sequences", "presence_penalty", b"presence_penalty", "prompt_logprobs", b"prompt_logprobs", "regex", b"regex", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__do_sample: _TypeAlias = _typing.Literal["do_sample"]  # noqa: Y015
     _WhichOneofArgType__do_sample: _TypeAlias = _typing.Literal["_do_sample", b"_do_sample"]  # noqa: Y015
@@ -386,6 +418,8 @@ class SamplingParameters(_message.Message):
     _WhichOneofArgType__top_logprobs: _TypeAlias = _typing.Literal["_top_logprobs", b"_top_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    _WhichOneofReturnType_constraint: _TypeAlias = _typing.Literal["json_schema", "json_object", "regex", "choice", "grammar"]  # noqa: Y015
+    _WhichOneofArgType_constraint: _TypeAlias = _typing.Literal["constraint", b"constraint"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__do_sample) -> _WhichOneofReturnType__do_sample | None: ...
     @_typing.overload
@@ -416,5 +450,7 @@ class SamplingParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_logprobs) -> _WhichOneofReturnType__top_logprobs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_constraint) -> _WhichOneofReturnType_constraint | None: ...
 
 Global___SamplingParameters: _TypeAlias = SamplingParameters  # noqa: Y015

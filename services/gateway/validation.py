@@ -17,7 +17,7 @@ from services.common.sampling import DEFAULT_LIMITS, SamplingLimits
 from services.gateway import openai_compat
 from services.gateway.errors import invalid_argument
 
-NATIVE_ROLES = ("system", "user", "assistant")
+NATIVE_ROLES = ("system", "user", "assistant", "tool")
 OPENAI_ROLES = ("system", "developer", "user", "assistant")
 MAX_TOKEN_ID = 2**31 - 1
 # OpenAI's own range of temperature; every other knob's range is sampling.DEFAULT_LIMITS'.

@@ -30,10 +30,20 @@ FinishReason = Literal["length", "eos", "stop"]
 PROMPT_CONTEXT_IDS = 4
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
-    """The prompt of (role, content) messages through the model's chat template, ready to answer."""
+def template_has_tools(tokenizer: Any) -> bool:
+    """Whether the model's chat template renders a `tools` list (its own tool-call format)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def chat_prompt_ids(
+    tokenizer: Any, messages: Sequence[tuple[str, str]], tools: Sequence[dict[str, Any]] = ()
+) -> list[int]:
+    """The prompt of (role, content) messages (and tools, for a template with a tool format)
+    through the model's chat template, ready to answer."""
     conversation = [{"role": role, "content": content} for role, content in messages]
-    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, **extra)
     # A dict (BatchEncoding) in recent transformers, a list of ids in older ones.
     ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
     return [int(i) for i in ids]
@@ -306,8 +316,21 @@ class Engine:
         ids: list[int] = self.tokenizer.encode(prompt)
         return ids
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def encode_chat(
+        self, messages: Sequence[tuple[str, str]], tools: Sequence[dict[str, Any]] = ()
+    ) -> list[int]:
+        if tools and not template_has_tools(self.tokenizer):
+            raise InvalidRequest(
+                [
+                    (
+                        "tools",
+                        f"the chat template of {self.model_id} has no tool format: describe the "
+                        "tools in a message, or constrain the reply (tool_choice required or a "
+                        "named function through /v1/chat/completions)",
+                    )
+                ]
+            )
+        return chat_prompt_ids(self.tokenizer, messages, tools)
 
     # ----- admission -----
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from inference.v1 import (
     common_pb2,
@@ -39,7 +40,7 @@ FINISH = {
     "eos": common_pb2.FINISH_REASON_EOS_TOKEN,
     "stop": common_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 GenerationRequest = (
     generation_pb2.GenerateRequest
     | generation_pb2.ChatRequest
@@ -146,7 +147,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if prompt and chat:
             raise InvalidRequest([("prompt", "set either prompt or messages, not both")])
         if chat:
-            return engine.encode_chat(self._conversation(chat))
+            tools = [json_format.MessageToDict(t) for t in getattr(message, "tools", [])]
+            return engine.encode_chat(self._conversation(chat), tools)
         if not prompt:
             raise InvalidRequest([("prompt", "must not be empty (or give messages)")])
         return engine.encode_prompt(prompt)

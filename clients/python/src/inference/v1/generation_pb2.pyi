@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.rpc import status_pb2 as _status_pb2
 from inference.v1 import common_pb2 as _common_pb2
@@ -264,6 +265,7 @@ class ChatRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     stream: _builtins.bool
     """REST only: true answers with the token stream of ChatStreamEvents on the same URL."""
@@ -271,6 +273,13 @@ class ChatRequest(_message.Message):
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
     def parameters(self) -> _common_pb2.SamplingParameters: ...
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]:
+        """Tools for the model's chat template to render, each in OpenAI's shape ({"type": "function",
+        "function": {"name", "description", "parameters"}}). Refused when the template has no tool
+        format.
+        """
+
     def __init__(
         self,
         *,
@@ -278,10 +287,11 @@ class ChatRequest(_message.Message):
         model: _builtins.str = ...,
         parameters: _common_pb2.SamplingParameters | None = ...,
         stream: _builtins.bool | None = ...,
+        tools: _abc.Iterable[_struct_pb2.Struct] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "messages", b"messages", "model", b"model", "parameters", b"parameters", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream", b"_stream", "messages", b"messages", "model", b"model", "parameters", b"parameters", "stream", b"stream", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
     _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015

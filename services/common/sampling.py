@@ -20,8 +20,8 @@ ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "gramm
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must match. `value` is the JSON Schema as canonical JSON text (keys sorted,
-    integral numbers as integers), the regular expression, the Lark grammar, the choice list as a
+    """What the output must match. `value` is the JSON Schema as canonical JSON text (see
+    `canonical_json`), the regular expression, the Lark grammar, the choice list as a
     JSON array, or "" for json_object; equal constraints have equal values (the compile cache key)."""
 
     kind: ConstraintKind
@@ -32,20 +32,29 @@ class Constraint:
         return f"{FIELD}.{self.kind}"
 
 
-def _integral(value: Any) -> Any:
-    """Struct keeps every number as a double: 3.0 back to 3, so that "maxItems": 3 stays an integer."""
+def _normalized(value: Any) -> Any:
+    """Keys sorted and integral numbers as integers (Struct keeps every number as a double, so
+    "maxItems": 3 arrives as 3.0), except that an object's `properties` follow its `required` list:
+    the wire's map loses the sender's key order, and the enforced output writes the properties in
+    the schema's order, so the required order (a list, kept on the wire) is the one to keep."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
+        return [_normalized(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    result = {key: _normalized(value[key]) for key in sorted(value)}
+    properties, required = result.get("properties"), result.get("required")
+    if isinstance(properties, dict) and isinstance(required, list):
+        first = [name for name in dict.fromkeys(required) if isinstance(name, str) and name in properties]
+        rest = [name for name in properties if name not in first]
+        result["properties"] = {name: properties[name] for name in [*first, *rest]}
+    return result
 
 
 def canonical_json(value: Any) -> str:
-    """`value` as compact JSON with sorted keys and integral numbers as integers."""
-    return json.dumps(_integral(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """`value` as compact JSON in the order `_normalized` gives: equal for equal values."""
+    return json.dumps(_normalized(value), separators=(",", ":"), ensure_ascii=False)
 
 
 def constraint_of(p: common_pb2.SamplingParameters) -> Constraint | None:

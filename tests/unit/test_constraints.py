@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from collections.abc import AsyncIterator
@@ -264,3 +265,23 @@ async def test_a_stop_sequence_still_applies_to_a_constrained_row(engine: Engine
     params = SamplingParams(max_new_tokens=20, constraint=Constraint("regex", "ab-cd"), stop=("-",))
     (sequence,) = (await within(engine.generate([1, 2], params))).sequences
     assert (sequence.text, sequence.finish_reason) == ("ab", "stop")
+
+
+async def test_logprobs_of_a_constrained_row_come_from_the_constrained_distribution(
+    engine: Engine, compiler: ConstraintCompiler
+) -> None:
+    choices = ["yes", "no"]
+    params = SamplingParams(
+        max_new_tokens=8,
+        logprobs=True,
+        top_logprobs=20,  # more than the tokens the constraint allows first
+        constraint=Constraint("choice", json.dumps(choices)),
+    )
+    (sequence,) = (await within(engine.generate([1, 2], params))).sequences
+    assert sequence.text in choices and sequence.finish_reason == "constraint"
+    first = sequence.tokens[0]
+    pieces = [compiler.tokenizer().decode_str([t]) for t, _ in first.top]
+    assert len(pieces) >= 2 and all(any(c.startswith(p) for c in choices) for p in pieces), pieces
+    assert all(math.isfinite(v) for _, v in first.top)
+    # Every allowed token is listed, and their probabilities make up the whole distribution.
+    assert math.isclose(sum(math.exp(v) for _, v in first.top), 1.0, rel_tol=1e-4)

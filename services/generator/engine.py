@@ -11,22 +11,36 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
-from services.common.sampling import DEFAULT_LIMITS, SamplingLimits, params_violations
+from services.common.sampling import DEFAULT_LIMITS, Constraint, SamplingLimits, params_violations
 from services.common.sampling import SamplingParams as SamplingParams  # re-exported for callers
 from services.generator import metrics
+from services.generator.constraints import (
+    CompiledConstraint,
+    ConstraintCompiler,
+    ConstraintRefused,
+    fill_masks,
+)
 from services.generator.runner import BeamSettings, Runner, position_logits
-from services.generator.sampling import BatchKnobs, RowKnobs, penalties_of, record_tokens, sample
+from services.generator.sampling import (
+    BatchKnobs,
+    RowKnobs,
+    TokenMasks,
+    penalties_of,
+    record_tokens,
+    sample,
+)
 from services.generator.textstream import IncrementalDetokenizer, StopMatcher, TokenPieces
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["length", "eos", "stop"]
+# "constraint": the row's constraint was complete and allowed no further token.
+FinishReason = Literal["length", "eos", "stop", "constraint"]
 PROMPT_CONTEXT_IDS = 4
 
 
@@ -176,6 +190,8 @@ class _Sequence:
         self.token_ids: list[int] = []
         self.generated = 0
         self.finish_reason: FinishReason | None = None
+        # The row's own copy of the request's constraint, advanced by each accepted token.
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
 
     @property
     def done(self) -> bool:
@@ -187,7 +203,9 @@ class _Sequence:
         logprob: float,
         eos_ids: frozenset[int],
         top: list[tuple[int, float]] | None = None,
+        complete: bool = False,
     ) -> TokenEvent:
+        """Appends a token; `complete`: it completed the row's constraint."""
         self.generated += 1
         self.token_ids.append(token_id)
         special = token_id in self.special_ids
@@ -199,6 +217,9 @@ class _Sequence:
             text, hit = self.stop.feed(piece)
             if hit:
                 finish = "stop"
+            elif complete:
+                text += self.stop.flush()
+                finish = "constraint"
             elif self.generated >= self.request.params.max_new_tokens:
                 text += self.stop.flush()
                 finish = "length"
@@ -218,10 +239,17 @@ class _Sequence:
 class Request:
     """A submitted request: its sequences' events arrive on `events()`."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        grammar: CompiledConstraint | None = None,
+    ) -> None:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
+        self.grammar = grammar
         self.cancelled = False
         self.sequences: list[_Sequence] = []
         # Set by the worker when the request joins, before its first event (prompt_logprobs).
@@ -282,6 +310,31 @@ class _Batch:
         self.counts: torch.Tensor | None = None
         self.penalties: torch.Tensor | None = None
         self.knobs = BatchKnobs([], [])
+        # Indices of the rows with a constraint, rebuilt with the rows.
+        self.constrained: list[int] = []
+
+
+def _constrained(rows: list[_Sequence]) -> list[int]:
+    return [i for i, row in enumerate(rows) if row.matcher is not None]
+
+
+@dataclass
+class _PendingMasks:
+    """The masks of the rows `rows` [R], being computed on the mask thread."""
+
+    rows: torch.Tensor
+    future: Future[torch.Tensor]
+
+
+def _advance(row: _Sequence, token: int) -> bool:
+    """Feeds `token` to the row's matcher; whether the constraint is now complete."""
+    matcher = row.matcher
+    assert matcher is not None
+    if not matcher.consume_token(token):
+        # Masked sampling cannot pick a refused token; should it happen, the next mask allows EOS only.
+        log.error("constraint refused token %d: %s", token, matcher.get_error())
+        return False
+    return matcher.is_stopped()
 
 
 class Engine:
@@ -304,11 +357,21 @@ class Engine:
         self._reserved_tokens = 0
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator-step")
+        self.constraints = ConstraintCompiler(tokenizer, self.vocab_size, sorted(self.eos_ids))
+        # Compiles run apart from the step worker: a request waits for its grammar, the batch does not.
+        self._compile_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="generator-compile")
+        self._compiling: dict[Constraint, asyncio.Future[CompiledConstraint]] = {}
+        # Masks are computed here while the step worker runs the forward pass.
+        self._mask_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator-mask")
+        self._mask_eos = min(self.eos_ids, default=self.pad_id)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._admitting = True
         self._active: set[Request] = set()
         self._step_time_ema: float | None = None
+        # Time the step worker waited for masks after the forward pass, and how many waits.
+        self.mask_wait_seconds = 0.0
+        self.mask_waits = 0
 
     # ----- tokenization -----
 
@@ -362,12 +425,59 @@ class Engine:
         if bad:
             raise InvalidRequest(bad)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request (validated here); raises InvalidRequest, OverCapacity or ShuttingDown."""
+    async def compile_constraint(self, params: SamplingParams) -> CompiledConstraint | None:
+        """The request's constraint compiled for this model, None without one: from the cache at
+        once, else on the compile threads (one compile per distinct constraint at a time). Raises
+        InvalidRequest for knobs out of range or a constraint the library refuses."""
+        constraint = params.constraint
+        if constraint is None:
+            return None
+        bad = params_violations(params, self.limits.sampling)
+        if bad:  # before compiling: the length limit bounds the compile's work
+            raise InvalidRequest(bad)
+        compiled = self.constraints.cached(constraint)
+        if compiled is not None:
+            return compiled
+        pending = self._compiling.get(constraint)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = asyncio.ensure_future(
+                loop.run_in_executor(self._compile_executor, self.constraints.compile, constraint)
+            )
+            self._compiling[constraint] = pending
+
+            def settled(future: asyncio.Future[CompiledConstraint]) -> None:
+                self._compiling.pop(constraint, None)
+                if not future.cancelled():
+                    future.exception()  # retrieved here: every waiter may have gone
+
+            pending.add_done_callback(settled)
+        try:
+            # Shielded: a waiter that goes away leaves the compile to the others (and the cache).
+            return await asyncio.shield(pending)
+        except ConstraintRefused as error:
+            raise InvalidRequest([(error.field, error.reason)]) from error
+
+    def _compile_now(self, constraint: Constraint) -> CompiledConstraint:
+        try:
+            return self.constraints.compile(constraint)
+        except ConstraintRefused as error:
+            raise InvalidRequest([(error.field, error.reason)]) from error
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, grammar: CompiledConstraint | None = None
+    ) -> Request:
+        """Queue a request (validated here); raises InvalidRequest, OverCapacity or ShuttingDown.
+        A constrained request passes its `compile_constraint` result, else it compiles here, on
+        the caller's thread."""
         self.validate(prompt_ids, params)
         if not self._admitting:
             raise ShuttingDown("the generator is shutting down and admits no new requests")
-        request = Request(f"gen-{uuid.uuid4().hex[:16]}", list(prompt_ids), params)
+        if params.constraint is None:
+            grammar = None
+        elif grammar is None or grammar.constraint != params.constraint:
+            grammar = self._compile_now(params.constraint)
+        request = Request(f"gen-{uuid.uuid4().hex[:16]}", list(prompt_ids), params, grammar)
         if request.reserved_tokens > self.limits.max_total_tokens:
             raise InvalidRequest(
                 [
@@ -404,7 +514,7 @@ class Engine:
         return max(0.5, min(30.0, mean_step * 32))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
-        request = self.submit(prompt_ids, params)
+        request = self.submit(prompt_ids, params, await self.compile_constraint(params))
         try:
             async for _ in request.events():
                 pass
@@ -443,6 +553,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._mask_executor.shutdown(wait=True, cancel_futures=True)
+        self._compile_executor.shutdown(wait=False, cancel_futures=True)
 
     # ----- scheduler (event loop side) -----
 
@@ -577,11 +689,23 @@ class Engine:
         batch = self._batch
         if not batch.rows:
             return events
+        masks = self._start_masks(batch.rows, batch.constrained)
         logits = self.runner.decode(batch.state, batch.last)
         self._sample_rows(
-            batch.rows, logits, batch.presence, batch.counts, batch.penalties, batch.knobs, events
+            batch.rows, logits, batch.presence, batch.counts, batch.penalties, batch.knobs, events, masks
         )
         return events
+
+    def _start_masks(self, rows: list[_Sequence], constrained: list[int]) -> _PendingMasks | None:
+        """Starts computing the constrained rows' masks on the mask thread, to overlap the forward
+        pass that follows; None (no thread hop) when no row is constrained."""
+        if not constrained:
+            return None
+        matchers = [m for m in (rows[i].matcher for i in constrained) if m is not None]
+        future = self._mask_executor.submit(
+            fill_masks, matchers, self.constraints.words, self.vocab_size, self._mask_eos
+        )
+        return _PendingMasks(torch.tensor(constrained, dtype=torch.long), future)
 
     def _sample_rows(
         self,
@@ -592,8 +716,15 @@ class Engine:
         penalties: torch.Tensor | None,
         knobs: BatchKnobs,
         events: list[tuple[Request, TokenEvent]],
+        pending: _PendingMasks | None = None,
     ) -> torch.Tensor:
-        sampled = sample(logits, presence, knobs, penalties)
+        masks = None
+        if pending is not None:
+            started = time.perf_counter()
+            masks = TokenMasks(pending.rows, pending.future.result())
+            self.mask_wait_seconds += time.perf_counter() - started
+            self.mask_waits += 1
+        sampled = sample(logits, presence, knobs, penalties, masks)
         tokens = sampled.tokens
         if presence is not None:
             presence[torch.arange(len(rows)), tokens] = True
@@ -612,7 +743,8 @@ class Engine:
         ):
             if row.done:
                 continue
-            events.append((row.request, row.accept(token, logprob, self.eos_ids, tops.get(i))))
+            complete = row.matcher is not None and token not in self.eos_ids and _advance(row, token)
+            events.append((row.request, row.accept(token, logprob, self.eos_ids, tops.get(i), complete)))
         return tokens
 
     def _evict(self) -> None:
@@ -632,6 +764,7 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        batch.constrained = _constrained(batch.rows)
         if batch.counts is not None and batch.penalties is not None:
             # Dropped with the last row that needs them, so a batch without penalties pays nothing.
             keep_counts = batch.knobs.any_count_penalty
@@ -650,7 +783,6 @@ class Engine:
         joiners = [r for r in joiners if r.failure is None]
         if not joiners:
             return
-        logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
         rows: list[_Sequence] = []
         origin: list[int] = []
         for i, request in enumerate(joiners):
@@ -659,6 +791,9 @@ class Engine:
                 request.sequences.append(sequence)
                 rows.append(sequence)
                 origin.append(i)
+        # The first token's masks (the start state) overlap the prefill.
+        masks = self._start_masks(rows, _constrained(rows))
+        logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
         logits = logits.index_select(0, torch.tensor(origin, dtype=torch.long))
         need_presence = any(r.request.params.repetition_penalty != 1.0 for r in rows) or (
             self._batch.presence is not None
@@ -667,7 +802,7 @@ class Engine:
         knobs = BatchKnobs([_row_knobs(r.request.params) for r in rows], [r.generator for r in rows])
         counts = self._counts_of(rows) if knobs.any_count_penalty else None
         penalties = penalties_of(counts, knobs) if counts is not None else None
-        tokens = self._sample_rows(rows, logits, presence, counts, penalties, knobs, events)
+        tokens = self._sample_rows(rows, logits, presence, counts, penalties, knobs, events, masks)
         alive = [i for i, row in enumerate(rows) if not row.done]
         if not alive:
             return
@@ -708,6 +843,7 @@ class Engine:
         batch.knobs = BatchKnobs(
             [_row_knobs(r.request.params) for r in batch.rows], [r.generator for r in batch.rows]
         )
+        batch.constrained = _constrained(batch.rows)
         # Recomputed at a join only (steps update them in place): each row's own knobs.
         batch.penalties = penalties_of(batch.counts, batch.knobs) if batch.counts is not None else None
 

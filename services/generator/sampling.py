@@ -2,10 +2,11 @@
 
 Rows are independent (each row's softmax, sort and draw look only at that row), so a row's
 token does not depend on its neighbours; a seeded row draws from its own torch.Generator. The
-logits go through logit_bias, the repetition penalty, presence/frequency penalties, temperature,
-top-k/top-p, then the draw (greedy rows: the argmax after the biases and penalties). Logprobs are
-read from the distribution the sampler draws from before its top-k/top-p cut: after the biases,
-the penalties and the temperature (1 for greedy rows), as vLLM reports them."""
+logits go through the constrained rows' token masks, logit_bias, the repetition penalty,
+presence/frequency penalties, temperature, top-k/top-p, then the draw (greedy rows: the argmax
+after the masks, biases and penalties). Logprobs are read from the distribution the sampler
+draws from before its top-k/top-p cut: after the masks, the biases, the penalties and the
+temperature (1 for greedy rows), as vLLM reports them."""
 
 from __future__ import annotations
 
@@ -61,6 +62,25 @@ class BatchKnobs:
         # Rows that ask for alternatives, and the most any of them asks for.
         self.top_rows = torch.tensor([i for i, r in enumerate(rows) if r.top_logprobs > 0], dtype=torch.long)
         self.max_top = max((r.top_logprobs for r in rows), default=0)
+
+
+@dataclass(frozen=True)
+class TokenMasks:
+    """The tokens each constrained row may take next: `allowed` [R, V] for the rows `rows` [R]."""
+
+    rows: torch.Tensor
+    allowed: torch.Tensor
+
+
+def apply_token_masks(logits: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
+    """The logits with every disallowed token of the masked rows at -inf; the other rows'
+    logits are left as they are (unchanged when there are no masks)."""
+    if masks is None:
+        return logits
+    if masks.rows.numel() == logits.shape[0]:  # every row constrained, in order
+        return logits.masked_fill(~masks.allowed, float("-inf"))
+    masked = logits.index_select(0, masks.rows).masked_fill_(~masks.allowed, float("-inf"))
+    return logits.index_copy(0, masks.rows, masked)
 
 
 def apply_logit_bias(logits: torch.Tensor, knobs: BatchKnobs) -> torch.Tensor:
@@ -146,10 +166,12 @@ def sample(
     presence: torch.Tensor | None,
     knobs: BatchKnobs,
     penalties: torch.Tensor | None = None,
+    masks: TokenMasks | None = None,
 ) -> Sampled:
     """The token of every row [B], its logprob (see the module's note) and the alternatives of
     the rows whose knobs ask for them. `penalties` [B, V] are the presence and frequency
-    penalties of the tokens each row has generated."""
+    penalties of the tokens each row has generated; `masks` the constrained rows' allowed tokens."""
+    logits = apply_token_masks(logits, masks)
     logits = apply_logit_bias(logits, knobs)
     if knobs.any_penalty and presence is not None:
         # As in transformers' RepetitionPenaltyLogitsProcessor: every id seen so far, prompt included.

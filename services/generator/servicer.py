@@ -39,6 +39,7 @@ FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "eos": common_pb2.FINISH_REASON_EOS_TOKEN,
     "stop": common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    "constraint": common_pb2.FINISH_REASON_CONSTRAINT_COMPLETE,
 }
 ROLES = {"system", "user", "assistant", "tool"}
 GenerationRequest = (
@@ -237,7 +238,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         additions), the last of the stream the usage."""
         params = sampling_params(message.parameters, self._default_max_new_tokens)
         engine = self._engine()
-        handle = engine.submit(ids, params)
+        # Compiled before the request queues: a refused grammar is an error before any token.
+        handle = engine.submit(ids, params, await engine.compile_constraint(params))
         try:
             texts: dict[int, list[str]] = {}
             counts: dict[int, int] = {}

@@ -133,7 +133,7 @@ def test_json_object_reply_parses_on_both_endpoints(client: OpenAI, chat_model: 
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
     completion = client.completions.create(
         model=chat_model,
-        prompt="A JSON object with the capital of France:",
+        prompt="Give the capital of France as a JSON object.",
         temperature=0,
         max_tokens=MAX_TOKENS,
         extra_body={"response_format": {"type": "json_object"}},

@@ -175,7 +175,12 @@ def chat_fields(
     turns = list(plan.turns)
     parameters = sampling_parameters(request)
     if plan.tools.forced:
-        turns.insert(0, ("system", tools.system_prompt(plan.tools)))
+        # Into the first system message when there is one: some templates take only one.
+        described = tools.system_prompt(plan.tools)
+        if turns and turns[0][0] == "system":
+            turns[0] = ("system", f"{described}\n\n{turns[0][1]}")
+        else:
+            turns.insert(0, ("system", described))
         json_format.ParseDict(tools.call_schema(plan.tools), parameters.json_schema)
     return {
         "messages": [common_pb2.ChatMessage(role=role, content=text) for role, text in turns],

@@ -34,7 +34,8 @@ class Tool:
 
     @property
     def schema(self) -> dict[str, Any]:
-        return self.parameters if self.parameters is not None else EMPTY_PARAMETERS
+        """The arguments' schema, always of an object (absent or {} means any object)."""
+        return {**EMPTY_PARAMETERS, **(self.parameters or {})}
 
     def openai(self) -> dict[str, Any]:
         """OpenAI's shape, as chat templates with a tool format read it."""

@@ -374,3 +374,27 @@ def test_tool_choice_value_may_be_null() -> None:
     request = chat_request(tools=[weather_tool()])
     request.tool_choice.null_value = struct_pb2.NULL_VALUE
     assert validation.validate_chat_completion(request, LIMITS).tools.templated
+
+
+def test_the_tools_description_joins_the_clients_system_message() -> None:
+    request = chat_request(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+        tools=[weather_tool()],
+        tool_choice="required",
+    )
+    messages = oai.chat_fields(request, validation.validate_chat_completion(request, LIMITS), "m")["messages"]
+    assert [message.role for message in messages] == ["system", "user"]
+    assert "get_weather" in messages[0].content and messages[0].content.endswith("Be brief.")
+
+
+def test_parameters_are_always_an_object_schema() -> None:
+    assert Tool("f", parameters={}).schema == {"type": "object"}
+    assert Tool("f", parameters={"properties": {"a": {}}}).schema["type"] == "object"
+
+
+def test_an_oversized_schema_names_the_response_format_field() -> None:
+    schema = {"type": "object", "description": "x" * 70_000}
+    request = chat_request(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+    assert "limit of 65536" in refused(request)["response_format.json_schema.schema"]

@@ -7,19 +7,31 @@ import base64
 import struct
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common.sse import sse_event
+from services.gateway import tools
+from services.gateway.tools import NO_TOOLS, ToolCall, ToolPlan
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 OWNER = "inference-stack"
 
 
 def finish_reason(reason: int) -> str:
+    """OpenAI's name of a native finish reason: a completed constraint is a plain "stop"."""
     return "length" if reason == common_pb2.FINISH_REASON_LENGTH else "stop"
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """A checked chat request: its (role, text) turns and how it uses its tools."""
+
+    turns: tuple[tuple[str, str], ...]
+    tools: ToolPlan = NO_TOOLS
 
 
 OpenAIGeneration = openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest
@@ -72,7 +84,17 @@ def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParamet
     if request.stop.WhichOneof("kind") not in (None, "null_value"):
         parameters.stop.CopyFrom(request.stop)
     _logprob_parameters(request, parameters)
+    _response_format(request, parameters)
     return parameters
+
+
+def _response_format(request: OpenAIGeneration, parameters: common_pb2.SamplingParameters) -> None:
+    """response_format as the native constraint: json_object, or json_schema's schema."""
+    kind = request.response_format.type
+    if kind == "json_object":
+        parameters.json_object = True
+    elif kind == "json_schema" and request.response_format.json_schema.HasField("schema"):
+        parameters.json_schema.CopyFrom(request.response_format.json_schema.schema)
 
 
 def _logprob_parameters(request: OpenAIGeneration, parameters: common_pb2.SamplingParameters) -> None:
@@ -146,13 +168,79 @@ class CompletionLogprobsBuilder:
 
 
 def chat_fields(
-    request: openai_pb2.CreateChatCompletionRequest, turns: Iterable[tuple[str, str]], model: str
+    request: openai_pb2.CreateChatCompletionRequest, plan: ChatPlan, model: str
 ) -> dict[str, Any]:
+    """The native request's fields. A forced tool call gets the tools described in a first
+    system message and the reply constrained to the calls' JSON Schema."""
+    turns = list(plan.turns)
+    parameters = sampling_parameters(request)
+    if plan.tools.forced:
+        # Into the first system message when there is one: some templates take only one.
+        described = tools.system_prompt(plan.tools)
+        if turns and turns[0][0] == "system":
+            turns[0] = ("system", f"{described}\n\n{turns[0][1]}")
+        else:
+            turns.insert(0, ("system", described))
+        json_format.ParseDict(tools.call_schema(plan.tools), parameters.json_schema)
     return {
         "messages": [common_pb2.ChatMessage(role=role, content=text) for role, text in turns],
         "model": model,
-        "parameters": sampling_parameters(request),
+        "parameters": parameters,
     }
+
+
+def chat_request(
+    request: openai_pb2.CreateChatCompletionRequest, plan: ChatPlan, model: str
+) -> generation_pb2.ChatRequest:
+    """The native Chat request of tool_choice "auto": the tools go to the model's chat template."""
+    native = generation_pb2.ChatRequest(**chat_fields(request, plan, model))
+    for tool in plan.tools.tools:
+        json_format.ParseDict(tool.openai(), native.tools.add())
+    return native
+
+
+def generation_of_chat(reply: generation_pb2.ChatResponse) -> generation_pb2.GenerateResponse:
+    """A Chat reply in Generate's shape, so that one conversion serves both."""
+    return generation_pb2.GenerateResponse(
+        request_id=reply.request_id,
+        generated_text=reply.message.content,
+        tokens_generated=reply.tokens_generated,
+        finish_reason=reply.finish_reason,
+        usage=reply.usage,
+        model=reply.model,
+        tokens=reply.tokens,
+        sequences=[
+            common_pb2.GeneratedSequence(
+                index=0,
+                text=reply.message.content,
+                tokens_generated=reply.tokens_generated,
+                finish_reason=reply.finish_reason,
+                tokens=reply.tokens,
+            )
+        ],
+    )
+
+
+def reply_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[ToolCall]]:
+    """The content and the tool calls of a reply: a forced reply is one call (its text stays the
+    content when it is not one, cut short by max_tokens); a templated one may hold Hermes blocks."""
+    if plan.forced:
+        call = tools.parse_forced(text, plan)
+        return (text, []) if call is None else (None, [call])
+    if plan.templated:
+        return tools.parse_hermes(text)
+    return text, []
+
+
+def tool_call_messages(calls: Iterable[ToolCall]) -> list[openai_pb2.ChatCompletionMessageToolCall]:
+    return [
+        openai_pb2.ChatCompletionMessageToolCall(
+            id=call.id,
+            type="function",
+            function=openai_pb2.ChatCompletionFunctionCall(name=call.name, arguments=call.arguments),
+        )
+        for call in calls
+    ]
 
 
 def completion_fields(request: openai_pb2.CreateCompletionRequest, prompt: str, model: str) -> dict[str, Any]:
@@ -181,23 +269,30 @@ def usage(total: Iterable[common_pb2.Usage]) -> openai_pb2.CompletionUsage:
     return result
 
 
+def _chat_choice(
+    sequence: common_pb2.GeneratedSequence, plan: ToolPlan, logprobs: bool
+) -> openai_pb2.ChatCompletionChoice:
+    content, calls = reply_calls(sequence.text, plan)
+    message = openai_pb2.ChatCompletionResponseMessage(role="assistant", tool_calls=tool_call_messages(calls))
+    if content is not None:
+        message.content = content
+    return openai_pb2.ChatCompletionChoice(
+        index=sequence.index,
+        message=message,
+        finish_reason="tool_calls" if calls else finish_reason(sequence.finish_reason),
+        logprobs=chat_logprobs(sequence.tokens) if logprobs else None,
+    )
+
+
 def chat_response(
-    response: generation_pb2.GenerateResponse, model: str, logprobs: bool = False
+    response: generation_pb2.GenerateResponse, model: str, logprobs: bool = False, plan: ToolPlan = NO_TOOLS
 ) -> openai_pb2.CreateChatCompletionResponse:
     return openai_pb2.CreateChatCompletionResponse(
         id=f"chatcmpl-{response.request_id}",
         object="chat.completion",
         created=int(time.time()),
         model=model,
-        choices=[
-            openai_pb2.ChatCompletionChoice(
-                index=sequence.index,
-                message=openai_pb2.ChatCompletionResponseMessage(role="assistant", content=sequence.text),
-                finish_reason=finish_reason(sequence.finish_reason),
-                logprobs=chat_logprobs(sequence.tokens) if logprobs else None,
-            )
-            for sequence in _sequences(response)
-        ],
+        choices=[_chat_choice(sequence, plan, logprobs) for sequence in _sequences(response)],
         usage=usage([response.usage]),
         system_fingerprint=f"fp-{model}",
     )
@@ -237,18 +332,26 @@ def completion_response(
 
 
 class ChatChunker:
-    """Turns native stream messages into chat.completion.chunk messages."""
+    """Turns native stream messages into chat.completion.chunk messages. A forced tool call is
+    held until the reply ends and then sent whole, as OpenAI's deltas (the call's id, type and
+    name with empty arguments, then the arguments); a templated reply streams its content and
+    holds back what may be a <tool_call> block."""
 
-    def __init__(self, model: str, include_usage: bool, logprobs: bool = False) -> None:
+    def __init__(
+        self, model: str, include_usage: bool, logprobs: bool = False, plan: ToolPlan = NO_TOOLS
+    ) -> None:
         self.model = model
         self.include_usage = include_usage
         self.logprobs = logprobs
+        self.plan = plan
         self.created = int(time.time())
         self.id = ""
         self._started: set[int] = set()
         self._usage: list[common_pb2.Usage] = []
         # Tokens whose text has not been sent yet (part of a character or of a possible stop).
         self._pending: dict[int, list[common_pb2.Token]] = {}
+        self._held: dict[int, str] = {}
+        self._splitters: dict[int, tools.HermesSplitter] = {}
 
     def _chunk(
         self, choices: list[openai_pb2.ChatCompletionChunkChoice]
@@ -260,6 +363,57 @@ class ChatChunker:
             model=self.model,
             choices=choices,
         )
+
+    def _content(
+        self, index: int, text: str, pending: list[common_pb2.Token]
+    ) -> openai_pb2.StreamChatCompletionResponse:
+        choice = openai_pb2.ChatCompletionChunkChoice(
+            index=index, delta=openai_pb2.ChatCompletionDelta(content=text)
+        )
+        if self.logprobs:
+            choice.logprobs.CopyFrom(chat_logprobs(pending))
+            pending.clear()
+        return self._chunk([choice])
+
+    def _calls(self, index: int, calls: list[ToolCall]) -> list[openai_pb2.StreamChatCompletionResponse]:
+        chunks = []
+        for number, call in enumerate(calls):
+            head = openai_pb2.ChatCompletionToolCallDelta(
+                index=number,
+                id=call.id,
+                type="function",
+                function=openai_pb2.ChatCompletionFunctionCall(name=call.name, arguments=""),
+            )
+            body = openai_pb2.ChatCompletionToolCallDelta(
+                index=number, function=openai_pb2.ChatCompletionFunctionCall(arguments=call.arguments)
+            )
+            for part in (head, body):
+                delta = openai_pb2.ChatCompletionDelta(tool_calls=[part])
+                chunks.append(self._chunk([openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)]))
+        return chunks
+
+    def _text(
+        self, index: int, text: str, pending: list[common_pb2.Token]
+    ) -> list[openai_pb2.StreamChatCompletionResponse]:
+        if self.plan.forced:
+            self._held[index] = self._held.get(index, "") + text
+            return []
+        if self.plan.templated:
+            text = self._splitters.setdefault(index, tools.HermesSplitter()).feed(text)
+        return [self._content(index, text, pending)] if text else []
+
+    def _ending(
+        self, index: int, pending: list[common_pb2.Token]
+    ) -> tuple[list[openai_pb2.StreamChatCompletionResponse], bool]:
+        """The chunks of what was held back, and whether they are tool calls."""
+        content: str | None = ""
+        calls: list[ToolCall] = []
+        if self.plan.forced:
+            content, calls = reply_calls(self._held.pop(index, ""), self.plan)
+        elif self.plan.templated:
+            content, calls = self._splitters.setdefault(index, tools.HermesSplitter()).finish()
+        chunks = [self._content(index, content, pending)] if content else []
+        return chunks + self._calls(index, calls), bool(calls)
 
     def feed(
         self, message: generation_pb2.GenerateStreamResponse
@@ -276,17 +430,14 @@ class ChatChunker:
         if self.logprobs and message.HasField("token") and not message.token.special:
             pending.append(message.token)
         if message.token.text:
-            delta = openai_pb2.ChatCompletionDelta(content=message.token.text)
-            choice = openai_pb2.ChatCompletionChunkChoice(index=index, delta=delta)
-            if self.logprobs:
-                choice.logprobs.CopyFrom(chat_logprobs(pending))
-                pending.clear()
-            chunks.append(self._chunk([choice]))
+            chunks.extend(self._text(index, message.token.text, pending))
         if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            ending, called = self._ending(index, pending)
+            chunks.extend(ending)
             choice = openai_pb2.ChatCompletionChunkChoice(
                 index=index,
                 delta=openai_pb2.ChatCompletionDelta(),
-                finish_reason=finish_reason(message.finish_reason),
+                finish_reason="tool_calls" if called else finish_reason(message.finish_reason),
             )
             if pending:
                 choice.logprobs.CopyFrom(chat_logprobs(pending))
@@ -415,6 +566,18 @@ def _completion_logprobs_or_none(choice: openai_pb2.CompletionChoice) -> dict[st
     return completion_logprobs_json(choice.logprobs) if choice.HasField("logprobs") else None
 
 
+def _tool_call_delta_json(part: openai_pb2.ChatCompletionToolCallDelta) -> dict[str, Any]:
+    """A call's first delta has its id, type and name; later ones only add to the arguments."""
+    body: dict[str, Any] = {"index": part.index}
+    if part.id:
+        body["id"] = part.id
+        body["type"] = part.type
+        body["function"] = {"name": part.function.name, "arguments": part.function.arguments}
+    else:
+        body["function"] = {"arguments": part.function.arguments}
+    return body
+
+
 def chat_chunk_json(chunk: openai_pb2.StreamChatCompletionResponse) -> dict[str, Any]:
     choices = []
     for choice in chunk.choices:
@@ -424,6 +587,8 @@ def chat_chunk_json(chunk: openai_pb2.StreamChatCompletionResponse) -> dict[str,
             delta["content"] = choice.delta.content
         elif choice.delta.content:
             delta["content"] = choice.delta.content
+        if len(choice.delta.tool_calls):
+            delta["tool_calls"] = [_tool_call_delta_json(part) for part in choice.delta.tool_calls]
         choices.append(
             {
                 "index": choice.index,

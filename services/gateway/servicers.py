@@ -285,30 +285,38 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         self._limits = limits
         self._created = int(started)
 
-    async def _chat_native(
-        self, request: openai_pb2.CreateChatCompletionRequest
-    ) -> tuple[dict[str, Any], str]:
-        turns = validation.validate_chat_completion(request, self._limits)
-        model = await self._catalog.resolve("generation", request.model)
-        return oai.chat_fields(request, turns, model), model
+    async def _chat_native(self, request: openai_pb2.CreateChatCompletionRequest) -> tuple[oai.ChatPlan, str]:
+        plan = validation.validate_chat_completion(request, self._limits)
+        return plan, await self._catalog.resolve("generation", request.model)
 
     async def CreateChatCompletion(
         self, request: openai_pb2.CreateChatCompletionRequest, context: Context
     ) -> openai_pb2.CreateChatCompletionResponse:
-        fields, model = await self._chat_native(request)
-        response = await self._backends.generate(generation_pb2.GenerateRequest(**fields), context)
-        return oai.chat_response(response, request.model or model, oai.wants_logprobs(request))
+        plan, model = await self._chat_native(request)
+        if plan.tools.templated:
+            reply = await self._backends.chat(oai.chat_request(request, plan, model), context)
+            response = oai.generation_of_chat(reply)
+        else:
+            native = generation_pb2.GenerateRequest(**oai.chat_fields(request, plan, model))
+            response = await self._backends.generate(native, context)
+        return oai.chat_response(response, request.model or model, oai.wants_logprobs(request), plan.tools)
 
     async def StreamChatCompletion(
         self, request: openai_pb2.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[openai_pb2.StreamChatCompletionResponse]:
-        fields, model = await self._chat_native(request)
+        plan, model = await self._chat_native(request)
         chunker = oai.ChatChunker(
-            request.model or model, request.stream_options.include_usage, oai.wants_logprobs(request)
+            request.model or model,
+            request.stream_options.include_usage,
+            oai.wants_logprobs(request),
+            plan.tools,
         )
-        async for message in self._backends.generate_stream(
-            generation_pb2.GenerateStreamRequest(**fields), context
-        ):
+        if plan.tools.templated:
+            messages = self._backends.chat_stream(oai.chat_request(request, plan, model), context)
+        else:
+            native = generation_pb2.GenerateStreamRequest(**oai.chat_fields(request, plan, model))
+            messages = self._backends.generate_stream(native, context)
+        async for message in messages:
             for chunk in chunker.feed(message):
                 yield chunk
         for chunk in chunker.finish():

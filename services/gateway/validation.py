@@ -9,16 +9,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common import sampling
 from services.common.sampling import DEFAULT_LIMITS, SamplingLimits
-from services.gateway import openai_compat
+from services.gateway import openai_compat, tools
 from services.gateway.errors import invalid_argument
 
 NATIVE_ROLES = ("system", "user", "assistant", "tool")
-OPENAI_ROLES = ("system", "developer", "user", "assistant")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_TOKEN_ID = 2**31 - 1
 # OpenAI's own range of temperature; every other knob's range is sampling.DEFAULT_LIMITS'.
 OPENAI_MAX_TEMPERATURE = 2.0
@@ -226,6 +227,8 @@ def _openai_sampling(
     names = {
         "max_new_tokens": openai_compat.max_tokens_field(request),
         "num_return_sequences": "n",
+        "json_schema": "response_format.json_schema.schema",
+        "json_object": "response_format",
     }
     parameters = openai_compat.sampling_parameters(request)
     if openai_compat.sent_max_tokens(request) is None:
@@ -250,12 +253,86 @@ def _openai_sampling(
         out.add("model", "is required")
 
 
+def _response_format(
+    request: openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest, out: Violations
+) -> None:
+    if not request.HasField("response_format"):
+        return
+    kind = request.response_format.type
+    if kind not in RESPONSE_FORMATS:
+        out.add("response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}")
+    elif kind == "json_schema" and not request.response_format.json_schema.HasField("schema"):
+        out.add("response_format.json_schema.schema", 'is required with type "json_schema"')
+
+
+def _tool_plan(
+    request: openai_pb2.CreateChatCompletionRequest, limits: RequestLimits, out: Violations
+) -> tools.ToolPlan:
+    """The request's tools and tool_choice resolved, each problem naming its field."""
+    sent = [json_format.MessageToDict(tool, preserving_proto_field_name=True) for tool in request.tools]
+    problems = tools.tool_violations(sent)
+    for field, problem in problems:
+        out.add(field, problem)
+    choice_sent = request.HasField("tool_choice") and request.tool_choice.WhichOneof("kind") != "null_value"
+    names = [str(tool.get("function", {}).get("name")) for tool in sent]
+    choice = tools.choice_of(_plain(request.tool_choice) if choice_sent else None, names)
+    if isinstance(choice, str):
+        out.add("tool_choice", choice)
+        return tools.ToolPlan()
+    if problems:
+        return tools.ToolPlan()
+    plan = tools.ToolPlan(
+        tuple(
+            tools.Tool(
+                tool.function.name,
+                tool.function.description,
+                json_format.MessageToDict(tool.function.parameters)
+                if tool.function.HasField("parameters")
+                else None,
+            )
+            for tool in request.tools
+        ),
+        choice,
+    )
+    if plan.forced:
+        if request.HasField("response_format") and request.response_format.type not in ("", "text"):
+            out.add(
+                "response_format",
+                f"cannot be combined with tool_choice {choice.mode!r}, which constrains the reply "
+                "to a tool call (one constraint per request)",
+            )
+        size = len(sampling.canonical_json(tools.call_schema(plan)))
+        if size > limits.sampling.max_constraint_length:
+            out.add(
+                "tools",
+                f"the schema of the calls has {size} characters, more than the limit of "
+                f"{limits.sampling.max_constraint_length}",
+            )
+    if plan.templated and request.HasField("n") and request.n > 1:
+        out.add("n", 'must be 1 with tools under tool_choice "auto"')
+    return plan
+
+
+def _turn_text(
+    message: openai_pb2.ChatCompletionMessage, index: int, plan: tools.ToolPlan, out: Violations
+) -> str:
+    """A message's text; an assistant's tool calls written as the model would write them."""
+    text = openai_content(message.content, f"messages[{index}].content", out)
+    if len(message.tool_calls) and message.role != "assistant":
+        out.add(f"messages[{index}].tool_calls", "only assistant messages carry tool calls")
+    write = tools.hermes_text if plan.templated else tools.call_text
+    calls = [write(call.function.name, call.function.arguments) for call in message.tool_calls]
+    return "\n".join(part for part in [text, *calls] if part)
+
+
 def validate_chat_completion(
     request: openai_pb2.CreateChatCompletionRequest, limits: RequestLimits
-) -> list[tuple[str, str]]:
-    """Checks the request; returns (role, text) of each message."""
+) -> openai_compat.ChatPlan:
+    """Checks the request; returns (role, text) of each message and how tools are used."""
     out = Violations()
     _openai_sampling(request, limits, out)
+    _response_format(request, out)
+    plan = _tool_plan(request, limits, out)
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
     if len(request.messages) > limits.max_messages:
@@ -268,17 +345,18 @@ def validate_chat_completion(
             out.add(
                 f"messages[{index}].role", f"must be one of {', '.join(OPENAI_ROLES)}, got {message.role!r}"
             )
-        text = openai_content(message.content, f"messages[{index}].content", out)
+        text = _turn_text(message, index, plan, out)
         out.text(f"messages[{index}].content", text, limits.max_prompt_chars, required=False)
         turns.append(("system" if message.role == "developer" else message.role, text))
     out.raise_if_any()
-    return turns
+    return openai_compat.ChatPlan(tuple(turns), plan)
 
 
 def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: RequestLimits) -> list[str]:
     """Checks the request; returns its prompts."""
     out = Violations()
     _openai_sampling(request, limits, out)
+    _response_format(request, out)
     data = _plain(request.prompt)
     prompts: list[str] = []
     if isinstance(data, str):

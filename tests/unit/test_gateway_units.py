@@ -322,12 +322,13 @@ def test_openai_chat_accepts_text_parts_and_maps_developer_to_system() -> None:
     first.content.string_value = "be brief"
     second = request.messages.add(role="user")
     second.content.CopyFrom(_value([{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]))
-    assert validation.validate_chat_completion(request, LIMITS) == [("system", "be brief"), ("user", "hello")]
+    plan = validation.validate_chat_completion(request, LIMITS)
+    assert plan.turns == (("system", "be brief"), ("user", "hello"))
 
 
 def test_openai_chat_refuses_image_parts_unknown_roles_and_a_missing_model() -> None:
     request = openai_pb2.CreateChatCompletionRequest(temperature=3)
-    first = request.messages.add(role="tool")
+    first = request.messages.add(role="robot")
     first.content.string_value = "x"
     second = request.messages.add(role="user")
     second.content.CopyFrom(_value([{"type": "image_url", "image_url": {"url": "x"}}]))

@@ -20,7 +20,7 @@ from inference_client.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from inference_client.options import ChatOptions, GenerateOptions
+from inference_client.options import ChatOptions, GenerateOptions, JsonSchema, SchemaModel
 from inference_client.types import (
     ChatMessage,
     ChatReply,
@@ -69,12 +69,14 @@ __all__ = [
     "InferenceError",
     "InternalError",
     "InvalidArgumentError",
+    "JsonSchema",
     "MemoryInfo",
     "Model",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "SchemaModel",
     "ServingStatus",
     "StreamSummary",
     "StreamToken",

@@ -3,15 +3,17 @@ by the sync and asyncio clients so that both behave the same."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2
 
-from inference_client.options import ChatOptions, GenerateOptions
+from inference_client.options import CONSTRAINTS, ChatOptions, GenerateOptions, JsonSchema
 from inference_client.types import (
     ChatMessage,
     ChatReply,
@@ -36,6 +38,7 @@ from inference_client.types import (
 
 MessageLike = ChatMessage | tuple[str, str]
 """A chat turn: a ChatMessage or a (role, content) pair."""
+Parser = Callable[[str], Any]
 
 
 def _stop_value(stop: str | Sequence[str] | None) -> struct_pb2.Value | None:
@@ -60,14 +63,70 @@ def _messages(messages: Iterable[MessageLike]) -> list[common_pb2.ChatMessage]:
     return result
 
 
+def _schema_dict(schema: JsonSchema) -> Mapping[str, Any]:
+    if isinstance(schema, Mapping):
+        return schema
+    return schema.model_json_schema()
+
+
+def _constraint(options: ChatOptions | GenerateOptions, parameters: common_pb2.SamplingParameters) -> None:
+    given = [name for name in CONSTRAINTS if name in options]
+    if len(given) > 1:
+        raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+    if "json_schema" in options:
+        json_format.ParseDict(dict(_schema_dict(options["json_schema"])), parameters.json_schema)
+    if "json_object" in options:
+        parameters.json_object = options["json_object"]
+    if "regex" in options:
+        parameters.regex = options["regex"]
+    if "choice" in options:
+        parameters.choice.extend(list(options["choice"]))
+    if "grammar" in options:
+        parameters.grammar = options["grammar"]
+
+
 def sampling_parameters(options: ChatOptions | GenerateOptions) -> common_pb2.SamplingParameters:
     """The knobs among the keyword options (all but `model`) as the request's `parameters`."""
-    knobs: dict[str, Any] = {k: v for k, v in options.items() if k not in ("model", "stop")}
+    skipped = ("model", "stop", *CONSTRAINTS)
+    knobs: dict[str, Any] = {k: v for k, v in options.items() if k not in skipped}
     parameters = common_pb2.SamplingParameters(**knobs)
     stop = _stop_value(options.get("stop"))
     if stop is not None:
         parameters.stop.CopyFrom(stop)
+    _constraint(options, parameters)
     return parameters
+
+
+def parser(options: ChatOptions | GenerateOptions) -> Parser | None:
+    """How the reply's text becomes `parsed`: json_object and a dict schema parse JSON, a model
+    class validates into an instance; None without those constraints."""
+    schema = options.get("json_schema")
+    if schema is not None and not isinstance(schema, Mapping):
+        return schema.model_validate_json
+    if schema is not None or options.get("json_object"):
+        return json.loads
+    return None
+
+
+def _parse(parse: Parser, text: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError:
+        # Cut short by max_new_tokens (finish_reason says so); pydantic's errors are ValueErrors.
+        return None
+
+
+def generation_parsed(reply: Generation, parse: Parser | None) -> Generation:
+    """The reply with `parsed` filled in, and each sequence's."""
+    if parse is None:
+        return reply
+    sequences = tuple(dataclasses.replace(s, parsed=_parse(parse, s.text)) for s in reply.sequences)
+    return dataclasses.replace(reply, parsed=_parse(parse, reply.text), sequences=sequences)
+
+
+def chat_parsed(reply: ChatReply, parse: Parser | None) -> ChatReply:
+    """The reply with `parsed` filled in."""
+    return reply if parse is None else dataclasses.replace(reply, parsed=_parse(parse, reply.text))
 
 
 def generate_request(
@@ -158,6 +217,7 @@ def finish_reason(value: common_pb2.FinishReason.ValueType) -> FinishReason:
         common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
         common_pb2.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
         common_pb2.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+        common_pb2.FINISH_REASON_CONSTRAINT_COMPLETE: FinishReason.CONSTRAINT_COMPLETE,
     }.get(value, FinishReason.UNSPECIFIED)
 
 

@@ -175,9 +175,11 @@ class InferenceClient:
         timeout: float | None = None,
         **options: Unpack[GenerateOptions],
     ) -> Generation:
-        """Generates a completion of `prompt` (or of chat `messages`) and returns it whole."""
+        """Generates a completion of `prompt` (or of chat `messages`) and returns it whole; with
+        json_schema or json_object, `parsed` holds the parsed (or model-validated) output."""
         request = _convert.generate_request(prompt, messages, options)
-        return _convert.generation(self._unary(self._generation.Generate, request, timeout))
+        generated = _convert.generation(self._unary(self._generation.Generate, request, timeout))
+        return _convert.generation_parsed(generated, _convert.parser(options))
 
     def stream(
         self,
@@ -204,9 +206,11 @@ class InferenceClient:
         timeout: float | None = None,
         **options: Unpack[ChatOptions],
     ) -> ChatReply:
-        """Answers a conversation of (role, content) pairs or ChatMessages."""
+        """Answers a conversation of (role, content) pairs or ChatMessages; with json_schema or
+        json_object, `parsed` holds the parsed (or model-validated) reply."""
         request = _convert.chat_request(messages, options)
-        return _convert.chat_reply(self._unary(self._generation.Chat, request, timeout))
+        reply = _convert.chat_reply(self._unary(self._generation.Chat, request, timeout))
+        return _convert.chat_parsed(reply, _convert.parser(options))
 
     def chat_stream(
         self,

@@ -4,7 +4,25 @@ type at the call site, and the sync and asyncio clients share one definition."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TypedDict
+from typing import Any, Protocol, TypedDict
+
+
+class SchemaModel(Protocol):
+    """A class that gives its JSON Schema and validates JSON text into an instance (a pydantic
+    model, duck-typed: the client does not depend on pydantic)."""
+
+    @classmethod
+    def model_json_schema(cls) -> dict[str, Any]: ...
+
+    @classmethod
+    def model_validate_json(cls, json_data: str) -> Any: ...
+
+
+JsonSchema = Mapping[str, Any] | type[SchemaModel]
+"""A JSON Schema as a dict, or a model class whose schema it is."""
+
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+"""The output constraints; a request takes at most one."""
 
 
 class ChatOptions(TypedDict, total=False):
@@ -32,6 +50,17 @@ class ChatOptions(TypedDict, total=False):
     """In [-2, 2]: subtracted once per time the sequence has generated a token (OpenAI's)."""
     logit_bias: Mapping[int, float]
     """Token id to a value in [-100, 100] added to its logit; at most 300 entries."""
+    json_schema: JsonSchema
+    """The output is JSON valid against this schema; the reply's `parsed` is the parsed object,
+    or an instance of the model class given here. At most one of these five constraints."""
+    json_object: bool
+    """The output is a JSON object (any); `parsed` is the parsed dict."""
+    regex: str
+    """The output matches this regular expression."""
+    choice: Sequence[str]
+    """The output is exactly one of these strings."""
+    grammar: str
+    """The output follows this Lark grammar (llguidance's dialect)."""
 
 
 class GenerateOptions(ChatOptions, total=False):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 EncodingFormat = Literal["float", "base64"]
 """How the server sends vectors: a float list, or little-endian float32 bytes (smaller on the
@@ -26,6 +26,8 @@ class FinishReason(enum.Enum):
     """The model produced its end-of-sequence token."""
     STOP_SEQUENCE = "stop_sequence"
     """One of the request's stop sequences was produced (it is not part of the text)."""
+    CONSTRAINT_COMPLETE = "constraint_complete"
+    """The output constraint (json_schema, regex, choice...) was satisfied and allows no more."""
 
 
 class ServingStatus(enum.Enum):
@@ -85,6 +87,8 @@ class GeneratedSequence:
     finish_reason: FinishReason
     tokens: tuple[TokenLogprob, ...] = ()
     """Every token with its logprob, when the request asked for logprobs."""
+    parsed: Any = None
+    """With json_schema or json_object: the text parsed (see Generation.parsed)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,10 @@ class Generation:
     """The first sequence's tokens with their logprobs, when the request asked for logprobs."""
     prompt_tokens: tuple[TokenLogprob, ...] = ()
     """The prompt's tokens with their logprobs, when the request asked for prompt_logprobs."""
+    parsed: Any = None
+    """With json_schema or json_object: the text parsed as JSON, or an instance of the model
+    class given as json_schema; None without those, or when the text is not complete (cut by
+    max_new_tokens: see finish_reason)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,8 @@ class ChatReply:
     model: str
     tokens: tuple[TokenLogprob, ...] = ()
     """The reply's tokens with their logprobs, when the request asked for logprobs."""
+    parsed: Any = None
+    """With json_schema or json_object: the reply parsed (see Generation.parsed)."""
 
     @property
     def text(self) -> str:

@@ -13,9 +13,9 @@ from typing import Any, Literal
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object"}
-# The key of the arguments in a constrained call. The schema reaches the engine as canonical JSON
-# with sorted keys, and the grammar emits properties in schema order: "name" < "parameters" makes
-# the model pick the function before it writes the arguments (as Llama 3.1's tool format does).
+# The key of the arguments in a constrained call (as Llama 3.1's tool format names it). The grammar
+# emits properties in the order of the schema's `required` list, so "name" comes first: the model
+# picks the function before it writes the arguments.
 ARGUMENTS_KEY = "parameters"
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"

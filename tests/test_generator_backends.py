@@ -5,9 +5,12 @@ like the default one."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import jsonschema
 import pytest
 import torch
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -136,3 +139,33 @@ def test_other_backend_cancelled_stream_leaves_the_batch(
     other_stub: generation_pb2_grpc.GenerationServiceStub, other_generator: GeneratorService
 ) -> None:
     check_a_cancelled_stream_leaves_the_running_batch(other_stub, other_generator)
+
+
+PERSON = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "role"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["knight", "dragon", "king"]},
+    },
+}
+
+
+def test_other_backend_enforces_a_json_schema_on_every_row(
+    other_stub: generation_pb2_grpc.GenerationServiceStub,
+) -> None:
+    """The masks act on the logits every backend returns: sampled rows in one batch all validate."""
+
+    def ask(seed: int) -> generation_pb2.GenerateResponse:
+        parameters = common_pb2.SamplingParameters(max_new_tokens=64, temperature=1.0, seed=seed)
+        parameters.json_schema.update(PERSON)
+        request = generation_pb2.GenerateRequest(messages=STORY, parameters=parameters)
+        return other_stub.Generate(request, timeout=TIMEOUT)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(8)))
+    for reply in replies:
+        assert reply.finish_reason == common_pb2.FINISH_REASON_CONSTRAINT_COMPLETE, reply.generated_text
+        jsonschema.validate(json.loads(reply.generated_text), PERSON)

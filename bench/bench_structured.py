@@ -14,7 +14,8 @@ the warm-up, as a service that sees the same schema again finds it in its cache.
 prompts of its own (no whole prompt is in the prefix cache); with --repeat the phases alternate.
 Printed: aggregate tokens/s of (b) over (a) (goal at least 0.9x), the free rows' inter-token
 latency p50 in (b) over (a) (goal within 10%), the constrained rows' own ITL p50, and whether the
-constrained rows' text followed the schema (it does not while the generator ignores constraints).
+constrained rows' text followed the schema (it does not while the generator ignores constraints),
+and how many cores the rest of the machine kept busy during each phase (other jobs: noise).
 Not a test.
 """
 
@@ -105,12 +106,26 @@ class Stream:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
 
 
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, of which the processes `pids`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]  # less idle and iowait
+    own = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            own += sum(int(x) for x in stat.read().rsplit(")", 1)[1].split()[11:13])  # utime, stime
+    return busy / tick, own / tick
+
+
 @dataclass
 class Phase:
-    """One phase's streams and its wall time."""
+    """One phase's streams, its wall time and the cores other processes kept busy meanwhile."""
 
     streams: list[Stream]
     seconds: float
+    others: float = 0.0
 
     def tokens(self, constrained: bool | None = None) -> int:
         return sum(len(s.arrivals) for s in self.streams if constrained in (None, s.constrained))
@@ -128,9 +143,10 @@ class Phase:
 
 
 async def run_phase(
-    address: str, kinds: list[str], first: int, new_tokens: int, bias: dict[int, float]
+    address: str, kinds: list[str], first: int, new_tokens: int, bias: dict[int, float], pids: list[int]
 ) -> Phase:
-    """One concurrent greedy stream per entry of `kinds` ("free" or "json"), prompts from `first`."""
+    """One concurrent greedy stream per entry of `kinds` ("free" or "json"), prompts from `first`;
+    `pids` are this bench's own processes (the rest of the machine's CPU use is noise)."""
     schema = json_format.ParseDict(SCHEMA, struct_pb2.Struct())
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -152,9 +168,12 @@ async def run_phase(
                     stream.text = reply.generated_text
             return stream
 
+        busy, own = cpu_seconds(pids)
         started = time.perf_counter()
         streams = await asyncio.gather(*(one(kind, first + i) for i, kind in enumerate(kinds)))
-        return Phase(list(streams), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        busy_after, own_after = cpu_seconds(pids)
+        return Phase(list(streams), seconds, (busy_after - busy - own_after + own) / seconds)
 
 
 def special_ids() -> list[int]:
@@ -188,6 +207,8 @@ def main() -> None:
     mixed = ["json" if i % 2 == 0 else "free" for i in range(streams)]
 
     service = start_generator(args.server_args.split())
+    assert service.process.process is not None
+    pids = [os.getpid(), service.process.process.pid]
     print(
         f"generator {service.address} (python -m services.generator {args.server_args}), gRPC "
         f"directly; {streams} streams, {new_tokens} new tokens each, greedy, special tokens biased "
@@ -196,11 +217,11 @@ def main() -> None:
     results: list[tuple[Phase, Phase]] = []
     try:
         # Warm-up: the model's first steps and the schema's compile (cached from then on).
-        asyncio.run(run_phase(service.address, ["free", "json"], 10_000, 8, bias))
+        asyncio.run(run_phase(service.address, ["free", "json"], 10_000, 8, bias, pids))
         first = 0
         for _ in range(args.repeat):
-            a = asyncio.run(run_phase(service.address, free, first, new_tokens, bias))
-            b = asyncio.run(run_phase(service.address, mixed, first + streams, new_tokens, bias))
+            a = asyncio.run(run_phase(service.address, free, first, new_tokens, bias, pids))
+            b = asyncio.run(run_phase(service.address, mixed, first + streams, new_tokens, bias, pids))
             first += 2 * streams
             results.append((a, b))
     finally:
@@ -209,7 +230,8 @@ def main() -> None:
     print(
         f"\n{'run':>3} | {'(a) tok/s':>9} | {'(b) tok/s':>9} | {'(b)/(a)':>7} | "
         f"{'free ITL p50 (a)':>16} | {'free ITL p50 (b)':>16} | {'(b)/(a)':>7} | "
-        f"{'constrained ITL p50':>19} | {'TTFT p50 (a), (b)':>17} | tokens (a), (b) free + constrained"
+        f"{'constrained ITL p50':>19} | {'TTFT p50 (a), (b)':>17} | {'others (a), (b)':>15} | "
+        "tokens (a), (b) free + constrained"
     )
     for run, (a, b) in enumerate(results, 1):
         fa, fb, cb = a.itl_p50(False), b.itl_p50(False), b.itl_p50(True)
@@ -217,6 +239,7 @@ def main() -> None:
             f"{run:>3} | {a.rate:>9.1f} | {b.rate:>9.1f} | {b.rate / a.rate:>6.2f}x | "
             f"{fa * 1e3:>13.1f} ms | {fb * 1e3:>13.1f} ms | {fb / fa:>6.2f}x | "
             f"{cb * 1e3:>16.1f} ms | {a.ttft_p50():>6.2f} s, {b.ttft_p50():>5.2f} s | "
+            f"{a.others:>7.2f}, {b.others:>5.2f} | "
             f"{a.tokens()}, {b.tokens(False)} + {b.tokens(True)}"
         )
     constrained = [s for _, b in results for s in b.streams if s.constrained]
@@ -230,6 +253,7 @@ def main() -> None:
     if constrained:
         print(f"one constrained row: {constrained[0].text[:160]!r}")
     print("goals: (b)/(a) tok/s at least 0.90x; free rows' ITL p50 (b)/(a) at most 1.10x")
+    print("others: cores the rest of the machine kept busy during the phase (noise if above ~0.1)")
     print("(numbers from one run on a shared machine: compare ratios, not absolute values)")
 
 

@@ -1,7 +1,8 @@
 """Output constraints on the native API over the real stack (Envoy, gateway, generator with the
 default model): regex, choice and JSON Schema hold for every one of 50 sampled requests decoding
 together in one busy batch, the sequence ends with FINISH_REASON_CONSTRAINT_COMPLETE, a free
-greedy request next to them is unchanged, and a refused constraint is a 400 naming the field."""
+greedy request next to them is unchanged, and a refused constraint is a 400 naming the field
+(unary, gRPC streams and native SSE alike)."""
 
 from __future__ import annotations
 
@@ -241,3 +242,26 @@ def test_a_refused_constraint_is_invalid_argument_naming_the_field_over_grpc(
             stub.Generate(request_unary, timeout=TIMEOUT, metadata=gateway_service.metadata())
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(failed.value) == {"parameters.json_schema"}
+
+
+def test_a_constrained_native_sse_stream_ends_with_constraint_complete(rest: httpx2.Client) -> None:
+    body = {
+        "prompt": "My phone number is",
+        "stream": True,
+        "parameters": {"do_sample": False, "max_new_tokens": 24, "regex": PHONE},
+    }
+    with rest.stream("POST", "/generate", json=body) as reply:
+        assert reply.status_code == 200, reply.read().decode()
+        payloads = [line[len("data: ") :] for line in reply.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(item) for item in payloads if item != "[DONE]"]
+    final = events[-1]
+    assert re.fullmatch(PHONE, "".join(event["token"]["text"] for event in events))
+    assert final["finish_reason"] == "FINISH_REASON_CONSTRAINT_COMPLETE"
+
+
+def test_a_refused_constraint_on_a_native_sse_stream_is_a_400(rest: httpx2.Client) -> None:
+    body = {"prompt": "Hello", "stream": True, "parameters": {"max_new_tokens": 4, "regex": "a(b"}}
+    with rest.stream("POST", "/generate", json=body) as reply:
+        text = reply.read().decode()
+    assert reply.status_code == 400, text
+    assert "parameters.regex:" in text

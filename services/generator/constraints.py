@@ -159,17 +159,17 @@ class ConstraintCompiler:
 def fill_masks(
     matchers: Sequence[llguidance.LLMatcher], words: int, vocab_size: int, eos_id: int
 ) -> torch.Tensor:
-    """The allowed next tokens [len(matchers), vocab_size] (bool) of each matcher in its current
-    state. llguidance drops the GIL while it computes, so this overlaps a forward pass when run on
-    another thread. A matcher that allows nothing (an error state; it should not happen) gets its
-    EOS only, so that its row ends instead of sampling from an empty distribution."""
-    bits = torch.zeros((len(matchers), words), dtype=torch.int32)
+    """The refused next tokens [len(matchers), vocab_size] (bool, True = refused) of each matcher
+    in its current state. llguidance drops the GIL while it computes, so this overlaps a forward
+    pass when run on another thread; numpy only, since torch ops here would contend for the
+    forward pass's intra-op threads. A matcher that allows nothing (an error state; it should not
+    happen) gets its EOS, so that its row ends instead of sampling from an empty distribution."""
+    bits = np.zeros((len(matchers), words), dtype=np.uint32)
     for i, matcher in enumerate(matchers):
-        matcher.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
-    # Bit k of word w is token 32 * w + k; the byte view of little-endian words keeps that order.
-    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
-    allowed = torch.from_numpy(unpacked).bool()
-    for i in torch.nonzero(~allowed.any(dim=1)).flatten().tolist():
+        matcher.unsafe_compute_mask_ptr(bits[i].ctypes.data, words * 4)
+    for i in np.flatnonzero(~bits.any(axis=1)).tolist():
         log.error("a constrained row allows no token (%s); ending it", matchers[i].get_error() or "no error")
-        allowed[i, eos_id] = True
-    return allowed
+        bits[i, eos_id // 32] |= np.uint32(1 << (eos_id % 32))
+    # Bit k of word w is token 32 * w + k; the byte view of little-endian words keeps that order.
+    refused = np.unpackbits((~bits).view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(refused).view(torch.bool)

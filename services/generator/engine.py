@@ -737,7 +737,9 @@ class Engine:
             top = sampled.top
             for row_index, ids, values in zip(top.rows, top.ids.tolist(), top.logprobs.tolist(), strict=True):
                 wanted = rows[row_index].request.params.top_logprobs
-                tops[row_index] = list(zip(ids[:wanted], values[:wanted], strict=True))
+                # A token the row's constraint refuses (-inf) is no alternative.
+                pairs = zip(ids[:wanted], values[:wanted], strict=True)
+                tops[row_index] = [(t, v) for t, v in pairs if v != float("-inf")]
         for i, (row, token, logprob) in enumerate(
             zip(rows, tokens.tolist(), sampled.logprobs.tolist(), strict=True)
         ):

@@ -66,20 +66,21 @@ class BatchKnobs:
 
 @dataclass(frozen=True)
 class TokenMasks:
-    """The tokens each constrained row may take next: `allowed` [R, V] for the rows `rows` [R]."""
+    """The tokens each constrained row must not take next: `refused` [R, V] (bool) of the rows
+    `rows` [R]."""
 
     rows: torch.Tensor
-    allowed: torch.Tensor
+    refused: torch.Tensor
 
 
 def apply_token_masks(logits: torch.Tensor, masks: TokenMasks | None) -> torch.Tensor:
-    """The logits with every disallowed token of the masked rows at -inf; the other rows'
-    logits are left as they are (unchanged when there are no masks)."""
+    """The logits with every refused token of the masked rows at -inf; the other rows' logits
+    are left as they are (unchanged when there are no masks)."""
     if masks is None:
         return logits
     if masks.rows.numel() == logits.shape[0]:  # every row constrained, in order
-        return logits.masked_fill(~masks.allowed, float("-inf"))
-    masked = logits.index_select(0, masks.rows).masked_fill_(~masks.allowed, float("-inf"))
+        return logits.masked_fill(masks.refused, float("-inf"))
+    masked = logits.index_select(0, masks.rows).masked_fill_(masks.refused, float("-inf"))
     return logits.index_copy(0, masks.rows, masked)
 
 
@@ -170,7 +171,7 @@ def sample(
 ) -> Sampled:
     """The token of every row [B], its logprob (see the module's note) and the alternatives of
     the rows whose knobs ask for them. `penalties` [B, V] are the presence and frequency
-    penalties of the tokens each row has generated; `masks` the constrained rows' allowed tokens."""
+    penalties of the tokens each row has generated; `masks` the constrained rows' refused tokens."""
     logits = apply_token_masks(logits, masks)
     logits = apply_logit_bias(logits, knobs)
     if knobs.any_penalty and presence is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from collections.abc import AsyncIterator
@@ -67,8 +68,8 @@ async def engine(tokenizer: Any) -> AsyncIterator[Engine]:
 
 
 def allowed_ids(compiler: ConstraintCompiler, matcher: llguidance.LLMatcher) -> list[int]:
-    allowed = fill_masks([matcher], compiler.words, VOCAB, EOS)[0]
-    return torch.nonzero(allowed).flatten().tolist()
+    refused = fill_masks([matcher], compiler.words, VOCAB, EOS)[0]
+    return torch.nonzero(~refused).flatten().tolist()
 
 
 def walk(compiler: ConstraintCompiler, constraint: Constraint, seed: int, limit: int = 300) -> str:
@@ -189,10 +190,20 @@ async def test_concurrent_requests_for_one_constraint_share_one_compile(engine: 
     assert all(c is compiled[0] for c in compiled)
 
 
-def test_a_matcher_that_allows_nothing_gets_eos_only(compiler: ConstraintCompiler) -> None:
-    matcher = compiler.compile(Constraint("regex", "a")).matcher()
-    assert not matcher.consume_token(compiler.tokenizer().tokenize_str("z")[0])
-    assert allowed_ids(compiler, matcher) == [EOS]
+def test_a_matcher_that_allows_nothing_gets_eos_only_and_its_neighbours_keep_theirs(
+    compiler: ConstraintCompiler,
+) -> None:
+    broken = compiler.compile(Constraint("regex", "a")).matcher()
+    assert not broken.consume_token(compiler.tokenizer().tokenize_str("z")[0])
+    assert allowed_ids(compiler, broken) == [EOS]
+    digits = compiler.compile(Constraint("regex", "[0-9]")).matcher()
+    letters = compiler.compile(Constraint("regex", "[a-c]")).matcher()
+    refused = fill_masks([digits, broken, letters], compiler.words, VOCAB, EOS)
+    allowed = [torch.nonzero(~row).flatten().tolist() for row in refused]
+    decode = compiler.tokenizer().decode_str
+    assert sorted(decode([t]) for t in allowed[0]) == list("0123456789")
+    assert allowed[1] == [EOS]
+    assert sorted(decode([t]) for t in allowed[2]) == ["a", "b", "c"]
 
 
 def test_masking_leaves_unconstrained_rows_bit_identical() -> None:
@@ -200,13 +211,13 @@ def test_masking_leaves_unconstrained_rows_bit_identical() -> None:
     allowed = torch.zeros(2, 64, dtype=torch.bool)
     allowed[0, [5, 9]] = True
     allowed[1, 40] = True
-    masks = TokenMasks(torch.tensor([1, 3]), allowed)
+    masks = TokenMasks(torch.tensor([1, 3]), ~allowed)
     out = apply_token_masks(logits, masks)
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
     assert torch.equal(out[1][allowed[0]], logits[1][allowed[0]]) and torch.isinf(out[1][~allowed[0]]).all()
     assert out[3].argmax() == 40
     assert torch.isfinite(logits).all()  # the caller's logits are left alone
-    every = TokenMasks(torch.arange(4), torch.ones(4, 64, dtype=torch.bool))
+    every = TokenMasks(torch.arange(4), torch.zeros(4, 64, dtype=torch.bool))
     assert torch.equal(apply_token_masks(logits, every), logits)
 
     sampled_rows = [GREEDY, RowKnobs(True, 0.8, 0, 0.9, 1.0, 3), GREEDY, RowKnobs(True, 1.0, 5, 1.0, 1.0)]
@@ -254,3 +265,23 @@ async def test_a_stop_sequence_still_applies_to_a_constrained_row(engine: Engine
     params = SamplingParams(max_new_tokens=20, constraint=Constraint("regex", "ab-cd"), stop=("-",))
     (sequence,) = (await within(engine.generate([1, 2], params))).sequences
     assert (sequence.text, sequence.finish_reason) == ("ab", "stop")
+
+
+async def test_logprobs_of_a_constrained_row_come_from_the_constrained_distribution(
+    engine: Engine, compiler: ConstraintCompiler
+) -> None:
+    choices = ["yes", "no"]
+    params = SamplingParams(
+        max_new_tokens=8,
+        logprobs=True,
+        top_logprobs=20,  # more than the tokens the constraint allows first
+        constraint=Constraint("choice", json.dumps(choices)),
+    )
+    (sequence,) = (await within(engine.generate([1, 2], params))).sequences
+    assert sequence.text in choices and sequence.finish_reason == "constraint"
+    first = sequence.tokens[0]
+    pieces = [compiler.tokenizer().decode_str([t]) for t, _ in first.top]
+    assert len(pieces) >= 2 and all(any(c.startswith(p) for c in choices) for p in pieces), pieces
+    assert all(math.isfinite(v) for _, v in first.top)
+    # Every allowed token is listed, and their probabilities make up the whole distribution.
+    assert math.isclose(sum(math.exp(v) for _, v in first.top), 1.0, rel_tol=1e-4)

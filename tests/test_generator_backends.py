@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 import torch
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -141,7 +142,7 @@ def test_other_backend_cancelled_stream_leaves_the_batch(
     check_a_cancelled_stream_leaves_the_running_batch(other_stub, other_generator)
 
 
-PERSON = {
+PERSON: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["name", "age", "role"],

@@ -246,3 +246,28 @@ def test_bad_response_format_and_tool_choice_are_400s(client: OpenAI, chat_model
             tool_choice="required",
             response_format={"type": "json_object"},
         )
+
+
+def test_a_refused_schema_is_a_400_naming_the_sent_field(client: OpenAI, chat_model: str) -> None:
+    """The generator refuses what llguidance cannot enforce (uniqueItems); the client sees the field
+    it sent, not the native parameters.json_schema."""
+    unique: dict[str, Any] = {"type": "object", "properties": {"tags": {"uniqueItems": True}}}
+    response_format: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": unique}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=chat_model, messages=ASK_PERSON, max_tokens=8, response_format=response_format
+        )
+    assert refused.value.param == "response_format.json_schema.schema", refused.value.body
+    assert "parameters." not in str(refused.value)
+    with pytest.raises(openai.BadRequestError) as refused:
+        stream = client.chat.completions.create(
+            model=chat_model, messages=ASK_PERSON, max_tokens=8, response_format=response_format, stream=True
+        )
+        list(stream)
+    assert refused.value.param == "response_format.json_schema.schema", refused.value.body
+    tool: Any = {"type": "function", "function": {"name": "tag", "parameters": unique}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=chat_model, messages=ASK_WEATHER, tools=[tool], tool_choice="required", max_tokens=8
+        )
+    assert refused.value.param == "tools", refused.value.body

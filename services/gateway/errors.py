@@ -61,6 +61,33 @@ def from_backend(error: grpc.aio.AioRpcError) -> GatewayError:
     return GatewayError(error.code(), status.message or error.details() or error.code().name, details)
 
 
+def renamed(error: GatewayError, names: dict[str, str]) -> GatewayError:
+    """`error` with each field path that starts with a key of `names` (and the message's mention of
+    it) renamed to the value: the name the client's own API gives the field."""
+    if not names or error.code != grpc.StatusCode.INVALID_ARGUMENT:
+        return error
+
+    def rename(path: str) -> str:
+        for old, new in names.items():
+            if path == old or path.startswith((f"{old}.", f"{old}[")):
+                return new + path[len(old) :]
+        return path
+
+    details: list[Message] = []
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.BadRequest):
+            violations = [
+                error_details_pb2.BadRequest.FieldViolation(field=rename(v.field), description=v.description)
+                for v in detail.field_violations
+            ]
+            detail = error_details_pb2.BadRequest(field_violations=violations)
+        details.append(detail)
+    message = error.message
+    for old, new in names.items():
+        message = message.replace(old, new)
+    return GatewayError(error.code, message, details)
+
+
 def _backend_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     for key, value in error.trailing_metadata() or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):

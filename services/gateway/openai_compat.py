@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
+from services.common import sampling
 from services.common.sse import sse_event
 from services.gateway import tools
 from services.gateway.tools import NO_TOOLS, ToolCall, ToolPlan
@@ -86,6 +87,15 @@ def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParamet
     _logprob_parameters(request, parameters)
     _response_format(request, parameters)
     return parameters
+
+
+def constraint_source(request: OpenAIGeneration, tools: ToolPlan = NO_TOOLS) -> dict[str, str]:
+    """The native constraint field this request fills, to the OpenAI field it came from."""
+    if tools.forced:
+        return {f"{sampling.FIELD}.json_schema": "tools"}
+    if request.response_format.type == "json_schema":
+        return {f"{sampling.FIELD}.json_schema": "response_format.json_schema.schema"}
+    return {}
 
 
 def _response_format(request: OpenAIGeneration, parameters: common_pb2.SamplingParameters) -> None:

@@ -4,8 +4,9 @@ Auth, limits, metrics, traces and error mapping wrap them as interceptors (serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -30,7 +31,7 @@ from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.backends import Backend, Backends
 from services.gateway.catalog import ModelCatalog
-from services.gateway.errors import MAPPING, GatewayError, http_like, not_found
+from services.gateway.errors import MAPPING, GatewayError, from_backend, http_like, not_found, renamed
 from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
@@ -276,6 +277,16 @@ def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[httpbody
     return sse.sse_stream(chunks, MAPPING.failure_of, _openai_error_event)
 
 
+@contextlib.contextmanager
+def _openai_names(names: dict[str, str]) -> Iterator[None]:
+    """A backend's refusal of a native field renamed to the OpenAI field the client sent (the
+    generator names `parameters.json_schema` where the client sent `response_format` or `tools`)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise renamed(from_backend(error), names) from error
+
+
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     def __init__(
         self, backends: Backends, catalog: ModelCatalog, limits: validation.RequestLimits, started: float
@@ -293,12 +304,13 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         self, request: openai_pb2.CreateChatCompletionRequest, context: Context
     ) -> openai_pb2.CreateChatCompletionResponse:
         plan, model = await self._chat_native(request)
-        if plan.tools.templated:
-            reply = await self._backends.chat(oai.chat_request(request, plan, model), context)
-            response = oai.generation_of_chat(reply)
-        else:
-            native = generation_pb2.GenerateRequest(**oai.chat_fields(request, plan, model))
-            response = await self._backends.generate(native, context)
+        with _openai_names(oai.constraint_source(request, plan.tools)):
+            if plan.tools.templated:
+                reply = await self._backends.chat(oai.chat_request(request, plan, model), context)
+                response = oai.generation_of_chat(reply)
+            else:
+                native = generation_pb2.GenerateRequest(**oai.chat_fields(request, plan, model))
+                response = await self._backends.generate(native, context)
         return oai.chat_response(response, request.model or model, oai.wants_logprobs(request), plan.tools)
 
     async def StreamChatCompletion(
@@ -316,9 +328,10 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         else:
             native = generation_pb2.GenerateStreamRequest(**oai.chat_fields(request, plan, model))
             messages = self._backends.generate_stream(native, context)
-        async for message in messages:
-            for chunk in chunker.feed(message):
-                yield chunk
+        with _openai_names(oai.constraint_source(request, plan.tools)):
+            async for message in messages:
+                for chunk in chunker.feed(message):
+                    yield chunk
         for chunk in chunker.finish():
             yield chunk
 
@@ -343,9 +356,10 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         self, request: openai_pb2.CreateCompletionRequest, context: Context
     ) -> openai_pb2.CreateCompletionResponse:
         prompts, fields, model = await self._completion_native(request)
-        responses = await asyncio.gather(
-            *(self._backends.generate(generation_pb2.GenerateRequest(**one), context) for one in fields)
-        )
+        with _openai_names(oai.constraint_source(request)):
+            responses = await asyncio.gather(
+                *(self._backends.generate(generation_pb2.GenerateRequest(**one), context) for one in fields)
+            )
         return oai.completion_response(
             list(responses), prompts, request.echo, request.model or model, oai.wants_logprobs(request)
         )
@@ -363,9 +377,10 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         per_prompt = request.n if request.HasField("n") else 1
         for number, (prompt, one) in enumerate(zip(prompts, fields, strict=True)):
             native = generation_pb2.GenerateStreamRequest(**one)
-            async for message in self._backends.generate_stream(native, context):
-                for chunk in chunker.feed(message, prompt, number * per_prompt):
-                    yield chunk
+            with _openai_names(oai.constraint_source(request)):
+                async for message in self._backends.generate_stream(native, context):
+                    for chunk in chunker.feed(message, prompt, number * per_prompt):
+                        yield chunk
         for chunk in chunker.finish():
             yield chunk
 

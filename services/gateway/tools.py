@@ -10,6 +10,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from services.common import sampling
+
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object"}
@@ -144,10 +146,25 @@ def choice_of(value: Any, names: list[str]) -> ToolChoice | str:
     return 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with every local "$ref" ("#", "#/...") pointing into `base`, the JSON pointer
+    where the schema now sits, so that a tool's own "$defs" still resolve inside the call schema."""
+    if isinstance(schema, list):
+        return [_rebased(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: _rebased(value, base) for key, value in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        result["$ref"] = "#" + base + ref[1:]
+    return result
+
+
+def _call_schema(tool: Tool, base: str) -> dict[str, Any]:
+    arguments = _rebased(tool.schema, f"{base}/properties/{ARGUMENTS_KEY}")
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, ARGUMENTS_KEY: tool.schema},
+        "properties": {"name": {"const": tool.name}, ARGUMENTS_KEY: arguments},
         "required": ["name", ARGUMENTS_KEY],
         "additionalProperties": False,
     }
@@ -156,8 +173,9 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
 def call_schema(plan: ToolPlan) -> dict[str, Any]:
     """The JSON Schema of a forced reply: {"name": <a callable tool>, "parameters": <its
     arguments>}, one branch per tool."""
-    branches = [_call_schema(tool) for tool in plan.callable]
-    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+    if len(plan.callable) == 1:
+        return _call_schema(plan.callable[0], "")
+    return {"anyOf": [_call_schema(tool, f"/anyOf/{i}") for i, tool in enumerate(plan.callable)]}
 
 
 def system_prompt(plan: ToolPlan) -> str:
@@ -165,7 +183,7 @@ def system_prompt(plan: ToolPlan) -> str:
     lines = ["You can call these functions:"]
     for tool in plan.callable:
         lines.append(f"- {tool.name}: {tool.description or '(no description)'}")
-        lines.append(f"  arguments JSON Schema: {json.dumps(tool.schema, ensure_ascii=False)}")
+        lines.append(f"  arguments JSON Schema: {sampling.canonical_json(tool.schema)}")
     example = f'{{"name": "<function name>", "{ARGUMENTS_KEY}": {{<arguments>}}}}'
     if plan.choice.mode == "function":
         example = f'{{"name": "{plan.choice.name}", "{ARGUMENTS_KEY}": {{<arguments>}}}}'

@@ -120,9 +120,41 @@ def test_a_forced_call_is_constrained_to_the_callable_tools_schema() -> None:
     assert "anyOf" not in named and named["properties"]["name"] == {"const": "get_weather"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "get_time", "parameters": {}}, named)
-    # The name comes first in the canonical (sorted) text the engine compiles.
+    # The name comes first in the canonical text the engine compiles (the required list's order).
     text = sampling.canonical_json(named)
     assert text.index('"name"') < text.index('"parameters"')
+
+
+ADDRESS_BOOK = Tool(
+    "add_contact",
+    "Add a contact (a schema as pydantic writes nested models: $defs and $ref)",
+    {
+        "$defs": {
+            "Address": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "home": {"$ref": "#/$defs/Address"}},
+        "required": ["name", "home"],
+        "additionalProperties": False,
+    },
+)
+
+
+@pytest.mark.parametrize("choice", [ToolChoice("required"), ToolChoice("function", "add_contact")])
+def test_a_tool_schema_with_defs_keeps_its_references_inside_the_call_schema(choice: ToolChoice) -> None:
+    schema = tools.call_schema(ToolPlan((ADDRESS_BOOK, TIME), choice))
+    good = {"name": "add_contact", "parameters": {"name": "Ada", "home": {"city": "Paris"}}}
+    jsonschema.validate(good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "add_contact", "parameters": {"name": "Ada", "home": {}}}, schema)
+    # The grammar compiler resolves the rebased references too (it refused the nested pointers).
+    matcher = pytest.importorskip("llguidance").LLMatcher
+    assert matcher.validate_grammar(matcher.grammar_from_json_schema(sampling.canonical_json(schema))) == ""
 
 
 def test_the_system_message_describes_the_tools_and_the_answer_shape() -> None:

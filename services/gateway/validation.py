@@ -135,6 +135,8 @@ def validate_chat(request: generation_pb2.ChatRequest, limits: RequestLimits) ->
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
     _messages(request.messages, limits, out)
+    for field, problem in tools.tool_violations([json_format.MessageToDict(t) for t in request.tools]):
+        out.add(field, problem)
     _sampling(request.parameters, limits, out)
     out.raise_if_any()
 

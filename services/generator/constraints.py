@@ -107,20 +107,29 @@ class ConstraintCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
         self._lock = threading.Lock()
+        # Apart from the cache's lock: the build takes about 0.3 s, and `cached` runs on the event loop.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def words(self) -> int:
         """32-bit words in one row's mask."""
         return (self.vocab_size + 31) // 32
 
-    def tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
+    def tokenizer(self, field: str = "parameters") -> llguidance.LLTokenizer:
+        """llguidance's view of the tokenizer; ConstraintRefused (naming `field`) when llguidance
+        cannot read it (it needs a fast tokenizer)."""
+        with self._tokenizer_lock:
             if self._tokenizer is None:
-                # The engine's EOS ids are llguidance's too: the mask allows them exactly when the
-                # grammar accepts, and the engine ends the row on any of them.
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_ids
-                )
+                try:
+                    # The engine's EOS ids are llguidance's too: the mask allows them exactly when
+                    # the grammar accepts, and the engine ends the row on any of them.
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_ids
+                    )
+                except ValueError as error:
+                    raise ConstraintRefused(
+                        field, f"this model's tokenizer cannot be constrained: {_bounded(str(error))}"
+                    ) from error
             return self._tokenizer
 
     def cached(self, constraint: Constraint) -> CompiledConstraint | None:
@@ -136,7 +145,7 @@ class ConstraintCompiler:
         compiled = self.cached(constraint)
         if compiled is not None:
             return compiled
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer(constraint.field)
         grammar = grammar_of(constraint)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import jinja2
 import torch
 
 from services.common.sampling import DEFAULT_LIMITS, Constraint, SamplingLimits, params_violations
@@ -393,7 +394,12 @@ class Engine:
                     )
                 ]
             )
-        return chat_prompt_ids(self.tokenizer, messages, tools)
+        try:
+            return chat_prompt_ids(self.tokenizer, messages, tools)
+        except jinja2.TemplateError as error:  # raise_exception() in a template, an unknown role...
+            raise InvalidRequest(
+                [("messages", f"the chat template of {self.model_id} refused the conversation: {error}")]
+            ) from error
 
     # ----- admission -----
 
@@ -702,6 +708,7 @@ class Engine:
         if not constrained:
             return None
         matchers = [m for m in (rows[i].matcher for i in constrained) if m is not None]
+        assert len(matchers) == len(constrained), "a constrained row without its matcher"
         future = self._mask_executor.submit(
             fill_masks, matchers, self.constraints.words, self.vocab_size, self._mask_eos
         )

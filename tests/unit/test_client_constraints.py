@@ -33,6 +33,13 @@ def test_two_constraints_are_refused_before_sending() -> None:
         _convert.sampling_parameters(options)
 
 
+def test_one_string_is_no_choice_list_and_json_object_false_is_no_constraint() -> None:
+    with pytest.raises(TypeError, match="list of strings"):
+        _convert.sampling_parameters({"choice": "red"})
+    options: GenerateOptions = {"json_object": False, "regex": "[a-z]+"}
+    assert _convert.sampling_parameters(options).WhichOneof("constraint") == "regex"
+
+
 def reply(text: str) -> generation_pb2.GenerateResponse:
     reason = common_pb2.FINISH_REASON_CONSTRAINT_COMPLETE
     sequence = common_pb2.GeneratedSequence(index=0, text=text, finish_reason=reason)

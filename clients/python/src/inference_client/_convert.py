@@ -70,7 +70,8 @@ def _schema_dict(schema: JsonSchema) -> Mapping[str, Any]:
 
 
 def _constraint(options: ChatOptions | GenerateOptions, parameters: common_pb2.SamplingParameters) -> None:
-    given = [name for name in CONSTRAINTS if name in options]
+    # json_object=False asks for nothing, so it is no second constraint.
+    given = [name for name in CONSTRAINTS if name in options and options[name] is not False]  # type: ignore[literal-required]
     if len(given) > 1:
         raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
     if "json_schema" in options:
@@ -80,7 +81,10 @@ def _constraint(options: ChatOptions | GenerateOptions, parameters: common_pb2.S
     if "regex" in options:
         parameters.regex = options["regex"]
     if "choice" in options:
-        parameters.choice.extend(list(options["choice"]))
+        choices = options["choice"]
+        if isinstance(choices, str):  # a string is a sequence of characters, never meant as choices
+            raise TypeError("choice takes a list of strings, not one string")
+        parameters.choice.extend(list(choices))
     if "grammar" in options:
         parameters.grammar = options["grammar"]
 

@@ -357,7 +357,9 @@ class CreateChatCompletionRequest(_message.Message):
     top_logprobs: _builtins.int
     """0 to 20 most likely alternatives per output token; needs logprobs true."""
     parallel_tool_calls: _builtins.bool
-    """Accepted; a reply holds one tool call."""
+    """Accepted: a forced reply (tool_choice "required" or a named function) is one call; under "auto"
+    the reply holds every call the model writes.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatCompletionMessage]: ...
     @_builtins.property

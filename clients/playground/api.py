@@ -8,8 +8,9 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from inference_client import (
     InferenceClient,
     InferenceError,
     StreamSummary,
-    TokenStream,
+    StreamToken,
 )
 
 DEFAULT_GATEWAY_ADDRESS = "localhost:50051"
@@ -174,7 +175,18 @@ class Reply:
         return caption(self.timing, finish, self.summary)
 
 
-def follow(stream: TokenStream, reply: Reply, show: Callable[[str], object]) -> None:
+class Streamed(Protocol):
+    """What `follow` needs of a stream: the client's TokenStream."""
+
+    def __iter__(self) -> Iterator[StreamToken]: ...
+
+    def cancel(self) -> None: ...
+
+    @property
+    def summaries(self) -> dict[int, StreamSummary]: ...
+
+
+def follow(stream: Streamed, reply: Reply, show: Callable[[str], object]) -> None:
     """Fills `reply` from the stream, calling `show` with the text so far after each token. The
     stream is cancelled however this ends (an exception from `show`, such as Streamlit's stop of
     an interrupted script run, included), which frees the server's slot; `reply.stopped` stays

@@ -306,12 +306,15 @@ def status_panel(address: str, api_key: str) -> None:
         first.metric("Requests", item.requests_total)
         second.metric("Failed", item.requests_failed)
         third.metric("Running / waiting", f"{item.requests_running} / {item.requests_waiting}")
-        if item.component == "embedder":
+        if item.component == "generator":
+            fourth.metric("Tokens/s", f"{item.mean_tokens_per_second:.1f}")
+            fifth.metric("TTFT", f"{item.mean_time_to_first_token_seconds:.2f} s")
+        elif item.component == "embedder":
             fourth.metric("Inputs embedded", item.embedded_inputs_total)
             fifth.metric("Cache hits", item.cache_hits)
         else:
-            fourth.metric("Tokens/s", f"{item.mean_tokens_per_second:.1f}")
-            fifth.metric("TTFT", f"{item.mean_time_to_first_token_seconds:.2f} s")
+            fourth.metric("Cache hits", item.cache_hits)
+            fifth.metric("Uptime", str(datetime.timedelta(seconds=round(item.uptime_seconds))))
     if history.samples:
         st.subheader("Last minutes")
         records = charts.history_records(history.columns())

@@ -92,7 +92,8 @@ def test_chat_streams_the_answer_with_its_timings(app: AppTest) -> None:
     assert "Paris" in assistant[0].markdown[0].value
     assert CAPTION.match(assistant[0].caption[0].value), assistant[0].caption[0].value
     turns = app.session_state["chat"]
-    assert [turn["role"] for turn in turns] == ["user", "assistant"]
+    assert [turn.role for turn in turns] == ["user", "assistant"]
+    assert turns[1].reply is not None and not turns[1].reply.stopped
 
     # The conversation stays across reruns, and Clear empties it.
     app.run()
@@ -234,3 +235,27 @@ def test_stop_cancels_the_generation(gateway_service: GatewayService) -> None:
         while generator_running(client) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert generator_running(client) == 0, "the generator kept generating after Stop"
+
+
+def test_a_new_run_cancels_the_reply_the_stopped_run_was_streaming(
+    app: AppTest, gateway_service: GatewayService
+) -> None:
+    """With Streamlit's fast reruns, Stop starts a new run while the old one still waits for its
+    next token: the new run cancels the call it left at once."""
+    with InferenceClient(gateway_service.address, api_key=gateway_service.keys["user"]) as client:
+        reply = api.Reply()
+        stream = client.chat_stream(
+            [("user", "Count from one to one thousand in words.")], max_new_tokens=2000, temperature=0.0
+        )
+        reply.stream = stream
+        first = next(iter(stream))
+        assert first.id >= 0 and generator_running(client) == 1
+        app.session_state["streaming_reply"] = reply
+
+        app.run()
+
+        assert "streaming_reply" not in app.session_state
+        deadline = time.monotonic() + 20
+        while generator_running(client) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert generator_running(client) == 0, "the abandoned call kept generating"

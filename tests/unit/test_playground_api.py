@@ -5,6 +5,7 @@ and the chart records."""
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -70,13 +71,21 @@ def test_error_text_is_the_apis_words() -> None:
 
 
 def test_conversation_puts_the_system_prompt_first_and_skips_empty_turns() -> None:
-    turns = [("user", "Hi"), ("assistant", ""), ("user", "Again")]
+    stopped_early = api.Reply(stopped=True)
+    answered = api.Reply(text="Hello!")
+    turns = [
+        api.Turn("user", "Hi"),
+        api.Turn("assistant", reply=stopped_early),
+        api.Turn("user", "Again"),
+        api.Turn("assistant", reply=answered),
+    ]
     assert api.conversation("  Be brief. ", turns) == [
         ("system", "Be brief."),
         ("user", "Hi"),
         ("user", "Again"),
+        ("assistant", "Hello!"),
     ]
-    assert api.conversation("", [("user", "Hi")]) == [("user", "Hi")]
+    assert api.conversation("", [api.Turn("user", "Hi")]) == [("user", "Hi")]
 
 
 def test_timing_caption_from_the_client_side() -> None:
@@ -152,6 +161,7 @@ def test_stop_during_the_stream_cancels_it_and_keeps_the_partial_reply() -> None
 
     assert stream.cancelled
     assert reply.stopped and reply.text == "one two" and reply.summary is None
+    assert reply.stream is stream
     assert reply.caption.endswith("· 2 tokens · finish: stopped")
 
 
@@ -229,3 +239,19 @@ def test_neighbours_table() -> None:
     assert charts.neighbours_table([("a", "b", 0.123456)]) == [
         {"Sentence": "a", "Nearest neighbour": "b", "Cosine similarity": 0.1235}
     ]
+
+
+def test_a_reply_cancels_its_stream_and_one_without_is_a_no_op() -> None:
+    api.Reply().cancel()
+    stream = FakeStream([], None)
+    api.Reply(stream=stream).cancel()
+    assert stream.cancelled
+
+
+def test_rate_of_a_running_reply_counts_up_to_now() -> None:
+    timing = api.Timing(started=0.0)
+    now = time.monotonic()
+    timing.token(now - 2.0)
+    timing.token(now - 1.0)
+    timing.token(now - 1.0)
+    assert 0.9 < timing.tokens_per_second <= 1.0

@@ -85,44 +85,56 @@ def stream_reply(
 # ---------------------------------------------------------------- sidebar
 
 
-def sidebar(settings: api.Settings) -> tuple[Connection, dict[str, object]]:
+@dataclass(frozen=True)
+class Form:
+    """The sidebar's sampling controls."""
+
+    system_prompt: str
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    seed: str
+    stop: str
+
+    def options(self) -> ChatOptions | None:
+        """The sampling options, or None after showing why the form cannot be sent."""
+        try:
+            return api.sampling_options(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                max_tokens=self.max_tokens,
+                seed=self.seed,
+                stop=self.stop,
+            )
+        except api.FormError as error:
+            st.error(str(error))
+            return None
+
+
+def sidebar(settings: api.Settings) -> tuple[Connection, Form]:
     with st.sidebar:
         st.header("Connection")
         address = st.text_input("Gateway address", value=settings.gateway_address, key="gateway_address")
         api_key = st.text_input("API key", value=settings.api_key, type="password", key="api_key")
         st.header("Sampling")
-        form = {
-            "system_prompt": st.text_area("System prompt", value="", key="system_prompt"),
-            "temperature": st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature"),
-            "top_p": st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p"),
-            "top_k": st.number_input("Top-k", min_value=0, value=0, step=1, key="top_k", help="0 = off"),
-            "max_tokens": st.number_input("Max tokens", min_value=1, value=256, step=1, key="max_tokens"),
-            "seed": st.text_input("Seed", value="", key="seed", help="empty = none"),
-            "stop": st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
-        }
-    return Connection(address.strip(), api_key.strip()), form
-
-
-def options_of(form: dict[str, object]) -> ChatOptions | None:
-    """The sampling options, or None after showing why the form cannot be sent."""
-    try:
-        return api.sampling_options(
-            temperature=float(str(form["temperature"])),
-            top_p=float(str(form["top_p"])),
-            top_k=int(str(form["top_k"])),
-            max_tokens=int(str(form["max_tokens"])),
-            seed=str(form["seed"]),
-            stop=str(form["stop"]),
+        form = Form(
+            system_prompt=st.text_area("System prompt", value="", key="system_prompt"),
+            temperature=st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature"),
+            top_p=st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p"),
+            top_k=int(st.number_input("Top-k", min_value=0, value=0, step=1, key="top_k", help="0 = off")),
+            max_tokens=int(st.number_input("Max tokens", min_value=1, value=256, step=1, key="max_tokens")),
+            seed=st.text_input("Seed", value="", key="seed", help="empty = none"),
+            stop=st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
         )
-    except api.FormError as error:
-        st.error(str(error))
-        return None
+    return Connection(address.strip(), api_key.strip()), form
 
 
 # ---------------------------------------------------------------- chat
 
 
-def chat_tab(connection: Connection, form: dict[str, object]) -> None:
+def chat_tab(connection: Connection, form: Form) -> None:
     turns: list[api.Turn] = st.session_state.setdefault("chat", [])
     st.button("Clear conversation", key="chat_clear", on_click=turns.clear)
     history = st.container()
@@ -135,10 +147,10 @@ def chat_tab(connection: Connection, form: dict[str, object]) -> None:
                     st.caption(turn.reply.caption)
         if not prompt:
             return
-        options = options_of(form)
+        options = form.options()
         if options is None:
             return
-        messages = api.conversation(str(form["system_prompt"]), [*turns, api.Turn("user", prompt)])
+        messages = api.conversation(form.system_prompt, [*turns, api.Turn("user", prompt)])
         # The turns go into the session before streaming: with Streamlit's fast reruns the run
         # that Stop starts renders the conversation while this one is still being stopped.
         reply = api.Reply()
@@ -167,7 +179,7 @@ def chat_tab(connection: Connection, form: dict[str, object]) -> None:
 # ---------------------------------------------------------------- math and coding
 
 
-def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form: dict[str, object]) -> None:
+def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form: Form) -> None:
     problem_key, example_key, result_key = f"{kind}_problem", f"{kind}_example", f"{kind}_result"
 
     def pick() -> None:
@@ -178,7 +190,7 @@ def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form:
         st.session_state[problem_key] = examples[name]
     problem = st.text_area("Problem", key=problem_key, height=100)
     if st.button("Solve", key=f"{kind}_solve", type="primary") and problem.strip():
-        options = options_of(form)
+        options = form.options()
         if options is not None:
             reply = api.Reply()
             # In the session before streaming, as in Chat: the run that Stop starts shows it.

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from inference_client import (
+    AsyncInferenceClient,
     InferenceClient,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -42,6 +43,32 @@ def test_wrong_api_key_raises_unauthenticated_with_error_info(gateway_service: G
     assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.error_info is not None
     assert caught.value.error_info.domain == "inference.gateway"
+
+
+def test_stats_and_cache_status_through_the_gateway(gateway_service: GatewayService) -> None:
+    with connect(gateway_service, gateway_service.keys["user"]) as client:
+        client.embed("counted by the embedder")
+        stats = client.stats()
+        cache = client.cache_status()
+
+    assert stats[0].component == "gateway" and stats[0].requests_total >= 1
+    embedder = next(item for item in stats if item.component == "embedder")
+    assert embedder.embedded_inputs_total >= 1 and embedder.uptime_seconds > 0
+    assert any(item.component == "generator" for item in stats)
+    assert cache.strategy in {"fixed_size", "memory_aware"}
+    assert cache.models and all(model.dimensions > 0 and model.loaded_at > 0 for model in cache.models)
+
+
+async def test_async_stats_and_cache_status_match_the_sync_client(gateway_service: GatewayService) -> None:
+    key = gateway_service.keys["user"]
+    async with AsyncInferenceClient(gateway_service.address, api_key=key, timeout=TIMEOUT) as client:
+        stats = await client.stats()
+        cache = await client.cache_status()
+    with connect(gateway_service, key) as sync_client:
+        expected = sync_client.cache_status()
+
+    assert stats[0].component == "gateway" and {"generator", "embedder"} <= {item.component for item in stats}
+    assert [model.name for model in cache.models] == [model.name for model in expected.models]
 
 
 def test_key_without_the_scope_raises_permission_denied(gateway_service: GatewayService) -> None:

@@ -664,15 +664,24 @@ def runtime_closure() -> set[str]:
     def canonical(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
 
+    # The project's own requirements from its pyproject files: an editable install's metadata
+    # is as old as the last `make install`.
+    declared = {
+        canonical(project["name"]): project["dependencies"]
+        for project in (
+            tomllib.loads(path.read_text())["project"]
+            for path in (ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml")
+        )
+    }
     seen: set[str] = set()
-    pending = [canonical(name) for name in ("inference-stack", "inference-client")]
+    pending = list(declared)
     while pending:
         name = pending.pop()
         if name in seen:
             continue
         seen.add(name)
         try:
-            requirements = importlib.metadata.requires(name) or []
+            requirements = declared.get(name) or importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
             continue
         for requirement in requirements:
@@ -697,9 +706,12 @@ def module_level_imports(path: Path) -> set[str]:
 
 
 def test_every_import_of_the_services_is_a_runtime_dependency() -> None:
-    first_party = {"services", "inference", "inference_client", "tools"}
+    playground = sorted((ROOT / "clients" / "playground").rglob("*.py"))
+    # `streamlit run` puts the app's folder on sys.path: its modules import each other by name.
+    first_party = {"services", "inference", "inference_client", "tools", *(path.stem for path in playground)}
     sources = [
         *(ROOT / "services").rglob("*.py"),
+        *playground,
         ROOT / "tools" / "healthcheck.py",
         ROOT / "tools" / "envoy_config.py",
     ]

@@ -1,6 +1,6 @@
 """One `make run` for the whole test session, on free ports, shared by every test file that takes
 the `make_run` fixture (tests/test_make_run.py, tests/test_playground_browser.py): the models load
-once. The test marked `stops_make_run` stops it, so it is moved after every other user."""
+once. Those tests are run together, and the one marked `stops_make_run`, which stops it, last."""
 
 from __future__ import annotations
 
@@ -69,14 +69,16 @@ def kill_leftovers(processes: list[psutil.Process]) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the test that stops the shared stack right after the last other test that uses it."""
-    stoppers = [item for item in items if item.get_closest_marker("stops_make_run")]
-    if not stoppers:
+    """Run the tests that use the shared stack one after the other (it is up only that long),
+    from where the first of them was, and the one that stops it last."""
+    users = [item for item in items if "make_run" in getattr(item, "fixturenames", ())]
+    if not users:
         return
-    rest = [item for item in items if item not in stoppers]
-    users = [i for i, item in enumerate(rest) if "make_run" in getattr(item, "fixturenames", ())]
-    at = users[-1] + 1 if users else len(rest)
-    items[:] = [*rest[:at], *stoppers, *rest[at:]]
+    stoppers = [item for item in users if item.get_closest_marker("stops_make_run")]
+    users = [item for item in users if item not in stoppers] + stoppers
+    at = items.index(users[0])
+    rest = [item for item in items if item not in users]
+    items[:] = [*rest[:at], *users, *rest[at:]]
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,12 @@ from inference_client.errors import (
 )
 from inference_client.options import ChatOptions, GenerateOptions, JsonSchema, SchemaModel
 from inference_client.types import (
+    CachedModel,
+    CacheStatus,
     ChatMessage,
     ChatReply,
     ComponentHealth,
+    ComponentStats,
     DeviceInfo,
     EmbeddingInput,
     Embeddings,
@@ -48,11 +51,14 @@ __all__ = [
     "NO_RETRY",
     "AsyncInferenceClient",
     "AsyncTokenStream",
+    "CacheStatus",
+    "CachedModel",
     "CancelledError",
     "ChatMessage",
     "ChatOptions",
     "ChatReply",
     "ComponentHealth",
+    "ComponentStats",
     "DeadlineExceededError",
     "DeviceInfo",
     "EmbeddingInput",

@@ -15,9 +15,12 @@ from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2
 
 from inference_client.options import CONSTRAINTS, ChatOptions, GenerateOptions, JsonSchema
 from inference_client.types import (
+    CachedModel,
+    CacheStatus,
     ChatMessage,
     ChatReply,
     ComponentHealth,
+    ComponentStats,
     DeviceInfo,
     EmbeddingInput,
     Embeddings,
@@ -352,6 +355,52 @@ def models(reply: info_pb2.ListServedModelsResponse) -> list[Model]:
         )
         for item in reply.models
     ]
+
+
+def stats(reply: info_pb2.GetStatsResponse) -> list[ComponentStats]:
+    return [
+        ComponentStats(
+            component=item.component,
+            address=item.address,
+            uptime_seconds=item.uptime_seconds,
+            requests_total=item.requests_total,
+            requests_failed=item.requests_failed,
+            requests_running=item.requests_running,
+            requests_waiting=item.requests_waiting,
+            prompt_tokens_total=item.prompt_tokens_total,
+            generated_tokens_total=item.generated_tokens_total,
+            embedded_inputs_total=item.embedded_inputs_total,
+            mean_time_to_first_token_seconds=item.mean_time_to_first_token_seconds,
+            mean_tokens_per_second=item.mean_tokens_per_second,
+            mean_batch_size=item.mean_batch_size,
+            cache_hits=item.cache_hits,
+        )
+        for item in reply.components
+    ]
+
+
+def cache_status(reply: embedding_pb2.GetCacheStatusResponse) -> CacheStatus:
+    return CacheStatus(
+        strategy=reply.strategy,
+        max_models=reply.max_models,
+        memory_budget_mib=reply.memory_budget_mib,
+        memory_used_mib=reply.memory_used_mib,
+        models=tuple(
+            CachedModel(
+                name=item.name,
+                size_mib=item.size_mib,
+                device=item.device,
+                dimensions=item.dimensions,
+                max_seq_length=item.max_seq_length,
+                hits=item.hits,
+                loaded_at=item.loaded_at,
+                last_used_at=item.last_used_at,
+            )
+            for item in reply.models
+        ),
+        loading=tuple(reply.loading),
+        evictions=reply.evictions,
+    )
 
 
 class StreamState:

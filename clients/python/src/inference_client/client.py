@@ -8,6 +8,7 @@ from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 from inference.v1 import (
+    embedding_pb2,
     embedding_pb2_grpc,
     generation_pb2,
     generation_pb2_grpc,
@@ -21,7 +22,9 @@ from inference_client._convert import MessageLike
 from inference_client.errors import from_rpc_error
 from inference_client.options import ChatOptions, GenerateOptions
 from inference_client.types import (
+    CacheStatus,
     ChatReply,
+    ComponentStats,
     EmbeddingInput,
     Embeddings,
     EncodingFormat,
@@ -276,3 +279,13 @@ class InferenceClient:
         """Health with device and memory details of this tier and the backends it reaches."""
         reply = self._unary(self._info.GetHealth, info_pb2.GetHealthRequest(), timeout)
         return _convert.health(reply)
+
+    def stats(self, *, timeout: float | None = None) -> list[ComponentStats]:
+        """Counters of this tier and, from the gateway, of the backends it reaches (this tier first)."""
+        reply = self._unary(self._info.GetStats, info_pb2.GetStatsRequest(), timeout)
+        return _convert.stats(reply)
+
+    def cache_status(self, *, timeout: float | None = None) -> CacheStatus:
+        """The embedder's model cache: loaded models, their memory, the budget (needs `embed`)."""
+        reply = self._unary(self._embedding.GetCacheStatus, embedding_pb2.GetCacheStatusRequest(), timeout)
+        return _convert.cache_status(reply)

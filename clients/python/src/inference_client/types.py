@@ -229,3 +229,54 @@ class Model:
     max_sequence_length: int
     dimensions: int
     loaded: bool
+
+
+@dataclass(frozen=True)
+class ComponentStats:
+    """A tier's counters since it started (GetStats, REST `/stats`)."""
+
+    component: str
+    address: str
+    uptime_seconds: float
+    requests_total: int
+    requests_failed: int
+    requests_running: int
+    requests_waiting: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    embedded_inputs_total: int
+    mean_time_to_first_token_seconds: float
+    mean_tokens_per_second: float
+    mean_batch_size: float
+    cache_hits: int
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """An embedding model the embedder holds in memory."""
+
+    name: str
+    size_mib: float
+    """Estimated memory the model holds."""
+    device: str
+    dimensions: int
+    max_seq_length: int
+    hits: int
+    loaded_at: float
+    """Unix time in seconds."""
+    last_used_at: float
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """The embedder's model cache (GetCacheStatus)."""
+
+    strategy: str
+    """"fixed_size" (LRU by count) or "memory_aware" (LRU by memory budget)."""
+    max_models: int
+    memory_budget_mib: float
+    memory_used_mib: float
+    models: tuple[CachedModel, ...] = ()
+    loading: tuple[str, ...] = ()
+    """Models being loaded in the background."""
+    evictions: int = 0

@@ -1,0 +1,306 @@
+"""Everything the playground needs from the stack, without Streamlit: settings from the
+environment, sampling options from the form's values, stream timings, similarity matrices and
+the status history. The app only lays these out, so this module is unit-tested on its own."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inference_client import (
+    ChatOptions,
+    ComponentStats,
+    FinishReason,
+    InferenceClient,
+    InferenceError,
+    StreamSummary,
+    TokenStream,
+)
+
+DEFAULT_GATEWAY_ADDRESS = "localhost:50051"
+DEFAULT_PREDICTIONS_ADDRESS = "localhost:50054"
+DEFAULT_REFRESH_SECONDS = 2.0
+HISTORY_LENGTH = 300
+"""Status samples kept per browser session: ten minutes at the default refresh."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The app's settings, read from PLAYGROUND_* environment variables."""
+
+    gateway_address: str = DEFAULT_GATEWAY_ADDRESS
+    api_key: str = ""
+    predictions_address: str = DEFAULT_PREDICTIONS_ADDRESS
+    refresh_seconds: float = DEFAULT_REFRESH_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Settings from `environ`; a refresh that is not a positive number is an error naming it."""
+        refresh_text = environ.get("PLAYGROUND_REFRESH_SECONDS", "").strip()
+        refresh = DEFAULT_REFRESH_SECONDS
+        if refresh_text:
+            try:
+                refresh = float(refresh_text)
+            except ValueError:
+                refresh = math.nan
+            if not math.isfinite(refresh) or refresh <= 0:
+                raise ValueError(
+                    f"PLAYGROUND_REFRESH_SECONDS must be a positive number of seconds, got {refresh_text!r}"
+                )
+        return cls(
+            gateway_address=environ.get("PLAYGROUND_GATEWAY_ADDRESS", "").strip() or DEFAULT_GATEWAY_ADDRESS,
+            api_key=environ.get("PLAYGROUND_API_KEY", "").strip(),
+            predictions_address=environ.get("PLAYGROUND_PREDICTIONS_ADDRESS", "").strip()
+            or DEFAULT_PREDICTIONS_ADDRESS,
+            refresh_seconds=refresh,
+        )
+
+
+class FormError(ValueError):
+    """A form value the app cannot send; the message names the control."""
+
+
+def sampling_options(
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_tokens: int,
+    seed: str = "",
+    stop: str = "",
+) -> ChatOptions:
+    """The request's sampling knobs from the form's values, passed on as they are so that the
+    API judges their range; top_k 0, an empty seed and empty stop are left out (server default)."""
+    options: ChatOptions = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_tokens}
+    if top_k:
+        options["top_k"] = top_k
+    if seed.strip():
+        try:
+            options["seed"] = int(seed.strip())
+        except ValueError:
+            raise FormError(f"Seed must be a whole number, got {seed.strip()!r}") from None
+    stops = [item.strip() for item in stop.split(",") if item.strip()]
+    if stops:
+        options["stop"] = stops
+    return options
+
+
+def error_text(error: InferenceError) -> str:
+    """The API's own words: the status code and its message (which names the field and limit)."""
+    return f"{error.code.name}: {error.message}"
+
+
+def conversation(system_prompt: str, turns: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The messages to send: the system prompt (when given) and then the (role, text) turns."""
+    messages = [("system", system_prompt.strip())] if system_prompt.strip() else []
+    messages.extend((role, text) for role, text in turns if text)
+    return messages
+
+
+@dataclass
+class Timing:
+    """Client-side timings of one streamed reply: time to first token, rate and count."""
+
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    ended: float | None = None
+    tokens: int = 0
+
+    def token(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.first_token is None:
+            self.first_token = now
+        self.tokens += 1
+
+    def end(self, now: float | None = None) -> None:
+        self.ended = time.monotonic() if now is None else now
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens after the first over the time they took (the decode rate the user saw)."""
+        if self.first_token is None or self.ended is None or self.tokens < 2:
+            return 0.0
+        elapsed = self.ended - self.first_token
+        return (self.tokens - 1) / elapsed if elapsed > 0 else 0.0
+
+
+FINISH_WORDS = {
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop sequence",
+    FinishReason.LENGTH: "length",
+    FinishReason.CONSTRAINT_COMPLETE: "constraint",
+    FinishReason.UNSPECIFIED: "unspecified",
+}
+STOPPED = "stopped"
+"""The finish shown for a reply the user interrupted."""
+
+
+def finish_word(reason: FinishReason | None) -> str:
+    return STOPPED if reason is None else FINISH_WORDS[reason]
+
+
+def caption(timing: Timing, finish: str, summary: StreamSummary | None = None) -> str:
+    """e.g. "TTFT 0.12 s · 23.4 tokens/s · 40 tokens · finish: stop"; the server's token count
+    and rate when its final message arrived, the client's otherwise."""
+    ttft = "TTFT –" if timing.ttft is None else f"TTFT {timing.ttft:.2f} s"
+    tokens = summary.tokens_generated if summary else timing.tokens
+    rate = summary.tokens_per_second if summary and summary.tokens_per_second else timing.tokens_per_second
+    return f"{ttft} · {rate:.1f} tokens/s · {tokens} tokens · finish: {finish}"
+
+
+@dataclass
+class Reply:
+    """A streamed reply as far as it got: its text, timings, and (when it ended normally) the
+    server's summary with the finish reason, answer or code."""
+
+    text: str = ""
+    timing: Timing = field(default_factory=Timing)
+    summary: StreamSummary | None = None
+    stopped: bool = False
+
+    @property
+    def caption(self) -> str:
+        finish = STOPPED if self.stopped or self.summary is None else finish_word(self.summary.finish_reason)
+        return caption(self.timing, finish, self.summary)
+
+
+def follow(stream: TokenStream, reply: Reply, show: Callable[[str], object]) -> None:
+    """Fills `reply` from the stream, calling `show` with the text so far after each token. The
+    stream is cancelled however this ends (an exception from `show`, such as Streamlit's stop of
+    an interrupted script run, included), which frees the server's slot; `reply.stopped` stays
+    True unless the server ended the stream."""
+    reply.stopped = True
+    try:
+        for token in stream:
+            reply.timing.token()
+            if token.text:
+                reply.text += token.text
+                show(reply.text)
+        reply.summary = stream.summaries.get(0)
+        reply.stopped = False
+    finally:
+        stream.cancel()
+        reply.timing.end()
+
+
+def cosine_matrix(vectors: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Cosine similarity of every pair of vectors (zero for a zero vector)."""
+    norms = [math.sqrt(sum(x * x for x in vector)) for vector in vectors]
+    return [
+        [
+            sum(x * y for x, y in zip(a, b, strict=True)) / (norm_a * norm_b) if norm_a and norm_b else 0.0
+            for b, norm_b in zip(vectors, norms, strict=True)
+        ]
+        for a, norm_a in zip(vectors, norms, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    sentence: str
+    nearest: str
+    similarity: float
+
+
+def nearest_neighbours(sentences: Sequence[str], matrix: Sequence[Sequence[float]]) -> list[Neighbour]:
+    """Each sentence's most similar other sentence (none for a single sentence)."""
+    result = []
+    for i, row in enumerate(matrix):
+        others = [(value, j) for j, value in enumerate(row) if j != i]
+        if others:
+            value, j = max(others)
+            result.append(Neighbour(sentences[i], sentences[j], value))
+    return result
+
+
+def sentences_of(text: str) -> list[str]:
+    """The non-empty lines of the text area."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One poll of the generator's figures, for the status charts."""
+
+    at: float
+    """Unix time in seconds."""
+    tokens_per_second: float
+    time_to_first_token: float
+    running: int
+    waiting: int
+
+
+class History:
+    """The last `limit` samples, oldest first."""
+
+    def __init__(self, limit: int = HISTORY_LENGTH) -> None:
+        self.samples: deque[Sample] = deque(maxlen=limit)
+
+    def add(self, stats: Sequence[ComponentStats], at: float | None = None) -> Sample | None:
+        """Adds a sample from the generators' stats (summed over replicas); None when none reported."""
+        generators = [item for item in stats if item.component == "generator"]
+        if not generators:
+            return None
+        sample = Sample(
+            at=time.time() if at is None else at,
+            tokens_per_second=sum(item.mean_tokens_per_second for item in generators),
+            time_to_first_token=max(item.mean_time_to_first_token_seconds for item in generators),
+            running=sum(item.requests_running for item in generators),
+            waiting=sum(item.requests_waiting for item in generators),
+        )
+        self.samples.append(sample)
+        return sample
+
+    def columns(self) -> dict[str, list[float]]:
+        """Column name to values, for a chart indexed by time."""
+        return {
+            "time": [sample.at for sample in self.samples],
+            "tokens/s": [sample.tokens_per_second for sample in self.samples],
+            "TTFT (s)": [sample.time_to_first_token for sample in self.samples],
+            "running": [float(sample.running) for sample in self.samples],
+            "waiting": [float(sample.waiting) for sample in self.samples],
+        }
+
+
+def connect(address: str, api_key: str) -> InferenceClient:
+    return InferenceClient(address, api_key=api_key or None)
+
+
+def answers_health(address: str, timeout: float = 0.5) -> bool:
+    """True when a gRPC server at `address` reports SERVING on the standard health service."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+EXAMPLE_MATH = {
+    "Apples": "Tom has 3 apples and buys 5 more. He gives 2 to a friend. How many apples does he have?",
+    "Train speed": "A train travels 120 km in 2 hours. What is its average speed in km/h?",
+    "Equation": "Solve for x: 2x + 6 = 14.",
+    "Percent": "What is 15% of 80?",
+}
+
+EXAMPLE_CODING = {
+    "Reverse a string": "Write a Python function that returns a string reversed.",
+    "FizzBuzz": "Write a Python function fizzbuzz(n) that returns the FizzBuzz list from 1 to n.",
+    "Is prime": "Write a Python function is_prime(n) that tells whether n is a prime number.",
+    "Word count": "Write a Python function that counts how often each word appears in a text.",
+}
+
+EXAMPLE_SENTENCES = (
+    "The cat sits on the mat.\nA kitten is resting on the rug.\nThe stock market fell sharply today."
+)

@@ -1,0 +1,362 @@
+"""The playground: chat, math, coding, embeddings and the stack's status in the browser, on the
+typed client over gRPC to the gateway. Run from the repository root:
+`python -m streamlit run clients/playground/app.py`; settings come from PLAYGROUND_* variables."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Streamlit puts this file's folder on sys.path, so the modules beside it import by their names.
+import api
+import charts
+import streamlit as st
+from inference_client import ChatOptions, InferenceClient, InferenceError, Model, TokenStream
+
+# Seconds a status, model or cache call may take: the page must not hang on a dead address. (A
+# comment, not a docstring: Streamlit's magic would write a bare string onto the page.)
+INFO_TIMEOUT = 5.0
+STREAM_TIMEOUT = 600.0
+
+
+@st.cache_resource(show_spinner=False)
+def client_for(address: str, api_key: str) -> InferenceClient:
+    """One channel per (address, key), shared by every browser session."""
+    return api.connect(address, api_key)
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def embedding_models(address: str, api_key: str) -> list[Model]:
+    models = client_for(address, api_key).models(timeout=INFO_TIMEOUT)
+    return [model for model in models if model.task == "embedding"]
+
+
+@st.cache_data(ttl=15, show_spinner=False)
+def predictions_answer(address: str) -> bool:
+    return api.answers_health(address)
+
+
+@dataclass(frozen=True)
+class Connection:
+    address: str
+    api_key: str
+
+    @property
+    def client(self) -> InferenceClient:
+        return client_for(self.address, self.api_key)
+
+
+def show_error(error: InferenceError) -> None:
+    st.error(api.error_text(error))
+
+
+def stream_reply(
+    start: Callable[[], TokenStream], reply: api.Reply, stop_key: str, cursor: str = " ▌"
+) -> None:
+    """Streams into a placeholder with a Stop button beside it. Pressing Stop reruns the script,
+    which raises in the script thread at the next element update; `api.follow` then cancels the
+    call, so the generator frees the slot. Raises the API's InferenceError."""
+    text = st.empty()
+    stop = st.empty()
+    stop.button("Stop", key=stop_key)
+    stream = start()
+    api.follow(stream, reply, lambda so_far: text.markdown(so_far + cursor))
+    text.empty()
+    stop.empty()
+
+
+# ---------------------------------------------------------------- sidebar
+
+
+def sidebar(settings: api.Settings) -> tuple[Connection, dict[str, object]]:
+    with st.sidebar:
+        st.header("Connection")
+        address = st.text_input("Gateway address", value=settings.gateway_address, key="gateway_address")
+        api_key = st.text_input("API key", value=settings.api_key, type="password", key="api_key")
+        st.header("Sampling")
+        form = {
+            "system_prompt": st.text_area("System prompt", value="", key="system_prompt"),
+            "temperature": st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature"),
+            "top_p": st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p"),
+            "top_k": st.number_input("Top-k", min_value=0, value=0, step=1, key="top_k", help="0 = off"),
+            "max_tokens": st.number_input("Max tokens", min_value=1, value=256, step=1, key="max_tokens"),
+            "seed": st.text_input("Seed", value="", key="seed", help="empty = none"),
+            "stop": st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
+        }
+    return Connection(address.strip(), api_key.strip()), form
+
+
+def options_of(form: dict[str, object]) -> ChatOptions | None:
+    """The sampling options, or None after showing why the form cannot be sent."""
+    try:
+        return api.sampling_options(
+            temperature=float(str(form["temperature"])),
+            top_p=float(str(form["top_p"])),
+            top_k=int(str(form["top_k"])),
+            max_tokens=int(str(form["max_tokens"])),
+            seed=str(form["seed"]),
+            stop=str(form["stop"]),
+        )
+    except api.FormError as error:
+        st.error(str(error))
+        return None
+
+
+# ---------------------------------------------------------------- chat
+
+
+def chat_tab(connection: Connection, form: dict[str, object]) -> None:
+    turns: list[dict[str, str]] = st.session_state.setdefault("chat", [])
+    st.button("Clear conversation", key="chat_clear", on_click=turns.clear)
+    history = st.container()
+    prompt = st.chat_input("Ask the model", key="chat_input")
+    with history:
+        for turn in turns:
+            with st.chat_message(turn["role"]):
+                st.markdown(turn["text"])
+                if turn.get("caption"):
+                    st.caption(turn["caption"])
+        if not prompt:
+            return
+        options = options_of(form)
+        if options is None:
+            return
+        messages = api.conversation(
+            str(form["system_prompt"]), [(turn["role"], turn["text"]) for turn in turns] + [("user", prompt)]
+        )
+        with st.chat_message("user"):
+            st.markdown(prompt)
+        with st.chat_message("assistant"):
+            reply = api.Reply()
+            try:
+                stream_reply(
+                    lambda: connection.client.chat_stream(messages, timeout=STREAM_TIMEOUT, **options),
+                    reply,
+                    "chat_stop",
+                )
+            except InferenceError as error:
+                show_error(error)
+            finally:
+                # Also when Stop interrupted the run: the partial reply stays, marked stopped. A
+                # prompt the API refused is not kept.
+                if reply.text or not reply.stopped:
+                    turns.append({"role": "user", "text": prompt})
+                    turns.append({"role": "assistant", "text": reply.text, "caption": reply.caption})
+            if not reply.stopped:
+                st.markdown(reply.text)
+                st.caption(reply.caption)
+
+
+# ---------------------------------------------------------------- math and coding
+
+
+def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form: dict[str, object]) -> None:
+    problem_key, example_key, result_key = f"{kind}_problem", f"{kind}_example", f"{kind}_result"
+
+    def pick() -> None:
+        st.session_state[problem_key] = examples[st.session_state[example_key]]
+
+    name = st.selectbox("Example problem", list(examples), key=example_key, on_change=pick)
+    if problem_key not in st.session_state:
+        st.session_state[problem_key] = examples[name]
+    problem = st.text_area("Problem", key=problem_key, height=100)
+    if st.button("Solve", key=f"{kind}_solve", type="primary") and problem.strip():
+        options = options_of(form)
+        if options is not None:
+            st.session_state.pop(result_key, None)
+            reply = api.Reply()
+            client = connection.client
+
+            def start() -> TokenStream:
+                if kind == "math":
+                    return client.solve_math_stream(problem, timeout=STREAM_TIMEOUT, **options)
+                return client.solve_coding_stream(problem, timeout=STREAM_TIMEOUT, **options)
+
+            try:
+                stream_reply(start, reply, f"{kind}_stop")
+            except InferenceError as error:
+                show_error(error)
+            finally:
+                if reply.text:
+                    st.session_state[result_key] = reply
+    result: api.Reply | None = st.session_state.get(result_key)
+    if result is None:
+        return
+    summary = result.summary
+    if kind == "math":
+        if summary is not None and summary.answer:
+            st.metric("Answer", summary.answer)
+        else:
+            st.warning("No answer was found in the text.")
+    elif summary is not None and summary.code:
+        st.code(summary.code, language=summary.language or "python")
+    else:
+        st.warning("No code was found in the text.")
+    with st.expander("Full text"):
+        st.markdown(result.text)
+    st.caption(result.caption)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def embeddings_tab(connection: Connection) -> None:
+    try:
+        models = embedding_models(connection.address, connection.api_key)
+    except InferenceError as error:
+        show_error(error)
+        return
+    text = st.text_area("Sentences (one per line)", value=api.EXAMPLE_SENTENCES, key="embed_sentences")
+    model = st.selectbox("Model", [item.id for item in models], key="embed_model")
+    if st.button("Embed", key="embed_run", type="primary"):
+        sentences = api.sentences_of(text)
+        if len(sentences) < 2:
+            st.warning("Enter at least two sentences, one per line.")
+        else:
+            try:
+                result = connection.client.embed(sentences, model=model or "", timeout=60)
+            except InferenceError as error:
+                show_error(error)
+            else:
+                matrix = api.cosine_matrix(result.vectors)
+                st.session_state["embed_result"] = {
+                    "sentences": sentences,
+                    "matrix": matrix,
+                    "model": result.model,
+                    "dimensions": result.dimensions,
+                    "neighbours": api.nearest_neighbours(sentences, matrix),
+                }
+    shown = st.session_state.get("embed_result")
+    if shown is not None:
+        st.caption(f"{shown['model']} · {shown['dimensions']} dimensions")
+        st.altair_chart(charts.similarity_heatmap(shown["sentences"], shown["matrix"]))
+        st.subheader("Nearest neighbours")
+        rows = [(item.sentence, item.nearest, item.similarity) for item in shown["neighbours"]]
+        st.dataframe(charts.neighbours_table(rows), hide_index=True)
+    cache_status(connection)
+
+
+def cache_status(connection: Connection) -> None:
+    st.subheader("Embedder cache")
+    try:
+        status = connection.client.cache_status(timeout=INFO_TIMEOUT)
+    except InferenceError as error:
+        show_error(error)
+        return
+    budget = f" of {status.memory_budget_mib:.0f} MiB" if status.memory_budget_mib else ""
+    st.caption(
+        f"{len(status.models)} loaded · {status.memory_used_mib:.0f} MiB used{budget} · "
+        f"strategy {status.strategy} · {status.evictions} evictions"
+        + (f" · loading: {', '.join(status.loading)}" if status.loading else "")
+    )
+    if status.models:
+        st.dataframe(
+            [
+                {
+                    "Model": item.name,
+                    "Memory (MiB)": round(item.size_mib, 1),
+                    "Device": item.device,
+                    "Dimensions": item.dimensions,
+                    "Hits": item.hits,
+                }
+                for item in status.models
+            ],
+            hide_index=True,
+        )
+
+
+# ---------------------------------------------------------------- status
+
+
+def status_panel(address: str, api_key: str) -> None:
+    """Health, figures and charts; run as a fragment that Streamlit reruns every refresh."""
+    client = client_for(address, api_key)
+    try:
+        health = client.health(timeout=INFO_TIMEOUT)
+        stats = client.stats(timeout=INFO_TIMEOUT)
+    except InferenceError as error:
+        show_error(error)
+        return
+    history: api.History = st.session_state.setdefault("status_history", api.History())
+    history.add(stats)
+    overall = "SERVING" if health.serving else "NOT SERVING"
+    st.subheader(f"Health: {overall}")
+    st.dataframe(
+        [
+            {
+                "Tier": item.component,
+                "Status": item.status.name,
+                "Address": item.address,
+                "Device": " ".join(part for part in (item.device.type, item.device.name) if part),
+                "Memory (MiB)": round(item.memory.process_rss_mib),
+                "GPU memory (MiB)": round(item.memory.gpu_allocated_mib),
+                "Models": ", ".join(item.models),
+                "Uptime": str(datetime.timedelta(seconds=round(item.uptime_seconds))),
+                "Message": item.message,
+            }
+            for item in health.components
+        ],
+        hide_index=True,
+    )
+    st.subheader("Stats")
+    for item in stats:
+        st.markdown(f"**{item.component}** `{item.address}`")
+        first, second, third, fourth, fifth = st.columns(5)
+        first.metric("Requests", item.requests_total)
+        second.metric("Failed", item.requests_failed)
+        third.metric("Running / waiting", f"{item.requests_running} / {item.requests_waiting}")
+        if item.component == "embedder":
+            fourth.metric("Inputs embedded", item.embedded_inputs_total)
+            fifth.metric("Cache hits", item.cache_hits)
+        else:
+            fourth.metric("Tokens/s", f"{item.mean_tokens_per_second:.1f}")
+            fifth.metric("TTFT", f"{item.mean_time_to_first_token_seconds:.2f} s")
+    if history.samples:
+        st.subheader("Last minutes")
+        records = charts.history_records(history.columns())
+        left, right = st.columns(2)
+        with left:
+            st.caption("Tokens/s")
+            st.line_chart(records, x="time", y="tokens/s")
+            st.caption("Running and waiting requests")
+            st.line_chart(records, x="time", y=["running", "waiting"])
+        with right:
+            st.caption("Time to first token (s)")
+            st.line_chart(records, x="time", y="TTFT (s)")
+
+
+# ---------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.set_page_config(page_title="Inference playground", layout="wide")
+    try:
+        settings = api.Settings.from_env()
+    except ValueError as error:
+        st.error(str(error))
+        return
+    st.title("Inference playground")
+    connection, form = sidebar(settings)
+    names = ["Chat", "Math", "Coding", "Embeddings"]
+    with_predictions = predictions_answer(settings.predictions_address)
+    if with_predictions:
+        names.append("Predictions")
+    names.append("Status")
+    tabs = dict(zip(names, st.tabs(names), strict=True))
+    with tabs["Chat"]:
+        chat_tab(connection, form)
+    with tabs["Math"]:
+        solve_tab("math", api.EXAMPLE_MATH, connection, form)
+    with tabs["Coding"]:
+        solve_tab("coding", api.EXAMPLE_CODING, connection, form)
+    with tabs["Embeddings"]:
+        embeddings_tab(connection)
+    if with_predictions:
+        with tabs["Predictions"]:
+            st.info(f"The predictions service answers at {settings.predictions_address}.")
+    with tabs["Status"]:
+        st.fragment(status_panel, run_every=settings.refresh_seconds)(connection.address, connection.api_key)
+
+
+main()

@@ -161,9 +161,10 @@ async def test_stop_cancels_the_generation(page: Page, make_run: RunningStack) -
         running = generator_running(make_run)
     assert running == 0, "the generator still runs the request 5 s after Stop"
     await stop.wait_for(state="detached", timeout=30_000)
-    # The partial reply stays in the conversation.
-    texts = await page.locator('[data-testid="stChatMessage"]').all_inner_texts()
-    assert any(partial[:60] in text for text in texts), (partial, texts)
+    # The partial reply stays in the conversation, marked stopped.
+    kept = page.locator('[data-testid="stChatMessage"]').filter(has_text="finish: stopped").last
+    await kept.wait_for(timeout=30_000)
+    assert partial.strip()[:60] in await kept.inner_text()
     await no_exception(page)
 
 
@@ -187,6 +188,8 @@ async def test_a_screenshot_of_every_tab(page: Page) -> None:
     labels = [text.strip() for text in await page.get_by_role("tab").all_inner_texts()]
     # Predictions shows only once that service answers; it does not exist yet.
     assert labels == list(TABS), labels
+    # Tall enough for a whole tab: Streamlit scrolls inside the page, so full_page alone cuts it.
+    await page.set_viewport_size({"width": 1400, "height": 2400})
     for label in TABS:
         await open_tab(page, label)
         if label == "Status":

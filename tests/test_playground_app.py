@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 from inference_client import InferenceClient
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
@@ -48,7 +52,32 @@ def vega_charts(at: AppTest) -> list[Any]:
 
 def test_tabs_in_order_without_predictions(app: AppTest) -> None:
     assert [tab.label for tab in app.tabs] == ["Chat", "Math", "Coding", "Embeddings", "Status"]
+    assert [title.value for title in app.title] == ["Inference playground"]
     assert errors(app) == []
+
+
+@pytest.fixture
+def health_server() -> Iterator[str]:
+    """A gRPC server that answers only the standard health service, as the predictions service will."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def test_predictions_tab_appears_when_its_service_answers_health(
+    gateway_service: GatewayService, health_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PLAYGROUND_GATEWAY_ADDRESS", gateway_service.address)
+    monkeypatch.setenv("PLAYGROUND_API_KEY", gateway_service.keys["user"])
+    monkeypatch.setenv("PLAYGROUND_PREDICTIONS_ADDRESS", health_server)
+    at = AppTest.from_file(str(APP), default_timeout=RUN_TIMEOUT).run()
+
+    assert not at.exception, at.exception
+    labels = [tab.label for tab in at.tabs]
+    assert labels == ["Chat", "Math", "Coding", "Embeddings", "Predictions", "Status"]
 
 
 def test_chat_streams_the_answer_with_its_timings(app: AppTest) -> None:
@@ -63,7 +92,8 @@ def test_chat_streams_the_answer_with_its_timings(app: AppTest) -> None:
     assert "Paris" in assistant[0].markdown[0].value
     assert CAPTION.match(assistant[0].caption[0].value), assistant[0].caption[0].value
     turns = app.session_state["chat"]
-    assert [turn["role"] for turn in turns] == ["user", "assistant"]
+    assert [turn.role for turn in turns] == ["user", "assistant"]
+    assert turns[1].reply is not None and not turns[1].reply.stopped
 
     # The conversation stays across reruns, and Clear empties it.
     app.run()
@@ -136,7 +166,7 @@ def test_status_shows_every_tier_serving_and_the_stats(app: AppTest) -> None:
     assert {"gateway", "generator", "embedder"} <= set(health["Tier"])
     assert set(health["Status"]) == {"SERVING"}
     labels = {metric.label for metric in app.metric}
-    assert {"Requests", "Running / waiting", "Tokens/s", "TTFT", "Inputs embedded"} <= labels
+    assert {"Requests", "Running / waiting", "Tokens/s", "TTFT", "Inputs embedded", "Cache hits"} <= labels
     assert len(app.session_state["status_history"].samples) == 1
     app.run()
     assert len(app.session_state["status_history"].samples) == 2
@@ -205,3 +235,27 @@ def test_stop_cancels_the_generation(gateway_service: GatewayService) -> None:
         while generator_running(client) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert generator_running(client) == 0, "the generator kept generating after Stop"
+
+
+def test_a_new_run_cancels_the_reply_the_stopped_run_was_streaming(
+    app: AppTest, gateway_service: GatewayService
+) -> None:
+    """With Streamlit's fast reruns, Stop starts a new run while the old one still waits for its
+    next token: the new run cancels the call it left at once."""
+    with InferenceClient(gateway_service.address, api_key=gateway_service.keys["user"]) as client:
+        reply = api.Reply()
+        stream = client.chat_stream(
+            [("user", "Count from one to one thousand in words.")], max_new_tokens=2000, temperature=0.0
+        )
+        reply.stream = stream
+        first = next(iter(stream))
+        assert first.id >= 0 and generator_running(client) == 1
+        app.session_state["streaming_reply"] = reply
+
+        app.run()
+
+        assert "streaming_reply" not in app.session_state
+        deadline = time.monotonic() + 20
+        while generator_running(client) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert generator_running(client) == 0, "the abandoned call kept generating"

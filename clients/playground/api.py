@@ -8,8 +8,9 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from inference_client import (
     InferenceClient,
     InferenceError,
     StreamSummary,
-    TokenStream,
+    StreamToken,
 )
 
 DEFAULT_GATEWAY_ADDRESS = "localhost:50051"
@@ -96,10 +97,10 @@ def error_text(error: InferenceError) -> str:
     return f"{error.code.name}: {error.message}"
 
 
-def conversation(system_prompt: str, turns: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The messages to send: the system prompt (when given) and then the (role, text) turns."""
+def conversation(system_prompt: str, turns: Iterable[Turn]) -> list[tuple[str, str]]:
+    """The messages to send: the system prompt (when given) and then the turns that have text."""
     messages = [("system", system_prompt.strip())] if system_prompt.strip() else []
-    messages.extend((role, text) for role, text in turns if text)
+    messages.extend((turn.role, turn.content) for turn in turns if turn.content)
     return messages
 
 
@@ -127,10 +128,11 @@ class Timing:
 
     @property
     def tokens_per_second(self) -> float:
-        """Tokens after the first over the time they took (the decode rate the user saw)."""
-        if self.first_token is None or self.ended is None or self.tokens < 2:
+        """Tokens after the first over the time they took (the decode rate the user saw), up to
+        now while the reply is still running."""
+        if self.first_token is None or self.tokens < 2:
             return 0.0
-        elapsed = self.ended - self.first_token
+        elapsed = (time.monotonic() if self.ended is None else self.ended) - self.first_token
         return (self.tokens - 1) / elapsed if elapsed > 0 else 0.0
 
 
@@ -158,6 +160,17 @@ def caption(timing: Timing, finish: str, summary: StreamSummary | None = None) -
     return f"{ttft} · {rate:.1f} tokens/s · {tokens} tokens · finish: {finish}"
 
 
+class Streamed(Protocol):
+    """What `follow` needs of a stream: the client's TokenStream."""
+
+    def __iter__(self) -> Iterator[StreamToken]: ...
+
+    def cancel(self) -> None: ...
+
+    @property
+    def summaries(self) -> dict[int, StreamSummary]: ...
+
+
 @dataclass
 class Reply:
     """A streamed reply as far as it got: its text, timings, and (when it ended normally) the
@@ -167,6 +180,12 @@ class Reply:
     timing: Timing = field(default_factory=Timing)
     summary: StreamSummary | None = None
     stopped: bool = False
+    stream: Streamed | None = None
+
+    def cancel(self) -> None:
+        """Cancels the call if it is still running (harmless once it ended)."""
+        if self.stream is not None:
+            self.stream.cancel()
 
     @property
     def caption(self) -> str:
@@ -174,12 +193,13 @@ class Reply:
         return caption(self.timing, finish, self.summary)
 
 
-def follow(stream: TokenStream, reply: Reply, show: Callable[[str], object]) -> None:
+def follow(stream: Streamed, reply: Reply, show: Callable[[str], object]) -> None:
     """Fills `reply` from the stream, calling `show` with the text so far after each token. The
     stream is cancelled however this ends (an exception from `show`, such as Streamlit's stop of
     an interrupted script run, included), which frees the server's slot; `reply.stopped` stays
     True unless the server ended the stream."""
     reply.stopped = True
+    reply.stream = stream
     try:
         for token in stream:
             reply.timing.token()
@@ -191,6 +211,20 @@ def follow(stream: TokenStream, reply: Reply, show: Callable[[str], object]) -> 
     finally:
         stream.cancel()
         reply.timing.end()
+
+
+@dataclass
+class Turn:
+    """One message of the conversation: the user's text, or the assistant's reply (which may
+    still be streaming, or stopped)."""
+
+    role: str
+    text: str = ""
+    reply: Reply | None = None
+
+    @property
+    def content(self) -> str:
+        return self.reply.text if self.reply is not None else self.text
 
 
 def cosine_matrix(vectors: Sequence[Sequence[float]]) -> list[list[float]]:

@@ -12,12 +12,22 @@ from dataclasses import dataclass
 import api
 import charts
 import streamlit as st
-from inference_client import ChatOptions, InferenceClient, InferenceError, Model, TokenStream
+from inference_client import CancelledError, ChatOptions, InferenceClient, InferenceError, Model, TokenStream
 
 # Seconds a status, model or cache call may take: the page must not hang on a dead address. (A
 # comment, not a docstring: Streamlit's magic would write a bare string onto the page.)
 INFO_TIMEOUT = 5.0
 STREAM_TIMEOUT = 600.0
+STREAMING = "streaming_reply"
+
+
+def cancel_abandoned() -> None:
+    """A new full run means the previous one was stopped or is being stopped (Streamlit's fast
+    reruns start the new run at once): cancel the reply it was streaming without waiting for its
+    next token, so a call still queued or thinking is freed too."""
+    reply: api.Reply | None = st.session_state.pop(STREAMING, None)
+    if reply is not None:
+        reply.cancel()
 
 
 @st.cache_resource(show_spinner=False)
@@ -54,14 +64,20 @@ def show_error(error: InferenceError) -> None:
 def stream_reply(
     start: Callable[[], TokenStream], reply: api.Reply, stop_key: str, cursor: str = " ▌"
 ) -> None:
-    """Streams into a placeholder with a Stop button beside it. Pressing Stop reruns the script,
-    which raises in the script thread at the next element update; `api.follow` then cancels the
-    call, so the generator frees the slot. Raises the API's InferenceError."""
+    """Streams into a placeholder with a Stop button beside it. Pressing Stop starts a new run of
+    the script, which cancels the call at once (`cancel_abandoned`), and this run gets Streamlit's
+    stop exception at its next element update; `api.follow` cancels in its `finally` too, so the
+    generator frees the slot either way. Raises the API's InferenceError."""
     text = st.empty()
     stop = st.empty()
-    stop.button("Stop", key=stop_key)
-    stream = start()
-    api.follow(stream, reply, lambda so_far: text.markdown(so_far + cursor))
+    st.session_state[STREAMING] = reply
+    try:
+        stop.button("Stop", key=stop_key)
+        api.follow(start(), reply, lambda so_far: text.markdown(so_far + cursor))
+    finally:
+        # Only ours: the run that Stop started may already stream a reply of its own.
+        if st.session_state.get(STREAMING) is reply:
+            del st.session_state[STREAMING]
     text.empty()
     stop.empty()
 
@@ -69,66 +85,80 @@ def stream_reply(
 # ---------------------------------------------------------------- sidebar
 
 
-def sidebar(settings: api.Settings) -> tuple[Connection, dict[str, object]]:
+@dataclass(frozen=True)
+class Form:
+    """The sidebar's sampling controls."""
+
+    system_prompt: str
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    seed: str
+    stop: str
+
+    def options(self) -> ChatOptions | None:
+        """The sampling options, or None after showing why the form cannot be sent."""
+        try:
+            return api.sampling_options(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                max_tokens=self.max_tokens,
+                seed=self.seed,
+                stop=self.stop,
+            )
+        except api.FormError as error:
+            st.error(str(error))
+            return None
+
+
+def sidebar(settings: api.Settings) -> tuple[Connection, Form]:
     with st.sidebar:
         st.header("Connection")
         address = st.text_input("Gateway address", value=settings.gateway_address, key="gateway_address")
         api_key = st.text_input("API key", value=settings.api_key, type="password", key="api_key")
         st.header("Sampling")
-        form = {
-            "system_prompt": st.text_area("System prompt", value="", key="system_prompt"),
-            "temperature": st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature"),
-            "top_p": st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p"),
-            "top_k": st.number_input("Top-k", min_value=0, value=0, step=1, key="top_k", help="0 = off"),
-            "max_tokens": st.number_input("Max tokens", min_value=1, value=256, step=1, key="max_tokens"),
-            "seed": st.text_input("Seed", value="", key="seed", help="empty = none"),
-            "stop": st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
-        }
-    return Connection(address.strip(), api_key.strip()), form
-
-
-def options_of(form: dict[str, object]) -> ChatOptions | None:
-    """The sampling options, or None after showing why the form cannot be sent."""
-    try:
-        return api.sampling_options(
-            temperature=float(str(form["temperature"])),
-            top_p=float(str(form["top_p"])),
-            top_k=int(str(form["top_k"])),
-            max_tokens=int(str(form["max_tokens"])),
-            seed=str(form["seed"]),
-            stop=str(form["stop"]),
+        form = Form(
+            system_prompt=st.text_area("System prompt", value="", key="system_prompt"),
+            temperature=st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature"),
+            top_p=st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p"),
+            top_k=int(st.number_input("Top-k", min_value=0, value=0, step=1, key="top_k", help="0 = off")),
+            max_tokens=int(st.number_input("Max tokens", min_value=1, value=256, step=1, key="max_tokens")),
+            seed=st.text_input("Seed", value="", key="seed", help="empty = none"),
+            stop=st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
         )
-    except api.FormError as error:
-        st.error(str(error))
-        return None
+    return Connection(address.strip(), api_key.strip()), form
 
 
 # ---------------------------------------------------------------- chat
 
 
-def chat_tab(connection: Connection, form: dict[str, object]) -> None:
-    turns: list[dict[str, str]] = st.session_state.setdefault("chat", [])
+def chat_tab(connection: Connection, form: Form) -> None:
+    turns: list[api.Turn] = st.session_state.setdefault("chat", [])
     st.button("Clear conversation", key="chat_clear", on_click=turns.clear)
     history = st.container()
     prompt = st.chat_input("Ask the model", key="chat_input")
     with history:
         for turn in turns:
-            with st.chat_message(turn["role"]):
-                st.markdown(turn["text"])
-                if turn.get("caption"):
-                    st.caption(turn["caption"])
+            with st.chat_message(turn.role):
+                st.markdown(turn.content)
+                if turn.reply is not None:
+                    st.caption(turn.reply.caption)
         if not prompt:
             return
-        options = options_of(form)
+        options = form.options()
         if options is None:
             return
-        messages = api.conversation(
-            str(form["system_prompt"]), [(turn["role"], turn["text"]) for turn in turns] + [("user", prompt)]
-        )
+        messages = api.conversation(form.system_prompt, [*turns, api.Turn("user", prompt)])
+        # The turns go into the session before streaming: with Streamlit's fast reruns the run
+        # that Stop starts renders the conversation while this one is still being stopped.
+        reply = api.Reply()
+        asked = [api.Turn("user", prompt), api.Turn("assistant", reply=reply)]
+        turns.extend(asked)
         with st.chat_message("user"):
             st.markdown(prompt)
         with st.chat_message("assistant"):
-            reply = api.Reply()
             try:
                 stream_reply(
                     lambda: connection.client.chat_stream(messages, timeout=STREAM_TIMEOUT, **options),
@@ -136,22 +166,20 @@ def chat_tab(connection: Connection, form: dict[str, object]) -> None:
                     "chat_stop",
                 )
             except InferenceError as error:
+                if not reply.text and not isinstance(error, CancelledError):
+                    # A prompt the API refused is not kept.
+                    for turn in asked:
+                        turns.remove(turn)
                 show_error(error)
-            finally:
-                # Also when Stop interrupted the run: the partial reply stays, marked stopped. A
-                # prompt the API refused is not kept.
-                if reply.text or not reply.stopped:
-                    turns.append({"role": "user", "text": prompt})
-                    turns.append({"role": "assistant", "text": reply.text, "caption": reply.caption})
-            if not reply.stopped:
-                st.markdown(reply.text)
-                st.caption(reply.caption)
+                return
+            st.markdown(reply.text)
+            st.caption(reply.caption)
 
 
 # ---------------------------------------------------------------- math and coding
 
 
-def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form: dict[str, object]) -> None:
+def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form: Form) -> None:
     problem_key, example_key, result_key = f"{kind}_problem", f"{kind}_example", f"{kind}_result"
 
     def pick() -> None:
@@ -162,10 +190,11 @@ def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form:
         st.session_state[problem_key] = examples[name]
     problem = st.text_area("Problem", key=problem_key, height=100)
     if st.button("Solve", key=f"{kind}_solve", type="primary") and problem.strip():
-        options = options_of(form)
+        options = form.options()
         if options is not None:
-            st.session_state.pop(result_key, None)
             reply = api.Reply()
+            # In the session before streaming, as in Chat: the run that Stop starts shows it.
+            st.session_state[result_key] = reply
             client = connection.client
 
             def start() -> TokenStream:
@@ -177,14 +206,13 @@ def solve_tab(kind: str, examples: dict[str, str], connection: Connection, form:
                 stream_reply(start, reply, f"{kind}_stop")
             except InferenceError as error:
                 show_error(error)
-            finally:
-                if reply.text:
-                    st.session_state[result_key] = reply
     result: api.Reply | None = st.session_state.get(result_key)
-    if result is None:
+    if result is None or not result.text:
         return
     summary = result.summary
-    if kind == "math":
+    if result.stopped:
+        st.info("Stopped before the end: no answer or code was extracted.")
+    elif kind == "math":
         if summary is not None and summary.answer:
             st.metric("Answer", summary.answer)
         else:
@@ -306,12 +334,15 @@ def status_panel(address: str, api_key: str) -> None:
         first.metric("Requests", item.requests_total)
         second.metric("Failed", item.requests_failed)
         third.metric("Running / waiting", f"{item.requests_running} / {item.requests_waiting}")
-        if item.component == "embedder":
+        if item.component == "generator":
+            fourth.metric("Tokens/s", f"{item.mean_tokens_per_second:.1f}")
+            fifth.metric("TTFT", f"{item.mean_time_to_first_token_seconds:.2f} s")
+        elif item.component == "embedder":
             fourth.metric("Inputs embedded", item.embedded_inputs_total)
             fifth.metric("Cache hits", item.cache_hits)
         else:
-            fourth.metric("Tokens/s", f"{item.mean_tokens_per_second:.1f}")
-            fifth.metric("TTFT", f"{item.mean_time_to_first_token_seconds:.2f} s")
+            fourth.metric("Cache hits", item.cache_hits)
+            fifth.metric("Uptime", str(datetime.timedelta(seconds=round(item.uptime_seconds))))
     if history.samples:
         st.subheader("Last minutes")
         records = charts.history_records(history.columns())
@@ -336,6 +367,7 @@ def main() -> None:
     except ValueError as error:
         st.error(str(error))
         return
+    cancel_abandoned()
     st.title("Inference playground")
     connection, form = sidebar(settings)
     names = ["Chat", "Math", "Coding", "Embeddings"]

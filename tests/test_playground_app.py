@@ -161,15 +161,21 @@ def test_embeddings_draws_the_similarity_matrix(app: AppTest) -> None:
     assert shown["model"] in list(cached["Model"])
 
 
-def test_status_shows_every_tier_serving_and_the_stats(app: AppTest) -> None:
+def test_status_shows_every_tier_serving_and_the_stats(app: AppTest, gateway_service: GatewayService) -> None:
     health = next(frame.value for frame in app.dataframe if "Tier" in frame.value.columns)
     assert {"gateway", "generator", "embedder"} <= set(health["Tier"])
     assert set(health["Status"]) == {"SERVING"}
     labels = {metric.label for metric in app.metric}
     assert {"Requests", "Running / waiting", "Tokens/s", "TTFT", "Inputs embedded", "Cache hits"} <= labels
     assert len(app.session_state["status_history"].samples) == 1
+
+    with InferenceClient(gateway_service.address, api_key=gateway_service.keys["user"]) as client:
+        generated = client.generate("Once upon a time", max_new_tokens=8, temperature=0.0).tokens_generated
     app.run()
-    assert len(app.session_state["status_history"].samples) == 2
+
+    first, second = app.session_state["status_history"].samples
+    assert second.generated_tokens - first.generated_tokens >= generated > 0
+    assert second.tokens_per_second > 0
     lines = [chart for chart in vega_charts(app) if '"line"' in chart.proto.spec]
     assert len(lines) == 3
 

@@ -264,11 +264,15 @@ def sentences_of(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One poll of the generator's figures, for the status charts."""
+    """One poll of the generators' figures (summed over replicas), for the status charts."""
 
     at: float
     """Unix time in seconds."""
+    generated_tokens: int
+    """The generators' running total."""
     tokens_per_second: float
+    """Tokens generated since the previous poll over the time between them: the throughput now,
+    where the servers' own figure is a mean since they started."""
     time_to_first_token: float
     running: int
     waiting: int
@@ -281,13 +285,22 @@ class History:
         self.samples: deque[Sample] = deque(maxlen=limit)
 
     def add(self, stats: Sequence[ComponentStats], at: float | None = None) -> Sample | None:
-        """Adds a sample from the generators' stats (summed over replicas); None when none reported."""
+        """Adds a sample from the generators' stats; None when no generator reported."""
         generators = [item for item in stats if item.component == "generator"]
         if not generators:
             return None
+        now = time.time() if at is None else at
+        generated = sum(item.generated_tokens_total for item in generators)
+        rate = 0.0
+        if self.samples:
+            last = self.samples[-1]
+            # A restarted generator starts its total again: no rate across that.
+            if now > last.at and generated >= last.generated_tokens:
+                rate = (generated - last.generated_tokens) / (now - last.at)
         sample = Sample(
-            at=time.time() if at is None else at,
-            tokens_per_second=sum(item.mean_tokens_per_second for item in generators),
+            at=now,
+            generated_tokens=generated,
+            tokens_per_second=rate,
             time_to_first_token=max(item.mean_time_to_first_token_seconds for item in generators),
             running=sum(item.requests_running for item in generators),
             waiting=sum(item.requests_waiting for item in generators),

@@ -192,35 +192,45 @@ def test_sentences_are_the_non_empty_lines() -> None:
     assert api.sentences_of(" one \n\n  \ntwo\n") == ["one", "two"]
 
 
-def stats(component: str, running: int, waiting: int, rate: float, ttft: float) -> ComponentStats:
-    return ComponentStats(component, "", 1.0, 0, 0, running, waiting, 0, 0, 0, ttft, rate, 1.0, 0)
+def stats(component: str, running: int, waiting: int, generated: int, ttft: float) -> ComponentStats:
+    return ComponentStats(component, "", 1.0, 0, 0, running, waiting, 0, generated, 0, ttft, 99.0, 1.0, 0)
 
 
 def test_history_sums_the_generators_and_keeps_the_last_samples() -> None:
     history = api.History(limit=3)
-    assert history.add([stats("gateway", 9, 9, 9.0, 9.0)], at=0.0) is None
+    assert history.add([stats("gateway", 9, 9, 900, 9.0)], at=0.0) is None
     for second in range(5):
         history.add(
             [
-                stats("gateway", 1, 1, 0.0, 0.0),
-                stats("generator", 2, 1, 10.0, 0.2),
-                stats("generator", 1, 0, 5.0, 0.4),
+                stats("gateway", 1, 1, 0, 0.0),
+                stats("generator", 2, 1, 100 + 10 * second, 0.2),
+                stats("generator", 1, 0, 50 + 5 * second, 0.4),
             ],
-            at=float(second),
+            at=float(2 * second),
         )
     columns = history.columns()
-    assert columns["time"] == [2.0, 3.0, 4.0]
+    assert columns["time"] == [4.0, 6.0, 8.0]
     assert columns["running"] == [3.0] * 3 and columns["waiting"] == [1.0] * 3
-    assert columns["tokens/s"] == [15.0] * 3 and columns["TTFT (s)"] == [0.4] * 3
+    assert columns["tokens/s"] == [7.5] * 3, "15 tokens every 2 s"
+    assert columns["TTFT (s)"] == [0.4] * 3
 
     records = charts.history_records(columns)
     assert records[0] == {
-        "time": datetime.datetime.fromtimestamp(2.0),
-        "tokens/s": 15.0,
+        "time": datetime.datetime.fromtimestamp(4.0),
+        "tokens/s": 7.5,
         "TTFT (s)": 0.4,
         "running": 3.0,
         "waiting": 1.0,
     }
+
+
+def test_history_rate_starts_at_zero_and_skips_a_restart() -> None:
+    history = api.History()
+    first = history.add([stats("generator", 0, 0, 500, 0.1)], at=10.0)
+    restarted = history.add([stats("generator", 0, 0, 20, 0.1)], at=12.0)
+    after = history.add([stats("generator", 0, 0, 60, 0.1)], at=14.0)
+    assert first is not None and restarted is not None and after is not None
+    assert (first.tokens_per_second, restarted.tokens_per_second, after.tokens_per_second) == (0.0, 0.0, 20.0)
 
 
 def test_heatmap_has_one_cell_per_pair_and_the_title() -> None:

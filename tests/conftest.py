@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures_generator",
     "tests.fixtures_embedder",
     "tests.fixtures_gateway",
+    "tests.fixtures_make_run",
 ]
 
 UNIT = Path(__file__).resolve().parent / "unit"

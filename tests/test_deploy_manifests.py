@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
+from tests.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -130,7 +133,8 @@ def test_compose_merges_give_only_the_gpu_services_a_profile_and_every_path_exis
         len(m.group(0)) - len(m.group(0).lstrip("$")) for m in INTERPOLATION.finditer(text)
     )
     services = compose()["services"]
-    assert {"envoy", "gateway", "generator", "embedder", "prometheus", "grafana"} <= set(services)
+    tiers = {"envoy", "gateway", "generator", "embedder", "playground"}
+    assert tiers | {"prometheus", "grafana"} <= set(services)
     profiles = {
         name: service.get("profiles") for name, service in services.items() if service.get("profiles")
     }
@@ -269,7 +273,7 @@ def test_k8s_schema_check_rejects_a_misspelled_field() -> None:
 
 def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
     deployments, services = by_kind("Deployment"), by_kind("Service")
-    assert set(deployments) == {"envoy", "gateway", "generator", "embedder"}
+    assert set(deployments) == {"envoy", "gateway", "generator", "embedder", "playground"}
     for name in ("gateway", *MODEL_TIERS):
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         module = python_module(container["command"])
@@ -307,6 +311,107 @@ def test_k8s_autoscalers_target_existing_deployments() -> None:
         target = autoscaler["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments
         assert autoscaler["spec"]["minReplicas"] <= autoscaler["spec"]["maxReplicas"]
+
+
+# -- The playground (compose and Kubernetes alike) --------------------------------------------------
+
+
+PLAYGROUND_PORT = "8501"
+PLAYGROUND_HEALTH = "/_stcore/health"
+
+
+def procfile_playground_command() -> list[str]:
+    """The Procfile's playground command as compose and Kubernetes run it: without the shell's
+    `exec`, on the default port."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith("playground:"):
+            words = shlex.split(line.split(":", 1)[1].replace("${PLAYGROUND_PORT:-8501}", PLAYGROUND_PORT))
+            assert words[0] == "exec", line
+            return words[1:]
+    raise AssertionError("the Procfile has no playground")
+
+
+def playground_variables() -> set[str]:
+    """The PLAYGROUND_* variables the app's code reads."""
+    code = " ".join(path.read_text() for path in (ROOT / "clients" / "playground").rglob("*.py"))
+    return set(re.findall(r"\bPLAYGROUND_[A-Z_]+\b", code))
+
+
+def test_the_playground_runs_the_procfile_command_against_the_gateway() -> None:
+    command = procfile_playground_command()
+    assert command[:3] == ["streamlit", "run", "clients/playground/app.py"]
+    assert (ROOT / command[2]).is_file()
+    assert command[command.index("--server.port") + 1] == PLAYGROUND_PORT
+    known = playground_variables()
+    assert {"PLAYGROUND_GATEWAY_ADDRESS", "PLAYGROUND_API_KEY"} <= known
+
+    services = compose()["services"]
+    playground = services["playground"]
+    assert playground["command"] == command
+    assert set(playground["environment"]) <= known
+    gateway_port = services["gateway"]["environment"]["GATEWAY_PORT"]
+    assert playground["environment"]["PLAYGROUND_GATEWAY_ADDRESS"] == f"gateway:{gateway_port}"
+    assert f"{PLAYGROUND_PORT}:{PLAYGROUND_PORT}" in playground["ports"]
+    health = playground["healthcheck"]["test"]
+    assert health[1:4] == ["python", "-m", "tools.healthcheck"] and "--http" in health
+    assert health[health.index("--port") + 1] == PLAYGROUND_PORT
+    assert health[health.index("--path") + 1] == PLAYGROUND_HEALTH
+    assert playground["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+    deployment = by_kind("Deployment")["playground"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == command
+    env = {item["name"]: item for item in container["env"]}
+    assert set(env) <= known
+    grpc_port = {p["name"]: p["port"] for p in by_kind("Service")["gateway"]["spec"]["ports"]}["grpc"]
+    assert env["PLAYGROUND_GATEWAY_ADDRESS"]["value"] == f"gateway:{grpc_port}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": int(PLAYGROUND_PORT)}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": PLAYGROUND_HEALTH, "port": "http"}
+    # Streamlit keeps each browser session in its process: more replicas need sticky sessions.
+    assert deployment["spec"]["replicas"] == 1
+    service_ports = {p["name"]: p["port"] for p in by_kind("Service")["playground"]["spec"]["ports"]}
+    assert service_ports == {"http": int(PLAYGROUND_PORT)}
+
+
+def test_the_playground_health_check_is_the_one_streamlit_answers(tmp_path: Path) -> None:
+    """The health check compose runs, against `streamlit run` with the Procfile's flags: NOT
+    ready before it listens, SERVING (exit 0) once it does."""
+    health = compose()["services"]["playground"]["healthcheck"]["test"][1:]
+    port = str(free_port())
+    health[health.index("--port") + 1] = port
+    check = [sys.executable, *health[1:]]
+    assert subprocess.run(check, cwd=ROOT, capture_output=True, timeout=30).returncode == 1
+    command = procfile_playground_command()
+    command[command.index("--server.port") + 1] = port
+    # A trivial app: the health route is Streamlit's, whatever the script.
+    app = tmp_path / "app.py"
+    app.write_text("import streamlit as st\n\nst.write('ok')\n")
+    command[2] = str(app)
+    streamlit = subprocess.Popen(
+        [tool("streamlit"), *command[1:]],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            result = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=30)
+            if result.returncode == 0:
+                break
+            assert streamlit.poll() is None, streamlit.communicate()[0]
+            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
+            time.sleep(0.5)
+        assert result.stdout.strip() == "SERVING"
+    finally:
+        streamlit.terminate()
+        output, _ = streamlit.communicate(timeout=30)
+    # The flags keep its log to what matters: no welcome banner, no traceback.
+    assert "You can now view" not in output and "Traceback" not in output, output
 
 
 def test_k8s_cpu_overlay_removes_the_gpu_limits_it_names() -> None:
@@ -559,15 +664,24 @@ def runtime_closure() -> set[str]:
     def canonical(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
 
+    # The project's own requirements from its pyproject files: an editable install's metadata
+    # is as old as the last `make install`.
+    declared = {
+        canonical(project["name"]): project["dependencies"]
+        for project in (
+            tomllib.loads(path.read_text())["project"]
+            for path in (ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml")
+        )
+    }
     seen: set[str] = set()
-    pending = [canonical(name) for name in ("inference-stack", "inference-client")]
+    pending = list(declared)
     while pending:
         name = pending.pop()
         if name in seen:
             continue
         seen.add(name)
         try:
-            requirements = importlib.metadata.requires(name) or []
+            requirements = declared.get(name) or importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
             continue
         for requirement in requirements:
@@ -592,9 +706,12 @@ def module_level_imports(path: Path) -> set[str]:
 
 
 def test_every_import_of_the_services_is_a_runtime_dependency() -> None:
-    first_party = {"services", "inference", "inference_client", "tools"}
+    playground = sorted((ROOT / "clients" / "playground").rglob("*.py"))
+    # `streamlit run` puts the app's folder on sys.path: its modules import each other by name.
+    first_party = {"services", "inference", "inference_client", "tools", *(path.stem for path in playground)}
     sources = [
         *(ROOT / "services").rglob("*.py"),
+        *playground,
         ROOT / "tools" / "healthcheck.py",
         ROOT / "tools" / "envoy_config.py",
     ]

@@ -1,10 +1,10 @@
 """`make run` as a user runs it: on free ports (through the environment variables the services
 read), until every tier is SERVING; then the README's examples and the commands it printed work
-against it, and SIGTERM leaves nothing running. The models load once for the whole module."""
+against it, and SIGTERM leaves nothing running. The models load once for the whole session
+(tests/fixtures_make_run.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -12,105 +12,29 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.fixtures_make_run import PORT_VARIABLES, RunningStack, clean_environment, port_open
 from tests.stack import ROOT, free_port
 
-READY = "The stack is SERVING"
-PORT_VARIABLES = (
-    "ENVOY_PORT",
-    "ENVOY_ADMIN_PORT",
-    "GATEWAY_PORT",
-    "GATEWAY_METRICS_PORT",
-    "GENERATOR_PORT",
-    "GENERATOR_METRICS_PORT",
-    "EMBEDDER_PORT",
-    "EMBEDDER_METRICS_PORT",
-)
 DEFAULTS = {
     "8080": "ENVOY_PORT",
     "50051": "GATEWAY_PORT",
     "50052": "GENERATOR_PORT",
     "50053": "EMBEDDER_PORT",
+    "8501": "PLAYGROUND_PORT",
 }
 
 
-@dataclass
-class RunningStack:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    ports: dict[str, int]
-    descendants: list[psutil.Process] = field(default_factory=list)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 80) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
-
-
-def clean_environment(extra: dict[str, str]) -> dict[str, str]:
-    """The user's environment without any stack variable that would point elsewhere."""
-    prefixes = ("GATEWAY_", "GENERATOR_", "EMBEDDER_", "ENVOY_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.update(extra)
-    return env
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def kill_leftovers(processes: list[psutil.Process]) -> None:
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[RunningStack]:
-    ports = {name: free_port() for name in PORT_VARIABLES}
-    log_path = Path(tempfile.mkdtemp(prefix="make-run-")) / "make-run.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["make", "--no-print-directory", "run"],
-            cwd=ROOT,
-            env=clean_environment({name: str(port) for name, port in ports.items()}),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    running = RunningStack(process, log_path, ports)
-    try:
-        # The first `make run` on a machine installs everything; later ones only load models.
-        deadline = time.monotonic() + 900
-        while READY not in running.output():
-            if process.poll() is not None:
-                pytest.fail(f"make run exited with {process.returncode} before SERVING:\n{running.tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"make run not SERVING after 900 s:\n{running.tail()}")
-            time.sleep(0.5)
-        running.descendants = psutil.Process(process.pid).children(recursive=True)
-        yield running
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        kill_leftovers(running.descendants)
+@pytest.fixture
+def stack(make_run: RunningStack) -> RunningStack:
+    """The session's `make run` (tests/fixtures_make_run.py)."""
+    return make_run
 
 
 def with_test_ports(text: str, ports: dict[str, int]) -> str:
@@ -134,7 +58,7 @@ def run_example(language: str, code: str) -> subprocess.CompletedProcess[str]:
 def test_make_run_prints_every_tier_and_the_commands_to_try(stack: RunningStack) -> None:
     output = stack.output()
     ports = stack.ports
-    for name in ("generator", "embedder", "gateway", "envoy"):
+    for name in ("generator", "embedder", "gateway", "envoy", "playground"):
         assert re.search(rf"\b{name} is SERVING after", output), (
             f"no SERVING line for {name}:\n{stack.tail()}"
         )
@@ -145,6 +69,15 @@ def test_make_run_prints_every_tier_and_the_commands_to_try(stack: RunningStack)
     for command in ("curl -s", "grpcurl -plaintext", "from openai import OpenAI"):
         assert command in output, f"make run did not print the {command.split()[0]} command"
     assert f"http://localhost:{ports['ENVOY_PORT']}/docs" in output
+    assert re.search(rf"Playground \(browser\) +http://localhost:{ports['PLAYGROUND_PORT']}\n", output)
+
+
+def test_make_run_serves_the_playground(stack: RunningStack) -> None:
+    base = f"http://127.0.0.1:{stack.ports['PLAYGROUND_PORT']}"
+    with urllib.request.urlopen(base + "/_stcore/health", timeout=30) as reply:
+        assert reply.status == 200 and reply.read() == b"ok"
+    with urllib.request.urlopen(base + "/", timeout=30) as reply:
+        assert reply.status == 200 and b"<title>Streamlit</title>" in reply.read()
 
 
 def test_make_run_serves_the_api_docs(stack: RunningStack) -> None:
@@ -200,9 +133,10 @@ def test_metrics_endpoints_answer(stack: RunningStack) -> None:
             assert f"{tier}_" in reply.read().decode()
 
 
+@pytest.mark.stops_make_run
 def test_sigterm_stops_every_process(stack: RunningStack) -> None:
-    """Last in this module: stops the stack."""
-    assert len(stack.descendants) >= 4, [p.info for p in stack.descendants]
+    """Stops the shared stack: runs after every other test that uses it."""
+    assert len(stack.descendants) >= 5, [p.info for p in stack.descendants]
     stack.process.send_signal(signal.SIGTERM)
     stack.process.wait(timeout=60)
     deadline = time.monotonic() + 30

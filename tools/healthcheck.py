@@ -1,4 +1,5 @@
-"""Is a tier ready? grpc.health.v1 for the services, GET /healthz for Envoy.
+"""Is a tier ready? grpc.health.v1 for the services, GET /healthz for Envoy (GET /_stcore/health
+for the playground, Streamlit's own).
 
 `make run` polls with it, and the container images use it as their health check
 (`python -m tools.healthcheck --port 50052`), so both agree on what "ready" means: the service
@@ -46,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Exit 0 when the tier on this port is SERVING, else 1.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--http", action="store_true", help="GET /healthz (Envoy) instead of gRPC health")
+    parser.add_argument("--http", action="store_true", help="GET --path (Envoy) instead of gRPC health")
+    parser.add_argument(
+        "--path", default="/healthz", help="with --http: the path that answers 200 when ready"
+    )
     parser.add_argument("--service", default="", help="the grpc.health.v1 service name ('' is the server)")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     if args.http:
-        status = http_status(f"http://{args.host}:{args.port}/healthz", args.timeout)
+        status = http_status(f"http://{args.host}:{args.port}{args.path}", args.timeout)
     else:
         status = grpc_status(f"{args.host}:{args.port}", args.service, args.timeout)
     print(status)

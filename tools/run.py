@@ -4,8 +4,9 @@ The processes are the ones in the Procfile, run by honcho (one prefixed, coloure
 when one process exits honcho stops the others; SIGINT and SIGTERM stop them all). This module
 adds what honcho does not know about this stack: the environment that wires the tiers together
 (ports and backend addresses come from the same variables the services read, with their
-defaults), an Envoy configuration for non-default ports, progress while the models load, the
-URLs and commands to try once every tier is SERVING, and the log tail of a tier that died.
+defaults; the playground is pointed at the gateway), an Envoy configuration for non-default
+ports, progress while the models load, the URLs and commands to try once every tier is SERVING,
+and the log tail of a tier that died.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tools.healthcheck import grpc_status, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("gateway", "generator", "embedder")
+PLAYGROUND_APP = Path("clients") / "playground" / "app.py"
 TAIL_LINES = 40
 
 # The defaults the services and Envoy's checked-in configuration use.
@@ -48,6 +50,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "EMBEDDER_METRICS_PORT": 9103,
     "ENVOY_PORT": 8080,
     "ENVOY_ADMIN_PORT": 9901,
+    "PLAYGROUND_PORT": 8501,
 }
 
 
@@ -58,9 +61,10 @@ class Tier:
     name: str
     command: str
     port: int
-    # "grpc": grpc.health.v1 on `port`; "http": GET /healthz on `port` (Envoy).
+    # "grpc": grpc.health.v1 on `port`; "http": GET `health_path` on `port` (Envoy, the playground).
     probe: str
     metrics_port: int | None = None
+    health_path: str = "/healthz"
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
     return path
 
 
-def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path) -> Plan:
+def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
     """Which processes to start, with which environment."""
     env = dict(environ)
     # `python` and `envoy` in the Procfile are this venv's, whether or not it is activated.
@@ -122,7 +126,7 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path) -> Plan
         prefix = name.upper()
         if name not in commands:
             continue
-        if not service_exists(name):
+        if not service_exists(name, root):
             skipped.append(f"{name} (services/{name} does not exist yet)")
             continue
         tiers.append(
@@ -137,6 +141,19 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path) -> Plan
         else:
             env["ENVOY_CONFIG"] = str(config)
             tiers.append(Tier("envoy", commands["envoy"], int(env["ENVOY_PORT"]), "http"))
+    if "playground" in commands:
+        if not (root / PLAYGROUND_APP).is_file():
+            skipped.append(f"playground ({PLAYGROUND_APP} does not exist yet)")
+        elif not any(tier.name == "gateway" for tier in tiers):
+            skipped.append("playground (no gateway to talk to)")
+        else:
+            # It talks gRPC to the gateway directly (the key, if any, from PLAYGROUND_API_KEY).
+            env.setdefault("PLAYGROUND_GATEWAY_ADDRESS", f"127.0.0.1:{env['GATEWAY_PORT']}")
+            port = int(env["PLAYGROUND_PORT"])
+            # Streamlit's own readiness route: it answers once the server is up.
+            tiers.append(
+                Tier("playground", commands["playground"], port, "http", health_path="/_stcore/health")
+            )
     return Plan(tiers, env, skipped)
 
 
@@ -154,7 +171,7 @@ def busy_ports(env: Mapping[str, str]) -> list[str]:
 
 def probe(tier: Tier) -> str:
     if tier.probe == "http":
-        return http_status(f"http://127.0.0.1:{tier.port}/healthz")
+        return http_status(f"http://127.0.0.1:{tier.port}{tier.health_path}")
     return grpc_status(f"127.0.0.1:{tier.port}")
 
 
@@ -257,13 +274,15 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
     env = plan.env
     names = {tier.name for tier in plan.tiers}
     lines = [f"The stack is SERVING (after {elapsed:.0f}s):"]
+    if "playground" in names:
+        lines.append(f"  Playground (browser)       http://localhost:{env['PLAYGROUND_PORT']}")
     if "envoy" in names:
         lines.append(f"  REST, OpenAI API and gRPC  http://localhost:{env['ENVOY_PORT']}   (Envoy)")
         docs = f"http://localhost:{env['ENVOY_PORT']}"
         lines.append(f"  API docs                   {docs}/docs   (ReDoc: /redoc, OpenAPI: /openapi.json)")
         lines.append(f"  Envoy admin                http://127.0.0.1:{env['ENVOY_ADMIN_PORT']}")
     for tier in plan.tiers:
-        if tier.name == "envoy":
+        if tier.metrics_port is None:
             continue
         lines.append(
             f"  {tier.name + ' gRPC':<26} localhost:{tier.port}   metrics http://localhost:{tier.metrics_port}/metrics"
@@ -357,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Ports and models: the services' own environment variables (GENERATOR_PORT, GENERATOR_MODEL, "
         "EMBEDDER_PORT, GATEWAY_PORT, ...; see `python -m services.<name> --help`), plus ENVOY_PORT and "
-        "ENVOY_ADMIN_PORT.",
+        "ENVOY_ADMIN_PORT; for the playground PLAYGROUND_PORT, PLAYGROUND_GATEWAY_ADDRESS and "
+        "PLAYGROUND_API_KEY.",
     )
     parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile", help="the processes to run")
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configuration")

@@ -1,0 +1,64 @@
+"""tools/run.py's plan for the playground: started with the gateway, pointed at it, probed on
+Streamlit's health route, and named in the banner; skipped, with the reason, where it cannot
+run. No process is started."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tools.run import PLAYGROUND_APP, ROOT, Plan, Tier, banner, make_plan
+
+
+def plan_for(root: Path, run_dir: Path, procfile: str = "", **environ: str) -> Plan:
+    path = run_dir / "Procfile"
+    path.write_text(procfile or (ROOT / "Procfile").read_text())
+    return make_plan(environ, run_dir, path, root=root)
+
+
+def playground(plan: Plan) -> Tier | None:
+    return next((tier for tier in plan.tiers if tier.name == "playground"), None)
+
+
+def test_the_playground_runs_with_the_gateway_on_its_port(tmp_path: Path) -> None:
+    plan = plan_for(ROOT, tmp_path, PLAYGROUND_PORT="18501", GATEWAY_PORT="15051")
+    tier = playground(plan)
+    assert tier is not None, plan.skipped
+    assert (tier.port, tier.probe, tier.health_path, tier.metrics_port) == (
+        18501,
+        "http",
+        "/_stcore/health",
+        None,
+    )
+    assert plan.env["PLAYGROUND_GATEWAY_ADDRESS"] == "127.0.0.1:15051"
+    assert "streamlit run clients/playground/app.py" in tier.command
+    text = banner(plan, 3.0, "model")
+    assert "Playground (browser)       http://localhost:18501" in text
+    # It has no metrics port: no "metrics" line for it.
+    assert "playground gRPC" not in text
+
+
+def test_a_playground_address_of_ones_own_is_kept(tmp_path: Path) -> None:
+    plan = plan_for(ROOT, tmp_path, PLAYGROUND_GATEWAY_ADDRESS="elsewhere:50051")
+    assert playground(plan) is not None
+    assert plan.env["PLAYGROUND_GATEWAY_ADDRESS"] == "elsewhere:50051"
+    assert plan.env["PLAYGROUND_PORT"] == "8501"
+
+
+def test_the_playground_is_skipped_without_its_app_or_the_gateway(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for name in ("gateway", "generator", "embedder"):
+        (root / "services" / name).mkdir(parents=True)
+        (root / "services" / name / "__main__.py").write_text("")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    plan = plan_for(root, run_dir)
+    assert playground(plan) is None
+    assert f"playground ({PLAYGROUND_APP} does not exist yet)" in plan.skipped
+
+    (root / PLAYGROUND_APP).parent.mkdir(parents=True)
+    (root / PLAYGROUND_APP).write_text("")
+    shutil.rmtree(root / "services" / "gateway")
+    plan = plan_for(root, run_dir)
+    assert playground(plan) is None
+    assert "playground (no gateway to talk to)" in plan.skipped

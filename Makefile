@@ -73,7 +73,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services clients/python/src/inference_client tools tests bench
+	$(VENV)/bin/mypy services clients/python/src/inference_client clients/playground tools tests bench
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 

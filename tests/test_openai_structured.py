@@ -15,26 +15,8 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.fixtures_gateway import GatewayService
+from tests.test_structured_outputs import PERSON
 
-PERSON: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "zip": {"type": "integer", "minimum": 10000, "maximum": 99999},
-            },
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "age", "role", "address"],
-    "additionalProperties": False,
-}
 ASK_PERSON: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Describe a person who lives in Paris as JSON."}
 ]

@@ -295,3 +295,12 @@ def openai_sdk(envoy_url: str, gateway_service: GatewayService) -> Iterator[Open
         base_url=f"{envoy_url}/v1", api_key=gateway_service.keys["user"], max_retries=0, timeout=180
     ) as sdk:
         yield sdk
+
+
+@pytest.fixture(scope="session")
+def generation_model(envoy_url: str, gateway_service: GatewayService) -> str:
+    """The id the shared stack serves its generation model under, as GET /models lists it."""
+    request = urllib.request.Request(f"{envoy_url}/models", headers=gateway_service.headers())
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        served = json.load(reply)["models"]
+    return str(next(model["id"] for model in served if model["task"] == "generation"))

@@ -215,9 +215,8 @@ def client(openai_sdk: OpenAI) -> OpenAI:
 
 
 @pytest.fixture(scope="module")
-def model(envoy_url: str, gateway_service: GatewayService) -> str:
-    served = httpx2.get(f"{envoy_url}/models", headers=gateway_service.headers(), timeout=30).json()["models"]
-    return str(next(item["id"] for item in served if item["task"] == "generation"))
+def model(generation_model: str) -> str:
+    return generation_model
 
 
 def test_chat_logprobs_unary_and_streamed(client: OpenAI, model: str) -> None:

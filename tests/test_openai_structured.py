@@ -14,7 +14,6 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from tests.fixtures_gateway import GatewayService
 from tests.test_structured_outputs import PERSON
 
 ASK_PERSON: list[ChatCompletionMessageParam] = [
@@ -63,11 +62,8 @@ def client(openai_sdk: OpenAI) -> OpenAI:
 
 
 @pytest.fixture(scope="module")
-def chat_model(envoy_url: str, gateway_service: GatewayService) -> str:
-    import httpx2
-
-    served = httpx2.get(f"{envoy_url}/models", headers=gateway_service.headers(), timeout=30).json()["models"]
-    return str(next(model["id"] for model in served if model["task"] == "generation"))
+def chat_model(generation_model: str) -> str:
+    return generation_model
 
 
 def test_json_schema_reply_validates_greedy(client: OpenAI, chat_model: str) -> None:

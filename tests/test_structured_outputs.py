@@ -17,11 +17,10 @@ import httpx2
 import jsonschema  # type: ignore[import-untyped]
 import pytest
 from google.protobuf import json_format, struct_pb2
-from google.rpc import error_details_pb2  # type: ignore[import-untyped]
-from grpc_status import rpc_status
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from tests.fixtures_gateway import GatewayService
+from tests.test_generation_penalties import bad_fields
 
 TIMEOUT = 300.0
 SEEDS = 50
@@ -194,18 +193,6 @@ def test_a_free_greedy_request_is_unchanged_next_to_constrained_rows(
     *_, together = chat_together(stub, gateway_service, [*constrained, free])
     assert together.message.content == alone.message.content
     assert together.finish_reason == alone.finish_reason
-
-
-def bad_fields(error: grpc.RpcError) -> set[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    fields: set[str] = set()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields |= {item.field for item in bad.field_violations}
-    return fields
 
 
 @pytest.mark.parametrize(

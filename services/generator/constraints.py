@@ -147,9 +147,7 @@ class ConstraintCompiler:
             return compiled
         tokenizer = self.tokenizer(constraint.field)
         grammar = grammar_of(constraint)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise ConstraintRefused(constraint.field, _bounded(messages[0] if messages else "invalid"))
+        # The matcher validates as it builds: one parse of the grammar, not a check and a build.
         template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if template.is_error():
             raise ConstraintRefused(constraint.field, _bounded(template.get_error()))

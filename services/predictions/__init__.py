@@ -1,0 +1,1 @@
+"""The predictions service: asynchronous jobs with signed webhooks, stored in SQL."""

@@ -17,7 +17,7 @@ DESCRIPTOR := build/inference.pb
 OPENAPI := build/openapi.json
 PYTEST_ARGS ?=
 
-.PHONY: install protos descriptor run test test-fast lint clean browser
+.PHONY: install protos descriptor run test test-fast lint clean browser postgres
 
 install: $(STAMP) $(BUF) $(DOCS_UI)
 
@@ -49,6 +49,14 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "make: install Debian's chromium (apt-get install chromium) for tests/test_openapi.py"
 
+# Debian's PostgreSQL server for the predictions tests that run against a real PostgreSQL
+# (tests/fixtures_postgres.py starts its own in a temporary folder); as root only, and skipped
+# when an initdb is already there.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+		|| echo "make: install Debian's postgresql (apt-get install postgresql) for the PostgreSQL tests"
+
 # Regenerates the committed Python code and the descriptor Envoy reads.
 protos: $(STAMP)
 	$(PY) tools/protos.py
@@ -63,7 +71,7 @@ run: install $(DESCRIPTOR) $(OPENAPI)
 	$(PY) -m tools.run
 
 # Lint first: style problems show in seconds, before the end-to-end tests load models.
-test: lint $(DESCRIPTOR) $(OPENAPI) browser
+test: lint $(DESCRIPTOR) $(OPENAPI) browser postgres
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tier: fakes instead of models, no process started; well under two minutes.

@@ -179,7 +179,9 @@ class Runner:
         back to the store (starting, runnable at once) so another worker runs them."""
         self._stopping = True
         self._wake.set()
-        for loop in self._loops:
+        # The claim loop ends on its own, so that a claim in flight is not cut in half; its
+        # predictions join the runs handled below.
+        for loop in self._loops[1:]:
             loop.cancel()
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
@@ -308,10 +310,10 @@ class Runner:
             log.exception("prediction %s: run failed", prediction.id)
             await self._fail(run, f"INTERNAL: {type(error).__name__}: {error}")
             return
-        if run.stop_reason is not None:
+        if output is None or run.stop_reason == "lease":
             await self._end_stopped(run)
             return
-        assert output is not None
+        # A cancel or a stop that comes after the whole output arrived does not waste it.
         size = _json_size(output)
         if size > self._settings.max_output_bytes:
             await self._fail(run, self._too_large(size))

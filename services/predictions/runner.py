@@ -23,6 +23,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common import keepalive
 from services.predictions import tasks
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Prediction, Status, Store
@@ -48,6 +49,13 @@ QUEUE_WAIT = Histogram(
 
 # Statuses a gateway answers when it is busy or away: the prediction is tried again later.
 RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+# As the gateway's own backend channels: big embedding answers fit, and idle links are noticed.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    *keepalive.client_options(),
+]
 
 StopReason = Literal["cancel", "lease", "shutdown", "too_large"]
 
@@ -154,7 +162,7 @@ class Runner:
         return len(self._runs)
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self._address)
+        self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._loops = [

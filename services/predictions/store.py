@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields, replace
@@ -579,11 +580,13 @@ class SqlStore:
         if not wanted:
             return
         body = self._render(after)
+        # Ids sort in the order the events happened (as KSUIDs do), so the outbox sends them so.
+        stamp = f"{time.time_ns():016x}"
         await conn.execute(
             webhook_deliveries.insert(),
             [
                 {
-                    "id": f"msg_{secrets.token_hex(12)}",
+                    "id": f"msg_{stamp}{index:02x}{secrets.token_hex(8)}",
                     "prediction_id": after.id,
                     "event": event,
                     "url": after.webhook,
@@ -597,7 +600,7 @@ class SqlStore:
                     "abandoned_at": None,
                     "last_error": "",
                 }
-                for event in wanted
+                for index, event in enumerate(wanted)
             ],
         )
 

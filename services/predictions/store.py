@@ -45,8 +45,10 @@ from services.predictions.records import (
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-# A lock number of our own, so that replicas starting together migrate one after the other.
+# Advisory lock numbers of our own (PostgreSQL): replicas starting together migrate one after
+# the other, and creators check the queue bounds one after the other.
 _PG_MIGRATION_LOCK = 0x70726564
+_PG_CREATE_LOCK = 0x70726565
 
 
 def utcnow() -> datetime:
@@ -105,6 +107,7 @@ predictions = sa.Table(
     sa.Index("ix_predictions_owner_created", "owner", "created_at", "id"),
     sa.Index("ix_predictions_created", "created_at", "id"),
     sa.Index("ix_predictions_runnable", "status", "lease_expires_at", "created_at"),
+    sa.Index("ix_predictions_waiting", "status", "owner"),
     sa.Index("ix_predictions_completed", "completed_at"),
 )
 
@@ -243,10 +246,12 @@ class SqlStore:
     emits commit in one transaction; on SQLite write transactions take the file's write lock up
     front (BEGIN IMMEDIATE), on PostgreSQL contended rows are taken with FOR UPDATE SKIP LOCKED."""
 
-    def __init__(self, engine: AsyncEngine, render: WebhookBody) -> None:
+    def __init__(self, engine: AsyncEngine, render: WebhookBody, serialize: bool = False) -> None:
         self._engine = engine
         self._render = render
         self.dialect = engine.dialect.name
+        # An in-memory SQLite database lives in one connection, which transactions take in turn.
+        self._serial = asyncio.Lock() if serialize else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -254,6 +259,15 @@ class SqlStore:
 
     @asynccontextmanager
     async def _tx(self, write: bool = True) -> AsyncIterator[AsyncConnection]:
+        if self._serial is not None:
+            async with self._serial, self._connection(write) as conn:
+                yield conn
+        else:
+            async with self._connection(write) as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _connection(self, write: bool) -> AsyncIterator[AsyncConnection]:
         async with self._engine.connect() as conn:
             if write:
                 await conn.execution_options(sqlite_immediate=True)
@@ -272,9 +286,7 @@ class SqlStore:
             if max_waiting_per_owner or max_waiting_total:
                 if self.dialect == "postgresql":
                     # Creators serialize on the count so that concurrent ones cannot overshoot.
-                    await conn.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK + 1}
-                    )
+                    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CREATE_LOCK})
                 waiting = sa.select(sa.func.count()).select_from(predictions).where(c.status == "starting")
                 if max_waiting_per_owner:
                     mine = (await conn.execute(waiting.where(c.owner == new.owner))).scalar_one()
@@ -784,9 +796,11 @@ async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> Sq
     folder created."""
     parsed = make_url(url)
     options: dict[str, Any] = {}
+    in_memory = False
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+        in_memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
+        if in_memory:
             options["poolclass"] = StaticPool
         else:
             await asyncio.to_thread(_make_parent, database)
@@ -804,7 +818,7 @@ async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> Sq
     except BaseException:
         await engine.dispose()
         raise
-    return SqlStore(engine, render)
+    return SqlStore(engine, render, serialize=in_memory)
 
 
 __all__ = ["SqlStore", "alembic_config", "metadata", "open_store", "utcnow"]

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
@@ -24,7 +26,7 @@ from services.predictions.records import (
     Prediction,
     QueueFull,
 )
-from services.predictions.store import SqlStore, metadata, open_store
+from services.predictions.store import SqlStore, alembic_config, metadata, open_store
 
 OpenStore = Callable[[], Awaitable[SqlStore]]
 
@@ -423,3 +425,35 @@ async def test_migrations_build_the_schema_the_store_queries(store: SqlStore) ->
 
     async with store.engine.connect() as conn:
         assert await conn.run_sync(differences) == []
+
+
+async def test_replicas_opening_a_new_database_together_migrate_it_once(open_at: OpenStore) -> None:
+    stores = await asyncio.gather(*(open_at() for _ in range(3)))
+    created = await stores[0].create(new(), 0, 0)
+    assert await stores[2].get(created.id) == created
+
+
+async def test_migrations_go_down_to_nothing_and_up_again(store: SqlStore, store_url: str) -> None:
+    def down_and_up(connection: Connection) -> tuple[set[str], set[str]]:
+        config = alembic_config(store_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+        empty = set(sa.inspect(connection).get_table_names()) - {"alembic_version"}
+        command.upgrade(config, "head")
+        return empty, set(sa.inspect(connection).get_table_names())
+
+    async with store.engine.begin() as conn:
+        empty, tables = await conn.run_sync(down_and_up)
+    assert empty == set()
+    assert tables == {"alembic_version", "predictions", "webhook_deliveries", "deployments", "settings"}
+    assert await store.setting("after", lambda: "ok") == "ok"
+
+
+async def test_an_in_memory_database_works_for_one_process() -> None:
+    store = await open_store("sqlite+aiosqlite://", render)
+    try:
+        made = await asyncio.gather(*(store.create(new(), 0, 0) for _ in range(5)))
+        claimed = await asyncio.gather(*(store.claim(f"w{i}", 30, 1, 3) for i in range(5)))
+        assert sorted(p.id for got in claimed for p in got) == sorted(p.id for p in made)
+    finally:
+        await store.close()

@@ -49,6 +49,8 @@ def upgrade() -> None:
     op.create_index("ix_predictions_owner_created", "predictions", ["owner", "created_at", "id"])
     op.create_index("ix_predictions_created", "predictions", ["created_at", "id"])
     op.create_index("ix_predictions_runnable", "predictions", ["status", "lease_expires_at", "created_at"])
+    # Counting an owner's waiting predictions (the queue bound) on every create.
+    op.create_index("ix_predictions_waiting", "predictions", ["status", "owner"])
     op.create_index("ix_predictions_completed", "predictions", ["completed_at"])
 
     op.create_table(
@@ -99,6 +101,7 @@ def downgrade() -> None:
     op.drop_index("ix_webhook_deliveries_prediction", table_name="webhook_deliveries")
     op.drop_table("webhook_deliveries")
     op.drop_index("ix_predictions_completed", table_name="predictions")
+    op.drop_index("ix_predictions_waiting", table_name="predictions")
     op.drop_index("ix_predictions_runnable", table_name="predictions")
     op.drop_index("ix_predictions_created", table_name="predictions")
     op.drop_index("ix_predictions_owner_created", table_name="predictions")

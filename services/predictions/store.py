@@ -252,6 +252,10 @@ class SqlStore:
         self.dialect = engine.dialect.name
         # An in-memory SQLite database lives in one connection, which transactions take in turn.
         self._serial = asyncio.Lock() if serialize else None
+        # SQLite has one writer at a time. Writers of this process queue here, in order, rather
+        # than in SQLite's busy handler, whose sleeps starve some of them for seconds under load;
+        # the busy timeout is left for writers in other processes.
+        self._writer = asyncio.Lock() if self.dialect == "sqlite" and not serialize else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -261,6 +265,9 @@ class SqlStore:
     async def _tx(self, write: bool = True) -> AsyncIterator[AsyncConnection]:
         if self._serial is not None:
             async with self._serial, self._connection(write) as conn:
+                yield conn
+        elif write and self._writer is not None:
+            async with self._writer, self._connection(write) as conn:
                 yield conn
         else:
             async with self._connection(write) as conn:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -102,49 +103,82 @@ def address_problem(text: str) -> str | None:
     return None
 
 
-async def webhook_url_problem(url: str, allow_private: bool) -> str | None:
-    """None when `url` may receive webhooks, else the reason: http(s) with a host, no credentials,
-    at most 2048 characters; unless `allow_private`, every address the host resolves to is public."""
+def _url_syntax_problem(url: str) -> str | None:
+    """Why `url` is not an acceptable webhook URL on its face (None when it is)."""
     if len(url) > MAX_URL_LENGTH:
         return f"webhook URL is {len(url)} characters long; the limit is {MAX_URL_LENGTH}"
     try:
         parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
+        _ = parts.port
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
         return f"webhook URL is not valid: {exc}"
     if parts.scheme not in ("http", "https"):
         return f"webhook URL must use http or https, not {parts.scheme or 'no scheme'!r}"
-    host = parts.hostname
-    if not host:
+    if not parts.hostname or not parsed.raw_host:
         return "webhook URL has no host"
-    if parts.username is not None or parts.password is not None:
+    # Both parsers must agree there is no userinfo: a disagreement is how URLs smuggle a host.
+    if parts.username is not None or parts.password is not None or parsed.userinfo:
         return "webhook URL must not contain credentials"
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "webhook URL must not contain spaces or control characters"
-    if allow_private:
-        return None
+    return None
+
+
+async def _resolve(url: httpx.URL) -> list[str]:
+    """The addresses `url`'s host stands for, in getaddrinfo's preference order; raises OSError
+    or TimeoutError."""
+    host = url.raw_host.decode("ascii")
     try:
-        literal = ipaddress.ip_address(host)
+        return [str(ipaddress.ip_address(host))]
     except ValueError:
-        literal = None
-    if literal is not None:
-        return address_problem(host)
+        pass
+    port = url.port or (443 if url.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM),
-            RESOLVE_TIMEOUT_SECONDS,
-        )
-    except (OSError, TimeoutError, UnicodeError) as exc:
-        return f"webhook host {host!r} does not resolve: {exc or 'timed out'}"
-    if not infos:
-        return f"webhook host {host!r} does not resolve"
-    for info in infos:
-        # IPv6 socket addresses may carry a zone ("fe80::1%eth0"); the address is what is checked.
-        problem = address_problem(str(info[4][0]).split("%", 1)[0])
+    infos = await asyncio.wait_for(
+        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
+    )
+    # IPv6 socket addresses may carry a zone ("fe80::1%eth0"); the address is what is checked.
+    addresses = [str(info[4][0]).split("%", 1)[0] for info in infos]
+    if not addresses:
+        raise OSError("no address")
+    return list(dict.fromkeys(addresses))
+
+
+def _resolve_failure(url: httpx.URL, exc: Exception) -> str:
+    detail = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+    return f"webhook host {url.host!r} does not resolve: {detail}"
+
+
+def _addresses_problem(addresses: list[str]) -> str | None:
+    for address in addresses:
+        problem = address_problem(address)
         if problem:
             return problem
     return None
+
+
+async def webhook_url_problem(url: str, allow_private: bool) -> str | None:
+    """None when `url` may receive webhooks, else the reason: http(s) with a host, no credentials,
+    at most 2048 characters; unless `allow_private`, every address the host resolves to is public."""
+    problem = _url_syntax_problem(url)
+    if problem or allow_private:
+        return problem
+    parsed = httpx.URL(url)
+    try:
+        addresses = await _resolve(parsed)
+    except (OSError, TimeoutError, UnicodeError) as exc:
+        return _resolve_failure(parsed, exc)
+    return _addresses_problem(addresses)
+
+
+def pinned(url: httpx.URL, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """The request target that connects to `address` (already checked) while the receiver still
+    sees `url`'s host: the URL with the address, the Host header, and the TLS server name."""
+    extensions: dict[str, Any] = (
+        {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+    )
+    return url.copy_with(host=address), {"host": url.netloc.decode("ascii")}, extensions
 
 
 def backoff_seconds(attempt: int, cap: float) -> float:
@@ -298,10 +332,19 @@ class WebhookSender:
             log.exception("webhook sender: delivery %s failed unexpectedly", delivery.id)
 
     async def _attempt(self, delivery: Delivery) -> _Outcome:
-        problem = await webhook_url_problem(delivery.url, self.settings.allow_private)
+        problem = _url_syntax_problem(delivery.url)
         if problem:
             return _Outcome("abandon", problem)
-        assert self._client is not None
+        url = httpx.URL(delivery.url)
+        try:
+            addresses = await _resolve(url)
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            # Unlike at create time, a failing lookup may be a passing DNS outage.
+            return _Outcome("retry", _resolve_failure(url, exc))
+        if not self.settings.allow_private:
+            problem = _addresses_problem(addresses)
+            if problem:
+                return _Outcome("abandon", problem)
         now = datetime.now(UTC)
         body = delivery.body.encode("utf-8")
         headers = {
@@ -314,9 +357,7 @@ class WebhookSender:
         try:
             # The whole attempt is bounded, not just each read, so a trickling receiver cannot hold it.
             async with asyncio.timeout(self.settings.timeout_seconds):
-                async with self._client.stream("POST", delivery.url, content=body, headers=headers) as reply:
-                    status = reply.status_code
-                    retry_after = reply.headers.get("retry-after")
+                status, retry_after = await self._post(url, addresses, body, headers)
         except (TimeoutError, httpx.TimeoutException):
             return _Outcome("retry", f"timed out after {self.settings.timeout_seconds:g} s")
         except httpx.TransportError as exc:
@@ -332,6 +373,25 @@ class WebhookSender:
             wait = retry_after_seconds(retry_after, now) if status in (429, 503) else None
             return _Outcome("retry", f"HTTP {status}", wait)
         return _Outcome("abandon", f"HTTP {status}")
+
+    async def _post(
+        self, url: httpx.URL, addresses: list[str], body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str | None]:
+        """POSTs to the first of `addresses` that accepts a connection. Connecting to the checked
+        address itself, not the name, leaves DNS no second answer to point at a private one."""
+        assert self._client is not None
+        for index, address in enumerate(addresses):
+            target, host, extensions = pinned(url, address)
+            try:
+                async with self._client.stream(
+                    "POST", target, content=body, headers={**headers, **host}, extensions=extensions
+                ) as reply:
+                    # The body is never read: only the status matters, and it may be large.
+                    return reply.status_code, reply.headers.get("retry-after")
+            except httpx.ConnectError:
+                if index == len(addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: _resolve returns at least one address")
 
     async def _record(self, delivery: Delivery, outcome: _Outcome) -> None:
         if outcome.kind == "delivered":

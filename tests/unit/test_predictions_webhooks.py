@@ -16,6 +16,7 @@ from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
@@ -28,6 +29,7 @@ from services.predictions.webhooks import (
     WebhookSettings,
     backoff_seconds,
     new_secret,
+    pinned,
     retry_after_seconds,
     webhook_url_problem,
 )
@@ -292,6 +294,17 @@ async def test_allow_private_skips_only_the_address_check() -> None:
     assert "credentials" in (await webhook_url_problem("http://a:b@localhost/", allow_private=True) or "")
 
 
+def test_pinned_targets_the_address_but_keeps_host_and_server_name() -> None:
+    target, host, extensions = pinned(httpx.URL("https://Hooks.Example.com:8443/in?x=1"), "93.184.216.34")
+    assert str(target) == "https://93.184.216.34:8443/in?x=1"
+    assert host == {"host": "hooks.example.com:8443"}
+    assert extensions == {"sni_hostname": "hooks.example.com"}
+    target, host, extensions = pinned(httpx.URL("http://bücher.example/in"), "2001:db8::1")
+    assert str(target) == "http://[2001:db8::1]/in"
+    assert host == {"host": "xn--bcher-kva.example"}
+    assert extensions == {}
+
+
 # ---------------------------------------------------------------- secret and retry arithmetic
 
 
@@ -349,6 +362,26 @@ async def test_a_delivery_is_signed_and_recorded(
     assert request.headers["user-agent"] == USER_AGENT
     assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 5
     assert counted("completed", "delivered") == before + 1
+
+
+async def test_a_named_host_is_sent_to_its_checked_address(
+    receiver: Receiver, outbox: FakeOutbox, sender: WebhookSender
+) -> None:
+    url = receiver.url.replace("127.0.0.1", "localhost") + "/named"
+    row = await outbox.settled(outbox.add(url))
+    assert row.state == "delivered"
+    [request] = receiver.at("/named")
+    assert request.headers["host"] == httpx.URL(url).netloc.decode()
+    assert isinstance(request.verified, dict)
+
+
+async def test_the_next_address_is_tried_when_one_refuses(receiver: Receiver, sender: WebhookSender) -> None:
+    # 127.0.0.2 is loopback too, but nothing listens there on the receiver's port.
+    url = httpx.URL(receiver.url + "/fallback")
+    status, _ = await within(sender._post(url, ["127.0.0.2", "127.0.0.1"], b"{}", {}))
+    assert status == 200 and len(receiver.at("/fallback")) == 1
+    with pytest.raises(httpx.ConnectError):
+        await within(sender._post(url, ["127.0.0.2"], b"{}", {}))
 
 
 async def test_three_failures_then_success_keep_the_webhook_id(
@@ -439,6 +472,11 @@ async def test_connection_refused_is_retried(outbox: FakeOutbox, sender: Webhook
     row = await outbox.attempted(delivery_id, 3)
     assert row.state == "pending"
     assert all("ConnectError" in error for error in row.errors), row.errors
+
+
+async def test_a_host_that_stops_resolving_is_retried(outbox: FakeOutbox, sender: WebhookSender) -> None:
+    row = await outbox.attempted(outbox.add("http://nonexistent.invalid/hook"), 2)
+    assert row.state == "pending" and "does not resolve" in row.errors[0]
 
 
 async def test_a_slow_receiver_times_out_and_is_retried(receiver: Receiver, outbox: FakeOutbox) -> None:

@@ -398,10 +398,12 @@ class WebhookSender:
             await self.store.delivered(delivery.id)
             DELIVERIES.labels(delivery.event, "delivered").inc()
             return
+        # The store counts an attempt when it hands the delivery out (1 = the first).
+        attempt = max(delivery.attempts, 1)
         if outcome.kind == "retry":
             now = datetime.now(UTC)
             deadline = _aware(delivery.created_at) + timedelta(seconds=self.settings.retry_seconds)
-            delay = backoff_seconds(delivery.attempts + 1, self.settings.max_backoff_seconds)
+            delay = backoff_seconds(attempt, self.settings.max_backoff_seconds)
             if outcome.wait is not None:
                 delay = max(delay, outcome.wait)
             next_at = now + timedelta(seconds=delay)
@@ -413,7 +415,7 @@ class WebhookSender:
                     "webhook %s (%s) attempt %d failed: %s; retrying",
                     delivery.id,
                     delivery.event,
-                    delivery.attempts + 1,
+                    attempt,
                     outcome.reason,
                 )
                 return

@@ -135,7 +135,8 @@ class Row:
 
 
 class FakeOutbox:
-    """The four outbox methods of records.Store, in memory, with the SQL store's locking rule."""
+    """The four outbox methods of records.Store, in memory, with the SQL store's locking and
+    attempt-counting rules."""
 
     def __init__(self) -> None:
         self.rows: dict[str, Row] = {}
@@ -173,12 +174,13 @@ class FakeOutbox:
             if row.state == "pending" and row.delivery.next_attempt_at <= now and row.locked_until <= clock
         ][:limit]
         for row in due:
+            # Counted on hand-out, as the SQL store does, so a crash mid-send still counts.
+            row.delivery = replace(row.delivery, attempts=row.delivery.attempts + 1)
             row.locked_until = clock + lock_seconds
         return [row.delivery for row in due]
 
     def _attempted(self, delivery_id: str, state: str, error: str = "") -> Row:
         row = self.rows[delivery_id]
-        row.delivery = replace(row.delivery, attempts=row.delivery.attempts + 1)
         row.state, row.locked_until = state, 0.0
         if error:
             row.errors.append(error)

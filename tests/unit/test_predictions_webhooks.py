@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -21,7 +22,8 @@ import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
-from services.predictions.records import Delivery, Event, Store
+from services.predictions.records import Delivery, Event, NewPrediction, Prediction, Store
+from services.predictions.store import open_store
 from services.predictions.webhooks import (
     MAX_URL_LENGTH,
     USER_AGENT,
@@ -115,7 +117,7 @@ def receiver() -> Iterator[Receiver]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield state
     server.shutdown()
@@ -220,7 +222,7 @@ async def sender(outbox: FakeOutbox) -> AsyncIterator[WebhookSender]:
     await within(running.stop(grace=1.0))
 
 
-async def with_sender(outbox: FakeOutbox, settings: WebhookSettings) -> WebhookSender:
+async def with_sender(outbox: FakeOutbox | Store, settings: WebhookSettings) -> WebhookSender:
     running = WebhookSender(cast(Store, outbox), SECRET, "worker-a", settings)
     await running.start()
     return running
@@ -542,3 +544,58 @@ async def test_the_loop_survives_a_failing_store(
     outbox.fail_polls = 3
     row = await outbox.settled(outbox.add(receiver.url + "/hook"))
     assert row.state == "delivered" and outbox.fail_polls == 0
+
+
+# ---------------------------------------------------------------- with the real SQL store
+
+
+def render(prediction: Prediction) -> str:
+    return json.dumps({"id": prediction.id, "status": prediction.status, "error": prediction.error})
+
+
+async def test_the_sql_store_outbox_is_delivered_once_after_a_retry(
+    receiver: Receiver, tmp_path: pathlib.Path
+) -> None:
+    store = await within(open_store(f"sqlite+aiosqlite:///{tmp_path}/predictions.db", render))
+    running: WebhookSender | None = None
+    try:
+        new = NewPrediction(
+            id="p_sql",
+            owner="anonymous",
+            model="tiny",
+            version="1",
+            task="generate",
+            served_model="tiny",
+            input={"prompt": "hi"},
+            effective_input={"prompt": "hi"},
+            webhook=receiver.url + "/sql",
+            webhook_events_filter=("completed",),
+            credentials={},
+            created_at=datetime.now(UTC),
+        )
+        await store.create(new, 0, 0)
+        # A starting prediction is canceled at once, with its `completed` event in the outbox.
+        await store.cancel("p_sql", None)
+        receiver.scripts["/sql"] = [(503, {}, 0.0)]
+        running = await with_sender(store, FAST)
+        await eventually(lambda: len(receiver.at("/sql")) >= 2)
+
+        async def delivered() -> list[dict[str, Any]]:
+            while True:
+                rows = await store.deliveries_for("p_sql")
+                if rows and rows[0]["delivered_at"] is not None:
+                    return rows
+                await asyncio.sleep(0.02)
+
+        [row] = await within(delivered())
+        assert row["attempts"] == 2 and row["abandoned_at"] is None
+        requests = receiver.at("/sql")
+        assert len(requests) == 2
+        assert {r.headers["webhook-id"] for r in requests} == {row["id"]}
+        assert all(r.verified == {"id": "p_sql", "status": "canceled", "error": ""} for r in requests)
+        # Nothing is left to send: another replica finds no due delivery.
+        assert await store.due_deliveries("worker-b", 10, 5.0) == []
+    finally:
+        if running is not None:
+            await within(running.stop())
+        await store.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import shutil
 import statistics
@@ -29,10 +30,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from tests.fixtures_postgres import PostgresServer
 
 PROMPT = "Tell me about the history of Paris."
 
@@ -179,7 +183,7 @@ def own_stack(args: argparse.Namespace) -> Iterator[list[tuple[str, str, dict[st
     from tests.fixtures_embedder import start_embedder
     from tests.fixtures_gateway import GatewayService, start_gateway, write_key_file
     from tests.fixtures_generator import start_generator
-    from tests.fixtures_predictions import fresh_database, sqlite_url, start_stack, stop_stack
+    from tests.fixtures_predictions import sqlite_url, start_stack, stop_stack
 
     work = Path(tempfile.mkdtemp(prefix="bench-predictions-"))
     keys_file = work / "keys.json"
@@ -198,9 +202,10 @@ def own_stack(args: argparse.Namespace) -> Iterator[list[tuple[str, str, dict[st
         gateway = GatewayService(gateway_address, 0, gateway_process, keys, keys_file)
         flags = ("--poll-seconds", "0.2")
         databases = [("sqlite", sqlite_url(work))]
-        postgres = args.postgres_url or cleanup.enter_context(own_postgres(work))
-        if postgres:
-            databases.append(("postgres", fresh_database(postgres, "bench_predictions")))
+        if args.postgres:
+            server = cleanup.enter_context(own_postgres())
+            if server is not None:
+                databases.append(("postgres", server.create_database("bench")))
         stacks = []
         for backend, database in databases:
             folder = work / backend
@@ -213,15 +218,19 @@ def own_stack(args: argparse.Namespace) -> Iterator[list[tuple[str, str, dict[st
 
 
 @contextlib.contextmanager
-def own_postgres(work: Path) -> Iterator[str]:
-    """A PostgreSQL server of its own (tests/fixtures_postgres.py); "" when not installed."""
-    try:
-        from tests.fixtures_postgres import running_postgres
-    except ImportError:
-        yield ""
+def own_postgres() -> Iterator[PostgresServer | None]:
+    """A PostgreSQL server of its own (the tests' fixture, outside pytest); None when the server
+    binaries are not installed."""
+    from tests import fixtures_postgres
+
+    if fixtures_postgres.find_bin_dir() is None:
+        print("PostgreSQL is not installed: measuring SQLite only")
+        yield None
         return
-    with running_postgres(work / "postgres") as url:
-        yield url or ""
+    # The fixture's own generator: the same server the tests start.
+    start = contextlib.contextmanager(inspect.unwrap(fixtures_postgres.postgres_server))
+    with start() as server:
+        yield server
 
 
 def main() -> None:

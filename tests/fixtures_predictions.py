@@ -2,7 +2,7 @@
 against the session gateway, each with its own Envoy in front.
 
 `predictions_sqlite` stores in a temporary SQLite file, `predictions_postgres` in a fresh
-database on the PostgreSQL server of `postgres_url` (tests/fixtures_postgres.py), and
+database on the session PostgreSQL server (tests/fixtures_postgres.py), and
 `predictions_stack` is parametrized over both, so that a test that takes it runs against each.
 `start_predictions` starts one more replica (the crash test runs two on one database).
 """
@@ -18,21 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.fixtures_gateway import EnvoyService, GatewayService, descriptor_for_envoy, start_envoy
+from tests.fixtures_postgres import PostgresServer
 from tests.stack import ServiceProcess, free_port
 
-# Short leases, polls and webhook backoffs, so that takeovers and retries happen within a test.
+# Short leases, polls and webhook backoffs (retried for up to two minutes, at most 1 s apart),
+# so that takeovers and retries happen within a test.
 FAST_FLAGS: tuple[str, ...] = (
     "--lease-seconds",
     "4",
     "--poll-seconds",
     "0.2",
     "--webhook-retry-seconds",
-    "0.2",
+    "120",
     "--webhook-max-backoff-seconds",
     "1",
 )
@@ -100,16 +100,6 @@ def start_predictions(
 
 def sqlite_url(folder: Path) -> str:
     return f"sqlite+aiosqlite:///{folder / 'predictions.db'}"
-
-
-def fresh_database(postgres_url: str, name: str) -> str:
-    """Creates the database `name` on the server of `postgres_url`; returns its URL."""
-    url = make_url(postgres_url)
-    plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(plain, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @dataclass
@@ -235,10 +225,12 @@ def predictions_sqlite(
 
 @pytest.fixture(scope="session")
 def predictions_postgres(
-    gateway_service: GatewayService, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+    gateway_service: GatewayService,
+    postgres_server: PostgresServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[PredictionsStack]:
     folder = tmp_path_factory.mktemp("predictions-postgres")
-    database = fresh_database(postgres_url, "predictions_api")
+    database = postgres_server.create_database("predictions")
     stack = start_stack("postgres", gateway_service, database, folder, name="predictions-postgres")
     yield stack
     stop_stack(stack)

@@ -11,18 +11,18 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import json_format
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
-from services.predictions.store import open_store
 
 from services.predictions.records import Prediction
+from services.predictions.store import open_store
 from tests.fixtures_gateway import GatewayService
 from tests.fixtures_generator import GeneratorService
-from tests.fixtures_predictions import PredictionsService, fresh_database, start_predictions
+from tests.fixtures_postgres import PostgresServer
+from tests.fixtures_predictions import PredictionsService, start_predictions
 from tests.webhook_receiver import Received, webhook_receiver
 
 COUNT = 50
@@ -34,7 +34,7 @@ REPLICA_FLAGS = (
     "--poll-seconds",
     "0.2",
     "--webhook-retry-seconds",
-    "0.2",
+    "120",
     "--webhook-max-backoff-seconds",
     "1",
 )
@@ -66,9 +66,9 @@ async def stored(database_url: str, ids: list[str]) -> list[Prediction]:
 
 @pytest.fixture
 def replicas(
-    gateway_service: GatewayService, postgres_url: str, tmp_path: Path
+    gateway_service: GatewayService, postgres_server: PostgresServer
 ) -> Iterator[tuple[PredictionsService, PredictionsService]]:
-    database = fresh_database(postgres_url, "predictions_crash")
+    database = postgres_server.create_database("crash")
     first = start_predictions(gateway_service, database, "predictions-a", args=REPLICA_FLAGS)
     try:
         second = start_predictions(gateway_service, database, "predictions-b", args=REPLICA_FLAGS)

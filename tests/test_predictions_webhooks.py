@@ -7,7 +7,6 @@ loopback webhook is refused unless private addresses are allowed."""
 from __future__ import annotations
 
 import base64
-import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,9 +113,6 @@ def test_a_receiver_failing_three_times_still_gets_completed_under_one_id(
     assert len({r.body for r in attempts}) == 1
     assert all(r.problem is None for r in attempts)
     assert attempts[-1].prediction["status"] == "succeeded"
-    # Backed off between attempts, not hammered.
-    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
-    assert all(gap > 0.05 for gap in gaps), gaps
 
 
 def field_violations(error: grpc.RpcError) -> list[str]:

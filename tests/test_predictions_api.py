@@ -21,6 +21,7 @@ from tests.fixtures_generator import GeneratorService
 from tests.fixtures_predictions import PredictionsStack
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
+STORY = [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}]
 REPLICATE_FIELDS = {
     "id",
     "model",
@@ -55,6 +56,14 @@ def generation(
     return {
         "model": models["generation"],
         "input": {"prompt": prompt, "parameters": {**GREEDY, **parameters}},
+    }
+
+
+def story(models: dict[str, str], tokens: int) -> dict[str, Any]:
+    """A chat that runs for `tokens` tokens: greedy, the story goes on past 3,000."""
+    return {
+        "model": models["generation"],
+        "input": {"messages": STORY, "parameters": {"max_new_tokens": tokens, "do_sample": False}},
     }
 
 
@@ -160,8 +169,7 @@ def test_another_key_sees_none_of_them_and_an_admin_sees_all(
 def test_cancel_stops_a_long_generation_and_frees_its_batch_slot(
     predictions_stack: PredictionsStack, models: dict[str, str], generator_service: GeneratorService
 ) -> None:
-    body = generation(models, "Write a long story about a dragon.", max_new_tokens=2000)
-    created = predictions_stack.create(body)
+    created = predictions_stack.create(story(models, 2000))
 
     def producing() -> bool:
         prediction = predictions_stack.get(created["id"])
@@ -184,7 +192,7 @@ def test_cancel_stops_a_long_generation_and_frees_its_batch_slot(
 def test_urls_stream_sends_text_events_then_a_final_event_and_done(
     predictions_stack: PredictionsStack, models: dict[str, str]
 ) -> None:
-    created = predictions_stack.create(generation(models, "Tell me about Paris.", max_new_tokens=24))
+    created = predictions_stack.create(story(models, 24))
     with (
         httpx2.Client(headers=predictions_stack.headers(), timeout=120) as client,
         client.stream("GET", created["urls"]["stream"], headers={"accept": "text/event-stream"}) as reply,
@@ -201,7 +209,7 @@ def test_urls_stream_sends_text_events_then_a_final_event_and_done(
     text = "".join(event["token"]["text"] for event in events if event.get("token"))
     assert text == final["generated_text"]
     done = predictions_stack.wait_until_done(created["id"])
-    assert done["output"]["generated_text"] == final["generated_text"]
+    assert done["output"]["message"]["content"] == final["generated_text"]
 
 
 def test_a_finished_prediction_streams_its_whole_output(
@@ -246,11 +254,14 @@ def error_text(reply: Any) -> str:
     ("body", "field"),
     [
         ({"input": {"prompt": 42, "parameters": GREEDY}}, "input.prompt"),
-        ({"input": {"prompt": "Hi", "parameters": {"temperature": -1}}}, "input.parameters.temperature"),
+        (
+            {"input": {"prompt": "Hi", "parameters": {"max_new_tokens": "many"}}},
+            "input.parameters.max_new_tokens",
+        ),
         ({"input": {"prompt": "Hi"}, "webhook": "ftp://example.com/hook"}, "webhook"),
         ({"input": {"prompt": "Hi"}, "webhook_events_filter": ["finished"]}, "webhook_events_filter"),
     ],
-    ids=["prompt-type", "temperature", "webhook-scheme", "events-filter"],
+    ids=["prompt-type", "parameter-type", "webhook-scheme", "events-filter"],
 )
 def test_bad_input_is_a_400_naming_the_field(
     predictions_stack: PredictionsStack, models: dict[str, str], body: dict[str, Any], field: str
@@ -260,6 +271,15 @@ def test_bad_input_is_a_400_naming_the_field(
     )
     assert status == 400, reply
     assert field in error_text(reply), reply
+
+
+def test_a_value_the_gateway_refuses_fails_the_prediction_with_the_reason(
+    predictions_stack: PredictionsStack, models: dict[str, str]
+) -> None:
+    # Sampling ranges are the gateway's to check: the prediction is accepted, then fails.
+    failed = predictions_stack.create(generation(models, temperature=-1), wait=60)
+    assert failed["status"] == "failed", failed
+    assert "temperature" in failed["error"] and failed["output"] is None
 
 
 def test_an_unknown_model_or_id_is_a_404_or_400(predictions_stack: PredictionsStack) -> None:
@@ -300,12 +320,9 @@ def test_create_get_list_cancel_over_grpc(
 ) -> None:
     metadata = predictions_stack.metadata()
     request = predictions_pb2.CreatePredictionRequest(model=models["generation"])
-    json_format.ParseDict(
-        {"prompt": "Write a long story about a dragon.", "parameters": {"max_new_tokens": 2000}},
-        request.input,
-    )
+    json_format.ParseDict(story(models, 2000)["input"], request.input)
     created = prediction_stub.CreatePrediction(request, metadata=metadata, timeout=30)
-    assert created.id and created.status in ("starting", "processing") and created.task == "generate"
+    assert created.id and created.status in ("starting", "processing") and created.task == "chat"
     got = prediction_stub.GetPrediction(
         predictions_pb2.GetPredictionRequest(id=created.id), metadata=metadata, timeout=30
     )
@@ -376,10 +393,7 @@ def test_create_get_list_cancel_through_grpcurl(
     created = grpcurl(
         predictions_stack,
         "CreatePrediction",
-        {
-            "model": models["generation"],
-            "input": {"prompt": "Write a long story about a dragon.", "parameters": {"max_new_tokens": 2000}},
-        },
+        story(models, 2000),
     )
     assert created["status"] in ("starting", "processing")
     got = grpcurl(predictions_stack, "GetPrediction", {"id": created["id"]})

@@ -183,4 +183,8 @@ def test_kill_9_of_one_replica_loses_nothing_and_runs_nothing_twice(
     # Each run reaches the generator at most once: the 50, plus the interrupted runs that had
     # reached it before the kill.
     served = after - before
+    redelivered = len(mine) - COUNT
+    print(
+        f"generator requests {served}, interrupted runs {interrupted}, completed redeliveries {redelivered}"
+    )
     assert COUNT <= served <= COUNT + interrupted, (served, interrupted)

@@ -63,8 +63,11 @@ def test_a_receiver_gets_start_output_and_completed_with_valid_signatures(
         created = predictions_stack.create(
             {
                 "model": served_generation_model(predictions_stack),
+                # Greedy, this story runs past 3,000 tokens: 120 of them take several progress ticks.
                 "input": {
-                    "prompt": "Write a long story about a dragon.",
+                    "messages": [
+                        {"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}
+                    ],
                     "parameters": {"max_new_tokens": 120, "do_sample": False},
                 },
                 "webhook": receiver.url,
@@ -86,7 +89,8 @@ def test_a_receiver_gets_start_output_and_completed_with_valid_signatures(
     assert final == predictions_stack.get(created["id"])
     # Output events carry the partial text, growing.
     partial = [r.prediction["output"]["text"] for r in mine if r.event == "output"]
-    assert all(final["output"]["generated_text"].startswith(text) for text in partial), partial
+    assert all(final["output"]["message"]["content"].startswith(text) for text in partial), partial
+    assert partial == sorted(partial, key=len)
     # The signature is over these bytes with this secret: another secret does not verify them.
     other = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     with pytest.raises(WebhookVerificationError):

@@ -89,14 +89,14 @@ def create_request(
 
 
 def wait_until_ended(
-    predictions: Predictions, prediction_id: str, timeout: float = 120
+    predictions: Predictions, prediction_id: str, timeout: float = 120, key: str = "user"
 ) -> predictions_pb2.Prediction:
     deadline = time.monotonic() + timeout
     while True:
         reply = predictions.stub.GetPrediction(
             predictions_pb2.GetPredictionRequest(id=prediction_id),
             timeout=10,
-            metadata=predictions.metadata(),
+            metadata=predictions.metadata(key),
         )
         if reply.status in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
             return reply
@@ -171,7 +171,7 @@ def test_list_pages_newest_first_and_only_the_keys_own(predictions: Predictions)
     )
     assert set(ids) <= {p.id for p in everyone.results}
     for prediction_id in ids:
-        wait_until_ended(predictions, prediction_id)
+        assert wait_until_ended(predictions, prediction_id, key="limited").status == "succeeded"
 
 
 def test_cancel(predictions: Predictions) -> None:

@@ -10,6 +10,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -92,9 +93,15 @@ class ChangeWaiter(Protocol):
     async def wait(self, prediction_id: str, timeout: float) -> bool: ...  # noqa: ASYNC109
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    embedding: bool
+
+
 class ModelDirectory(Protocol):
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
-        """Every name a served model answers to -> (its id, its task) as "id task"."""
+    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
+        """Every name a served model answers to (its id and aliases) -> the model."""
         ...
 
 
@@ -103,25 +110,26 @@ WebhookCheck = Callable[[str, bool], Awaitable[str | None]]
 
 class GatewayModels:
     """The gateway's served models (InfoService.ListServedModels, with the caller's credentials),
-    kept for MODELS_TTL_SECONDS: name or alias -> "id task" ("generation" or "embedding")."""
+    kept for MODELS_TTL_SECONDS, by every name the gateway accepts for each."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = info_pb2_grpc.InfoServiceStub(channel)
-        self._names: dict[str, str] = {}
+        self._names: dict[str, ServedModel] = {}
         self._fetched = -1e9
         self._lock = asyncio.Lock()
 
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
+    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
         if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
             async with self._lock:
                 if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
                     reply = await self._stub.ListServedModels(
                         info_pb2.ListServedModelsRequest(), metadata=tuple(metadata), timeout=5.0
                     )
-                    names: dict[str, str] = {}
+                    names: dict[str, ServedModel] = {}
                     for model in reply.models:
+                        served = ServedModel(model.id, model.task == "embedding")
                         for name in aliases(model):
-                            names.setdefault(name, f"{model.id} {model.task or 'generation'}")
+                            names.setdefault(name, served)
                     self._names = names
                     self._fetched = time.monotonic()
         return self._names
@@ -166,6 +174,10 @@ def prefer_wait(context: Context, max_seconds: int) -> int | None:
                 )
             return seconds
     return None
+
+
+def input_size(input: dict[str, Any]) -> int:
+    return len(json.dumps(input, ensure_ascii=False).encode())
 
 
 def visible_owner(key: ApiKey) -> str | None:
@@ -350,19 +362,18 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         served = await self._models.served(tuple(credentials(context).items()))
         entry = served.get(request.model)
         if entry is None:
-            known = sorted({value.split(" ", 1)[0] for value in served.values()})
+            known = sorted({model.id for model in served.values()})
             names = sorted(d.name for d in await self._store.list_deployments())
             raise not_found(
                 "model",
                 request.model,
                 [*known, *(f"deployment {name}" for name in names)],
             )
-        model_id, _, kind = entry.partition(" ")
         if request.version:
             raise invalid_argument(
                 [("version", f"{request.model!r} is a served model, which has no version")]
             )
-        task = tasks.infer_task(input, kind == "embedding")
+        task = tasks.infer_task(input, entry.embedding)
         if task is None:
             raise invalid_argument(
                 [
@@ -373,7 +384,7 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
                     )
                 ]
             )
-        return task, model_id, "", {}, None
+        return task, entry.id, "", {}, None
 
     async def CreatePrediction(
         self, request: predictions_pb2.CreatePredictionRequest, context: Context
@@ -617,7 +628,3 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         self, request: predictions_pb2.GetWebhookSecretRequest, context: Context
     ) -> predictions_pb2.WebhookSecret:
         return predictions_pb2.WebhookSecret(key=self._secret)
-
-
-def input_size(input: dict[str, Any]) -> int:
-    return len(json.dumps(input, ensure_ascii=False).encode())

@@ -29,7 +29,7 @@ from services.predictions.records import (
     Prediction,
     QueueFull,
 )
-from services.predictions.servicer import METHOD_SCOPES, PredictionServicer, prefer_wait
+from services.predictions.servicer import METHOD_SCOPES, PredictionServicer, ServedModel, prefer_wait
 from tests.unit.fakes import within
 
 PUBLIC = "http://api.example:8080"
@@ -187,9 +187,9 @@ class Models:
     def __init__(self) -> None:
         self.asked_with: list[Sequence[tuple[str, str]]] = []
 
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, str]:
+    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
         self.asked_with.append(metadata)
-        return {MODEL: f"{MODEL} generation", EMBEDDER: f"{EMBEDDER} embedding"}
+        return {MODEL: ServedModel(MODEL, False), EMBEDDER: ServedModel(EMBEDDER, True)}
 
 
 async def webhook_check(url: str, allow_private: bool) -> str | None:

@@ -35,12 +35,9 @@ class Predictions:
         return (*self.gateway.metadata(name), *extra)
 
 
-@pytest.fixture(scope="module")
-def predictions(
-    gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Predictions]:
-    assert gateway_service.keys_file is not None
-    database = Path(tmp_path_factory.mktemp("predictions")) / "predictions.db"
+def start_predictions(gateway: GatewayService, database: Path) -> tuple[ServiceProcess, str]:
+    """`python -m services.predictions` on a free port over `database`, serving."""
+    assert gateway.keys_file is not None
     port = free_port()
     process = ServiceProcess.python_module(
         "predictions",
@@ -54,9 +51,9 @@ def predictions(
         "--database-url",
         f"sqlite+aiosqlite:///{database}",
         "--gateway-address",
-        gateway_service.address,
+        gateway.address,
         "--api-keys-file",
-        str(gateway_service.keys_file),
+        str(gateway.keys_file),
         "--public-url",
         PUBLIC,
         "--allow-private-webhooks",
@@ -67,6 +64,19 @@ def predictions(
     address = f"127.0.0.1:{port}"
     try:
         process.wait_until_serving(address, timeout=60)
+    except BaseException:
+        process.stop()
+        raise
+    return process, address
+
+
+@pytest.fixture(scope="module")
+def predictions(
+    gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Predictions]:
+    database = Path(tmp_path_factory.mktemp("predictions")) / "predictions.db"
+    process, address = start_predictions(gateway_service, database)
+    try:
         with grpc.insecure_channel(gateway_service.address) as gateway:
             served = info_pb2_grpc.InfoServiceStub(gateway).ListServedModels(
                 info_pb2.ListServedModelsRequest(), timeout=30, metadata=gateway_service.metadata()
@@ -324,3 +334,38 @@ def test_stream_yields_the_text(predictions: Predictions) -> None:
     assert final.generated_text
     assert "".join(m.token.text for m in messages[:-1]) == final.generated_text
     assert final.usage.completion_tokens > 0
+
+
+def test_a_restart_keeps_predictions_and_the_webhook_secret(predictions: Predictions, tmp_path: Path) -> None:
+    database = tmp_path / "restart.db"
+    admin = predictions.metadata("admin")
+    process, address = start_predictions(predictions.gateway, database)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = predictions_pb2_grpc.PredictionServiceStub(channel)
+            created = stub.CreatePrediction(
+                create_request(predictions.model, tokens=2),
+                timeout=120,
+                metadata=(*admin, ("prefer", "wait=60")),
+            )
+            secret = stub.GetWebhookSecret(
+                predictions_pb2.GetWebhookSecretRequest(), timeout=10, metadata=admin
+            )
+    finally:
+        # SIGTERM is a clean stop.
+        assert process.stop() == 0, process.log_tail()
+    assert created.status == "succeeded", created.error
+    process, address = start_predictions(predictions.gateway, database)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = predictions_pb2_grpc.PredictionServiceStub(channel)
+            again = stub.GetPrediction(
+                predictions_pb2.GetPredictionRequest(id=created.id), timeout=10, metadata=admin
+            )
+            assert again.status == "succeeded" and again.output == created.output
+            kept = stub.GetWebhookSecret(
+                predictions_pb2.GetWebhookSecretRequest(), timeout=10, metadata=admin
+            )
+            assert kept.key == secret.key
+    finally:
+        process.stop()

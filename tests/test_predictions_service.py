@@ -5,8 +5,9 @@ and the output stream."""
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +19,7 @@ from grpc_status import rpc_status
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
 
 from tests.fixtures_gateway import GatewayService
+from tests.fixtures_postgres import PostgresServer
 from tests.stack import ServiceProcess, free_port
 from tests.test_generation_penalties import bad_fields
 
@@ -30,13 +32,15 @@ class Predictions:
     gateway: GatewayService
     model: str
     process: ServiceProcess
+    # A new empty database of the same kind.
+    fresh_url: Callable[[], str]
 
     def metadata(self, name: str = "user", *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         return (*self.gateway.metadata(name), *extra)
 
 
-def start_predictions(gateway: GatewayService, database: Path) -> tuple[ServiceProcess, str]:
-    """`python -m services.predictions` on a free port over `database`, serving."""
+def start_predictions(gateway: GatewayService, database_url: str) -> tuple[ServiceProcess, str]:
+    """`python -m services.predictions` on a free port over `database_url`, serving."""
     assert gateway.keys_file is not None
     port = free_port()
     process = ServiceProcess.python_module(
@@ -49,7 +53,7 @@ def start_predictions(gateway: GatewayService, database: Path) -> tuple[ServiceP
         "--metrics-port",
         "0",
         "--database-url",
-        f"sqlite+aiosqlite:///{database}",
+        database_url,
         "--gateway-address",
         gateway.address,
         "--api-keys-file",
@@ -70,12 +74,19 @@ def start_predictions(gateway: GatewayService, database: Path) -> tuple[ServiceP
     return process, address
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def predictions(
-    gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Predictions]:
-    database = Path(tmp_path_factory.mktemp("predictions")) / "predictions.db"
-    process, address = start_predictions(gateway_service, database)
+    """The service over a temporary SQLite file, then over a fresh database on the tests'
+    PostgreSQL server (skipped where PostgreSQL is not installed)."""
+    if request.param == "sqlite":
+        folder = Path(tmp_path_factory.mktemp("predictions"))
+        fresh_url: Callable[[], str] = lambda: f"sqlite+aiosqlite:///{folder / secrets.token_hex(4)}.db"  # noqa: E731
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        fresh_url = server.create_database
+    process, address = start_predictions(gateway_service, fresh_url())
     try:
         with grpc.insecure_channel(gateway_service.address) as gateway:
             served = info_pb2_grpc.InfoServiceStub(gateway).ListServedModels(
@@ -84,7 +95,11 @@ def predictions(
         model = next(m.id for m in served.models if m.task == "generation")
         with grpc.insecure_channel(address) as channel:
             yield Predictions(
-                predictions_pb2_grpc.PredictionServiceStub(channel), gateway_service, model, process
+                predictions_pb2_grpc.PredictionServiceStub(channel),
+                gateway_service,
+                model,
+                process,
+                fresh_url,
             )
     finally:
         process.stop()
@@ -336,8 +351,8 @@ def test_stream_yields_the_text(predictions: Predictions) -> None:
     assert final.usage.completion_tokens > 0
 
 
-def test_a_restart_keeps_predictions_and_the_webhook_secret(predictions: Predictions, tmp_path: Path) -> None:
-    database = tmp_path / "restart.db"
+def test_a_restart_keeps_predictions_and_the_webhook_secret(predictions: Predictions) -> None:
+    database = predictions.fresh_url()
     admin = predictions.metadata("admin")
     process, address = start_predictions(predictions.gateway, database)
     try:

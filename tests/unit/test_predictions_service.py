@@ -21,6 +21,7 @@ from services.common.errors import RpcFailure
 from services.common.interceptors import Context
 from services.predictions import convert
 from services.predictions.config import PredictionsConfig
+from services.predictions.errors import MAPPING
 from services.predictions.records import (
     Deployment,
     DeploymentExists,
@@ -638,3 +639,11 @@ def test_value_of_none_is_null() -> None:
     assert convert.to_value(None).WhichOneof("kind") == "null_value"
     assert json_format.MessageToDict(convert.to_value({"a": [1]})) == {"a": [1.0]}
     assert isinstance(convert.to_value("x"), struct_pb2.Value)
+
+
+def test_a_full_queue_maps_to_resource_exhausted_with_retry_info() -> None:
+    mapped = MAPPING.failure_of(QueueFull("owner", 100))
+    assert mapped is not None and mapped.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "100" in mapped.message
+    retry = next(d for d in mapped.details if isinstance(d, error_details_pb2.RetryInfo))
+    assert retry.retry_delay.ToTimedelta() > timedelta(0)

@@ -5,7 +5,9 @@ and the output stream."""
 
 from __future__ import annotations
 
+import http.server
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import pytest
 from google.protobuf import json_format
 from grpc_status import rpc_status
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
+from standardwebhooks import Webhook
 
 from tests.fixtures_gateway import GatewayService
 from tests.fixtures_postgres import PostgresServer
@@ -384,3 +387,59 @@ def test_a_restart_keeps_predictions_and_the_webhook_secret(predictions: Predict
             assert kept.key == secret.key
     finally:
         process.stop()
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A loopback webhook receiver that keeps each request's headers and body."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhooks_carry_the_prediction_json_signed_with_the_secret(
+    predictions: Predictions, receiver: Receiver
+) -> None:
+    request = create_request(predictions.model, tokens=3)
+    request.webhook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    request.webhook_events_filter.extend(["start", "completed"])
+    created = predictions.stub.CreatePrediction(
+        request, timeout=120, metadata=predictions.metadata("user", ("prefer", "wait=60"))
+    )
+    assert created.status == "succeeded", created.error
+    secret = predictions.stub.GetWebhookSecret(
+        predictions_pb2.GetWebhookSecretRequest(), timeout=10, metadata=predictions.metadata("admin")
+    )
+    deadline = time.monotonic() + 30
+    while len(receiver.received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    verifier = Webhook(secret.key)
+    bodies = [verifier.verify(body, headers) for headers, body in receiver.received]
+    # Each event is its own delivery, so the two may arrive in either order.
+    assert sorted(b["status"] for b in bodies) == ["processing", "succeeded"]
+    final = next(b for b in bodies if b["status"] == "succeeded")
+    assert final["id"] == created.id and final["output"]["generated_text"]
+    assert final["urls"]["get"] == f"{PUBLIC}/v1/predictions/{created.id}"
+    assert final["error"] == "" and "credentials" not in final

@@ -76,6 +76,7 @@ def webhook_settings(config: PredictionsConfig) -> WebhookSettings:
         timeout_seconds=config.webhook_timeout_seconds,
         poll_seconds=config.poll_seconds,
         concurrency=config.concurrency,
+        allow_private=config.allow_private_webhooks,
     )
 
 

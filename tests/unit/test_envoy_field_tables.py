@@ -157,3 +157,12 @@ def test_cors_is_rendered_only_with_origins(tmp_path: Any) -> None:
     assert "envoy.filters.http.cors" not in render.render_envoy_config(1, 2, "gw:3", str(tmp_path / "x.pb"))
     text = render.render_envoy_config(1, 2, "gw:3", str(tmp_path / "x.pb"), cors_origins="https://a.example")
     assert "envoy.filters.http.cors" in text and "https://a.example" in text
+
+
+def test_the_routes_documented_as_201_are_the_ones_envoy_answers_201() -> None:
+    from tools.openapi import CREATED_ROUTES
+
+    lua = render.TEMPLATE.read_text()
+    for method, path in CREATED_ROUTES:
+        assert f'method == "{method.upper()}" and bare == "{path}"' in lua
+    assert lua.count('dynamicMetadata():set("inference.edge", "created", true)') == len(CREATED_ROUTES)

@@ -16,7 +16,7 @@ def test_cursors_come_from_the_links_query() -> None:
     assert _convert.cursor_of("http://h:8080/v1/predictions?cursor=a%2Bb&page_size=2") == "a+b"
     assert _convert.cursor_of("/v1/predictions?page_size=2") is None
     # A bare cursor is taken as it is.
-    assert _convert.cursor_of("opaque") == "opaque"
+    assert _convert.cursor_of("opaque") == "opaque" and _convert.cursor_of("b64==") == "b64=="
 
 
 def test_a_prediction_reads_like_its_rest_json() -> None:

@@ -555,7 +555,7 @@ def cursor_of(link: str) -> str | None:
     cursor); None for no page."""
     if not link:
         return None
-    if "?" not in link and "=" not in link:
+    if "?" not in link:
         return link
     values = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query).get("cursor")
     return values[0] if values else None

@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures_embedder",
     "tests.fixtures_gateway",
     "tests.fixtures_make_run",
+    "tests.fixtures_postgres",
 ]
 
 UNIT = Path(__file__).resolve().parent / "unit"

@@ -1,0 +1,1 @@
+"""The predictions store's revisions, oldest first."""

@@ -103,11 +103,16 @@ async def test_create_then_get_round_trips(store: SqlStore) -> None:
     got = await store.get(created.id)
     assert got == created
     assert got.status == "starting" and got.attempt == 0 and got.output is None
-    assert got.created_at == T0 and got.created_at.tzinfo is not None
+    assert got.created_at == T0 and got.created_at.utcoffset() == timedelta(0)
     assert got.credentials == {"x-api-key": "secret"}
     assert await store.get(created.id, owner="alice") == created
     assert await store.get(created.id, owner="bob") is None
     assert await store.get("absent") is None
+    [claimed] = await store.claim("w1", 30, 1, 3)
+    assert claimed.started_at is not None and claimed.started_at.utcoffset() == timedelta(0)
+    again = await store.get(created.id)
+    assert again is not None and again.lease_expires_at is not None
+    assert again.lease_expires_at.utcoffset() == timedelta(0)
 
 
 async def test_queue_bounds_per_owner_and_in_total(store: SqlStore) -> None:

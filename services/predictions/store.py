@@ -543,8 +543,9 @@ class SqlStore:
         return after
 
     async def cancel(self, prediction_id: str, owner: str | None) -> Prediction | None:
-        """Starting: canceled now (`completed` event). Processing: cancel_requested, the worker
-        ends it. Ended: unchanged. None when absent or another owner's."""
+        """Starting, or processing by a worker whose lease lapsed: canceled now (`completed`
+        event). Processing: cancel_requested, the worker ends it. Ended: unchanged. None when
+        absent or another owner's."""
         c = predictions.c
         query = predictions.select().where(c.id == prediction_id).with_for_update()
         if owner is not None:
@@ -556,7 +557,8 @@ class SqlStore:
                 return None
             before = _prediction(row)
             values: dict[str, Any]
-            if before.status == "starting":
+            lapsed = before.lease_expires_at is not None and before.lease_expires_at < now
+            if before.status == "starting" or (before.status == "processing" and lapsed):
                 values = {
                     "status": "canceled",
                     "cancel_requested": True,

@@ -279,6 +279,18 @@ async def test_cancel_of_a_run_whose_worker_died_ends_it_canceled(store: SqlStor
     assert ended is not None and ended.status == "canceled"
 
 
+async def test_cancel_after_the_worker_died_ends_the_prediction_now(store: SqlStore) -> None:
+    created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    await store.claim("w1", 0.01, 1, 3)
+    await expire(store)
+    canceled = await store.cancel(created.id, "alice")
+    assert canceled is not None and canceled.status == "canceled" and canceled.credentials == {}
+    assert await store.get(created.id) == canceled
+    assert [d["event"] for d in await store.deliveries_for(created.id)] == ["start", "completed"]
+    assert await store.finish(created.id, "w1", "succeeded", None, "", "", {}) is None
+    assert await store.claim("w2", 30, 1, 3) == []
+
+
 async def test_progress_then_finish_store_output_and_events(store: SqlStore) -> None:
     running = await make_running(store, webhook="https://hook.example/x")
     assert await store.progress(running.id, "w1", {"text": "Hel"}, "step 1\n", ["output", "logs"])

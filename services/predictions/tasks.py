@@ -1,0 +1,239 @@
+"""The tasks a prediction runs: each task's input schema, how a served model's task is inferred
+from the input, how a deployment's defaults merge under an input, the input's checks (JSON
+Schema, then the task's request proto) and the request the runner sends to the gateway."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped, unused-ignore]
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from inference.v1 import embedding_pb2, generation_pb2
+
+from services.predictions.records import Task
+
+_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "description": "Sampling parameters (SamplingParameters); checked by the request proto and the gateway.",
+}
+_MESSAGES: dict[str, Any] = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+        "required": ["role", "content"],
+        "additionalProperties": False,
+    },
+}
+_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _object(properties: dict[str, Any], required: list[str], **more: Any) -> dict[str, Any]:
+    return {
+        "$schema": _DRAFT,
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+        **more,
+    }
+
+
+TASK_SCHEMAS: dict[Task, dict[str, Any]] = {
+    "generate": _object(
+        {"prompt": _TEXT, "messages": _MESSAGES, "parameters": _PARAMETERS},
+        [],
+        oneOf=[{"required": ["prompt"]}, {"required": ["messages"]}],
+    ),
+    "chat": _object(
+        {
+            "messages": _MESSAGES,
+            "tools": {"type": "array", "items": {"type": "object"}},
+            "parameters": _PARAMETERS,
+        },
+        ["messages"],
+    ),
+    "math": _object({"problem": _TEXT, "parameters": _PARAMETERS}, ["problem"]),
+    "coding": _object(
+        {"problem": _TEXT, "language": {"type": "string"}, "parameters": _PARAMETERS}, ["problem"]
+    ),
+    "embed": _object(
+        {
+            "input": {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "anyOf": [
+                                {"type": "string"},
+                                {"type": "integer", "minimum": 0},
+                                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                            ]
+                        },
+                    },
+                ]
+            },
+            "normalize": {"type": "boolean"},
+            "dimensions": {"type": "integer", "minimum": 1},
+            "encoding_format": {
+                "enum": [
+                    "ENCODING_FORMAT_UNSPECIFIED",
+                    "ENCODING_FORMAT_FLOAT",
+                    "ENCODING_FORMAT_BASE64",
+                    0,
+                    1,
+                    2,
+                ]
+            },
+            "truncate": {"type": "boolean"},
+        },
+        ["input"],
+    ),
+}
+
+# The request each task sends: the streaming RPC's request for text tasks, Embed's for embed.
+REQUEST_TYPES: dict[Task, type[Message]] = {
+    "generate": generation_pb2.GenerateStreamRequest,
+    "chat": generation_pb2.ChatRequest,
+    "math": generation_pb2.SolveMathRequest,
+    "coding": generation_pb2.SolveCodingRequest,
+    "embed": embedding_pb2.EmbedRequest,
+}
+
+# Set by the prediction itself, never by its input.
+_RESERVED = ("model", "stream")
+
+
+class InputError(ValueError):
+    """An input the task's request cannot carry; `violations` name each field and why."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{name}: {why}" for name, why in violations))
+        self.violations = violations
+
+
+def infer_task(input: dict[str, Any], embedding_model: bool) -> Task | None:
+    """The task a served model runs for `input`; None when the input names none."""
+    if embedding_model:
+        return "embed"
+    if "messages" in input:
+        return "chat"
+    if "problem" in input:
+        return "coding" if "language" in input else "math"
+    if "prompt" in input:
+        return "generate"
+    return None
+
+
+def merge_defaults(defaults: dict[str, Any], input: dict[str, Any]) -> dict[str, Any]:
+    """`input` over `defaults`, one level deep: nested objects (e.g. "parameters") merge key by
+    key, and the input wins everywhere."""
+    merged = copy.deepcopy(defaults)
+    for key, value in input.items():
+        base = merged.get(key)
+        if isinstance(base, dict) and isinstance(value, dict):
+            merged[key] = {**base, **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _path(parts: Any) -> str:
+    path = "input"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _schema_violations(error: jsonschema.ValidationError) -> list[tuple[str, str]]:
+    parts = list(error.absolute_path)
+    instance = error.instance
+    if error.validator == "required" and isinstance(instance, dict):
+        missing = [name for name in error.validator_value if name not in instance]
+        named = next((name for name in missing if repr(name) in error.message), None)
+        if named is not None:
+            return [(_path([*parts, named]), "is required")]
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = sorted(error.schema.get("properties", {}))
+        extra = [name for name in instance if name not in known]
+        if extra:
+            allowed = ", ".join(known) or "nothing"
+            return [
+                (_path([*parts, name]), f"is not a field of this input (it takes: {allowed})")
+                for name in extra
+            ]
+    if error.validator == "oneOf" and all(
+        isinstance(branch, dict) and list(branch) == ["required"] for branch in error.validator_value
+    ):
+        names = " and ".join(repr(name) for branch in error.validator_value for name in branch["required"])
+        return [(_path(parts), f"exactly one of {names} is required")]
+    return [(_path(parts), error.message)]
+
+
+_NO_FIELD = re.compile(r'has no field named "([^"]+)" at "[^".]+\.?([^"]*)"')
+_AT = re.compile(r" at [A-Za-z_]\w*\.([\w.\[\]]+)\.?$")
+_STEP = re.compile(r"^Failed to parse (\w+) field: ")
+
+
+def _parse_violation(message: str) -> tuple[str, str]:
+    """Maps a json_format.ParseError message to (field path, reason)."""
+    first = message.split("\n", 1)[0].rstrip(".")
+    unknown = _NO_FIELD.search(first)
+    if unknown:
+        prefix = unknown.group(2)
+        path = _path([prefix, unknown.group(1)] if prefix else [unknown.group(1)])
+        return path, "is not a field of this request"
+    steps: list[str] = []
+    rest = first
+    while (step := _STEP.match(rest)) is not None:
+        steps.append(step.group(1))
+        rest = rest[step.end() :]
+    at = _AT.search(rest)
+    if at:
+        return "input." + at.group(1), rest[: at.start()]
+    return (_path(steps), rest) if steps else ("input", rest)
+
+
+def _parse(task: Task, input: dict[str, Any]) -> Message:
+    request = REQUEST_TYPES[task]()
+    try:
+        json_format.ParseDict(input, request, ignore_unknown_fields=False)
+    except json_format.ParseError as error:
+        raise InputError([_parse_violation(str(error))]) from error
+    return request
+
+
+def input_violations(
+    task: Task, input: dict[str, Any], schema: dict[str, Any] | None
+) -> list[tuple[str, str]]:
+    """Every problem of `input` for `task` as (field path, reason): the JSON Schema's (the
+    deployment's `schema`, else the task's own), then what the task's request proto refuses."""
+    checker = jsonschema.Draft202012Validator(schema if schema is not None else TASK_SCHEMAS[task])
+    violations = [
+        (f"input.{name}", "is set by the prediction, not its input") for name in _RESERVED if name in input
+    ]
+    named = {name for name, _ in violations}
+    for error in sorted(checker.iter_errors(input), key=lambda e: [str(p) for p in e.absolute_path]):
+        violations.extend(v for v in _schema_violations(error) if v[0] not in named)
+    named = {name for name, _ in violations}
+    if not any(name in input for name in _RESERVED):
+        try:
+            _parse(task, input)
+        except InputError as error:
+            violations.extend(v for v in error.violations if v[0] not in named)
+    return violations
+
+
+def build_request(task: Task, served_model: str, effective_input: dict[str, Any]) -> Message:
+    """The request the runner sends for `task`, with `served_model` as its model; raises
+    InputError when the input does not fit the request."""
+    request = _parse(task, {k: v for k, v in effective_input.items() if k not in _RESERVED})
+    request.model = served_model  # type: ignore[attr-defined]
+    return request

@@ -345,13 +345,11 @@ def predictions_tab(connection: Connection, form: Form) -> None:
         show_error(error)
         return
     known = {item.id: item for item in recent}
-    created: tuple[str, str] | None = st.session_state.get(PREDICTION_CREATED)
+    created: str | None = st.session_state.get(PREDICTION_CREATED)
     if created is not None:
-        # The last one created, with its status as now listed.
-        created_id, created_status = created
-        notice.success(
-            f"Created {created_id}: {known[created_id].status if created_id in known else created_status}"
-        )
+        # The last one created, with its status as now listed (none when the filter hides it).
+        listed = f": {known[created].status}" if created in known else ""
+        notice.success(f"Created {created}{listed}")
     if recent:
         st.dataframe(api.prediction_rows(recent), hide_index=True)
     else:
@@ -422,7 +420,7 @@ def create_prediction(connection: Connection, client: PredictionsClient, form: F
     # Set before the picker below is drawn in this run, so it shows (and watches) the new one.
     st.session_state[PREDICTION_SELECTED] = created.id
     st.session_state[PREDICTION_WATCH] = created.id
-    st.session_state[PREDICTION_CREATED] = (created.id, created.status)
+    st.session_state[PREDICTION_CREATED] = created.id
 
 
 def prediction_details(client: PredictionsClient, prediction_id: str) -> None:

@@ -1,8 +1,9 @@
-"""Renders envoy/envoy.yaml for other ports, gateway addresses and descriptor paths (tests run
-Envoy on free ports; `make run` and docker-compose use their own addresses).
+"""Renders envoy/envoy.yaml for other ports, gateway and predictions addresses and descriptor
+paths (tests run Envoy on free ports; `make run` and docker-compose use their own addresses).
 
     render_envoy_config(listen_port, admin_port, gateway_address, descriptor_path, otlp_endpoint="",
-                        openapi_path="", docs_assets="", cors_origins="") -> str
+                        openapi_path="", docs_assets="", cors_origins="",
+                        predictions_address="127.0.0.1:50054") -> str
 
 The files Envoy serves itself get absolute paths: the OpenAPI document (default: openapi.json
 beside the descriptor), the HTML pages in envoy/ and the npm packages' assets under
@@ -37,6 +38,8 @@ DOCS_ASSETS = ROOT / ".tools" / "node_modules"
 _LISTEN = "socket_address: {address: 0.0.0.0, port_value: 8080}"
 _ADMIN = "socket_address: {address: 127.0.0.1, port_value: 9901}"
 _GATEWAY = "socket_address: {address: 127.0.0.1, port_value: 50051}"
+_PREDICTIONS = "socket_address: {address: 127.0.0.1, port_value: 50054}"
+PREDICTIONS_ADDRESS = "127.0.0.1:50054"
 _DESCRIPTOR = "proto_descriptor: build/inference.pb"
 _SERVED = "direct_response: {{status: 200, body: {{filename: {}}}}}"
 _OPENAPI = "build/openapi.json"
@@ -340,7 +343,7 @@ def cors_policy(origins: str) -> dict[str, Any] | None:
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
         "allow_origin_string_match": matchers,
-        "allow_methods": "GET, POST, OPTIONS",
+        "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
         "allow_headers": CORS_ALLOW_HEADERS,
         "expose_headers": "retry-after, x-request-id",
         "max_age": "86400",
@@ -385,8 +388,12 @@ def render_envoy_config(
     openapi_path: str = "",
     docs_assets: str = "",
     cors_origins: str = "",
+    predictions_address: str = PREDICTIONS_ADDRESS,
 ) -> str:
+    """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
+    clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter."""
     host, port = _host_port(gateway_address, "gateway_address")
+    predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
     text = _replace_once(
         text, _LISTEN, f"socket_address: {{address: 0.0.0.0, port_value: {int(listen_port)}}}"
@@ -395,6 +402,11 @@ def render_envoy_config(
         text, _ADMIN, f"socket_address: {{address: 127.0.0.1, port_value: {int(admin_port)}}}"
     )
     text = _replace_once(text, _GATEWAY, f'socket_address: {{address: "{host}", port_value: {int(port)}}}')
+    text = _replace_once(
+        text,
+        _PREDICTIONS,
+        f'socket_address: {{address: "{predictions_host}", port_value: {int(predictions_port)}}}',
+    )
     text = _replace_once(text, _DESCRIPTOR, f'proto_descriptor: "{descriptor_path}"')
     openapi = openapi_path or str(Path(descriptor_path).with_name("openapi.json"))
     text = _served_files(text, openapi, docs_assets or str(DOCS_ASSETS))
@@ -410,17 +422,24 @@ def render_envoy_config(
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) not in (5, 6, 7):
+    if len(sys.argv) not in (5, 6, 7, 8):
         print(
             "usage: python envoy/render.py LISTEN_PORT ADMIN_PORT GATEWAY_HOST:PORT DESCRIPTOR"
-            " [OTLP_HOST:PORT [CORS_ORIGINS]]",
+            " [OTLP_HOST:PORT [CORS_ORIGINS [PREDICTIONS_HOST:PORT]]]",
             file=sys.stderr,
         )
         raise SystemExit(2)
     otlp = sys.argv[5] if len(sys.argv) >= 6 else ""
-    cors = sys.argv[6] if len(sys.argv) == 7 else ""
+    cors = sys.argv[6] if len(sys.argv) >= 7 else ""
+    predictions = sys.argv[7] if len(sys.argv) == 8 else PREDICTIONS_ADDRESS
     sys.stdout.write(
         render_envoy_config(
-            int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], otlp, cors_origins=cors
+            int(sys.argv[1]),
+            int(sys.argv[2]),
+            sys.argv[3],
+            sys.argv[4],
+            otlp,
+            cors_origins=cors,
+            predictions_address=predictions,
         )
     )

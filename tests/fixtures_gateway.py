@@ -29,6 +29,7 @@ from openai import OpenAI
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.stack import ROOT, ServiceProcess, free_port
+from tools.envoy_config import PREDICTIONS as PREDICTIONS_ADDRESS
 from tools.envoy_config import render_config
 
 DESCRIPTOR = ROOT / "build" / "inference.pb"
@@ -51,9 +52,16 @@ def render_envoy(
     descriptor: Path,
     otlp_endpoint: str = "",
     cors_origins: str = "",
+    predictions_address: str = PREDICTIONS_ADDRESS,
 ) -> str:
     return render_config(
-        listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins=cors_origins
+        listen_port,
+        admin_port,
+        gateway_address,
+        descriptor,
+        otlp_endpoint,
+        cors_origins=cors_origins,
+        predictions_address=predictions_address,
     )
 
 
@@ -228,12 +236,21 @@ def start_envoy(
     descriptor: Path = DESCRIPTOR,
     otlp_endpoint: str = "",
     cors_origins: str = "",
+    predictions_address: str = PREDICTIONS_ADDRESS,
 ) -> EnvoyService:
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
     config.write_text(
-        render_envoy(listen_port, admin_port, gateway_address, descriptor, otlp_endpoint, cors_origins)
+        render_envoy(
+            listen_port,
+            admin_port,
+            gateway_address,
+            descriptor,
+            otlp_endpoint,
+            cors_origins,
+            predictions_address,
+        )
     )
     # A distinct base id per Envoy, so that several can run on one machine (shared memory).
     base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000

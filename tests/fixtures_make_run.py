@@ -30,6 +30,8 @@ PORT_VARIABLES = (
     "GENERATOR_METRICS_PORT",
     "EMBEDDER_PORT",
     "EMBEDDER_METRICS_PORT",
+    "PREDICTIONS_PORT",
+    "PREDICTIONS_METRICS_PORT",
     "PLAYGROUND_PORT",
 )
 
@@ -50,7 +52,7 @@ class RunningStack:
 
 def clean_environment(extra: dict[str, str]) -> dict[str, str]:
     """The user's environment without any stack variable that would point elsewhere."""
-    prefixes = ("GATEWAY_", "GENERATOR_", "EMBEDDER_", "ENVOY_", "PLAYGROUND_", "STREAMLIT_")
+    prefixes = ("GATEWAY_", "GENERATOR_", "EMBEDDER_", "PREDICTIONS_", "ENVOY_", "PLAYGROUND_", "STREAMLIT_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra)
     return env

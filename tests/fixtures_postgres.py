@@ -46,13 +46,20 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{USER}@{self.host}:{self.port}/{database}"
 
-    def create_database(self, prefix: str = "test") -> str:
-        """Creates an empty database with a fresh name; returns its SQLAlchemy URL."""
+    def create_database(self, prefix: str = "test", timezone: str | None = None) -> str:
+        """Creates an empty database with a fresh name (sessions on it in `timezone`, if given);
+        returns its SQLAlchemy URL."""
         name = f"{prefix}_{secrets.token_hex(4)}"
         with psycopg.connect(
             host=self.host, port=self.port, user=USER, dbname="postgres", autocommit=True
         ) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            if timezone:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET timezone TO {}").format(
+                        sql.Identifier(name), sql.Literal(timezone)
+                    )
+                )
         return self.url(name)
 
 

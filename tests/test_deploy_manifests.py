@@ -133,8 +133,8 @@ def test_compose_merges_give_only_the_gpu_services_a_profile_and_every_path_exis
         len(m.group(0)) - len(m.group(0).lstrip("$")) for m in INTERPOLATION.finditer(text)
     )
     services = compose()["services"]
-    tiers = {"envoy", "gateway", "generator", "embedder", "playground"}
-    assert tiers | {"prometheus", "grafana"} <= set(services)
+    tiers = {"envoy", "gateway", "generator", "embedder", "predictions", "playground"}
+    assert tiers | {"postgres", "prometheus", "grafana"} <= set(services)
     profiles = {
         name: service.get("profiles") for name, service in services.items() if service.get("profiles")
     }
@@ -199,6 +199,40 @@ def test_compose_wires_tiers_to_each_other_on_their_ports() -> None:
     assert health[health.index("--port") + 1] == "8080"
 
 
+def test_compose_runs_predictions_on_the_postgres_service() -> None:
+    data = compose()
+    services = data["services"]
+    postgres, predictions = services["postgres"], services["predictions"]
+    env = predictions["environment"]
+    url = env["PREDICTIONS_DATABASE_URL"]
+    pg = postgres["environment"]
+    password = pg["POSTGRES_PASSWORD"]
+    assert password.startswith("${POSTGRES_PASSWORD:-")
+    assert url == f"postgresql+psycopg://{pg['POSTGRES_USER']}:{password}@postgres:5432/{pg['POSTGRES_DB']}"
+    assert "5432" in postgres["expose"]
+    assert postgres["image"].startswith("postgres:")
+    health = postgres["healthcheck"]["test"]
+    assert health[:2] == ["CMD", "pg_isready"] and pg["POSTGRES_USER"] in health
+    # The data outlives the container: a named volume the file declares.
+    (volume,) = postgres["volumes"]
+    name, _, target = volume.partition(":")
+    assert name in data["volumes"] and target == "/var/lib/postgresql/data"
+    assert predictions["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "gateway": {"condition": "service_healthy"},
+    }
+    gateway_port = services["gateway"]["environment"]["GATEWAY_PORT"]
+    assert env["PREDICTIONS_GATEWAY_ADDRESS"] == f"gateway:{gateway_port}"
+    assert env["PREDICTIONS_PUBLIC_URL"].endswith("http://localhost:8080}")
+    # Replicas must not clash on the host: nothing published, Envoy finds each by DNS.
+    assert "ports" not in predictions
+    envoy_command = " ".join(services["envoy"]["command"])
+    assert f"--predictions predictions:{env['PREDICTIONS_PORT']}" in envoy_command
+    assert services["playground"]["environment"]["PLAYGROUND_PREDICTIONS_ADDRESS"] == (
+        f"predictions:{env['PREDICTIONS_PORT']}"
+    )
+
+
 def test_compose_envoy_command_renders_a_configuration_envoy_accepts(tmp_path: Path) -> None:
     command = compose()["services"]["envoy"]["command"][2]
     render, _, _ = command.partition("&&")
@@ -216,6 +250,7 @@ def test_compose_envoy_command_renders_a_configuration_envoy_accepts(tmp_path: P
         timeout=60,
     )
     assert validate.returncode == 0, validate.stdout[-3000:] + validate.stderr[-3000:]
+    assert 'address: "predictions", port_value: 50054' in (tmp_path / "envoy.yaml").read_text()
 
 
 def test_dockerfile_pins_the_same_versions_as_the_project() -> None:
@@ -273,7 +308,7 @@ def test_k8s_schema_check_rejects_a_misspelled_field() -> None:
 
 def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
     deployments, services = by_kind("Deployment"), by_kind("Service")
-    assert set(deployments) == {"envoy", "gateway", "generator", "embedder", "playground"}
+    assert set(deployments) == {"envoy", "gateway", "generator", "embedder", "predictions", "playground"}
     for name in ("gateway", *MODEL_TIERS):
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         module = python_module(container["command"])
@@ -301,6 +336,54 @@ def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
         assert deployment["spec"]["replicas"] >= 2
         port = {p["name"]: p["port"] for p in services[tier]["spec"]["ports"]}["grpc"]
         assert gateway_env[f"GATEWAY_{tier.upper()}_ADDRESSES"] == f"dns:///{tier}:{port}"
+
+
+def test_k8s_predictions_replicas_share_the_database_from_a_secret() -> None:
+    deployment = by_kind("Deployment")["predictions"]
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    module = python_module(container["command"])
+    assert module == "services.predictions"
+    env = {item["name"]: item for item in container["env"]}
+    check_service_env(module, {name: item.get("value", "") for name, item in env.items()})
+    port = int(env["PREDICTIONS_PORT"]["value"])
+    metrics = int(env["PREDICTIONS_METRICS_PORT"]["value"])
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == port
+    assert container["livenessProbe"]["tcpSocket"]["port"] == port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": port, "metrics": metrics}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics)}
+    service = by_kind("Service")["predictions"]["spec"]
+    assert service["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in service["ports"]} == {"grpc": port, "metrics": metrics}
+    grpc_port = {p["name"]: p["port"] for p in by_kind("Service")["gateway"]["spec"]["ports"]}["grpc"]
+    assert env["PREDICTIONS_GATEWAY_ADDRESS"]["value"] == f"gateway:{grpc_port}"
+
+    # The database URL is never in the manifest itself; postgres.yaml's Secret holds it.
+    reference = env["PREDICTIONS_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    secret = by_kind("Secret")[reference["name"]]["stringData"]
+    url = secret[reference["key"]]
+    user, password, database = secret["POSTGRES_USER"], secret["POSTGRES_PASSWORD"], secret["POSTGRES_DB"]
+    postgres_service = by_kind("Service")["postgres"]["spec"]
+    (pg_port,) = [p["port"] for p in postgres_service["ports"]]
+    assert url == f"postgresql+psycopg://{user}:{password}@postgres:{pg_port}/{database}"
+    statefulset = by_kind("StatefulSet")["postgres"]
+    assert statefulset["spec"]["serviceName"] == "postgres" and postgres_service["clusterIP"] == "None"
+    pg = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert pg["image"].split(":")[0] == compose()["services"]["postgres"]["image"].split(":")[0]
+    pg_env = {item["name"]: item for item in pg["env"]}
+    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert pg_env[name]["valueFrom"]["secretKeyRef"] == {"name": reference["name"], "key": name}
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert {m["name"] for m in pg["volumeMounts"]} == {claim["metadata"]["name"]}
+
+    envoy = by_kind("Deployment")["envoy"]["spec"]["template"]["spec"]["containers"][0]
+    assert f"--predictions predictions:{port}" in " ".join(envoy["command"])
+    playground = by_kind("Deployment")["playground"]["spec"]["template"]["spec"]["containers"][0]
+    playground_env = {item["name"]: item.get("value") for item in playground["env"]}
+    assert playground_env["PLAYGROUND_PREDICTIONS_ADDRESS"] == f"predictions:{port}"
 
 
 def test_k8s_autoscalers_target_existing_deployments() -> None:
@@ -571,7 +654,7 @@ def test_the_prometheus_check_refuses_what_promtool_refuses() -> None:
     broken["scrape_configs"][0]["dns_sd_configs"][0].pop("port")
     broken["scrape_configs"][1]["scrape_timeout"] = "1m"
     broken["scrape_configs"][2]["job_name"] = broken["scrape_configs"][0]["job_name"]
-    broken["scrape_configs"][3]["static_configs"][0]["targets"] = ["http://localhost:9090/metrics"]
+    broken["scrape_configs"][-1]["static_configs"][0]["targets"] = ["http://localhost:9090/metrics"]
     problems = "\n".join(prometheus_problems(broken))
     for expected in (
         "scrape_intervall",
@@ -586,7 +669,7 @@ def test_the_prometheus_check_refuses_what_promtool_refuses() -> None:
 def test_prometheus_scrapes_every_tier_on_its_metrics_port() -> None:
     jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
     services = compose()["services"]
-    for tier in ("gateway", *MODEL_TIERS):
+    for tier in ("gateway", *MODEL_TIERS, "predictions"):
         (target,) = jobs[tier]["dns_sd_configs"]
         assert target["names"] == [tier]
         assert str(target["port"]) == services[tier]["environment"][f"{tier.upper()}_METRICS_PORT"]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from services.predictions.store import SqlStore, open_store
 from tests.fixtures_postgres import PostgresServer
@@ -29,11 +30,14 @@ store = suite.store
 
 @pytest.fixture
 def store_url(postgres_server: PostgresServer) -> str:
-    return postgres_server.create_database("store")
+    # Sessions in a zone half an hour off UTC: times must still come back as the same UTC instants.
+    return postgres_server.create_database("store", timezone="Asia/Kolkata")
 
 
-async def test_store_runs_on_postgresql(store: SqlStore) -> None:
+async def test_store_runs_on_postgresql_in_another_time_zone(store: SqlStore) -> None:
     assert store.dialect == "postgresql"
+    async with store.engine.connect() as conn:
+        assert (await conn.execute(sa.text("SHOW timezone"))).scalar_one() == "Asia/Kolkata"
 
 
 async def test_four_replicas_claim_fifty_predictions_each_exactly_once(open_at: OpenStore) -> None:

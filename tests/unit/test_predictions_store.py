@@ -103,11 +103,16 @@ async def test_create_then_get_round_trips(store: SqlStore) -> None:
     got = await store.get(created.id)
     assert got == created
     assert got.status == "starting" and got.attempt == 0 and got.output is None
-    assert got.created_at == T0 and got.created_at.tzinfo is not None
+    assert got.created_at == T0 and got.created_at.utcoffset() == timedelta(0)
     assert got.credentials == {"x-api-key": "secret"}
     assert await store.get(created.id, owner="alice") == created
     assert await store.get(created.id, owner="bob") is None
     assert await store.get("absent") is None
+    [claimed] = await store.claim("w1", 30, 1, 3)
+    assert claimed.started_at is not None and claimed.started_at.utcoffset() == timedelta(0)
+    again = await store.get(created.id)
+    assert again is not None and again.lease_expires_at is not None
+    assert again.lease_expires_at.utcoffset() == timedelta(0)
 
 
 async def test_queue_bounds_per_owner_and_in_total(store: SqlStore) -> None:
@@ -272,6 +277,18 @@ async def test_cancel_of_a_run_whose_worker_died_ends_it_canceled(store: SqlStor
     assert await store.claim("w2", 30, 1, 3) == []
     ended = await store.get(created.id)
     assert ended is not None and ended.status == "canceled"
+
+
+async def test_cancel_after_the_worker_died_ends_the_prediction_now(store: SqlStore) -> None:
+    created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    await store.claim("w1", 0.01, 1, 3)
+    await expire(store)
+    canceled = await store.cancel(created.id, "alice")
+    assert canceled is not None and canceled.status == "canceled" and canceled.credentials == {}
+    assert await store.get(created.id) == canceled
+    assert [d["event"] for d in await store.deliveries_for(created.id)] == ["start", "completed"]
+    assert await store.finish(created.id, "w1", "succeeded", None, "", "", {}) is None
+    assert await store.claim("w2", 30, 1, 3) == []
 
 
 async def test_progress_then_finish_store_output_and_events(store: SqlStore) -> None:

@@ -62,3 +62,57 @@ def test_the_playground_is_skipped_without_its_app_or_the_gateway(tmp_path: Path
     plan = plan_for(root, run_dir)
     assert playground(plan) is None
     assert "playground (no gateway to talk to)" in plan.skipped
+
+
+def fake_root(tmp_path: Path, services: tuple[str, ...]) -> Path:
+    root = tmp_path / "root"
+    for name in services:
+        (root / "services" / name).mkdir(parents=True)
+        (root / "services" / name / "__main__.py").write_text("")
+    return root
+
+
+def test_the_predictions_service_is_wired_to_the_gateway_envoy_and_a_sqlite_file(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, ("gateway", "generator", "embedder", "predictions"))
+    (root / PLAYGROUND_APP).parent.mkdir(parents=True)
+    (root / PLAYGROUND_APP).write_text("")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    plan = plan_for(
+        root, run_dir, GATEWAY_PORT="15051", ENVOY_PORT="18080", GATEWAY_API_KEYS_FILE="/keys.json"
+    )
+    tier = next(tier for tier in plan.tiers if tier.name == "predictions")
+    assert (tier.port, tier.metrics_port, tier.probe) == (50054, 9104, "grpc")
+    assert tier.command == "exec python -m services.predictions"
+    env = plan.env
+    assert env["PREDICTIONS_GATEWAY_ADDRESS"] == "127.0.0.1:15051"
+    assert env["PREDICTIONS_PUBLIC_URL"] == "http://localhost:18080"
+    assert env["PREDICTIONS_ALLOW_PRIVATE_WEBHOOKS"] == "1"
+    assert env["PREDICTIONS_API_KEYS_FILE"] == "/keys.json" and "PREDICTIONS_API_KEYS" not in env
+    assert env["PREDICTIONS_DATABASE_URL"] == f"sqlite+aiosqlite:///{run_dir.absolute()}/predictions.db"
+    assert env["PLAYGROUND_PREDICTIONS_ADDRESS"] == "127.0.0.1:50054"
+    # Envoy sends PredictionService's routes to it.
+    assert 'address: "127.0.0.1", port_value: 50054' in Path(env["ENVOY_CONFIG"]).read_text()
+    text = banner(plan, 3.0, "model-x")
+    assert "predictions gRPC" in text and "http://localhost:9104/metrics" in text
+    assert "curl -s http://localhost:18080/v1/predictions" in text and "prefer: wait=60" in text
+
+
+def test_predictions_settings_of_ones_own_are_kept_and_other_ports_get_their_own_database(
+    tmp_path: Path,
+) -> None:
+    root = fake_root(tmp_path, ("gateway", "predictions"))
+    plan = plan_for(root, tmp_path, PREDICTIONS_PORT="15054", PREDICTIONS_ALLOW_PRIVATE_WEBHOOKS="0")
+    assert plan.env["PREDICTIONS_ALLOW_PRIVATE_WEBHOOKS"] == "0"
+    assert plan.env["PREDICTIONS_DATABASE_URL"].endswith("/predictions-15054.db")
+    url = "postgresql+psycopg://app@db:5432/predictions"
+    plan = plan_for(root, tmp_path, PREDICTIONS_DATABASE_URL=url)
+    assert plan.env["PREDICTIONS_DATABASE_URL"] == url
+
+
+def test_predictions_are_skipped_without_a_gateway(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, ("generator", "predictions"))
+    plan = plan_for(root, tmp_path)
+    assert not any(tier.name == "predictions" for tier in plan.tiers)
+    assert "predictions (no gateway to run predictions through)" in plan.skipped
+    assert "PREDICTIONS_DATABASE_URL" not in plan.env

@@ -1,10 +1,22 @@
 """Typed client for the inference stack: `InferenceClient` (blocking) and `AsyncInferenceClient`
-(asyncio) over gRPC, returning plain dataclasses and raising `InferenceError` subclasses that carry
-the status code and the google.rpc details."""
+(asyncio) over gRPC, and `PredictionsClient` / `AsyncPredictionsClient` for asynchronous
+predictions, returning plain dataclasses and raising `InferenceError` subclasses that carry the
+status code and the google.rpc details."""
 
 from inference_client._channel import NO_RETRY, RetryPolicy
-from inference_client.aio import AsyncInferenceClient, AsyncTokenStream
-from inference_client.client import DEFAULT_TIMEOUT, InferenceClient, TokenStream
+from inference_client.aio import (
+    AsyncInferenceClient,
+    AsyncPredictionsClient,
+    AsyncPredictionStream,
+    AsyncTokenStream,
+)
+from inference_client.client import (
+    DEFAULT_TIMEOUT,
+    InferenceClient,
+    PredictionsClient,
+    PredictionStream,
+    TokenStream,
+)
 from inference_client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -28,6 +40,7 @@ from inference_client.types import (
     ChatReply,
     ComponentHealth,
     ComponentStats,
+    Deployment,
     DeviceInfo,
     EmbeddingInput,
     Embeddings,
@@ -38,6 +51,11 @@ from inference_client.types import (
     Health,
     MemoryInfo,
     Model,
+    Prediction,
+    PredictionMetrics,
+    PredictionPage,
+    PredictionStatus,
+    PredictionUrls,
     ServingStatus,
     StreamSummary,
     StreamToken,
@@ -50,6 +68,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "NO_RETRY",
     "AsyncInferenceClient",
+    "AsyncPredictionStream",
+    "AsyncPredictionsClient",
     "AsyncTokenStream",
     "CacheStatus",
     "CachedModel",
@@ -60,6 +80,7 @@ __all__ = [
     "ComponentHealth",
     "ComponentStats",
     "DeadlineExceededError",
+    "Deployment",
     "DeviceInfo",
     "EmbeddingInput",
     "Embeddings",
@@ -80,6 +101,13 @@ __all__ = [
     "Model",
     "NotFoundError",
     "PermissionDeniedError",
+    "Prediction",
+    "PredictionMetrics",
+    "PredictionPage",
+    "PredictionStatus",
+    "PredictionStream",
+    "PredictionUrls",
+    "PredictionsClient",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SchemaModel",

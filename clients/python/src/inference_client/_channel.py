@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from inference.v1 import embedding_pb2, generation_pb2, info_pb2
+from inference.v1 import embedding_pb2, generation_pb2, info_pb2, predictions_pb2
 
 # Unary methods only: a stream that fails half way must not be replayed from the start behind the
 # caller's back (its tokens were already shown).
@@ -16,6 +16,16 @@ UNARY_METHODS: dict[str, tuple[str, ...]] = {
     for file in (generation_pb2.DESCRIPTOR, embedding_pb2.DESCRIPTOR, info_pb2.DESCRIPTOR)
     for service in file.services_by_name.values()
 }
+# Predictions are stored: only reads and cancels (which change nothing twice) are retried, since
+# a create the server stored before the connection dropped would otherwise become two jobs.
+UNARY_METHODS[predictions_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name] = (
+    "GetPrediction",
+    "ListPredictions",
+    "CancelPrediction",
+    "GetDeployment",
+    "ListDeployments",
+    "GetWebhookSecret",
+)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import urllib.parse
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from google.protobuf import json_format, struct_pb2
-from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from inference.v1 import common_pb2, embedding_pb2, generation_pb2, info_pb2, predictions_pb2
 
 from inference_client.options import CONSTRAINTS, ChatOptions, GenerateOptions, JsonSchema
 from inference_client.types import (
@@ -21,6 +23,7 @@ from inference_client.types import (
     ChatReply,
     ComponentHealth,
     ComponentStats,
+    Deployment,
     DeviceInfo,
     EmbeddingInput,
     Embeddings,
@@ -31,6 +34,11 @@ from inference_client.types import (
     Health,
     MemoryInfo,
     Model,
+    Prediction,
+    PredictionMetrics,
+    PredictionPage,
+    PredictionStatus,
+    PredictionUrls,
     ServingStatus,
     StreamSummary,
     StreamToken,
@@ -457,3 +465,170 @@ class StreamState:
     def finish_reason(self, index: int = 0) -> FinishReason | None:
         summary = self.summaries.get(index)
         return summary.finish_reason if summary else None
+
+
+def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if values is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(dict(values))
+    return struct
+
+
+def create_prediction_request(
+    model: str,
+    input: Mapping[str, Any],
+    version: str | None,
+    webhook: str | None,
+    webhook_events_filter: Sequence[str] | None,
+) -> predictions_pb2.CreatePredictionRequest:
+    return predictions_pb2.CreatePredictionRequest(
+        model=model,
+        version=version or "",
+        input=_struct(input),
+        webhook=webhook or "",
+        webhook_events_filter=list(webhook_events_filter or ()),
+    )
+
+
+def wait_metadata(wait: float | None) -> tuple[tuple[str, str], ...]:
+    """Replicate's `Prefer: wait=N` (whole seconds, at least 1) as gRPC metadata."""
+    if wait is None:
+        return ()
+    return (("prefer", f"wait={max(1, round(wait))}"),)
+
+
+def _time(message: Any, name: str) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _json(value: Any) -> Any:
+    """A Struct's contents as REST's JSON reads: protobuf keeps every number as a double, so a
+    whole number comes back as an int (3, not 3.0), as json.loads gives it."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json(item) for item in value]
+    return value
+
+
+def _dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    converted: dict[str, Any] = _json(json_format.MessageToDict(struct))
+    return converted
+
+
+def prediction(reply: predictions_pb2.Prediction) -> Prediction:
+    metrics = reply.metrics
+    return Prediction(
+        id=reply.id,
+        model=reply.model,
+        version=reply.version,
+        status=cast(PredictionStatus, reply.status),
+        input=_dict(reply.input),
+        output=_json(json_format.MessageToDict(reply.output)) if reply.HasField("output") else None,
+        error=reply.error,
+        logs=reply.logs,
+        created_at=_time(reply, "created_at") or datetime.fromtimestamp(0, UTC),
+        started_at=_time(reply, "started_at"),
+        completed_at=_time(reply, "completed_at"),
+        metrics=PredictionMetrics(
+            predict_time=metrics.predict_time,
+            total_time=metrics.total_time,
+            input_token_count=metrics.input_token_count,
+            output_token_count=metrics.output_token_count,
+            time_to_first_token=metrics.time_to_first_token,
+        ),
+        urls=PredictionUrls(get=reply.urls.get, cancel=reply.urls.cancel, stream=reply.urls.stream),
+        task=reply.task,
+        webhook=reply.webhook,
+        webhook_events_filter=tuple(reply.webhook_events_filter),
+    )
+
+
+def cursor_of(link: str) -> str | None:
+    """The cursor in a page link: its `cursor` query parameter (the link itself when it is a bare
+    cursor); None for no page."""
+    if not link:
+        return None
+    if "?" not in link:
+        return link
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query).get("cursor")
+    return values[0] if values else None
+
+
+def prediction_page(reply: predictions_pb2.ListPredictionsResponse) -> PredictionPage:
+    return PredictionPage(
+        results=tuple(prediction(item) for item in reply.results),
+        next_cursor=cursor_of(reply.next),
+        previous_cursor=cursor_of(reply.previous),
+        next=reply.next,
+        previous=reply.previous,
+    )
+
+
+def list_predictions_request(
+    status: str | None, cursor: str | None, page_size: int | None
+) -> predictions_pb2.ListPredictionsRequest:
+    return predictions_pb2.ListPredictionsRequest(
+        status=status or "", cursor=cursor or "", page_size=page_size or 0
+    )
+
+
+def deployment_message(
+    name: str,
+    model: str,
+    task: str,
+    version: str,
+    defaults: Mapping[str, Any] | None,
+    input_schema: Mapping[str, Any] | None,
+    description: str,
+) -> predictions_pb2.Deployment:
+    return predictions_pb2.Deployment(
+        name=name,
+        model=model,
+        task=task,
+        version=version,
+        defaults=_struct(defaults),
+        input_schema=_struct(input_schema),
+        description=description,
+    )
+
+
+def update_deployment_request(
+    name: str,
+    model: str | None,
+    task: str | None,
+    version: str | None,
+    defaults: Mapping[str, Any] | None,
+    input_schema: Mapping[str, Any] | None,
+    description: str | None,
+) -> predictions_pb2.UpdateDeploymentRequest:
+    """Only the fields given (not None) change."""
+    return predictions_pb2.UpdateDeploymentRequest(
+        name=name,
+        model=model,
+        task=task,
+        version=version,
+        defaults=_struct(defaults),
+        input_schema=_struct(input_schema),
+        description=description,
+    )
+
+
+def deployment(reply: predictions_pb2.Deployment) -> Deployment:
+    return Deployment(
+        name=reply.name,
+        model=reply.model,
+        task=reply.task,
+        version=reply.version,
+        defaults=_dict(reply.defaults),
+        input_schema=_dict(reply.input_schema) if reply.HasField("input_schema") else None,
+        description=reply.description,
+        created_at=_time(reply, "created_at"),
+        updated_at=_time(reply, "updated_at"),
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 EncodingFormat = Literal["float", "base64"]
@@ -280,3 +281,96 @@ class CacheStatus:
     loading: tuple[str, ...] = ()
     """Models being loaded in the background."""
     evictions: int = 0
+
+
+PredictionStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+"""Where a prediction is: waiting, running, or ended (the last three)."""
+
+PREDICTION_TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+PredictionTask = Literal["generate", "chat", "math", "coding", "embed"]
+
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+
+
+@dataclass(frozen=True)
+class PredictionMetrics:
+    predict_time: float = 0.0
+    """Seconds from start to end of the run that succeeded."""
+    total_time: float = 0.0
+    """Seconds from creation to end."""
+    input_token_count: int = 0
+    output_token_count: int = 0
+    time_to_first_token: float = 0.0
+
+
+@dataclass(frozen=True)
+class PredictionUrls:
+    """Where to poll (`get`), cancel (POST `cancel`) and watch (SSE `stream`) it over REST."""
+
+    get: str = ""
+    cancel: str = ""
+    stream: str = ""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """An asynchronous job, as the predictions service reports it."""
+
+    id: str
+    model: str
+    """As requested: a deployment's name or a served model id."""
+    version: str
+    status: PredictionStatus
+    input: dict[str, Any]
+    output: Any
+    """None until there is output; the partial output while processing (e.g. {"text": ...}), then
+    the task's whole answer as JSON (what /generate, /chat, /solve/*, /embeddings return)."""
+    error: str
+    """Why it failed; empty otherwise."""
+    logs: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    metrics: PredictionMetrics
+    urls: PredictionUrls
+    task: str
+    """"generate", "chat", "math", "coding" or "embed"."""
+    webhook: str = ""
+    webhook_events_filter: tuple[str, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        """True once it ended: succeeded, failed or canceled."""
+        return self.status in PREDICTION_TERMINAL
+
+
+@dataclass(frozen=True)
+class PredictionPage:
+    """One page of predictions, newest first. Pass `next_cursor` to `list` for older ones."""
+
+    results: tuple[Prediction, ...]
+    next_cursor: str | None
+    """None on the last (oldest) page."""
+    previous_cursor: str | None
+    """None on the first (newest) page."""
+    next: str = ""
+    """The REST URL of the next page, as the server wrote it."""
+    previous: str = ""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A named entry pointing at a served model, with default input, a version and an input schema."""
+
+    name: str
+    model: str
+    task: str
+    version: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Input fields used where a prediction's input leaves them out (merged one level deep)."""
+    input_schema: dict[str, Any] | None = None
+    """The JSON Schema a prediction's input must match; None: the task's own."""
+    description: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None

@@ -1,0 +1,57 @@
+"""The predictions service's failures with google.rpc details and `MAPPING` for the common
+error-mapping interceptor: store exceptions and the gateway's own statuses become the call's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+
+from services.common.errors import FailureMapping, RpcFailure, error_info, retry_info
+from services.common.errors import invalid_argument as invalid_argument
+from services.predictions.records import QueueFull
+
+ERROR_DOMAIN = "inference.predictions"
+# How long a client told "queue full" waits before it tries again.
+QUEUE_RETRY_SECONDS = 1.0
+
+
+def not_found(what: str, name: str, known: Sequence[str] = ()) -> RpcFailure:
+    hint = f" (available: {', '.join(known)})" if known else ""
+    info = error_details_pb2.ResourceInfo(
+        resource_type=what, resource_name=name, description=f"unknown {what}"
+    )
+    return RpcFailure(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
+
+
+def permission_denied(message: str, scope: str) -> RpcFailure:
+    return RpcFailure(
+        grpc.StatusCode.PERMISSION_DENIED, message, (error_info("MISSING_SCOPE", ERROR_DOMAIN, scope=scope),)
+    )
+
+
+def queue_full(error: QueueFull) -> RpcFailure:
+    details = (
+        retry_info(QUEUE_RETRY_SECONDS),
+        error_info("QUEUE_FULL", ERROR_DOMAIN, scope=error.scope, limit=str(error.limit)),
+    )
+    return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), details)
+
+
+def already_exists(name: str) -> RpcFailure:
+    info = error_details_pb2.ResourceInfo(
+        resource_type="deployment", resource_name=name, description="a deployment of this name exists"
+    )
+    return RpcFailure(grpc.StatusCode.ALREADY_EXISTS, f"deployment {name!r} already exists", (info,))
+
+
+def from_gateway(error: grpc.aio.AioRpcError) -> RpcFailure:
+    """A failed call to the gateway (e.g. listing models) keeps its status and message."""
+    return RpcFailure(error.code(), f"gateway: {error.details() or error.code().name}")
+
+
+MAPPING = FailureMapping()
+MAPPING.register(QueueFull, queue_full)
+MAPPING.register(grpc.aio.AioRpcError, from_gateway)

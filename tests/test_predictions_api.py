@@ -16,6 +16,7 @@ import httpx2
 import pytest
 from google.protobuf import json_format
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
+from inference_client import NotFoundError, PredictionsClient, UnauthenticatedError
 
 from tests.fixtures_generator import GeneratorService
 from tests.fixtures_predictions import PredictionsStack
@@ -301,7 +302,7 @@ def test_no_key_is_a_401(predictions_stack: PredictionsStack, models: dict[str, 
     assert status == 401, reply
 
 
-# --- native gRPC and grpcurl -------------------------------------------------------------------
+# --- native gRPC, the typed client and grpcurl ----------------------------------------------
 
 
 @pytest.fixture
@@ -402,3 +403,29 @@ def test_create_get_list_cancel_through_grpcurl(
     assert [p["id"] for p in listed["results"]] == [created["id"]]
     grpcurl(predictions_stack, "CancelPrediction", {"id": created["id"]})
     assert predictions_stack.wait_until_done(created["id"])["status"] == "canceled"
+
+
+def test_create_get_list_cancel_with_the_typed_client(
+    predictions_stack: PredictionsStack, models: dict[str, str]
+) -> None:
+    with PredictionsClient(
+        predictions_stack.grpc_address, api_key=predictions_stack.gateway.keys["user"], timeout=60
+    ) as client:
+        done = client.create(models["generation"], generation(models)["input"], wait=60)
+        assert done.status == "succeeded" and done.output["generated_text"], done
+        assert client.get(done.id) == done
+        running = client.create(models["generation"], story(models, 2000)["input"])
+        page = client.list(page_size=2)
+        assert [p.id for p in page.results] == [running.id, done.id] and page.next_cursor
+        older = client.list(page_size=2, cursor=page.next_cursor)
+        assert done.id not in {p.id for p in older.results}
+        assert client.cancel(running.id).id == running.id
+        assert client.wait(running.id, timeout=30).status == "canceled"
+        assert done.urls.get == f"{predictions_stack.url}/v1/predictions/{done.id}"
+        with pytest.raises(NotFoundError):
+            client.get("no-such-prediction")
+    with (
+        PredictionsClient(predictions_stack.grpc_address, timeout=30) as anonymous,
+        pytest.raises(UnauthenticatedError),
+    ):
+        anonymous.get(done.id)

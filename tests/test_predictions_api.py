@@ -1,6 +1,7 @@
 """Predictions over the real stack (Envoy, predictions service, gateway, generator, embedder), each
-test against SQLite and against PostgreSQL: create/get/list/cancel over REST, native gRPC and
-grpcurl; `Prefer: wait`; the SSE at urls.stream; the 400s, 401 and 404 a client can meet."""
+test against SQLite and against PostgreSQL: create/get/list/cancel over REST, native gRPC, the
+typed client and grpcurl; `Prefer: wait`; the SSE at urls.stream; deployments; the 400s, 401,
+403, 404 and 429 a client can meet (the bounded queue on SQLite only)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from google.protobuf import json_format
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
 from inference_client import NotFoundError, PredictionsClient, UnauthenticatedError
 
+from tests.fixtures_gateway import GatewayService
 from tests.fixtures_generator import GeneratorService
-from tests.fixtures_predictions import PredictionsStack
+from tests.fixtures_predictions import FAST_FLAGS, PredictionsStack, sqlite_url, start_stack, stop_stack
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 STORY = [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}]
@@ -295,11 +297,19 @@ def test_an_unknown_model_or_id_is_a_404_or_400(predictions_stack: PredictionsSt
     assert "model" in error_text(reply)
 
 
-def test_no_key_is_a_401(predictions_stack: PredictionsStack, models: dict[str, str]) -> None:
+def test_no_key_is_a_401_and_a_missing_scope_a_403(
+    predictions_stack: PredictionsStack, models: dict[str, str]
+) -> None:
     status, _, reply = predictions_stack.request("POST", "/v1/predictions", generation(models), key=None)
     assert status == 401, reply
     status, _, reply = predictions_stack.request("GET", "/v1/predictions", key=None)
     assert status == 401, reply
+    status, _, reply = predictions_stack.request("GET", "/v1/predictions", key="revoked")
+    assert status == 401, reply
+    status, _, reply = predictions_stack.request(
+        "POST", "/v1/predictions", generation(models), key="embed-only"
+    )
+    assert status == 403 and "generate" in error_text(reply), reply
 
 
 # --- native gRPC, the typed client and grpcurl ----------------------------------------------
@@ -429,3 +439,106 @@ def test_create_get_list_cancel_with_the_typed_client(
         pytest.raises(UnauthenticatedError),
     ):
         anonymous.get(done.id)
+
+
+# --- deployments, bounded queues, a short wait ---------------------------------------------------
+
+
+def test_a_deployment_brings_defaults_a_schema_and_a_version(
+    predictions_stack: PredictionsStack, models: dict[str, str]
+) -> None:
+    name = f"greeter-{predictions_stack.backend}"
+    deployment = {
+        "name": name,
+        "model": models["generation"],
+        "task": "generate",
+        "version": "2026-12-04",
+        "defaults": {"parameters": {"max_new_tokens": 4, "do_sample": False}},
+        "input_schema": {
+            "type": "object",
+            "properties": {"prompt": {"type": "string", "maxLength": 40}, "parameters": {"type": "object"}},
+            "required": ["prompt"],
+            "additionalProperties": False,
+        },
+    }
+    status, _, reply = predictions_stack.request("POST", "/v1/deployments", deployment, key="user")
+    assert status == 403, reply
+    status, _, created = predictions_stack.request("POST", "/v1/deployments", deployment, key="admin")
+    assert status == 200, created
+    assert created["name"] == name and created["version"] == "2026-12-04"
+    status, _, listed = predictions_stack.request("GET", "/v1/deployments", key="user")
+    assert status == 200 and name in {d["name"] for d in listed["results"]}, listed
+
+    done = predictions_stack.create({"model": name, "input": {"prompt": "Hello"}}, wait=60)
+    assert done["status"] == "succeeded" and done["version"] == "2026-12-04", done
+    assert done["output"]["tokens_generated"] == 4
+    # The prediction keeps its own input; the defaults were merged under it for the run.
+    assert done["input"] == {"prompt": "Hello"}
+    longer = predictions_stack.create(
+        {"model": name, "input": {"prompt": "Hello", "parameters": {"max_new_tokens": 6}}}, wait=60
+    )
+    assert longer["output"]["tokens_generated"] == 6
+    for body, field in [
+        ({"model": name, "input": {}}, "prompt"),
+        ({"model": name, "input": {"prompt": "x" * 41}}, "input.prompt"),
+        ({"model": name, "input": {"prompt": "Hi", "extra": 1}}, "extra"),
+        ({"model": name, "version": "1", "input": {"prompt": "Hi"}}, "version"),
+    ]:
+        status, _, reply = predictions_stack.request("POST", "/v1/predictions", body)
+        assert status == 400 and field in error_text(reply), (body, reply)
+
+    status, _, updated = predictions_stack.request(
+        "PATCH", f"/v1/deployments/{name}", {"version": "2026-12-05"}, key="admin"
+    )
+    assert status == 200 and updated["version"] == "2026-12-05", updated
+    assert updated["defaults"] == deployment["defaults"]
+    again = predictions_stack.create({"model": name, "version": "2026-12-05", "input": {"prompt": "Hi"}})
+    assert again["version"] == "2026-12-05"
+    status, _, reply = predictions_stack.request("DELETE", f"/v1/deployments/{name}", key="admin")
+    assert status == 200, reply
+    status, _, reply = predictions_stack.request("GET", f"/v1/deployments/{name}")
+    assert status == 404, reply
+    predictions_stack.wait_until_done(again["id"])
+
+
+def test_a_short_wait_returns_the_prediction_still_running(
+    predictions_stack: PredictionsStack, models: dict[str, str]
+) -> None:
+    started = time.monotonic()
+    held = predictions_stack.create(story(models, 2000), wait=1)
+    assert 0.9 < time.monotonic() - started < 10
+    assert held["status"] in ("starting", "processing"), held
+    status, _, _ = predictions_stack.request("POST", f"/v1/predictions/{held['id']}/cancel")
+    assert status == 200
+    assert predictions_stack.wait_until_done(held["id"])["status"] == "canceled"
+
+
+@pytest.fixture(scope="module")
+def narrow_stack(
+    gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PredictionsStack]:
+    """One prediction at a time, at most two waiting per key (SQLite)."""
+    folder = tmp_path_factory.mktemp("predictions-narrow")
+    args = (*FAST_FLAGS, "--concurrency", "1", "--max-waiting-per-key", "2")
+    stack = start_stack(
+        "sqlite", gateway_service, sqlite_url(folder), folder, args, name="predictions-narrow"
+    )
+    yield stack
+    stop_stack(stack)
+
+
+def test_a_full_queue_is_a_429_with_retry_after(
+    narrow_stack: PredictionsStack, models: dict[str, str]
+) -> None:
+    running_one = narrow_stack.create(story(models, 2000))
+    assert wait_until(lambda: narrow_stack.get(running_one["id"])["status"] == "processing", 30)
+    waiting = [narrow_stack.create(story(models, 2000)) for _ in range(2)]
+    status, headers, reply = narrow_stack.request("POST", "/v1/predictions", story(models, 2000))
+    assert status == 429, reply
+    assert int(headers["retry-after"]) >= 1
+    # Another key has a queue of its own.
+    other = narrow_stack.create(generation(models), key="admin")
+    for prediction in (running_one, *waiting, other):
+        narrow_stack.request("POST", f"/v1/predictions/{prediction['id']}/cancel", key="admin")
+    for prediction in (running_one, *waiting):
+        assert narrow_stack.wait_until_done(prediction["id"])["status"] == "canceled"

@@ -17,7 +17,6 @@ from urllib.parse import urlencode
 
 import grpc
 import grpc.aio
-import jsonschema  # type: ignore[import-untyped]
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf import json_format
 from inference.v1 import (
@@ -189,15 +188,6 @@ def task_scope(task: Task) -> str:
     return "embed" if task == "embed" else "generate"
 
 
-def schema_problem(schema: dict[str, Any]) -> str | None:
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as error:
-        where = "/".join(str(part) for part in error.absolute_path)
-        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {error.message}"
-    return None
-
-
 def deployment_violations(
     prefix: str, name: str | None, model: str | None, task: str | None, schema: dict[str, Any] | None
 ) -> list[tuple[str, str]]:
@@ -215,7 +205,7 @@ def deployment_violations(
     if task is not None and task not in TASKS:
         violations.append((f"{prefix}task", f"must be one of {', '.join(TASKS)}, got {task!r}"))
     if schema is not None:
-        problem = schema_problem(schema)
+        problem = tasks.schema_problem(schema)
         if problem:
             violations.append((f"{prefix}input_schema", problem))
     return violations

@@ -630,6 +630,29 @@ async def test_deployment_fields_are_checked(service: Service) -> None:
     assert fields_of(error) == {"task", "input_schema"}
 
 
+async def test_a_schema_whose_ref_resolves_nowhere_is_refused_on_the_deployment(service: Service) -> None:
+    schema = {"type": "object", "properties": {"prompt": {"$ref": "#/$defs/text"}}}
+    error = await failure(
+        service.servicer.CreateDeployment(deployment_request(input_schema=schema), context())
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields_of(error) == {"deployment.input_schema"} and "$ref" in error.message
+    update = predictions_pb2.UpdateDeploymentRequest(name="poet")
+    update.input_schema.update({"$ref": "https://schemas.example/poet.json"})
+    error = await failure(service.servicer.UpdateDeployment(update, context()))
+    assert fields_of(error) == {"input_schema"}
+
+
+async def test_a_stored_schema_that_cannot_be_applied_is_a_400_on_input(service: Service) -> None:
+    # Stored before the deployment checks resolved references.
+    service.store.deployments["poet"] = Deployment(
+        "poet", MODEL, "generate", input_schema={"$ref": "#/$defs/nowhere"}
+    )
+    error = await failure(service.servicer.CreatePrediction(create_request("poet"), context()))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {"input"}
+    assert not service.store.predictions
+
+
 async def test_webhook_secret(service: Service) -> None:
     reply = await service.servicer.GetWebhookSecret(predictions_pb2.GetWebhookSecretRequest(), context())
     assert reply.key == SECRET

@@ -478,8 +478,15 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         violations: list[tuple[str, str]] = []
         if request.status and request.status not in STATUSES:
             violations.append(("status", f"must be one of {', '.join(STATUSES)}, got {request.status!r}"))
-        if request.page_size > MAX_PAGE_SIZE:
-            violations.append(("page_size", f"must be 1 to {MAX_PAGE_SIZE}, got {request.page_size}"))
+        # uint32 without presence: 0 is "not given" (the default), anything else must be in range.
+        if request.page_size and not 1 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(
+                (
+                    "page_size",
+                    f"must be from 1 to {MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE}), "
+                    f"got {request.page_size}",
+                )
+            )
         if violations:
             raise invalid_argument(violations)
         try:

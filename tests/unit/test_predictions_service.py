@@ -501,6 +501,21 @@ async def test_list_names_the_bad_field(service: Service, request_fields: dict[s
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {bad}
 
 
+@pytest.mark.parametrize("page_size", [1001, 2**32 - 1])
+async def test_page_size_out_of_range_names_the_range(service: Service, page_size: int) -> None:
+    request = predictions_pb2.ListPredictionsRequest(page_size=page_size)
+    error = await failure(service.servicer.ListPredictions(request, context()))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {"page_size"}
+    assert "1 to 1000" in error.message and str(page_size) in error.message
+
+
+@pytest.mark.parametrize("page_size", [0, 1, 1000])
+async def test_page_size_in_range_or_not_given_is_accepted(service: Service, page_size: int) -> None:
+    service.store.predictions["p1"] = prediction()
+    request = predictions_pb2.ListPredictionsRequest(page_size=page_size)
+    assert [p.id for p in (await service.servicer.ListPredictions(request, context())).results] == ["p1"]
+
+
 async def test_cancel_a_running_prediction_tells_the_runner(service: Service) -> None:
     service.store.predictions["p1"] = prediction(status="processing")
     reply = await service.servicer.CancelPrediction(

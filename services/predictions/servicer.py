@@ -8,9 +8,7 @@ import base64
 import json
 import re
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -18,13 +16,9 @@ from urllib.parse import urlencode
 import grpc
 import grpc.aio
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
-from google.protobuf import json_format
 from inference.v1 import (
     common_pb2,
-    embedding_pb2,
     generation_pb2,
-    info_pb2,
-    info_pb2_grpc,
     predictions_pb2,
     predictions_pb2_grpc,
 )
@@ -33,7 +27,6 @@ from services.common import sse
 from services.common.auth import ApiKey, current_key
 from services.common.errors import RpcFailure, error_info
 from services.common.interceptors import Context
-from services.gateway.catalog import aliases
 from services.predictions import convert, metrics, tasks
 from services.predictions.errors import (
     ERROR_DOMAIN,
@@ -43,6 +36,11 @@ from services.predictions.errors import (
     not_found,
     permission_denied,
 )
+from services.predictions.models import (  # GatewayModels: server.py imports it from here.
+    GatewayModels as GatewayModels,
+)
+from services.predictions.models import ModelDirectory
+from services.predictions.prefer import prefer_wait
 from services.predictions.records import (
     EVENTS,
     STATUSES,
@@ -57,13 +55,13 @@ from services.predictions.records import (
     Store,
     Task,
 )
+from services.predictions.stream import final_message, partial_text, text_delta
 
 # The metadata a prediction forwards to the gateway when it runs.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 DEPLOYMENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MODELS_TTL_SECONDS = 10.0
 
 _SERVICE = "/inference.v1.PredictionService/"
 # The scope each method needs ("" = any valid key). Creating also needs the task's own scope
@@ -92,46 +90,7 @@ class ChangeWaiter(Protocol):
     async def wait(self, prediction_id: str, timeout: float) -> bool: ...  # noqa: ASYNC109
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    id: str
-    embedding: bool
-
-
-class ModelDirectory(Protocol):
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
-        """Every name a served model answers to (its id and aliases) -> the model."""
-        ...
-
-
 WebhookCheck = Callable[[str, bool], Awaitable[str | None]]
-
-
-class GatewayModels:
-    """The gateway's served models (InfoService.ListServedModels, with the caller's credentials),
-    kept for MODELS_TTL_SECONDS, by every name the gateway accepts for each."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = info_pb2_grpc.InfoServiceStub(channel)
-        self._names: dict[str, ServedModel] = {}
-        self._fetched = -1e9
-        self._lock = asyncio.Lock()
-
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
-        if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
-            async with self._lock:
-                if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
-                    reply = await self._stub.ListServedModels(
-                        info_pb2.ListServedModelsRequest(), metadata=tuple(metadata), timeout=5.0
-                    )
-                    names: dict[str, ServedModel] = {}
-                    for model in reply.models:
-                        served = ServedModel(model.id, model.task == "embedding")
-                        for name in aliases(model):
-                            names.setdefault(name, served)
-                    self._names = names
-                    self._fetched = time.monotonic()
-        return self._names
 
 
 def new_id() -> str:
@@ -145,34 +104,6 @@ def credentials(context: Context) -> dict[str, str]:
         if name in CREDENTIAL_HEADERS and isinstance(value, str):
             found[name] = value
     return found
-
-
-def prefer_wait(context: Context, max_seconds: int) -> int | None:
-    """Seconds of `prefer: wait=N` (RFC 7240; `wait` alone: the most), None without it."""
-    for name, value in context.invocation_metadata() or ():
-        if name != "prefer" or not isinstance(value, str):
-            continue
-        for token in value.split(","):
-            key, _, raw = token.strip().partition("=")
-            if key.strip().lower() != "wait":
-                continue
-            if not raw.strip():
-                return max_seconds
-            try:
-                seconds = int(raw.strip())
-            except ValueError:
-                seconds = 0
-            if not 1 <= seconds <= max_seconds:
-                raise invalid_argument(
-                    [
-                        (
-                            "prefer",
-                            f"wait must be an integer from 1 to {max_seconds} seconds, got {raw.strip()!r}",
-                        )
-                    ]
-                )
-            return seconds
-    return None
 
 
 def input_size(input: dict[str, Any]) -> int:
@@ -209,58 +140,6 @@ def deployment_violations(
         if problem:
             violations.append((f"{prefix}input_schema", problem))
     return violations
-
-
-def partial_text(prediction: Prediction) -> str:
-    """The text produced so far ({"text": ...} while processing); "" when none."""
-    output = prediction.output
-    if isinstance(output, dict) and isinstance(output.get("text"), str):
-        return str(output["text"])
-    return ""
-
-
-def text_delta(prediction_id: str, text: str) -> generation_pb2.GenerateStreamResponse:
-    return generation_pb2.GenerateStreamResponse(request_id=prediction_id, token=common_pb2.Token(text=text))
-
-
-def final_message(prediction: Prediction) -> generation_pb2.GenerateStreamResponse:
-    """The last stream message of a prediction that succeeded, from its task's whole answer."""
-    message = generation_pb2.GenerateStreamResponse(request_id=prediction.id)
-    output = prediction.output if isinstance(prediction.output, dict) else {}
-    kinds: dict[str, Any] = {
-        "generate": generation_pb2.GenerateResponse,
-        "chat": generation_pb2.ChatResponse,
-        "math": generation_pb2.SolveMathResponse,
-        "coding": generation_pb2.SolveCodingResponse,
-        "embed": embedding_pb2.EmbedResponse,
-    }
-    try:
-        answer = json_format.ParseDict(output, kinds[prediction.task](), ignore_unknown_fields=True)
-    except json_format.ParseError:
-        message.generated_text = partial_text(prediction)
-        return message
-    if isinstance(answer, embedding_pb2.EmbedResponse):
-        message.usage.prompt_tokens = answer.usage.prompt_tokens
-        message.usage.total_tokens = answer.usage.total_tokens
-        return message
-    message.finish_reason = answer.finish_reason
-    message.usage.CopyFrom(answer.usage)
-    message.tokens_generated = answer.tokens_generated
-    message.generation_time = answer.generation_time
-    if isinstance(answer, generation_pb2.GenerateResponse):
-        message.generated_text = answer.generated_text
-        message.tokens_per_second = answer.tokens_per_second
-    elif isinstance(answer, generation_pb2.ChatResponse):
-        message.generated_text = answer.message.content
-        message.tokens_per_second = answer.tokens_per_second
-    elif isinstance(answer, generation_pb2.SolveMathResponse):
-        message.generated_text = answer.solution
-        message.answer = answer.answer
-    else:
-        message.generated_text = answer.solution
-        message.code = answer.code
-        message.language = answer.language
-    return message
 
 
 def prediction_failed(prediction: Prediction) -> RpcFailure:
@@ -379,7 +258,7 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
     async def CreatePrediction(
         self, request: predictions_pb2.CreatePredictionRequest, context: Context
     ) -> predictions_pb2.Prediction:
-        wait = prefer_wait(context, self._max_wait)
+        wait = prefer_wait(context.invocation_metadata() or (), self._max_wait)
         violations = await self._request_violations(request)
         if violations:
             raise invalid_argument(violations)

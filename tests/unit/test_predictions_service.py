@@ -3,11 +3,13 @@ checks, owners, waits and streams over an in-memory store and a fake runner."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -19,9 +21,11 @@ from inference.v1 import common_pb2, predictions_pb2
 from services.common.auth import ApiKey, current_key
 from services.common.errors import RpcFailure
 from services.common.interceptors import Context
-from services.predictions import convert
+from services.predictions import convert, servicer
 from services.predictions.config import PredictionsConfig
 from services.predictions.errors import MAPPING
+from services.predictions.models import ServedModel
+from services.predictions.prefer import prefer_wait
 from services.predictions.records import (
     Deployment,
     DeploymentExists,
@@ -30,7 +34,7 @@ from services.predictions.records import (
     Prediction,
     QueueFull,
 )
-from services.predictions.servicer import METHOD_SCOPES, PredictionServicer, ServedModel, prefer_wait
+from services.predictions.servicer import METHOD_SCOPES, PredictionServicer
 from tests.unit.fakes import within
 
 PUBLIC = "http://api.example:8080"
@@ -315,6 +319,24 @@ def test_config_defaults_and_validation() -> None:
         PredictionsConfig(max_wait_seconds=0).validate()
 
 
+def test_the_predictions_tier_does_not_import_the_gateway() -> None:
+    # The tiers it imports from: its own package and services/common (whose imports are checked too).
+    root = Path(servicer.__file__).parents[1]
+    for path in [*(root / "predictions").glob("*.py"), *(root / "common").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(name.startswith("services.gateway") for name in names), path
+
+
+def test_the_servicer_keeps_to_protobuf_in_and_out() -> None:
+    # Model lookup, Prefer parsing and stream messages live in their own modules.
+    source = Path(servicer.__file__).read_text()
+    for name in ("class GatewayModels", "def prefer_wait", "def final_message", "ListServedModels"):
+        assert name not in source, name
+
+
 def test_method_scopes_cover_every_rpc() -> None:
     service = predictions_pb2.DESCRIPTOR.services_by_name["PredictionService"]
     assert {m.name for m in service.methods} == {k.rsplit("/", 1)[1] for k in METHOD_SCOPES}
@@ -327,13 +349,13 @@ def test_method_scopes_cover_every_rpc() -> None:
     [("wait=3", 3), ("wait", 5), ("respond-async, wait=2", 2), ("handling=lenient", None)],
 )
 def test_prefer_wait(value: str, seconds: int | None) -> None:
-    assert prefer_wait(context(("prefer", value)), 5) == seconds
+    assert prefer_wait([("prefer", value)], 5) == seconds
 
 
 @pytest.mark.parametrize("value", ["wait=0", "wait=6", "wait=soon"])
 def test_prefer_wait_out_of_range_names_the_header(value: str) -> None:
     with pytest.raises(RpcFailure) as raised:
-        prefer_wait(context(("prefer", value)), 5)
+        prefer_wait([("prefer", value)], 5)
     assert fields_of(raised.value) == {"prefer"}
 
 

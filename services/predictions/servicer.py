@@ -35,6 +35,7 @@ from services.predictions.errors import (
     invalid_argument,
     not_found,
     permission_denied,
+    prediction_restarted,
 )
 from services.predictions.models import (  # GatewayModels: server.py imports it from here.
     GatewayModels as GatewayModels,
@@ -55,7 +56,7 @@ from services.predictions.records import (
     Store,
     Task,
 )
-from services.predictions.stream import final_message, partial_text, text_delta
+from services.predictions.stream import TextDiverged, TextFollower, final_message, partial_text, text_delta
 
 # The metadata a prediction forwards to the gateway when it runs.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
@@ -393,34 +394,38 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         error); a canceled one ends with FINISH_REASON_UNSPECIFIED (the model did not finish) and
         the text produced until then."""
         prediction = await self._owned(request.id)
-        sent = ""
-        while True:
-            text = partial_text(prediction)
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text_delta(prediction.id, text[len(sent) :])
-                sent = text
-            if prediction.status in TERMINAL:
-                break
-            await self._changes.wait(prediction.id, self._poll)
-            fresh = await self._store.get(prediction.id)
-            if fresh is None:
-                # Purged while watched: it ended long ago.
-                raise not_found("prediction", request.id)
-            prediction = fresh
-        if prediction.status == "failed":
-            raise prediction_failed(prediction)
-        if prediction.status == "canceled":
-            yield generation_pb2.GenerateStreamResponse(
-                request_id=prediction.id,
-                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
-                generated_text=sent,
-            )
-            return
-        final = final_message(prediction)
-        whole = final.generated_text
-        if len(whole) > len(sent) and whole.startswith(sent):
-            yield text_delta(prediction.id, whole[len(sent) :])
-        yield final
+        follower = TextFollower()
+        try:
+            while True:
+                piece = follower.delta(partial_text(prediction))
+                if piece:
+                    yield text_delta(prediction.id, piece)
+                if prediction.status in TERMINAL:
+                    break
+                await self._changes.wait(prediction.id, self._poll)
+                fresh = await self._store.get(prediction.id)
+                if fresh is None:
+                    # Purged while watched: it ended long ago.
+                    raise not_found("prediction", request.id)
+                prediction = fresh
+            if prediction.status == "failed":
+                raise prediction_failed(prediction)
+            if prediction.status == "canceled":
+                yield generation_pb2.GenerateStreamResponse(
+                    request_id=prediction.id,
+                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                    generated_text=follower.sent,
+                )
+                return
+            final = final_message(prediction)
+            piece = follower.delta(final.generated_text)
+            if piece:
+                yield text_delta(prediction.id, piece)
+            if follower.sent != final.generated_text:
+                raise TextDiverged
+            yield final
+        except TextDiverged:
+            raise prediction_restarted(prediction.id, prediction.attempt) from None
 
     async def StreamPredictionEvents(
         self, request: predictions_pb2.StreamPredictionRequest, context: Context

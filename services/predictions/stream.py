@@ -62,3 +62,27 @@ def final_message(prediction: Prediction) -> generation_pb2.GenerateStreamRespon
         message.code = answer.code
         message.language = answer.language
     return message
+
+
+class TextDiverged(Exception):
+    """The prediction's text no longer continues what a stream already sent: a rerun (after its
+    worker was lost) wrote different text."""
+
+
+class TextFollower:
+    """Turns successive snapshots of a prediction's text into deltas that always add up to a
+    prefix of its current text. A snapshot behind what was sent (a rerun catching up) adds
+    nothing; one that contradicts it raises TextDiverged, since sent text cannot be taken back."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+
+    def delta(self, text: str) -> str:
+        """The text to send after `text` was seen ("" for none); raises TextDiverged."""
+        if text.startswith(self.sent):
+            piece = text[len(self.sent) :]
+            self.sent = text
+            return piece
+        if self.sent.startswith(text):
+            return ""
+        raise TextDiverged

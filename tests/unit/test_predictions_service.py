@@ -35,6 +35,7 @@ from services.predictions.records import (
     QueueFull,
 )
 from services.predictions.servicer import METHOD_SCOPES, PredictionServicer
+from services.predictions.stream import TextDiverged, TextFollower
 from tests.unit.fakes import within
 
 PUBLIC = "http://api.example:8080"
@@ -609,6 +610,82 @@ async def test_stream_of_a_canceled_prediction_ends_unspecified(service: Service
     messages = await collect(service)
     assert messages[-1].finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
     assert messages[-1].generated_text == "par"
+
+
+def restart_reason(error: RpcFailure) -> str:
+    return next(str(d.reason) for d in error.details if isinstance(d, error_details_pb2.ErrorInfo))
+
+
+async def test_a_rerun_that_repeats_the_text_keeps_streaming(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    # The worker was lost; the rerun starts over and (greedy decoding) writes the same text.
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2),
+        dataclasses.replace(first, attempt=2, output={"text": "he"}),
+        dataclasses.replace(first, attempt=2, output={"text": "hello w"}),
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "hello world"}),
+    ]
+    messages = await collect(service)
+    assert [m.token.text for m in messages[:-1]] == ["hello", " w", "orld"]
+    assert messages[-1].generated_text == "hello world"
+
+
+async def test_a_rerun_with_other_text_ends_the_stream_as_restarted(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello wor"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2),  # the old run's text, until the rerun saves its own
+        dataclasses.replace(first, attempt=2, output={"text": "he"}),
+        dataclasses.replace(first, attempt=2, output={"text": "help me"}),
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "help me now"}),
+    ]
+    received: list[str] = []
+
+    async def run() -> None:
+        request = predictions_pb2.StreamPredictionRequest(id="p1")
+        async for message in service.servicer.StreamPrediction(request, context()):
+            received.append(message.token.text)
+
+    error = await failure(run())
+    assert received == ["hello wor"]
+    assert error.code == grpc.StatusCode.ABORTED and restart_reason(error) == "PREDICTION_RESTARTED"
+    assert "run 2" in error.message and "stream it again" in error.message
+    # A stream joined after the restart follows the new run from its start.
+    assert [m.token.text for m in (await collect(service))[:-1]] == ["help me", " now"]
+
+
+async def test_a_rerun_that_ends_with_other_text_is_restarted_not_a_wrong_final(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "goodbye"})
+    ]
+    error = await failure(collect(service))
+    assert error.code == grpc.StatusCode.ABORTED and restart_reason(error) == "PREDICTION_RESTARTED"
+
+
+async def test_a_restart_is_an_in_band_error_event_over_sse(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [dataclasses.replace(first, attempt=2, output={"text": "bye"})]
+
+    async def run() -> list[bytes]:
+        request = predictions_pb2.StreamPredictionRequest(id="p1")
+        return [e.data async for e in service.servicer.StreamPredictionEvents(request, context())]
+
+    events = await within(run())
+    assert json.loads(events[0][6:])["token"]["text"] == "hello"
+    error = json.loads(events[-1][6:])["error"]
+    assert error["code"] == grpc.StatusCode.ABORTED.value[0] and "run 2" in error["message"]
+
+
+def test_text_follower_sends_only_what_continues_the_sent_text() -> None:
+    follower = TextFollower()
+    assert [follower.delta(t) for t in ["", "ab", "abc", "a", "abc", "abcd"]] == ["", "ab", "c", "", "", "d"]
+    with pytest.raises(TextDiverged):
+        follower.delta("abx")
+    assert follower.sent == "abcd"
 
 
 async def test_stream_events_frame_sse(service: Service) -> None:

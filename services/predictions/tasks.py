@@ -14,11 +14,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from inference.v1 import embedding_pb2, generation_pb2
 
+from services.common import sampling
 from services.predictions.records import Task
 
 _PARAMETERS: dict[str, Any] = {
     "type": "object",
-    "description": "Sampling parameters (SamplingParameters); checked by the request proto and the gateway.",
+    "description": "Sampling parameters (SamplingParameters): their fields and ranges are checked at create.",
 }
 _MESSAGES: dict[str, Any] = {
     "type": "array",
@@ -284,10 +285,22 @@ def input_violations(
     named = {name for name, _ in violations}
     if not any(name in input for name in _RESERVED):
         try:
-            _parse(task, input)
+            request = _parse(task, input)
         except InputError as error:
             violations.extend(v for v in error.violations if v[0] not in named)
+        else:
+            violations.extend(_sampling_violations(request))
     return violations
+
+
+def _sampling_violations(request: Message) -> list[tuple[str, str]]:
+    """The knobs' own checks at the default limits, so that an out-of-range knob is a 400 at
+    create rather than a prediction that fails when it runs (a gateway configured with higher
+    limits is stricter here than there)."""
+    if "parameters" not in request.DESCRIPTOR.fields_by_name or not request.HasField("parameters"):
+        return []
+    parameters = request.parameters  # type: ignore[attr-defined]
+    return [(f"input.{path}", problem) for path, problem in sampling.violations(parameters)]
 
 
 def build_request(task: Task, served_model: str, effective_input: dict[str, Any]) -> Message:

@@ -194,3 +194,32 @@ def test_build_request_refuses_an_input_the_proto_cannot_carry() -> None:
     with pytest.raises(InputError) as caught:
         build_request("generate", "m", {"prompt": "a", "parameters": {"top_k": "many"}})
     assert caught.value.violations[0][0] == "input.parameters.top_k"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field", "words"),
+    [
+        ({"max_new_tokens": 100000}, "input.parameters.max_new_tokens", "between 1 and 4096"),
+        ({"max_tokens": 0}, "input.parameters.max_tokens", "between 1 and 4096"),
+        ({"temperature": -1}, "input.parameters.temperature", "[0, 100]"),
+        ({"top_p": 0}, "input.parameters.top_p", "(0, 1]"),
+    ],
+)
+def test_an_out_of_range_knob_is_a_violation_at_create(
+    parameters: dict[str, Any], field: str, words: str
+) -> None:
+    problems = dict(input_violations("generate", {"prompt": "Hi", "parameters": parameters}, None))
+    assert field in problems, problems
+    assert words in problems[field]
+
+
+def test_knobs_in_range_and_an_embedding_input_have_no_sampling_violation() -> None:
+    assert (
+        input_violations(
+            "chat",
+            {"messages": [{"role": "user", "content": "Hi"}], "parameters": {"max_new_tokens": 8}},
+            None,
+        )
+        == []
+    )
+    assert input_violations("embed", {"input": "a text"}, None) == []

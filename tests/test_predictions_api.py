@@ -261,10 +261,11 @@ def error_text(reply: Any) -> str:
             {"input": {"prompt": "Hi", "parameters": {"max_new_tokens": "many"}}},
             "input.parameters.max_new_tokens",
         ),
+        ({"input": {"prompt": "Hi", "parameters": {"temperature": -1}}}, "input.parameters.temperature"),
         ({"input": {"prompt": "Hi"}, "webhook": "ftp://example.com/hook"}, "webhook"),
         ({"input": {"prompt": "Hi"}, "webhook_events_filter": ["finished"]}, "webhook_events_filter"),
     ],
-    ids=["prompt-type", "parameter-type", "webhook-scheme", "events-filter"],
+    ids=["prompt-type", "parameter-type", "temperature", "webhook-scheme", "events-filter"],
 )
 def test_bad_input_is_a_400_naming_the_field(
     predictions_stack: PredictionsStack, models: dict[str, str], body: dict[str, Any], field: str
@@ -276,13 +277,16 @@ def test_bad_input_is_a_400_naming_the_field(
     assert field in error_text(reply), reply
 
 
-def test_a_value_the_gateway_refuses_fails_the_prediction_with_the_reason(
+def test_an_input_the_model_refuses_fails_the_prediction_with_the_reason(
     predictions_stack: PredictionsStack, models: dict[str, str]
 ) -> None:
-    # Sampling ranges are the gateway's to check: the prediction is accepted, then fails.
-    failed = predictions_stack.create(generation(models, temperature=-1), wait=60)
+    # Only the embedder knows its model's sequence limit: accepted, then the run fails.
+    failed = predictions_stack.create(
+        {"model": models["embedding"], "input": {"input": "word " * 2000}}, wait=60
+    )
     assert failed["status"] == "failed", failed
-    assert "temperature" in failed["error"] and failed["output"] is None
+    assert failed["output"] is None and failed["completed_at"]
+    assert "truncate" in failed["error"], failed["error"]
 
 
 def test_an_unknown_model_or_id_is_a_404_or_400(predictions_stack: PredictionsStack) -> None:

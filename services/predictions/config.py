@@ -83,6 +83,10 @@ class PredictionsConfig:
     max_attempts: int = field(
         default=3, metadata={"help": "Runs of a prediction whose worker died before it fails."}
     )
+    predict_timeout_seconds: float = field(
+        default=1800.0,
+        metadata={"help": "The longest one run's gateway call may take; past it the prediction fails."},
+    )
     webhook_retry_seconds: float = field(
         default=3600.0, metadata={"help": "How long a webhook delivery is retried before it is abandoned."}
     )
@@ -127,6 +131,7 @@ class PredictionsConfig:
             "webhook_retry_seconds",
             "webhook_max_backoff_seconds",
             "webhook_timeout_seconds",
+            "predict_timeout_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

@@ -71,6 +71,8 @@ class RunnerSettings:
     max_output_bytes: int = 1_000_000
     retention_seconds: float = 7 * 24 * 3600.0
     purge_seconds: float = 3600.0
+    # The gateway call's deadline; a run past it fails (a stuck backend must not hold a slot forever).
+    predict_timeout_seconds: float = 1800.0
     # Backoff of a run the gateway refused as busy, when it sends no RetryInfo: base * 2^(attempt-1).
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0
@@ -354,6 +356,9 @@ class Runner:
         code = error.code()
         described = f"{code.name}: {error.details() or ''}"
         attempt = run.prediction.attempt
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            limit = self._settings.predict_timeout_seconds
+            described += f" (the run took longer than {limit:g} s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS)"
         if code in RETRYABLE and attempt < self._settings.max_attempts:
             delay = _retry_delay(error)
             if delay is None:
@@ -399,10 +404,11 @@ class Runner:
         """Calls the gateway; returns the task's unary-shaped output and (input, output) tokens."""
         prediction = run.prediction
         metadata = (*prediction.credentials.items(), ("x-request-id", prediction.id))
+        timeout = self._settings.predict_timeout_seconds
         assert self._generation is not None and self._embedding is not None
         if prediction.task == "embed":
             response = await self._embedding.Embed(
-                cast(embedding_pb2.EmbedRequest, request), metadata=metadata
+                cast(embedding_pb2.EmbedRequest, request), metadata=metadata, timeout=timeout
             )
             run.first_output = time.monotonic()
             return _to_json(response), (response.usage.prompt_tokens, 0)
@@ -413,7 +419,7 @@ class Runner:
             "math": generation.SolveMathStream,
             "coding": generation.SolveCodingStream,
         }
-        call = streams[prediction.task](request, metadata=metadata)
+        call = streams[prediction.task](request, metadata=metadata, timeout=timeout)
         try:
             messages = await self._consume(run, call, request)
         finally:

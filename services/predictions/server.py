@@ -66,6 +66,7 @@ def runner_settings(config: PredictionsConfig) -> RunnerSettings:
         max_output_bytes=config.max_output_bytes,
         retention_seconds=config.retention_seconds,
         purge_seconds=config.purge_seconds,
+        predict_timeout_seconds=config.predict_timeout_seconds,
     )
 
 

@@ -159,6 +159,7 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.metadata: list[dict[str, str]] = []
         self.requests: list[Any] = []
         self.cancelled = 0
+        self.embed_delay = 0.0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -220,6 +221,7 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.requests.append(request)
         if self.failure is not None:
             await self.failure.abort(context)
+        await asyncio.sleep(self.embed_delay)
         return embedding_pb2.EmbedResponse(
             data=[embedding_pb2.Embedding(index=0, embedding=[0.5, 0.25])],
             model=request.model,
@@ -438,6 +440,25 @@ async def test_a_refused_request_fails_with_the_code_and_the_field(
     row = store.rows[prediction_id]
     assert row.status == "failed" and store.releases == []
     assert row.error == "INVALID_ARGUMENT: parameters.temperature: must be at least 0"
+
+
+@pytest.mark.parametrize("task", ["generate", "embed"])
+async def test_a_gateway_call_past_the_predict_timeout_fails_naming_the_flag(
+    gateway: FakeGateway, make_runner: RunnerFactory, task: Task
+) -> None:
+    gateway.text = "x" * 500
+    gateway.delay = 0.01
+    gateway.embed_delay = 5.0
+    store = FakeStore()
+    prediction_id = store.add(task, {"prompt": "hi"} if task == "generate" else {"input": "a"})
+    started = time.monotonic()
+    await make_runner(store, predict_timeout_seconds=0.3)
+    await eventually(lambda: store.ended(prediction_id), 3.0)
+    row = store.rows[prediction_id]
+    assert row.status == "failed" and store.releases == []
+    assert row.error.startswith("DEADLINE_EXCEEDED")
+    assert "longer than 0.3 s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS" in row.error
+    assert time.monotonic() - started < 3.0
 
 
 async def test_an_input_the_request_cannot_carry_fails_without_a_call(

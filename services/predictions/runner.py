@@ -215,8 +215,13 @@ class Runner:
             claimed: list[Prediction] = []
             if free > 0:
                 try:
+                    # A run whose lease lapsed (a slow heartbeat) is still ours: not a new claim.
                     claimed = await self._store.claim(
-                        self._worker, settings.lease_seconds, free, settings.max_attempts
+                        self._worker,
+                        settings.lease_seconds,
+                        free,
+                        settings.max_attempts,
+                        exclude=frozenset(self._runs),
                     )
                 except Exception:
                     log.exception("claiming predictions failed; trying again")
@@ -228,6 +233,11 @@ class Runner:
                 await asyncio.wait_for(self._wake.wait(), settings.poll_seconds)
 
     def _begin(self, prediction: Prediction) -> None:
+        if prediction.id in self._runs:
+            # Never two runs of one prediction here; the store refuses the older run's writes,
+            # so it stops, and the claim's lease lapses for a later claim to run it once.
+            log.warning("prediction %s: claimed while already running here; not run twice", prediction.id)
+            return
         run = _Run(prediction)
         self._runs[prediction.id] = run
         RUNNING.inc()
@@ -271,7 +281,10 @@ class Runner:
             await asyncio.sleep(interval)
             try:
                 lease = await self._store.heartbeat(
-                    run.prediction.id, self._worker, self._settings.lease_seconds
+                    run.prediction.id,
+                    self._worker,
+                    self._settings.lease_seconds,
+                    attempt=run.prediction.attempt,
                 )
             except Exception:
                 log.exception("prediction %s: heartbeat failed", run.prediction.id)
@@ -390,13 +403,22 @@ class Runner:
         if run.first_output is not None:
             metrics["time_to_first_token"] = run.first_output - run.started
         ended = await self._store.finish(
-            prediction.id, self._worker, status, output, error, self._logs(run), metrics
+            prediction.id,
+            self._worker,
+            status,
+            output,
+            error,
+            self._logs(run),
+            metrics,
+            attempt=prediction.attempt,
         )
         FINISHED.labels(status if ended is not None else "lost").inc()
         self._changes.changed(prediction.id)
 
     async def _release(self, run: _Run, delay: float) -> None:
-        await self._store.release(run.prediction.id, self._worker, delay, self._logs(run))
+        await self._store.release(
+            run.prediction.id, self._worker, delay, self._logs(run), attempt=run.prediction.attempt
+        )
         FINISHED.labels("released").inc()
         self._changes.changed(run.prediction.id)
 
@@ -465,7 +487,12 @@ class Runner:
                 logs = self._logs(run)
                 events: tuple[Event, ...] = ("output", "logs") if logs != saved_logs else ("output",)
                 held = await self._store.progress(
-                    run.prediction.id, self._worker, {"text": partial}, logs, events
+                    run.prediction.id,
+                    self._worker,
+                    {"text": partial},
+                    logs,
+                    events,
+                    attempt=run.prediction.attempt,
                 )
                 self._changes.changed(run.prediction.id)
                 if not held:

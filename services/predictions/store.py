@@ -10,7 +10,7 @@ import binascii
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
@@ -392,11 +392,18 @@ class SqlStore:
         )
 
     async def claim(
-        self, worker: str, lease_seconds: float, limit: int, max_attempts: int
+        self,
+        worker: str,
+        lease_seconds: float,
+        limit: int,
+        max_attempts: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Prediction]:
         """Takes up to `limit` runnable predictions for `worker`, oldest first, each exactly once
-        across replicas (see records.Store.claim). A run whose lease expired after `max_attempts`
-        runs ends failed, and one whose cancel was asked for ends canceled, instead of rerunning."""
+        across replicas (see records.Store.claim), never one of `exclude`. A run whose lease expired
+        after `max_attempts` runs ends failed, and one whose cancel was asked for ends canceled,
+        instead of rerunning."""
         c = predictions.c
         claimed: list[Prediction] = []
         async with self._tx() as conn:
@@ -409,7 +416,7 @@ class SqlStore:
             )
             query = (
                 predictions.select()
-                .where(runnable)
+                .where(runnable, *([c.id.not_in(list(exclude))] if exclude else []))
                 .order_by(c.created_at, c.id)
                 .limit(max(1, limit))
                 .with_for_update(skip_locked=True)
@@ -453,22 +460,30 @@ class SqlStore:
                 claimed.append(after)
         return claimed
 
-    def _held(self, prediction_id: str, worker: str) -> sa.ColumnElement[bool]:
+    def _held(self, prediction_id: str, worker: str, attempt: int | None) -> sa.ColumnElement[bool]:
+        """The row while `worker` runs it; with `attempt`, only in that run (the same worker may
+        have claimed it again after its own lease lapsed: the older run must lose)."""
         c = predictions.c
-        return sa.and_(c.id == prediction_id, c.worker == worker, c.status == "processing")
+        held = sa.and_(c.id == prediction_id, c.worker == worker, c.status == "processing")
+        return held if attempt is None else sa.and_(held, c.attempt == attempt)
 
-    async def _held_row(self, conn: AsyncConnection, prediction_id: str, worker: str) -> Prediction | None:
-        query = predictions.select().where(self._held(prediction_id, worker)).with_for_update()
+    async def _held_row(
+        self, conn: AsyncConnection, prediction_id: str, worker: str, attempt: int | None
+    ) -> Prediction | None:
+        query = predictions.select().where(self._held(prediction_id, worker, attempt)).with_for_update()
         row = (await conn.execute(query)).first()
         return _prediction(row) if row is not None else None
 
-    async def heartbeat(self, prediction_id: str, worker: str, lease_seconds: float) -> Lease:
-        """Extends the lease while `worker` holds it; says whether a cancel was asked for."""
+    async def heartbeat(
+        self, prediction_id: str, worker: str, lease_seconds: float, *, attempt: int | None = None
+    ) -> Lease:
+        """Extends the lease while `worker` holds it (in run `attempt`, when given); says whether
+        a cancel was asked for."""
         async with self._tx() as conn:
             now = utcnow()
             result = await conn.execute(
                 predictions.update()
-                .where(self._held(prediction_id, worker))
+                .where(self._held(prediction_id, worker, attempt))
                 .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
                 .returning(predictions.c.cancel_requested)
             )
@@ -478,13 +493,20 @@ class SqlStore:
         return Lease(held=True, cancel_requested=bool(row[0]))
 
     async def progress(
-        self, prediction_id: str, worker: str, output: Any | None, logs: str, events: Sequence[Event]
+        self,
+        prediction_id: str,
+        worker: str,
+        output: Any | None,
+        logs: str,
+        events: Sequence[Event],
+        *,
+        attempt: int | None = None,
     ) -> bool:
-        """Saves partial output and logs while `worker` holds the lease, with the given events in
-        the outbox; False when the lease was lost."""
+        """Saves partial output and logs while `worker` holds the lease (in run `attempt`, when
+        given), with the given events in the outbox; False when the lease was lost."""
         async with self._tx() as conn:
             now = utcnow()
-            before = await self._held_row(conn, prediction_id, worker)
+            before = await self._held_row(conn, prediction_id, worker, attempt)
             if before is None:
                 return False
             values: dict[str, Any] = {"output": output, "logs": logs}
@@ -492,13 +514,22 @@ class SqlStore:
             await self._emit(conn, replace(before, **values), events, now)
         return True
 
-    async def release(self, prediction_id: str, worker: str, delay_seconds: float, logs: str) -> bool:
-        """Gives the prediction back (status starting, runnable after the delay) for a retry."""
+    async def release(
+        self,
+        prediction_id: str,
+        worker: str,
+        delay_seconds: float,
+        logs: str,
+        *,
+        attempt: int | None = None,
+    ) -> bool:
+        """Gives the prediction back (status starting, runnable after the delay) for a retry;
+        False when `worker` (in run `attempt`, when given) no longer holds it."""
         async with self._tx() as conn:
             now = utcnow()
             result = await conn.execute(
                 predictions.update()
-                .where(self._held(prediction_id, worker))
+                .where(self._held(prediction_id, worker, attempt))
                 .values(
                     status="starting",
                     worker="",
@@ -517,14 +548,16 @@ class SqlStore:
         error: str,
         logs: str,
         metrics: dict[str, float],
+        *,
+        attempt: int | None = None,
     ) -> Prediction | None:
-        """Ends a prediction `worker` holds (credentials cleared, `completed` event); None when
-        the lease was lost."""
+        """Ends a prediction `worker` holds (in run `attempt`, when given; credentials cleared,
+        `completed` event); None when the lease was lost."""
         if status not in TERMINAL:
             raise ValueError(f"finish needs a terminal status, not {status!r}")
         async with self._tx() as conn:
             now = utcnow()
-            before = await self._held_row(conn, prediction_id, worker)
+            before = await self._held_row(conn, prediction_id, worker, attempt)
             if before is None:
                 return None
             values: dict[str, Any] = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -45,6 +45,9 @@ class FakeStore:
         self.finishes: list[str] = []
         self.purged: list[datetime] = []
         self.claims = 0
+        # Running predictions whose lease lapsed: claim hands them out again (unless excluded).
+        self.lapsed: set[str] = set()
+        self.honor_exclude = True
 
     def add(self, task: Task, input: dict[str, Any], attempt: int = 0) -> str:
         prediction_id = f"p{len(self.rows) + 1}"
@@ -81,37 +84,76 @@ class FakeStore:
         self.rows[prediction_id] = row
         return row
 
-    def _holds(self, prediction_id: str, worker: str) -> bool:
+    def _holds(self, prediction_id: str, worker: str, attempt: int | None) -> bool:
         row = self.rows[prediction_id]
-        return row.worker == worker and row.status == "processing" and prediction_id not in self.lost
+        return (
+            row.worker == worker
+            and row.status == "processing"
+            and prediction_id not in self.lost
+            and (attempt is None or attempt == row.attempt)
+        )
 
     async def claim(
-        self, worker: str, lease_seconds: float, limit: int, max_attempts: int
+        self,
+        worker: str,
+        lease_seconds: float,
+        limit: int,
+        max_attempts: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Prediction]:
         self.claims += 1
         now = time.monotonic()
+        skip = set(exclude) if self.honor_exclude else set()
         due = [
-            row for row in self.rows.values() if row.status == "starting" and self.runnable_at[row.id] <= now
+            row
+            for row in self.rows.values()
+            if row.id not in skip
+            and (
+                (row.status == "starting" and self.runnable_at[row.id] <= now)
+                or (row.status == "processing" and row.id in self.lapsed)
+            )
         ][:limit]
+        self.lapsed -= {row.id for row in due}
         return [
             self._update(row.id, status="processing", worker=worker, attempt=row.attempt + 1) for row in due
         ]
 
-    async def heartbeat(self, prediction_id: str, worker: str, lease_seconds: float) -> Lease:
+    async def heartbeat(
+        self, prediction_id: str, worker: str, lease_seconds: float, *, attempt: int | None = None
+    ) -> Lease:
         row = self.rows[prediction_id]
-        return Lease(self._holds(prediction_id, worker), row.cancel_requested)
+        if self._holds(prediction_id, worker, attempt):
+            self.lapsed.discard(prediction_id)
+            return Lease(True, row.cancel_requested)
+        return Lease(False, row.cancel_requested)
 
     async def progress(
-        self, prediction_id: str, worker: str, output: Any | None, logs: str, events: Sequence[Event]
+        self,
+        prediction_id: str,
+        worker: str,
+        output: Any | None,
+        logs: str,
+        events: Sequence[Event],
+        *,
+        attempt: int | None = None,
     ) -> bool:
-        if not self._holds(prediction_id, worker):
+        if not self._holds(prediction_id, worker, attempt):
             return False
         self.progress_calls.append((prediction_id, output, logs, tuple(events)))
         self._update(prediction_id, output=output, logs=logs)
         return True
 
-    async def release(self, prediction_id: str, worker: str, delay_seconds: float, logs: str) -> bool:
-        if not self._holds(prediction_id, worker):
+    async def release(
+        self,
+        prediction_id: str,
+        worker: str,
+        delay_seconds: float,
+        logs: str,
+        *,
+        attempt: int | None = None,
+    ) -> bool:
+        if not self._holds(prediction_id, worker, attempt):
             return False
         self.releases.append((prediction_id, delay_seconds, logs))
         self.runnable_at[prediction_id] = time.monotonic() + delay_seconds
@@ -127,8 +169,10 @@ class FakeStore:
         error: str,
         logs: str,
         metrics: dict[str, float],
+        *,
+        attempt: int | None = None,
     ) -> Prediction | None:
-        if not self._holds(prediction_id, worker):
+        if not self._holds(prediction_id, worker, attempt):
             return None
         self.finishes.append(prediction_id)
         return self._update(
@@ -400,6 +444,44 @@ async def test_a_lost_lease_drops_the_run_silently(gateway: FakeGateway, make_ru
     await eventually(lambda: gateway.cancelled == 1)
     assert store.finishes == [] and store.releases == []
     assert store.rows[prediction_id].status == "processing"
+
+
+async def test_a_run_whose_own_lease_lapsed_is_not_claimed_again_by_its_worker(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.text = "x" * 60
+    gateway.delay = 0.01
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: bool(store.progress_calls))
+    store.lapsed.add(prediction_id)
+    claims = store.claims
+    runner.wake()
+    await eventually(lambda: store.claims >= claims + 2)
+    await eventually(lambda: store.ended(prediction_id))
+    row = store.rows[prediction_id]
+    assert row.status == "succeeded" and row.attempt == 1
+    assert len(gateway.requests) == 1
+
+
+async def test_a_claim_of_a_prediction_running_here_does_not_start_a_second_run(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.text = "x" * 60
+    gateway.delay = 0.01
+    store = FakeStore()
+    store.honor_exclude = False
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: bool(store.progress_calls))
+    store.lapsed.add(prediction_id)
+    runner.wake()
+    await eventually(lambda: store.rows[prediction_id].attempt == 2)
+    # The first run's writes now fail (the store holds attempt 2): it stops; none starts twice.
+    await eventually(lambda: runner.running == 0, 2.0)
+    assert len(gateway.requests) == 1
+    assert store.finishes == [] and store.rows[prediction_id].status == "processing"
 
 
 async def test_a_busy_gateway_releases_with_its_retry_delay_then_fails_after_max_attempts(

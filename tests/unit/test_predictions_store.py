@@ -225,6 +225,27 @@ async def test_expired_lease_is_taken_over_and_the_old_worker_loses(store: SqlSt
     assert done is not None and done.output == {"text": "new"}
 
 
+async def test_a_worker_that_claims_its_own_lapsed_run_again_fences_the_old_run(store: SqlStore) -> None:
+    created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    [first] = await store.claim("w1", 0.01, 1, 3)
+    await expire(store)
+    # The worker still runs it: it asks claim to leave it out.
+    assert await store.claim("w1", 30, 1, 3, exclude=[created.id]) == []
+    assert (await store.heartbeat(created.id, "w1", 0.01, attempt=first.attempt)).held
+    await expire(store)
+    [second] = await store.claim("w1", 30, 1, 3)
+    assert (second.attempt, second.worker) == (2, "w1")
+    # Same worker, older run: every write of run 1 is refused.
+    assert (await store.heartbeat(created.id, "w1", 30, attempt=1)).held is False
+    assert await store.progress(created.id, "w1", {"text": "old"}, "", ["output"], attempt=1) is False
+    assert await store.release(created.id, "w1", 0, "", attempt=1) is False
+    assert await store.finish(created.id, "w1", "succeeded", {"text": "old"}, "", "", {}, attempt=1) is None
+    assert (await store.heartbeat(created.id, "w1", 30, attempt=2)).held
+    assert await store.progress(created.id, "w1", {"text": "new"}, "", ["output"], attempt=2)
+    done = await store.finish(created.id, "w1", "succeeded", {"text": "new"}, "", "", {}, attempt=2)
+    assert done is not None and done.output == {"text": "new"}
+
+
 async def test_lease_lost_max_attempts_times_fails_the_prediction(store: SqlStore) -> None:
     created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
     assert len(await store.claim("w1", 0.01, 1, 2)) == 1

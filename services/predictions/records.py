@@ -234,7 +234,8 @@ class Store(Protocol):
     async def abandon_delivery(self, delivery_id: str, error: str) -> None: ...
 
     async def purge(self, older_than: datetime) -> int:
-        """Deletes ended predictions completed before `older_than`, with their outbox rows."""
+        """Deletes ended predictions completed before `older_than`, with their outbox rows, except
+        those with a delivery still pending (neither delivered nor abandoned)."""
         ...
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:

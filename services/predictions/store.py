@@ -610,9 +610,14 @@ class SqlStore:
         return after
 
     async def purge(self, older_than: datetime) -> int:
-        """Deletes ended predictions completed before `older_than`, with their outbox rows."""
+        """Deletes ended predictions completed before `older_than`, with their outbox rows; one
+        with a delivery still to be sent (neither delivered nor abandoned) waits for it."""
         c = predictions.c
-        ended = sa.select(c.id).where(c.status.in_(TERMINAL), c.completed_at < older_than)
+        d = webhook_deliveries.c
+        pending = sa.exists().where(
+            d.prediction_id == c.id, d.delivered_at.is_(None), d.abandoned_at.is_(None)
+        )
+        ended = sa.select(c.id).where(c.status.in_(TERMINAL), c.completed_at < older_than, ~pending)
         async with self._tx() as conn:
             await conn.execute(
                 webhook_deliveries.delete().where(webhook_deliveries.c.prediction_id.in_(ended))

@@ -405,12 +405,36 @@ async def test_outbox_hands_each_attempt_to_one_sender(store: SqlStore) -> None:
 async def test_purge_deletes_ended_predictions_and_their_outbox(store: SqlStore) -> None:
     ended = await make_running(store, webhook="https://hook.example/x")
     await store.finish(ended.id, "w1", "succeeded", None, "", "", {})
+    for delivery in await store.due_deliveries("s1", 10, 30):
+        await store.delivered(delivery.id)
     waiting = await store.create(new(), 0, 0)
     assert await store.purge(datetime.now(UTC) - timedelta(hours=1)) == 0
     assert await store.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert await store.get(ended.id) is None
     assert await store.deliveries_for(ended.id) == []
     assert await store.get(waiting.id) is not None
+
+
+async def test_purge_keeps_a_prediction_until_its_webhooks_are_sent_or_abandoned(store: SqlStore) -> None:
+    sent = await make_running(store, webhook="https://hook.example/x")
+    await store.finish(sent.id, "w1", "succeeded", None, "", "", {})
+    given_up = await make_running(store, webhook="https://hook.example/x")
+    await store.finish(given_up.id, "w1", "failed", None, "boom", "", {})
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert await store.purge(later) == 0
+    assert len(await store.deliveries_for(sent.id)) == 2
+    for delivery in await store.due_deliveries("s1", 10, 30):
+        if delivery.prediction_id == sent.id:
+            await store.delivered(delivery.id)
+        elif delivery.event == "completed":
+            await store.abandon_delivery(delivery.id, "gave up")
+    # given_up's `start` is still pending: it stays; sent's are all delivered.
+    assert await store.purge(later) == 1
+    assert await store.get(sent.id) is None and await store.get(given_up.id) is not None
+    [start] = [d for d in await store.deliveries_for(given_up.id) if d["event"] == "start"]
+    await store.delivered(start["id"])
+    assert await store.purge(later) == 1
+    assert await store.deliveries_for(given_up.id) == []
 
 
 async def test_setting_is_made_once_by_whoever_asks_first(open_at: OpenStore) -> None:

@@ -10,10 +10,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -59,6 +59,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 StopReason = Literal["cancel", "lease", "shutdown", "too_large"]
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
@@ -98,6 +100,8 @@ class _Run:
     first_output: float | None = None
     # The output's size when it went over the limit.
     oversize: int = 0
+    # The last progress write, which goes on to its end when the call is cancelled meanwhile.
+    writing: asyncio.Future[Any] | None = None
 
     def stop(self, reason: StopReason) -> None:
         """Cancels the gateway call (the generator frees the slot); the first reason wins."""
@@ -110,6 +114,20 @@ class _Run:
 
 class _Ended(Exception):
     """A run ended on purpose before its output (canceled, lease lost, shut down, too large)."""
+
+
+def _retrieved(write: asyncio.Future[Any]) -> None:
+    # Whoever awaited the write sees its failure; one whose caller was cancelled is only logged.
+    if not write.cancelled() and write.exception() is not None:
+        log.debug("a store write failed after its caller was cancelled", exc_info=write.exception())
+
+
+async def _whole(write: Awaitable[T]) -> T:
+    """Awaits a store write that runs to its end even if the caller is cancelled meanwhile (a
+    transaction is never cut in half); the caller still sees the cancel at once."""
+    task = asyncio.ensure_future(write)
+    task.add_done_callback(_retrieved)
+    return await asyncio.shield(task)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -280,11 +298,13 @@ class Runner:
         while True:
             await asyncio.sleep(interval)
             try:
-                lease = await self._store.heartbeat(
-                    run.prediction.id,
-                    self._worker,
-                    self._settings.lease_seconds,
-                    attempt=run.prediction.attempt,
+                lease = await _whole(
+                    self._store.heartbeat(
+                        run.prediction.id,
+                        self._worker,
+                        self._settings.lease_seconds,
+                        attempt=run.prediction.attempt,
+                    )
                 )
             except Exception:
                 log.exception("prediction %s: heartbeat failed", run.prediction.id)
@@ -402,25 +422,36 @@ class Runner:
             metrics["output_token_count"] = float(usage[1])
         if run.first_output is not None:
             metrics["time_to_first_token"] = run.first_output - run.started
-        ended = await self._store.finish(
-            prediction.id,
-            self._worker,
-            status,
-            output,
-            error,
-            self._logs(run),
-            metrics,
-            attempt=prediction.attempt,
+        await self._settled(run)
+        ended = await _whole(
+            self._store.finish(
+                prediction.id,
+                self._worker,
+                status,
+                output,
+                error,
+                self._logs(run),
+                metrics,
+                attempt=prediction.attempt,
+            )
         )
         FINISHED.labels(status if ended is not None else "lost").inc()
         self._changes.changed(prediction.id)
 
     async def _release(self, run: _Run, delay: float) -> None:
-        await self._store.release(
-            run.prediction.id, self._worker, delay, self._logs(run), attempt=run.prediction.attempt
+        await self._settled(run)
+        await _whole(
+            self._store.release(
+                run.prediction.id, self._worker, delay, self._logs(run), attempt=run.prediction.attempt
+            )
         )
         FINISHED.labels("released").inc()
         self._changes.changed(run.prediction.id)
+
+    async def _settled(self, run: _Run) -> None:
+        """Waits for a progress write the cancel left running, so the run's last write is last."""
+        if run.writing is not None and not run.writing.done():
+            await asyncio.wait([run.writing])
 
     async def _call(self, run: _Run, request: Message) -> tuple[dict[str, Any], tuple[int, int]]:
         """Calls the gateway; returns the task's unary-shaped output and (input, output) tokens."""
@@ -486,14 +517,18 @@ class Runner:
             if partial != saved_text and now - last_save >= self._settings.progress_seconds:
                 logs = self._logs(run)
                 events: tuple[Event, ...] = ("output", "logs") if logs != saved_logs else ("output",)
-                held = await self._store.progress(
-                    run.prediction.id,
-                    self._worker,
-                    {"text": partial},
-                    logs,
-                    events,
-                    attempt=run.prediction.attempt,
+                write = asyncio.ensure_future(
+                    self._store.progress(
+                        run.prediction.id,
+                        self._worker,
+                        {"text": partial},
+                        logs,
+                        events,
+                        attempt=run.prediction.attempt,
+                    )
                 )
+                run.writing = write
+                held = await _whole(write)
                 self._changes.changed(run.prediction.id)
                 if not held:
                     run.stop("lease")

@@ -48,6 +48,9 @@ class FakeStore:
         # Running predictions whose lease lapsed: claim hands them out again (unless excluded).
         self.lapsed: set[str] = set()
         self.honor_exclude = True
+        # How long each progress write takes, and the order writes began and ended in.
+        self.progress_seconds = 0.0
+        self.writes: list[str] = []
 
     def add(self, task: Task, input: dict[str, Any], attempt: int = 0) -> str:
         prediction_id = f"p{len(self.rows) + 1}"
@@ -140,6 +143,9 @@ class FakeStore:
     ) -> bool:
         if not self._holds(prediction_id, worker, attempt):
             return False
+        self.writes.append("progress")
+        await asyncio.sleep(self.progress_seconds)
+        self.writes.append("progress done")
         self.progress_calls.append((prediction_id, output, logs, tuple(events)))
         self._update(prediction_id, output=output, logs=logs)
         return True
@@ -155,6 +161,7 @@ class FakeStore:
     ) -> bool:
         if not self._holds(prediction_id, worker, attempt):
             return False
+        self.writes.append("release")
         self.releases.append((prediction_id, delay_seconds, logs))
         self.runnable_at[prediction_id] = time.monotonic() + delay_seconds
         self._update(prediction_id, status="starting", worker="", logs=logs)
@@ -174,6 +181,7 @@ class FakeStore:
     ) -> Prediction | None:
         if not self._holds(prediction_id, worker, attempt):
             return None
+        self.writes.append("finish")
         self.finishes.append(prediction_id)
         return self._update(
             prediction_id,
@@ -415,6 +423,26 @@ async def test_cancel_local_cancels_the_gateway_call(
     assert store.rows[prediction_id].status == "canceled"
     await eventually(lambda: gateway.cancelled == 1)
     assert runner.running == 0
+
+
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_a_cancel_or_stop_lets_a_progress_write_end_before_the_last_write(
+    gateway: FakeGateway, make_runner: RunnerFactory, how: str
+) -> None:
+    gateway.text = "x" * 500
+    gateway.delay = 0.01
+    store = FakeStore()
+    store.progress_seconds = 0.2
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: store.writes == ["progress"])
+    if how == "cancel":
+        assert runner.cancel_local(prediction_id)
+        await eventually(lambda: store.ended(prediction_id))
+    else:
+        await within(runner.stop(0))
+    assert store.writes == ["progress", "progress done", "finish" if how == "cancel" else "release"]
+    assert [output for _, output, _, _ in store.progress_calls] == [{"text": "x"}]
 
 
 async def test_a_cancel_seen_by_the_heartbeat_ends_the_run(

@@ -47,8 +47,11 @@ QUEUE_WAIT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-# Statuses a gateway answers when it is busy or away: the prediction is tried again later.
-RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+# Statuses a gateway answers when it is busy or away (CANCELLED: e.g. it restarted mid-call; a
+# cancel of ours never gets here): the prediction is tried again later.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+)
 
 # As the gateway's own backend channels: big embedding answers fit, and idle links are noticed.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -389,6 +392,18 @@ class Runner:
         code = error.code()
         described = f"{code.name}: {error.details() or ''}"
         attempt = run.prediction.attempt
+        if code == grpc.StatusCode.CANCELLED:
+            # The cancel may still be ours: asked for on another replica, or the lease lost,
+            # just before the heartbeat would have said so.
+            lease = await _whole(
+                self._store.heartbeat(
+                    run.prediction.id, self._worker, self._settings.lease_seconds, attempt=attempt
+                )
+            )
+            if not lease.held or lease.cancel_requested:
+                run.stop("lease" if not lease.held else "cancel")
+                await self._end_stopped(run)
+                return
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             limit = self._settings.predict_timeout_seconds
             described += f" (the run took longer than {limit:g} s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS)"

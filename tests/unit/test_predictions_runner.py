@@ -212,6 +212,8 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.requests: list[Any] = []
         self.cancelled = 0
         self.embed_delay = 0.0
+        # Seconds before `failure` is answered.
+        self.fail_after = 0.0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -222,6 +224,7 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.metadata.append({key: str(value) for key, value in context.invocation_metadata() or ()})
         self.requests.append(request)
         if self.failure is not None:
+            await asyncio.sleep(self.fail_after)
             await self.failure.abort(context)
         try:
             for i, piece in enumerate(self.text):
@@ -525,6 +528,34 @@ async def test_a_busy_gateway_releases_with_its_retry_delay_then_fails_after_max
     assert row.status == "failed" and row.attempt == 3
     assert row.error == "RESOURCE_EXHAUSTED: queue full (after 3 attempts)"
     assert "retrying in 0.05 s" in row.logs
+
+
+async def test_a_call_the_gateway_cancelled_is_retried_then_fails_after_max_attempts(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.CANCELLED, "gateway restarting", (retry_info(0.05),))
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store, max_attempts=3)
+    await eventually(lambda: store.ended(prediction_id))
+    row = store.rows[prediction_id]
+    assert [delay for _, delay, _ in store.releases] == pytest.approx([0.05, 0.05])
+    assert row.status == "failed" and row.error == "CANCELLED: gateway restarting (after 3 attempts)"
+
+
+async def test_a_gateway_cancel_after_a_cancel_was_asked_ends_canceled(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
+    gateway.fail_after = 0.2
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store)
+    await eventually(lambda: bool(gateway.requests))
+    # Asked on another replica; this runner's heartbeat has not seen it yet.
+    store._update(prediction_id, cancel_requested=True)
+    await eventually(lambda: store.ended(prediction_id))
+    assert store.rows[prediction_id].status == "canceled" and store.releases == []
 
 
 async def test_an_unavailable_gateway_backs_off_without_retry_info(

@@ -45,6 +45,10 @@ from services.predictions.records import (
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
+# Events whose newest delivery supersedes the earlier ones still unsent: each carries the whole
+# prediction, so only the latest matters (`start` and `completed` are never superseded).
+SUPERSEDED_EVENTS: frozenset[str] = frozenset({"output", "logs"})
+
 # Advisory lock numbers of our own (PostgreSQL): replicas starting together migrate one after
 # the other, and creators check the queue bounds one after the other.
 _PG_MIGRATION_LOCK = 0x70726564
@@ -630,7 +634,8 @@ class SqlStore:
     async def _emit(
         self, conn: AsyncConnection, after: Prediction, events: Sequence[Event], now: datetime
     ) -> None:
-        """Queues the events the prediction's webhook asked for (an empty filter: all)."""
+        """Queues the events the prediction's webhook asked for (an empty filter: all); a new
+        output or logs event abandons the prediction's unsent ones of the same kind."""
         if not after.webhook:
             return
         wanted = [
@@ -641,6 +646,19 @@ class SqlStore:
         if not wanted:
             return
         body = self._render(after)
+        newer = [e for e in wanted if e in SUPERSEDED_EVENTS]
+        if newer:
+            d = webhook_deliveries.c
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    d.prediction_id == after.id,
+                    d.event.in_(newer),
+                    d.delivered_at.is_(None),
+                    d.abandoned_at.is_(None),
+                )
+                .values(abandoned_at=now, last_error="superseded by a newer event of its kind")
+            )
         # Ids sort in the order the events happened (as KSUIDs do), so the outbox sends them so.
         stamp = f"{time.time_ns():016x}"
         await conn.execute(

@@ -335,6 +335,36 @@ async def test_progress_then_finish_store_output_and_events(store: SqlStore) -> 
     assert await store.finish(running.id, "w1", "failed", None, "late", "", {}) is None
 
 
+async def test_a_new_output_or_logs_event_supersedes_the_unsent_ones(store: SqlStore) -> None:
+    running = await make_running(store, webhook="https://hook.example/x")
+    assert await store.progress(running.id, "w1", {"text": "a"}, "1", ["output", "logs"])
+    [_start, first_output, first_logs] = await store.due_deliveries("s1", 10, 30)
+    await store.delivered(first_output.id)
+    for text in ("ab", "abc"):
+        assert await store.progress(running.id, "w1", {"text": text}, text, ["output", "logs"])
+    await store.finish(running.id, "w1", "succeeded", {"text": "abcd"}, "", "", {})
+    rows = await store.deliveries_for(running.id)
+    pending = [(d["event"], json.loads(d["body"])["output"]) for d in rows if d["abandoned_at"] is None]
+    assert pending == [
+        ("start", None),
+        ("output", {"text": "a"}),
+        ("output", {"text": "abc"}),
+        ("logs", {"text": "abc"}),
+        ("completed", {"text": "abcd"}),
+    ]
+    superseded = [d for d in rows if d["abandoned_at"] is not None]
+    assert [(d["event"], json.loads(d["body"])["output"]) for d in superseded] == [
+        ("logs", {"text": "a"}),
+        ("output", {"text": "ab"}),
+        ("logs", {"text": "ab"}),
+    ]
+    assert all("superseded" in d["last_error"] for d in superseded)
+    # Still in flight when superseded: its outcome is recorded, and it is not sent again.
+    await store.retry_delivery(first_logs.id, datetime.now(UTC) - timedelta(seconds=1), "HTTP 503")
+    due = await store.due_deliveries("s1", 10, 30)
+    assert first_logs.id not in {d.id for d in due}
+
+
 async def test_events_follow_the_webhook_and_its_filter(store: SqlStore) -> None:
     silent = await make_running(store)
     assert await store.progress(silent.id, "w1", {"text": "x"}, "", ["output"])

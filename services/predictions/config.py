@@ -22,6 +22,13 @@ class PredictionsConfig:
             "postgresql+psycopg://user@host:port/db for several."
         },
     )
+    database_pool_size: int = field(
+        default=0,
+        metadata={
+            "help": "Pooled database connections; 0: derived, concurrency + concurrency/2 (webhook "
+            "sends) + 4 (API calls, purge)."
+        },
+    )
     gateway_address: str = field(
         default="127.0.0.1:50051",
         metadata={"help": "The gateway (host:port) that runs predictions with each caller's credentials."},
@@ -111,7 +118,7 @@ class PredictionsConfig:
             raise ValueError(f"--public-url must be an http(s) URL, got {self.public_url!r}")
         if self.webhook_secret and not self.webhook_secret.startswith("whsec_"):
             raise ValueError("--webhook-secret must start with 'whsec_'")
-        for name in ("max_waiting_per_key", "max_waiting_total"):
+        for name in ("max_waiting_per_key", "max_waiting_total", "database_pool_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in (
@@ -135,6 +142,11 @@ class PredictionsConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+    @property
+    def pool_size(self) -> int:
+        """--database-pool-size, else enough for the runs, the webhook sends and the API at once."""
+        return self.database_pool_size or self.concurrency + (self.concurrency + 1) // 2 + 4
 
     @property
     def worker(self) -> str:

@@ -233,9 +233,10 @@ class Store(Protocol):
 
     async def abandon_delivery(self, delivery_id: str, error: str) -> None: ...
 
-    async def purge(self, older_than: datetime) -> int:
+    async def purge(self, older_than: datetime, *, batch_size: int = 500) -> int:
         """Deletes ended predictions completed before `older_than`, with their outbox rows, except
-        those with a delivery still pending (neither delivered nor abandoned)."""
+        those with a delivery still pending (neither delivered nor abandoned); `batch_size`
+        predictions per transaction."""
         ...
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:

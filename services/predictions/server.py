@@ -88,7 +88,9 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     if keys.open:
         log.warning("no API keys configured: the predictions service is OPEN (set --api-keys-file)")
     store = await open_store(
-        config.database_url, functools.partial(convert.prediction_json, public_url=config.public_url)
+        config.database_url,
+        functools.partial(convert.prediction_json, public_url=config.public_url),
+        pool_size=config.pool_size,
     )
     secret = config.webhook_secret or await store.setting("webhook_secret", webhooks.new_secret)
     worker = config.worker

@@ -613,21 +613,29 @@ class SqlStore:
                 await self._emit(conn, after, ("completed",), now)
         return after
 
-    async def purge(self, older_than: datetime) -> int:
+    async def purge(self, older_than: datetime, *, batch_size: int = 500) -> int:
         """Deletes ended predictions completed before `older_than`, with their outbox rows; one
-        with a delivery still to be sent (neither delivered nor abandoned) waits for it."""
+        with a delivery still to be sent (neither delivered nor abandoned) waits for it. At most
+        `batch_size` predictions a transaction, so other writers get the database in between."""
         c = predictions.c
         d = webhook_deliveries.c
         pending = sa.exists().where(
             d.prediction_id == c.id, d.delivered_at.is_(None), d.abandoned_at.is_(None)
         )
-        ended = sa.select(c.id).where(c.status.in_(TERMINAL), c.completed_at < older_than, ~pending)
-        async with self._tx() as conn:
-            await conn.execute(
-                webhook_deliveries.delete().where(webhook_deliveries.c.prediction_id.in_(ended))
-            )
-            result = await conn.execute(predictions.delete().where(c.id.in_(ended)))
-            return result.rowcount
+        ended = (
+            sa.select(c.id)
+            .where(c.status.in_(TERMINAL), c.completed_at < older_than, ~pending)
+            .limit(max(1, batch_size))
+        )
+        purged = 0
+        while True:
+            async with self._tx() as conn:
+                ids = list((await conn.execute(ended)).scalars())
+                if ids:
+                    await conn.execute(webhook_deliveries.delete().where(d.prediction_id.in_(ids)))
+                    purged += (await conn.execute(predictions.delete().where(c.id.in_(ids)))).rowcount
+            if len(ids) < max(1, batch_size):
+                return purged
 
     # --- webhook outbox ----------------------------------------------------------------------
 
@@ -860,8 +868,9 @@ def _make_parent(path: str) -> None:
 
 
 async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> SqlStore:
-    """Connects, runs the migrations to head, and returns the store. SQLite file URLs get their
-    folder created."""
+    """Connects, runs the migrations to head, and returns the store, with `pool_size` pooled
+    connections (beyond them, up to 10 more while busy). SQLite file URLs get their folder
+    created."""
     parsed = make_url(url)
     options: dict[str, Any] = {}
     in_memory = False
@@ -873,6 +882,8 @@ async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> Sq
         else:
             await asyncio.to_thread(_make_parent, database)
         options["connect_args"] = {"timeout": 30}
+        if not in_memory:
+            options["pool_size"] = pool_size
     else:
         options.update(pool_size=pool_size, pool_pre_ping=True)
     engine = create_async_engine(url, **options)

@@ -23,6 +23,7 @@ from inference.v1 import (
 )
 
 from services.common.errors import RpcFailure, invalid_argument, retry_info
+from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Lease, Prediction, Status, Store, Task
 from services.predictions.runner import Runner, RunnerSettings
@@ -717,3 +718,11 @@ async def test_the_runner_notifies_every_write(gateway: FakeGateway, make_runner
     await make_runner(store, changes)
     await within(watcher)
     assert seen and all(seen)
+
+
+def test_the_pool_size_is_derived_from_the_concurrency_unless_set() -> None:
+    assert PredictionsConfig(concurrency=16).pool_size == 16 + 8 + 4
+    assert PredictionsConfig(concurrency=3).pool_size == 3 + 2 + 4
+    assert PredictionsConfig(database_pool_size=5).pool_size == 5
+    with pytest.raises(ValueError, match="--database-pool-size must not be negative"):
+        PredictionsConfig(database_pool_size=-1).validate()

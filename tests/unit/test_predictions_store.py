@@ -467,6 +467,25 @@ async def test_purge_keeps_a_prediction_until_its_webhooks_are_sent_or_abandoned
     assert await store.deliveries_for(given_up.id) == []
 
 
+async def test_purge_deletes_in_batches_of_one_transaction_each(store: SqlStore) -> None:
+    for _ in range(5):
+        running = await make_running(store)
+        await store.finish(running.id, "w1", "succeeded", None, "", "", {})
+    commits: list[int] = []
+    sa.event.listen(store.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    assert await store.purge(datetime.now(UTC) + timedelta(seconds=1), batch_size=2) == 5
+    assert len(commits) == 3
+    assert await store.purge(datetime.now(UTC) + timedelta(seconds=1), batch_size=2) == 0
+
+
+async def test_the_pool_holds_the_size_asked_for(store_url: str) -> None:
+    store = await open_store(store_url, render, pool_size=7)
+    try:
+        assert store.engine.pool.size() == 7  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
 async def test_setting_is_made_once_by_whoever_asks_first(open_at: OpenStore) -> None:
     stores = [await open_at(), await open_at()]
     values = await asyncio.gather(

@@ -90,6 +90,13 @@ class PredictionsConfig:
     max_attempts: int = field(
         default=3, metadata={"help": "Runs of a prediction whose worker died before it fails."}
     )
+    progress_seconds: float = field(
+        default=0.5,
+        metadata={
+            "help": "The output/logs webhook throttle: at most one partial-output save (and so one "
+            "output and one logs event) per prediction per this many seconds (0: every token)."
+        },
+    )
     predict_timeout_seconds: float = field(
         default=1800.0,
         metadata={"help": "The longest one run's gateway call may take; past it the prediction fails."},
@@ -118,7 +125,7 @@ class PredictionsConfig:
             raise ValueError(f"--public-url must be an http(s) URL, got {self.public_url!r}")
         if self.webhook_secret and not self.webhook_secret.startswith("whsec_"):
             raise ValueError("--webhook-secret must start with 'whsec_'")
-        for name in ("max_waiting_per_key", "max_waiting_total", "database_pool_size"):
+        for name in ("max_waiting_per_key", "max_waiting_total", "database_pool_size", "progress_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in (

@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import keepalive
 from services.predictions import tasks
+from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Prediction, Status, Store
 
@@ -65,19 +66,26 @@ StopReason = Literal["cancel", "lease", "shutdown", "too_large"]
 T = TypeVar("T")
 
 
+# The service's own defaults: settings built without a config agree with one built from it.
+_DEFAULTS = PredictionsConfig()
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
-    concurrency: int = 8
-    lease_seconds: float = 30.0
-    poll_seconds: float = 1.0
-    max_attempts: int = 3
+    """How the runner works; each field is the PredictionsConfig field of its name (the server
+    builds it from the config), except the busy-gateway backoff below."""
+
+    concurrency: int = _DEFAULTS.concurrency
+    lease_seconds: float = _DEFAULTS.lease_seconds
+    poll_seconds: float = _DEFAULTS.poll_seconds
+    max_attempts: int = _DEFAULTS.max_attempts
     # At most one progress write (and so one output/logs webhook) per this many seconds.
-    progress_seconds: float = 0.5
-    max_output_bytes: int = 1_000_000
-    retention_seconds: float = 7 * 24 * 3600.0
-    purge_seconds: float = 3600.0
+    progress_seconds: float = _DEFAULTS.progress_seconds
+    max_output_bytes: int = _DEFAULTS.max_output_bytes
+    retention_seconds: float = _DEFAULTS.retention_seconds
+    purge_seconds: float = _DEFAULTS.purge_seconds
     # The gateway call's deadline; a run past it fails (a stuck backend must not hold a slot forever).
-    predict_timeout_seconds: float = 1800.0
+    predict_timeout_seconds: float = _DEFAULTS.predict_timeout_seconds
     # Backoff of a run the gateway refused as busy, when it sends no RetryInfo: base * 2^(attempt-1).
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0

@@ -57,12 +57,13 @@ class PredictionsServer:
 
 
 def runner_settings(config: PredictionsConfig) -> RunnerSettings:
+    """The runner's settings, all from the config."""
     return RunnerSettings(
         concurrency=config.concurrency,
         lease_seconds=config.lease_seconds,
         poll_seconds=config.poll_seconds,
         max_attempts=config.max_attempts,
-        progress_seconds=0.5,
+        progress_seconds=config.progress_seconds,
         max_output_bytes=config.max_output_bytes,
         retention_seconds=config.retention_seconds,
         purge_seconds=config.purge_seconds,
@@ -71,6 +72,7 @@ def runner_settings(config: PredictionsConfig) -> RunnerSettings:
 
 
 def webhook_settings(config: PredictionsConfig) -> WebhookSettings:
+    """The webhook sender's settings, all from the config."""
     return WebhookSettings(
         retry_seconds=config.webhook_retry_seconds,
         max_backoff_seconds=config.webhook_max_backoff_seconds,

@@ -27,6 +27,8 @@ from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Lease, Prediction, Status, Store, Task
 from services.predictions.runner import Runner, RunnerSettings
+from services.predictions.server import runner_settings, webhook_settings
+from services.predictions.webhooks import WebhookSettings
 from tests.unit.fakes import eventually, within
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -726,3 +728,14 @@ def test_the_pool_size_is_derived_from_the_concurrency_unless_set() -> None:
     assert PredictionsConfig(database_pool_size=5).pool_size == 5
     with pytest.raises(ValueError, match="--database-pool-size must not be negative"):
         PredictionsConfig(database_pool_size=-1).validate()
+
+
+def test_the_settings_defaults_are_the_configs_and_the_server_builds_them_from_it() -> None:
+    assert runner_settings(PredictionsConfig()) == RunnerSettings()
+    assert webhook_settings(PredictionsConfig()) == WebhookSettings()
+    chosen = PredictionsConfig(progress_seconds=2.0, predict_timeout_seconds=9.0, concurrency=3)
+    settings = runner_settings(chosen)
+    assert (settings.progress_seconds, settings.predict_timeout_seconds) == (2.0, 9.0)
+    assert settings.concurrency == 3 and webhook_settings(chosen).concurrency == 3
+    with pytest.raises(ValueError, match="--progress-seconds must not be negative"):
+        PredictionsConfig(progress_seconds=-1).validate()

@@ -99,6 +99,8 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     changes = Changes()
     runner = Runner(store, config.gateway_address, runner_settings(config), changes, worker)
     sender = WebhookSender(store, secret, worker, webhook_settings(config))
+    # Events this replica queues (the runner's, the servicer's cancels) go out at once.
+    store.on_events(sender.wake)
     gateway = grpc.aio.insecure_channel(config.gateway_address, options=keepalive.client_options())
     server = grpc.aio.server(
         interceptors=[

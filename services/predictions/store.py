@@ -49,6 +49,9 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # prediction, so only the latest matters (`start` and `completed` are never superseded).
 SUPERSEDED_EVENTS: frozenset[str] = frozenset({"output", "logs"})
 
+# Marks, in a connection's info, a transaction that queued outbox rows.
+_EMITTED = "predictions_emitted"
+
 # Advisory lock numbers of our own (PostgreSQL): replicas starting together migrate one after
 # the other, and creators check the queue bounds one after the other.
 _PG_MIGRATION_LOCK = 0x70726564
@@ -260,10 +263,16 @@ class SqlStore:
         # than in SQLite's busy handler, whose sleeps starve some of them for seconds under load;
         # the busy timeout is left for writers in other processes.
         self._writer = asyncio.Lock() if self.dialect == "sqlite" and not serialize else None
+        self._event_listeners: list[Callable[[], None]] = []
 
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    def on_events(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (e.g. the webhook sender's wake) after each commit that queued
+        webhook events in this process, so they go out without waiting for the next poll."""
+        self._event_listeners.append(listener)
 
     @asynccontextmanager
     async def _tx(self, write: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -282,8 +291,14 @@ class SqlStore:
         async with self._engine.connect() as conn:
             if write:
                 await conn.execution_options(sqlite_immediate=True)
+            # The info outlives the checkout: a failed transaction's mark must not carry over.
+            conn.info.pop(_EMITTED, None)
             async with conn.begin():
                 yield conn
+            emitted = conn.info.pop(_EMITTED, False)
+        if emitted:
+            for listener in self._event_listeners:
+                listener()
 
     # --- predictions -------------------------------------------------------------------------
 
@@ -690,6 +705,7 @@ class SqlStore:
                 for index, event in enumerate(wanted)
             ],
         )
+        conn.info[_EMITTED] = True
 
     async def due_deliveries(self, worker: str, limit: int, lock_seconds: float) -> list[Delivery]:
         """Outbox rows due now, oldest first, locked for `worker` for `lock_seconds` so that one

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -25,9 +27,9 @@ from inference.v1 import (
 from services.common.errors import RpcFailure, invalid_argument, retry_info
 from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
-from services.predictions.records import Event, Lease, Prediction, Status, Store, Task
+from services.predictions.records import Event, Lease, NewPrediction, Prediction, Status, Store, Task
 from services.predictions.runner import Runner, RunnerSettings
-from services.predictions.server import runner_settings, webhook_settings
+from services.predictions.server import build, runner_settings, webhook_settings
 from services.predictions.webhooks import WebhookSettings
 from tests.unit.fakes import eventually, within
 
@@ -739,3 +741,56 @@ def test_the_settings_defaults_are_the_configs_and_the_server_builds_them_from_i
     assert settings.concurrency == 3 and webhook_settings(chosen).concurrency == 3
     with pytest.raises(ValueError, match="--progress-seconds must not be negative"):
         PredictionsConfig(progress_seconds=-1).validate()
+
+
+async def test_the_server_sends_a_queued_webhook_without_waiting_for_the_poll(tmp_path: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        bodies.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    receiver = await asyncio.start_server(receive, "127.0.0.1", 0)
+    port = receiver.sockets[0].getsockname()[1]
+    config = PredictionsConfig(
+        host="127.0.0.1",
+        port=0,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'predictions.db'}",
+        gateway_address="127.0.0.1:1",
+        allow_private_webhooks=True,
+        # Neither the sender nor the runner looks on its own during the test.
+        poll_seconds=60.0,
+    )
+    service = await build(config)
+    try:
+        await asyncio.sleep(0.2)
+        waiting = await service.store.create(
+            NewPrediction(
+                id="p-wake",
+                owner="anonymous",
+                model="m",
+                version="1",
+                task="generate",
+                served_model="m",
+                input={"prompt": "hi"},
+                effective_input={"prompt": "hi"},
+                webhook=f"http://127.0.0.1:{port}/hook",
+                webhook_events_filter=(),
+                credentials={},
+                created_at=datetime.now(UTC),
+            ),
+            0,
+            0,
+        )
+        # A cancel the servicer asks for queues `completed`; it goes out at once.
+        await service.store.cancel(waiting.id, None)
+        await eventually(lambda: bool(bodies), 5.0)
+        assert bodies[0]["id"] == "p-wake" and bodies[0]["status"] == "canceled"
+    finally:
+        await within(service.stop(0))
+        receiver.close()
+        await receiver.wait_closed()

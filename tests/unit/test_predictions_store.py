@@ -486,6 +486,25 @@ async def test_the_pool_holds_the_size_asked_for(store_url: str) -> None:
         await store.close()
 
 
+async def test_listeners_hear_of_each_commit_that_queued_events(store: SqlStore) -> None:
+    heard: list[int] = []
+    store.on_events(lambda: heard.append(1))
+    quiet = await make_running(store)
+    assert await store.progress(quiet.id, "w1", {"text": "x"}, "", ["output"])
+    await store.finish(quiet.id, "w1", "succeeded", None, "", "", {})
+    assert heard == []
+    hooked = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    assert heard == []
+    await store.claim("w1", 30, 1, 3)
+    assert heard == [1]
+    assert await store.progress(hooked.id, "w1", {"text": "x"}, "", ["output"])
+    await store.finish(hooked.id, "w1", "succeeded", None, "", "", {})
+    assert len(heard) == 3
+    waiting = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    await store.cancel(waiting.id, None)
+    assert len(heard) == 4
+
+
 async def test_setting_is_made_once_by_whoever_asks_first(open_at: OpenStore) -> None:
     stores = [await open_at(), await open_at()]
     values = await asyncio.gather(

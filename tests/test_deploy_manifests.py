@@ -313,7 +313,7 @@ def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         module = python_module(container["command"])
         assert module == f"services.{name}"
-        env = {item["name"]: item["value"] for item in container["env"]}
+        env = {item["name"]: item.get("value", "") for item in container["env"]}
         check_service_env(module, env)
         port = int(env[f"{name.upper()}_PORT"])
         assert container["readinessProbe"]["grpc"]["port"] == port
@@ -326,7 +326,7 @@ def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
         # Headless: the client (gateway, Envoy) resolves every replica and balances per request.
         assert services[name]["spec"]["clusterIP"] == "None"
     gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
-    gateway_env = {item["name"]: item["value"] for item in gateway["env"]}
+    gateway_env = {item["name"]: item.get("value", "") for item in gateway["env"]}
     for tier in MODEL_TIERS:
         deployment = deployments[tier]
         container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -384,6 +384,23 @@ def test_k8s_predictions_replicas_share_the_database_from_a_secret() -> None:
     playground = by_kind("Deployment")["playground"]["spec"]["template"]["spec"]["containers"][0]
     playground_env = {item["name"]: item.get("value") for item in playground["env"]}
     assert playground_env["PLAYGROUND_PREDICTIONS_ADDRESS"] == f"predictions:{port}"
+
+
+def test_predictions_read_the_same_api_keys_as_the_gateway() -> None:
+    # Keying the gateway alone would leave predictions, deployments and the webhook secret open.
+    services = compose()["services"]
+    gateway_keys = services["gateway"]["environment"]["GATEWAY_API_KEYS"]
+    assert gateway_keys.startswith("${") and gateway_keys.endswith(":-}")
+    assert services["predictions"]["environment"]["PREDICTIONS_API_KEYS"] == gateway_keys
+    deployments = by_kind("Deployment")
+    sources = {}
+    for tier in ("gateway", "predictions"):
+        container = deployments[tier]["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item for item in container["env"]}
+        sources[tier] = env[f"{tier.upper()}_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert sources["gateway"] == sources["predictions"]
+    # Optional: without the Secret both tiers start open, as `make run` does.
+    assert sources["gateway"]["optional"] is True
 
 
 def test_k8s_autoscalers_target_existing_deployments() -> None:

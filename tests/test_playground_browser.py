@@ -1,8 +1,8 @@
 """The playground as a person uses it: Debian's headless chromium (Playwright) opens the page that
-`make run` serves (the session's stack, tests/fixtures_make_run.py) and chats, stops a long reply
-and draws the embeddings heatmap. One browser session for the whole module, so the tests run in
-order. A screenshot of every tab lands in test-results/playground/ (ignored by git) for a person
-to look at."""
+`make run` serves (the session's stack, tests/fixtures_make_run.py) and chats, stops a long reply,
+draws the embeddings heatmap and creates a prediction that it sees succeed. One browser session
+for the whole module, so the tests run in order. A screenshot of every tab lands in
+test-results/playground/ (ignored by git) for a person to look at."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from tests.fixtures_make_run import RunningStack
 from tests.stack import ROOT
 
 SHOTS = ROOT / "test-results" / "playground"
-TABS = ("Chat", "Math", "Coding", "Embeddings", "Status")
+TABS = ("Chat", "Math", "Coding", "Embeddings", "Predictions", "Status")
 # Streamlit's first page load compiles nothing, but the first script run imports the app's
 # modules (pandas, altair, the typed client) on a shared, busy machine.
 FIRST_LOAD_MS = 120_000
+CREATED = re.compile(r"^Created (\S+): (starting|processing|succeeded)$")
 CAPTION = re.compile(r"TTFT [\d.]+ s · [\d.]+ tokens/s · \d+ tokens · finish: \w+")
 # Records the last chat message's text at every change, with whether the Stop button (shown only
 # while a reply streams) was on the page at that moment.
@@ -46,11 +47,15 @@ WATCH_REPLY = """() => {
 }"""
 
 
+def envoy_json(stack: RunningStack, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['ENVOY_PORT']}{path}", timeout=10) as reply:
+        answer: dict[str, Any] = json.loads(reply.read())
+    return answer
+
+
 def generator_running(stack: RunningStack) -> int:
     """The generators' running requests, from the gateway's `GET /stats` through Envoy."""
-    url = f"http://127.0.0.1:{stack.ports['ENVOY_PORT']}/stats"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        stats: dict[str, Any] = json.loads(reply.read())
+    stats = envoy_json(stack, "/stats")
     return sum(int(c["requests_running"]) for c in stats["components"] if c["component"] == "generator")
 
 
@@ -184,9 +189,44 @@ async def test_the_embeddings_tab_draws_the_heatmap(page: Page) -> None:
     await no_exception(page)
 
 
+async def test_a_prediction_created_in_the_tab_succeeds_with_its_output(
+    page: Page, make_run: RunningStack
+) -> None:
+    await open_tab(page, "Predictions")
+    await set_number(page, "Max tokens", 8)
+    prompt = widget(page, "stTextArea", "Prompt").locator("textarea")
+    await prompt.fill("The capital of France is")
+    await prompt.blur()
+    await page.wait_for_timeout(500)
+    await page.get_by_role("button", name="Create", exact=True).click()
+    created = page.get_by_text(CREATED)
+    await created.wait_for(timeout=60_000)
+    found = CREATED.match((await created.inner_text()).strip())
+    assert found, await created.inner_text()
+    prediction_id = found.group(1)
+    status = page.locator(".st-key-prediction_status")
+    await expect(status).to_contain_text("succeeded", timeout=180_000)
+    # The output shows once the row has it; the same prediction over REST says what it is.
+    output = page.locator(".st-key-prediction_output")
+    await expect(output).not_to_be_empty(timeout=30_000)
+    shown = (await output.inner_text()).strip()
+    stored = envoy_json(make_run, f"/v1/predictions/{prediction_id}")
+    assert stored["status"] == "succeeded", stored
+    assert stored["input"]["parameters"]["max_new_tokens"] == 8, stored["input"]
+    text = stored["output"]["generated_text"].strip()
+    assert text and text == shown, (text, shown)
+    # The picker has it selected, labelled from the table's list (newest first), and it ended: no
+    # Cancel.
+    picker = widget(page, "stSelectbox", "Prediction")
+    label = f"{prediction_id} · succeeded · {stored['model']}"
+    await expect(picker).to_match_aria_snapshot(f'- combobox "Prediction": {label}')
+    await expect(page.get_by_role("button", name="Cancel", exact=True)).to_have_count(0)
+    await no_exception(page)
+
+
 async def test_a_screenshot_of_every_tab(page: Page) -> None:
     labels = [text.strip() for text in await page.get_by_role("tab").all_inner_texts()]
-    # Predictions shows only once that service answers; it does not exist yet.
+    # `make run` starts the predictions service, so its tab is there.
     assert labels == list(TABS), labels
     # Tall enough for a whole tab: Streamlit scrolls inside the page, so full_page alone cuts it.
     await page.set_viewport_size({"width": 1400, "height": 2400})
@@ -194,6 +234,8 @@ async def test_a_screenshot_of_every_tab(page: Page) -> None:
         await open_tab(page, label)
         if label == "Status":
             await page.locator('[data-testid="stMetric"]').first.wait_for(timeout=60_000)
+        if label == "Predictions":
+            await page.locator(".st-key-prediction_status").wait_for(timeout=60_000)
         await page.wait_for_timeout(1500)
         await no_exception(page)
         await page.screenshot(path=str(SHOTS / f"{label.lower()}.png"), full_page=True)

@@ -237,6 +237,13 @@ def test_bad_fields_are_named(predictions: Predictions) -> None:
             metadata=predictions.metadata(),
         )
     assert bad_fields(failed.value) == {"cursor"}
+    with pytest.raises(grpc.RpcError) as failed:
+        predictions.stub.ListPredictions(
+            predictions_pb2.ListPredictionsRequest(page_size=1001),
+            timeout=10,
+            metadata=predictions.metadata(),
+        )
+    assert bad_fields(failed.value) == {"page_size"} and "1 to 1000" in (failed.value.details() or "")
     untasked = predictions_pb2.CreatePredictionRequest(model=predictions.model)
     untasked.input.update({"text": "hi"})
     with pytest.raises(grpc.RpcError) as failed:
@@ -303,6 +310,13 @@ def test_deployments_need_admin_to_change(predictions: Predictions) -> None:
         bad_schema.input_schema.update({"type": "nonsense"})
         with pytest.raises(grpc.RpcError) as failed:
             predictions.stub.UpdateDeployment(bad_schema, timeout=10, metadata=predictions.metadata("admin"))
+        assert bad_fields(failed.value) == {"input_schema"}
+        # A $ref that resolves nowhere passes check_schema; it would fail every create later.
+        bad_schema = predictions_pb2.UpdateDeploymentRequest(name="storyteller")
+        bad_schema.input_schema.update({"properties": {"prompt": {"$ref": "#/$defs/nowhere"}}})
+        with pytest.raises(grpc.RpcError) as failed:
+            predictions.stub.UpdateDeployment(bad_schema, timeout=10, metadata=predictions.metadata("admin"))
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_fields(failed.value) == {"input_schema"}
         reply = predictions.stub.CreatePrediction(
             create_request("storyteller", prompt="Hello", tokens=2),

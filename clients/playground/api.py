@@ -1,16 +1,20 @@
 """Everything the playground needs from the stack, without Streamlit: settings from the
-environment, sampling options from the form's values, stream timings, similarity matrices and
-the status history. The app only lays these out, so this module is unit-tested on its own."""
+environment, sampling options from the form's values, stream timings, similarity matrices, the
+status history and the predictions calls. The app only lays these out, so this module is
+unit-tested on its own."""
 
 from __future__ import annotations
 
+import builtins
+import datetime
+import json
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +24,9 @@ from inference_client import (
     FinishReason,
     InferenceClient,
     InferenceError,
+    Prediction,
+    PredictionPage,
+    PredictionsClient,
     StreamSummary,
     StreamToken,
 )
@@ -171,6 +178,10 @@ class Streamed(Protocol):
     def summaries(self) -> dict[int, StreamSummary]: ...
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 @dataclass
 class Reply:
     """A streamed reply as far as it got: its text, timings, and (when it ended normally) the
@@ -180,7 +191,7 @@ class Reply:
     timing: Timing = field(default_factory=Timing)
     summary: StreamSummary | None = None
     stopped: bool = False
-    stream: Streamed | None = None
+    stream: Cancellable | None = None
 
     def cancel(self) -> None:
         """Cancels the call if it is still running (harmless once it ended)."""
@@ -351,3 +362,198 @@ EXAMPLE_CODING = {
 EXAMPLE_SENTENCES = (
     "The cat sits on the mat.\nA kitten is resting on the rug.\nThe stock market fell sharply today."
 )
+
+
+# ---------------------------------------------------------------- predictions
+
+PREDICTION_STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
+ALL_STATUSES = "all"
+PROMPT = "Prompt"
+JSON_INPUT = "JSON"
+INPUT_KINDS = (PROMPT, JSON_INPUT)
+RECENT_PREDICTIONS = 20
+"""Rows in the Predictions tab's table: one page, newest first."""
+
+EXAMPLE_INPUTS = {
+    "generation": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"max_new_tokens": 32},
+    },
+    "embedding": {"input": ["A cat sits on the mat.", "A kitten rests on a rug."]},
+}
+
+
+class Predictions(Protocol):
+    """What the Predictions tab calls: the typed client's PredictionsClient."""
+
+    def create(
+        self,
+        model: str,
+        input: Mapping[str, Any],
+        *,
+        webhook: str | None = None,
+        timeout: float | None = None,
+    ) -> Prediction: ...
+
+    def get(self, prediction_id: str, *, timeout: float | None = None) -> Prediction: ...
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        cursor: str | None = None,
+        page_size: int | None = None,
+        timeout: float | None = None,
+    ) -> PredictionPage: ...
+
+    def cancel(self, prediction_id: str, *, timeout: float | None = None) -> Prediction: ...
+
+
+class Watched(Protocol):
+    """What `watch` needs of a prediction's stream: the client's PredictionStream."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+    @property
+    def summaries(self) -> dict[int, StreamSummary]: ...
+
+
+def connect_predictions(address: str, api_key: str) -> PredictionsClient:
+    return PredictionsClient(address, api_key=api_key or None)
+
+
+def example_input(model_task: str) -> str:
+    """The JSON area's starting text for a model of this task ("generation" or "embedding")."""
+    return json.dumps(EXAMPLE_INPUTS.get(model_task, EXAMPLE_INPUTS["generation"]), indent=2)
+
+
+def is_example_input(text: str) -> bool:
+    """True when the JSON area still holds one of the examples (so a model change may replace it)."""
+    return not text.strip() or any(text == example_input(task) for task in EXAMPLE_INPUTS)
+
+
+def prediction_input(
+    kind: str, model_task: str, prompt: str, json_text: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A prediction's `input` from the form: the prompt with the sidebar's sampling `options` as
+    `parameters` (an embedding model embeds the prompt instead), or the JSON area's object as it
+    is written. Raises FormError naming the control when there is nothing to send."""
+    if kind == PROMPT:
+        if not prompt.strip():
+            raise FormError("Prompt is empty")
+        if model_task == "embedding":
+            return {"input": [prompt]}
+        return {"prompt": prompt, "parameters": dict(options)}
+    try:
+        value = json.loads(json_text)
+    except json.JSONDecodeError as error:
+        raise FormError(
+            f"Input (JSON) is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    if not isinstance(value, dict):
+        raise FormError(f"Input (JSON) must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def create_prediction(
+    client: Predictions, model: str, input: Mapping[str, Any], webhook: str = "", timeout: float = 10.0
+) -> Prediction:
+    """Creates the prediction (with the client's key); an empty webhook sends none. Raises the
+    API's InferenceError, which names the field (`input.prompt`, `webhook`, ...)."""
+    return client.create(model, input, webhook=webhook.strip() or None, timeout=timeout)
+
+
+def recent_predictions(
+    client: Predictions, status: str = ALL_STATUSES, limit: int = RECENT_PREDICTIONS, timeout: float = 5.0
+) -> builtins.list[Prediction]:
+    """The key's newest predictions (an admin key's: everyone's), only `status` unless "all"."""
+    page = client.list(status=None if status == ALL_STATUSES else status, page_size=limit, timeout=timeout)
+    return builtins.list(page.results)
+
+
+def short_time(moment: datetime.datetime | None) -> str:
+    """Local time to the second, "" for none."""
+    return "" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def prediction_rows(predictions: Iterable[Prediction]) -> builtins.list[dict[str, Any]]:
+    """The table's records, in the order given."""
+    return [
+        {
+            "ID": item.id,
+            "Status": item.status,
+            "Model": item.model,
+            "Task": item.task,
+            "Created": short_time(item.created_at),
+            "Predict time (s)": round(item.metrics.predict_time, 3) if item.metrics.predict_time else None,
+        }
+        for item in predictions
+    ]
+
+
+def prediction_label(prediction: Prediction) -> str:
+    """How the prediction is named in the picker: id, status, model."""
+    return f"{prediction.id} · {prediction.status} · {prediction.model}"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f} s" if value else ""
+
+
+def prediction_facts(prediction: Prediction) -> builtins.list[dict[str, str]]:
+    """Field and value rows for the details: status, task, times and metrics that are known."""
+    metrics = prediction.metrics
+    facts = [
+        ("Status", prediction.status),
+        ("Model", prediction.model + (f" (version {prediction.version})" if prediction.version else "")),
+        ("Task", prediction.task),
+        ("Created", short_time(prediction.created_at)),
+        ("Started", short_time(prediction.started_at)),
+        ("Completed", short_time(prediction.completed_at)),
+        ("Predict time", seconds(metrics.predict_time)),
+        ("Total time", seconds(metrics.total_time)),
+        (
+            "Time to first token",
+            f"{metrics.time_to_first_token:.3f} s" if metrics.time_to_first_token else "",
+        ),
+        ("Input tokens", str(metrics.input_token_count) if metrics.input_token_count else ""),
+        ("Output tokens", str(metrics.output_token_count) if metrics.output_token_count else ""),
+        ("Webhook", prediction.webhook),
+    ]
+    return [{"Field": name, "Value": value} for name, value in facts if value]
+
+
+def output_text(output: Any) -> str:
+    """The text in a prediction's output: the partial `text` while it runs, else the task's
+    answer (generated text, the chat message, the math or coding solution); "" for none (an
+    embedding's output is numbers: shown as JSON)."""
+    if not isinstance(output, dict):
+        return output if isinstance(output, str) else ""
+    for name in ("text", "generated_text", "solution"):
+        if isinstance(output.get(name), str):
+            return str(output[name])
+    message = output.get("message")
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        return str(message["content"])
+    return ""
+
+
+def watch(stream: Watched, reply: Reply, show: Callable[[str], object]) -> None:
+    """Fills `reply` with a prediction's text as it is produced, calling `show` with the text so
+    far; like `follow`, the stream is cancelled however this ends (which stops only the
+    watching: the prediction goes on) and `reply.stopped` stays True unless the server ended it."""
+    reply.stopped = True
+    reply.stream = stream
+    try:
+        for text in stream:
+            reply.timing.token()
+            if text:
+                reply.text += text
+                show(reply.text)
+        reply.summary = stream.summaries.get(0)
+        reply.stopped = False
+    finally:
+        stream.cancel()
+        reply.timing.end()

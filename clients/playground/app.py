@@ -1,6 +1,7 @@
-"""The playground: chat, math, coding, embeddings and the stack's status in the browser, on the
-typed client over gRPC to the gateway. Run from the repository root:
-`python -m streamlit run clients/playground/app.py`; settings come from PLAYGROUND_* variables."""
+"""The playground: chat, math, coding, embeddings, predictions and the stack's status in the
+browser, on the typed client over gRPC to the gateway (and to the predictions service). Run from
+the repository root: `python -m streamlit run clients/playground/app.py`; settings come from
+PLAYGROUND_* variables."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from dataclasses import dataclass
 import api
 import charts
 import streamlit as st
-from inference_client import CancelledError, ChatOptions, InferenceClient, InferenceError, Model, TokenStream
+from inference_client import (
+    CancelledError,
+    ChatOptions,
+    InferenceClient,
+    InferenceError,
+    Model,
+    Prediction,
+    PredictionsClient,
+    TokenStream,
+)
 
 # Seconds a status, model or cache call may take: the page must not hang on a dead address. (A
 # comment, not a docstring: Streamlit's magic would write a bare string onto the page.)
@@ -36,10 +46,18 @@ def client_for(address: str, api_key: str) -> InferenceClient:
     return api.connect(address, api_key)
 
 
+@st.cache_resource(show_spinner=False)
+def predictions_client_for(address: str, api_key: str) -> PredictionsClient:
+    return api.connect_predictions(address, api_key)
+
+
 @st.cache_data(ttl=30, show_spinner=False)
+def served_models(address: str, api_key: str) -> list[Model]:
+    return client_for(address, api_key).models(timeout=INFO_TIMEOUT)
+
+
 def embedding_models(address: str, api_key: str) -> list[Model]:
-    models = client_for(address, api_key).models(timeout=INFO_TIMEOUT)
-    return [model for model in models if model.task == "embedding"]
+    return [model for model in served_models(address, api_key) if model.task == "embedding"]
 
 
 @st.cache_data(ttl=15, show_spinner=False)
@@ -51,10 +69,15 @@ def predictions_answer(address: str) -> bool:
 class Connection:
     address: str
     api_key: str
+    predictions_address: str = api.DEFAULT_PREDICTIONS_ADDRESS
 
     @property
     def client(self) -> InferenceClient:
         return client_for(self.address, self.api_key)
+
+    @property
+    def predictions(self) -> PredictionsClient:
+        return predictions_client_for(self.predictions_address, self.api_key)
 
 
 def show_error(error: InferenceError) -> None:
@@ -128,7 +151,7 @@ def sidebar(settings: api.Settings) -> tuple[Connection, Form]:
             seed=st.text_input("Seed", value="", key="seed", help="empty = none"),
             stop=st.text_input("Stop sequences", value="", key="stop", help="comma-separated"),
         )
-    return Connection(address.strip(), api_key.strip()), form
+    return Connection(address.strip(), api_key.strip(), settings.predictions_address), form
 
 
 # ---------------------------------------------------------------- chat
@@ -294,6 +317,202 @@ def cache_status(connection: Connection) -> None:
         )
 
 
+# ---------------------------------------------------------------- predictions
+
+PREDICTION_MODEL = "prediction_model"
+PREDICTION_JSON = "prediction_json"
+PREDICTION_SELECTED = "prediction_selected"
+PREDICTION_WATCH = "prediction_watch"
+PREDICTION_CANCEL_ERROR = "prediction_cancel_error"
+PREDICTION_CREATED = "prediction_created"
+
+
+def predictions_tab(connection: Connection, form: Form) -> None:
+    client = connection.predictions
+    st.subheader("New prediction")
+    create_prediction(connection, client, form)
+    notice = st.empty()
+    st.subheader("Recent predictions")
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    status = left.selectbox(
+        "Status filter", [api.ALL_STATUSES, *api.PREDICTION_STATUSES], key="predictions_status"
+    )
+    # A click reruns the script, which lists again: the button needs no handler.
+    right.button("Refresh", key="predictions_refresh")
+    try:
+        recent = api.recent_predictions(client, status, timeout=INFO_TIMEOUT)
+    except InferenceError as error:
+        show_error(error)
+        return
+    known = {item.id: item for item in recent}
+    created: str | None = st.session_state.get(PREDICTION_CREATED)
+    if created is not None:
+        # The last one created, with its status as now listed (none when the filter hides it).
+        listed = f": {known[created].status}" if created in known else ""
+        notice.success(f"Created {created}{listed}")
+    if recent:
+        st.dataframe(api.prediction_rows(recent), hide_index=True)
+    else:
+        st.caption("No predictions with this status yet.")
+    selected = st.session_state.get(PREDICTION_SELECTED)
+    ids = list(known)
+    if selected and selected not in known:
+        # Just created, or filtered out: still the one to show.
+        ids.insert(0, selected)
+    if not ids:
+        return
+    picked = st.selectbox(
+        "Prediction",
+        ids,
+        key=PREDICTION_SELECTED,
+        format_func=lambda item: api.prediction_label(known[item]) if item in known else item,
+    )
+    prediction_details(client, picked)
+
+
+def create_prediction(connection: Connection, client: PredictionsClient, form: Form) -> None:
+    try:
+        models = served_models(connection.address, connection.api_key)
+    except InferenceError as error:
+        show_error(error)
+        return
+    tasks = {item.id: item.task for item in models}
+
+    def model_changed() -> None:
+        # A new model gets its task's example, unless the JSON area holds the user's own input.
+        if api.is_example_input(st.session_state.get(PREDICTION_JSON, "")):
+            st.session_state[PREDICTION_JSON] = api.example_input(
+                tasks.get(st.session_state[PREDICTION_MODEL], "")
+            )
+
+    model = st.selectbox("Model", list(tasks), key=PREDICTION_MODEL, on_change=model_changed)
+    model_task = tasks.get(model or "", "generation")
+    st.session_state.setdefault(PREDICTION_JSON, api.example_input(model_task))
+    st.session_state.setdefault("prediction_prompt", "The capital of France is")
+    kind = st.radio("Input", api.INPUT_KINDS, horizontal=True, key="prediction_kind")
+    if kind == api.PROMPT:
+        prompt = st.text_area("Prompt", key="prediction_prompt", height=100)
+        json_text = ""
+        if model_task != "embedding":
+            st.caption("Sent with the sidebar's sampling controls as `parameters`.")
+    else:
+        prompt = ""
+        json_text = st.text_area("Input (JSON)", key=PREDICTION_JSON, height=180)
+        st.caption("The task's request without `model` and `stream`, sent as written.")
+    webhook = st.text_input("Webhook URL (optional)", key="prediction_webhook")
+    if not st.button("Create", key="prediction_create", type="primary") or not model:
+        return
+    options: ChatOptions | None = {}
+    if kind == api.PROMPT and model_task != "embedding":
+        options = form.options()
+    if options is None:
+        return
+    try:
+        given = api.prediction_input(kind, model_task, prompt, json_text, options)
+    except api.FormError as error:
+        st.error(str(error))
+        return
+    try:
+        created = api.create_prediction(client, model, given, webhook, timeout=INFO_TIMEOUT * 2)
+    except InferenceError as error:
+        show_error(error)
+        return
+    # Set before the picker below is drawn in this run, so it shows (and watches) the new one.
+    st.session_state[PREDICTION_SELECTED] = created.id
+    st.session_state[PREDICTION_WATCH] = created.id
+    st.session_state[PREDICTION_CREATED] = created.id
+
+
+def prediction_details(client: PredictionsClient, prediction_id: str) -> None:
+    """The prediction's status, output, error, logs, metrics and times; while it runs, a Cancel
+    button and (after Create or Watch) its output streamed until it ends."""
+    try:
+        prediction = client.get(prediction_id, timeout=INFO_TIMEOUT)
+    except InferenceError as error:
+        show_error(error)
+        return
+    cancel_error = st.session_state.pop(PREDICTION_CANCEL_ERROR, None)
+    if cancel_error:
+        st.error(cancel_error)
+    status = st.container(key="prediction_status").empty()
+    status.markdown(f"**Status:** `{prediction.status}`")
+    if not prediction.done:
+        prediction = running_prediction(client, prediction)
+        status.markdown(f"**Status:** `{prediction.status}`")
+        if prediction.done:
+            # It ended while watched: once more from the top, so the table and picker say so too.
+            st.rerun()
+    if prediction.error:
+        st.error(f"Error: {prediction.error}")
+    text = api.output_text(prediction.output)
+    with st.container(key="prediction_output"):
+        if text:
+            st.code(text, language=None, wrap_lines=True)
+        elif prediction.output is not None:
+            st.json(prediction.output, expanded=False)
+    if text and prediction.output is not None:
+        with st.expander("Output JSON"):
+            st.json(prediction.output, expanded=False)
+    st.dataframe(api.prediction_facts(prediction), hide_index=True, height="content")
+    with st.expander("Input"):
+        st.json(prediction.input)
+    if prediction.logs:
+        with st.expander("Logs"):
+            st.code(prediction.logs, language=None)
+
+
+def running_prediction(client: PredictionsClient, prediction: Prediction) -> Prediction:
+    """Cancel (and Watch or Stop watching) for a prediction that has not ended; while watched,
+    its text streams here until it ends. Returns the prediction as it is afterwards."""
+
+    def cancel() -> None:
+        try:
+            client.cancel(prediction.id, timeout=INFO_TIMEOUT)
+        except InferenceError as error:
+            st.session_state[PREDICTION_CANCEL_ERROR] = api.error_text(error)
+
+    def watch() -> None:
+        st.session_state[PREDICTION_WATCH] = prediction.id
+
+    def stop_watching() -> None:
+        st.session_state.pop(PREDICTION_WATCH, None)
+
+    watching = st.session_state.get(PREDICTION_WATCH) == prediction.id
+    buttons = st.empty()
+    with buttons.container(horizontal=True):
+        st.button("Cancel", key="prediction_cancel", on_click=cancel)
+        if watching:
+            st.button("Stop watching", key="prediction_stop", on_click=stop_watching)
+        else:
+            st.button("Watch", key="prediction_watch_button", on_click=watch)
+    if not watching:
+        return prediction
+    reply = api.Reply()
+    shown = st.empty()
+    st.session_state[STREAMING] = reply
+    try:
+        api.watch(
+            client.stream(prediction.id, timeout=STREAM_TIMEOUT),
+            reply,
+            lambda so_far: shown.markdown(so_far + " ▌"),
+        )
+    except InferenceError:
+        # A failed prediction ends its stream with its error, which the details show.
+        pass
+    finally:
+        if st.session_state.get(STREAMING) is reply:
+            del st.session_state[STREAMING]
+    st.session_state.pop(PREDICTION_WATCH, None)
+    shown.empty()
+    try:
+        prediction = client.get(prediction.id, timeout=INFO_TIMEOUT)
+    except InferenceError as error:
+        show_error(error)
+    if prediction.done:
+        buttons.empty()
+    return prediction
+
+
 # ---------------------------------------------------------------- status
 
 
@@ -386,7 +605,7 @@ def main() -> None:
         embeddings_tab(connection)
     if with_predictions:
         with tabs["Predictions"]:
-            st.info(f"The predictions service answers at {settings.predictions_address}.")
+            predictions_tab(connection, form)
     with tabs["Status"]:
         st.fragment(status_panel, run_every=settings.refresh_seconds)(connection.address, connection.api_key)
 

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import grpc.aio
 from inference.v1 import info_pb2, info_pb2_grpc
 
+from services.common.model_names import aliases
 from services.gateway.backends import Backend
 from services.gateway.errors import not_found
 
 log = logging.getLogger(__name__)
 
 TTL_SECONDS = 10.0
-
-
-def aliases(model: info_pb2.ServedModel) -> set[str]:
-    """Names a client may use for a model: its id, its source, and the source's last part."""
-    names = {model.id}
-    if model.source:
-        names.add(model.source)
-        names.add(os.path.basename(model.source.rstrip("/")))
-    return {name for name in names if name}
 
 
 class ModelCatalog:

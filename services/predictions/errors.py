@@ -47,6 +47,17 @@ def already_exists(name: str) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.ALREADY_EXISTS, f"deployment {name!r} already exists", (info,))
 
 
+def prediction_restarted(prediction_id: str, attempt: int) -> RpcFailure:
+    """A stream whose prediction was rerun with other text than the stream already sent."""
+    return RpcFailure(
+        grpc.StatusCode.ABORTED,
+        f"prediction {prediction_id} was run again (run {attempt}) after its worker was lost, and "
+        "the new run's text does not continue what this stream sent; stream it again to follow the "
+        "new run from its first token",
+        (error_info("PREDICTION_RESTARTED", ERROR_DOMAIN, id=prediction_id, attempt=str(attempt)),),
+    )
+
+
 def from_gateway(error: grpc.aio.AioRpcError) -> RpcFailure:
     """A failed call to the gateway (e.g. listing models) keeps its status and message."""
     return RpcFailure(error.code(), f"gateway: {error.details() or error.code().name}")

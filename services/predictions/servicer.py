@@ -8,24 +8,17 @@ import base64
 import json
 import re
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import grpc
 import grpc.aio
-import jsonschema  # type: ignore[import-untyped]
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
-from google.protobuf import json_format
 from inference.v1 import (
     common_pb2,
-    embedding_pb2,
     generation_pb2,
-    info_pb2,
-    info_pb2_grpc,
     predictions_pb2,
     predictions_pb2_grpc,
 )
@@ -34,7 +27,6 @@ from services.common import sse
 from services.common.auth import ApiKey, current_key
 from services.common.errors import RpcFailure, error_info
 from services.common.interceptors import Context
-from services.gateway.catalog import aliases
 from services.predictions import convert, metrics, tasks
 from services.predictions.errors import (
     ERROR_DOMAIN,
@@ -43,7 +35,13 @@ from services.predictions.errors import (
     invalid_argument,
     not_found,
     permission_denied,
+    prediction_restarted,
 )
+from services.predictions.models import (  # GatewayModels: server.py imports it from here.
+    GatewayModels as GatewayModels,
+)
+from services.predictions.models import ModelDirectory
+from services.predictions.prefer import prefer_wait
 from services.predictions.records import (
     EVENTS,
     STATUSES,
@@ -58,13 +56,13 @@ from services.predictions.records import (
     Store,
     Task,
 )
+from services.predictions.stream import TextDiverged, TextFollower, final_message, partial_text, text_delta
 
 # The metadata a prediction forwards to the gateway when it runs.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 DEPLOYMENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MODELS_TTL_SECONDS = 10.0
 
 _SERVICE = "/inference.v1.PredictionService/"
 # The scope each method needs ("" = any valid key). Creating also needs the task's own scope
@@ -93,46 +91,7 @@ class ChangeWaiter(Protocol):
     async def wait(self, prediction_id: str, timeout: float) -> bool: ...  # noqa: ASYNC109
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    id: str
-    embedding: bool
-
-
-class ModelDirectory(Protocol):
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
-        """Every name a served model answers to (its id and aliases) -> the model."""
-        ...
-
-
 WebhookCheck = Callable[[str, bool], Awaitable[str | None]]
-
-
-class GatewayModels:
-    """The gateway's served models (InfoService.ListServedModels, with the caller's credentials),
-    kept for MODELS_TTL_SECONDS, by every name the gateway accepts for each."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = info_pb2_grpc.InfoServiceStub(channel)
-        self._names: dict[str, ServedModel] = {}
-        self._fetched = -1e9
-        self._lock = asyncio.Lock()
-
-    async def served(self, metadata: Sequence[tuple[str, str]]) -> dict[str, ServedModel]:
-        if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
-            async with self._lock:
-                if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
-                    reply = await self._stub.ListServedModels(
-                        info_pb2.ListServedModelsRequest(), metadata=tuple(metadata), timeout=5.0
-                    )
-                    names: dict[str, ServedModel] = {}
-                    for model in reply.models:
-                        served = ServedModel(model.id, model.task == "embedding")
-                        for name in aliases(model):
-                            names.setdefault(name, served)
-                    self._names = names
-                    self._fetched = time.monotonic()
-        return self._names
 
 
 def new_id() -> str:
@@ -148,34 +107,6 @@ def credentials(context: Context) -> dict[str, str]:
     return found
 
 
-def prefer_wait(context: Context, max_seconds: int) -> int | None:
-    """Seconds of `prefer: wait=N` (RFC 7240; `wait` alone: the most), None without it."""
-    for name, value in context.invocation_metadata() or ():
-        if name != "prefer" or not isinstance(value, str):
-            continue
-        for token in value.split(","):
-            key, _, raw = token.strip().partition("=")
-            if key.strip().lower() != "wait":
-                continue
-            if not raw.strip():
-                return max_seconds
-            try:
-                seconds = int(raw.strip())
-            except ValueError:
-                seconds = 0
-            if not 1 <= seconds <= max_seconds:
-                raise invalid_argument(
-                    [
-                        (
-                            "prefer",
-                            f"wait must be an integer from 1 to {max_seconds} seconds, got {raw.strip()!r}",
-                        )
-                    ]
-                )
-            return seconds
-    return None
-
-
 def input_size(input: dict[str, Any]) -> int:
     return len(json.dumps(input, ensure_ascii=False).encode())
 
@@ -187,15 +118,6 @@ def visible_owner(key: ApiKey) -> str | None:
 
 def task_scope(task: Task) -> str:
     return "embed" if task == "embed" else "generate"
-
-
-def schema_problem(schema: dict[str, Any]) -> str | None:
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as error:
-        where = "/".join(str(part) for part in error.absolute_path)
-        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {error.message}"
-    return None
 
 
 def deployment_violations(
@@ -215,62 +137,10 @@ def deployment_violations(
     if task is not None and task not in TASKS:
         violations.append((f"{prefix}task", f"must be one of {', '.join(TASKS)}, got {task!r}"))
     if schema is not None:
-        problem = schema_problem(schema)
+        problem = tasks.schema_problem(schema)
         if problem:
             violations.append((f"{prefix}input_schema", problem))
     return violations
-
-
-def partial_text(prediction: Prediction) -> str:
-    """The text produced so far ({"text": ...} while processing); "" when none."""
-    output = prediction.output
-    if isinstance(output, dict) and isinstance(output.get("text"), str):
-        return str(output["text"])
-    return ""
-
-
-def text_delta(prediction_id: str, text: str) -> generation_pb2.GenerateStreamResponse:
-    return generation_pb2.GenerateStreamResponse(request_id=prediction_id, token=common_pb2.Token(text=text))
-
-
-def final_message(prediction: Prediction) -> generation_pb2.GenerateStreamResponse:
-    """The last stream message of a prediction that succeeded, from its task's whole answer."""
-    message = generation_pb2.GenerateStreamResponse(request_id=prediction.id)
-    output = prediction.output if isinstance(prediction.output, dict) else {}
-    kinds: dict[str, Any] = {
-        "generate": generation_pb2.GenerateResponse,
-        "chat": generation_pb2.ChatResponse,
-        "math": generation_pb2.SolveMathResponse,
-        "coding": generation_pb2.SolveCodingResponse,
-        "embed": embedding_pb2.EmbedResponse,
-    }
-    try:
-        answer = json_format.ParseDict(output, kinds[prediction.task](), ignore_unknown_fields=True)
-    except json_format.ParseError:
-        message.generated_text = partial_text(prediction)
-        return message
-    if isinstance(answer, embedding_pb2.EmbedResponse):
-        message.usage.prompt_tokens = answer.usage.prompt_tokens
-        message.usage.total_tokens = answer.usage.total_tokens
-        return message
-    message.finish_reason = answer.finish_reason
-    message.usage.CopyFrom(answer.usage)
-    message.tokens_generated = answer.tokens_generated
-    message.generation_time = answer.generation_time
-    if isinstance(answer, generation_pb2.GenerateResponse):
-        message.generated_text = answer.generated_text
-        message.tokens_per_second = answer.tokens_per_second
-    elif isinstance(answer, generation_pb2.ChatResponse):
-        message.generated_text = answer.message.content
-        message.tokens_per_second = answer.tokens_per_second
-    elif isinstance(answer, generation_pb2.SolveMathResponse):
-        message.generated_text = answer.solution
-        message.answer = answer.answer
-    else:
-        message.generated_text = answer.solution
-        message.code = answer.code
-        message.language = answer.language
-    return message
 
 
 def prediction_failed(prediction: Prediction) -> RpcFailure:
@@ -389,7 +259,7 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
     async def CreatePrediction(
         self, request: predictions_pb2.CreatePredictionRequest, context: Context
     ) -> predictions_pb2.Prediction:
-        wait = prefer_wait(context, self._max_wait)
+        wait = prefer_wait(context.invocation_metadata() or (), self._max_wait)
         violations = await self._request_violations(request)
         if violations:
             raise invalid_argument(violations)
@@ -488,8 +358,15 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         violations: list[tuple[str, str]] = []
         if request.status and request.status not in STATUSES:
             violations.append(("status", f"must be one of {', '.join(STATUSES)}, got {request.status!r}"))
-        if request.page_size > MAX_PAGE_SIZE:
-            violations.append(("page_size", f"must be 1 to {MAX_PAGE_SIZE}, got {request.page_size}"))
+        # uint32 without presence: 0 is "not given" (the default), anything else must be in range.
+        if request.page_size and not 1 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(
+                (
+                    "page_size",
+                    f"must be from 1 to {MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE}), "
+                    f"got {request.page_size}",
+                )
+            )
         if violations:
             raise invalid_argument(violations)
         try:
@@ -517,34 +394,38 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         error); a canceled one ends with FINISH_REASON_UNSPECIFIED (the model did not finish) and
         the text produced until then."""
         prediction = await self._owned(request.id)
-        sent = ""
-        while True:
-            text = partial_text(prediction)
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text_delta(prediction.id, text[len(sent) :])
-                sent = text
-            if prediction.status in TERMINAL:
-                break
-            await self._changes.wait(prediction.id, self._poll)
-            fresh = await self._store.get(prediction.id)
-            if fresh is None:
-                # Purged while watched: it ended long ago.
-                raise not_found("prediction", request.id)
-            prediction = fresh
-        if prediction.status == "failed":
-            raise prediction_failed(prediction)
-        if prediction.status == "canceled":
-            yield generation_pb2.GenerateStreamResponse(
-                request_id=prediction.id,
-                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
-                generated_text=sent,
-            )
-            return
-        final = final_message(prediction)
-        whole = final.generated_text
-        if len(whole) > len(sent) and whole.startswith(sent):
-            yield text_delta(prediction.id, whole[len(sent) :])
-        yield final
+        follower = TextFollower()
+        try:
+            while True:
+                piece = follower.delta(partial_text(prediction))
+                if piece:
+                    yield text_delta(prediction.id, piece)
+                if prediction.status in TERMINAL:
+                    break
+                await self._changes.wait(prediction.id, self._poll)
+                fresh = await self._store.get(prediction.id)
+                if fresh is None:
+                    # Purged while watched: it ended long ago.
+                    raise not_found("prediction", request.id)
+                prediction = fresh
+            if prediction.status == "failed":
+                raise prediction_failed(prediction)
+            if prediction.status == "canceled":
+                yield generation_pb2.GenerateStreamResponse(
+                    request_id=prediction.id,
+                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                    generated_text=follower.sent,
+                )
+                return
+            final = final_message(prediction)
+            piece = follower.delta(final.generated_text)
+            if piece:
+                yield text_delta(prediction.id, piece)
+            if follower.sent != final.generated_text:
+                raise TextDiverged
+            yield final
+        except TextDiverged:
+            raise prediction_restarted(prediction.id, prediction.attempt) from None
 
     async def StreamPredictionEvents(
         self, request: predictions_pb2.StreamPredictionRequest, context: Context

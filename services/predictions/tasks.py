@@ -9,15 +9,17 @@ import re
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped, unused-ignore]
+import referencing.exceptions
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from inference.v1 import embedding_pb2, generation_pb2
 
+from services.common import sampling
 from services.predictions.records import Task
 
 _PARAMETERS: dict[str, Any] = {
     "type": "object",
-    "description": "Sampling parameters (SamplingParameters); checked by the request proto and the gateway.",
+    "description": "Sampling parameters (SamplingParameters): their fields and ranges are checked at create.",
 }
 _MESSAGES: dict[str, Any] = {
     "type": "array",
@@ -210,25 +212,95 @@ def _parse(task: Task, input: dict[str, Any]) -> Message:
     return request
 
 
+# What applying a schema can raise besides its verdict: a $ref that resolves nowhere, a keyword
+# value check_schema let through, a pattern Python's re refuses.
+_SCHEMA_FAILURES = (referencing.exceptions.Unresolvable, jsonschema.SchemaError, re.error)
+
+
+def _validator_class(schema: dict[str, Any]) -> Any:
+    """The validator of the draft `schema` names in $schema (Draft 2020-12 without one); raises
+    SchemaError for a $schema this library does not know."""
+    draft = schema.get("$schema")
+    if draft is None:
+        return jsonschema.Draft202012Validator
+    found = jsonschema.validators.validator_for(schema, default=None) if isinstance(draft, str) else None
+    if found is None:
+        raise jsonschema.SchemaError(f"$schema {draft!r} is not a JSON Schema draft this service knows")
+    return found
+
+
+def _refs(node: Any, root: bool = True) -> list[str]:
+    """Every $ref in a schema, except under a nested $id (whose refs resolve against another base)
+    and inside literal values (enum, const, default, examples)."""
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item, False)]
+    if not isinstance(node, dict) or (not root and "$id" in node):
+        return []
+    found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+    for key, value in node.items():
+        if key not in ("enum", "const", "default", "examples"):
+            found.extend(_refs(value, False))
+    return found
+
+
+def schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why `schema` cannot check inputs (not a schema of its draft, a $ref that resolves nowhere,
+    a bad pattern); None when it can."""
+    try:
+        validator_class = _validator_class(schema)
+        validator_class.check_schema(schema)
+        validator = validator_class(schema)
+        # A probe instance reaches a top-level $ref; each other $ref is looked up on its own.
+        validator.is_valid({})
+        for ref in _refs(schema):
+            validator.evolve(schema={"$ref": ref}).is_valid(None)
+    except jsonschema.SchemaError as error:
+        where = "/".join(str(part) for part in error.absolute_path)
+        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {error.message}"
+    except referencing.exceptions.Unresolvable as error:
+        return f"has a $ref that resolves nowhere: {error}"
+    except re.error as error:
+        return f"has a pattern that is not a regular expression: {error}"
+    return None
+
+
 def input_violations(
     task: Task, input: dict[str, Any], schema: dict[str, Any] | None
 ) -> list[tuple[str, str]]:
     """Every problem of `input` for `task` as (field path, reason): the JSON Schema's (the
-    deployment's `schema`, else the task's own), then what the task's request proto refuses."""
-    checker = jsonschema.Draft202012Validator(schema if schema is not None else TASK_SCHEMAS[task])
+    deployment's `schema`, else the task's own), then what the task's request proto refuses. A
+    schema that cannot be applied is one violation on "input", never an exception."""
     violations = [
         (f"input.{name}", "is set by the prediction, not its input") for name in _RESERVED if name in input
     ]
     named = {name for name, _ in violations}
-    for error in sorted(checker.iter_errors(input), key=lambda e: [str(p) for p in e.absolute_path]):
+    chosen = schema if schema is not None else TASK_SCHEMAS[task]
+    try:
+        checker = _validator_class(chosen)(chosen)
+        errors = sorted(checker.iter_errors(input), key=lambda e: [str(p) for p in e.absolute_path])
+    except _SCHEMA_FAILURES as unusable:
+        return [("input", f"cannot be checked: the deployment's input_schema is unusable ({unusable})")]
+    for error in errors:
         violations.extend(v for v in _schema_violations(error) if v[0] not in named)
     named = {name for name, _ in violations}
     if not any(name in input for name in _RESERVED):
         try:
-            _parse(task, input)
+            request = _parse(task, input)
         except InputError as error:
             violations.extend(v for v in error.violations if v[0] not in named)
+        else:
+            violations.extend(_sampling_violations(request))
     return violations
+
+
+def _sampling_violations(request: Message) -> list[tuple[str, str]]:
+    """The knobs' own checks at the default limits, so that an out-of-range knob is a 400 at
+    create rather than a prediction that fails when it runs (a gateway configured with higher
+    limits is stricter here than there)."""
+    if "parameters" not in request.DESCRIPTOR.fields_by_name or not request.HasField("parameters"):
+        return []
+    parameters = request.parameters  # type: ignore[attr-defined]
+    return [(f"input.{path}", problem) for path, problem in sampling.violations(parameters)]
 
 
 def build_request(task: Task, served_model: str, effective_input: dict[str, Any]) -> Message:

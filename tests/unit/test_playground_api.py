@@ -1,16 +1,29 @@
 """The playground's pure parts without a stack: settings from the environment, sampling options
-from the form, timing captions, Stop cancelling a stream, similarity maths, the status history
-and the chart records."""
+from the form, timing captions, Stop cancelling a stream, similarity maths, the status history,
+the chart records, and the Predictions tab's calls against a fake predictions service."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grpc
 import pytest
-from inference_client import ComponentStats, FinishReason, InvalidArgumentError, StreamSummary, StreamToken
+from inference_client import (
+    ComponentStats,
+    FinishReason,
+    InvalidArgumentError,
+    Prediction,
+    PredictionMetrics,
+    PredictionPage,
+    PredictionsClient,
+    PredictionUrls,
+    StreamSummary,
+    StreamToken,
+)
 
 from clients.playground import api, charts
 
@@ -265,3 +278,259 @@ def test_rate_of_a_running_reply_counts_up_to_now() -> None:
     timing.token(now - 1.0)
     timing.token(now - 1.0)
     assert 0.9 < timing.tokens_per_second <= 1.0
+
+
+# ---------------------------------------------------------------- predictions
+
+CREATED = datetime.datetime(2026, 12, 4, 14, 0, 0, tzinfo=datetime.UTC)
+
+
+def prediction(number: int, status: str = "starting", **changes: Any) -> Prediction:
+    base = Prediction(
+        id=f"p{number}",
+        model="SmolLM2-135M-Instruct",
+        version="",
+        status=status,  # type: ignore[arg-type]
+        input={"prompt": "Hi"},
+        output=None,
+        error="",
+        logs="",
+        created_at=CREATED + datetime.timedelta(seconds=number),
+        started_at=None,
+        completed_at=None,
+        metrics=PredictionMetrics(),
+        urls=PredictionUrls(),
+        task="generate",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+class FakePredictions:
+    """The predictions service as the tab sees it: records what it was asked, answers from a list
+    (newest first), and refuses an input without "prompt" as the service words it."""
+
+    def __init__(self, stored: list[Prediction]) -> None:
+        self.stored = stored
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def create(
+        self,
+        model: str,
+        input: Mapping[str, Any],
+        *,
+        webhook: str | None = None,
+        timeout: float | None = None,
+    ) -> Prediction:
+        self.calls.append(("create", {"model": model, "input": dict(input), "webhook": webhook}))
+        if "prompt" not in input:
+            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, "input.prompt: is required")
+        created = prediction(len(self.stored) + 1, input=dict(input), webhook=webhook or "")
+        self.stored.insert(0, created)
+        return created
+
+    def get(self, prediction_id: str, *, timeout: float | None = None) -> Prediction:
+        return next(item for item in self.stored if item.id == prediction_id)
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        cursor: str | None = None,
+        page_size: int | None = None,
+        timeout: float | None = None,
+    ) -> PredictionPage:
+        self.calls.append(("list", {"status": status, "page_size": page_size}))
+        chosen = [item for item in self.stored if status is None or item.status == status]
+        return PredictionPage(tuple(chosen[:page_size]), None, None)
+
+    def cancel(self, prediction_id: str, *, timeout: float | None = None) -> Prediction:
+        return self.get(prediction_id)
+
+
+def test_the_typed_client_is_what_the_tab_calls() -> None:
+    client: api.Predictions = PredictionsClient("127.0.0.1:1")
+    assert callable(client.create)
+
+
+def test_a_prompt_goes_with_the_sidebars_options_and_an_embedding_model_embeds_it() -> None:
+    options = {"temperature": 0.0, "max_new_tokens": 8}
+    assert api.prediction_input(api.PROMPT, "generation", "Paris is", "", options) == {
+        "prompt": "Paris is",
+        "parameters": {"temperature": 0.0, "max_new_tokens": 8},
+    }
+    assert api.prediction_input(api.PROMPT, "embedding", "A cat", "", options) == {"input": ["A cat"]}
+
+
+def test_json_input_is_sent_as_written() -> None:
+    text = '{"messages": [{"role": "user", "content": "Hi"}]}'
+    given = api.prediction_input(api.JSON_INPUT, "generation", "ignored", text, {"max_new_tokens": 8})
+    assert given == {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("kind", "prompt", "text", "message"),
+    [
+        (api.PROMPT, "  ", "", "Prompt is empty"),
+        (
+            api.JSON_INPUT,
+            "",
+            '{"prompt": ',
+            "Input (JSON) is not valid JSON: Expecting value at line 1 column 12",
+        ),
+        (api.JSON_INPUT, "", '["Hi"]', "Input (JSON) must be a JSON object, got list"),
+    ],
+)
+def test_form_input_that_cannot_be_sent_names_the_control(
+    kind: str, prompt: str, text: str, message: str
+) -> None:
+    with pytest.raises(api.FormError) as raised:
+        api.prediction_input(kind, "generation", prompt, text, {})
+    assert str(raised.value) == message
+
+
+def test_the_json_example_follows_the_model_until_the_user_edits_it() -> None:
+    chat = api.example_input("generation")
+    assert '"messages"' in chat and '"input"' in api.example_input("embedding")
+    assert api.example_input("unknown") == chat
+    assert api.is_example_input(chat) and api.is_example_input(api.example_input("embedding"))
+    assert api.is_example_input("  ")
+    assert not api.is_example_input('{"prompt": "mine"}')
+
+
+def test_create_sends_the_webhook_only_when_given_and_the_apis_error_names_the_field() -> None:
+    fake = FakePredictions([])
+    first = api.create_prediction(fake, "m", {"prompt": "Hi"}, webhook="  ")
+    second = api.create_prediction(fake, "m", {"prompt": "Yo"}, webhook=" https://example.com/hook ")
+    assert [call[1]["webhook"] for call in fake.calls] == [None, "https://example.com/hook"]
+    assert (first.id, second.id, second.webhook) == ("p1", "p2", "https://example.com/hook")
+    with pytest.raises(InvalidArgumentError) as raised:
+        api.create_prediction(fake, "m", {"problem": "1+1"})
+    assert api.error_text(raised.value) == "INVALID_ARGUMENT: input.prompt: is required"
+
+
+def test_recent_predictions_filter_by_status_newest_first() -> None:
+    fake = FakePredictions(
+        [prediction(3, "processing"), prediction(2, "succeeded"), prediction(1, "succeeded")]
+    )
+    assert [item.id for item in api.recent_predictions(fake)] == ["p3", "p2", "p1"]
+    assert [item.id for item in api.recent_predictions(fake, "succeeded", limit=1)] == ["p2"]
+    assert fake.calls == [
+        ("list", {"status": None, "page_size": api.RECENT_PREDICTIONS}),
+        ("list", {"status": "succeeded", "page_size": 1}),
+    ]
+
+
+def test_table_rows_label_and_facts() -> None:
+    done = prediction(
+        7,
+        "succeeded",
+        version="2",
+        started_at=CREATED + datetime.timedelta(seconds=8),
+        completed_at=CREATED + datetime.timedelta(seconds=9),
+        metrics=PredictionMetrics(
+            predict_time=0.4856,
+            total_time=2.0,
+            input_token_count=6,
+            output_token_count=8,
+            time_to_first_token=0.04,
+        ),
+    )
+    local = done.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    assert api.prediction_rows([done, prediction(1)]) == [
+        {
+            "ID": "p7",
+            "Status": "succeeded",
+            "Model": "SmolLM2-135M-Instruct",
+            "Task": "generate",
+            "Created": local,
+            "Predict time (s)": 0.486,
+        },
+        {
+            "ID": "p1",
+            "Status": "starting",
+            "Model": "SmolLM2-135M-Instruct",
+            "Task": "generate",
+            "Created": prediction(1).created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            "Predict time (s)": None,
+        },
+    ]
+    assert api.prediction_label(done) == "p7 · succeeded · SmolLM2-135M-Instruct"
+    facts = {row["Field"]: row["Value"] for row in api.prediction_facts(done)}
+    assert facts == {
+        "Status": "succeeded",
+        "Model": "SmolLM2-135M-Instruct (version 2)",
+        "Task": "generate",
+        "Created": local,
+        "Started": done.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if done.started_at else "",
+        "Completed": done.completed_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        if done.completed_at
+        else "",
+        "Predict time": "0.486 s",
+        "Total time": "2.000 s",
+        "Time to first token": "0.040 s",
+        "Input tokens": "6",
+        "Output tokens": "8",
+    }
+    # What is not known yet is left out rather than shown empty.
+    assert [row["Field"] for row in api.prediction_facts(prediction(1))] == [
+        "Status",
+        "Model",
+        "Task",
+        "Created",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("output", "text"),
+    [
+        (None, ""),
+        ({"text": "Paris is the"}, "Paris is the"),
+        ({"generated_text": " Paris.", "usage": {"prompt_tokens": 4}}, " Paris."),
+        ({"message": {"role": "assistant", "content": "Hello!"}}, "Hello!"),
+        ({"solution": "2 + 2 = 4. The answer is 4.", "answer": "4"}, "2 + 2 = 4. The answer is 4."),
+        ({"data": [{"index": 0, "embedding": [0.1, 0.2]}], "dimensions": 2}, ""),
+        ("plain", "plain"),
+        ([1, 2], ""),
+    ],
+)
+def test_output_text_of_every_task(output: Any, text: str) -> None:
+    assert api.output_text(output) == text
+
+
+class FakeWatched:
+    """A prediction's text stream that records whether it was cancelled."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.texts
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def summaries(self) -> dict[int, StreamSummary]:
+        return {0: StreamSummary(0, "".join(self.texts), 2, 0.1, 20.0, FinishReason.LENGTH)}
+
+
+def test_watch_fills_the_reply_and_cancels_however_it_ends() -> None:
+    stream = FakeWatched(["Paris", "", " is"])
+    reply = api.Reply()
+    shown: list[str] = []
+    api.watch(stream, reply, shown.append)
+    assert shown == ["Paris", "Paris is"] and reply.text == "Paris is"
+    assert not reply.stopped and reply.summary is not None and stream.cancelled
+
+    stopped = FakeWatched(["one", " two", " three"])
+    partial = api.Reply()
+
+    def show(text: str) -> None:
+        if text == "one two":
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        api.watch(stopped, partial, show)
+    assert stopped.cancelled and partial.stopped and partial.text == "one two"
+    partial.cancel()

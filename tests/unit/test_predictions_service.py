@@ -3,11 +3,13 @@ checks, owners, waits and streams over an in-memory store and a fake runner."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -19,9 +21,11 @@ from inference.v1 import common_pb2, predictions_pb2
 from services.common.auth import ApiKey, current_key
 from services.common.errors import RpcFailure
 from services.common.interceptors import Context
-from services.predictions import convert
+from services.predictions import convert, servicer
 from services.predictions.config import PredictionsConfig
 from services.predictions.errors import MAPPING
+from services.predictions.models import ServedModel
+from services.predictions.prefer import prefer_wait
 from services.predictions.records import (
     Deployment,
     DeploymentExists,
@@ -30,7 +34,8 @@ from services.predictions.records import (
     Prediction,
     QueueFull,
 )
-from services.predictions.servicer import METHOD_SCOPES, PredictionServicer, ServedModel, prefer_wait
+from services.predictions.servicer import METHOD_SCOPES, PredictionServicer
+from services.predictions.stream import TextDiverged, TextFollower
 from tests.unit.fakes import within
 
 PUBLIC = "http://api.example:8080"
@@ -315,6 +320,24 @@ def test_config_defaults_and_validation() -> None:
         PredictionsConfig(max_wait_seconds=0).validate()
 
 
+def test_the_predictions_tier_does_not_import_the_gateway() -> None:
+    # The tiers it imports from: its own package and services/common (whose imports are checked too).
+    root = Path(servicer.__file__).parents[1]
+    for path in [*(root / "predictions").glob("*.py"), *(root / "common").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(name.startswith("services.gateway") for name in names), path
+
+
+def test_the_servicer_keeps_to_protobuf_in_and_out() -> None:
+    # Model lookup, Prefer parsing and stream messages live in their own modules.
+    source = Path(servicer.__file__).read_text()
+    for name in ("class GatewayModels", "def prefer_wait", "def final_message", "ListServedModels"):
+        assert name not in source, name
+
+
 def test_method_scopes_cover_every_rpc() -> None:
     service = predictions_pb2.DESCRIPTOR.services_by_name["PredictionService"]
     assert {m.name for m in service.methods} == {k.rsplit("/", 1)[1] for k in METHOD_SCOPES}
@@ -327,13 +350,13 @@ def test_method_scopes_cover_every_rpc() -> None:
     [("wait=3", 3), ("wait", 5), ("respond-async, wait=2", 2), ("handling=lenient", None)],
 )
 def test_prefer_wait(value: str, seconds: int | None) -> None:
-    assert prefer_wait(context(("prefer", value)), 5) == seconds
+    assert prefer_wait([("prefer", value)], 5) == seconds
 
 
 @pytest.mark.parametrize("value", ["wait=0", "wait=6", "wait=soon"])
 def test_prefer_wait_out_of_range_names_the_header(value: str) -> None:
     with pytest.raises(RpcFailure) as raised:
-        prefer_wait(context(("prefer", value)), 5)
+        prefer_wait([("prefer", value)], 5)
     assert fields_of(raised.value) == {"prefer"}
 
 
@@ -501,6 +524,21 @@ async def test_list_names_the_bad_field(service: Service, request_fields: dict[s
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {bad}
 
 
+@pytest.mark.parametrize("page_size", [1001, 2**32 - 1])
+async def test_page_size_out_of_range_names_the_range(service: Service, page_size: int) -> None:
+    request = predictions_pb2.ListPredictionsRequest(page_size=page_size)
+    error = await failure(service.servicer.ListPredictions(request, context()))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {"page_size"}
+    assert "1 to 1000" in error.message and str(page_size) in error.message
+
+
+@pytest.mark.parametrize("page_size", [0, 1, 1000])
+async def test_page_size_in_range_or_not_given_is_accepted(service: Service, page_size: int) -> None:
+    service.store.predictions["p1"] = prediction()
+    request = predictions_pb2.ListPredictionsRequest(page_size=page_size)
+    assert [p.id for p in (await service.servicer.ListPredictions(request, context())).results] == ["p1"]
+
+
 async def test_cancel_a_running_prediction_tells_the_runner(service: Service) -> None:
     service.store.predictions["p1"] = prediction(status="processing")
     reply = await service.servicer.CancelPrediction(
@@ -574,6 +612,82 @@ async def test_stream_of_a_canceled_prediction_ends_unspecified(service: Service
     assert messages[-1].generated_text == "par"
 
 
+def restart_reason(error: RpcFailure) -> str:
+    return next(str(d.reason) for d in error.details if isinstance(d, error_details_pb2.ErrorInfo))
+
+
+async def test_a_rerun_that_repeats_the_text_keeps_streaming(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    # The worker was lost; the rerun starts over and (greedy decoding) writes the same text.
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2),
+        dataclasses.replace(first, attempt=2, output={"text": "he"}),
+        dataclasses.replace(first, attempt=2, output={"text": "hello w"}),
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "hello world"}),
+    ]
+    messages = await collect(service)
+    assert [m.token.text for m in messages[:-1]] == ["hello", " w", "orld"]
+    assert messages[-1].generated_text == "hello world"
+
+
+async def test_a_rerun_with_other_text_ends_the_stream_as_restarted(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello wor"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2),  # the old run's text, until the rerun saves its own
+        dataclasses.replace(first, attempt=2, output={"text": "he"}),
+        dataclasses.replace(first, attempt=2, output={"text": "help me"}),
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "help me now"}),
+    ]
+    received: list[str] = []
+
+    async def run() -> None:
+        request = predictions_pb2.StreamPredictionRequest(id="p1")
+        async for message in service.servicer.StreamPrediction(request, context()):
+            received.append(message.token.text)
+
+    error = await failure(run())
+    assert received == ["hello wor"]
+    assert error.code == grpc.StatusCode.ABORTED and restart_reason(error) == "PREDICTION_RESTARTED"
+    assert "run 2" in error.message and "stream it again" in error.message
+    # A stream joined after the restart follows the new run from its start.
+    assert [m.token.text for m in (await collect(service))[:-1]] == ["help me", " now"]
+
+
+async def test_a_rerun_that_ends_with_other_text_is_restarted_not_a_wrong_final(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [
+        dataclasses.replace(first, attempt=2, status="succeeded", output={"generated_text": "goodbye"})
+    ]
+    error = await failure(collect(service))
+    assert error.code == grpc.StatusCode.ABORTED and restart_reason(error) == "PREDICTION_RESTARTED"
+
+
+async def test_a_restart_is_an_in_band_error_event_over_sse(service: Service) -> None:
+    first = prediction(status="processing", attempt=1, output={"text": "hello"})
+    service.store.predictions["p1"] = first
+    service.changes.steps = [dataclasses.replace(first, attempt=2, output={"text": "bye"})]
+
+    async def run() -> list[bytes]:
+        request = predictions_pb2.StreamPredictionRequest(id="p1")
+        return [e.data async for e in service.servicer.StreamPredictionEvents(request, context())]
+
+    events = await within(run())
+    assert json.loads(events[0][6:])["token"]["text"] == "hello"
+    error = json.loads(events[-1][6:])["error"]
+    assert error["code"] == grpc.StatusCode.ABORTED.value[0] and "run 2" in error["message"]
+
+
+def test_text_follower_sends_only_what_continues_the_sent_text() -> None:
+    follower = TextFollower()
+    assert [follower.delta(t) for t in ["", "ab", "abc", "a", "abc", "abcd"]] == ["", "ab", "c", "", "", "d"]
+    with pytest.raises(TextDiverged):
+        follower.delta("abx")
+    assert follower.sent == "abcd"
+
+
 async def test_stream_events_frame_sse(service: Service) -> None:
     service.store.predictions["p1"] = prediction(status="succeeded", output={"generated_text": "ok"})
 
@@ -628,6 +742,29 @@ async def test_deployment_fields_are_checked(service: Service) -> None:
     update.input_schema.update({"required": "prompt"})
     error = await failure(service.servicer.UpdateDeployment(update, context()))
     assert fields_of(error) == {"task", "input_schema"}
+
+
+async def test_a_schema_whose_ref_resolves_nowhere_is_refused_on_the_deployment(service: Service) -> None:
+    schema = {"type": "object", "properties": {"prompt": {"$ref": "#/$defs/text"}}}
+    error = await failure(
+        service.servicer.CreateDeployment(deployment_request(input_schema=schema), context())
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields_of(error) == {"deployment.input_schema"} and "$ref" in error.message
+    update = predictions_pb2.UpdateDeploymentRequest(name="poet")
+    update.input_schema.update({"$ref": "https://schemas.example/poet.json"})
+    error = await failure(service.servicer.UpdateDeployment(update, context()))
+    assert fields_of(error) == {"input_schema"}
+
+
+async def test_a_stored_schema_that_cannot_be_applied_is_a_400_on_input(service: Service) -> None:
+    # Stored before the deployment checks resolved references.
+    service.store.deployments["poet"] = Deployment(
+        "poet", MODEL, "generate", input_schema={"$ref": "#/$defs/nowhere"}
+    )
+    error = await failure(service.servicer.CreatePrediction(create_request("poet"), context()))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and fields_of(error) == {"input"}
+    assert not service.store.predictions
 
 
 async def test_webhook_secret(service: Service) -> None:

@@ -17,6 +17,7 @@ from services.predictions.tasks import (
     infer_task,
     input_violations,
     merge_defaults,
+    schema_problem,
 )
 
 VALID: dict[str, dict[str, Any]] = {
@@ -96,6 +97,51 @@ def test_a_deployment_schema_replaces_the_task_schema_but_not_the_proto_check() 
     assert violations == [("input.colour", "is not a field of this request")]
 
 
+UNRESOLVABLE: list[dict[str, Any]] = [
+    {"$ref": "#/$defs/nowhere"},
+    {"type": "object", "properties": {"prompt": {"$ref": "#/$defs/nowhere"}}},
+    {"type": "object", "properties": {"prompt": {"$ref": "https://schemas.example/prompt.json"}}},
+]
+
+
+@pytest.mark.parametrize("schema", UNRESOLVABLE)
+def test_a_schema_with_an_unresolvable_ref_is_a_problem(schema: dict[str, Any]) -> None:
+    jsonschema.validators.validator_for(schema).check_schema(schema)  # what let it through before
+    problem = schema_problem(schema)
+    assert problem is not None and "$ref" in problem
+
+
+@pytest.mark.parametrize("schema", UNRESOLVABLE)
+def test_an_unusable_stored_schema_is_a_violation_on_input_not_an_exception(schema: dict[str, Any]) -> None:
+    violations = input_violations("generate", {"prompt": "hi"}, schema)
+    assert [name for name, _ in violations] == ["input"] and "input_schema" in violations[0][1]
+
+
+def test_schema_problem_follows_the_schemas_draft() -> None:
+    resolvable = {
+        "type": "object",
+        "$defs": {"p": {"type": "string"}},
+        "properties": {"prompt": {"$ref": "#/$defs/p"}},
+    }
+    assert schema_problem(resolvable) is None
+    assert input_violations("generate", {"prompt": 1}, resolvable) == [
+        ("input.prompt", "1 is not of type 'string'")
+    ]
+    # Draft 7's tuple "items" is refused by Draft 2020-12's metaschema but is Draft 7's own.
+    draft7 = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "items": [{"type": "string"}],
+    }
+    assert schema_problem(draft7) is None
+    assert input_violations("generate", {"prompt": "hi"}, draft7) == []
+    unknown = schema_problem({"$schema": "https://schemas.example/mine", "type": "object"})
+    assert unknown is not None and "$schema" in unknown
+    assert schema_problem({"type": "object", "properties": {"prompt": {"pattern": "("}}}) is not None
+    # A "$ref" inside a literal is data, not a reference.
+    assert schema_problem({"enum": [{"$ref": "#/nowhere"}]}) is None
+
+
 @pytest.mark.parametrize(
     ("input", "embedding", "task"),
     [
@@ -148,3 +194,32 @@ def test_build_request_refuses_an_input_the_proto_cannot_carry() -> None:
     with pytest.raises(InputError) as caught:
         build_request("generate", "m", {"prompt": "a", "parameters": {"top_k": "many"}})
     assert caught.value.violations[0][0] == "input.parameters.top_k"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field", "words"),
+    [
+        ({"max_new_tokens": 100000}, "input.parameters.max_new_tokens", "between 1 and 4096"),
+        ({"max_tokens": 0}, "input.parameters.max_tokens", "between 1 and 4096"),
+        ({"temperature": -1}, "input.parameters.temperature", "[0, 100]"),
+        ({"top_p": 0}, "input.parameters.top_p", "(0, 1]"),
+    ],
+)
+def test_an_out_of_range_knob_is_a_violation_at_create(
+    parameters: dict[str, Any], field: str, words: str
+) -> None:
+    problems = dict(input_violations("generate", {"prompt": "Hi", "parameters": parameters}, None))
+    assert field in problems, problems
+    assert words in problems[field]
+
+
+def test_knobs_in_range_and_an_embedding_input_have_no_sampling_violation() -> None:
+    assert (
+        input_violations(
+            "chat",
+            {"messages": [{"role": "user", "content": "Hi"}], "parameters": {"max_new_tokens": 8}},
+            None,
+        )
+        == []
+    )
+    assert input_violations("embed", {"input": "a text"}, None) == []

@@ -412,8 +412,9 @@ class Runner:
                 run.stop("lease" if not lease.held else "cancel")
                 await self._end_stopped(run)
                 return
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            limit = self._settings.predict_timeout_seconds
+        limit = self._settings.predict_timeout_seconds
+        # Our deadline, not one the gateway hit on its own side sooner.
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - run.started >= limit:
             described += f" (the run took longer than {limit:g} s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS)"
         if code in RETRYABLE and attempt < self._settings.max_attempts:
             delay = _retry_delay(error)

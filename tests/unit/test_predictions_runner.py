@@ -607,6 +607,17 @@ async def test_a_gateway_call_past_the_predict_timeout_fails_naming_the_flag(
     assert time.monotonic() - started < 3.0
 
 
+async def test_a_deadline_the_gateway_hit_on_its_own_is_not_blamed_on_the_flag(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "generator too slow")
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store)
+    await eventually(lambda: store.ended(prediction_id))
+    assert store.rows[prediction_id].error == "DEADLINE_EXCEEDED: generator too slow"
+
+
 async def test_an_input_the_request_cannot_carry_fails_without_a_call(
     gateway: FakeGateway, make_runner: RunnerFactory
 ) -> None:

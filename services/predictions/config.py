@@ -22,6 +22,13 @@ class PredictionsConfig:
             "postgresql+psycopg://user@host:port/db for several."
         },
     )
+    database_pool_size: int = field(
+        default=0,
+        metadata={
+            "help": "Pooled database connections; 0: derived, concurrency + concurrency/2 (webhook "
+            "sends) + 4 (API calls, purge)."
+        },
+    )
     gateway_address: str = field(
         default="127.0.0.1:50051",
         metadata={"help": "The gateway (host:port) that runs predictions with each caller's credentials."},
@@ -83,6 +90,17 @@ class PredictionsConfig:
     max_attempts: int = field(
         default=3, metadata={"help": "Runs of a prediction whose worker died before it fails."}
     )
+    progress_seconds: float = field(
+        default=0.5,
+        metadata={
+            "help": "The output/logs webhook throttle: at most one partial-output save (and so one "
+            "output and one logs event) per prediction per this many seconds (0: every token)."
+        },
+    )
+    predict_timeout_seconds: float = field(
+        default=1800.0,
+        metadata={"help": "The longest one run's gateway call may take; past it the prediction fails."},
+    )
     webhook_retry_seconds: float = field(
         default=3600.0, metadata={"help": "How long a webhook delivery is retried before it is abandoned."}
     )
@@ -107,7 +125,7 @@ class PredictionsConfig:
             raise ValueError(f"--public-url must be an http(s) URL, got {self.public_url!r}")
         if self.webhook_secret and not self.webhook_secret.startswith("whsec_"):
             raise ValueError("--webhook-secret must start with 'whsec_'")
-        for name in ("max_waiting_per_key", "max_waiting_total"):
+        for name in ("max_waiting_per_key", "max_waiting_total", "database_pool_size", "progress_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         for name in (
@@ -127,9 +145,15 @@ class PredictionsConfig:
             "webhook_retry_seconds",
             "webhook_max_backoff_seconds",
             "webhook_timeout_seconds",
+            "predict_timeout_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+    @property
+    def pool_size(self) -> int:
+        """--database-pool-size, else enough for the runs, the webhook sends and the API at once."""
+        return self.database_pool_size or self.concurrency + (self.concurrency + 1) // 2 + 4
 
     @property
     def worker(self) -> str:

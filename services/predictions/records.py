@@ -3,7 +3,7 @@ store contract the service, the runner and the webhook sender share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -152,26 +152,53 @@ class Store(Protocol):
         ...
 
     async def claim(
-        self, worker: str, lease_seconds: float, limit: int, max_attempts: int
+        self,
+        worker: str,
+        lease_seconds: float,
+        limit: int,
+        max_attempts: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Prediction]:
         """Takes up to `limit` runnable predictions (starting, or processing with an expired lease)
         for `worker`, oldest first, each exactly once across replicas: status processing, attempt+1,
-        started_at set on the first run, the `start` event on the first run. A prediction whose
-        lease expired after `max_attempts` runs ends failed instead (with the `completed` event)."""
+        started_at set on the first run, the `start` event on the first run. Never one of `exclude`
+        (what the worker runs already, whose lease may have lapsed). A prediction whose lease
+        expired after `max_attempts` runs ends failed instead (with the `completed` event)."""
         ...
 
-    async def heartbeat(self, prediction_id: str, worker: str, lease_seconds: float) -> Lease:
+    # `attempt` in the calls below: the run (Prediction.attempt as claimed) the caller speaks
+    # for; a write of an older run of the same worker is refused like one of another worker.
+
+    async def heartbeat(
+        self, prediction_id: str, worker: str, lease_seconds: float, *, attempt: int | None = None
+    ) -> Lease:
         """Extends the lease while `worker` holds it."""
         ...
 
     async def progress(
-        self, prediction_id: str, worker: str, output: Any | None, logs: str, events: Sequence[Event]
+        self,
+        prediction_id: str,
+        worker: str,
+        output: Any | None,
+        logs: str,
+        events: Sequence[Event],
+        *,
+        attempt: int | None = None,
     ) -> bool:
         """Saves partial output and logs while `worker` holds the lease, with the given events
         (output and/or logs) in the outbox; False when the lease was lost."""
         ...
 
-    async def release(self, prediction_id: str, worker: str, delay_seconds: float, logs: str) -> bool:
+    async def release(
+        self,
+        prediction_id: str,
+        worker: str,
+        delay_seconds: float,
+        logs: str,
+        *,
+        attempt: int | None = None,
+    ) -> bool:
         """Gives the prediction back (status starting, runnable after the delay) for a retry."""
         ...
 
@@ -184,9 +211,11 @@ class Store(Protocol):
         error: str,
         logs: str,
         metrics: dict[str, float],
+        *,
+        attempt: int | None = None,
     ) -> Prediction | None:
         """Ends a prediction `worker` holds (credentials cleared, `completed` event); None when
-        the lease was lost (another worker owns the outcome)."""
+        the lease was lost (another worker or run owns the outcome)."""
         ...
 
     async def cancel(self, prediction_id: str, owner: str | None) -> Prediction | None:
@@ -204,8 +233,10 @@ class Store(Protocol):
 
     async def abandon_delivery(self, delivery_id: str, error: str) -> None: ...
 
-    async def purge(self, older_than: datetime) -> int:
-        """Deletes ended predictions completed before `older_than`, with their outbox rows."""
+    async def purge(self, older_than: datetime, *, batch_size: int = 500) -> int:
+        """Deletes ended predictions completed before `older_than`, with their outbox rows, except
+        those with a delivery still pending (neither delivered nor abandoned); `batch_size`
+        predictions per transaction."""
         ...
 
     async def setting(self, name: str, make: Callable[[], str]) -> str:

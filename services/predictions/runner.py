@@ -10,10 +10,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import keepalive
 from services.predictions import tasks
+from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Prediction, Status, Store
 
@@ -47,8 +48,11 @@ QUEUE_WAIT = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-# Statuses a gateway answers when it is busy or away: the prediction is tried again later.
-RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+# Statuses a gateway answers when it is busy or away (CANCELLED: e.g. it restarted mid-call; a
+# cancel of ours never gets here): the prediction is tried again later.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+)
 
 # As the gateway's own backend channels: big embedding answers fit, and idle links are noticed.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -59,18 +63,29 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 StopReason = Literal["cancel", "lease", "shutdown", "too_large"]
 
+T = TypeVar("T")
+
+
+# The service's own defaults: settings built without a config agree with one built from it.
+_DEFAULTS = PredictionsConfig()
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    concurrency: int = 8
-    lease_seconds: float = 30.0
-    poll_seconds: float = 1.0
-    max_attempts: int = 3
+    """How the runner works; each field is the PredictionsConfig field of its name (the server
+    builds it from the config), except the busy-gateway backoff below."""
+
+    concurrency: int = _DEFAULTS.concurrency
+    lease_seconds: float = _DEFAULTS.lease_seconds
+    poll_seconds: float = _DEFAULTS.poll_seconds
+    max_attempts: int = _DEFAULTS.max_attempts
     # At most one progress write (and so one output/logs webhook) per this many seconds.
-    progress_seconds: float = 0.5
-    max_output_bytes: int = 1_000_000
-    retention_seconds: float = 7 * 24 * 3600.0
-    purge_seconds: float = 3600.0
+    progress_seconds: float = _DEFAULTS.progress_seconds
+    max_output_bytes: int = _DEFAULTS.max_output_bytes
+    retention_seconds: float = _DEFAULTS.retention_seconds
+    purge_seconds: float = _DEFAULTS.purge_seconds
+    # The gateway call's deadline; a run past it fails (a stuck backend must not hold a slot forever).
+    predict_timeout_seconds: float = _DEFAULTS.predict_timeout_seconds
     # Backoff of a run the gateway refused as busy, when it sends no RetryInfo: base * 2^(attempt-1).
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0
@@ -96,6 +111,8 @@ class _Run:
     first_output: float | None = None
     # The output's size when it went over the limit.
     oversize: int = 0
+    # The last progress write, which goes on to its end when the call is cancelled meanwhile.
+    writing: asyncio.Future[Any] | None = None
 
     def stop(self, reason: StopReason) -> None:
         """Cancels the gateway call (the generator frees the slot); the first reason wins."""
@@ -108,6 +125,20 @@ class _Run:
 
 class _Ended(Exception):
     """A run ended on purpose before its output (canceled, lease lost, shut down, too large)."""
+
+
+def _retrieved(write: asyncio.Future[Any]) -> None:
+    # Whoever awaited the write sees its failure; one whose caller was cancelled is only logged.
+    if not write.cancelled() and write.exception() is not None:
+        log.debug("a store write failed after its caller was cancelled", exc_info=write.exception())
+
+
+async def _whole(write: Awaitable[T]) -> T:
+    """Awaits a store write that runs to its end even if the caller is cancelled meanwhile (a
+    transaction is never cut in half); the caller still sees the cancel at once."""
+    task = asyncio.ensure_future(write)
+    task.add_done_callback(_retrieved)
+    return await asyncio.shield(task)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -213,8 +244,13 @@ class Runner:
             claimed: list[Prediction] = []
             if free > 0:
                 try:
+                    # A run whose lease lapsed (a slow heartbeat) is still ours: not a new claim.
                     claimed = await self._store.claim(
-                        self._worker, settings.lease_seconds, free, settings.max_attempts
+                        self._worker,
+                        settings.lease_seconds,
+                        free,
+                        settings.max_attempts,
+                        exclude=frozenset(self._runs),
                     )
                 except Exception:
                     log.exception("claiming predictions failed; trying again")
@@ -226,6 +262,11 @@ class Runner:
                 await asyncio.wait_for(self._wake.wait(), settings.poll_seconds)
 
     def _begin(self, prediction: Prediction) -> None:
+        if prediction.id in self._runs:
+            # Never two runs of one prediction here; the store refuses the older run's writes,
+            # so it stops, and the claim's lease lapses for a later claim to run it once.
+            log.warning("prediction %s: claimed while already running here; not run twice", prediction.id)
+            return
         run = _Run(prediction)
         self._runs[prediction.id] = run
         RUNNING.inc()
@@ -268,8 +309,13 @@ class Runner:
         while True:
             await asyncio.sleep(interval)
             try:
-                lease = await self._store.heartbeat(
-                    run.prediction.id, self._worker, self._settings.lease_seconds
+                lease = await _whole(
+                    self._store.heartbeat(
+                        run.prediction.id,
+                        self._worker,
+                        self._settings.lease_seconds,
+                        attempt=run.prediction.attempt,
+                    )
                 )
             except Exception:
                 log.exception("prediction %s: heartbeat failed", run.prediction.id)
@@ -354,6 +400,22 @@ class Runner:
         code = error.code()
         described = f"{code.name}: {error.details() or ''}"
         attempt = run.prediction.attempt
+        if code == grpc.StatusCode.CANCELLED:
+            # The cancel may still be ours: asked for on another replica, or the lease lost,
+            # just before the heartbeat would have said so.
+            lease = await _whole(
+                self._store.heartbeat(
+                    run.prediction.id, self._worker, self._settings.lease_seconds, attempt=attempt
+                )
+            )
+            if not lease.held or lease.cancel_requested:
+                run.stop("lease" if not lease.held else "cancel")
+                await self._end_stopped(run)
+                return
+        limit = self._settings.predict_timeout_seconds
+        # Our deadline, not one the gateway hit on its own side sooner.
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - run.started >= limit:
+            described += f" (the run took longer than {limit:g} s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS)"
         if code in RETRYABLE and attempt < self._settings.max_attempts:
             delay = _retry_delay(error)
             if delay is None:
@@ -384,25 +446,46 @@ class Runner:
             metrics["output_token_count"] = float(usage[1])
         if run.first_output is not None:
             metrics["time_to_first_token"] = run.first_output - run.started
-        ended = await self._store.finish(
-            prediction.id, self._worker, status, output, error, self._logs(run), metrics
+        await self._settled(run)
+        ended = await _whole(
+            self._store.finish(
+                prediction.id,
+                self._worker,
+                status,
+                output,
+                error,
+                self._logs(run),
+                metrics,
+                attempt=prediction.attempt,
+            )
         )
         FINISHED.labels(status if ended is not None else "lost").inc()
         self._changes.changed(prediction.id)
 
     async def _release(self, run: _Run, delay: float) -> None:
-        await self._store.release(run.prediction.id, self._worker, delay, self._logs(run))
+        await self._settled(run)
+        await _whole(
+            self._store.release(
+                run.prediction.id, self._worker, delay, self._logs(run), attempt=run.prediction.attempt
+            )
+        )
         FINISHED.labels("released").inc()
         self._changes.changed(run.prediction.id)
+
+    async def _settled(self, run: _Run) -> None:
+        """Waits for a progress write the cancel left running, so the run's last write is last."""
+        if run.writing is not None and not run.writing.done():
+            await asyncio.wait([run.writing])
 
     async def _call(self, run: _Run, request: Message) -> tuple[dict[str, Any], tuple[int, int]]:
         """Calls the gateway; returns the task's unary-shaped output and (input, output) tokens."""
         prediction = run.prediction
         metadata = (*prediction.credentials.items(), ("x-request-id", prediction.id))
+        timeout = self._settings.predict_timeout_seconds
         assert self._generation is not None and self._embedding is not None
         if prediction.task == "embed":
             response = await self._embedding.Embed(
-                cast(embedding_pb2.EmbedRequest, request), metadata=metadata
+                cast(embedding_pb2.EmbedRequest, request), metadata=metadata, timeout=timeout
             )
             run.first_output = time.monotonic()
             return _to_json(response), (response.usage.prompt_tokens, 0)
@@ -413,7 +496,7 @@ class Runner:
             "math": generation.SolveMathStream,
             "coding": generation.SolveCodingStream,
         }
-        call = streams[prediction.task](request, metadata=metadata)
+        call = streams[prediction.task](request, metadata=metadata, timeout=timeout)
         try:
             messages = await self._consume(run, call, request)
         finally:
@@ -458,9 +541,18 @@ class Runner:
             if partial != saved_text and now - last_save >= self._settings.progress_seconds:
                 logs = self._logs(run)
                 events: tuple[Event, ...] = ("output", "logs") if logs != saved_logs else ("output",)
-                held = await self._store.progress(
-                    run.prediction.id, self._worker, {"text": partial}, logs, events
+                write = asyncio.ensure_future(
+                    self._store.progress(
+                        run.prediction.id,
+                        self._worker,
+                        {"text": partial},
+                        logs,
+                        events,
+                        attempt=run.prediction.attempt,
+                    )
                 )
+                run.writing = write
+                held = await _whole(write)
                 self._changes.changed(run.prediction.id)
                 if not held:
                     run.stop("lease")

@@ -57,19 +57,22 @@ class PredictionsServer:
 
 
 def runner_settings(config: PredictionsConfig) -> RunnerSettings:
+    """The runner's settings, all from the config."""
     return RunnerSettings(
         concurrency=config.concurrency,
         lease_seconds=config.lease_seconds,
         poll_seconds=config.poll_seconds,
         max_attempts=config.max_attempts,
-        progress_seconds=0.5,
+        progress_seconds=config.progress_seconds,
         max_output_bytes=config.max_output_bytes,
         retention_seconds=config.retention_seconds,
         purge_seconds=config.purge_seconds,
+        predict_timeout_seconds=config.predict_timeout_seconds,
     )
 
 
 def webhook_settings(config: PredictionsConfig) -> WebhookSettings:
+    """The webhook sender's settings, all from the config."""
     return WebhookSettings(
         retry_seconds=config.webhook_retry_seconds,
         max_backoff_seconds=config.webhook_max_backoff_seconds,
@@ -87,13 +90,17 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     if keys.open:
         log.warning("no API keys configured: the predictions service is OPEN (set --api-keys-file)")
     store = await open_store(
-        config.database_url, functools.partial(convert.prediction_json, public_url=config.public_url)
+        config.database_url,
+        functools.partial(convert.prediction_json, public_url=config.public_url),
+        pool_size=config.pool_size,
     )
     secret = config.webhook_secret or await store.setting("webhook_secret", webhooks.new_secret)
     worker = config.worker
     changes = Changes()
     runner = Runner(store, config.gateway_address, runner_settings(config), changes, worker)
     sender = WebhookSender(store, secret, worker, webhook_settings(config))
+    # Events this replica queues (the runner's, the servicer's cancels) go out at once.
+    store.on_events(sender.wake)
     gateway = grpc.aio.insecure_channel(config.gateway_address, options=keepalive.client_options())
     server = grpc.aio.server(
         interceptors=[

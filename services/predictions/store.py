@@ -10,7 +10,7 @@ import binascii
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
@@ -44,6 +44,13 @@ from services.predictions.records import (
 )
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+# Events whose newest delivery supersedes the earlier ones still unsent: each carries the whole
+# prediction, so only the latest matters (`start` and `completed` are never superseded).
+SUPERSEDED_EVENTS: frozenset[str] = frozenset({"output", "logs"})
+
+# Marks, in a connection's info, a transaction that queued outbox rows.
+_EMITTED = "predictions_emitted"
 
 # Advisory lock numbers of our own (PostgreSQL): replicas starting together migrate one after
 # the other, and creators check the queue bounds one after the other.
@@ -256,10 +263,16 @@ class SqlStore:
         # than in SQLite's busy handler, whose sleeps starve some of them for seconds under load;
         # the busy timeout is left for writers in other processes.
         self._writer = asyncio.Lock() if self.dialect == "sqlite" and not serialize else None
+        self._event_listeners: list[Callable[[], None]] = []
 
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    def on_events(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (e.g. the webhook sender's wake) after each commit that queued
+        webhook events in this process, so they go out without waiting for the next poll."""
+        self._event_listeners.append(listener)
 
     @asynccontextmanager
     async def _tx(self, write: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -278,8 +291,14 @@ class SqlStore:
         async with self._engine.connect() as conn:
             if write:
                 await conn.execution_options(sqlite_immediate=True)
+            # The info outlives the checkout: a failed transaction's mark must not carry over.
+            conn.info.pop(_EMITTED, None)
             async with conn.begin():
                 yield conn
+            emitted = conn.info.pop(_EMITTED, False)
+        if emitted:
+            for listener in self._event_listeners:
+                listener()
 
     # --- predictions -------------------------------------------------------------------------
 
@@ -392,11 +411,18 @@ class SqlStore:
         )
 
     async def claim(
-        self, worker: str, lease_seconds: float, limit: int, max_attempts: int
+        self,
+        worker: str,
+        lease_seconds: float,
+        limit: int,
+        max_attempts: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Prediction]:
         """Takes up to `limit` runnable predictions for `worker`, oldest first, each exactly once
-        across replicas (see records.Store.claim). A run whose lease expired after `max_attempts`
-        runs ends failed, and one whose cancel was asked for ends canceled, instead of rerunning."""
+        across replicas (see records.Store.claim), never one of `exclude`. A run whose lease expired
+        after `max_attempts` runs ends failed, and one whose cancel was asked for ends canceled,
+        instead of rerunning."""
         c = predictions.c
         claimed: list[Prediction] = []
         async with self._tx() as conn:
@@ -409,7 +435,7 @@ class SqlStore:
             )
             query = (
                 predictions.select()
-                .where(runnable)
+                .where(runnable, *([c.id.not_in(list(exclude))] if exclude else []))
                 .order_by(c.created_at, c.id)
                 .limit(max(1, limit))
                 .with_for_update(skip_locked=True)
@@ -453,22 +479,30 @@ class SqlStore:
                 claimed.append(after)
         return claimed
 
-    def _held(self, prediction_id: str, worker: str) -> sa.ColumnElement[bool]:
+    def _held(self, prediction_id: str, worker: str, attempt: int | None) -> sa.ColumnElement[bool]:
+        """The row while `worker` runs it; with `attempt`, only in that run (the same worker may
+        have claimed it again after its own lease lapsed: the older run must lose)."""
         c = predictions.c
-        return sa.and_(c.id == prediction_id, c.worker == worker, c.status == "processing")
+        held = sa.and_(c.id == prediction_id, c.worker == worker, c.status == "processing")
+        return held if attempt is None else sa.and_(held, c.attempt == attempt)
 
-    async def _held_row(self, conn: AsyncConnection, prediction_id: str, worker: str) -> Prediction | None:
-        query = predictions.select().where(self._held(prediction_id, worker)).with_for_update()
+    async def _held_row(
+        self, conn: AsyncConnection, prediction_id: str, worker: str, attempt: int | None
+    ) -> Prediction | None:
+        query = predictions.select().where(self._held(prediction_id, worker, attempt)).with_for_update()
         row = (await conn.execute(query)).first()
         return _prediction(row) if row is not None else None
 
-    async def heartbeat(self, prediction_id: str, worker: str, lease_seconds: float) -> Lease:
-        """Extends the lease while `worker` holds it; says whether a cancel was asked for."""
+    async def heartbeat(
+        self, prediction_id: str, worker: str, lease_seconds: float, *, attempt: int | None = None
+    ) -> Lease:
+        """Extends the lease while `worker` holds it (in run `attempt`, when given); says whether
+        a cancel was asked for."""
         async with self._tx() as conn:
             now = utcnow()
             result = await conn.execute(
                 predictions.update()
-                .where(self._held(prediction_id, worker))
+                .where(self._held(prediction_id, worker, attempt))
                 .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
                 .returning(predictions.c.cancel_requested)
             )
@@ -478,13 +512,20 @@ class SqlStore:
         return Lease(held=True, cancel_requested=bool(row[0]))
 
     async def progress(
-        self, prediction_id: str, worker: str, output: Any | None, logs: str, events: Sequence[Event]
+        self,
+        prediction_id: str,
+        worker: str,
+        output: Any | None,
+        logs: str,
+        events: Sequence[Event],
+        *,
+        attempt: int | None = None,
     ) -> bool:
-        """Saves partial output and logs while `worker` holds the lease, with the given events in
-        the outbox; False when the lease was lost."""
+        """Saves partial output and logs while `worker` holds the lease (in run `attempt`, when
+        given), with the given events in the outbox; False when the lease was lost."""
         async with self._tx() as conn:
             now = utcnow()
-            before = await self._held_row(conn, prediction_id, worker)
+            before = await self._held_row(conn, prediction_id, worker, attempt)
             if before is None:
                 return False
             values: dict[str, Any] = {"output": output, "logs": logs}
@@ -492,13 +533,22 @@ class SqlStore:
             await self._emit(conn, replace(before, **values), events, now)
         return True
 
-    async def release(self, prediction_id: str, worker: str, delay_seconds: float, logs: str) -> bool:
-        """Gives the prediction back (status starting, runnable after the delay) for a retry."""
+    async def release(
+        self,
+        prediction_id: str,
+        worker: str,
+        delay_seconds: float,
+        logs: str,
+        *,
+        attempt: int | None = None,
+    ) -> bool:
+        """Gives the prediction back (status starting, runnable after the delay) for a retry;
+        False when `worker` (in run `attempt`, when given) no longer holds it."""
         async with self._tx() as conn:
             now = utcnow()
             result = await conn.execute(
                 predictions.update()
-                .where(self._held(prediction_id, worker))
+                .where(self._held(prediction_id, worker, attempt))
                 .values(
                     status="starting",
                     worker="",
@@ -517,14 +567,16 @@ class SqlStore:
         error: str,
         logs: str,
         metrics: dict[str, float],
+        *,
+        attempt: int | None = None,
     ) -> Prediction | None:
-        """Ends a prediction `worker` holds (credentials cleared, `completed` event); None when
-        the lease was lost."""
+        """Ends a prediction `worker` holds (in run `attempt`, when given; credentials cleared,
+        `completed` event); None when the lease was lost."""
         if status not in TERMINAL:
             raise ValueError(f"finish needs a terminal status, not {status!r}")
         async with self._tx() as conn:
             now = utcnow()
-            before = await self._held_row(conn, prediction_id, worker)
+            before = await self._held_row(conn, prediction_id, worker, attempt)
             if before is None:
                 return None
             values: dict[str, Any] = {
@@ -576,23 +628,37 @@ class SqlStore:
                 await self._emit(conn, after, ("completed",), now)
         return after
 
-    async def purge(self, older_than: datetime) -> int:
-        """Deletes ended predictions completed before `older_than`, with their outbox rows."""
+    async def purge(self, older_than: datetime, *, batch_size: int = 500) -> int:
+        """Deletes ended predictions completed before `older_than`, with their outbox rows; one
+        with a delivery still to be sent (neither delivered nor abandoned) waits for it. At most
+        `batch_size` predictions a transaction, so other writers get the database in between."""
         c = predictions.c
-        ended = sa.select(c.id).where(c.status.in_(TERMINAL), c.completed_at < older_than)
-        async with self._tx() as conn:
-            await conn.execute(
-                webhook_deliveries.delete().where(webhook_deliveries.c.prediction_id.in_(ended))
-            )
-            result = await conn.execute(predictions.delete().where(c.id.in_(ended)))
-            return result.rowcount
+        d = webhook_deliveries.c
+        pending = sa.exists().where(
+            d.prediction_id == c.id, d.delivered_at.is_(None), d.abandoned_at.is_(None)
+        )
+        ended = (
+            sa.select(c.id)
+            .where(c.status.in_(TERMINAL), c.completed_at < older_than, ~pending)
+            .limit(max(1, batch_size))
+        )
+        purged = 0
+        while True:
+            async with self._tx() as conn:
+                ids = list((await conn.execute(ended)).scalars())
+                if ids:
+                    await conn.execute(webhook_deliveries.delete().where(d.prediction_id.in_(ids)))
+                    purged += (await conn.execute(predictions.delete().where(c.id.in_(ids)))).rowcount
+            if len(ids) < max(1, batch_size):
+                return purged
 
     # --- webhook outbox ----------------------------------------------------------------------
 
     async def _emit(
         self, conn: AsyncConnection, after: Prediction, events: Sequence[Event], now: datetime
     ) -> None:
-        """Queues the events the prediction's webhook asked for (an empty filter: all)."""
+        """Queues the events the prediction's webhook asked for (an empty filter: all); a new
+        output or logs event abandons the prediction's unsent ones of the same kind."""
         if not after.webhook:
             return
         wanted = [
@@ -603,6 +669,19 @@ class SqlStore:
         if not wanted:
             return
         body = self._render(after)
+        newer = [e for e in wanted if e in SUPERSEDED_EVENTS]
+        if newer:
+            d = webhook_deliveries.c
+            await conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    d.prediction_id == after.id,
+                    d.event.in_(newer),
+                    d.delivered_at.is_(None),
+                    d.abandoned_at.is_(None),
+                )
+                .values(abandoned_at=now, last_error="superseded by a newer event of its kind")
+            )
         # Ids sort in the order the events happened (as KSUIDs do), so the outbox sends them so.
         stamp = f"{time.time_ns():016x}"
         await conn.execute(
@@ -626,6 +705,7 @@ class SqlStore:
                 for index, event in enumerate(wanted)
             ],
         )
+        conn.info[_EMITTED] = True
 
     async def due_deliveries(self, worker: str, limit: int, lock_seconds: float) -> list[Delivery]:
         """Outbox rows due now, oldest first, locked for `worker` for `lock_seconds` so that one
@@ -804,8 +884,9 @@ def _make_parent(path: str) -> None:
 
 
 async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> SqlStore:
-    """Connects, runs the migrations to head, and returns the store. SQLite file URLs get their
-    folder created."""
+    """Connects, runs the migrations to head, and returns the store, with `pool_size` pooled
+    connections (beyond them, up to 10 more while busy). SQLite file URLs get their folder
+    created."""
     parsed = make_url(url)
     options: dict[str, Any] = {}
     in_memory = False
@@ -817,6 +898,8 @@ async def open_store(url: str, render: WebhookBody, *, pool_size: int = 5) -> Sq
         else:
             await asyncio.to_thread(_make_parent, database)
         options["connect_args"] = {"timeout": 30}
+        if not in_memory:
+            options["pool_size"] = pool_size
     else:
         options.update(pool_size=pool_size, pool_pre_ping=True)
     engine = create_async_engine(url, **options)

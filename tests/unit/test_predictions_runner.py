@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -23,9 +25,12 @@ from inference.v1 import (
 )
 
 from services.common.errors import RpcFailure, invalid_argument, retry_info
+from services.predictions.config import PredictionsConfig
 from services.predictions.notify import Changes
-from services.predictions.records import Event, Lease, Prediction, Status, Store, Task
+from services.predictions.records import Event, Lease, NewPrediction, Prediction, Status, Store, Task
 from services.predictions.runner import Runner, RunnerSettings
+from services.predictions.server import build, runner_settings, webhook_settings
+from services.predictions.webhooks import WebhookSettings
 from tests.unit.fakes import eventually, within
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -45,6 +50,12 @@ class FakeStore:
         self.finishes: list[str] = []
         self.purged: list[datetime] = []
         self.claims = 0
+        # Running predictions whose lease lapsed: claim hands them out again (unless excluded).
+        self.lapsed: set[str] = set()
+        self.honor_exclude = True
+        # How long each progress write takes, and the order writes began and ended in.
+        self.progress_seconds = 0.0
+        self.writes: list[str] = []
 
     def add(self, task: Task, input: dict[str, Any], attempt: int = 0) -> str:
         prediction_id = f"p{len(self.rows) + 1}"
@@ -81,38 +92,81 @@ class FakeStore:
         self.rows[prediction_id] = row
         return row
 
-    def _holds(self, prediction_id: str, worker: str) -> bool:
+    def _holds(self, prediction_id: str, worker: str, attempt: int | None) -> bool:
         row = self.rows[prediction_id]
-        return row.worker == worker and row.status == "processing" and prediction_id not in self.lost
+        return (
+            row.worker == worker
+            and row.status == "processing"
+            and prediction_id not in self.lost
+            and (attempt is None or attempt == row.attempt)
+        )
 
     async def claim(
-        self, worker: str, lease_seconds: float, limit: int, max_attempts: int
+        self,
+        worker: str,
+        lease_seconds: float,
+        limit: int,
+        max_attempts: int,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[Prediction]:
         self.claims += 1
         now = time.monotonic()
+        skip = set(exclude) if self.honor_exclude else set()
         due = [
-            row for row in self.rows.values() if row.status == "starting" and self.runnable_at[row.id] <= now
+            row
+            for row in self.rows.values()
+            if row.id not in skip
+            and (
+                (row.status == "starting" and self.runnable_at[row.id] <= now)
+                or (row.status == "processing" and row.id in self.lapsed)
+            )
         ][:limit]
+        self.lapsed -= {row.id for row in due}
         return [
             self._update(row.id, status="processing", worker=worker, attempt=row.attempt + 1) for row in due
         ]
 
-    async def heartbeat(self, prediction_id: str, worker: str, lease_seconds: float) -> Lease:
+    async def heartbeat(
+        self, prediction_id: str, worker: str, lease_seconds: float, *, attempt: int | None = None
+    ) -> Lease:
         row = self.rows[prediction_id]
-        return Lease(self._holds(prediction_id, worker), row.cancel_requested)
+        if self._holds(prediction_id, worker, attempt):
+            self.lapsed.discard(prediction_id)
+            return Lease(True, row.cancel_requested)
+        return Lease(False, row.cancel_requested)
 
     async def progress(
-        self, prediction_id: str, worker: str, output: Any | None, logs: str, events: Sequence[Event]
+        self,
+        prediction_id: str,
+        worker: str,
+        output: Any | None,
+        logs: str,
+        events: Sequence[Event],
+        *,
+        attempt: int | None = None,
     ) -> bool:
-        if not self._holds(prediction_id, worker):
+        if not self._holds(prediction_id, worker, attempt):
             return False
+        self.writes.append("progress")
+        await asyncio.sleep(self.progress_seconds)
+        self.writes.append("progress done")
         self.progress_calls.append((prediction_id, output, logs, tuple(events)))
         self._update(prediction_id, output=output, logs=logs)
         return True
 
-    async def release(self, prediction_id: str, worker: str, delay_seconds: float, logs: str) -> bool:
-        if not self._holds(prediction_id, worker):
+    async def release(
+        self,
+        prediction_id: str,
+        worker: str,
+        delay_seconds: float,
+        logs: str,
+        *,
+        attempt: int | None = None,
+    ) -> bool:
+        if not self._holds(prediction_id, worker, attempt):
             return False
+        self.writes.append("release")
         self.releases.append((prediction_id, delay_seconds, logs))
         self.runnable_at[prediction_id] = time.monotonic() + delay_seconds
         self._update(prediction_id, status="starting", worker="", logs=logs)
@@ -127,9 +181,12 @@ class FakeStore:
         error: str,
         logs: str,
         metrics: dict[str, float],
+        *,
+        attempt: int | None = None,
     ) -> Prediction | None:
-        if not self._holds(prediction_id, worker):
+        if not self._holds(prediction_id, worker, attempt):
             return None
+        self.writes.append("finish")
         self.finishes.append(prediction_id)
         return self._update(
             prediction_id,
@@ -159,6 +216,9 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.metadata: list[dict[str, str]] = []
         self.requests: list[Any] = []
         self.cancelled = 0
+        self.embed_delay = 0.0
+        # Seconds before `failure` is answered.
+        self.fail_after = 0.0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -169,6 +229,7 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.metadata.append({key: str(value) for key, value in context.invocation_metadata() or ()})
         self.requests.append(request)
         if self.failure is not None:
+            await asyncio.sleep(self.fail_after)
             await self.failure.abort(context)
         try:
             for i, piece in enumerate(self.text):
@@ -220,6 +281,7 @@ class FakeGateway(generation_pb2_grpc.GenerationServiceServicer, embedding_pb2_g
         self.requests.append(request)
         if self.failure is not None:
             await self.failure.abort(context)
+        await asyncio.sleep(self.embed_delay)
         return embedding_pb2.EmbedResponse(
             data=[embedding_pb2.Embedding(index=0, embedding=[0.5, 0.25])],
             model=request.model,
@@ -371,6 +433,26 @@ async def test_cancel_local_cancels_the_gateway_call(
     assert runner.running == 0
 
 
+@pytest.mark.parametrize("how", ["cancel", "stop"])
+async def test_a_cancel_or_stop_lets_a_progress_write_end_before_the_last_write(
+    gateway: FakeGateway, make_runner: RunnerFactory, how: str
+) -> None:
+    gateway.text = "x" * 500
+    gateway.delay = 0.01
+    store = FakeStore()
+    store.progress_seconds = 0.2
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: store.writes == ["progress"])
+    if how == "cancel":
+        assert runner.cancel_local(prediction_id)
+        await eventually(lambda: store.ended(prediction_id))
+    else:
+        await within(runner.stop(0))
+    assert store.writes == ["progress", "progress done", "finish" if how == "cancel" else "release"]
+    assert [output for _, output, _, _ in store.progress_calls] == [{"text": "x"}]
+
+
 async def test_a_cancel_seen_by_the_heartbeat_ends_the_run(
     gateway: FakeGateway, make_runner: RunnerFactory
 ) -> None:
@@ -400,6 +482,44 @@ async def test_a_lost_lease_drops_the_run_silently(gateway: FakeGateway, make_ru
     assert store.rows[prediction_id].status == "processing"
 
 
+async def test_a_run_whose_own_lease_lapsed_is_not_claimed_again_by_its_worker(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.text = "x" * 60
+    gateway.delay = 0.01
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: bool(store.progress_calls))
+    store.lapsed.add(prediction_id)
+    claims = store.claims
+    runner.wake()
+    await eventually(lambda: store.claims >= claims + 2)
+    await eventually(lambda: store.ended(prediction_id))
+    row = store.rows[prediction_id]
+    assert row.status == "succeeded" and row.attempt == 1
+    assert len(gateway.requests) == 1
+
+
+async def test_a_claim_of_a_prediction_running_here_does_not_start_a_second_run(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.text = "x" * 60
+    gateway.delay = 0.01
+    store = FakeStore()
+    store.honor_exclude = False
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    runner = await make_runner(store)
+    await eventually(lambda: bool(store.progress_calls))
+    store.lapsed.add(prediction_id)
+    runner.wake()
+    await eventually(lambda: store.rows[prediction_id].attempt == 2)
+    # The first run's writes now fail (the store holds attempt 2): it stops; none starts twice.
+    await eventually(lambda: runner.running == 0, 2.0)
+    assert len(gateway.requests) == 1
+    assert store.finishes == [] and store.rows[prediction_id].status == "processing"
+
+
 async def test_a_busy_gateway_releases_with_its_retry_delay_then_fails_after_max_attempts(
     gateway: FakeGateway, make_runner: RunnerFactory
 ) -> None:
@@ -413,6 +533,34 @@ async def test_a_busy_gateway_releases_with_its_retry_delay_then_fails_after_max
     assert row.status == "failed" and row.attempt == 3
     assert row.error == "RESOURCE_EXHAUSTED: queue full (after 3 attempts)"
     assert "retrying in 0.05 s" in row.logs
+
+
+async def test_a_call_the_gateway_cancelled_is_retried_then_fails_after_max_attempts(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.CANCELLED, "gateway restarting", (retry_info(0.05),))
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store, max_attempts=3)
+    await eventually(lambda: store.ended(prediction_id))
+    row = store.rows[prediction_id]
+    assert [delay for _, delay, _ in store.releases] == pytest.approx([0.05, 0.05])
+    assert row.status == "failed" and row.error == "CANCELLED: gateway restarting (after 3 attempts)"
+
+
+async def test_a_gateway_cancel_after_a_cancel_was_asked_ends_canceled(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.CANCELLED, "cancelled")
+    gateway.fail_after = 0.2
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store)
+    await eventually(lambda: bool(gateway.requests))
+    # Asked on another replica; this runner's heartbeat has not seen it yet.
+    store._update(prediction_id, cancel_requested=True)
+    await eventually(lambda: store.ended(prediction_id))
+    assert store.rows[prediction_id].status == "canceled" and store.releases == []
 
 
 async def test_an_unavailable_gateway_backs_off_without_retry_info(
@@ -438,6 +586,36 @@ async def test_a_refused_request_fails_with_the_code_and_the_field(
     row = store.rows[prediction_id]
     assert row.status == "failed" and store.releases == []
     assert row.error == "INVALID_ARGUMENT: parameters.temperature: must be at least 0"
+
+
+@pytest.mark.parametrize("task", ["generate", "embed"])
+async def test_a_gateway_call_past_the_predict_timeout_fails_naming_the_flag(
+    gateway: FakeGateway, make_runner: RunnerFactory, task: Task
+) -> None:
+    gateway.text = "x" * 500
+    gateway.delay = 0.01
+    gateway.embed_delay = 5.0
+    store = FakeStore()
+    prediction_id = store.add(task, {"prompt": "hi"} if task == "generate" else {"input": "a"})
+    started = time.monotonic()
+    await make_runner(store, predict_timeout_seconds=0.3)
+    await eventually(lambda: store.ended(prediction_id), 3.0)
+    row = store.rows[prediction_id]
+    assert row.status == "failed" and store.releases == []
+    assert row.error.startswith("DEADLINE_EXCEEDED")
+    assert "longer than 0.3 s: PREDICTIONS_PREDICT_TIMEOUT_SECONDS" in row.error
+    assert time.monotonic() - started < 3.0
+
+
+async def test_a_deadline_the_gateway_hit_on_its_own_is_not_blamed_on_the_flag(
+    gateway: FakeGateway, make_runner: RunnerFactory
+) -> None:
+    gateway.failure = RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "generator too slow")
+    store = FakeStore()
+    prediction_id = store.add("generate", {"prompt": "hi"})
+    await make_runner(store)
+    await eventually(lambda: store.ended(prediction_id))
+    assert store.rows[prediction_id].error == "DEADLINE_EXCEEDED: generator too slow"
 
 
 async def test_an_input_the_request_cannot_carry_fails_without_a_call(
@@ -555,3 +733,75 @@ async def test_the_runner_notifies_every_write(gateway: FakeGateway, make_runner
     await make_runner(store, changes)
     await within(watcher)
     assert seen and all(seen)
+
+
+def test_the_pool_size_is_derived_from_the_concurrency_unless_set() -> None:
+    assert PredictionsConfig(concurrency=16).pool_size == 16 + 8 + 4
+    assert PredictionsConfig(concurrency=3).pool_size == 3 + 2 + 4
+    assert PredictionsConfig(database_pool_size=5).pool_size == 5
+    with pytest.raises(ValueError, match="--database-pool-size must not be negative"):
+        PredictionsConfig(database_pool_size=-1).validate()
+
+
+def test_the_settings_defaults_are_the_configs_and_the_server_builds_them_from_it() -> None:
+    assert runner_settings(PredictionsConfig()) == RunnerSettings()
+    assert webhook_settings(PredictionsConfig()) == WebhookSettings()
+    chosen = PredictionsConfig(progress_seconds=2.0, predict_timeout_seconds=9.0, concurrency=3)
+    settings = runner_settings(chosen)
+    assert (settings.progress_seconds, settings.predict_timeout_seconds) == (2.0, 9.0)
+    assert settings.concurrency == 3 and webhook_settings(chosen).concurrency == 3
+    with pytest.raises(ValueError, match="--progress-seconds must not be negative"):
+        PredictionsConfig(progress_seconds=-1).validate()
+
+
+async def test_the_server_sends_a_queued_webhook_without_waiting_for_the_poll(tmp_path: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        bodies.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    receiver = await asyncio.start_server(receive, "127.0.0.1", 0)
+    port = receiver.sockets[0].getsockname()[1]
+    config = PredictionsConfig(
+        host="127.0.0.1",
+        port=0,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'predictions.db'}",
+        gateway_address="127.0.0.1:1",
+        allow_private_webhooks=True,
+        # Neither the sender nor the runner looks on its own during the test.
+        poll_seconds=60.0,
+    )
+    service = await build(config)
+    try:
+        await asyncio.sleep(0.2)
+        waiting = await service.store.create(
+            NewPrediction(
+                id="p-wake",
+                owner="anonymous",
+                model="m",
+                version="1",
+                task="generate",
+                served_model="m",
+                input={"prompt": "hi"},
+                effective_input={"prompt": "hi"},
+                webhook=f"http://127.0.0.1:{port}/hook",
+                webhook_events_filter=(),
+                credentials={},
+                created_at=datetime.now(UTC),
+            ),
+            0,
+            0,
+        )
+        # A cancel the servicer asks for queues `completed`; it goes out at once.
+        await service.store.cancel(waiting.id, None)
+        await eventually(lambda: bool(bodies), 5.0)
+        assert bodies[0]["id"] == "p-wake" and bodies[0]["status"] == "canceled"
+    finally:
+        await within(service.stop(0))
+        receiver.close()
+        await receiver.wait_closed()

@@ -225,6 +225,27 @@ async def test_expired_lease_is_taken_over_and_the_old_worker_loses(store: SqlSt
     assert done is not None and done.output == {"text": "new"}
 
 
+async def test_a_worker_that_claims_its_own_lapsed_run_again_fences_the_old_run(store: SqlStore) -> None:
+    created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    [first] = await store.claim("w1", 0.01, 1, 3)
+    await expire(store)
+    # The worker still runs it: it asks claim to leave it out.
+    assert await store.claim("w1", 30, 1, 3, exclude=[created.id]) == []
+    assert (await store.heartbeat(created.id, "w1", 0.01, attempt=first.attempt)).held
+    await expire(store)
+    [second] = await store.claim("w1", 30, 1, 3)
+    assert (second.attempt, second.worker) == (2, "w1")
+    # Same worker, older run: every write of run 1 is refused.
+    assert (await store.heartbeat(created.id, "w1", 30, attempt=1)).held is False
+    assert await store.progress(created.id, "w1", {"text": "old"}, "", ["output"], attempt=1) is False
+    assert await store.release(created.id, "w1", 0, "", attempt=1) is False
+    assert await store.finish(created.id, "w1", "succeeded", {"text": "old"}, "", "", {}, attempt=1) is None
+    assert (await store.heartbeat(created.id, "w1", 30, attempt=2)).held
+    assert await store.progress(created.id, "w1", {"text": "new"}, "", ["output"], attempt=2)
+    done = await store.finish(created.id, "w1", "succeeded", {"text": "new"}, "", "", {}, attempt=2)
+    assert done is not None and done.output == {"text": "new"}
+
+
 async def test_lease_lost_max_attempts_times_fails_the_prediction(store: SqlStore) -> None:
     created = await store.create(new(webhook="https://hook.example/x"), 0, 0)
     assert len(await store.claim("w1", 0.01, 1, 2)) == 1
@@ -314,6 +335,36 @@ async def test_progress_then_finish_store_output_and_events(store: SqlStore) -> 
     assert await store.finish(running.id, "w1", "failed", None, "late", "", {}) is None
 
 
+async def test_a_new_output_or_logs_event_supersedes_the_unsent_ones(store: SqlStore) -> None:
+    running = await make_running(store, webhook="https://hook.example/x")
+    assert await store.progress(running.id, "w1", {"text": "a"}, "1", ["output", "logs"])
+    [_start, first_output, first_logs] = await store.due_deliveries("s1", 10, 30)
+    await store.delivered(first_output.id)
+    for text in ("ab", "abc"):
+        assert await store.progress(running.id, "w1", {"text": text}, text, ["output", "logs"])
+    await store.finish(running.id, "w1", "succeeded", {"text": "abcd"}, "", "", {})
+    rows = await store.deliveries_for(running.id)
+    pending = [(d["event"], json.loads(d["body"])["output"]) for d in rows if d["abandoned_at"] is None]
+    assert pending == [
+        ("start", None),
+        ("output", {"text": "a"}),
+        ("output", {"text": "abc"}),
+        ("logs", {"text": "abc"}),
+        ("completed", {"text": "abcd"}),
+    ]
+    superseded = [d for d in rows if d["abandoned_at"] is not None]
+    assert [(d["event"], json.loads(d["body"])["output"]) for d in superseded] == [
+        ("logs", {"text": "a"}),
+        ("output", {"text": "ab"}),
+        ("logs", {"text": "ab"}),
+    ]
+    assert all("superseded" in d["last_error"] for d in superseded)
+    # Still in flight when superseded: its outcome is recorded, and it is not sent again.
+    await store.retry_delivery(first_logs.id, datetime.now(UTC) - timedelta(seconds=1), "HTTP 503")
+    due = await store.due_deliveries("s1", 10, 30)
+    assert first_logs.id not in {d.id for d in due}
+
+
 async def test_events_follow_the_webhook_and_its_filter(store: SqlStore) -> None:
     silent = await make_running(store)
     assert await store.progress(silent.id, "w1", {"text": "x"}, "", ["output"])
@@ -384,12 +435,74 @@ async def test_outbox_hands_each_attempt_to_one_sender(store: SqlStore) -> None:
 async def test_purge_deletes_ended_predictions_and_their_outbox(store: SqlStore) -> None:
     ended = await make_running(store, webhook="https://hook.example/x")
     await store.finish(ended.id, "w1", "succeeded", None, "", "", {})
+    for delivery in await store.due_deliveries("s1", 10, 30):
+        await store.delivered(delivery.id)
     waiting = await store.create(new(), 0, 0)
     assert await store.purge(datetime.now(UTC) - timedelta(hours=1)) == 0
     assert await store.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert await store.get(ended.id) is None
     assert await store.deliveries_for(ended.id) == []
     assert await store.get(waiting.id) is not None
+
+
+async def test_purge_keeps_a_prediction_until_its_webhooks_are_sent_or_abandoned(store: SqlStore) -> None:
+    sent = await make_running(store, webhook="https://hook.example/x")
+    await store.finish(sent.id, "w1", "succeeded", None, "", "", {})
+    given_up = await make_running(store, webhook="https://hook.example/x")
+    await store.finish(given_up.id, "w1", "failed", None, "boom", "", {})
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert await store.purge(later) == 0
+    assert len(await store.deliveries_for(sent.id)) == 2
+    for delivery in await store.due_deliveries("s1", 10, 30):
+        if delivery.prediction_id == sent.id:
+            await store.delivered(delivery.id)
+        elif delivery.event == "completed":
+            await store.abandon_delivery(delivery.id, "gave up")
+    # given_up's `start` is still pending: it stays; sent's are all delivered.
+    assert await store.purge(later) == 1
+    assert await store.get(sent.id) is None and await store.get(given_up.id) is not None
+    [start] = [d for d in await store.deliveries_for(given_up.id) if d["event"] == "start"]
+    await store.delivered(start["id"])
+    assert await store.purge(later) == 1
+    assert await store.deliveries_for(given_up.id) == []
+
+
+async def test_purge_deletes_in_batches_of_one_transaction_each(store: SqlStore) -> None:
+    for _ in range(5):
+        running = await make_running(store)
+        await store.finish(running.id, "w1", "succeeded", None, "", "", {})
+    commits: list[int] = []
+    sa.event.listen(store.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    assert await store.purge(datetime.now(UTC) + timedelta(seconds=1), batch_size=2) == 5
+    assert len(commits) == 3
+    assert await store.purge(datetime.now(UTC) + timedelta(seconds=1), batch_size=2) == 0
+
+
+async def test_the_pool_holds_the_size_asked_for(store_url: str) -> None:
+    store = await open_store(store_url, render, pool_size=7)
+    try:
+        assert store.engine.pool.size() == 7  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+async def test_listeners_hear_of_each_commit_that_queued_events(store: SqlStore) -> None:
+    heard: list[int] = []
+    store.on_events(lambda: heard.append(1))
+    quiet = await make_running(store)
+    assert await store.progress(quiet.id, "w1", {"text": "x"}, "", ["output"])
+    await store.finish(quiet.id, "w1", "succeeded", None, "", "", {})
+    assert heard == []
+    hooked = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    assert heard == []
+    await store.claim("w1", 30, 1, 3)
+    assert heard == [1]
+    assert await store.progress(hooked.id, "w1", {"text": "x"}, "", ["output"])
+    await store.finish(hooked.id, "w1", "succeeded", None, "", "", {})
+    assert len(heard) == 3
+    waiting = await store.create(new(webhook="https://hook.example/x"), 0, 0)
+    await store.cancel(waiting.id, None)
+    assert len(heard) == 4
 
 
 async def test_setting_is_made_once_by_whoever_asks_first(open_at: OpenStore) -> None:

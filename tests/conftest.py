@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures_gateway",
     "tests.fixtures_make_run",
     "tests.fixtures_postgres",
+    "tests.fixtures_predictions",
 ]
 
 UNIT = Path(__file__).resolve().parent / "unit"

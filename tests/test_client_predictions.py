@@ -22,7 +22,7 @@ from inference_client import (
 )
 
 from tests.fixtures_gateway import GatewayService
-from tests.stack import ServiceProcess, free_port
+from tests.fixtures_predictions import start_predictions
 
 TIMEOUT = 120.0
 SHORT = {"max_new_tokens": 8, "temperature": 0}
@@ -39,34 +39,14 @@ def predictions_service(
     gateway_service: GatewayService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PredictionsService]:
     """`python -m services.predictions` on free ports and a SQLite file, with the gateway's keys."""
-    port, metrics_port = free_port(), free_port()
     database = Path(tmp_path_factory.mktemp("predictions")) / "predictions.db"
-    process = ServiceProcess.python_module(
-        "predictions",
-        "services.predictions",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--database-url",
-        f"sqlite+aiosqlite:///{database}",
-        "--gateway-address",
-        gateway_service.address,
-        "--api-keys-file",
-        str(gateway_service.keys_file),
-        "--public-url",
-        "http://localhost:8080",
-        "--allow-private-webhooks",
-        "true",
-    ).start()
-    address = f"127.0.0.1:{port}"
+    service = start_predictions(
+        gateway_service, f"sqlite+aiosqlite:///{database}", args=(), public_url="http://localhost:8080"
+    )
     try:
-        process.wait_until_serving(address, timeout=120)
-        yield PredictionsService(address, gateway_service.keys)
+        yield PredictionsService(service.address, gateway_service.keys)
     finally:
-        process.stop()
+        service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ from grpc_status import rpc_status
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
 from standardwebhooks import Webhook
 
+from tests import fixtures_predictions
 from tests.fixtures_gateway import GatewayService
 from tests.fixtures_postgres import PostgresServer
-from tests.stack import ServiceProcess, free_port
+from tests.stack import ServiceProcess
 from tests.test_generation_penalties import bad_fields
 
 PUBLIC = "http://predictions.test:8080"
@@ -44,37 +45,10 @@ class Predictions:
 
 def start_predictions(gateway: GatewayService, database_url: str) -> tuple[ServiceProcess, str]:
     """`python -m services.predictions` on a free port over `database_url`, serving."""
-    assert gateway.keys_file is not None
-    port = free_port()
-    process = ServiceProcess.python_module(
-        "predictions",
-        "services.predictions",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--database-url",
-        database_url,
-        "--gateway-address",
-        gateway.address,
-        "--api-keys-file",
-        str(gateway.keys_file),
-        "--public-url",
-        PUBLIC,
-        "--allow-private-webhooks",
-        "true",
-        "--poll-seconds",
-        "0.1",
-    ).start()
-    address = f"127.0.0.1:{port}"
-    try:
-        process.wait_until_serving(address, timeout=60)
-    except BaseException:
-        process.stop()
-        raise
-    return process, address
+    service = fixtures_predictions.start_predictions(
+        gateway, database_url, args=("--poll-seconds", "0.1"), public_url=PUBLIC, timeout=60
+    )
+    return service.process, service.address
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

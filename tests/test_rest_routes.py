@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +15,8 @@ import httpx2
 import pytest
 from inference.v1 import info_pb2, info_pb2_grpc
 
-from tests.fixtures_gateway import GatewayService
+from tests.fixtures_gateway import GatewayService, descriptor_for_envoy, start_envoy, start_gateway
+from tests.stack import free_port
 
 PROMPT = "What is the capital of France?"
 
@@ -168,6 +170,26 @@ def test_health_reports_every_tier(rest: httpx2.Client) -> None:
 
 def test_health_needs_no_key(envoy_url: str) -> None:
     assert httpx2.get(f"{envoy_url}/health", timeout=30).status_code == 200
+
+
+def test_health_is_a_503_while_a_tier_does_not_serve(tmp_path: Path) -> None:
+    """HTTP probes read the status code: a gateway whose backends are not there is not ready."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    gateway, address, _ = start_gateway(nowhere, nowhere, name="gateway-without-backends")
+    try:
+        envoy = start_envoy(
+            address, tmp_path, name="envoy-without-backends", descriptor=descriptor_for_envoy()
+        )
+        try:
+            reply = httpx2.get(f"{envoy.url}/health", timeout=60)
+        finally:
+            envoy.process.stop()
+    finally:
+        gateway.stop()
+    assert reply.status_code == 503, reply.text
+    body = reply.json()
+    assert body["status"] == "SERVING_STATUS_NOT_SERVING", body
+    assert body["components"][0]["component"] == "gateway"
 
 
 def test_stats_and_models(rest: httpx2.Client) -> None:

@@ -168,6 +168,9 @@ def test_deterministic_requests_are_answered_from_the_cache(
     assert first.status_code == second.status_code == 200
     assert second.json()["generated_text"] == first.json()["generated_text"]
     assert metric(gateway_service, "gateway_cache_hits_total", method="Generate") == hits + 1
+    # The cached answer is a request of its own, with an id of its own.
+    assert second.json()["request_id"].startswith("cached-"), second.json()["request_id"]
+    assert second.json()["request_id"] != first.json()["request_id"]
     assert cached_seconds < 1.0
     sampled = {**request, "parameters": {"max_new_tokens": 3, "do_sample": True, "temperature": 0.8}}
     rest.post("/generate", json=sampled, headers=headers)

@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
@@ -109,7 +110,7 @@ def channel_options(attempts: int) -> list[tuple[str, Any]]:
 
 class ResponseCache:
     """A bounded LRU of responses to deterministic requests, keyed by method and the request's
-    canonical (deterministic) serialization."""
+    canonical (deterministic) serialization; a hit gets a request_id of its own ("cached-...")."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -129,7 +130,12 @@ class ResponseCache:
         self._entries.move_to_end(key)
         self.hits += 1
         CACHE_HITS.labels(method).inc()
-        return kind.FromString(stored)
+        response = kind.FromString(stored)
+        # An answer from the cache is still a request of its own: it must not repeat the id of
+        # the request that filled the entry.
+        if "request_id" in response.DESCRIPTOR.fields_by_name:
+            setattr(response, "request_id", f"cached-{uuid.uuid4().hex[:16]}")  # noqa: B010
+        return response
 
     def put(self, method: str, request: Message, response: Message) -> None:
         if self.size <= 0:

@@ -216,7 +216,11 @@ class StackPrinter(Printer):  # type: ignore[misc]
         self.log_dir = log_dir
         self.tails: dict[str, deque[str]] = {name: deque(maxlen=TAIL_LINES) for name in names}
         self._logs = {name: (log_dir / f"{name}.log").open("w", encoding="utf-8") for name in names}
-        self._lock = threading.Lock()
+        # Reentrant: honcho's SIGINT/SIGTERM handler writes from the main thread, which may be
+        # inside a write already (a plain Lock hung `make run` there, leaving every tier running).
+        self._lock = threading.RLock()
+        self._writing = 0
+        self._deferred: deque[Message] = deque()
         self.first_exit: tuple[str, int] | None = None
         self.stop_requested = False
         self.stopping = threading.Event()
@@ -231,7 +235,18 @@ class StackPrinter(Printer):  # type: ignore[misc]
         elif message.name == "system":
             self._note_system(text)
         with self._lock:
-            super().write(message)
+            if self._writing:
+                # A signal handler interrupted this thread's own print: printing now would re-enter
+                # the stream; the message goes out right after it.
+                self._deferred.append(message)
+                return
+            self._writing += 1
+            try:
+                super().write(message)
+                while self._deferred:
+                    super().write(self._deferred.popleft())
+            finally:
+                self._writing -= 1
 
     def _note_system(self, text: str) -> None:
         # Every child has been forked by the time honcho prints anything; the probing thread

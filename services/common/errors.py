@@ -74,6 +74,15 @@ def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
 
 
+def not_found(what: str, name: str, known: Sequence[str] = ()) -> RpcFailure:
+    """NOT_FOUND for the `what` called `name`, listing the `known` ones, with a ResourceInfo."""
+    hint = f" (available: {', '.join(known)})" if known else ""
+    info = error_details_pb2.ResourceInfo(
+        resource_type=what, resource_name=name, description=f"unknown {what}"
+    )
+    return RpcFailure(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
+
+
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(max(1, round(seconds * 1e9)))

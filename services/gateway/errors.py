@@ -3,8 +3,6 @@ interceptor uses: a gateway failure is its own status, a backend's error keeps i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
@@ -15,6 +13,7 @@ from services.common.errors import FailureMapping, RpcFailure, error_info, retry
 
 # Re-exported: handlers raise these through this module.
 from services.common.errors import invalid_argument as invalid_argument
+from services.common.errors import not_found as not_found
 
 ERROR_DOMAIN = "inference.gateway"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -22,14 +21,6 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 # The gateway's failures are the shared kind; the name says where they were raised.
 GatewayError = RpcFailure
-
-
-def not_found(what: str, name: str, known: Sequence[str] = ()) -> GatewayError:
-    hint = f" (available: {', '.join(known)})" if known else ""
-    info = error_details_pb2.ResourceInfo(
-        resource_type=what, resource_name=name, description=f"unknown {what}"
-    )
-    return GatewayError(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
 
 
 def resource_exhausted(

@@ -3,27 +3,18 @@ error-mapping interceptor: store exceptions and the gateway's own statuses becom
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
 import grpc.aio
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
 from services.common.errors import FailureMapping, RpcFailure, error_info, retry_info
 from services.common.errors import invalid_argument as invalid_argument
+from services.common.errors import not_found as not_found
 from services.predictions.records import QueueFull
 
 ERROR_DOMAIN = "inference.predictions"
 # How long a client told "queue full" waits before it tries again.
 QUEUE_RETRY_SECONDS = 1.0
-
-
-def not_found(what: str, name: str, known: Sequence[str] = ()) -> RpcFailure:
-    hint = f" (available: {', '.join(known)})" if known else ""
-    info = error_details_pb2.ResourceInfo(
-        resource_type=what, resource_name=name, description=f"unknown {what}"
-    )
-    return RpcFailure(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
 
 
 def permission_denied(message: str, scope: str) -> RpcFailure:

@@ -264,6 +264,10 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     return None
 
 
+# The tasks' own schemas are fixed: their validators are built once, not on every create.
+_TASK_VALIDATORS = {task: jsonschema.Draft202012Validator(schema) for task, schema in TASK_SCHEMAS.items()}
+
+
 def input_violations(
     task: Task, input: dict[str, Any], schema: dict[str, Any] | None
 ) -> list[tuple[str, str]]:
@@ -274,9 +278,8 @@ def input_violations(
         (f"input.{name}", "is set by the prediction, not its input") for name in _RESERVED if name in input
     ]
     named = {name for name, _ in violations}
-    chosen = schema if schema is not None else TASK_SCHEMAS[task]
     try:
-        checker = _validator_class(chosen)(chosen)
+        checker = _TASK_VALIDATORS[task] if schema is None else _validator_class(schema)(schema)
         errors = sorted(checker.iter_errors(input), key=lambda e: [str(p) for p in e.absolute_path])
     except _SCHEMA_FAILURES as unusable:
         return [("input", f"cannot be checked: the deployment's input_schema is unusable ({unusable})")]

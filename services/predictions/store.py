@@ -164,61 +164,24 @@ _DEPLOYMENT_FIXED = frozenset({"name", "created_at", "updated_at"})
 
 
 def _prediction(row: sa.Row[Any]) -> Prediction:
-    m = row._mapping
-    return Prediction(
-        id=m["id"],
-        owner=m["owner"],
-        model=m["model"],
-        version=m["version"],
-        task=m["task"],
-        served_model=m["served_model"],
-        input=m["input"],
-        effective_input=m["effective_input"],
-        status=m["status"],
-        output=m["output"],
-        error=m["error"],
-        logs=m["logs"],
-        created_at=m["created_at"],
-        started_at=m["started_at"],
-        completed_at=m["completed_at"],
-        metrics=m["metrics"],
-        webhook=m["webhook"],
-        webhook_events_filter=tuple(m["webhook_events_filter"]),
-        credentials=m["credentials"],
-        attempt=m["attempt"],
-        cancel_requested=bool(m["cancel_requested"]),
-        worker=m["worker"],
-        lease_expires_at=m["lease_expires_at"],
-    )
+    values = _fields_of(row, Prediction)
+    # JSON gives back a list, and SQLite a 0/1 for a boolean.
+    values["webhook_events_filter"] = tuple(values["webhook_events_filter"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return Prediction(**values)
+
+
+def _fields_of(row: sa.Row[Any], kind: type[Any]) -> dict[str, Any]:
+    """The columns of `row` named like the fields of the dataclass `kind`."""
+    return {item.name: row._mapping[item.name] for item in fields(kind)}
 
 
 def _deployment(row: sa.Row[Any]) -> Deployment:
-    m = row._mapping
-    return Deployment(
-        name=m["name"],
-        model=m["model"],
-        task=m["task"],
-        version=m["version"],
-        defaults=m["defaults"],
-        input_schema=m["input_schema"],
-        description=m["description"],
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-    )
+    return Deployment(**_fields_of(row, Deployment))
 
 
 def _delivery(row: sa.Row[Any]) -> Delivery:
-    m = row._mapping
-    return Delivery(
-        id=m["id"],
-        prediction_id=m["prediction_id"],
-        event=m["event"],
-        url=m["url"],
-        body=m["body"],
-        attempts=m["attempts"],
-        created_at=m["created_at"],
-        next_attempt_at=m["next_attempt_at"],
-    )
+    return Delivery(**_fields_of(row, Delivery))
 
 
 def _encode_cursor(direction: str, p: Prediction) -> str:

@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar, cast
 
 import grpc
 import grpc.aio
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -26,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common import keepalive
 from services.predictions import tasks
 from services.predictions.config import PredictionsConfig
+from services.predictions.convert import message_dict
 from services.predictions.notify import Changes
 from services.predictions.records import Event, Prediction, Status, Store
 
@@ -160,13 +160,6 @@ def _retry_delay(error: grpc.aio.AioRpcError) -> float | None:
 
 def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-
-
-def _to_json(message: Message) -> dict[str, Any]:
-    # The shape Envoy prints for the unary RPC: proto field names, primitives always present.
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
 
 
 class Runner:
@@ -488,7 +481,7 @@ class Runner:
                 cast(embedding_pb2.EmbedRequest, request), metadata=metadata, timeout=timeout
             )
             run.first_output = time.monotonic()
-            return _to_json(response), (response.usage.prompt_tokens, 0)
+            return message_dict(response), (response.usage.prompt_tokens, 0)
         generation = self._generation
         streams: dict[str, grpc.aio.UnaryStreamMultiCallable[Any, generation_pb2.GenerateStreamResponse]] = {
             "generate": generation.GenerateStream,
@@ -618,4 +611,4 @@ class Runner:
             response = generation_pb2.SolveCodingResponse(
                 solution=final.generated_text, code=final.code, language=final.language, **common
             )
-        return _to_json(response)
+        return message_dict(response)

@@ -89,12 +89,19 @@ def sampling_parameters(request: OpenAIGeneration) -> common_pb2.SamplingParamet
     return parameters
 
 
+# The OpenAI field each native constraint of response_format comes from.
+RESPONSE_FORMAT_FIELDS = {
+    "json_schema": "response_format.json_schema.schema",
+    "json_object": "response_format",
+}
+
+
 def constraint_source(request: OpenAIGeneration, tools: ToolPlan = NO_TOOLS) -> dict[str, str]:
     """The native constraint field this request fills, to the OpenAI field it came from."""
     if tools.forced:
         return {f"{sampling.FIELD}.json_schema": "tools"}
     if request.response_format.type == "json_schema":
-        return {f"{sampling.FIELD}.json_schema": "response_format.json_schema.schema"}
+        return {f"{sampling.FIELD}.json_schema": RESPONSE_FORMAT_FIELDS["json_schema"]}
     return {}
 
 

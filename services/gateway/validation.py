@@ -229,8 +229,7 @@ def _openai_sampling(
     names = {
         "max_new_tokens": openai_compat.max_tokens_field(request),
         "num_return_sequences": "n",
-        "json_schema": "response_format.json_schema.schema",
-        "json_object": "response_format",
+        **openai_compat.RESPONSE_FORMAT_FIELDS,
     }
     parameters = openai_compat.sampling_parameters(request)
     if openai_compat.sent_max_tokens(request) is None:

@@ -17,7 +17,7 @@ DESCRIPTOR := build/inference.pb
 OPENAPI := build/openapi.json
 PYTEST_ARGS ?=
 
-.PHONY: install protos descriptor run test test-fast lint clean browser postgres
+.PHONY: install protos descriptor run test test-fast test-reliability soak lint clean browser postgres redis
 
 install: $(STAMP) $(BUF) $(DOCS_UI)
 
@@ -57,6 +57,13 @@ postgres:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
 		|| echo "make: install Debian's postgresql (apt-get install postgresql) for the PostgreSQL tests"
 
+# Debian's Redis server for the gateway's shared rate limits, tested with three gateways against
+# a real Redis (tests start their own on a free port); as root only, and skipped when one is there.
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } \
+		|| echo "make: install Debian's redis-server (apt-get install redis-server) for the Redis tests"
+
 # Regenerates the committed Python code and the descriptor Envoy reads.
 protos: $(STAMP)
 	$(PY) tools/protos.py
@@ -71,8 +78,17 @@ run: install $(DESCRIPTOR) $(OPENAPI)
 	$(PY) -m tools.run
 
 # Lint first: style problems show in seconds, before the end-to-end tests load models.
-test: lint $(DESCRIPTOR) $(OPENAPI) browser postgres
+test: lint $(DESCRIPTOR) $(OPENAPI) browser postgres redis
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# The reliability suite alone (also part of `make test`): overload, drain, replica loss, restarts,
+# abusive clients, fuzzing; each case prints its figures at the end.
+test-reliability: install $(DESCRIPTOR) $(OPENAPI) redis
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
+# Ten minutes of mixed load, then the growth of each tier's memory and open files.
+soak: install $(DESCRIPTOR) $(OPENAPI)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" INFERENCE_SOAK=1 $(PY) -m pytest -m soak tests/reliability $(PYTEST_ARGS)
 
 # The unit tier: fakes instead of models, no process started; well under two minutes.
 test-fast: install

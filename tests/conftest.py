@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures_make_run",
     "tests.fixtures_postgres",
     "tests.fixtures_predictions",
+    "tests.fixtures_redis",
 ]
 
 UNIT = Path(__file__).resolve().parent / "unit"

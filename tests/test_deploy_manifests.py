@@ -308,7 +308,15 @@ def test_k8s_schema_check_rejects_a_misspelled_field() -> None:
 
 def test_k8s_deployments_run_the_services_with_grpc_probes() -> None:
     deployments, services = by_kind("Deployment"), by_kind("Service")
-    assert set(deployments) == {"envoy", "gateway", "generator", "embedder", "predictions", "playground"}
+    assert set(deployments) == {
+        "envoy",
+        "gateway",
+        "generator",
+        "embedder",
+        "predictions",
+        "playground",
+        "redis",
+    }
     for name in ("gateway", *MODEL_TIERS):
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         module = python_module(container["command"])
@@ -828,3 +836,26 @@ def test_every_import_of_the_services_is_a_runtime_dependency() -> None:
         if not provided & closure:
             missing.append(f"{module} (imported by {path.relative_to(ROOT)}; from {sorted(provided) or '?'})")
     assert not missing, "imported at run time but not a dependency in pyproject.toml: " + ", ".join(missing)
+
+
+def test_the_gateways_share_rate_limits_in_a_redis_only_they_reach() -> None:
+    services = compose()["services"]
+    redis, gateway = services["redis"], services["gateway"]
+    assert redis["image"].startswith("redis:7")
+    assert "ports" not in redis and "6379" in redis["expose"]
+    # Counters that refill by themselves: nothing to persist.
+    assert redis["command"][:5] == ["redis-server", "--save", "", "--appendonly", "no"]
+    assert gateway["environment"]["GATEWAY_REDIS_URL"] == "redis://redis:6379/0"
+    assert "redis" in gateway["depends_on"]
+    deployment = by_kind("Deployment")["redis"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == redis["image"]
+    assert container["args"] == redis["command"][1:]
+    (port,) = [p["port"] for p in by_kind("Service")["redis"]["spec"]["ports"]]
+    k8s_gateway = by_kind("Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value", "") for item in k8s_gateway["env"]}
+    assert env["GATEWAY_REDIS_URL"] == f"redis://redis:{port}/0"
+    policy = by_kind("NetworkPolicy")["redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]

@@ -70,6 +70,30 @@ class GatewayConfig:
     tracing: bool = field(
         default=True, metadata={"help": "Create spans and pass W3C trace context on to the backends."}
     )
+    redis_url: str = field(
+        default="",
+        metadata={
+            "help": "Redis that holds the rate limits, shared by every gateway (redis://host:port/db, "
+            "rediss:// for TLS, unix:///path); empty: each gateway limits on its own."
+        },
+    )
+    redis_key_prefix: str = field(
+        default="inference:ratelimit:",
+        metadata={"help": "Prefix of the gateway's keys in Redis (one per API key name and limit)."},
+    )
+    redis_timeout: float = field(
+        default=0.05,
+        metadata={
+            "help": "Seconds a Redis call (connect, or one check) may take before the gateway limits on "
+            "its own buckets."
+        },
+    )
+    redis_retry_seconds: float = field(
+        default=1.0,
+        metadata={
+            "help": "After a Redis failure, seconds on the gateway's own buckets before Redis is tried again."
+        },
+    )
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -82,3 +106,20 @@ class GatewayConfig:
             raise ValueError("--retry-attempts must be at least 1")
         if self.cache_size < 0:
             raise ValueError("--cache-size must not be negative")
+        self.validate_redis()
+
+    def validate_redis(self) -> None:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else ""
+            # Only the scheme is shown: the URL may carry a password.
+            raise ValueError(
+                f"--redis-url must start with redis://, rediss:// or unix:// (got scheme {scheme!r})"
+            )
+        if not 0 < self.redis_timeout <= 10:
+            raise ValueError(
+                f"--redis-timeout must be more than 0 and at most 10 seconds, got {self.redis_timeout:g}"
+            )
+        if not 0 < self.redis_retry_seconds <= 300:
+            raise ValueError(
+                f"--redis-retry-seconds must be more than 0 and at most 300, got {self.redis_retry_seconds:g}"
+            )

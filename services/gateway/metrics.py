@@ -63,3 +63,17 @@ class GatewayRequests:
             self._stats.failed += 1
         REQUESTS.labels(method, current_key.get().name, code.name).inc()
         LATENCY.labels(method).observe(seconds)
+
+
+# The shared rate-limit store (services/gateway/ratelimit_redis.py).
+RATE_LIMIT_STORE_UP = Gauge(
+    "gateway_rate_limit_store_up",
+    "1 while the shared rate-limit store answers, 0 while the gateway limits on its local buckets.",
+    ["store"],
+)
+RATE_LIMIT_FALLBACKS = Counter(
+    "gateway_rate_limit_fallbacks_total",
+    "Rate-limit checks and token charges done on the local buckets because the shared store "
+    "failed or was down.",
+    ["store"],
+)

@@ -1,7 +1,11 @@
 """Per-key rate limits: requests per minute with a burst, and tokens per minute. Over the limit a
 call gets RESOURCE_EXHAUSTED with RetryInfo (HTTP 429 through Envoy). Tokens are charged when a
 backend reports usage (`charge_tokens`), so a request is admitted while its key's token budget is
-positive and the budget may go negative by one request's worth."""
+positive and the budget may go negative by one request's worth.
+
+Two implementations of one interface (`Limiter`): `RateLimiter` keeps the buckets in this process;
+`services.gateway.ratelimit_redis.RedisRateLimiter` keeps them in Redis, shared by every gateway,
+and falls back to a `RateLimiter` while Redis does not answer."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from services.common.interceptors import BehaviorWrapper, Context, StreamBehavior, UnaryBehavior
 from services.gateway.auth import ApiKey, current_key
@@ -43,7 +47,56 @@ class RateLimits:
     burst: int
 
 
+def effective_limits(default: RateLimits, key: ApiKey) -> RateLimits:
+    """The key's own limits, each one it does not set taken from `default`."""
+    rpm = key.requests_per_minute if key.requests_per_minute is not None else default.requests_per_minute
+    tpm = key.tokens_per_minute if key.tokens_per_minute is not None else default.tokens_per_minute
+    burst = key.burst if key.burst is not None else default.burst
+    return RateLimits(rpm, tpm, burst)
+
+
+def request_capacity(limits: RateLimits) -> float:
+    """The request bucket's size: the burst, or one minute's worth when the burst is 0."""
+    return float(limits.burst) if limits.burst > 0 else limits.requests_per_minute
+
+
+def token_refusal(key: ApiKey, limits: RateLimits, wait: float) -> GatewayError:
+    return resource_exhausted(
+        f"API key {key.name!r} is over its limit of {limits.tokens_per_minute:g} tokens per minute",
+        wait,
+        "TOKEN_RATE_LIMIT",
+        {"limit": f"{limits.tokens_per_minute:g}", "per": "minute"},
+    )
+
+
+def request_refusal(key: ApiKey, limits: RateLimits, wait: float) -> GatewayError:
+    capacity = request_capacity(limits)
+    return resource_exhausted(
+        f"API key {key.name!r} is over its limit of {limits.requests_per_minute:g} requests per "
+        f"minute (burst {capacity:g})",
+        wait,
+        "REQUEST_RATE_LIMIT",
+        {"limit": f"{limits.requests_per_minute:g}", "per": "minute", "burst": f"{capacity:g}"},
+    )
+
+
+class Limiter(Protocol):
+    """What the gateway needs of a rate limiter, wherever its buckets live."""
+
+    async def acquire(self, key: ApiKey) -> None:
+        """Take one request from the key's budget or raise RESOURCE_EXHAUSTED with RetryInfo."""
+        ...
+
+    def charge(self, key: ApiKey, tokens: int) -> None:
+        """Charge the key for tokens a backend reported (never raises, never waits)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class RateLimiter:
+    """The buckets in this process: each gateway limits on its own."""
+
     def __init__(self, default: RateLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self._default = default
         self._clock = clock
@@ -52,14 +105,7 @@ class RateLimiter:
         self.rejections = 0
 
     def limits_for(self, key: ApiKey) -> RateLimits:
-        rpm = (
-            key.requests_per_minute
-            if key.requests_per_minute is not None
-            else self._default.requests_per_minute
-        )
-        tpm = key.tokens_per_minute if key.tokens_per_minute is not None else self._default.tokens_per_minute
-        burst = key.burst if key.burst is not None else self._default.burst
-        return RateLimits(rpm, tpm, burst)
+        return effective_limits(self._default, key)
 
     def _bucket(
         self, table: dict[str, TokenBucket], name: str, capacity: float, per_minute: float
@@ -83,40 +129,37 @@ class RateLimiter:
 
     def _admit(self, key: ApiKey) -> None:
         limits = self.limits_for(key)
-        tokens = None
         if limits.tokens_per_minute > 0:
             tokens = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
             if tokens.level <= 0:
-                raise resource_exhausted(
-                    f"API key {key.name!r} is over its limit of {limits.tokens_per_minute:g} tokens "
-                    "per minute",
-                    tokens.wait_for(1.0),
-                    "TOKEN_RATE_LIMIT",
-                    {"limit": f"{limits.tokens_per_minute:g}", "per": "minute"},
-                )
+                raise token_refusal(key, limits, tokens.wait_for(1.0))
         if limits.requests_per_minute > 0:
-            capacity = float(limits.burst) if limits.burst > 0 else limits.requests_per_minute
+            capacity = request_capacity(limits)
             requests = self._bucket(self._requests, key.name, capacity, limits.requests_per_minute)
             if requests.level < 1.0:
-                raise resource_exhausted(
-                    f"API key {key.name!r} is over its limit of {limits.requests_per_minute:g} requests per "
-                    f"minute (burst {capacity:g})",
-                    requests.wait_for(1.0),
-                    "REQUEST_RATE_LIMIT",
-                    {"limit": f"{limits.requests_per_minute:g}", "per": "minute", "burst": f"{capacity:g}"},
-                )
+                raise request_refusal(key, limits, requests.wait_for(1.0))
             requests.level -= 1.0
+
+    async def acquire(self, key: ApiKey) -> None:
+        self.admit(key)
 
     def charge(self, key: ApiKey, tokens: int) -> None:
         if tokens > 0:
             TOKENS.labels(key.name).inc(tokens)
+        self.take_tokens(key, tokens)
+
+    def take_tokens(self, key: ApiKey, tokens: int) -> None:
+        """Take `tokens` from the key's token bucket (no metric: the caller counted them)."""
         limits = self.limits_for(key)
         if limits.tokens_per_minute > 0 and tokens > 0:
             bucket = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
             bucket.level -= tokens
 
+    async def close(self) -> None:
+        return None
 
-_limiter: contextvars.ContextVar[RateLimiter | None] = contextvars.ContextVar("limiter", default=None)
+
+_limiter: contextvars.ContextVar[Limiter | None] = contextvars.ContextVar("limiter", default=None)
 
 
 def charge_tokens(tokens: int) -> None:
@@ -127,12 +170,12 @@ def charge_tokens(tokens: int) -> None:
 
 
 class RateLimiting(BehaviorWrapper):
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: Limiter) -> None:
         self._limiter = limiter
 
     def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def limited(request: Any, context: Context) -> Any:
-            self._limiter.admit(current_key.get())
+            await self._limiter.acquire(current_key.get())
             _limiter.set(self._limiter)
             return await behavior(request, context)
 
@@ -140,7 +183,7 @@ class RateLimiting(BehaviorWrapper):
 
     def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
         async def limited(request: Any, context: Context) -> AsyncIterator[Any]:
-            self._limiter.admit(current_key.get())
+            await self._limiter.acquire(current_key.get())
             _limiter.set(self._limiter)
             async for item in behavior(request, context):
                 yield item

@@ -34,7 +34,8 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import MAPPING
 from services.gateway.metrics import GatewayRequests, GatewayStats
-from services.gateway.ratelimit import RateLimiter, RateLimiting, RateLimits
+from services.gateway.ratelimit import Limiter, RateLimiter, RateLimiting, RateLimits
+from services.gateway.ratelimit_redis import RedisRateLimiter
 from services.gateway.servicers import EmbeddingServicer, GenerationServicer, InfoServicer, OpenAIServicer
 
 log = logging.getLogger("services.gateway")
@@ -52,10 +53,13 @@ class Gateway:
     server: grpc.aio.Server
     backends: Backends
     port: int
+    limiter: Limiter | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.server.stop(grace)
         await self.backends.close()
+        if self.limiter is not None:
+            await self.limiter.close()
 
 
 async def build(config: GatewayConfig) -> Gateway:
@@ -78,9 +82,7 @@ async def build(config: GatewayConfig) -> Gateway:
     backends = Backends(generator, embedder, ResponseCache(config.cache_size))
     catalog = ModelCatalog(generator, embedder)
     stats = GatewayStats()
-    limiter = RateLimiter(
-        RateLimits(config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst)
-    )
+    limiter = await build_limiter(config)
     limits = validation.RequestLimits(
         max_prompt_chars=config.max_prompt_chars,
         max_messages=config.max_messages,
@@ -129,7 +131,21 @@ async def build(config: GatewayConfig) -> Gateway:
         raise RuntimeError(f"cannot listen on {address}")
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Gateway(server, backends, port)
+    return Gateway(server, backends, port, limiter)
+
+
+async def build_limiter(config: GatewayConfig) -> Limiter:
+    """Buckets in Redis when --redis-url is set (shared by every gateway), else in this process."""
+    default = RateLimits(
+        config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst
+    )
+    if not config.redis_url:
+        return RateLimiter(default)
+    shared = RedisRateLimiter(
+        default, config.redis_url, config.redis_key_prefix, config.redis_timeout, config.redis_retry_seconds
+    )
+    await shared.start()
+    return shared
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -402,3 +402,18 @@ def test_envoy_rereads_its_upstream_client_certificate(mtls_stack: MtlsStack, pk
     assert old.serial not in serials
     status, reply = post(mtls_stack.envoy_url + "/embeddings", {"input": ["renewed"]})
     assert status == 200, reply
+
+
+def test_a_half_done_renewal_keeps_the_current_certificate(pki: Pki, tmp_path: Path) -> None:
+    first = issue(pki.ca, tmp_path, "server")
+    reloader = tls.CertificateReloader(tls.TlsFiles(str(pki.ca.path), str(first.cert), str(first.key)))
+    assert reloader() is None
+    renewed_folder = tmp_path / "renewed"
+    renewed_folder.mkdir()
+    renewed = issue(pki.ca, renewed_folder, "server")
+    # The new key beside the old certificate: not a pair, so no change yet.
+    os.replace(renewed.key, first.key)
+    assert reloader() is None and reloader.reloads == 0
+    os.replace(renewed.cert, first.cert)
+    assert reloader() is not None and reloader.reloads == 1
+    assert reloader() is None

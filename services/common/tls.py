@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class CertificateReloader:
         self.initial = self._configuration()
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        # grpc takes any PEM here and fails the handshakes later: a renewal caught between its
+        # key and its certificate (a mismatched pair) must be refused now, and retried.
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.files.cert, self.files.key)
         ca = _read(self.files.ca) if self.files.ca else None
         return grpc.ssl_server_certificate_configuration(
             [(_read(self.files.key), _read(self.files.cert))], root_certificates=ca

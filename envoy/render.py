@@ -389,9 +389,13 @@ def render_envoy_config(
     docs_assets: str = "",
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS_ADDRESS,
+    upstream_tls_ca: str = "",
+    upstream_tls_cert: str = "",
+    upstream_tls_key: str = "",
 ) -> str:
     """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
-    clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter."""
+    clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter.
+    With `upstream_tls_*` files Envoy talks (mutual) TLS to both (`_with_upstream_tls`)."""
     host, port = _host_port(gateway_address, "gateway_address")
     predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
@@ -416,7 +420,104 @@ def render_envoy_config(
         text = _with_strict_tables(text, descriptor_path)
     if otlp_endpoint:
         text = _with_tracing(text, otlp_endpoint)
-    return _with_cors(text, cors_origins)
+    text = _with_cors(text, cors_origins)
+    if upstream_tls_ca or upstream_tls_cert or upstream_tls_key:
+        text = _with_upstream_tls(text, upstream_tls_ca, upstream_tls_cert, upstream_tls_key)
+    return text
+
+
+UPSTREAM_TLS_CLUSTERS = ("gateway", "predictions")
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # Renamed into place: Envoy watches the SDS file and must never read half of it.
+    if path.exists() and path.read_text() == text:
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def upstream_sds_files(ca: str, cert: str, key: str, folder: Path | None = None) -> dict[str, Path]:
+    """Writes the file-based SDS secrets for the upstream TLS files (the certificate and key, the
+    CA), each a DiscoveryResponse naming the PEM files: Envoy watches those files and rereads them
+    when they change. The folder defaults to one per set of files under the temporary folder."""
+    ca, cert, key = (str(Path(path).absolute()) if path else "" for path in (ca, cert, key))
+    if folder is None:
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256("\0".join((ca, cert, key)).encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"envoy-upstream-sds-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    if cert:
+        secret = {
+            "@type": _SECRET_TYPE,
+            "name": "upstream_certificate",
+            "tls_certificate": {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}},
+        }
+        files["certificate"] = folder / "upstream-certificate.yaml"
+        _write_if_changed(files["certificate"], yaml.safe_dump({"resources": [secret]}, sort_keys=False))
+    if ca:
+        secret = {
+            "@type": _SECRET_TYPE,
+            "name": "upstream_ca",
+            "validation_context": {"trusted_ca": {"filename": ca}},
+        }
+        files["ca"] = folder / "upstream-ca.yaml"
+        _write_if_changed(files["ca"], yaml.safe_dump({"resources": [secret]}, sort_keys=False))
+    return files
+
+
+def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
+    """Envoy -> gateway and Envoy -> predictions over TLS: the server verified against `ca`, and
+    `cert`/`key` presented for mutual TLS, both from file-based SDS (renewed files are picked up
+    without a restart). A certificate needs its key; at least the CA or the certificate is given."""
+    if bool(cert) != bool(key):
+        raise ValueError("upstream TLS: a certificate needs its key (ENVOY_UPSTREAM_TLS_CERT and _KEY)")
+    for name, path in (
+        ("ENVOY_UPSTREAM_TLS_CA", ca),
+        ("ENVOY_UPSTREAM_TLS_CERT", cert),
+        ("ENVOY_UPSTREAM_TLS_KEY", key),
+    ):
+        if path and not Path(path).is_file():
+            raise ValueError(f"upstream TLS: {name}: no such file {path!r}")
+    files = upstream_sds_files(ca, cert, key)
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    if "certificate" in files:
+        common["tls_certificate_sds_secret_configs"] = [
+            {
+                "name": "upstream_certificate",
+                "sds_config": {
+                    "path_config_source": {"path": str(files["certificate"])},
+                    "resource_api_version": "V3",
+                },
+            }
+        ]
+    if "ca" in files:
+        common["validation_context_sds_secret_config"] = {
+            "name": "upstream_ca",
+            "sds_config": {"path_config_source": {"path": str(files["ca"])}, "resource_api_version": "V3"},
+        }
+    config: dict[str, Any] = yaml.safe_load(text)
+    # File-based SDS needs a node id and cluster (any: nothing else reads them).
+    node = config.setdefault("node", {})
+    node.setdefault("id", "envoy")
+    node.setdefault("cluster", "inference-stack")
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] not in UPSTREAM_TLS_CLUSTERS:
+            continue
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": common,
+            },
+        }
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_compose_wires_tiers_to_each_other_on_their_ports() -> None:
         assert gateway_env[f"GATEWAY_{tier.upper()}_ADDRESSES"] == f"dns:///{tier}:{port}"
         gpu = services[f"{tier}-gpu"]
         # The GPU replicas answer to the same name, so the gateway balances over them too.
-        assert gpu["networks"]["default"]["aliases"] == [tier]
+        assert gpu["networks"]["internal"]["aliases"] == [tier]
         assert gpu["command"] == services[tier]["command"]
         assert gpu["environment"] == services[tier]["environment"]
         assert gpu["profiles"] == ["gpu"]
@@ -197,6 +197,42 @@ def test_compose_wires_tiers_to_each_other_on_their_ports() -> None:
     assert "8080:8080" in services["envoy"]["ports"]
     health = services["envoy"]["healthcheck"]["test"]
     assert health[health.index("--port") + 1] == "8080"
+
+
+# What may publish a port on the host: the one public door (Envoy), the playground, and the
+# monitoring UIs. Everything else is reached only through Envoy, on the internal network.
+PUBLISHED = {"envoy", "playground", "prometheus", "grafana"}
+BEHIND_ENVOY = {"gateway", *MODEL_TIERS, "generator-gpu", "embedder-gpu", "predictions", "postgres"}
+
+
+def service_networks(service: dict[str, Any]) -> set[str]:
+    networks = service.get("networks", ["default"])
+    return set(networks if isinstance(networks, list) else networks.keys())
+
+
+def test_compose_publishes_only_envoy_and_keeps_the_tiers_on_an_internal_network() -> None:
+    data = compose()
+    services, networks = data["services"], data["networks"]
+    internal = {name for name, network in networks.items() if (network or {}).get("internal") is True}
+    assert internal == {"internal"}
+    assert set(services) == BEHIND_ENVOY | PUBLISHED
+    for name in BEHIND_ENVOY:
+        service = services[name]
+        assert "ports" not in service, f"{name} publishes {service['ports']}"
+        assert "internal" in service_networks(service), name
+        # Nothing but the internal network, except the predictions service's way out for webhooks.
+        assert service_networks(service) - {"internal"} <= ({"egress"} if name == "predictions" else set())
+    assert not any("egress" in service_networks(services[name]) for name in set(services) - {"predictions"})
+    for name in ("envoy", "playground"):
+        assert service_networks(services[name]) == {"default", "internal"}, name
+        assert services[name]["ports"], name
+    # Prometheus scrapes the tiers (so joins them); Grafana only reads Prometheus.
+    assert "internal" in service_networks(services["prometheus"])
+    assert service_networks(services["grafana"]) == {"default"}
+    # Health checks speak the tier's own TLS when it has <TIER>_TLS_* files.
+    for name in ("gateway", *MODEL_TIERS, "predictions"):
+        health = services[name]["healthcheck"]["test"]
+        assert health[health.index("--tls-env") + 1] == name.upper(), name
 
 
 def test_compose_runs_predictions_on_the_postgres_service() -> None:
@@ -419,6 +455,100 @@ def test_k8s_autoscalers_target_existing_deployments() -> None:
         target = autoscaler["spec"]["scaleTargetRef"]
         assert target["kind"] == "Deployment" and target["name"] in deployments
         assert autoscaler["spec"]["minReplicas"] <= autoscaler["spec"]["maxReplicas"]
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels only, which is all the manifests use) against labels."""
+    assert selector is not None
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def admitted(
+    policies: list[dict[str, Any]],
+    target: dict[str, str],
+    port: int,
+    source: dict[str, str],
+    source_namespace: str = "inference-stack",
+) -> bool:
+    """Whether NetworkPolicy semantics let a pod with `source` labels (in `source_namespace`)
+    connect to `port` of a pod with `target` labels in the stack's namespace."""
+    namespace_labels = {"kubernetes.io/metadata.name": source_namespace}
+    selecting = [
+        policy["spec"]
+        for policy in policies
+        if "Ingress" in policy["spec"]["policyTypes"] and selects(policy["spec"]["podSelector"], target)
+    ]
+    assert selecting, f"no policy selects {target}: the namespace would admit anything"
+    for spec in selecting:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(
+                item["port"] == port and item.get("protocol", "TCP") == "TCP" for item in ports
+            ):
+                continue
+            peers = rule.get("from")
+            if peers is None:
+                return True
+            for peer in peers:
+                assert "ipBlock" not in peer
+                if "namespaceSelector" in peer:
+                    in_namespace = selects(peer["namespaceSelector"], namespace_labels)
+                else:
+                    in_namespace = source_namespace == "inference-stack"
+                if in_namespace and selects(peer.get("podSelector", {}), source):
+                    return True
+    return False
+
+
+def pod(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "inference-stack"}
+
+
+def test_k8s_network_policies_let_only_the_gateway_reach_the_model_tiers() -> None:
+    policies = list(by_kind("NetworkPolicy").values())
+    deny = by_kind("NetworkPolicy")["default-deny-ingress"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    services = by_kind("Service")
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    everyone = ("gateway", "envoy", "playground", "predictions", "postgres", *MODEL_TIERS, "stranger")
+    for tier in MODEL_TIERS:
+        ports = {p["name"]: p["port"] for p in services[tier]["spec"]["ports"]}
+        callers = {name for name in everyone if admitted(policies, pod(tier), ports["grpc"], pod(name))}
+        assert callers == {"gateway"}, f"{tier} admits {callers}"
+        assert not admitted(policies, pod(tier), ports["grpc"], pod("gateway"), "elsewhere")
+        assert not admitted(policies, pod(tier), ports["grpc"], prometheus, "monitoring")
+        assert admitted(policies, pod(tier), ports["metrics"], prometheus, "monitoring")
+        assert not admitted(policies, pod(tier), ports["metrics"], pod("stranger"))
+    gateway = {p["name"]: p["port"] for p in services["gateway"]["spec"]["ports"]}["grpc"]
+    callers = {name for name in everyone if admitted(policies, pod("gateway"), gateway, pod(name))}
+    assert callers == {"envoy", "playground", "predictions"}
+    predictions = {p["name"]: p["port"] for p in services["predictions"]["spec"]["ports"]}["grpc"]
+    callers = {name for name in everyone if admitted(policies, pod("predictions"), predictions, pod(name))}
+    assert callers == {"envoy", "playground"}
+    (postgres,) = [p["port"] for p in services["postgres"]["spec"]["ports"]]
+    assert {name for name in everyone if admitted(policies, pod("postgres"), postgres, pod(name))} == {
+        "predictions"
+    }
+    envoy = {p["name"]: p["port"] for p in services["envoy"]["spec"]["ports"]}["http"]
+    assert admitted(policies, pod("envoy"), envoy, {}, "anywhere")
+    # Every Deployment and StatefulSet is selected by a policy of its own besides the deny.
+    for kind in ("Deployment", "StatefulSet"):
+        for name, workload in by_kind(kind).items():
+            labels = workload["spec"]["template"]["metadata"]["labels"]
+            own = [
+                p for p in policies if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], labels)
+            ]
+            assert own, f"{kind} {name} has no NetworkPolicy of its own"
+
+
+def test_the_network_policy_check_tells_an_open_tier_from_a_closed_one() -> None:
+    policies = copy.deepcopy(list(by_kind("NetworkPolicy").values()))
+    generator = next(p for p in policies if p["metadata"]["name"] == "generator")
+    generator["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": pod("envoy")}})
+    assert admitted(policies, pod("generator"), 50052, pod("envoy"))
+    generator["spec"]["ingress"][0].pop("from")
+    assert admitted(policies, pod("generator"), 50052, {}, "anywhere")
 
 
 # -- The playground (compose and Kubernetes alike) --------------------------------------------------

@@ -61,11 +61,15 @@ def render_config(
     docs_assets: Path | None = None,
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS,
+    upstream_tls_ca: str = "",
+    upstream_tls_cert: str = "",
+    upstream_tls_key: str = "",
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
     With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them.
-    PredictionService's routes go to `predictions_address` (host:port)."""
+    PredictionService's routes go to `predictions_address` (host:port). With `upstream_tls_*` (PEM
+    files) Envoy talks TLS to the gateway and the predictions service, mutual with a certificate."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -76,6 +80,9 @@ def render_config(
         str(docs_assets or ""),
         cors_origins,
         predictions_address,
+        upstream_tls_ca=upstream_tls_ca,
+        upstream_tls_cert=upstream_tls_cert,
+        upstream_tls_key=upstream_tls_key,
     )
 
 
@@ -105,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         help="browser origins allowed to call the API, comma-separated (e.g. http://localhost:8501), "
         "* for any [env ENVOY_CORS_ORIGINS]; empty: no CORS",
     )
+    for part, what in (("ca", "CA to verify"), ("cert", "client certificate for"), ("key", "client key for")):
+        variable = f"ENVOY_UPSTREAM_TLS_{part.upper()}"
+        parser.add_argument(
+            f"--upstream-tls-{part}",
+            default=os.environ.get(variable, ""),
+            help=f"PEM file: the {what} the gateway and predictions service over TLS [env {variable}]; "
+            "empty: plaintext",
+        )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
     text = render_config(
@@ -117,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         docs_assets=args.docs_assets,
         cors_origins=args.cors_origins,
         predictions_address=args.predictions,
+        upstream_tls_ca=args.upstream_tls_ca,
+        upstream_tls_cert=args.upstream_tls_cert,
+        upstream_tls_key=args.upstream_tls_key,
     )
     if args.output is None:
         sys.stdout.write(text)

@@ -33,6 +33,7 @@ from honcho.environ import parse_procfile
 from honcho.manager import Manager
 from honcho.printer import Message, Printer
 
+from services.common import tls
 from tools.envoy_config import DESCRIPTOR, render_config
 from tools.healthcheck import grpc_status, http_status
 
@@ -68,6 +69,8 @@ class Tier:
     probe: str
     metrics_port: int | None = None
     health_path: str = "/healthz"
+    # The tier's own TLS files: a tier on mutual TLS is probed with its own certificate.
+    tls_files: tls.TlsFiles = tls.PLAINTEXT
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
         otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", ""),
         cors_origins=env.get("ENVOY_CORS_ORIGINS", ""),
         predictions_address=f"127.0.0.1:{predictions}",
+        upstream_tls_ca=env.get("ENVOY_UPSTREAM_TLS_CA", ""),
+        upstream_tls_cert=env.get("ENVOY_UPSTREAM_TLS_CERT", ""),
+        upstream_tls_key=env.get("ENVOY_UPSTREAM_TLS_KEY", ""),
     )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"
@@ -126,6 +132,21 @@ def predictions_env(env: dict[str, str], run_dir: Path) -> None:
             env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
 
 
+def loopback_and_tls_env(env: dict[str, str]) -> None:
+    """Every gRPC tier (and its metrics) listens on 127.0.0.1 unless <TIER>_HOST says otherwise:
+    only Envoy (and the playground) face the network. STACK_TLS_CA, _CERT and _KEY, where set,
+    become every tier's <TIER>_TLS_* and Envoy's ENVOY_UPSTREAM_TLS_* (mutual TLS between all
+    tiers with one certificate, which must name 127.0.0.1), each unless set already."""
+    for name in SERVICES:
+        env.setdefault(f"{name.upper()}_HOST", "127.0.0.1")
+    for part in ("CA", "CERT", "KEY"):
+        value = env.get(f"STACK_TLS_{part}", "")
+        if not value:
+            continue
+        for prefix in (*(name.upper() for name in SERVICES), "PLAYGROUND", "ENVOY_UPSTREAM"):
+            env.setdefault(f"{prefix}_TLS_{part}", value)
+
+
 def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
     """Which processes to start, with which environment."""
     env = dict(environ)
@@ -139,6 +160,7 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
         env[name] = str(_port(env, name))
     env.setdefault("GATEWAY_GENERATOR_ADDRESSES", f"127.0.0.1:{env['GENERATOR_PORT']}")
     env.setdefault("GATEWAY_EMBEDDER_ADDRESSES", f"127.0.0.1:{env['EMBEDDER_PORT']}")
+    loopback_and_tls_env(env)
 
     commands = parse_procfile(procfile.read_text()).processes
     tiers: list[Tier] = []
@@ -156,7 +178,14 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
                 continue
             predictions_env(env, run_dir)
         tiers.append(
-            Tier(name, commands[name], int(env[f"{prefix}_PORT"]), "grpc", int(env[f"{prefix}_METRICS_PORT"]))
+            Tier(
+                name,
+                commands[name],
+                int(env[f"{prefix}_PORT"]),
+                "grpc",
+                int(env[f"{prefix}_METRICS_PORT"]),
+                tls_files=tls.env_files(env, prefix),
+            )
         )
     if "envoy" in commands:
         config = envoy_config(env, run_dir)
@@ -200,7 +229,7 @@ def busy_ports(env: Mapping[str, str]) -> list[str]:
 def probe(tier: Tier) -> str:
     if tier.probe == "http":
         return http_status(f"http://127.0.0.1:{tier.port}{tier.health_path}")
-    return grpc_status(f"127.0.0.1:{tier.port}")
+    return grpc_status(f"127.0.0.1:{tier.port}", tls_files=tier.tls_files)
 
 
 class StackPrinter(Printer):  # type: ignore[misc]
@@ -270,11 +299,11 @@ class StackPrinter(Printer):  # type: ignore[misc]
             log.close()
 
 
-def _generation_model(gateway_port: int) -> str | None:
+def _generation_model(gateway_port: int, tls_files: tls.TlsFiles = tls.PLAINTEXT) -> str | None:
     """The generation model the gateway serves, for the commands to try."""
     from inference.v1 import info_pb2, info_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{gateway_port}") as channel:
+    with tls.channel(f"127.0.0.1:{gateway_port}", tls_files) as channel:
         try:
             reply = info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
                 info_pb2.ListServedModelsRequest(), timeout=5
@@ -298,7 +327,13 @@ def try_commands(
     messages = [{"role": "user", "content": question}]
     grpc_body = json.dumps({"messages": messages, "parameters": {"max_new_tokens": 32}})
     method = "inference.v1.GenerationService/Generate"
-    commands = [f".venv/bin/grpcurl -plaintext -d {shlex.quote(grpc_body)} localhost:{gateway} {method}"]
+    files = tls.env_files(env, "GATEWAY")
+    security = "-plaintext"
+    if files.serves_tls:
+        security = f"-cacert {shlex.quote(files.ca)}" if files.ca else "-insecure"
+        if files.mutual:
+            security += f" -cert {shlex.quote(files.cert)} -key {shlex.quote(files.key)}"
+    commands = [f".venv/bin/grpcurl {security} -d {shlex.quote(grpc_body)} localhost:{gateway} {method}"]
     if with_envoy:
         rest_body = json.dumps({"model": model, "messages": messages, "max_tokens": 32, "temperature": 0})
         curl = (
@@ -376,7 +411,9 @@ def watch(plan: Plan, printer: StackPrinter, interval: float = 0.5, report_every
     if printer.stopping.is_set():
         return
     gateway = int(plan.env["GATEWAY_PORT"])
-    model = (_generation_model(gateway) if "gateway" in status else None) or "default"
+    model = (
+        _generation_model(gateway, tls.env_files(plan.env, "GATEWAY")) if "gateway" in status else None
+    ) or "default"
     if not printer.stopping.is_set():
         printer.say(banner(plan, time.monotonic() - start, model))
 
@@ -433,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         "EMBEDDER_PORT, GATEWAY_PORT, PREDICTIONS_PORT, PREDICTIONS_DATABASE_URL, ...; see "
         "`python -m services.<name> --help`), plus ENVOY_PORT and "
         "ENVOY_ADMIN_PORT; for the playground PLAYGROUND_PORT, PLAYGROUND_GATEWAY_ADDRESS and "
-        "PLAYGROUND_API_KEY.",
+        "PLAYGROUND_API_KEY. The gRPC tiers listen on 127.0.0.1 (<TIER>_HOST to change it); "
+        "STACK_TLS_CA, STACK_TLS_CERT and STACK_TLS_KEY put every tier on mutual TLS.",
     )
     parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile", help="the processes to run")
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configuration")

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -330,14 +331,30 @@ class History:
         }
 
 
+def tls_credentials(environ: Mapping[str, str] = os.environ) -> grpc.ChannelCredentials | None:
+    """TLS to the gateway and the predictions service when PLAYGROUND_TLS_CA is set (the servers
+    are verified against it), presenting PLAYGROUND_TLS_CERT and _KEY for mutual TLS; else None."""
+    ca = environ.get("PLAYGROUND_TLS_CA", "")
+    if not ca:
+        return None
+    cert, key = environ.get("PLAYGROUND_TLS_CERT", ""), environ.get("PLAYGROUND_TLS_KEY", "")
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
 def connect(address: str, api_key: str) -> InferenceClient:
-    return InferenceClient(address, api_key=api_key or None)
+    return InferenceClient(address, api_key=api_key or None, credentials=tls_credentials())
 
 
 def answers_health(address: str, timeout: float = 0.5) -> bool:
     """True when a gRPC server at `address` reports SERVING on the standard health service."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        credentials = tls_credentials()
+        opened = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        with opened as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     except grpc.RpcError:
@@ -421,7 +438,7 @@ class Watched(Protocol):
 
 
 def connect_predictions(address: str, api_key: str) -> PredictionsClient:
-    return PredictionsClient(address, api_key=api_key or None)
+    return PredictionsClient(address, api_key=api_key or None, credentials=tls_credentials())
 
 
 def example_input(model_task: str) -> str:

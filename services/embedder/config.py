@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.common import tls
 from services.common.config import LogLevel, load_config
 
 PREFIX = "EMBEDDER"
@@ -114,6 +115,7 @@ class EmbedderConfig:
     )
 
     def validate(self) -> None:
+        tls.check_files("EMBEDDER", self.tls_ca, self.tls_cert, self.tls_key)
         positive = {
             "max_models": self.max_models,
             "max_batch_size": self.max_batch_size,
@@ -138,6 +140,10 @@ class EmbedderConfig:
             raise ValueError("--backend onnx runs float32 models only; drop --dtype or use --backend torch")
         if self.max_pending_inputs < self.max_inputs_per_request:
             raise ValueError("--max-pending-inputs must be at least --max-inputs-per-request")
+
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
 
 
 def load(argv: list[str] | None = None) -> EmbedderConfig:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common import keepalive, telemetry
+from services.common import keepalive, telemetry, tls
 from services.common.interceptors import serving_interceptor
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbeddingEngine
@@ -67,7 +67,7 @@ async def serve(config: EmbedderConfig) -> int:
         server,
     )
     await _set_all(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server.add_insecure_port(address)
+    tls.add_port(server, address, tls.files_of(config))
     await server.start()
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)

@@ -25,7 +25,7 @@ from inference.v1 import (
     info_pb2_grpc,
 )
 
-from services.common import keepalive, sampling
+from services.common import keepalive, sampling, tls
 from services.common.interceptors import Context
 from services.common.methods import unary_methods
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
@@ -188,17 +188,23 @@ class Backend:
     direct channel per named replica for the per-replica health and statistics."""
 
     def __init__(
-        self, name: str, addresses: str, attempts: int, interceptors: Sequence[Any], tracing: bool
+        self,
+        name: str,
+        addresses: str,
+        attempts: int,
+        interceptors: Sequence[Any],
+        tracing: bool,
+        tls_files: tls.TlsFiles = tls.PLAINTEXT,
     ) -> None:
         self.name = name
         self.target, self.replicas = grpc_target(addresses)
         self.tracing = tracing
         options = channel_options(attempts)
-        self.channel = grpc.aio.insecure_channel(
-            self.target, options=options, interceptors=list(interceptors)
+        self.channel = tls.aio_channel(
+            self.target, tls_files, options=options, interceptors=list(interceptors)
         )
         self.replica_channels = {
-            address: grpc.aio.insecure_channel(address, options=channel_options(1))
+            address: tls.aio_channel(address, tls_files, options=channel_options(1))
             for address in self.replicas
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common import tls
 from services.common.config import LogLevel
 from services.common.sampling import DEFAULT_LIMITS
 
@@ -95,7 +96,12 @@ class GatewayConfig:
         },
     )
 
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
+
     def validate(self) -> None:
+        tls.check_files("GATEWAY", self.tls_ca, self.tls_cert, self.tls_key)
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be 1..65535, got {self.port}")
         if not 0 <= self.metrics_port < 65536:

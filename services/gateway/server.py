@@ -24,7 +24,7 @@ from inference.v1 import (
 )
 from prometheus_client import start_http_server
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.common import telemetry as common_telemetry
 from services.common.interceptors import serving_interceptor
 from services.gateway import telemetry, validation
@@ -74,10 +74,20 @@ async def build(config: GatewayConfig) -> Gateway:
     client_interceptors: list[Any] = list(telemetry.client_interceptors(provider)) if provider else []
     tracing = provider is not None
     generator = Backend(
-        "generator", config.generator_addresses, config.retry_attempts, client_interceptors, tracing
+        "generator",
+        config.generator_addresses,
+        config.retry_attempts,
+        client_interceptors,
+        tracing,
+        tls_files=tls.files_of(config),
     )
     embedder = Backend(
-        "embedder", config.embedder_addresses, config.retry_attempts, client_interceptors, tracing
+        "embedder",
+        config.embedder_addresses,
+        config.retry_attempts,
+        client_interceptors,
+        tracing,
+        tls_files=tls.files_of(config),
     )
     backends = Backends(generator, embedder, ResponseCache(config.cache_size))
     catalog = ModelCatalog(generator, embedder)
@@ -126,7 +136,7 @@ async def build(config: GatewayConfig) -> Gateway:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    port = tls.add_port(server, address, tls.files_of(config))
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     for name in ("", *SERVICE_NAMES):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.common import tls
 from services.common.config import LogLevel
 from services.common.sampling import DEFAULT_LIMITS
 
@@ -111,6 +112,7 @@ class GeneratorConfig:
     )
 
     def validate(self) -> None:
+        tls.check_files("GENERATOR", self.tls_ca, self.tls_cert, self.tls_key)
         for name in (
             "max_running_sequences",
             "max_waiting_requests",
@@ -130,3 +132,7 @@ class GeneratorConfig:
                 "--max-model-len, --threads, --prefix-cache-mib and --shutdown-grace-seconds "
                 "must not be negative"
             )
+
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})

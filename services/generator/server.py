@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common import keepalive, telemetry
+from services.common import keepalive, telemetry, tls
 from services.common.interceptors import serving_interceptor
 from services.common.sampling import DEFAULT_LIMITS
 from services.generator import errors
@@ -99,7 +99,7 @@ async def serve(config: GeneratorConfig) -> int:
         server,
     )
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server.add_insecure_port(address)
+    tls.add_port(server, address, tls.files_of(config))
     await server.start()
     log.info("gRPC on %s (NOT_SERVING until the model is loaded and warmed up)", address)
 

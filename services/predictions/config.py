@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from services.common import tls
 from services.common.config import LogLevel
 
 
@@ -113,6 +114,7 @@ class PredictionsConfig:
     )
 
     def validate(self) -> None:
+        tls.check_files("PREDICTIONS", self.tls_ca, self.tls_cert, self.tls_key)
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be 1..65535, got {self.port}")
         if not 0 <= self.metrics_port < 65536:
@@ -159,3 +161,7 @@ class PredictionsConfig:
     def worker(self) -> str:
         """This replica's worker name: --worker-id, else hostname:pid."""
         return self.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})

@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.predictions import tasks
 from services.predictions.config import PredictionsConfig
 from services.predictions.convert import message_dict
@@ -166,10 +166,17 @@ class Runner:
     """Claims and runs predictions for `worker` until stopped; see the module docstring."""
 
     def __init__(
-        self, store: Store, gateway_address: str, settings: RunnerSettings, changes: Changes, worker: str
+        self,
+        store: Store,
+        gateway_address: str,
+        settings: RunnerSettings,
+        changes: Changes,
+        worker: str,
+        tls_files: tls.TlsFiles = tls.PLAINTEXT,
     ) -> None:
         self._store = store
         self._address = gateway_address
+        self._tls = tls_files
         self._settings = settings
         self._changes = changes
         self._worker = worker
@@ -186,7 +193,7 @@ class Runner:
         return len(self._runs)
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+        self._channel = tls.aio_channel(self._address, self._tls, options=CHANNEL_OPTIONS)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._loops = [

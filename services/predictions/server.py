@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.v1 import predictions_pb2, predictions_pb2_grpc
 from prometheus_client import start_http_server
 
-from services.common import keepalive
+from services.common import keepalive, tls
 from services.common.auth import Authentication, KeyStore
 from services.common.interceptors import serving_interceptor
 from services.predictions import convert, webhooks
@@ -97,11 +97,15 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     secret = config.webhook_secret or await store.setting("webhook_secret", webhooks.new_secret)
     worker = config.worker
     changes = Changes()
-    runner = Runner(store, config.gateway_address, runner_settings(config), changes, worker)
+    runner = Runner(
+        store, config.gateway_address, runner_settings(config), changes, worker, tls.files_of(config)
+    )
     sender = WebhookSender(store, secret, worker, webhook_settings(config))
     # Events this replica queues (the runner's, the servicer's cancels) go out at once.
     store.on_events(sender.wake)
-    gateway = grpc.aio.insecure_channel(config.gateway_address, options=keepalive.client_options())
+    gateway = tls.aio_channel(
+        config.gateway_address, tls.files_of(config), options=keepalive.client_options()
+    )
     server = grpc.aio.server(
         interceptors=[
             serving_interceptor(
@@ -139,7 +143,7 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    port = tls.add_port(server, address, tls.files_of(config))
     if port == 0:
         await store.close()
         raise RuntimeError(f"cannot listen on {address}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from services.common import tls
 from tools.run import PLAYGROUND_APP, ROOT, Plan, Tier, banner, make_plan
 
 
@@ -116,3 +117,38 @@ def test_predictions_are_skipped_without_a_gateway(tmp_path: Path) -> None:
     assert not any(tier.name == "predictions" for tier in plan.tiers)
     assert "predictions (no gateway to run predictions through)" in plan.skipped
     assert "PREDICTIONS_DATABASE_URL" not in plan.env
+
+
+def test_the_grpc_tiers_listen_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, ("gateway", "generator", "embedder", "predictions"))
+    plan = plan_for(root, tmp_path, EMBEDDER_HOST="0.0.0.0")
+    env = plan.env
+    assert [env[f"{name}_HOST"] for name in ("GATEWAY", "GENERATOR", "PREDICTIONS")] == ["127.0.0.1"] * 3
+    # A host of one's own is kept (a deliberate choice, e.g. a machine of its own behind a firewall).
+    assert env["EMBEDDER_HOST"] == "0.0.0.0"
+    assert "ENVOY_HOST" not in env and all(tier.tls_files == tls.PLAINTEXT for tier in plan.tiers)
+
+
+def test_stack_tls_files_put_every_tier_and_envoy_on_mutual_tls(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, ("gateway", "generator", "embedder", "predictions"))
+    # Envoy's rendering checks the files exist; nothing reads them here.
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("ca.pem", "tier.crt", "tier.key", "gateway.crt"):
+        (pki / name).write_text("")
+    files = {
+        "STACK_TLS_CA": f"{pki}/ca.pem",
+        "STACK_TLS_CERT": f"{pki}/tier.crt",
+        "STACK_TLS_KEY": f"{pki}/tier.key",
+    }
+    plan = plan_for(root, tmp_path, GATEWAY_TLS_CERT=f"{pki}/gateway.crt", **files)
+    env = plan.env
+    for prefix in ("GENERATOR", "EMBEDDER", "PREDICTIONS", "PLAYGROUND", "ENVOY_UPSTREAM"):
+        assert [env[f"{prefix}_TLS_{part}"] for part in ("CA", "CERT", "KEY")] == list(files.values())
+    assert env["GATEWAY_TLS_CERT"] == f"{pki}/gateway.crt"
+    # Each tier is probed with its own files.
+    probes = {tier.name: tier.tls_files for tier in plan.tiers}
+    assert probes["generator"] == tls.TlsFiles(*files.values())
+    assert probes["gateway"] == tls.TlsFiles(f"{pki}/ca.pem", f"{pki}/gateway.crt", f"{pki}/tier.key")
+    text = banner(plan, 1.0, "model")
+    assert f"grpcurl -cacert {pki}/ca.pem -cert {pki}/gateway.crt -key {pki}/tier.key" in text

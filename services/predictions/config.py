@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from services.common.auth import jwt_settings
 from services.common.config import LogLevel
 
 
@@ -111,6 +112,28 @@ class PredictionsConfig:
     worker_id: str = field(
         default="", metadata={"help": "This replica's name in leases and logs; empty: hostname:pid."}
     )
+    jwt_claims_header: str = field(
+        default="",
+        metadata={
+            "help": "The header in which Envoy forwards the verified claims of a JWT (x-jwt-payload); "
+            "empty: JWTs off. Trusted as it comes: set it only when the predictions service is reachable "
+            "through Envoy alone."
+        },
+    )
+    jwt_scope_claim: str = field(
+        default="scope",
+        metadata={
+            "help": "The JWT claim holding the caller's scopes: a space-separated string or a list "
+            "(a dotted path reaches into nested claims, e.g. realm_access.roles)."
+        },
+    )
+    jwt_scope_map: str = field(
+        default="",
+        metadata={
+            "help": "Claim values to our scopes, value=scope[,...] (e.g. inference:generate=generate); "
+            "generate, embed and admin always map to themselves, other values are ignored."
+        },
+    )
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -149,6 +172,7 @@ class PredictionsConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        jwt_settings(self.jwt_claims_header, self.jwt_scope_claim, self.jwt_scope_map)
 
     @property
     def pool_size(self) -> int:

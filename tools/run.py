@@ -33,7 +33,7 @@ from honcho.environ import parse_procfile
 from honcho.manager import Manager
 from honcho.printer import Message, Printer
 
-from tools.envoy_config import DESCRIPTOR, render_config
+from tools.envoy_config import DESCRIPTOR, JwtEdge, render_config
 from tools.healthcheck import grpc_status, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,7 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
         otlp_endpoint=env.get("ENVOY_OTLP_ENDPOINT", ""),
         cors_origins=env.get("ENVOY_CORS_ORIGINS", ""),
         predictions_address=f"127.0.0.1:{predictions}",
+        jwt=JwtEdge.from_env(env),
     )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"
@@ -126,6 +127,21 @@ def predictions_env(env: dict[str, str], run_dir: Path) -> None:
             env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
 
 
+def jwt_env(env: dict[str, str]) -> None:
+    """With ENVOY_JWT_ISSUER set, the gateway and the predictions service trust the claims Envoy
+    forwards (in ENVOY_JWT_CLAIMS_HEADER), and the predictions service maps scopes as the gateway.
+    Both then listen on loopback (unless their HOST is set): that header must come from Envoy."""
+    if not env.get("ENVOY_JWT_ISSUER"):
+        return
+    env.setdefault("GATEWAY_HOST", "127.0.0.1")
+    env.setdefault("PREDICTIONS_HOST", "127.0.0.1")
+    header = JwtEdge.from_env(env).claims_header
+    env.setdefault("GATEWAY_JWT_CLAIMS_HEADER", header)
+    for setting in ("JWT_CLAIMS_HEADER", "JWT_SCOPE_CLAIM", "JWT_SCOPE_MAP"):
+        if env.get(f"GATEWAY_{setting}"):
+            env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
+
+
 def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
     """Which processes to start, with which environment."""
     env = dict(environ)
@@ -139,6 +155,7 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
         env[name] = str(_port(env, name))
     env.setdefault("GATEWAY_GENERATOR_ADDRESSES", f"127.0.0.1:{env['GENERATOR_PORT']}")
     env.setdefault("GATEWAY_EMBEDDER_ADDRESSES", f"127.0.0.1:{env['EMBEDDER_PORT']}")
+    jwt_env(env)
 
     commands = parse_procfile(procfile.read_text()).processes
     tiers: list[Tier] = []

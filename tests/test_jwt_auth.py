@@ -5,9 +5,11 @@ forwarded claims to scopes, and API keys keep working beside them. Each refusal 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ class JwtStack:
     signing_key: rsa.RSAPrivateKey
     other_key: rsa.RSAPrivateKey
     embedding_model: str
+    jwks: Path
 
     def token(self, key: rsa.RSAPrivateKey | None = None, **claims: Any) -> str:
         """An RS256 token, valid for a minute, for our issuer and audience unless `claims` say else."""
@@ -61,9 +64,8 @@ class JwtStack:
         return {"authorization": f"Bearer {token}"}
 
 
-def _start_envoy(workdir: Path, gateway: str, predictions: str, jwks: Path) -> tuple[ServiceProcess, str]:
+def _start_envoy(workdir: Path, gateway: str, predictions: str, edge: JwtEdge) -> tuple[ServiceProcess, str]:
     listen, admin = free_port(), free_port()
-    edge = JwtEdge(ISSUER, f"{AUDIENCE},another-api", str(jwks))
     config = workdir / "envoy.yaml"
     config.write_text(
         render_config(
@@ -118,11 +120,12 @@ def stack(
             gateway, sqlite_url(workdir), name="predictions-jwt", args=(*FAST_FLAGS, *JWT_FLAGS)
         )
         started.append(predictions.process)
-        envoy, url = _start_envoy(workdir, address, predictions.address, jwks)
+        edge = JwtEdge(ISSUER, f"{AUDIENCE},another-api", str(jwks))
+        envoy, url = _start_envoy(workdir, address, predictions.address, edge)
         started.append(envoy)
         served = httpx2.get(f"{url}/models", headers=gateway.headers(), timeout=30).json()["models"]
         model = str(next(m["id"] for m in served if m["task"] == "embedding"))
-        yield JwtStack(url, gateway, signing_key, other_key, model)
+        yield JwtStack(url, gateway, signing_key, other_key, model, jwks)
     finally:
         for service in reversed(started):
             service.stop()
@@ -259,3 +262,41 @@ def test_a_jwt_callers_prediction_runs_as_that_caller(rest: httpx2.Client, stack
         "/v1/predictions", json=body, headers=stack.bearer(stack.token(scope="inference:generate"))
     )
     assert refused.status_code == 403 and "'embed' scope" in refused.json()["error"]["message"]
+
+
+def test_keys_from_a_jwks_url_verify_tokens(stack: JwtStack, tmp_path: Path) -> None:
+    """A second Envoy fetches the same keys over HTTP from a JWKS server in this process."""
+    body = stack.jwks.read_bytes()
+    fetched: list[str] = []
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    edge = JwtEdge(ISSUER, AUDIENCE, jwks_url=f"http://127.0.0.1:{server.server_address[1]}/certs")
+    envoy, url = _start_envoy(tmp_path, stack.gateway.address, "127.0.0.1:1", edge)
+    try:
+        body_json = {"model": stack.embedding_model, "input": ["hi"]}
+        good = httpx2.post(
+            f"{url}/embeddings", json=body_json, headers=stack.bearer(stack.token()), timeout=60
+        )
+        assert good.status_code == 200, good.text
+        forged = stack.bearer(stack.token(stack.other_key))
+        bad = httpx2.post(f"{url}/embeddings", json=body_json, headers=forged, timeout=60)
+        assert bad.status_code == 401 and bad.json()["message"] == "Jwt verification fails"
+        assert fetched and fetched[0] == "/certs"
+    finally:
+        envoy.stop()
+        server.shutdown()
+        server.server_close()

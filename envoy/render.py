@@ -60,6 +60,10 @@ _BODY_METHODS = ("post", "put", "patch")
 
 Shape = Literal["one", "list", "map"]
 
+# JWTs at the edge (`_with_jwt`): the header verified claims reach the tiers in, the default leeway.
+JWT_CLAIMS_HEADER = "x-jwt-payload"
+JWT_CLOCK_SKEW_SECONDS = 60
+
 
 @dataclass(frozen=True)
 class FieldRule:
@@ -392,10 +396,17 @@ def render_envoy_config(
     upstream_tls_ca: str = "",
     upstream_tls_cert: str = "",
     upstream_tls_key: str = "",
+    jwt_issuer: str = "",
+    jwt_audiences: str = "",
+    jwt_jwks_file: str = "",
+    jwt_jwks_url: str = "",
+    jwt_clock_skew_seconds: int = JWT_CLOCK_SKEW_SECONDS,
+    jwt_claims_header: str = JWT_CLAIMS_HEADER,
 ) -> str:
     """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
     clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter.
-    With `upstream_tls_*` files Envoy talks (mutual) TLS to both (`_with_upstream_tls`)."""
+    With `upstream_tls_*` files Envoy talks (mutual) TLS to both (`_with_upstream_tls`); with
+    `jwt_issuer`, bearer JWTs are verified at the edge (`_with_jwt`)."""
     host, port = _host_port(gateway_address, "gateway_address")
     predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
@@ -420,6 +431,15 @@ def render_envoy_config(
         text = _with_strict_tables(text, descriptor_path)
     if otlp_endpoint:
         text = _with_tracing(text, otlp_endpoint)
+    text = _with_jwt(
+        text,
+        jwt_issuer,
+        jwt_audiences,
+        jwt_jwks_file,
+        jwt_jwks_url,
+        jwt_clock_skew_seconds,
+        jwt_claims_header,
+    )
     text = _with_cors(text, cors_origins)
     if upstream_tls_ca or upstream_tls_cert or upstream_tls_key:
         text = _with_upstream_tls(text, upstream_tls_ca, upstream_tls_cert, upstream_tls_key)
@@ -516,6 +536,245 @@ def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
                 "common_tls_context": common,
             },
         }
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
+
+
+# A bearer token of three dot-separated base64url parts is a JWT and must verify; any other
+# bearer token (or x-api-key) is an API key, passed on untouched for the gateway to check.
+JWT_BEARER_REGEX = r"^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
+JWT_PROVIDER = "edge"
+# Envoy's own pages stay open even to a request that carries a bad token.
+JWT_OPEN_ROUTES = ({"path": "/healthz"}, {"path": "/openapi.json"}, {"prefix": "/docs"}, {"prefix": "/redoc"})
+JWKS_CACHE_SECONDS = 300
+# The CA bundle a JWKS URL's certificate is checked against (Debian's, also in the image).
+JWKS_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+_HTTP_FILTERS = "                http_filters:\n"
+
+
+def _strip_header_filter(header: str) -> str:
+    """The first HTTP filter: removes `header` from every client request, so that only the JWT
+    filter's verified claims ever reach the tiers under that name."""
+    return (
+        "                  # Clients never set the header the JWT filter forwards verified claims in.\n"
+        "                  - name: envoy.filters.http.header_mutation\n"
+        "                    typed_config:\n"
+        '                      "@type": type.googleapis.com/envoy.extensions.filters.http.'
+        "header_mutation.v3.HeaderMutation\n"
+        "                      mutations:\n"
+        f"                        request_mutations: [{{remove: {json.dumps(header)}}}]\n"
+    )
+
+
+def jwt_provider(
+    issuer: str,
+    audiences: list[str],
+    jwks_file: str,
+    jwks_url: str,
+    clock_skew_seconds: int,
+    claims_header: str,
+) -> dict[str, Any]:
+    """The JwtProvider: the token from `Authorization: Bearer` only, its payload forwarded in
+    `claims_header` and the token itself dropped; `exp` required."""
+    provider: dict[str, Any] = {
+        "issuer": issuer,
+        "audiences": audiences,
+        "require_expiration": True,
+        "clock_skew_seconds": clock_skew_seconds,
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": False,
+        "forward_payload_header": claims_header,
+    }
+    if jwks_file:
+        provider["local_jwks"] = {"filename": str(Path(jwks_file).absolute())}
+    else:
+        provider["remote_jwks"] = {
+            "http_uri": {"uri": jwks_url, "cluster": "jwks", "timeout": "5s"},
+            "cache_duration": f"{JWKS_CACHE_SECONDS}s",
+            # Fetched at start and again when the cache expires, not on a client's request.
+            "async_fetch": {},
+            "retry_policy": {"num_retries": 3},
+        }
+    return provider
+
+
+def jwks_cluster(jwks_url: str) -> dict[str, Any]:
+    """The cluster a JWKS URL is fetched through (TLS, with SNI and the system CAs, for https)."""
+    match = re.fullmatch(r"(https?)://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::(\d+))?(/\S*)?", jwks_url)
+    if match is None:
+        raise ValueError(f"jwt_jwks_url must be an http(s) URL, got {jwks_url!r}")
+    scheme, host, port = match.group(1), match.group(2).strip("[]"), match.group(3)
+    cluster: dict[str, Any] = {
+        "name": "jwks",
+        "type": "STRICT_DNS",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": "jwks",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": host,
+                                        "port_value": int(port or (443 if scheme == "https" else 80)),
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if scheme == "https":
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": JWKS_CA_FILE},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                    }
+                },
+            },
+        }
+    return cluster
+
+
+def _jwt_reply_mappers() -> list[dict[str, Any]]:
+    """Local-reply mappers for the JWT filter's refusals: a 401 (and its 403 for an audience,
+    made a 401: the token is not for us) in the route's JSON shape, Envoy's reason as the message.
+    Placed first; the gateway's own 401/403 are not local replies and keep theirs."""
+    rest = {
+        "or_filter": {
+            "filters": [
+                {"header_filter": {"header": {"name": "x-inference-rest", "present_match": True}}},
+                {
+                    "header_filter": {
+                        "header": {
+                            "name": "content-type",
+                            "string_match": {"prefix": "application/grpc"},
+                            "invert_match": True,
+                            "treat_missing_header_as_empty": True,
+                        }
+                    }
+                },
+            ]
+        }
+    }
+    openai = {
+        "or_filter": {
+            "filters": [
+                {"header_filter": {"header": {"name": "x-inference-openai", "present_match": True}}},
+                {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v1/"}}}},
+            ]
+        }
+    }
+
+    def status(code: int) -> dict[str, Any]:
+        value = {"default_value": code, "runtime_key": f"edge.jwt.{code}"}
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+    bearer_jwt = {
+        "header_filter": {
+            "header": {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER_REGEX}}}
+        }
+    }
+    refused = {
+        "and_filter": {"filters": [bearer_jwt, {"or_filter": {"filters": [status(401), status(403)]}}]}
+    }
+    message = "%LOCAL_REPLY_BODY%"
+    openai_body = {
+        "error": {"message": message, "type": "authentication_error", "param": None, "code": "invalid_token"}
+    }
+    return [
+        {
+            "filter": {"and_filter": {"filters": [rest, openai, refused]}},
+            "status_code": 401,
+            "body_format_override": {"json_format": openai_body},
+        },
+        {
+            "filter": {"and_filter": {"filters": [rest, refused]}},
+            "status_code": 401,
+            "body_format_override": {"json_format": {"code": 16, "message": message}},
+        },
+        # Native gRPC: Envoy answers with grpc-status UNAUTHENTICATED and the reason itself.
+        {"filter": refused, "status_code": 401},
+    ]
+
+
+def _with_jwt(
+    text: str,
+    issuer: str,
+    audiences: str,
+    jwks_file: str,
+    jwks_url: str,
+    clock_skew_seconds: int,
+    claims_header: str,
+) -> str:
+    """Always strips `claims_header` from clients. With `issuer`, Envoy's jwt_authn filter
+    verifies every `Authorization: Bearer <JWT>` (issuer, audiences, signature by the JWKS from
+    `jwks_file` or `jwks_url`, exp/nbf within `clock_skew_seconds`) and forwards its claims in
+    `claims_header`; other requests pass as they are. Raises ValueError naming a bad setting."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", claims_header):
+        raise ValueError(f"jwt_claims_header must be a lower-case header name, got {claims_header!r}")
+    if text.count(_HTTP_FILTERS) != 1:
+        raise ValueError("envoy.yaml must contain one http_filters list")
+    text = text.replace(_HTTP_FILTERS, _HTTP_FILTERS + _strip_header_filter(claims_header))
+    if not issuer:
+        if audiences or jwks_file or jwks_url:
+            raise ValueError("jwt_issuer must be set when jwt_audiences or a JWKS is (JWTs need all three)")
+        return text
+    names = [name.strip() for name in audiences.split(",") if name.strip()]
+    if not names:
+        raise ValueError("jwt_audiences must name at least one audience (comma-separated) with jwt_issuer")
+    if bool(jwks_file) == bool(jwks_url):
+        raise ValueError("set exactly one of jwt_jwks_file and jwt_jwks_url with jwt_issuer")
+    if jwks_file and not Path(jwks_file).is_file():
+        raise ValueError(f"jwt_jwks_file {jwks_file!r} does not exist")
+    if not 0 <= int(clock_skew_seconds) <= 3600:
+        raise ValueError(f"jwt_clock_skew_seconds must be 0..3600, got {clock_skew_seconds}")
+    provider = jwt_provider(issuer, names, jwks_file, jwks_url, int(clock_skew_seconds), claims_header)
+    rules: list[dict[str, Any]] = [{"match": route} for route in JWT_OPEN_ROUTES]
+    rules.append(
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER_REGEX}}}
+                ],
+            },
+            "requires": {"provider_name": JWT_PROVIDER},
+        }
+    )
+    jwt_filter = {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {JWT_PROVIDER: provider},
+            "rules": rules,
+            "bypass_cors_preflight": True,
+        },
+    }
+    config: dict[str, Any] = yaml.safe_load(text)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                filters = manager["http_filters"]
+                # Right after the strip: before the Lua filter reads a body or the transcoder runs.
+                at = next(
+                    i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.header_mutation"
+                )
+                filters.insert(at + 1, jwt_filter)
+                mappers = manager.setdefault("local_reply_config", {}).setdefault("mappers", [])
+                mappers[:0] = _jwt_reply_mappers()
+    if jwks_url:
+        config["static_resources"]["clusters"].append(jwks_cluster(jwks_url))
     dumped: str = yaml.safe_dump(config, sort_keys=False)
     return dumped
 

@@ -19,10 +19,11 @@ import argparse
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 RENDER = ROOT / "envoy" / "render.py"
@@ -31,6 +32,44 @@ DEFAULTS = (8080, 9901, "127.0.0.1:50051")
 PREDICTIONS = "127.0.0.1:50054"
 
 Renderer = Callable[..., str]
+JWT_CLAIMS_HEADER = "x-jwt-payload"
+
+
+@dataclass(frozen=True)
+class JwtEdge:
+    """JWT verification at the edge (ENVOY_JWT_*); no issuer means none."""
+
+    issuer: str = ""
+    audiences: str = ""
+    jwks_file: str = ""
+    jwks_url: str = ""
+    clock_skew_seconds: int = 60
+    claims_header: str = JWT_CLAIMS_HEADER
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JwtEdge:
+        """ENVOY_JWT_ISSUER, _AUDIENCES, _JWKS_FILE, _JWKS_URL, _CLOCK_SKEW_SECONDS, _CLAIMS_HEADER."""
+        skew = env.get("ENVOY_JWT_CLOCK_SKEW_SECONDS", "").strip() or "60"
+        if not skew.isdigit():
+            raise ValueError(f"ENVOY_JWT_CLOCK_SKEW_SECONDS must be whole seconds, got {skew!r}")
+        return cls(
+            issuer=env.get("ENVOY_JWT_ISSUER", ""),
+            audiences=env.get("ENVOY_JWT_AUDIENCES", ""),
+            jwks_file=env.get("ENVOY_JWT_JWKS_FILE", ""),
+            jwks_url=env.get("ENVOY_JWT_JWKS_URL", ""),
+            clock_skew_seconds=int(skew),
+            claims_header=env.get("ENVOY_JWT_CLAIMS_HEADER", "") or JWT_CLAIMS_HEADER,
+        )
+
+    def render_args(self) -> dict[str, Any]:
+        return {
+            "jwt_issuer": self.issuer,
+            "jwt_audiences": self.audiences,
+            "jwt_jwks_file": self.jwks_file,
+            "jwt_jwks_url": self.jwks_url,
+            "jwt_clock_skew_seconds": self.clock_skew_seconds,
+            "jwt_claims_header": self.claims_header,
+        }
 
 
 def render_module() -> ModuleType:
@@ -64,12 +103,14 @@ def render_config(
     upstream_tls_ca: str = "",
     upstream_tls_cert: str = "",
     upstream_tls_key: str = "",
+    jwt: JwtEdge | None = None,
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
     With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them.
     PredictionService's routes go to `predictions_address` (host:port). With `upstream_tls_*` (PEM
-    files) Envoy talks TLS to the gateway and the predictions service, mutual with a certificate."""
+    files) Envoy talks TLS to the gateway and the predictions service, mutual with a certificate.
+    With `jwt` (an issuer set), Envoy verifies bearer JWTs."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -83,6 +124,7 @@ def render_config(
         upstream_tls_ca=upstream_tls_ca,
         upstream_tls_cert=upstream_tls_cert,
         upstream_tls_key=upstream_tls_key,
+        **(jwt or JwtEdge()).render_args(),
     )
 
 
@@ -120,6 +162,36 @@ def main(argv: list[str] | None = None) -> int:
             help=f"PEM file: the {what} the gateway and predictions service over TLS [env {variable}]; "
             "empty: plaintext",
         )
+    jwt = JwtEdge.from_env(os.environ)
+    parser.add_argument(
+        "--jwt-issuer",
+        default=jwt.issuer,
+        help="verify bearer JWTs from this issuer (the iss claim) [env ENVOY_JWT_ISSUER]; empty: no JWTs",
+    )
+    parser.add_argument(
+        "--jwt-audiences",
+        default=jwt.audiences,
+        help="audiences a JWT must name one of, comma-separated [env ENVOY_JWT_AUDIENCES]",
+    )
+    parser.add_argument(
+        "--jwt-jwks-file",
+        default=jwt.jwks_file,
+        help="the issuer's keys as a JWKS file [env ENVOY_JWT_JWKS_FILE]",
+    )
+    parser.add_argument(
+        "--jwt-jwks-url", default=jwt.jwks_url, help="the issuer's JWKS URL [env ENVOY_JWT_JWKS_URL]"
+    )
+    parser.add_argument(
+        "--jwt-clock-skew-seconds",
+        type=int,
+        default=jwt.clock_skew_seconds,
+        help="leeway for exp and nbf [env ENVOY_JWT_CLOCK_SKEW_SECONDS]",
+    )
+    parser.add_argument(
+        "--jwt-claims-header",
+        default=jwt.claims_header,
+        help="the header verified claims are forwarded in [env ENVOY_JWT_CLAIMS_HEADER]",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
     text = render_config(
@@ -135,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         upstream_tls_ca=args.upstream_tls_ca,
         upstream_tls_cert=args.upstream_tls_cert,
         upstream_tls_key=args.upstream_tls_key,
+        jwt=JwtEdge(
+            args.jwt_issuer,
+            args.jwt_audiences,
+            args.jwt_jwks_file,
+            args.jwt_jwks_url,
+            args.jwt_clock_skew_seconds,
+            args.jwt_claims_header,
+        ),
     )
     if args.output is None:
         sys.stdout.write(text)

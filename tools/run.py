@@ -34,7 +34,7 @@ from honcho.manager import Manager
 from honcho.printer import Message, Printer
 
 from services.common import tls
-from tools.envoy_config import DESCRIPTOR, render_config
+from tools.envoy_config import DESCRIPTOR, JwtEdge, render_config
 from tools.healthcheck import grpc_status, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +109,7 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
         upstream_tls_ca=env.get("ENVOY_UPSTREAM_TLS_CA", ""),
         upstream_tls_cert=env.get("ENVOY_UPSTREAM_TLS_CERT", ""),
         upstream_tls_key=env.get("ENVOY_UPSTREAM_TLS_KEY", ""),
+        jwt=JwtEdge.from_env(env),
     )
     # One file per listener port, so that two stacks on other ports do not share it.
     path = run_dir / f"envoy-{port}.yaml"
@@ -147,6 +148,19 @@ def loopback_and_tls_env(env: dict[str, str]) -> None:
             env.setdefault(f"{prefix}_TLS_{part}", value)
 
 
+def jwt_env(env: dict[str, str]) -> None:
+    """With ENVOY_JWT_ISSUER set, the gateway and the predictions service trust the claims Envoy
+    forwards (in ENVOY_JWT_CLAIMS_HEADER), and the predictions service maps scopes as the gateway.
+    That header must come from Envoy alone: both listen on loopback (loopback_and_tls_env)."""
+    if not env.get("ENVOY_JWT_ISSUER"):
+        return
+    header = JwtEdge.from_env(env).claims_header
+    env.setdefault("GATEWAY_JWT_CLAIMS_HEADER", header)
+    for setting in ("JWT_CLAIMS_HEADER", "JWT_SCOPE_CLAIM", "JWT_SCOPE_MAP"):
+        if env.get(f"GATEWAY_{setting}"):
+            env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
+
+
 def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
     """Which processes to start, with which environment."""
     env = dict(environ)
@@ -161,6 +175,7 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
     env.setdefault("GATEWAY_GENERATOR_ADDRESSES", f"127.0.0.1:{env['GENERATOR_PORT']}")
     env.setdefault("GATEWAY_EMBEDDER_ADDRESSES", f"127.0.0.1:{env['EMBEDDER_PORT']}")
     loopback_and_tls_env(env)
+    jwt_env(env)
 
     commands = parse_procfile(procfile.read_text()).processes
     tiers: list[Tier] = []

@@ -1,18 +1,23 @@
 """API keys shared by every tier that authenticates callers (the gateway and the predictions
 service): a JSON key file (reloaded when it changes) or inline JSON, stored as SHA-256 hashes, each
 with a name, scopes and its own rate limits. `Authentication` checks each call against a table of
-the scope every method needs. The key file format is in docs/architecture.md."""
+the scope every method needs. The key file format is in docs/architecture.md. With JWTs on, a call
+carrying the claims Envoy verified is the identity `jwt:<sub>` with the scopes its claims map to
+(docs/using-the-api.md)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,25 +157,47 @@ def permission_denied(message: str, scope: str, domain: str) -> RpcFailure:
 class Authentication(BehaviorWrapper):
     """Sets `current_key` for each call of a method in `method_scopes` ("" = any valid key; a
     method absent from it needs no key) or fails it UNAUTHENTICATED / PERMISSION_DENIED, with
-    ErrorInfo in `domain`."""
+    ErrorInfo in `domain`. With `jwt`, verified claims win over a key, and the tier is not open."""
 
-    def __init__(self, store: KeyStore, method_scopes: Mapping[str, str], domain: str) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        method_scopes: Mapping[str, str],
+        domain: str,
+        jwt: JwtSettings | None = None,
+    ) -> None:
         self._store = store
         self._scopes = method_scopes
         self._domain = domain
+        self._jwt = jwt
 
     def _authenticate(self, method: str, context: Context) -> ApiKey:
         scope = self._scopes.get(method)
-        if self._store.open or scope is None:
+        current_claims.set(None)
+        if scope is None:
             return ANONYMOUS_KEY
-        key = presented_key(tuple(context.invocation_metadata() or ()))
+        metadata = tuple(context.invocation_metadata() or ())
+        if self._jwt is not None:
+            claims = claims_header_value(metadata, self._jwt.claims_header)
+            if claims is not None:
+                return self._authenticate_jwt(method, scope, claims)
+        elif self._store.open:
+            return ANONYMOUS_KEY
+        key = presented_key(metadata)
         if key is None:
             raise unauthenticated(
-                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+                if self._jwt is None
+                else "missing credentials: send 'Authorization: Bearer <JWT or API key>' "
+                "or 'x-api-key: <key>'",
                 "API_KEY_MISSING",
                 self._domain,
             )
         entry = self._store.lookup(key)
+        if entry is None and self._jwt is not None and looks_like_jwt(key):
+            raise unauthenticated(
+                "a JWT is accepted only through Envoy, which verifies it", "JWT_UNVERIFIED", self._domain
+            )
         if entry is None:
             raise unauthenticated("invalid API key", "API_KEY_INVALID", self._domain)
         if entry.revoked:
@@ -180,6 +207,24 @@ class Authentication(BehaviorWrapper):
                 f"API key {entry.name!r} lacks the {scope!r} scope needed by {method}", scope, self._domain
             )
         return entry
+
+    def _authenticate_jwt(self, method: str, scope: str, claims: str) -> ApiKey:
+        assert self._jwt is not None
+        try:
+            identity = jwt_identity(decode_claims(claims), self._jwt)
+        except ValueError as error:
+            raise unauthenticated(
+                f"unusable token claims: {error}", "JWT_CLAIMS_INVALID", self._domain
+            ) from None
+        if scope and scope not in identity.scopes:
+            raise permission_denied(
+                f"token of {identity.name!r} lacks the {scope!r} scope needed by {method} "
+                f"(its {self._jwt.scope_claim!r} claim maps to {sorted(identity.scopes) or 'no scopes'})",
+                scope,
+                self._domain,
+            )
+        current_claims.set((self._jwt.claims_header, claims))
+        return identity
 
     def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def authenticated(request: Any, context: Context) -> Any:
@@ -195,3 +240,130 @@ class Authentication(BehaviorWrapper):
                 yield item
 
         return authenticated
+
+
+# JWTs: Envoy's jwt_authn filter verifies a bearer token (issuer, audience, signature, lifetime)
+# and forwards its payload in a header it sets and strips from clients; the tier trusts that
+# header only when configured, so it must then be reachable only through Envoy.
+
+JWT_CLAIMS_HEADER = "x-jwt-payload"
+JWT_PREFIX = "jwt:"
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+# (header, value) of the verified claims of the call being served, None for an API key: the
+# predictions tier stores them with a prediction so that its run has the caller's identity.
+current_claims: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "current_claims", default=None
+)
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """Where the verified claims arrive and how a claim's values map to our scopes."""
+
+    claims_header: str = JWT_CLAIMS_HEADER
+    scope_claim: str = "scope"
+    # Claim value -> one of SCOPES; our own scope names always map to themselves.
+    scope_map: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_scope_map(text: str, setting: str = "jwt_scope_map") -> dict[str, str]:
+    """`value=scope[,value=scope...]` -> mapping; raises ValueError naming `setting` and the entry."""
+    mapping: dict[str, str] = {}
+    for entry in (item.strip() for item in text.split(",")):
+        if not entry:
+            continue
+        value, equals, scope = (part.strip() for part in entry.rpartition("="))
+        if not equals or not value:
+            raise ValueError(f"{setting}: expected 'claim-value=scope', got {entry!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"{setting}: {entry!r} maps to {scope!r}; scopes are {', '.join(SCOPES)}")
+        mapping[value] = scope
+    return mapping
+
+
+def jwt_settings(
+    claims_header: str, scope_claim: str, scope_map: str, prefix: str = "--jwt-"
+) -> JwtSettings | None:
+    """The settings from a tier's configuration; None when `claims_header` is empty (JWTs off).
+    Raises ValueError naming the flag that is wrong."""
+    if not claims_header:
+        return None
+    if not _HEADER_NAME.fullmatch(claims_header):
+        raise ValueError(
+            f"{prefix}claims-header must be a lower-case header name (letters, digits, '-'), "
+            f"got {claims_header!r}"
+        )
+    if not scope_claim.strip():
+        raise ValueError(f"{prefix}scope-claim must not be empty when {prefix}claims-header is set")
+    return JwtSettings(claims_header, scope_claim.strip(), parse_scope_map(scope_map, f"{prefix}scope-map"))
+
+
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Three dot-separated base64url parts: the tokens envoy/render.py has Envoy verify."""
+    return _JWT_SHAPE.fullmatch(token) is not None
+
+
+def claims_header_value(metadata: Sequence[tuple[str, str | bytes]], header: str) -> str | None:
+    for name, value in metadata:
+        if name == header and isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def decode_claims(value: str) -> dict[str, Any]:
+    """The JSON object in a base64url header value (padded or not); ValueError if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        claims = json.loads(raw)
+    except (ValueError, binascii.Error) as error:
+        raise ValueError(f"not base64url JSON ({error})") from None
+    if not isinstance(claims, dict):
+        raise ValueError("the payload is not a JSON object")
+    return claims
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    # A dotted path reaches into nested claims (Keycloak's realm_access.roles) unless the claim
+    # itself has the dotted name.
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def claim_values(claims: Mapping[str, Any], scope_claim: str) -> list[str]:
+    """The claim's values: a space-separated string (OAuth's `scope`) or a list of strings."""
+    value = _claim(claims, scope_claim)
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []
+
+
+def jwt_scopes(claims: Mapping[str, Any], settings: JwtSettings) -> frozenset[str]:
+    """Our scopes for these claims: each claim value through the map (our own names as they
+    are); values that map to nothing are ignored."""
+    found: set[str] = set()
+    for value in claim_values(claims, settings.scope_claim):
+        if value in settings.scope_map:
+            found.add(settings.scope_map[value])
+        elif value in SCOPES:
+            found.add(value)
+    return frozenset(found)
+
+
+def jwt_identity(claims: Mapping[str, Any], settings: JwtSettings) -> ApiKey:
+    """An ApiKey-like identity `jwt:<sub>` with the mapped scopes and the default rate limits."""
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise ValueError("the token has no 'sub' claim")
+    return ApiKey(name=JWT_PREFIX + subject, digest="", scopes=jwt_scopes(claims, settings))

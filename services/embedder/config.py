@@ -114,6 +114,10 @@ class EmbedderConfig:
         },
     )
 
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
+
     def validate(self) -> None:
         tls.check_files("EMBEDDER", self.tls_ca, self.tls_cert, self.tls_key)
         positive = {
@@ -140,10 +144,6 @@ class EmbedderConfig:
             raise ValueError("--backend onnx runs float32 models only; drop --dtype or use --backend torch")
         if self.max_pending_inputs < self.max_inputs_per_request:
             raise ValueError("--max-pending-inputs must be at least --max-inputs-per-request")
-
-    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
-    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
-    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
 
 
 def load(argv: list[str] | None = None) -> EmbedderConfig:

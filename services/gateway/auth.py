@@ -1,5 +1,6 @@
-"""The gateway's method -> scope table over the shared API keys (services/common/auth.py): the
-key file format is in docs/architecture.md."""
+"""The gateway's method -> scope table over the shared API keys and JWT identities
+(services/common/auth.py): the key file format is in docs/architecture.md, JWTs in
+docs/using-the-api.md."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from services.common.auth import ANONYMOUS as ANONYMOUS
 from services.common.auth import ANONYMOUS_KEY as ANONYMOUS_KEY
 from services.common.auth import SCOPES as SCOPES
 from services.common.auth import ApiKey as ApiKey
+from services.common.auth import JwtSettings as JwtSettings
 from services.common.auth import KeyStore as KeyStore
 from services.common.auth import current_key as current_key
 from services.common.auth import digest as digest
+from services.common.auth import jwt_settings as jwt_settings
 from services.common.auth import parse_keys as parse_keys
 from services.common.auth import presented_key as presented_key
 from services.gateway.errors import ERROR_DOMAIN
@@ -59,8 +62,8 @@ METHOD_SCOPES: dict[str, str] = {
 class Authentication(common_auth.Authentication):
     """The gateway's authentication: METHOD_SCOPES, failures in the gateway's error domain."""
 
-    def __init__(self, store: KeyStore) -> None:
-        super().__init__(store, METHOD_SCOPES, ERROR_DOMAIN)
+    def __init__(self, store: KeyStore, jwt: JwtSettings | None = None) -> None:
+        super().__init__(store, METHOD_SCOPES, ERROR_DOMAIN, jwt)
 
 
 def main(argv: Sequence[str]) -> int:

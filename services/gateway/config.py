@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common import tls
+from services.common.auth import jwt_settings
 from services.common.config import LogLevel
 from services.common.sampling import DEFAULT_LIMITS
 
@@ -99,6 +100,28 @@ class GatewayConfig:
     tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
     tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
     tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
+    jwt_claims_header: str = field(
+        default="",
+        metadata={
+            "help": "The header in which Envoy forwards the verified claims of a JWT (x-jwt-payload); "
+            "empty: JWTs off. Trusted as it comes: set it only when the gateway is reachable "
+            "through Envoy alone."
+        },
+    )
+    jwt_scope_claim: str = field(
+        default="scope",
+        metadata={
+            "help": "The JWT claim holding the caller's scopes: a space-separated string or a list "
+            "(a dotted path reaches into nested claims, e.g. realm_access.roles)."
+        },
+    )
+    jwt_scope_map: str = field(
+        default="",
+        metadata={
+            "help": "Claim values to our scopes, value=scope[,...] (e.g. inference:generate=generate); "
+            "generate, embed and admin always map to themselves, other values are ignored."
+        },
+    )
 
     def validate(self) -> None:
         tls.check_files("GATEWAY", self.tls_ca, self.tls_cert, self.tls_key)
@@ -112,6 +135,7 @@ class GatewayConfig:
             raise ValueError("--retry-attempts must be at least 1")
         if self.cache_size < 0:
             raise ValueError("--cache-size must not be negative")
+        jwt_settings(self.jwt_claims_header, self.jwt_scope_claim, self.jwt_scope_map)
         self.validate_redis()
 
     def validate_redis(self) -> None:

@@ -28,7 +28,7 @@ from services.common import keepalive, tls
 from services.common import telemetry as common_telemetry
 from services.common.interceptors import serving_interceptor
 from services.gateway import telemetry, validation
-from services.gateway.auth import Authentication, KeyStore
+from services.gateway.auth import Authentication, KeyStore, jwt_settings
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
@@ -64,7 +64,13 @@ class Gateway:
 
 async def build(config: GatewayConfig) -> Gateway:
     store = KeyStore(config.api_keys_file, config.api_keys)
-    if store.open:
+    jwt = jwt_settings(config.jwt_claims_header, config.jwt_scope_claim, config.jwt_scope_map)
+    if jwt is not None:
+        log.info(
+            "JWTs on: trusting verified claims in %r (reach this gateway through Envoy only)",
+            jwt.claims_header,
+        )
+    if store.open and jwt is None:
         log.warning("no API keys configured: the gateway is OPEN to every client (set --api-keys-file)")
     provider = (
         common_telemetry.setup_tracing("gateway", common_telemetry.otlp_endpoint(config.otlp_endpoint))
@@ -108,7 +114,7 @@ async def build(config: GatewayConfig) -> Gateway:
         interceptors.append(common_telemetry.tracing_interceptor(provider.get_tracer("services.gateway")))
     interceptors.append(
         serving_interceptor(
-            GatewayRequests(stats), MAPPING, policies=[Authentication(store), RateLimiting(limiter)]
+            GatewayRequests(stats), MAPPING, policies=[Authentication(store, jwt), RateLimiting(limiter)]
         )
     )
     server = grpc.aio.server(

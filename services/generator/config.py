@@ -111,6 +111,10 @@ class GeneratorConfig:
         default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may take to finish"}
     )
 
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
+
     def validate(self) -> None:
         tls.check_files("GENERATOR", self.tls_ca, self.tls_cert, self.tls_key)
         for name in (
@@ -132,7 +136,3 @@ class GeneratorConfig:
                 "--max-model-len, --threads, --prefix-cache-mib and --shutdown-grace-seconds "
                 "must not be negative"
             )
-
-    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
-    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
-    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})

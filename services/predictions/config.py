@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from services.common import tls
+from services.common.auth import jwt_settings
 from services.common.config import LogLevel
 
 
@@ -112,6 +113,32 @@ class PredictionsConfig:
     worker_id: str = field(
         default="", metadata={"help": "This replica's name in leases and logs; empty: hostname:pid."}
     )
+    jwt_claims_header: str = field(
+        default="",
+        metadata={
+            "help": "The header in which Envoy forwards the verified claims of a JWT (x-jwt-payload); "
+            "empty: JWTs off. Trusted as it comes: set it only when the predictions service is reachable "
+            "through Envoy alone."
+        },
+    )
+    jwt_scope_claim: str = field(
+        default="scope",
+        metadata={
+            "help": "The JWT claim holding the caller's scopes: a space-separated string or a list "
+            "(a dotted path reaches into nested claims, e.g. realm_access.roles)."
+        },
+    )
+    jwt_scope_map: str = field(
+        default="",
+        metadata={
+            "help": "Claim values to our scopes, value=scope[,...] (e.g. inference:generate=generate); "
+            "generate, embed and admin always map to themselves, other values are ignored."
+        },
+    )
+
+    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
+    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
+    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})
 
     def validate(self) -> None:
         tls.check_files("PREDICTIONS", self.tls_ca, self.tls_cert, self.tls_key)
@@ -151,6 +178,7 @@ class PredictionsConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        jwt_settings(self.jwt_claims_header, self.jwt_scope_claim, self.jwt_scope_map)
 
     @property
     def pool_size(self) -> int:
@@ -161,7 +189,3 @@ class PredictionsConfig:
     def worker(self) -> str:
         """This replica's worker name: --worker-id, else hostname:pid."""
         return self.worker_id or f"{socket.gethostname()}:{os.getpid()}"
-
-    tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
-    tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})
-    tls_key: str = field(default="", metadata={"help": tls.KEY_HELP})

@@ -17,7 +17,7 @@ from inference.v1 import predictions_pb2, predictions_pb2_grpc
 from prometheus_client import start_http_server
 
 from services.common import keepalive, tls
-from services.common.auth import Authentication, KeyStore
+from services.common.auth import Authentication, KeyStore, jwt_settings
 from services.common.interceptors import serving_interceptor
 from services.predictions import convert, webhooks
 from services.predictions.config import PredictionsConfig
@@ -87,7 +87,8 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     """Opens the store (migrating it), starts the runner and the webhook sender, and returns the
     server bound to its port (not yet started) with health SERVING."""
     keys = KeyStore(config.api_keys_file, config.api_keys)
-    if keys.open:
+    jwt = jwt_settings(config.jwt_claims_header, config.jwt_scope_claim, config.jwt_scope_map)
+    if keys.open and jwt is None:
         log.warning("no API keys configured: the predictions service is OPEN (set --api-keys-file)")
     store = await open_store(
         config.database_url,
@@ -111,7 +112,7 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
             serving_interceptor(
                 PredictionRequests(),
                 MAPPING,
-                policies=[Authentication(keys, METHOD_SCOPES, ERROR_DOMAIN)],
+                policies=[Authentication(keys, METHOD_SCOPES, ERROR_DOMAIN, jwt)],
             )
         ],
         options=[

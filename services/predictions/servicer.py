@@ -24,7 +24,7 @@ from inference.v1 import (
 )
 
 from services.common import sse
-from services.common.auth import ApiKey, current_key
+from services.common.auth import ApiKey, current_claims, current_key
 from services.common.errors import RpcFailure, error_info
 from services.common.interceptors import Context
 from services.predictions import convert, metrics, tasks
@@ -104,6 +104,10 @@ def credentials(context: Context) -> dict[str, str]:
     for name, value in context.invocation_metadata() or ():
         if name in CREDENTIAL_HEADERS and isinstance(value, str):
             found[name] = value
+    # A JWT caller's verified claims (Envoy has dropped the token itself): its runs carry them.
+    claims = current_claims.get()
+    if claims is not None:
+        found[claims[0]] = claims[1]
     return found
 
 

@@ -202,7 +202,7 @@ def test_compose_wires_tiers_to_each_other_on_their_ports() -> None:
 # What may publish a port on the host: the one public door (Envoy), the playground, and the
 # monitoring UIs. Everything else is reached only through Envoy, on the internal network.
 PUBLISHED = {"envoy", "playground", "prometheus", "grafana"}
-BEHIND_ENVOY = {"gateway", *MODEL_TIERS, "generator-gpu", "embedder-gpu", "predictions", "postgres"}
+BEHIND_ENVOY = {"gateway", *MODEL_TIERS, "generator-gpu", "embedder-gpu", "predictions", "postgres", "redis"}
 
 
 def service_networks(service: dict[str, Any]) -> set[str]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -389,9 +390,15 @@ def render_envoy_config(
     docs_assets: str = "",
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS_ADDRESS,
+    limits: EdgeLimits | None = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_sds_dir: str = "",
 ) -> str:
     """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
-    clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter."""
+    clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter.
+    `limits` are the edge's timeouts and bounds (EdgeLimits() by default); with `tls_cert` and
+    `tls_key` the listener serves TLS, its SDS file written into `tls_sds_dir` (see edge_tls)."""
     host, port = _host_port(gateway_address, "gateway_address")
     predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
@@ -414,9 +421,308 @@ def render_envoy_config(
     # either, and the Lua filter's placeholder refuses bodies loudly.
     if _descriptor_file(descriptor_path).exists():
         text = _with_strict_tables(text, descriptor_path)
+    text = with_edge(text, limits or EdgeLimits(), edge_tls(tls_cert, tls_key, tls_sds_dir))
     if otlp_endpoint:
         text = _with_tracing(text, otlp_endpoint)
     return _with_cors(text, cors_origins)
+
+
+# --- The edge's hardening and TLS (docs/configuration.md, "Envoy (the edge)") -----------------
+
+_MIB = 1 << 20
+_UINT32 = (1 << 32) - 1
+
+
+def _limit(help_text: str, env: str, low: float, high: float) -> dict[str, Any]:
+    return {"help": help_text, "env": env, "range": (low, high)}
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Every timeout and bound of the edge listener; the checked-in envoy.yaml holds the defaults.
+    Each field is a flag of tools.envoy_config (`--request-timeout-seconds`) and an ENVOY_* variable."""
+
+    request_headers_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_limit(
+            "Seconds a request's headers may take to arrive, from their first byte (0: off).",
+            "ENVOY_REQUEST_HEADERS_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    request_timeout_seconds: float = field(
+        default=60.0,
+        metadata=_limit(
+            "Seconds a whole request (body included) may take to arrive, unless the answer has begun "
+            "(0: off). Streams being answered are never cut.",
+            "ENVOY_REQUEST_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    idle_timeout_seconds: float = field(
+        default=300.0,
+        metadata=_limit(
+            "Seconds a client connection may stay open with no request in flight (0: off).",
+            "ENVOY_IDLE_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    max_request_headers_kb: int = field(
+        default=32,
+        metadata=_limit(
+            "Largest request headers, KiB (larger: 431).", "ENVOY_MAX_REQUEST_HEADERS_KB", 1, 8192
+        ),
+    )
+    max_headers_count: int = field(
+        default=100,
+        metadata=_limit("Most headers in one request (more: 431).", "ENVOY_MAX_HEADERS_COUNT", 1, 10000),
+    )
+    text_body_bytes: int = field(
+        default=_MIB,
+        metadata=_limit(
+            "Largest REST body, bytes, on every route but embeddings (generate, chat, completions, "
+            "solve, predictions); larger: 413 at the edge.",
+            "ENVOY_TEXT_BODY_BYTES",
+            1,
+            _UINT32,
+        ),
+    )
+    embeddings_body_bytes: int = field(
+        default=16 * _MIB,
+        metadata=_limit(
+            "Largest REST body, bytes, on /embeddings and /v1/embeddings; larger: 413 at the edge.",
+            "ENVOY_EMBEDDINGS_BODY_BYTES",
+            1,
+            _UINT32,
+        ),
+    )
+    max_connections: int = field(
+        default=10000,
+        metadata=_limit(
+            "Most client connections open at once (more are closed at accept); keep it under the "
+            "process's open-file limit.",
+            "ENVOY_MAX_CONNECTIONS",
+            1,
+            _UINT32,
+        ),
+    )
+    max_heap_bytes: int = field(
+        default=1024 * _MIB,
+        metadata=_limit(
+            "Envoy's heap bound, bytes: past 90% keepalive is off and memory is returned, past 95% "
+            "new requests get 503 with Retry-After.",
+            "ENVOY_MAX_HEAP_BYTES",
+            _MIB,
+            1 << 48,
+        ),
+    )
+    http2_max_concurrent_streams: int = field(
+        default=1024,
+        metadata=_limit(
+            "Most HTTP/2 streams at once on one client connection.",
+            "ENVOY_HTTP2_MAX_CONCURRENT_STREAMS",
+            1,
+            (1 << 31) - 1,
+        ),
+    )
+    http2_initial_stream_window_bytes: int = field(
+        default=65536,
+        metadata=_limit(
+            "HTTP/2 flow-control window of one client stream, bytes.",
+            "ENVOY_HTTP2_INITIAL_STREAM_WINDOW_BYTES",
+            65535,
+            (1 << 31) - 1,
+        ),
+    )
+    http2_initial_connection_window_bytes: int = field(
+        default=_MIB,
+        metadata=_limit(
+            "HTTP/2 flow-control window of one client connection, bytes.",
+            "ENVOY_HTTP2_INITIAL_CONNECTION_WINDOW_BYTES",
+            65535,
+            (1 << 31) - 1,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            low, high = item.metadata["range"]
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(
+                    f"{item.name} ({item.metadata['env']}) must be a number from {low} to {high}, "
+                    f"got {value!r}"
+                )
+        if self.http2_initial_connection_window_bytes < self.http2_initial_stream_window_bytes:
+            raise ValueError(
+                "http2_initial_connection_window_bytes (ENVOY_HTTP2_INITIAL_CONNECTION_WINDOW_BYTES) "
+                "must be at least http2_initial_stream_window_bytes"
+            )
+
+
+def _seconds(value: float) -> str:
+    """A Duration as the checked-in envoy.yaml writes it: `10s`, `0.5s`."""
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _size(limit: int) -> str:
+    """`16 MiB (16777216 bytes)`, as the 413 replies name a limit."""
+    if limit % _MIB == 0:
+        return f"{limit // _MIB} MiB ({limit} bytes)"
+    if limit % 1024 == 0:
+        return f"{limit // 1024} KiB ({limit} bytes)"
+    return f"{limit} bytes"
+
+
+@dataclass(frozen=True)
+class EdgeTls:
+    """The edge's certificate and key (PEM files) and the folder its SDS file is written to."""
+
+    cert: Path
+    key: Path
+    sds_dir: Path
+
+    @property
+    def sds_file(self) -> Path:
+        return self.sds_dir / "edge-tls-sds.json"
+
+
+EDGE_SECRET = "edge_certificate"
+
+
+def edge_tls(cert: str, key: str, sds_dir: str = "") -> EdgeTls | None:
+    """None without a certificate; else both files checked and the SDS file written (into
+    `sds_dir`, default a new temporary folder)."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ValueError("ENVOY_TLS_CERT and ENVOY_TLS_KEY go together: set both or neither")
+    for name, path in (("ENVOY_TLS_CERT", cert), ("ENVOY_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise ValueError(f"{name}: {path} is not a file")
+    folder = Path(sds_dir) if sds_dir else Path(tempfile.mkdtemp(prefix="envoy-sds-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    tls = EdgeTls(Path(cert).absolute(), Path(key).absolute(), folder.absolute())
+    tls.sds_file.write_text(json.dumps(tls_sds(tls), indent=2))
+    return tls
+
+
+def tls_sds(tls: EdgeTls) -> dict[str, Any]:
+    """The SDS file: one Secret naming the PEM files. Envoy re-reads them when a file is moved
+    into their folder (how cert-manager, kubelet and `mv` replace a certificate)."""
+    certificate: dict[str, Any] = {
+        "certificate_chain": {"filename": str(tls.cert)},
+        "private_key": {"filename": str(tls.key)},
+    }
+    if tls.cert.parent == tls.key.parent:
+        # Both files re-read together on a move into their folder (a consistent pair).
+        certificate["watched_directory"] = {"path": str(tls.cert.parent)}
+    return {
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": EDGE_SECRET,
+                "tls_certificate": certificate,
+            }
+        ]
+    }
+
+
+def _tls_socket(tls: EdgeTls) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                # gRPC needs h2; browsers and curl take either.
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [
+                    {
+                        "name": EDGE_SECRET,
+                        "sds_config": {
+                            "path_config_source": {
+                                "path": str(tls.sds_file),
+                                "watched_directory": {"path": str(tls.sds_dir)},
+                            },
+                            "resource_api_version": "V3",
+                        },
+                    }
+                ],
+            },
+        },
+    }
+
+
+def with_edge(text: str, limits: EdgeLimits, tls: EdgeTls | None = None) -> str:
+    """The configuration with these limits (the listener, its connection manager, the buffer
+    filter and the overload manager) and, with `tls`, HTTPS on the listener. The defaults without
+    TLS leave the text as it is: the checked-in file holds them."""
+    if limits == EdgeLimits() and tls is None:
+        return text
+    text = _replace_once(
+        text,
+        'message: &too_large "request body too large: the limit is 1 MiB (1048576 bytes)"',
+        f'message: &too_large "request body too large: the limit is {_size(limits.text_body_bytes)}"',
+    )
+    text = _replace_once(
+        text,
+        'message: &embeddings_too_large "request body too large: the limit for embeddings is 16 MiB '
+        '(16777216 bytes)"',
+        'message: &embeddings_too_large "request body too large: the limit for embeddings is '
+        f'{_size(limits.embeddings_body_bytes)}"',
+    )
+    config: dict[str, Any] = yaml.safe_load(text)
+    apply_edge(config, limits, tls)
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
+
+
+def apply_edge(config: dict[str, Any], limits: EdgeLimits, tls: EdgeTls | None = None) -> None:
+    """with_edge on the loaded configuration (the 413 messages aside)."""
+    overload = config["overload_manager"]
+    for monitor in overload["resource_monitors"]:
+        if monitor["name"].endswith("fixed_heap"):
+            monitor["typed_config"]["max_heap_size_bytes"] = limits.max_heap_bytes
+        else:
+            monitor["typed_config"]["max_active_downstream_connections"] = limits.max_connections
+    for listener in config["static_resources"]["listeners"]:
+        # The buffer limits below live within the connection's.
+        listener["per_connection_buffer_limit_bytes"] = max(
+            limits.text_body_bytes, limits.embeddings_body_bytes
+        )
+        for chain in listener["filter_chains"]:
+            if tls is not None:
+                chain["transport_socket"] = _tls_socket(tls)
+                # The TLS handshake is bounded like the headers that follow it.
+                chain["transport_socket_connect_timeout"] = _seconds(
+                    limits.request_headers_timeout_seconds or 10.0
+                )
+            for network_filter in chain["filters"]:
+                _harden(network_filter["typed_config"], limits)
+
+
+def _harden(manager: dict[str, Any], limits: EdgeLimits) -> None:
+    manager["request_headers_timeout"] = _seconds(limits.request_headers_timeout_seconds)
+    manager["request_timeout"] = _seconds(limits.request_timeout_seconds)
+    manager["max_request_headers_kb"] = limits.max_request_headers_kb
+    common = manager.setdefault("common_http_protocol_options", {})
+    common["idle_timeout"] = _seconds(limits.idle_timeout_seconds)
+    common["max_headers_count"] = limits.max_headers_count
+    http2 = manager.setdefault("http2_protocol_options", {})
+    http2["max_concurrent_streams"] = limits.http2_max_concurrent_streams
+    http2["initial_stream_window_size"] = limits.http2_initial_stream_window_bytes
+    http2["initial_connection_window_size"] = limits.http2_initial_connection_window_bytes
+    for http_filter in manager["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.buffer":
+            http_filter["typed_config"]["max_request_bytes"] = limits.text_body_bytes
+    for host in manager["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            override = route.get("typed_per_filter_config", {}).get("envoy.filters.http.buffer", {})
+            if "buffer" in override:
+                override["buffer"]["max_request_bytes"] = limits.embeddings_body_bytes
 
 
 if __name__ == "__main__":

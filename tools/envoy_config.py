@@ -16,13 +16,14 @@ Rendering also reads the descriptor for the Lua filter's strict-field tables (en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 RENDER = ROOT / "envoy" / "render.py"
@@ -61,11 +62,16 @@ def render_config(
     docs_assets: Path | None = None,
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS,
+    limits: Any = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_sds_dir: str = "",
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
     With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them.
-    PredictionService's routes go to `predictions_address` (host:port)."""
+    PredictionService's routes go to `predictions_address` (host:port). `limits` is an EdgeLimits
+    (edge_limits()); with `tls_cert` and `tls_key` Envoy serves HTTPS (SDS file in `tls_sds_dir`)."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -76,7 +82,31 @@ def render_config(
         str(docs_assets or ""),
         cors_origins,
         predictions_address,
+        limits=limits,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_sds_dir=tls_sds_dir,
     )
+
+
+def edge_limits(environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+    """envoy/render.py's EdgeLimits: its defaults, then the ENVOY_* variables that are set, then
+    `overrides` (field names). A value that is not a number is a ValueError naming the variable."""
+    module = render_module()
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(module.EdgeLimits):
+        name = item.metadata["env"]
+        raw = env.get(name, "").strip()
+        if raw:
+            kind = float if isinstance(item.default, float) else int
+            try:
+                values[item.name] = kind(raw)
+            except ValueError:
+                kind_name = "a number" if kind is float else "an integer"
+                raise ValueError(f"{name}={raw!r} is not {kind_name}") from None
+    values.update(overrides)
+    return module.EdgeLimits(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,19 +135,54 @@ def main(argv: list[str] | None = None) -> int:
         help="browser origins allowed to call the API, comma-separated (e.g. http://localhost:8501), "
         "* for any [env ENVOY_CORS_ORIGINS]; empty: no CORS",
     )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("ENVOY_TLS_CERT", ""),
+        help="PEM certificate (chain) for HTTPS on the listener [env ENVOY_TLS_CERT]; empty: plain HTTP. "
+        "Replacing the file (a move into its folder) is picked up without a restart",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("ENVOY_TLS_KEY", ""),
+        help="its PEM private key [env ENVOY_TLS_KEY]",
+    )
+    parser.add_argument(
+        "--tls-sds-dir",
+        type=Path,
+        help="where the certificate's SDS file is written [default: the --output folder, else a new "
+        "temporary folder]",
+    )
+    limit_fields = dataclasses.fields(render_module().EdgeLimits)
+    for item in limit_fields:
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            type=float if isinstance(item.default, float) else int,
+            help=item.metadata["help"].replace("%", "%%")
+            + f" [env {item.metadata['env']}; default {item.default}]",
+        )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
-    text = render_config(
-        args.port,
-        args.admin_port,
-        args.gateway,
-        args.descriptor,
-        args.otlp_endpoint,
-        openapi=args.openapi,
-        docs_assets=args.docs_assets,
-        cors_origins=args.cors_origins,
-        predictions_address=args.predictions,
-    )
+    overrides = {item.name: getattr(args, item.name) for item in limit_fields}
+    sds_dir = args.tls_sds_dir or (args.output.absolute().parent if args.output else "")
+    try:
+        limits = edge_limits(**{name: value for name, value in overrides.items() if value is not None})
+        text = render_config(
+            args.port,
+            args.admin_port,
+            args.gateway,
+            args.descriptor,
+            args.otlp_endpoint,
+            openapi=args.openapi,
+            docs_assets=args.docs_assets,
+            cors_origins=args.cors_origins,
+            predictions_address=args.predictions,
+            limits=limits,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_sds_dir=str(sds_dir),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -682,6 +682,9 @@ def with_edge(text: str, limits: EdgeLimits, tls: EdgeTls | None = None) -> str:
 
 def apply_edge(config: dict[str, Any], limits: EdgeLimits, tls: EdgeTls | None = None) -> None:
     """with_edge on the loaded configuration (the 413 messages aside)."""
+    if tls is not None:
+        # SDS (even from a file) names the node asking for secrets.
+        config.setdefault("node", {"id": "inference-edge", "cluster": "inference-edge"})
     overload = config["overload_manager"]
     for monitor in overload["resource_monitors"]:
         if monitor["name"].endswith("fixed_heap"):

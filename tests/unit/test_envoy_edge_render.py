@@ -165,6 +165,7 @@ def test_tls_serves_the_certificate_through_sds(tmp_path: Path) -> None:
         "watched_directory": {"path": str(tmp_path / "sds")},
     }
     assert chain["transport_socket_connect_timeout"] == "10s"
+    assert config["node"]["id"] and config["node"]["cluster"]
     (resource,) = json.loads(Path(source["path"]).read_text())["resources"]
     assert resource["name"] == secret["name"]
     assert resource["tls_certificate"] == {

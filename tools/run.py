@@ -34,7 +34,7 @@ from honcho.manager import Manager
 from honcho.printer import Message, Printer
 
 from services.common import tls
-from tools.envoy_config import DESCRIPTOR, JwtEdge, render_config
+from tools.envoy_config import DESCRIPTOR, JwtEdge, edge_limits, render_config
 from tools.healthcheck import grpc_status, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,20 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
     set: `ENVOY_CORS_ORIGINS=http://localhost:8501 make run` lets the playground call the API)."""
     names = ("ENVOY_PORT", "ENVOY_ADMIN_PORT", "GATEWAY_PORT", "PREDICTIONS_PORT")
     port, admin, gateway, predictions = (_port(env, name) for name in names)
-    text = render_config(
+    try:
+        text = envoy_text(env, port, admin, gateway, predictions, run_dir)
+    except ValueError as error:
+        raise SystemExit(f"make run: {error}") from None
+    # One file per listener port, so that two stacks on other ports do not share it.
+    path = run_dir / f"envoy-{port}.yaml"
+    path.write_text(text)
+    return path
+
+
+def envoy_text(
+    env: Mapping[str, str], port: int, admin: int, gateway: int, predictions: int, run_dir: Path
+) -> str:
+    return render_config(
         port,
         admin,
         f"127.0.0.1:{gateway}",
@@ -110,11 +123,12 @@ def envoy_config(env: Mapping[str, str], run_dir: Path) -> Path:
         upstream_tls_cert=env.get("ENVOY_UPSTREAM_TLS_CERT", ""),
         upstream_tls_key=env.get("ENVOY_UPSTREAM_TLS_KEY", ""),
         jwt=JwtEdge.from_env(env),
+        # The edge's limits (ENVOY_REQUEST_TIMEOUT_SECONDS, ...: docs/configuration.md) and TLS.
+        limits=edge_limits(env),
+        tls_cert=env.get("ENVOY_TLS_CERT", ""),
+        tls_key=env.get("ENVOY_TLS_KEY", ""),
+        tls_sds_dir=str(run_dir.absolute()),
     )
-    # One file per listener port, so that two stacks on other ports do not share it.
-    path = run_dir / f"envoy-{port}.yaml"
-    path.write_text(text)
-    return path
 
 
 def predictions_env(env: dict[str, str], run_dir: Path) -> None:
@@ -151,12 +165,15 @@ def loopback_and_tls_env(env: dict[str, str]) -> None:
 def jwt_env(env: dict[str, str]) -> None:
     """With ENVOY_JWT_ISSUER set, the gateway and the predictions service trust the claims Envoy
     forwards (in ENVOY_JWT_CLAIMS_HEADER), and the predictions service maps scopes as the gateway.
-    That header must come from Envoy alone: both listen on loopback (loopback_and_tls_env)."""
+    That header must come from Envoy alone: both listen on loopback (loopback_and_tls_env), and
+    both trust exactly the header Envoy strips from clients, whatever GATEWAY_/PREDICTIONS_ say."""
     if not env.get("ENVOY_JWT_ISSUER"):
         return
     header = JwtEdge.from_env(env).claims_header
-    env.setdefault("GATEWAY_JWT_CLAIMS_HEADER", header)
-    for setting in ("JWT_CLAIMS_HEADER", "JWT_SCOPE_CLAIM", "JWT_SCOPE_MAP"):
+    # Another name would be a header no one strips: a client could send forged claims in it.
+    env["GATEWAY_JWT_CLAIMS_HEADER"] = header
+    env["PREDICTIONS_JWT_CLAIMS_HEADER"] = header
+    for setting in ("JWT_SCOPE_CLAIM", "JWT_SCOPE_MAP"):
         if env.get(f"GATEWAY_{setting}"):
             env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
 
@@ -210,7 +227,14 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
             skipped.append(f"envoy ({DESCRIPTOR.relative_to(ROOT)} is missing: run `make descriptor`)")
         else:
             env["ENVOY_CONFIG"] = str(config)
-            tiers.append(Tier("envoy", commands["envoy"], int(env["ENVOY_PORT"]), "http"))
+            # With TLS the listener is HTTPS: Envoy's readiness is asked on its admin port.
+            edge_tls = bool(env.get("ENVOY_TLS_CERT"))
+            port = int(env["ENVOY_ADMIN_PORT"] if edge_tls else env["ENVOY_PORT"])
+            tiers.append(
+                Tier(
+                    "envoy", commands["envoy"], port, "http", health_path="/ready" if edge_tls else "/healthz"
+                )
+            )
     if "playground" in commands:
         if not (root / PLAYGROUND_APP).is_file():
             skipped.append(f"playground ({PLAYGROUND_APP} does not exist yet)")
@@ -381,8 +405,9 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
     if "playground" in names:
         lines.append(f"  Playground (browser)       http://localhost:{env['PLAYGROUND_PORT']}")
     if "envoy" in names:
-        lines.append(f"  REST, OpenAI API and gRPC  http://localhost:{env['ENVOY_PORT']}   (Envoy)")
-        docs = f"http://localhost:{env['ENVOY_PORT']}"
+        scheme = "https" if env.get("ENVOY_TLS_CERT") else "http"
+        lines.append(f"  REST, OpenAI API and gRPC  {scheme}://localhost:{env['ENVOY_PORT']}   (Envoy)")
+        docs = f"{scheme}://localhost:{env['ENVOY_PORT']}"
         lines.append(f"  API docs                   {docs}/docs   (ReDoc: /redoc, OpenAPI: /openapi.json)")
         lines.append(f"  Envoy admin                http://127.0.0.1:{env['ENVOY_ADMIN_PORT']}")
     for tier in plan.tiers:

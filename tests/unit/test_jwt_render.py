@@ -46,9 +46,11 @@ def test_without_an_issuer_the_header_is_still_stripped_and_no_jwt_filter_runs()
 def test_a_file_jwks_provider_verifies_bearer_jwts_only(tmp_path: Path) -> None:
     edge = JwtEdge("https://issuer.test", "inference, other", jwks(tmp_path), clock_skew_seconds=30)
     text = render_config(1, 2, "gateway:50051", Path("/x.pb"), jwt=edge)
-    assert names(text)[:3] == [
+    # Verified before the body is buffered, read by the Lua filter or transcoded.
+    assert names(text)[:4] == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.lua",
     ]
     config = manager(text)["http_filters"][1]["typed_config"]

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from services.common import tls
-from tools.run import PLAYGROUND_APP, ROOT, Plan, Tier, banner, make_plan
+from tools.run import PLAYGROUND_APP, ROOT, Plan, Tier, banner, jwt_env, make_plan
 
 
 def plan_for(root: Path, run_dir: Path, procfile: str = "", **environ: str) -> Plan:
@@ -152,3 +152,18 @@ def test_stack_tls_files_put_every_tier_and_envoy_on_mutual_tls(tmp_path: Path) 
     assert probes["gateway"] == tls.TlsFiles(f"{pki}/ca.pem", f"{pki}/gateway.crt", f"{pki}/tier.key")
     text = banner(plan, 1.0, "model")
     assert f"grpcurl -cacert {pki}/ca.pem -cert {pki}/gateway.crt -key {pki}/tier.key" in text
+
+
+def test_the_tiers_trust_only_the_claims_header_envoy_strips(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    environ = {
+        "ENVOY_JWT_ISSUER": "https://issuer.example",
+        "ENVOY_JWT_AUDIENCES": "inference",
+        "ENVOY_JWT_JWKS_FILE": str(jwks),
+        "GATEWAY_JWT_CLAIMS_HEADER": "x-claims",
+        "PREDICTIONS_JWT_CLAIMS_HEADER": "x-other",
+    }
+    env = dict(environ)
+    jwt_env(env)
+    assert env["GATEWAY_JWT_CLAIMS_HEADER"] == env["PREDICTIONS_JWT_CLAIMS_HEADER"] == "x-jwt-payload"

@@ -11,17 +11,22 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 import httpx2
 import pytest
-from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from inference.v1 import common_pb2, embedding_pb2, generation_pb2, generation_pb2_grpc
 
+from services.common.interceptors import Context
+from services.gateway.backends import Backend, Backends, ResponseCache
 from tests.fixtures_gateway import EnvoyService, descriptor_for_envoy, start_envoy, start_gateway
 from tests.reliability.figures import report
 from tests.reliability.replicas_stack import ModelReplica
-from tests.stack import ServiceProcess
+from tests.stack import ServiceProcess, free_port
 
 REST_STREAM_CLIENTS = 4
 GRPC_STREAM_CLIENTS = 1
@@ -31,6 +36,9 @@ MAX_NEW_TOKENS = 32
 # A request that takes longer than this counts as hung (a stream here takes a few seconds).
 REQUEST_TIMEOUT_S = 60.0
 REJOIN_LIMIT_S = 5.0
+# The in-process replica is down this long, then back (and SERVING) at once.
+OUTAGE_S = 20.0
+FAST_REJOIN_LIMIT_S = 2.0
 UNAVAILABLE = 14
 
 
@@ -281,3 +289,92 @@ async def test_losing_a_replica_fails_no_new_request_and_it_rejoins(replica_stac
     assert all(outcome.result in ("ok", "cut-unavailable") for outcome in before), before
     assert cut and cut == cut_unavailable, cut
     assert max(rejoined) <= REJOIN_LIMIT_S, rejoined
+
+
+class CountingEmbedder:
+    """A replica that starts in milliseconds: it counts the Embed calls it answered."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def embed(
+        self, request: embedding_pb2.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> embedding_pb2.EmbedResponse:
+        self.calls += 1
+        return embedding_pb2.EmbedResponse(model="fast")
+
+
+async def fast_replica(port: int, servicer: CountingEmbedder) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    embed = grpc.unary_unary_rpc_method_handler(
+        servicer.embed,
+        request_deserializer=embedding_pb2.EmbedRequest.FromString,
+        response_serializer=embedding_pb2.EmbedResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("inference.v1.EmbeddingService", {"Embed": embed}),)
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+class CallContext:
+    """What the gateway reads of its own caller's call: no metadata, 5 s left."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 5.0
+
+
+async def test_a_replica_back_after_a_long_outage_is_used_within_seconds() -> None:
+    """The 28 s bug: gRPC's default reconnect backoff grows to tens of seconds while a replica is
+    down, so one that comes back quickly waited for the next attempt. The gateway's own Backend
+    against two in-process replicas: one goes away for longer than that backoff needs to grow."""
+    ports = [free_port(), free_port()]
+    servicers = [CountingEmbedder(), CountingEmbedder()]
+    servers = [await fast_replica(port, servicer) for port, servicer in zip(ports, servicers, strict=True)]
+    embedder = Backend("embedder", ",".join(f"127.0.0.1:{port}" for port in ports), 3, [], False)
+    generator = Backend("generator", "127.0.0.1:1", 1, [], False)
+    backends = Backends(generator, embedder, ResponseCache(0))
+    context = cast(Context, CallContext())
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def calls() -> None:
+        while not stop.is_set():
+            try:
+                await backends.embed(embedding_pb2.EmbedRequest(), context)
+            except grpc.aio.AioRpcError as error:
+                failures.append(error.code().name)
+            await asyncio.sleep(0.02)
+
+    load = asyncio.create_task(calls())
+    try:
+        await asyncio.sleep(1.0)
+        assert all(servicer.calls for servicer in servicers), [s.calls for s in servicers]
+        await servers[0].stop(None)
+        # gRPC's defaults would be trying again only every 10-27 s by now.
+        await asyncio.sleep(OUTAGE_S)
+        servicers[0] = CountingEmbedder()
+        servers[0] = await fast_replica(ports[0], servicers[0])
+        serving = time.monotonic()
+        for _ in range(int(REJOIN_LIMIT_S * 2 / 0.02)):
+            if servicers[0].calls:
+                break
+            await asyncio.sleep(0.02)
+        rejoin = time.monotonic() - serving if servicers[0].calls else float("inf")
+    finally:
+        stop.set()
+        await load
+        await backends.close()
+        for server in servers:
+            await server.stop(None)
+    report("replica_fast_restart", outage_seconds=OUTAGE_S, rejoin_seconds=rejoin, failed_calls=len(failures))
+    assert not failures, failures
+    assert rejoin <= FAST_REJOIN_LIMIT_S, rejoin

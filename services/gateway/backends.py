@@ -30,8 +30,10 @@ from inference.v1 import (
 )
 
 from services.common import keepalive, sampling
+from services.common.errors import error_info, retry_info
 from services.common.interceptors import Context
 from services.common.methods import unary_methods
+from services.gateway.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, GatewayError
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
 from services.gateway.ratelimit import charge_tokens
 
@@ -59,6 +61,8 @@ FAILURE_COOLDOWN_S = 1.0
 WATCH_RETRY_S = 0.25
 # Pause before retrying a call on a replica that already failed it (only one replica is left).
 RETRY_BACKOFF_S = 0.05
+# The retry delay a client is told when its stream was cut by a lost replica.
+RETRY_AFTER_CUT_S = 1.0
 
 # Only these headers reach the backends; cookies, credentials, Envoy's and the proxies' headers do
 # not. Trace headers are re-created by the tracing interceptor when tracing is on.
@@ -525,6 +529,8 @@ class Backends:
                 return
             except grpc.aio.AioRpcError as error:
                 BACKEND_ERRORS.labels(method, error.code().name).inc()
+                if started and _retryable(error) and not _has_status_details(error):
+                    raise stream_cut(backend.name, error) from error
                 if started or not _retryable(error) or number + 1 >= backend.stream_attempts:
                     raise
                 backend.pool.mark_failed(replica)
@@ -633,6 +639,22 @@ class Backends:
 
 def _retryable(error: grpc.aio.AioRpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _has_status_details(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the backend itself ended the call with a google.rpc status (not a lost connection)."""
+    return any(key == STATUS_DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+
+
+def stream_cut(backend: str, error: grpc.aio.AioRpcError) -> GatewayError:
+    """UNAVAILABLE for a stream whose replica went away after sending messages, which are not
+    replayed: the client should send the request again (after the RetryInfo delay)."""
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the {backend} replica serving this stream went away ({error.details()}); "
+        "the tokens already sent are not replayed: send the request again",
+        (retry_info(RETRY_AFTER_CUT_S), error_info("REPLICA_LOST", ERROR_DOMAIN)),
+    )
 
 
 async def _next_replica(backend: Backend, tried: list[Replica], number: int) -> Replica:

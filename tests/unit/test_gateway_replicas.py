@@ -25,6 +25,7 @@ from services.gateway.backends import (
     channel_options,
     replica_channel_options,
 )
+from services.gateway.errors import GatewayError, retry_delay
 from tests.unit.fakes import eventually, within
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -244,10 +245,12 @@ async def test_a_stream_cut_after_its_first_message_ends_with_the_error_and_is_n
     for channel in stack.channels.values():
         channel.fail_with, channel.fail_after = grpc.StatusCode.UNAVAILABLE, 2
     received: list[int] = []
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
+    with pytest.raises(GatewayError) as raised:
         async for message in stack.backends.chat_stream(generation_pb2.ChatRequest(), CONTEXT):
             received.append(message.index)
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "generator replica" in raised.value.message and "send the request again" in raised.value.message
+    assert retry_delay(raised.value) == 1.0
     assert received == [0, 1]
     assert stack.calls("g1:1", "ChatStream") + stack.calls("g2:2", "ChatStream") == 1
     assert sum(channel.cancelled for channel in stack.channels.values()) >= 1

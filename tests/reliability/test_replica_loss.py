@@ -40,6 +40,8 @@ REJOIN_LIMIT_S = 5.0
 OUTAGE_S = 20.0
 FAST_REJOIN_LIMIT_S = 2.0
 UNAVAILABLE = 14
+# The gateway's message for a stream whose replica went away tells the client what to do.
+RESEND_HINT = "send the request again"
 
 
 @dataclass
@@ -132,10 +134,11 @@ class Load:
                             return Outcome("rest-stream", started, "ok")
                         event = json.loads(line.removeprefix("data: "))
                         if event.get("error"):
-                            code = event["error"].get("code")
-                            cut = (
-                                "cut-unavailable" if code == UNAVAILABLE and events else f"cut-other: {event}"
+                            error = event["error"]
+                            lost = error.get("code") == UNAVAILABLE and RESEND_HINT in error.get(
+                                "message", ""
                             )
+                            cut = "cut-unavailable" if lost and events else f"cut-other: {event}"
                             return Outcome("rest-stream", started, cut)
                         events += 1
                         if events == 1:
@@ -164,7 +167,11 @@ class Load:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return Outcome("grpc-stream", started, "hung")
-            if messages and error.code() == grpc.StatusCode.UNAVAILABLE:
+            if (
+                messages
+                and error.code() == grpc.StatusCode.UNAVAILABLE
+                and RESEND_HINT in (error.details() or "")
+            ):
                 return Outcome("grpc-stream", started, "cut-unavailable")
             prefix = "cut-other" if messages else "failed"
             return Outcome("grpc-stream", started, f"{prefix}: {error.code().name} {error.details()}")

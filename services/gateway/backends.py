@@ -1,21 +1,25 @@
-"""Channels to the backend replicas and the calls the gateway makes on them: round-robin, health-checked,
-unary calls retried on UNAVAILABLE; calls carry the client's remaining deadline and filtered metadata, and a
-stream is cancelled as soon as the client goes."""
+"""Channels to the backend replicas and the calls the gateway makes on them: round-robin over the replicas
+that are up (health-watched), unary calls and not-yet-started streams retried on UNAVAILABLE on another
+replica; calls carry the client's remaining deadline and filtered metadata, and a stream is cancelled as
+soon as the client goes."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import json
+import logging
 import socket
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
@@ -26,14 +30,39 @@ from inference.v1 import (
 )
 
 from services.common import keepalive, sampling, tls
+from services.common.errors import error_info, retry_info
 from services.common.interceptors import Context
 from services.common.methods import unary_methods
+from services.gateway.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, GatewayError
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
 from services.gateway.ratelimit import charge_tokens
 
+log = logging.getLogger(__name__)
+
 ResponseT = TypeVar("ResponseT", bound=Message)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Reconnect backoff of every channel to a replica. gRPC's defaults (1 s, growing 1.6x up to 120 s)
+# left a replica restarted after a crash unused for 28 s after it served again; with these a
+# replica that comes back is connected to within about a second.
+INITIAL_RECONNECT_BACKOFF_MS = 250
+MAX_RECONNECT_BACKOFF_MS = 1000
+# gRPC's min_reconnect_backoff_ms is the deadline of one connection attempt (default 20 s): an
+# address that swallows packets is given up on and tried again this soon.
+MIN_RECONNECT_BACKOFF_MS = 2000
+# A dns:/// target is resolved again at most this often when its addresses change (gRPC: 30 s).
+DNS_MIN_RERESOLUTION_MS = 5000
+# A replica whose call just failed with UNAVAILABLE is passed over for this long (its health watch
+# usually says why sooner), so that the retry and the next requests go to the others.
+FAILURE_COOLDOWN_S = 1.0
+# Pause before watching a replica's health again after its watch ended.
+WATCH_RETRY_S = 0.25
+# Pause before retrying a call on a replica that already failed it (only one replica is left).
+RETRY_BACKOFF_S = 0.05
+# The retry delay a client is told when its stream was cut by a lost replica.
+RETRY_AFTER_CUT_S = 1.0
 
 # Only these headers reach the backends; cookies, credentials, Envoy's and the proxies' headers do
 # not. Trace headers are re-created by the tracing interceptor when tracing is on.
@@ -98,14 +127,39 @@ def service_config(attempts: int) -> str:
     return json.dumps(config)
 
 
+def reconnect_options() -> list[tuple[str, int]]:
+    """Channel options that bring a replica back within about a second of it listening again."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", MIN_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
 def channel_options(attempts: int) -> list[tuple[str, Any]]:
+    """Options of the one channel to a name target (dns:///...): gRPC balances, health-checks and
+    retries over the addresses the name resolves to."""
     return [
         ("grpc.service_config", service_config(attempts)),
         ("grpc.enable_retries", 1 if attempts > 1 else 0),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RERESOLUTION_MS),
+        *replica_channel_options(),
+    ]
+
+
+def replica_channel_options() -> list[tuple[str, Any]]:
+    """Options of a channel to one replica (the gateway picks the replica and retries itself)."""
+    return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *reconnect_options(),
         *keepalive.client_options(),
     ]
+
+
+def is_name_target(target: str) -> bool:
+    """Whether `target` is a name or address list that gRPC resolves itself (a scheme such as dns:///)."""
+    return ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:"))
 
 
 class ResponseCache:
@@ -183,9 +237,108 @@ def _usage_tokens(response: Message) -> int:
     return 0
 
 
+# The health a replica's watch last saw: grpc.health.v1 status names, plus these two.
+UNCHECKED = "UNCHECKED"  # not known yet, or the replica serves no health service: calls decide
+UNREACHABLE = "UNREACHABLE"  # its watch broke off (the connection was lost)
+SERVING = "SERVING"
+
+StubT = TypeVar("StubT")
+ChannelFactory = Callable[[str, list[tuple[str, Any]], list[Any]], grpc.aio.Channel]
+
+
+def tls_channel_factory(files: tls.TlsFiles) -> ChannelFactory:
+    """Channels with `files`' credentials: TLS when they hold a CA, plaintext otherwise."""
+
+    def make(target: str, options: list[tuple[str, Any]], interceptors: list[Any]) -> grpc.aio.Channel:
+        return tls.aio_channel(target, files, options=options, interceptors=interceptors)
+
+    return make
+
+
+class Replica:
+    """One replica as the round-robin pick sees it: its channel, the health its watch last reported
+    and a short cool-down after a call to it failed with UNAVAILABLE."""
+
+    def __init__(self, address: str, channel: grpc.aio.Channel, watched: bool = True) -> None:
+        self.address = address
+        self.channel = channel
+        self.watched = watched
+        self.health = UNCHECKED
+        self.failed_until = 0.0
+        self._stubs: dict[type[Any], Any] = {}
+
+    def stub(self, kind: Callable[[grpc.aio.Channel], StubT]) -> StubT:
+        if kind not in self._stubs:
+            self._stubs[kind] = kind(self.channel)  # type: ignore[index]
+        stub: StubT = self._stubs[kind]  # type: ignore[index]
+        return stub
+
+    def available(self, now: float) -> bool:
+        """Serving as far as the gateway knows: health not NOT_SERVING or lost, no recent failed call,
+        and its channel not failing to connect."""
+        if self.health not in (UNCHECKED, SERVING) or now < self.failed_until:
+            return False
+        return self.channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    def failed(self, now: float) -> None:
+        self.failed_until = now + FAILURE_COOLDOWN_S
+
+    def set_health(self, health: str, backend: str = "") -> None:
+        if health != self.health:
+            log.info("%s replica %s: %s -> %s", backend or "backend", self.address, self.health, health)
+        if health == SERVING and self.health != SERVING:
+            # The replica says it serves again: take it back now, not when the cool-down ends.
+            self.failed_until = 0.0
+        self.health = health
+
+    async def watch(self, backend: str = "") -> None:
+        """Follow the replica's grpc.health.v1 status until cancelled; while the replica is down the
+        watch waits for its channel to reconnect (within the reconnect backoff)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True):
+                    self.set_health(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), backend)
+                self.set_health(UNREACHABLE, backend)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.set_health(UNCHECKED, backend)
+                    return
+                self.set_health(UNREACHABLE, backend)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+
+class ReplicaPool:
+    """Round-robin over a backend's replicas that skips the ones that are down and takes them back
+    when they serve again."""
+
+    def __init__(self, replicas: Sequence[Replica], clock: Callable[[], float] = time.monotonic) -> None:
+        if not replicas:
+            raise ValueError("a backend needs at least one replica")
+        self.replicas = list(replicas)
+        self._clock = clock
+        self._next = 0
+
+    def pick(self, avoid: Collection[Replica] = ()) -> Replica:
+        """The next available replica not in `avoid`; else the next available one; else the next not
+        in `avoid` (the gateway's view may be stale: the call will tell); else the next one."""
+        now = self._clock()
+        count = len(self.replicas)
+        order = [(self._next + step) % count for step in range(count)]
+        available = [index for index in order if self.replicas[index].available(now)]
+        fresh = [index for index in order if self.replicas[index] not in avoid]
+        choices = [index for index in available if index in fresh] or available or fresh or order
+        self._next = (choices[0] + 1) % count
+        return self.replicas[choices[0]]
+
+    def mark_failed(self, replica: Replica) -> None:
+        replica.failed(self._clock())
+
+
 class Backend:
-    """One backend kind (generator or embedder): a load-balanced channel over its replicas and one
-    direct channel per named replica for the per-replica health and statistics."""
+    """One backend kind (generator or embedder): one channel per listed replica, each watched by a
+    grpc.health.v1 Watch, and a round-robin pick over those that serve; a dns:/// target is one
+    channel that gRPC itself balances, health-checks and retries over."""
 
     def __init__(
         self,
@@ -195,27 +348,69 @@ class Backend:
         interceptors: Sequence[Any],
         tracing: bool,
         tls_files: tls.TlsFiles = tls.PLAINTEXT,
+        channel_factory: ChannelFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.target, self.replicas = grpc_target(addresses)
+        text = addresses.strip()
+        named = is_name_target(text)
+        # Each listed address gets its own channel, which resolves a host name itself (and again on
+        # reconnection), so nothing is resolved here.
+        self.replicas = [text] if named else [item.strip() for item in text.split(",") if item.strip()]
+        self.target = text if named else ",".join(self.replicas)
         self.tracing = tracing
-        options = channel_options(attempts)
-        self.channel = tls.aio_channel(
-            self.target, tls_files, options=options, interceptors=list(interceptors)
-        )
-        self.replica_channels = {
-            address: tls.aio_channel(address, tls_files, options=channel_options(1))
-            for address in self.replicas
-        }
+        if channel_factory is None:
+            channel_factory = tls_channel_factory(tls_files)
+        # Streams are retried by the gateway only (before their first message), in both modes.
+        self.stream_attempts = attempts
+        if named:
+            # The channel's own retry policy retries unary calls on the name's other addresses.
+            self.attempts = 1
+            channel = channel_factory(self.target, channel_options(attempts), list(interceptors))
+            members = [Replica(self.target, channel, watched=False)]
+        else:
+            self.attempts = attempts
+            members = [
+                Replica(address, channel_factory(address, replica_channel_options(), list(interceptors)))
+                for address in self.replicas
+            ]
+        self.pool = ReplicaPool(members, clock)
+        self.replica_channels = {replica.address: replica.channel for replica in members}
+        self._watches: list[asyncio.Task[None]] = []
+        self.watch()
+
+    def watch(self) -> None:
+        """Start the replicas' health watches (once, in the running event loop)."""
+        if self._watches:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._watches = [
+            asyncio.create_task(replica.watch(self.name), name=f"watch {self.name} {replica.address}")
+            for replica in self.pool.replicas
+            if replica.watched
+        ]
+
+    def pick(self, avoid: Collection[Replica] = ()) -> Replica:
+        self.watch()
+        return self.pool.pick(avoid)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel of the next replica in the round-robin (for calls made outside `Backends`)."""
+        return self.pick().channel
 
     def info_stubs(self) -> dict[str, info_pb2_grpc.InfoServiceAsyncStub]:
         return {
-            address: info_pb2_grpc.InfoServiceStub(channel)
-            for address, channel in self.replica_channels.items()
+            replica.address: replica.stub(info_pb2_grpc.InfoServiceStub) for replica in self.pool.replicas
         }
 
     async def close(self) -> None:
-        await self.channel.close()
+        for task in self._watches:
+            task.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
         for channel in self.replica_channels.values():
             await channel.close()
 
@@ -227,14 +422,18 @@ class Backends:
         self.generator = generator
         self.embedder = embedder
         self.cache = cache
-        self._generation = generation_pb2_grpc.GenerationServiceStub(generator.channel)
-        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(embedder.channel)
+
+    def _generation(self, replica: Replica) -> generation_pb2_grpc.GenerationServiceAsyncStub:
+        return replica.stub(generation_pb2_grpc.GenerationServiceStub)
+
+    def _embedding(self, replica: Replica) -> embedding_pb2_grpc.EmbeddingServiceAsyncStub:
+        return replica.stub(embedding_pb2_grpc.EmbeddingServiceStub)
 
     async def _unary(
         self,
         backend: Backend,
         method: str,
-        callable_: grpc.aio.UnaryUnaryMultiCallable[Any, ResponseT],
+        callable_of: Callable[[Replica], grpc.aio.UnaryUnaryMultiCallable[Any, ResponseT]],
         request: Message,
         kind: type[ResponseT],
         context: Context,
@@ -245,12 +444,13 @@ class Backends:
             if cached is not None:
                 charge_tokens(_usage_tokens(cached))
                 return cached
-        timeout, metadata = call_options(context, backend.tracing)
-        try:
-            response: ResponseT = await callable_(request, timeout=timeout, metadata=metadata)
-        except grpc.aio.AioRpcError as error:
-            BACKEND_ERRORS.labels(method, error.code().name).inc()
-            raise
+
+        async def attempt(replica: Replica) -> ResponseT:
+            timeout, metadata = call_options(context, backend.tracing)
+            reply: ResponseT = await callable_of(replica)(request, timeout=timeout, metadata=metadata)
+            return reply
+
+        response = await _with_retries(backend, backend.attempts, method, attempt)
         charge_tokens(_usage_tokens(response))
         if cacheable:
             self.cache.put(method, request, response)
@@ -262,7 +462,7 @@ class Backends:
         return await self._unary(
             self.generator,
             "Generate",
-            self._generation.Generate,
+            lambda replica: self._generation(replica).Generate,
             request,
             generation_pb2.GenerateResponse,
             context,
@@ -275,7 +475,7 @@ class Backends:
         return await self._unary(
             self.generator,
             "Chat",
-            self._generation.Chat,
+            lambda replica: self._generation(replica).Chat,
             request,
             generation_pb2.ChatResponse,
             context,
@@ -288,7 +488,7 @@ class Backends:
         return await self._unary(
             self.generator,
             "SolveMath",
-            self._generation.SolveMath,
+            lambda replica: self._generation(replica).SolveMath,
             request,
             generation_pb2.SolveMathResponse,
             context,
@@ -301,7 +501,7 @@ class Backends:
         return await self._unary(
             self.generator,
             "SolveCoding",
-            self._generation.SolveCoding,
+            lambda replica: self._generation(replica).SolveCoding,
             request,
             generation_pb2.SolveCodingResponse,
             context,
@@ -311,50 +511,80 @@ class Backends:
     async def _stream(
         self,
         method: str,
-        callable_: grpc.aio.UnaryStreamMultiCallable[Any, generation_pb2.GenerateStreamResponse],
+        callable_of: Callable[
+            [Replica], grpc.aio.UnaryStreamMultiCallable[Any, generation_pb2.GenerateStreamResponse]
+        ],
         request: Message,
         context: Context,
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        timeout, metadata = call_options(context, self.generator.tracing)
-        call = callable_(request, timeout=timeout, metadata=metadata)
-        try:
-            async for message in call:
-                if message.HasField("usage"):
-                    charge_tokens(message.usage.total_tokens)
-                yield message
-        except grpc.aio.AioRpcError as error:
-            BACKEND_ERRORS.labels(method, error.code().name).inc()
-            raise
-        finally:
-            # The client went away (CancelledError/GeneratorExit) or the stream ended: either way the
-            # backend's batch slot must be freed now, not when its deadline passes.
-            call.cancel()
+        """The replica's messages. A stream refused with UNAVAILABLE before its first message is
+        started again on another replica; one cut off after it ends with that error (never replayed)."""
+        backend = self.generator
+        tried: list[Replica] = []
+        for number in range(backend.stream_attempts):
+            replica = await _next_replica(backend, tried, number)
+            timeout, metadata = call_options(context, backend.tracing)
+            call = callable_of(replica)(request, timeout=timeout, metadata=metadata)
+            started = False
+            try:
+                async for message in call:
+                    started = True
+                    if message.HasField("usage"):
+                        charge_tokens(message.usage.total_tokens)
+                    yield message
+                return
+            except grpc.aio.AioRpcError as error:
+                BACKEND_ERRORS.labels(method, error.code().name).inc()
+                if started and _retryable(error) and not _has_status_details(error):
+                    raise stream_cut(backend.name, error) from error
+                if started or not _retryable(error) or number + 1 >= backend.stream_attempts:
+                    raise
+                backend.pool.mark_failed(replica)
+                tried.append(replica)
+            finally:
+                # The client went away (CancelledError/GeneratorExit) or the stream ended: either way the
+                # backend's batch slot must be freed now, not when its deadline passes.
+                call.cancel()
 
     def generate_stream(
         self, request: generation_pb2.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        return self._stream("GenerateStream", self._generation.GenerateStream, request, context)
+        return self._stream(
+            "GenerateStream", lambda replica: self._generation(replica).GenerateStream, request, context
+        )
 
     def chat_stream(
         self, request: generation_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        return self._stream("ChatStream", self._generation.ChatStream, request, context)
+        return self._stream(
+            "ChatStream", lambda replica: self._generation(replica).ChatStream, request, context
+        )
 
     def solve_math_stream(
         self, request: generation_pb2.SolveMathRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        return self._stream("SolveMathStream", self._generation.SolveMathStream, request, context)
+        return self._stream(
+            "SolveMathStream", lambda replica: self._generation(replica).SolveMathStream, request, context
+        )
 
     def solve_coding_stream(
         self, request: generation_pb2.SolveCodingRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        return self._stream("SolveCodingStream", self._generation.SolveCodingStream, request, context)
+        return self._stream(
+            "SolveCodingStream", lambda replica: self._generation(replica).SolveCodingStream, request, context
+        )
 
     async def embed(
         self, request: embedding_pb2.EmbedRequest, context: Context
     ) -> embedding_pb2.EmbedResponse:
         return await self._unary(
-            self.embedder, "Embed", self._embedding.Embed, request, embedding_pb2.EmbedResponse, context, True
+            self.embedder,
+            "Embed",
+            lambda replica: self._embedding(replica).Embed,
+            request,
+            embedding_pb2.EmbedResponse,
+            context,
+            True,
         )
 
     async def preload(
@@ -363,7 +593,7 @@ class Backends:
         return await self._unary(
             self.embedder,
             "PreloadModels",
-            self._embedding.PreloadModels,
+            lambda replica: self._embedding(replica).PreloadModels,
             request,
             embedding_pb2.PreloadModelsResponse,
             context,
@@ -376,7 +606,7 @@ class Backends:
         return await self._unary(
             self.embedder,
             "GetCacheStatus",
-            self._embedding.GetCacheStatus,
+            lambda replica: self._embedding(replica).GetCacheStatus,
             request,
             embedding_pb2.GetCacheStatusResponse,
             context,
@@ -389,7 +619,7 @@ class Backends:
         return await self._unary(
             self.embedder,
             "ClearCache",
-            self._embedding.ClearCache,
+            lambda replica: self._embedding(replica).ClearCache,
             request,
             embedding_pb2.ClearCacheResponse,
             context,
@@ -402,7 +632,7 @@ class Backends:
         return await self._unary(
             self.embedder,
             "GetModelCounter",
-            self._embedding.GetModelCounter,
+            lambda replica: self._embedding(replica).GetModelCounter,
             request,
             embedding_pb2.GetModelCounterResponse,
             context,
@@ -411,3 +641,51 @@ class Backends:
 
     async def close(self) -> None:
         await asyncio.gather(self.generator.close(), self.embedder.close())
+
+
+def _retryable(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _has_status_details(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the backend itself ended the call with a google.rpc status (not a lost connection)."""
+    return any(key == STATUS_DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+
+
+def stream_cut(backend: str, error: grpc.aio.AioRpcError) -> GatewayError:
+    """UNAVAILABLE for a stream whose replica went away after sending messages, which are not
+    replayed: the client should send the request again (after the RetryInfo delay)."""
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the {backend} replica serving this stream went away ({error.details()}); "
+        "the tokens already sent are not replayed: send the request again",
+        (retry_info(RETRY_AFTER_CUT_S), error_info("REPLICA_LOST", ERROR_DOMAIN)),
+    )
+
+
+async def _next_replica(backend: Backend, tried: list[Replica], number: int) -> Replica:
+    """The replica for attempt `number`: one not tried yet when any is available; a replica that
+    already failed this call (the only one left) gets a short, growing pause first."""
+    replica = backend.pick(avoid=tried)
+    if replica in tried:
+        await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (number - 1), 1.0))
+    return replica
+
+
+async def _with_retries(
+    backend: Backend, attempts: int, method: str, attempt: Callable[[Replica], Awaitable[T]]
+) -> T:
+    """`attempt` on the picked replica; after UNAVAILABLE again on another one, `attempts` in all."""
+    tried: list[Replica] = []
+    number = 0
+    while True:
+        replica = await _next_replica(backend, tried, number)
+        try:
+            return await attempt(replica)
+        except grpc.aio.AioRpcError as error:
+            BACKEND_ERRORS.labels(method, error.code().name).inc()
+            number += 1
+            if not _retryable(error) or number >= attempts:
+                raise
+            backend.pool.mark_failed(replica)
+            tried.append(replica)

@@ -70,6 +70,13 @@ class GatewayConfig:
     tracing: bool = field(
         default=True, metadata={"help": "Create spans and pass W3C trace context on to the backends."}
     )
+    shutdown_grace_s: float = field(
+        default=25.0,
+        metadata={
+            "help": "On SIGTERM, how long calls in flight may take to finish (new calls meanwhile "
+            "get UNAVAILABLE with a retry delay); below Kubernetes' 30 s kill."
+        },
+    )
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -82,3 +89,5 @@ class GatewayConfig:
             raise ValueError("--retry-attempts must be at least 1")
         if self.cache_size < 0:
             raise ValueError("--cache-size must not be negative")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"--shutdown-grace-s must not be negative, got {self.shutdown_grace_s}")

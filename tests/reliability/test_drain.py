@@ -180,6 +180,8 @@ def check_and_report(
     unclean = [o.detail for o in refused if not o.refusal_ok]
     assert not unclean, f"{tier}: 503s without Retry-After or a JSON error: {unclean[:3]}"
     assert refused, f"{tier}: no new call was refused while it drained: {[o.status for o in probes]}"
+    raw = [o.detail for o in refused if "failed to connect" in o.detail]
+    assert not raw, f"{tier}: grpc's transport error reached the client: {raw[:1]}"
     wrong = [
         (code, retry)
         for code, retry in grpc_probes

@@ -20,7 +20,8 @@ from tests.reliability.stack import Outcome, Stack, client_for, start_stack, str
 # A refusal slower than this counts as a hang.
 QUICK_S = 3.0
 GAP_PROBES = 10
-RECOVERY_S = 10.0
+# From SERVING to the first answer through Envoy, which includes generating it.
+RECOVERY_S = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def test_killed_gateway_is_a_quick_503_then_serves_again(stack: Stack) -> None:
             recovered: float | None = None
             attempts: list[tuple[float, int, str]] = []
             while time.monotonic() - serving < 60:
-                outcome = await quick(asyncio.ensure_future(unary_chat(client, stack, 2, "Say hello after.")))
+                # Not bounded by QUICK_S: on a busy machine the answer itself may take longer.
+                outcome = await unary_chat(client, stack, 2, "Say hello after.")
                 attempts.append((round(time.monotonic() - serving, 2), outcome.status, outcome.detail[:120]))
                 if outcome.status == 200:
                     recovered = time.monotonic() - serving

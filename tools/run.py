@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -426,8 +426,15 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
     return "\n".join(lines)
 
 
-def watch(plan: Plan, printer: StackPrinter, interval: float = 0.5, report_every: float = 10.0) -> None:
-    """Report progress until every tier is SERVING, then print where to go."""
+def watch(
+    plan: Plan,
+    printer: StackPrinter,
+    interval: float = 0.5,
+    report_every: float = 10.0,
+    probe_tier: Callable[[Tier], str] = probe,
+) -> None:
+    """Report progress until every tier is SERVING, print where to go, then keep reporting each
+    tier that stops serving (draining, stopped) or serves again."""
     printer.started.wait()
     start = time.monotonic()
     status = dict.fromkeys((tier.name for tier in plan.tiers), "STARTING")
@@ -436,7 +443,7 @@ def watch(plan: Plan, printer: StackPrinter, interval: float = 0.5, report_every
         for tier in plan.tiers:
             if status[tier.name] == "SERVING":
                 continue
-            now = probe(tier)
+            now = probe_tier(tier)
             if now != status[tier.name]:
                 status[tier.name] = now
                 if now == "SERVING":
@@ -456,6 +463,40 @@ def watch(plan: Plan, printer: StackPrinter, interval: float = 0.5, report_every
     ) or "default"
     if not printer.stopping.is_set():
         printer.say(banner(plan, time.monotonic() - start, model))
+    follow(plan, printer, status, probe_tier, interval * 2)
+
+
+def state_change(name: str, old: str, new: str) -> str | None:
+    """What `make run` says when a serving stack's tier goes from `old` to `new`, if anything."""
+    if new == old:
+        return None
+    if new == "SERVING":
+        return f"{name} is SERVING again"
+    if new == "NOT_SERVING":
+        return f"{name} is NOT_SERVING: draining (no new requests) or not ready"
+    if new == "UNREACHABLE":
+        return f"{name} is UNREACHABLE: stopped or restarting"
+    return f"{name} is {new}"
+
+
+def follow(
+    plan: Plan,
+    printer: StackPrinter,
+    status: dict[str, str],
+    probe_tier: Callable[[Tier], str],
+    interval: float,
+) -> None:
+    """After start-up: say whenever a tier's health changes, until `make run` stops."""
+    while not printer.stopping.wait(interval):
+        for tier in plan.tiers:
+            now = probe_tier(tier)
+            # A change seen while the stack is being stopped is the stop itself, which honcho reports.
+            if printer.stopping.is_set():
+                return
+            said = state_change(tier.name, status[tier.name], now)
+            status[tier.name] = now
+            if said is not None:
+                printer.say(said)
 
 
 def run(environ: Mapping[str, str], procfile: Path, run_dir: Path, output: IO[str]) -> int:

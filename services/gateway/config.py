@@ -72,6 +72,13 @@ class GatewayConfig:
     tracing: bool = field(
         default=True, metadata={"help": "Create spans and pass W3C trace context on to the backends."}
     )
+    shutdown_grace_s: float = field(
+        default=25.0,
+        metadata={
+            "help": "On SIGTERM, how long calls in flight may take to finish (new calls meanwhile "
+            "get UNAVAILABLE with a retry delay); below Kubernetes' 30 s kill."
+        },
+    )
     redis_url: str = field(
         default="",
         metadata={
@@ -136,6 +143,8 @@ class GatewayConfig:
         if self.cache_size < 0:
             raise ValueError("--cache-size must not be negative")
         jwt_settings(self.jwt_claims_header, self.jwt_scope_claim, self.jwt_scope_map)
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"--shutdown-grace-s must not be negative, got {self.shutdown_grace_s}")
         self.validate_redis()
 
     def validate_redis(self) -> None:

@@ -39,16 +39,37 @@ def permission_denied(message: str, scope: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.PERMISSION_DENIED, message, (info,))
 
 
+# How long a client is told to wait when a backend is unreachable or draining and said nothing
+# itself: about the time a tier takes to restart, or another replica to take over.
+BACKEND_RETRY_SECONDS = 1.0
+
+
+def unavailable(message: str, reason: str, retry_after: float = BACKEND_RETRY_SECONDS) -> GatewayError:
+    details = (retry_info(retry_after), error_info(reason, ERROR_DOMAIN))
+    return GatewayError(grpc.StatusCode.UNAVAILABLE, message, details)
+
+
 def from_backend(error: grpc.aio.AioRpcError) -> GatewayError:
-    """The backend's status as the gateway's own, keeping its google.rpc details."""
+    """The backend's status as the gateway's own, keeping its google.rpc details; an UNAVAILABLE
+    without a RetryInfo (a tier down or draining) gets one, so that clients know to retry."""
     status = _backend_status(error)
     if status is None:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            # grpc's own transport text ("failed to connect to all addresses; last error: ...")
+            # names internal addresses and says nothing a client can act on.
+            return unavailable(
+                "a backend tier is unavailable (restarting or draining); retry shortly", "BACKEND_UNAVAILABLE"
+            )
         return GatewayError(error.code(), error.details() or error.code().name)
     details: list[Message] = []
     for holder in status.details:
         detail = _unpack(holder)
         if detail is not None:
             details.append(detail)
+    if error.code() == grpc.StatusCode.UNAVAILABLE and not any(
+        isinstance(detail, error_details_pb2.RetryInfo) for detail in details
+    ):
+        details.insert(0, retry_info(BACKEND_RETRY_SECONDS))
     return GatewayError(error.code(), status.message or error.details() or error.code().name, details)
 
 

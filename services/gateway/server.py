@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,13 +27,19 @@ from prometheus_client import start_http_server
 
 from services.common import keepalive, tls
 from services.common import telemetry as common_telemetry
-from services.common.interceptors import serving_interceptor
+from services.common.interceptors import (
+    BehaviorWrapper,
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    serving_interceptor,
+)
 from services.gateway import telemetry, validation
 from services.gateway.auth import Authentication, KeyStore, jwt_settings
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import MAPPING
+from services.gateway.errors import MAPPING, unavailable
 from services.gateway.metrics import GatewayRequests, GatewayStats
 from services.gateway.ratelimit import Limiter, RateLimiter, RateLimiting, RateLimits
 from services.gateway.ratelimit_redis import RedisRateLimiter
@@ -48,12 +55,77 @@ SERVICE_NAMES = (
 )
 
 
+class Draining(BehaviorWrapper):
+    """Counts the inference calls in flight; once `start` is called, refuses new ones with
+    UNAVAILABLE and a RetryInfo (a client or Envoy retries elsewhere or later) while those in
+    flight run on."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Whether every call in flight finished within `grace` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise unavailable("the gateway is shutting down; retry shortly", "SHUTTING_DOWN")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def counted(request: Any, context: Context) -> Any:
+            self._admit()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._release()
+
+        return counted
+
+    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def counted(request: Any, context: Context) -> AsyncIterator[Any]:
+            self._admit()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                self._release()
+
+        return counted
+
+
 @dataclass
 class Gateway:
     server: grpc.aio.Server
     backends: Backends
     port: int
     limiter: Limiter | None = None
+    health: health.aio.HealthServicer | None = None
+    draining: Draining = field(default_factory=Draining)
+
+    async def drain(self, grace: float) -> bool:
+        """Report NOT_SERVING, refuse new calls and wait up to `grace` seconds for those in
+        flight; whether they all finished."""
+        self.draining.start()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        return await self.draining.wait_idle(grace)
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.server.stop(grace)
@@ -110,11 +182,14 @@ async def build(config: GatewayConfig) -> Gateway:
     # Outermost first: the span (the same interceptor as the backends') covers everything, metrics
     # see the final status, errors raised by auth and limits are mapped to a status with details.
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    draining = Draining()
     if provider is not None:
         interceptors.append(common_telemetry.tracing_interceptor(provider.get_tracer("services.gateway")))
     interceptors.append(
         serving_interceptor(
-            GatewayRequests(stats), MAPPING, policies=[Authentication(store, jwt), RateLimiting(limiter)]
+            GatewayRequests(stats),
+            MAPPING,
+            policies=[draining, Authentication(store, jwt), RateLimiting(limiter)],
         )
     )
     server = grpc.aio.server(
@@ -147,7 +222,7 @@ async def build(config: GatewayConfig) -> Gateway:
         raise RuntimeError(f"cannot listen on {address}")
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Gateway(server, backends, port, limiter)
+    return Gateway(server, backends, port, limiter, health_servicer, draining)
 
 
 async def build_limiter(config: GatewayConfig) -> Limiter:
@@ -182,5 +257,14 @@ async def serve(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("stopping")
-    await gateway.stop()
+    log.info(
+        "shutting down: NOT_SERVING, no new calls, up to %.0f s for %d in flight",
+        config.shutdown_grace_s,
+        gateway.draining.in_flight,
+    )
+    if not await gateway.drain(config.shutdown_grace_s):
+        log.warning(
+            "grace period over with %d calls still running; they are cut off", gateway.draining.in_flight
+        )
+    await gateway.stop(1.0)
+    log.info("stopped")

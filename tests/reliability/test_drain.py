@@ -1,0 +1,246 @@
+"""SIGTERM to each tier under load, one at a time, restarting it after: the work in flight
+finishes within the tier's grace, and new work meanwhile is refused at once with 503 and
+Retry-After over REST and UNAVAILABLE with a RetryInfo over gRPC, never a hang or a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
+from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+from tests.reliability.figures import report
+from tests.reliability.stack import (
+    Outcome,
+    Stack,
+    Tier,
+    client_for,
+    embed,
+    start_stack,
+    stream_chat,
+    unary_chat,
+)
+
+IN_FLIGHT = 3
+# Long enough that the streams are still running when the signal arrives.
+LONG_TOKENS = 16
+LONG_TEXT = "Count from one to one hundred in words, separated by commas."
+PROBE_TIMEOUT = 10.0
+PROBE_EVERY = 0.5
+# Generous: the machine is shared, and a slow stream must not be cut off by the grace itself.
+GRACE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    grace = str(GRACE_S)
+    started = start_stack(
+        tmp_path_factory.mktemp("drain"),
+        generator_args=("--shutdown-grace-seconds", grace),
+        embedder_args=("--shutdown-grace-s", grace),
+        gateway_args=("--shutdown-grace-s", grace),
+    )
+    yield started
+    started.stop()
+
+
+async def grpc_probe(stack: Stack, embedding: bool = False) -> tuple[grpc.StatusCode, bool] | None:
+    """One Generate (or Embed) straight to the gateway: its status and whether it carried a
+    RetryInfo; None when the gateway no longer listens."""
+    metadata = (("authorization", f"Bearer {stack.keys['user']}"),)
+    async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
+        try:
+            if embedding:
+                text = struct_pb2.Value(string_value="a probe")
+                await embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+                    embedding_pb2.EmbedRequest(input=text), metadata=metadata, timeout=PROBE_TIMEOUT
+                )
+            else:
+                request = generation_pb2.GenerateRequest(
+                    prompt="Hello", parameters=common_pb2.SamplingParameters(max_new_tokens=2)
+                )
+                await generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    request, metadata=metadata, timeout=PROBE_TIMEOUT
+                )
+        except grpc.aio.AioRpcError as error:
+            if tier_gone(error):
+                # The gateway itself has closed its port: nothing there can add a RetryInfo.
+                return None
+            return error.code(), _has_retry_info(error)
+        return grpc.StatusCode.OK, False
+
+
+def tier_gone(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details() or "").lower()
+
+
+def _has_retry_info(error: grpc.aio.AioRpcError) -> bool:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+    return False
+
+
+async def bounded(call: Awaitable[Outcome]) -> Outcome:
+    """`call`, or a status-0 outcome named "hung" when it takes longer than PROBE_TIMEOUT."""
+    try:
+        return await asyncio.wait_for(call, PROBE_TIMEOUT)
+    except TimeoutError:
+        return Outcome(0, detail="hung")
+
+
+async def drain(
+    stack: Stack,
+    tier: Tier,
+    in_flight: Callable[[httpx.AsyncClient, Callable[[], None]], Coroutine[Any, Any, Outcome]],
+    probe: Callable[[httpx.AsyncClient], Awaitable[Outcome]],
+) -> tuple[list[Outcome], list[Outcome], list[tuple[grpc.StatusCode, bool]], float]:
+    """Start IN_FLIGHT calls, SIGTERM `tier` once they run, probe with new calls until it has
+    exited (and once more after); the in-flight outcomes, the probes', the gRPC probes' and the
+    seconds from the signal to the exit."""
+    async with client_for(stack, connections=64) as client:
+        running = asyncio.Event()
+        seen = 0
+
+        def first_event() -> None:
+            nonlocal seen
+            seen += 1
+            if seen == IN_FLIGHT:
+                running.set()
+
+        work = [asyncio.create_task(in_flight(client, first_event)) for _ in range(IN_FLIGHT)]
+        await asyncio.wait_for(running.wait(), 120)
+        assert tier.process is not None
+        signalled = time.monotonic()
+        tier.process.send_signal(signal.SIGTERM)
+        probes: list[Outcome] = []
+        grpc_probes: list[tuple[grpc.StatusCode, bool]] = []
+        exited_at: float | None = None
+        while exited_at is None or len(probes) < 2:
+            await asyncio.sleep(PROBE_EVERY)
+            probes.append(await bounded(probe(client)))
+            answer = await grpc_probe(stack, embedding=tier is stack.embedder)
+            if answer is not None:
+                grpc_probes.append(answer)
+            if exited_at is None and not tier.process.alive():
+                exited_at = time.monotonic()
+            assert time.monotonic() - signalled < GRACE_S + 30, f"{tier.name} did not stop"
+        done = [await bounded(task) for task in work]
+        return done, probes, grpc_probes, exited_at - signalled
+
+
+async def restart(
+    stack: Stack, tier: Tier, probe: Callable[[httpx.AsyncClient], Awaitable[Outcome]]
+) -> float:
+    """Start `tier` again where it was; seconds from SERVING until a call through Envoy succeeds."""
+    await asyncio.to_thread(tier.start)
+    serving = time.monotonic()
+    async with client_for(stack, connections=4) as client:
+        while time.monotonic() - serving < 60:
+            outcome = await bounded(probe(client))
+            if outcome.status == 200:
+                return time.monotonic() - serving
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"nothing succeeded through Envoy 60 s after {tier.name} was SERVING again")
+
+
+def check_and_report(
+    tier: str,
+    done: list[Outcome],
+    probes: list[Outcome],
+    grpc_probes: list[tuple[grpc.StatusCode, bool]],
+    seconds: float,
+    recovered: float,
+) -> None:
+    refused = [o for o in probes if o.status == 503]
+    report(
+        "drain",
+        tier=tier,
+        in_flight_completed=sum(o.status == 200 and o.complete for o in done),
+        refused_503=len(refused),
+        grpc_unavailable=sum(code == grpc.StatusCode.UNAVAILABLE for code, _ in grpc_probes),
+        hung=sum(o.detail == "hung" for o in probes + done),
+        seconds=seconds,
+        recovered_after_s=recovered,
+    )
+    unfinished = [(o.status, o.detail) for o in done if not (o.status == 200 and o.complete)]
+    assert not unfinished, f"{tier}: work in flight did not finish: {unfinished[:3]}"
+    bad = [(o.status, o.detail) for o in probes if o.status not in (200, 503)]
+    assert not bad, f"{tier}: new work during the drain got {bad[:3]}"
+    unclean = [o.detail for o in refused if not o.refusal_ok]
+    assert not unclean, f"{tier}: 503s without Retry-After or a JSON error: {unclean[:3]}"
+    assert refused, f"{tier}: no new call was refused while it drained: {[o.status for o in probes]}"
+    raw = [o.detail for o in refused if "failed to connect" in o.detail]
+    assert not raw, f"{tier}: grpc's transport error reached the client: {raw[:1]}"
+    wrong = [
+        (code, retry)
+        for code, retry in grpc_probes
+        if code != grpc.StatusCode.OK and not (code == grpc.StatusCode.UNAVAILABLE and retry)
+    ]
+    assert not wrong, f"{tier}: gRPC calls during the drain ended {wrong[:3]}"
+    assert seconds < GRACE_S + 5, f"{tier} took {seconds:.1f}s to stop"
+
+
+def long_stream(
+    stack: Stack,
+) -> Callable[[httpx.AsyncClient, Callable[[], None]], Coroutine[Any, Any, Outcome]]:
+    def call(client: httpx.AsyncClient, started: Callable[[], None]) -> Coroutine[Any, Any, Outcome]:
+        return stream_chat(client, stack, LONG_TOKENS, LONG_TEXT, on_first_event=started)
+
+    return call
+
+
+def short_chat(stack: Stack) -> Callable[[httpx.AsyncClient], Awaitable[Outcome]]:
+    count = 0
+
+    def call(client: httpx.AsyncClient) -> Awaitable[Outcome]:
+        nonlocal count
+        count += 1
+        text = f"Say hello to probe {count}."
+        # Alternately unary and streamed: a stream refused before its first event is an HTTP 503 too.
+        if count % 2:
+            return unary_chat(client, stack, 2, text)
+        return stream_chat(client, stack, 2, text)
+
+    return call
+
+
+@pytest.mark.parametrize("name", ["generator", "gateway"])
+def test_sigterm_lets_streams_finish_and_refuses_new_work_with_retry_after(stack: Stack, name: str) -> None:
+    tier = stack.generator if name == "generator" else stack.gateway
+
+    async def case() -> None:
+        done, probes, grpc_probes, seconds = await drain(stack, tier, long_stream(stack), short_chat(stack))
+        recovered = await restart(stack, tier, short_chat(stack))
+        check_and_report(name, done, probes, grpc_probes, seconds, recovered)
+
+    asyncio.run(case())
+
+
+def test_sigterm_to_the_embedder_finishes_its_requests_and_refuses_new_ones(stack: Stack) -> None:
+    async def in_flight(client: httpx.AsyncClient, started: Callable[[], None]) -> Outcome:
+        # Many inputs, so that the requests are still being batched when the signal lands.
+        call = asyncio.ensure_future(embed(client, stack, inputs=128))
+        await asyncio.sleep(0.3)
+        started()
+        return await call
+
+    def probe(client: httpx.AsyncClient) -> Awaitable[Outcome]:
+        return embed(client, stack, inputs=2)
+
+    async def case() -> None:
+        done, probes, grpc_probes, seconds = await drain(stack, stack.embedder, in_flight, probe)
+        recovered = await restart(stack, stack.embedder, probe)
+        check_and_report("embedder", done, probes, grpc_probes, seconds, recovered)
+
+    asyncio.run(case())

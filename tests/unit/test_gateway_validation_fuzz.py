@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common import sampling
-from services.common.errors import RpcFailure
+from services.common.errors import RpcFailure, not_found
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.validation import RequestLimits
@@ -28,6 +28,8 @@ from services.predictions import tasks
 from services.predictions.records import Task
 
 FD = descriptor.FieldDescriptor
+# What a refusal's status may take: well under gRPC's default 8 KiB of metadata.
+STATUS_BYTES = 6 * 1024
 LIMITS = RequestLimits()
 FUZZ = settings(
     max_examples=200,
@@ -119,7 +121,7 @@ def _to_value(data: Any, value: struct_pb2.Value) -> None:
         value.null_value = struct_pb2.NULL_VALUE
     elif isinstance(data, bool):
         value.bool_value = data
-    elif isinstance(data, float):
+    elif isinstance(data, (int, float)):
         value.number_value = data
     elif isinstance(data, str):
         value.string_value = data
@@ -133,11 +135,16 @@ def _to_value(data: Any, value: struct_pb2.Value) -> None:
             _to_value(item, value.struct_value.fields[key])
 
 
+def to_struct(data: dict[str, Any], struct: struct_pb2.Struct) -> None:
+    """`data` into `struct`, NaN and infinities included."""
+    holder = struct_pb2.Value()
+    _to_value(data, holder)
+    struct.CopyFrom(holder.struct_value)
+
+
 def _struct(data: Any) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
-    holder = struct_pb2.Value()
-    _to_value(data if isinstance(data, dict) else {"value": data}, holder)
-    struct.CopyFrom(holder.struct_value)
+    to_struct(data if isinstance(data, dict) else {"value": data}, struct)
     return struct
 
 
@@ -284,6 +291,8 @@ def outcome(request: Message, check: Callable[[], object]) -> object | None:
         return check()
     except RpcFailure as error:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+        # The status travels in HTTP/2 trailers, which Envoy and gRPC clients limit.
+        assert len(error.to_status().SerializeToString()) < STATUS_BYTES, len(error.message)
         fields = _violations(error)
         assert fields, f"no field violation in {error}"
         known = _field_names(request.DESCRIPTOR)
@@ -301,26 +310,28 @@ TOOL = {
 }
 
 
+GENERATE = generation_pb2.GenerateRequest(prompt="hi", parameters=PARAMETERS)
+GENERATE_STREAM = generation_pb2.GenerateStreamRequest(messages=USER, stream=True)
+CHAT = json_format.ParseDict(
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]}, generation_pb2.ChatRequest()
+)
+EMBED = json_format.ParseDict({"input": ["hi", "there"]}, embedding_pb2.EmbedRequest())
+
+
 @FUZZ
-@given(fuzzed(generation_pb2.GenerateRequest(prompt="hi", parameters=PARAMETERS)))
+@given(fuzzed(GENERATE))
 def test_generate_requests(request: generation_pb2.GenerateRequest) -> None:
     outcome(request, lambda: validation.validate_generate(request, LIMITS))
 
 
 @FUZZ
-@given(fuzzed(generation_pb2.GenerateStreamRequest(messages=USER, stream=True)))
+@given(fuzzed(GENERATE_STREAM))
 def test_generate_stream_requests(request: generation_pb2.GenerateStreamRequest) -> None:
     outcome(request, lambda: validation.validate_generate(request, LIMITS))
 
 
 @FUZZ
-@given(
-    fuzzed(
-        json_format.ParseDict(
-            {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]}, generation_pb2.ChatRequest()
-        )
-    )
-)
+@given(fuzzed(CHAT))
 def test_chat_requests(request: generation_pb2.ChatRequest) -> None:
     outcome(request, lambda: validation.validate_chat(request, LIMITS))
 
@@ -337,7 +348,7 @@ def test_solve_requests(request: generation_pb2.SolveMathRequest | generation_pb
 
 
 @FUZZ
-@given(fuzzed(json_format.ParseDict({"input": ["hi", "there"]}, embedding_pb2.EmbedRequest())))
+@given(fuzzed(EMBED))
 def test_embed_requests(request: embedding_pb2.EmbedRequest) -> None:
     outcome(request, lambda: validation.validate_embed(request, LIMITS))
 
@@ -403,8 +414,11 @@ def _completion(request: openai_pb2.CreateCompletionRequest) -> object:
     return natives
 
 
+COMPLETION = openai_pb2.CreateCompletionRequest(model="m", prompt=struct_pb2.Value(string_value="hi"))
+
+
 @FUZZ
-@given(fuzzed(openai_pb2.CreateCompletionRequest(model="m", prompt=struct_pb2.Value(string_value="hi"))))
+@given(fuzzed(COMPLETION))
 def test_completion_requests(request: openai_pb2.CreateCompletionRequest) -> None:
     outcome(request, lambda: _completion(request))
 
@@ -416,8 +430,11 @@ def _openai_embedding(request: openai_pb2.CreateEmbeddingRequest) -> object:
     return native
 
 
+OPENAI_EMBEDDING = openai_pb2.CreateEmbeddingRequest(model="m", input=struct_pb2.Value(string_value="hi"))
+
+
 @FUZZ
-@given(fuzzed(openai_pb2.CreateEmbeddingRequest(model="m", input=struct_pb2.Value(string_value="hi"))))
+@given(fuzzed(OPENAI_EMBEDDING))
 def test_openai_embedding_requests(request: openai_pb2.CreateEmbeddingRequest) -> None:
     outcome(request, lambda: _openai_embedding(request))
 
@@ -519,3 +536,20 @@ def test_non_finite_openai_fields_are_refused_by_name() -> None:
         "response_format.json_schema.schema.maxItems",
         "tools[0].function.parameters.x[0]",
     ]
+
+
+def test_a_refusal_quoting_a_huge_value_stays_small() -> None:
+    """Regression (fuzzing over gRPC): a role of 100 001 characters was quoted whole in the
+    status, whose trailers Envoy then refused (a 503 "protocol error")."""
+    huge = "x" * (LIMITS.max_prompt_chars + 1)
+    request = generation_pb2.ChatRequest(
+        messages=[common_pb2.ChatMessage(role=huge, content=huge) for _ in range(20)]
+    )
+    with pytest.raises(RpcFailure) as caught:
+        validation.validate_chat(request, LIMITS)
+    assert len(caught.value.to_status().SerializeToString()) < STATUS_BYTES
+    assert caught.value.message.startswith("messages[0].role: must be one of")
+    assert caught.value.message.endswith("more")
+    assert _violations(caught.value)[:2] == ["messages[0].role", "messages[0].content"]
+    refused = not_found("model", huge, ["m"])
+    assert len(refused.to_status().SerializeToString()) < STATUS_BYTES

@@ -18,14 +18,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import schemathesis
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inference.v1 import (
+    embedding_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    info_pb2,
+    info_pb2_grpc,
+    openai_pb2_grpc,
+    predictions_pb2,
+    predictions_pb2_grpc,
+)
 
 from tests.fixtures_predictions import PredictionsStack
 from tests.reliability.figures import report
+from tests.unit import test_gateway_validation_fuzz as fuzz
 
 EXAMPLES_PER_OPERATION = 10
 RAW_EXAMPLES_PER_ROUTE = 30
@@ -60,6 +73,7 @@ class Tally:
     """What the fuzzing saw; `problems` holds one line per bad answer."""
 
     statuses: Counter[int] = field(default_factory=Counter)
+    grpc_codes: Counter[str] = field(default_factory=Counter)
     operations: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
 
@@ -70,6 +84,10 @@ class Tally:
     @property
     def server_errors(self) -> int:
         return sum(count for status, count in self.statuses.items() if status >= 500)
+
+    @property
+    def grpc_failures(self) -> int:
+        return sum(self.grpc_codes[code.name] for code in FAILING_CODES)
 
 
 def capped(value: Any) -> Any:
@@ -152,6 +170,8 @@ def tally() -> Iterator[Tally]:
         "fuzz",
         operations=len(seen.operations),
         requests=seen.requests,
+        grpc_requests=sum(seen.grpc_codes.values()),
+        grpc_internal_or_unavailable=seen.grpc_failures,
         status_5xx=seen.server_errors,
         non_json_4xx=sum(1 for line in seen.problems if line.startswith("4xx")),
         status_4xx=sum(count for status, count in seen.statuses.items() if 400 <= status < 500),
@@ -317,3 +337,102 @@ def test_unknown_escaped_keys_are_named_in_utf8(stack: PredictionsStack, key: st
     error = json.loads(reply.content.decode("utf-8"))
     fields = [v["field"] for detail in error["details"] for v in detail.get("field_violations", [])]
     assert fields == [named], error
+
+
+# Native gRPC through Envoy's listener: the unit fuzzer's messages, sent for real.
+FAILING_CODES = {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNAVAILABLE,
+}
+GRPC_EXAMPLES_PER_METHOD = 20
+
+
+def cheap_message(request: Message) -> Message:
+    """`request` with its token counts and alternatives capped (CAPS), and a small token limit
+    where it sets none, as `cheap` does for JSON."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "parameters" in fields:
+        parameters: Any = request.parameters  # type: ignore[attr-defined]
+        limits = ("max_new_tokens", "max_tokens")
+        if not any(parameters.HasField(name) for name in limits):
+            parameters.max_new_tokens = CAPS["max_new_tokens"]
+        for name in (*limits, "num_return_sequences", "num_beams"):
+            if parameters.HasField(name) and getattr(parameters, name) > CAPS[name]:
+                setattr(parameters, name, CAPS[name])
+    if "max_tokens" in fields:
+        limits = ("max_tokens", "max_completion_tokens")
+        if not any(name in fields and request.HasField(name) for name in limits):
+            request.max_tokens = CAPS["max_tokens"]  # type: ignore[attr-defined]
+        for name in (*limits, "n"):
+            if name in fields and request.HasField(name) and getattr(request, name) > CAPS[name]:
+                setattr(request, name, CAPS[name])
+    return request
+
+
+def fuzz_method(
+    name: str, call: Any, strategy: st.SearchStrategy[Message], metadata: Any, tally: Tally
+) -> None:
+    """GRPC_EXAMPLES_PER_METHOD messages to one RPC; a status of FAILING_CODES is a problem."""
+
+    @settings(FUZZED, max_examples=GRPC_EXAMPLES_PER_METHOD)
+    @given(strategy)
+    def send(request: Message) -> None:
+        request = cheap_message(request)
+        try:
+            reply = call(request, metadata=metadata, timeout=60)
+            for _ in reply if hasattr(reply, "__iter__") and not isinstance(reply, Message) else ():
+                pass
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+            details = error.details()
+            if code in FAILING_CODES:
+                tally.problems.append(f"gRPC {name} -> {code.name} {details!r} (sent {str(request)[:300]!r})")
+        tally.grpc_codes[code.name] += 1
+
+    send()
+
+
+def test_native_grpc_messages(stack: PredictionsStack, tally: Tally) -> None:
+    """The unit fuzzer's requests over native gRPC through Envoy: never INTERNAL, UNKNOWN or
+    UNAVAILABLE; a bad request is INVALID_ARGUMENT (or another 4xx-like status)."""
+    before = len(tally.problems)
+    metadata = stack.gateway.metadata("user")
+    with grpc.insecure_channel(stack.grpc_address) as channel:
+        generation = generation_pb2_grpc.GenerationServiceStub(channel)
+        embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        openai = openai_pb2_grpc.OpenAIServiceStub(channel)
+        predictions = predictions_pb2_grpc.PredictionServiceStub(channel)
+        served = info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
+            info_pb2.ListServedModelsRequest(), metadata=metadata, timeout=30
+        )
+        models = [*sorted(model.id for model in served.models), "nope"]
+        methods: list[tuple[str, Any, st.SearchStrategy[Any]]] = [
+            ("Generate", generation.Generate, fuzz.fuzzed(fuzz.GENERATE)),
+            ("GenerateStream", generation.GenerateStream, fuzz.fuzzed(fuzz.GENERATE_STREAM)),
+            ("Chat", generation.Chat, fuzz.fuzzed(fuzz.CHAT)),
+            ("SolveMath", generation.SolveMath, fuzz.fuzzed(generation_pb2.SolveMathRequest(problem="1+1"))),
+            ("Embed", embedding.Embed, fuzz.fuzzed(fuzz.EMBED)),
+            ("CreateChatCompletion", openai.CreateChatCompletion, fuzz.fuzzed(fuzz.CHAT_COMPLETION)),
+            ("CreateCompletion", openai.CreateCompletion, fuzz.fuzzed(fuzz.COMPLETION)),
+            ("CreateEmbedding", openai.CreateEmbedding, fuzz.fuzzed(fuzz.OPENAI_EMBEDDING)),
+            ("CreatePrediction", predictions.CreatePrediction, prediction_requests(models)),
+        ]
+        for name, call, strategy in methods:
+            tally.operations.add(f"gRPC {name}")
+            fuzz_method(name, call, strategy, metadata, tally)
+    assert tally.problems[before:] == [], "\n".join(tally.problems[before:][:20])
+
+
+def prediction_requests(models: list[str]) -> st.SearchStrategy[predictions_pb2.CreatePredictionRequest]:
+    """CreatePrediction requests for a served model (or none) with the unit fuzzer's inputs."""
+
+    def build(model: str, case: tuple[str, dict[str, Any]]) -> predictions_pb2.CreatePredictionRequest:
+        request = predictions_pb2.CreatePredictionRequest(model=model)
+        fuzz.to_struct(cheap("/v1/predictions", {"input": case[1]})["input"], request.input)
+        return request
+
+    return st.builds(build, st.sampled_from(models), fuzz.prediction_inputs())

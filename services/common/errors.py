@@ -62,25 +62,47 @@ class FailureMapping:
         return None
 
 
+# Bounds on what a refusal repeats of the request. Its status travels in HTTP/2 trailers
+# (grpc-message and grpc-status-details-bin), which Envoy (60 KiB) and gRPC clients limit: a
+# description quoting a 100 kB value made Envoy reset the reply ("protocol error", a 503).
+MAX_LISTED_VIOLATIONS = 8
+MAX_FIELD_CHARS = 100
+MAX_DESCRIPTION_CHARS = 300
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with an ellipsis when longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:
-    """INVALID_ARGUMENT naming every bad field and why, with a BadRequest detail."""
+    """INVALID_ARGUMENT naming every bad field and why (the first MAX_LISTED_VIOLATIONS, each
+    clipped), with a BadRequest detail."""
+    listed = [
+        (clip(name, MAX_FIELD_CHARS), clip(why, MAX_DESCRIPTION_CHARS))
+        for name, why in violations[:MAX_LISTED_VIOLATIONS]
+    ]
     request = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
-            for name, why in violations
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=why) for name, why in listed
         ]
     )
-    message = "; ".join(f"{name}: {why}" for name, why in violations)
-    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message, (request,))
+    message = "; ".join(f"{name}: {why}" for name, why in listed)
+    if len(violations) > len(listed):
+        message += f"; and {len(violations) - len(listed)} more"
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, clip(message, MAX_MESSAGE_CHARS), (request,))
 
 
 def not_found(what: str, name: str, known: Sequence[str] = ()) -> RpcFailure:
     """NOT_FOUND for the `what` called `name`, listing the `known` ones, with a ResourceInfo."""
+    name = clip(name, MAX_DESCRIPTION_CHARS)
     hint = f" (available: {', '.join(known)})" if known else ""
     info = error_details_pb2.ResourceInfo(
         resource_type=what, resource_name=name, description=f"unknown {what}"
     )
-    return RpcFailure(grpc.StatusCode.NOT_FOUND, f"{what} {name!r} not found{hint}", (info,))
+    message = clip(f"{what} {name!r} not found{hint}", MAX_MESSAGE_CHARS)
+    return RpcFailure(grpc.StatusCode.NOT_FOUND, message, (info,))
 
 
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:

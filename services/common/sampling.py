@@ -73,9 +73,33 @@ def constraint_of(p: common_pb2.SamplingParameters) -> Constraint | None:
     return None
 
 
+def non_finite(value: struct_pb2.Value | struct_pb2.Struct | struct_pb2.ListValue, path: str) -> list[str]:
+    """The paths of the NaN and infinite numbers in a JSON value: a gRPC client can send them,
+    but JSON has no such numbers, so json_format cannot print them (it raises ValueError)."""
+    if isinstance(value, struct_pb2.Struct):
+        return [bad for key, item in value.fields.items() for bad in non_finite(item, f"{path}.{key}")]
+    if isinstance(value, struct_pb2.ListValue):
+        return [bad for i, item in enumerate(value.values) for bad in non_finite(item, f"{path}[{i}]")]
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return [] if math.isfinite(value.number_value) else [path]
+    if kind == "struct_value":
+        return non_finite(value.struct_value, path)
+    if kind == "list_value":
+        return non_finite(value.list_value, path)
+    return []
+
+
+NON_FINITE = "must be a finite number (JSON has no NaN or Infinity)"
+
+
 def _constraint_wire_violations(p: common_pb2.SamplingParameters) -> list[tuple[str, str]]:
     kind = p.WhichOneof("constraint")
     field = f"{FIELD}.{kind}"
+    if kind in ("json_schema", "choice"):
+        bad = [(path, NON_FINITE) for path in non_finite(getattr(p, kind), field)]
+        if bad:
+            return bad
     if kind == "choice":
         items = p.choice.values
         if not items:
@@ -319,6 +343,8 @@ def violations(
     """(field path, problem) of every knob on the wire that is unreadable, contradicts its alias
     or is outside its range; a problem is named by the field the client sent."""
     wire = wire_violations(parameters)
+    if any(problem == NON_FINITE for _, problem in wire):
+        return wire  # the constraint cannot be read, so its ranges cannot be checked
     # An absent max_new_tokens means the server's default, which is never out of range.
     ranges = params_violations(from_proto(parameters, default_max_new_tokens=1), limits)
     return wire + [(_sent_name(parameters, path), problem) for path, problem in ranges]

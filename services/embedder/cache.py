@@ -127,7 +127,11 @@ class ModelCache:
         if name in self._default_aliases:
             return self._spec(s.default_name, s.default_source)
         folder = Path(name).expanduser()
-        if folder.is_dir():
+        try:
+            is_folder = folder.is_dir()
+        except OSError as error:  # e.g. a name too long for a path: no folder, and no model id either
+            raise ModelNotFound(name, f"not a folder and not a valid model id ({error.strerror})") from None
+        if is_folder:
             real = folder.resolve()
             self._check_allowed(name, real)
             if not ((real / "modules.json").is_file() or (real / "config.json").is_file()):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common import sampling
@@ -96,6 +97,35 @@ def _plain(value: struct_pb2.Value) -> Any:
     return None
 
 
+_JSON_TYPES = ("google.protobuf.Value", "google.protobuf.Struct", "google.protobuf.ListValue")
+
+
+def _non_finite(message: Message, prefix: str = "") -> list[str]:
+    """The paths of the NaN and infinite numbers in every JSON field of `message`, at any depth."""
+    found: list[str] = []
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        path = f"{prefix}{field.name}"
+        items = list(enumerate(value)) if field.is_repeated else [(None, value)]
+        for index, item in items:
+            at = path if index is None else f"{path}[{index}]"
+            if field.message_type.full_name in _JSON_TYPES:
+                found.extend(sampling.non_finite(item, at))
+            else:
+                found.extend(_non_finite(item, f"{at}."))
+    return found
+
+
+def refuse_non_finite(request: Message) -> None:
+    """Refuses NaN and infinities in the request's JSON fields before anything prints them as
+    JSON (json_format raises on them); each one is named by its path."""
+    out = Violations()
+    for path in _non_finite(request):
+        out.add(path, sampling.NON_FINITE)
+    out.raise_if_any()
+
+
 def _messages(
     messages: Iterable[common_pb2.ChatMessage | Any], limits: RequestLimits, out: Violations
 ) -> None:
@@ -118,6 +148,7 @@ def _sampling(parameters: common_pb2.SamplingParameters, limits: RequestLimits, 
 def validate_generate(
     request: generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest, limits: RequestLimits
 ) -> None:
+    refuse_non_finite(request)
     out = Violations()
     if request.prompt and len(request.messages) > 0:
         out.add("prompt", "set either prompt or messages, not both")
@@ -131,6 +162,7 @@ def validate_generate(
 
 
 def validate_chat(request: generation_pb2.ChatRequest, limits: RequestLimits) -> None:
+    refuse_non_finite(request)
     out = Violations()
     if len(request.messages) == 0:
         out.add("messages", "must not be empty")
@@ -144,6 +176,7 @@ def validate_chat(request: generation_pb2.ChatRequest, limits: RequestLimits) ->
 def validate_solve(
     request: generation_pb2.SolveMathRequest | generation_pb2.SolveCodingRequest, limits: RequestLimits
 ) -> None:
+    refuse_non_finite(request)
     out = Violations()
     out.text("problem", request.problem, limits.max_prompt_chars)
     if isinstance(request, generation_pb2.SolveCodingRequest) and len(request.language) > 32:
@@ -186,6 +219,7 @@ def _token_ids(items: list[Any], field: str, out: Violations) -> None:
 
 
 def validate_embed(request: embedding_pb2.EmbedRequest, limits: RequestLimits) -> None:
+    refuse_non_finite(request)
     out = Violations()
     embedding_inputs(request.input, "input", limits, out)
     out.int_range("dimensions", request.dimensions if request.HasField("dimensions") else None, 1, 65536)
@@ -330,6 +364,7 @@ def validate_chat_completion(
     request: openai_pb2.CreateChatCompletionRequest, limits: RequestLimits
 ) -> openai_compat.ChatPlan:
     """Checks the request; returns (role, text) of each message and how tools are used."""
+    refuse_non_finite(request)
     out = Violations()
     _openai_sampling(request, limits, out)
     _response_format(request, out)
@@ -355,6 +390,7 @@ def validate_chat_completion(
 
 def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: RequestLimits) -> list[str]:
     """Checks the request; returns its prompts."""
+    refuse_non_finite(request)
     out = Violations()
     _openai_sampling(request, limits, out)
     _response_format(request, out)
@@ -377,6 +413,7 @@ def validate_completion(request: openai_pb2.CreateCompletionRequest, limits: Req
 
 
 def validate_openai_embedding(request: openai_pb2.CreateEmbeddingRequest, limits: RequestLimits) -> None:
+    refuse_non_finite(request)
     out = Violations()
     embedding_inputs(request.input, "input", limits, out)
     if request.encoding_format not in ("", "float", "base64"):

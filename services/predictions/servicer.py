@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import grpc
 import grpc.aio
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
+from google.protobuf import struct_pb2
 from inference.v1 import (
     common_pb2,
     generation_pb2,
@@ -23,7 +24,7 @@ from inference.v1 import (
     predictions_pb2_grpc,
 )
 
-from services.common import sse
+from services.common import sampling, sse
 from services.common.auth import ApiKey, current_claims, current_key
 from services.common.errors import RpcFailure, error_info
 from services.common.interceptors import Context
@@ -147,6 +148,14 @@ def deployment_violations(
     return violations
 
 
+def refuse_non_finite(structs: dict[str, struct_pb2.Struct]) -> None:
+    """Refuses NaN and infinities (a gRPC client can send them) by path, before json_format,
+    which cannot print them, turns the JSON fields into dicts."""
+    bad = [path for name, struct in structs.items() for path in sampling.non_finite(struct, name)]
+    if bad:
+        raise invalid_argument([(path, sampling.NON_FINITE) for path in bad])
+
+
 def prediction_failed(prediction: Prediction) -> RpcFailure:
     return RpcFailure(
         grpc.StatusCode.UNKNOWN,
@@ -264,6 +273,7 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         self, request: predictions_pb2.CreatePredictionRequest, context: Context
     ) -> predictions_pb2.Prediction:
         wait = prefer_wait(context.invocation_metadata() or (), self._max_wait)
+        refuse_non_finite({"input": request.input})
         violations = await self._request_violations(request)
         if violations:
             raise invalid_argument(violations)
@@ -441,6 +451,9 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
         self, request: predictions_pb2.CreateDeploymentRequest, context: Context
     ) -> predictions_pb2.Deployment:
         given = request.deployment
+        refuse_non_finite(
+            {"deployment.defaults": given.defaults, "deployment.input_schema": given.input_schema}
+        )
         schema = convert.struct_to_dict(given.input_schema) if given.HasField("input_schema") else None
         violations = deployment_violations("deployment.", given.name, given.model, given.task, schema)
         if violations:
@@ -482,6 +495,7 @@ class PredictionServicer(predictions_pb2_grpc.PredictionServiceServicer):
     async def UpdateDeployment(
         self, request: predictions_pb2.UpdateDeploymentRequest, context: Context
     ) -> predictions_pb2.Deployment:
+        refuse_non_finite({"defaults": request.defaults, "input_schema": request.input_schema})
         changes: dict[str, Any] = {}
         for name in ("model", "task", "version", "description"):
             if request.HasField(name):

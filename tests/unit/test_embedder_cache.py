@@ -200,3 +200,11 @@ async def test_names_outside_the_allowed_list_are_not_found(folders: dict[str, s
         await within(cache.get(folders["b"]))
     with pytest.raises(ModelNotFound, match="no such folder"):
         await within(cache.get("./missing"))
+
+
+async def test_a_name_too_long_for_a_path_is_not_found(folders: dict[str, str]) -> None:
+    """Regression (fuzzing): Path.is_dir raised ENAMETOOLONG for a long model name, an INTERNAL
+    error instead of NOT_FOUND."""
+    cache = ModelCache(settings(folders["default"]), Loader())
+    with pytest.raises(ModelNotFound, match="not a valid model id"):
+        await cache.get("é" * 300)

@@ -784,3 +784,21 @@ def test_a_full_queue_maps_to_resource_exhausted_with_retry_info() -> None:
     assert "100" in mapped.message
     retry = next(d for d in mapped.details if isinstance(d, error_details_pb2.RetryInfo))
     assert retry.retry_delay.ToTimedelta() > timedelta(0)
+
+
+async def test_non_finite_numbers_in_json_fields_are_refused_by_path(service: Service) -> None:
+    """Regression (fuzzing): json_format cannot print NaN or infinities, so an input or a
+    deployment holding one (a gRPC client can send them) was an INTERNAL error."""
+    request = create_request()
+    request.input.fields["parameters"].struct_value.fields["temperature"].number_value = float("inf")
+    error = await failure(service.servicer.CreatePrediction(request, context()))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields_of(error) == {"input.parameters.temperature"} and not service.store.predictions
+    deployment = deployment_request(input_schema={"type": "object"})
+    deployment.deployment.defaults["top_p"] = float("nan")
+    error = await failure(service.servicer.CreateDeployment(deployment, context()))
+    assert fields_of(error) == {"deployment.defaults.top_p"}
+    update = predictions_pb2.UpdateDeploymentRequest(name="poet")
+    update.input_schema.update({"maximum": float("-inf")})
+    error = await failure(service.servicer.UpdateDeployment(update, context()))
+    assert fields_of(error) == {"input_schema.maximum"}

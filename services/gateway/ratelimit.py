@@ -94,15 +94,36 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
+# How often the local limiter drops the buckets that have refilled (seconds of its clock).
+SWEEP_SECONDS = 60.0
+
+
 class RateLimiter:
-    """The buckets in this process: each gateway limits on its own."""
+    """The buckets in this process: each gateway limits on its own. Buckets that have refilled
+    are dropped (a missing bucket is a full one), so they number the keys active lately, not
+    every identity ever seen (JWT subjects are unbounded)."""
 
     def __init__(self, default: RateLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self._default = default
         self._clock = clock
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+        self._swept = clock()
         self.rejections = 0
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self._requests) + len(self._tokens)
+
+    def sweep(self, now: float) -> None:
+        """Drop every bucket that has refilled by `now`, at most once per SWEEP_SECONDS."""
+        if now - self._swept < SWEEP_SECONDS:
+            return
+        self._swept = now
+        for table in (self._requests, self._tokens):
+            full = [name for name, b in table.items() if b.level + (now - b.updated) * b.rate >= b.capacity]
+            for name in full:
+                del table[name]
 
     def limits_for(self, key: ApiKey) -> RateLimits:
         return effective_limits(self._default, key)
@@ -110,8 +131,9 @@ class RateLimiter:
     def _bucket(
         self, table: dict[str, TokenBucket], name: str, capacity: float, per_minute: float
     ) -> TokenBucket:
-        bucket = table.get(name)
         now = self._clock()
+        self.sweep(now)
+        bucket = table.get(name)
         if bucket is None or bucket.capacity != capacity or bucket.rate != per_minute / 60.0:
             bucket = TokenBucket(capacity, per_minute / 60.0, capacity, now)
             table[name] = bucket

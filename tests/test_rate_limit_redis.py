@@ -1,10 +1,13 @@
 """One rate limit across gateways, in a real Redis (Debian's redis-server, started by the tests).
 
-The scripts first, from two limiters in this process (two gateways' worth) against the session's
-Redis; then three real gateway processes sharing one Redis: a key hammered through all three for
-~20 s is admitted at its limit once, not three times; and with Redis stopped mid-run the gateways
-keep answering on their own buckets, say so in their metrics and log, and use Redis again once it
-is back. Budget: about 90 s with the shared generator and embedder already up."""
+The scripts first, from limiters in this process (two gateways' worth) against the session's
+Redis: a shared budget, 300 checks at once queueing for the pool with no fallback, expiry by the
+current rate, an odd script answer as a store failure, no connection left by a failed build. Then
+three real gateway processes sharing one Redis at the default timeout: 150 callers hammering one
+key through all three for ~20 s are admitted at its limit once, not three times, with no fallback;
+and with Redis stopped mid-run the gateways keep answering on their own buckets, say so in their
+metrics and log, and use Redis again once it is back. Budget: about 90 s with the shared generator
+and embedder already up."""
 
 from __future__ import annotations
 

@@ -91,6 +91,10 @@ class Limiter(Protocol):
         """Charge the key for tokens a backend reported (never raises, never waits)."""
         ...
 
+    async def start(self) -> None:
+        """Reach the store, if any (called once the gateway is built; never raises)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -176,6 +180,9 @@ class RateLimiter:
         if limits.tokens_per_minute > 0 and tokens > 0:
             bucket = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
             bucket.level -= tokens
+
+    async def start(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

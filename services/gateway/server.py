@@ -148,8 +148,7 @@ async def build(config: GatewayConfig) -> Gateway:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Last: a build that failed above has opened no connection to Redis that would need closing.
-    if isinstance(limiter, RedisRateLimiter):
-        await limiter.start()
+    await limiter.start()
     return Gateway(server, backends, port, limiter)
 
 

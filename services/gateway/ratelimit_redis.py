@@ -167,13 +167,16 @@ class RedisRateLimiter:
         # with MaxConnectionsError). The semaphore is that queue, held outside the pool so that a
         # check that timed out waiting in it is told apart from one Redis did not answer. No
         # retries inside redis-py: a failed call falls back at once, and the backoff is ours.
+        # Each call is bounded as a whole (asyncio.timeout in `_call`); the pool's and sockets'
+        # own timeouts are only a backstop, long enough for `start`.
         self._slots = asyncio.Semaphore(max_connections)
+        backstop = max(timeout, START_TIMEOUT)
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            timeout=backstop,
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
             retry=Retry(NoBackoff(), 0),
             client_name="inference-gateway",
         )

@@ -1,10 +1,13 @@
 """One rate limit across gateways, in a real Redis (Debian's redis-server, started by the tests).
 
-The scripts first, from two limiters in this process (two gateways' worth) against the session's
-Redis; then three real gateway processes sharing one Redis: a key hammered through all three for
-~20 s is admitted at its limit once, not three times; and with Redis stopped mid-run the gateways
-keep answering on their own buckets, say so in their metrics and log, and use Redis again once it
-is back. Budget: about 90 s with the shared generator and embedder already up."""
+The scripts first, from limiters in this process (two gateways' worth) against the session's
+Redis: a shared budget, 300 checks at once queueing for the pool with no fallback, expiry by the
+current rate, an odd script answer as a store failure, no connection left by a failed build. Then
+three real gateway processes sharing one Redis at the default timeout: 150 callers hammering one
+key through all three for ~20 s are admitted at its limit once, not three times, with no fallback;
+and with Redis stopped mid-run the gateways keep answering on their own buckets, say so in their
+metrics and log, and use Redis again once it is back. Budget: about 90 s with the shared generator
+and embedder already up."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import secrets
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,17 +27,22 @@ import grpc
 import grpc.aio
 import pytest
 from inference.v1 import openai_pb2, openai_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.gateway.auth import ApiKey
+from services.gateway.config import GatewayConfig
 from services.gateway.errors import GatewayError, retry_delay
 from services.gateway.ratelimit import RateLimits
 from services.gateway.ratelimit_redis import RedisRateLimiter
+from services.gateway.server import build
 from tests.fixtures_gateway import start_gateway
 from tests.fixtures_redis import RedisServer
 from tests.reliability.figures import report
 from tests.stack import ServiceProcess
 
 PREFIX = "test:ratelimit:"
+# Per gateway: its Redis connections, and the callers of the shared run (50 > 16: they queue).
+POOL, CALLERS = 16, 50
 RPM, BURST = 120, 10
 RATE = RPM / 60.0
 # (name, limits): "shared" for the 20 s run, "outage" for the Redis outage, "warm" unlimited.
@@ -108,6 +117,94 @@ async def test_tokens_one_gateway_charges_are_seen_by_another(redis_server: Redi
     assert 60_000 < redis_server.client().pttl(f"{prefix}{{team-b}}:tokens") <= 71_000
 
 
+def sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"store": "redis"}) or 0.0
+
+
+async def test_a_burst_beyond_the_pool_queues_for_connections_and_never_falls_back(
+    redis_server: RedisServer,
+) -> None:
+    # The default timeout and pool (64): 300 checks at once, more than redis-py's default pool of
+    # 100 would open (it refused the 101st, and the gateway took Redis for down).
+    limiter = RedisRateLimiter(RateLimits(0, 0, 0), redis_server.url, fresh_prefix())
+    key = ApiKey("burst", "", frozenset(), requests_per_minute=6, burst=10)
+    fallbacks = sample("gateway_rate_limit_fallbacks_total")
+
+    async def check() -> bool:
+        try:
+            await limiter.acquire(key)
+            return True
+        except GatewayError:
+            return False
+
+    try:
+        await limiter.start()
+        started = time.monotonic()
+        results = await asyncio.gather(*(check() for _ in range(300)))
+        took = time.monotonic() - started
+    finally:
+        await limiter.close()
+    report(
+        "redis_burst",
+        checks=300,
+        admitted=sum(results),
+        seconds=round(took, 2),
+        pool_waits=limiter.pool_waits,
+    )
+    assert limiter.up
+    assert sample("gateway_rate_limit_fallbacks_total") == fallbacks
+    # The burst of 10, and at most one more refilled (6 a minute) while the 300 ran.
+    assert 10 <= sum(results) <= 11, sum(results)
+
+
+async def test_a_lowered_rate_keeps_the_bucket_until_it_has_refilled(redis_server: RedisServer) -> None:
+    prefix = fresh_prefix()
+    limiter = RedisRateLimiter(RateLimits(0, 0, 0), redis_server.url, prefix, timeout=2.0)
+    try:
+        await limiter.acquire(ApiKey("slowed", "", frozenset(), requests_per_minute=600, burst=1))
+        with pytest.raises(GatewayError):
+            # The key's limit lowered to 6 a minute: empty, it refills in 10 s, not 0.1 s.
+            await limiter.acquire(ApiKey("slowed", "", frozenset(), requests_per_minute=6, burst=1))
+    finally:
+        await limiter.close()
+    assert 9_000 < redis_server.client().pttl(f"{prefix}{{slowed}}:requests") <= 11_000
+
+
+async def test_an_unexpected_script_answer_falls_back_as_a_store_failure(redis_server: RedisServer) -> None:
+    limiter = RedisRateLimiter(RateLimits(0, 0, 0), redis_server.url, fresh_prefix(), timeout=2.0)
+    key = ApiKey("odd-answer", "", frozenset(), requests_per_minute=60, burst=2)
+    fallbacks = sample("gateway_rate_limit_fallbacks_total")
+    try:
+        limiter._check = limiter._client.register_script("return 1")
+        await limiter.acquire(key)  # on the local buckets, not a 500
+        await limiter.acquire(key)
+        with pytest.raises(GatewayError):
+            await limiter.acquire(key)
+    finally:
+        await limiter.close()
+    assert not limiter.up
+    assert sample("gateway_rate_limit_fallbacks_total") - fallbacks == 3
+
+
+async def test_a_gateway_that_fails_to_build_leaves_no_connection_to_redis(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    before = len(client.client_list())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config = GatewayConfig(
+            host="127.0.0.1",
+            port=taken.getsockname()[1],
+            redis_url=redis_server.url,
+            tracing=False,
+            generator_addresses="127.0.0.1:1",
+            embedder_addresses="127.0.0.1:1",
+        )
+        with pytest.raises(RuntimeError):
+            await build(config)
+    assert len(client.client_list()) == before
+
+
 # --- three gateways, one Redis ------------------------------------------------------------------
 
 
@@ -140,9 +237,10 @@ def gateways(
         redis.url,
         "--redis-key-prefix",
         PREFIX,
-        # Generous for a loaded 2-core machine: a timeout here would fall back and admit more.
-        "--redis-timeout",
-        "1.0",
+        # The default --redis-timeout (a fallback would admit more, and fails the shared run), and
+        # fewer connections than callers per gateway, so that checks queue for one.
+        "--redis-max-connections",
+        str(POOL),
         "--redis-retry-seconds",
         "0.5",
         "--tracing",
@@ -256,7 +354,8 @@ async def test_three_gateways_admit_one_keys_limit_once(gateways: Gateways) -> N
     # The first call of each gateway fetches the model list from the backends; not measured.
     await hammer(gateways.addresses, gateways.keys["warm"], 0.5, workers=1)
     before = fallbacks(gateways)
-    tally = await hammer(gateways.addresses, gateways.keys["shared"], 20.0)
+    # 150 callers at once, then each again after a pause that spares the machine's two cores.
+    tally = await hammer(gateways.addresses, gateways.keys["shared"], 20.0, workers=CALLERS, pause=0.25)
     expected = tally.expected()
     ratio = tally.total / expected
     report(
@@ -268,8 +367,10 @@ async def test_three_gateways_admit_one_keys_limit_once(gateways: Gateways) -> N
         per_gateway="/".join(str(n) for n in tally.admitted),
         seconds=round(tally.elapsed, 1),
         fallbacks=sum(fallbacks(gateways)) - sum(before),
+        callers=CALLERS * len(gateways.addresses),
     )
     assert tally.unexpected == []
+    assert fallbacks(gateways) == before, "a check fell back to the local buckets"
     assert tally.refused > 10 * tally.total, "the key was not hammered past its limit"
     assert all(n > 0 for n in tally.admitted), tally.admitted
     # Per-process buckets would admit about three times as much.

@@ -91,10 +91,17 @@ class GatewayConfig:
         metadata={"help": "Prefix of the gateway's keys in Redis (one per API key name and limit)."},
     )
     redis_timeout: float = field(
-        default=0.05,
+        default=0.25,
         metadata={
-            "help": "Seconds a Redis call (connect, or one check) may take before the gateway limits on "
-            "its own buckets."
+            "help": "Seconds one rate-limit check may take in all (waiting for a connection, "
+            "connecting, the script) before the gateway decides it on its own buckets."
+        },
+    )
+    redis_max_connections: int = field(
+        default=64,
+        metadata={
+            "help": "Most connections a gateway opens to Redis; further checks queue for one "
+            "(within --redis-timeout)."
         },
     )
     redis_retry_seconds: float = field(
@@ -158,6 +165,8 @@ class GatewayConfig:
             raise ValueError(
                 f"--redis-timeout must be more than 0 and at most 10 seconds, got {self.redis_timeout:g}"
             )
+        if not 1 <= self.redis_max_connections <= 10000:
+            raise ValueError(f"--redis-max-connections must be 1..10000, got {self.redis_max_connections}")
         if not 0 < self.redis_retry_seconds <= 300:
             raise ValueError(
                 f"--redis-retry-seconds must be more than 0 and at most 300, got {self.redis_retry_seconds:g}"

@@ -91,18 +91,43 @@ class Limiter(Protocol):
         """Charge the key for tokens a backend reported (never raises, never waits)."""
         ...
 
+    async def start(self) -> None:
+        """Reach the store, if any (called once the gateway is built; never raises)."""
+        ...
+
     async def close(self) -> None: ...
 
 
+# How often the local limiter drops the buckets that have refilled (seconds of its clock).
+SWEEP_SECONDS = 60.0
+
+
 class RateLimiter:
-    """The buckets in this process: each gateway limits on its own."""
+    """The buckets in this process: each gateway limits on its own. Buckets that have refilled
+    are dropped (a missing bucket is a full one), so they number the keys active lately, not
+    every identity ever seen (JWT subjects are unbounded)."""
 
     def __init__(self, default: RateLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self._default = default
         self._clock = clock
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+        self._swept = clock()
         self.rejections = 0
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self._requests) + len(self._tokens)
+
+    def sweep(self, now: float) -> None:
+        """Drop every bucket that has refilled by `now`, at most once per SWEEP_SECONDS."""
+        if now - self._swept < SWEEP_SECONDS:
+            return
+        self._swept = now
+        for table in (self._requests, self._tokens):
+            full = [name for name, b in table.items() if b.level + (now - b.updated) * b.rate >= b.capacity]
+            for name in full:
+                del table[name]
 
     def limits_for(self, key: ApiKey) -> RateLimits:
         return effective_limits(self._default, key)
@@ -110,8 +135,9 @@ class RateLimiter:
     def _bucket(
         self, table: dict[str, TokenBucket], name: str, capacity: float, per_minute: float
     ) -> TokenBucket:
-        bucket = table.get(name)
         now = self._clock()
+        self.sweep(now)
+        bucket = table.get(name)
         if bucket is None or bucket.capacity != capacity or bucket.rate != per_minute / 60.0:
             bucket = TokenBucket(capacity, per_minute / 60.0, capacity, now)
             table[name] = bucket
@@ -154,6 +180,9 @@ class RateLimiter:
         if limits.tokens_per_minute > 0 and tokens > 0:
             bucket = self._bucket(self._tokens, key.name, limits.tokens_per_minute, limits.tokens_per_minute)
             bucket.level -= tokens
+
+    async def start(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

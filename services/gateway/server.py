@@ -222,21 +222,27 @@ async def build(config: GatewayConfig) -> Gateway:
         raise RuntimeError(f"cannot listen on {address}")
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Last: a build that failed above has opened no connection to Redis that would need closing.
+    await limiter.start()
     return Gateway(server, backends, port, limiter, health_servicer, draining)
 
 
 async def build_limiter(config: GatewayConfig) -> Limiter:
-    """Buckets in Redis when --redis-url is set (shared by every gateway), else in this process."""
+    """Buckets in Redis when --redis-url is set (shared by every gateway; connected by its
+    `start`, which `build` calls last), else in this process."""
     default = RateLimits(
         config.default_requests_per_minute, config.default_tokens_per_minute, config.default_burst
     )
     if not config.redis_url:
         return RateLimiter(default)
-    shared = RedisRateLimiter(
-        default, config.redis_url, config.redis_key_prefix, config.redis_timeout, config.redis_retry_seconds
+    return RedisRateLimiter(
+        default,
+        config.redis_url,
+        config.redis_key_prefix,
+        config.redis_timeout,
+        config.redis_retry_seconds,
+        max_connections=config.redis_max_connections,
     )
-    await shared.start()
-    return shared
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -44,6 +44,8 @@ WARM_UP = 0.2
 # RSS may grow this much after the warm-up; open descriptors may differ by this many.
 RSS_GROWTH_LIMIT = 0.10
 FD_SLACK = 24
+PREFIX_CACHE_MIB = 16
+RESPONSE_CACHE_ENTRIES = 64
 TIERS = ("envoy", "gateway", "generator", "embedder", "predictions")
 # gRPC codes that are no failure: success, and the deliberate disconnects.
 CLEAN_CODES = {"OK", "CANCELLED", "ok", "cancelled"}
@@ -67,14 +69,18 @@ def soak_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoakStack]:
     """A stack of its own, so that its processes carry this module's load only."""
     started: list[ServiceProcess] = []
     try:
-        generator = start_generator()
+        # Bounded caches small enough to reach their bound within the warm-up (the prefix cache's
+        # 256 MiB default would fill for most of a 10-minute soak): growth after it is a leak.
+        generator = start_generator(["--prefix-cache-mib", str(PREFIX_CACHE_MIB)])
         started.append(generator.process)
         embedder = start_embedder()
         started.append(embedder.process)
         keys_file = tmp_path_factory.mktemp("soak-keys") / "keys.json"
         keys = write_key_file(keys_file)
         gateway_process, gateway_address, gateway_metrics = start_gateway(
-            generator.address, embedder.address, ("--api-keys-file", str(keys_file))
+            generator.address,
+            embedder.address,
+            ("--api-keys-file", str(keys_file), "--cache-size", str(RESPONSE_CACHE_ENTRIES)),
         )
         started.append(gateway_process)
         gateway = GatewayService(gateway_address, gateway_metrics, gateway_process, keys, keys_file)
@@ -393,6 +399,8 @@ def growth(values: list[int]) -> float:
     return (last - first) / first
 
 
+# The suite's 600 s limit per test is shorter than the soak itself.
+@pytest.mark.timeout(SOAK_SECONDS + 600)
 def test_soak_memory_and_descriptors_stay_flat_and_nothing_fails(soak_stack: SoakStack) -> None:
     processes = {tier: psutil.Process(soak_stack.processes[tier].pid) for tier in TIERS}
     before = failure_counts(soak_stack)

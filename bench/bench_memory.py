@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,6 +103,14 @@ def probes(url: str, headers: dict[str, str], model: str, embedder: str, count: 
             list(pool.map(send, range(count)))
 
 
+def envoy_heap(admin_port: int) -> tuple[float, float]:
+    """(allocated, heap size) of Envoy's allocator in MiB, from its admin /memory: what is in use,
+    and what the allocator holds from the system (in use plus freed pages it keeps)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/memory", timeout=30) as reply:
+        memory = json.load(reply)
+    return int(memory["allocated"]) / 2**20, int(memory["heap_size"]) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,17 +152,24 @@ def main() -> None:
             served = {m["task"]: m["id"] for m in client.get("/models").json()["models"]}
         print(f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
         print("round " + " ".join(f"{name:>10}" for name in watched) + "   (RSS MiB after the round)")
-        print("start " + " ".join(f"{mib(p):10.1f}" for p in watched.values()))
+        allocated, heap = envoy_heap(envoy.admin_port)
+        print(
+            "start "
+            + " ".join(f"{mib(p):10.1f}" for p in watched.values())
+            + f"   envoy allocated {allocated:.1f}, heap {heap:.1f}"
+        )
         for round_ in range(1, args.rounds + 1):
             began = time.monotonic()
             codes = big_bodies(envoy.url, headers, args.bodies)
             done, refused = asyncio.run(burst(address, gateway.metadata("user"), args.streams, args.tokens))
             probes(envoy.url, headers, served["generation"], served["embedding"], args.probes, round_)
             time.sleep(5)
+            allocated, heap = envoy_heap(envoy.admin_port)
             print(
                 f"{round_:5d} "
                 + " ".join(f"{mib(p):10.1f}" for p in watched.values())
-                + f"   bodies {sorted(set(codes))}, streams {done} done {refused} refused,"
+                + f"   envoy allocated {allocated:.1f}, heap {heap:.1f};"
+                + f" bodies {sorted(set(codes))}, streams {done} done {refused} refused,"
                 f" {time.monotonic() - began:.0f} s"
             )
     finally:

@@ -349,6 +349,13 @@ def test_info_service_reports_this_process(channel: grpc.Channel) -> None:
     assert models[0].max_sequence_length == 8192
     assert models[0].source.endswith(".gguf")
     assert models[0].dtype in ("float32", "bfloat16", "float16")  # named alike by either runtime
+    # requests_total counts the generation calls received (the warm-up is not one of them).
+    generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+        generation_pb2.GenerateRequest(
+            prompt="Hi", parameters=common_pb2.SamplingParameters(max_new_tokens=1)
+        ),
+        timeout=TIMEOUT,
+    )
     stats = info.GetStats(info_pb2.GetStatsRequest(), timeout=10).components[0]
     assert stats.requests_total > 0 and stats.generated_tokens_total > 0
 

@@ -80,7 +80,8 @@ class GeneratorConfig:
         default=32, metadata={"help": "most sequences decoded together in the running batch"}
     )
     max_waiting_requests: int = field(
-        default=128, metadata={"help": "most requests queued for a place in the batch"}
+        default=128,
+        metadata={"help": "most requests queued beyond those the batch's free rows take at the next step"},
     )
     max_total_tokens: int = field(
         default=262144,

@@ -283,7 +283,10 @@ class Request:
 
 @dataclass
 class SchedulerStats:
-    requests_total: int = 0
+    """The engine's own totals: `requests_admitted` queued by `submit`, `requests_failed` those of
+    them that failed (a failed step or prompt pass). Refusals never reach these."""
+
+    requests_admitted: int = 0
     requests_failed: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
@@ -355,6 +358,9 @@ class Engine:
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self.stats = SchedulerStats()
         self._waiting: deque[Request] = deque()
+        # Rows of the requests taken from the queue and not finished yet (event loop side: the
+        # batch's own rows change on the worker thread during a step).
+        self._rows_taken = 0
         self._reserved_tokens = 0
         self._batch = _Batch()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator-step")
@@ -493,9 +499,11 @@ class Engine:
                     )
                 ]
             )
-        if len(self._waiting) >= self.limits.max_waiting_requests:
+        queued = len(self._waiting) - self._joinable()
+        if queued >= self.limits.max_waiting_requests:
             raise OverCapacity(
-                f"{len(self._waiting)} requests already wait (limit {self.limits.max_waiting_requests})",
+                f"{queued} requests already wait for a free row of the batch "
+                f"(limit {self.limits.max_waiting_requests})",
                 self._retry_after(),
                 "WAITING_QUEUE_FULL",
             )
@@ -508,11 +516,25 @@ class Engine:
         self._reserved_tokens += request.reserved_tokens
         self._waiting.append(request)
         self._active.add(request)
-        self.stats.requests_total += 1
+        self.stats.requests_admitted += 1
         self.stats.waiting = len(self._waiting)
         metrics.WAITING.set(len(self._waiting))
         self._wake.set()
         return request
+
+    def _joinable(self) -> int:
+        """How many waiting requests, from the head, fit in the batch's free rows: they join at the
+        next step, so the waiting limit does not count them (else a burst that arrives during the
+        first step fills the queue while most of the batch stands empty)."""
+        free = self.limits.max_running_sequences - self._rows_taken
+        joinable = 0
+        for request in self._waiting:
+            rows = request.params.num_return_sequences
+            if request.params.num_beams > 1 or rows > free:
+                break
+            free -= rows
+            joinable += 1
+        return joinable
 
     def _retry_after(self) -> float:
         mean_step = self._step_time_ema or 0.05
@@ -567,7 +589,8 @@ class Engine:
     def _take_joiners(self) -> tuple[list[Request], Request | None]:
         """Waiting requests that fit in the batch now, or one beam-search request on its own."""
         joiners: list[Request] = []
-        room = self.limits.max_running_sequences - len(self._batch.rows)
+        # Finished rows leave the batch at the start of the next step, before joiners join.
+        room = self.limits.max_running_sequences - sum(not row.done for row in self._batch.rows)
         budget = self.limits.max_prefill_tokens
         while self._waiting:
             head = self._waiting[0]
@@ -579,6 +602,7 @@ class Engine:
                 if joiners:
                     break
                 self._waiting.popleft()
+                self._rows_taken += head.params.num_return_sequences
                 return [], head
             if head.params.num_return_sequences > room:
                 break
@@ -586,6 +610,7 @@ class Engine:
                 break
             self._waiting.popleft()
             joiners.append(head)
+            self._rows_taken += head.params.num_return_sequences
             room -= head.params.num_return_sequences
             budget -= len(head.prompt_ids)
         return joiners, None
@@ -666,6 +691,7 @@ class Engine:
         self._reserved_tokens -= request.reserved_tokens
         request.finished_at = time.monotonic()
         if request.admitted_at:
+            self._rows_taken -= request.params.num_return_sequences
             self.stats.prompt_tokens_total += len(request.prompt_ids)
             metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.E2E.observe(request.finished_at - request.submitted_at)
@@ -677,9 +703,10 @@ class Engine:
         request._queue.put_nowait(None)
 
     def _fail_all(self, error: Exception, extra: list[Request]) -> None:
-        self.stats.requests_failed += len(self._active)
+        """Fails the step's requests (the batch and `extra`, its joiners); the waiting ones stay."""
         for request in list(self._active):
             if request in extra or self._in_batch(request):
+                self.stats.requests_failed += 1
                 request._queue.put_nowait(RuntimeError(f"generation failed: {error}"))
                 self._finish(request)
         self._batch = _Batch()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -28,6 +28,11 @@ E2E = Histogram("generator_e2e_latency_seconds", "Submission to last token", buc
 QUEUE_TIME = Histogram(
     "generator_queue_time_seconds", "Submission to admission into the batch", buckets=_LATENCY
 )
+REJECTED = Counter(
+    "generator_requests_rejected",
+    "Generation requests refused before admission, by reason (the status code, lower case)",
+    ["reason"],
+)
 PROMPT_TOKENS = Counter("generator_prompt_tokens", "Prompt tokens of admitted requests")
 GENERATED_TOKENS = Counter("generator_generated_tokens", "Generated tokens")
 RUNNING = Gauge("generator_running_sequences", "Sequences in the running batch")
@@ -44,19 +49,51 @@ PREFIX_CACHE_HIT_TOKENS = Counter(
 )
 
 
-class GeneratorRequests:
-    """The generator's request metrics (a RequestObserver); `on_failure` counts a failed call in
-    the engine's own totals."""
+GENERATION_PREFIX = "/inference.v1.GenerationService/"
+# Codes a request ends with when it was refused before it reached the batch: invalid, over
+# capacity (waiting queue or token budget), shutting down or loading, unknown model.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
 
-    def __init__(self, on_failure: Callable[[], None]) -> None:
-        self._on_failure = on_failure
+
+@dataclass
+class RequestTally:
+    """Generation requests as the servicer received them: each one once in `received`, those
+    refused before admission in `rejected` by reason. Failures of admitted requests are the
+    engine's (`SchedulerStats.requests_failed`)."""
+
+    received: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+class GeneratorRequests:
+    """The generator's request metrics (a RequestObserver): every call by RPC and outcome, and
+    the generation calls in `tally` (received, and refused before admission by reason)."""
+
+    def __init__(self, tally: RequestTally) -> None:
+        self.tally = tally
 
     def started(self, method: str) -> None:
-        pass
+        if method.startswith(GENERATION_PREFIX):
+            self.tally.received += 1
 
     def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         rpc = rpc_name(method)
         REQUESTS.labels(rpc, code.name.lower()).inc()
         REQUEST_SECONDS.labels(rpc).observe(seconds)
-        if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-            self._on_failure()
+        if method.startswith(GENERATION_PREFIX) and code in REFUSALS:
+            reason = code.name.lower()
+            self.tally.rejected[reason] = self.tally.rejected.get(reason, 0) + 1
+            REJECTED.labels(reason).inc()

@@ -84,7 +84,7 @@ async def serve(config: GeneratorConfig) -> int:
     server = grpc.aio.server(
         interceptors=[
             *telemetry.server_interceptors("generator", config.otlp_endpoint),
-            serving_interceptor(GeneratorRequests(info.count_failure), errors.MAPPING),
+            serving_interceptor(GeneratorRequests(info.tally), errors.MAPPING),
         ],
         options=keepalive.server_options(),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ from services.generator.engine import (
     TokenEvent,
 )
 from services.generator.errors import MAPPING
+from services.generator.metrics import RequestTally
 
 FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -61,11 +62,8 @@ class ServedInfo:
     device: str = ""
     message: str = "loading the model"
     started_at: float = 0.0
-
-    def count_failure(self) -> None:
-        """Counts a failed request in the engine's totals (for GetStats) once there is an engine."""
-        if self.engine is not None:
-            self.engine.stats.requests_failed += 1
+    # Every generation call received (while loading too), and those refused before admission.
+    tally: RequestTally = field(default_factory=RequestTally)
 
 
 def sampling_params(parameters: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
@@ -416,10 +414,12 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         component = info_pb2.ComponentStats(
             component="generator", address=self._info.address, uptime_seconds=self._uptime()
         )
+        # Every generation call received; failed: admitted ones that failed (refusals are in
+        # generator_requests_rejected_total, not here).
+        component.requests_total = self._info.tally.received
         engine = self._info.engine
         if engine is not None:
             stats = engine.stats
-            component.requests_total = stats.requests_total
             component.requests_failed = stats.requests_failed
             component.requests_running = stats.running
             component.requests_waiting = stats.waiting

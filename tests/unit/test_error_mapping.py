@@ -27,7 +27,7 @@ from services.gateway import errors as gateway_errors
 from services.gateway.metrics import GatewayRequests, GatewayStats
 from services.generator import engine as generator
 from services.generator import errors as generator_errors
-from services.generator.metrics import GeneratorRequests
+from services.generator.metrics import GeneratorRequests, RequestTally
 
 GENERATE = "/inference.v1.GenerationService/Generate"
 STREAM = "/inference.v1.GenerationService/GenerateStream"
@@ -213,9 +213,9 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_the_generator_counts_by_rpc_and_outcome_and_tells_the_engine_of_failures() -> None:
-    failures: list[int] = []
-    observer = GeneratorRequests(lambda: failures.append(1))
+async def test_the_generator_counts_by_rpc_and_outcome_and_refusals_apart() -> None:
+    tally = RequestTally()
+    observer = GeneratorRequests(tally)
     labels = {"rpc": "Generate", "outcome": "unavailable"}
     before = sample("generator_requests_total", **labels)
     timed = sample("generator_request_seconds_count", rpc="Generate")
@@ -226,7 +226,8 @@ async def test_the_generator_counts_by_rpc_and_outcome_and_tells_the_engine_of_f
         await served.stub.Generate(generation_pb2.GenerateRequest(prompt="x"), timeout=10)
     assert sample("generator_requests_total", **labels) == before + 1
     assert sample("generator_request_seconds_count", rpc="Generate") == timed + 2
-    assert failures == [1]
+    # Both calls received; the refusal is a rejection, not a failure of an admitted request.
+    assert (tally.received, tally.rejected) == (2, {"unavailable": 1})
 
 
 async def test_the_embedder_counts_by_method_and_code() -> None:

@@ -1,7 +1,8 @@
 """Mutual TLS between the tiers, with certificates made here: a CA, a certificate per tier for
 localhost/127.0.0.1, and a second CA whose client certificate must be refused. The generator,
-embedder and gateway serve mutual TLS and Envoy talks to the gateway over it; a REST request
-through Envoy works, a plaintext client and a foreign CA's client are refused, and a certificate
+embedder, gateway and predictions service serve mutual TLS, the predictions runner calls the
+gateway over it and Envoy talks to the gateway and predictions over it; a REST request and a
+prediction through Envoy work, a plaintext client and a foreign CA's client are refused, and a certificate
 replaced on disk is served at the next handshake without a restart."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -142,7 +144,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, foreign = make_ca(folder, "stack-ca"), make_ca(folder, "foreign-ca")
     tiers = {
-        name: issue(ca, folder, name) for name in ("generator", "embedder", "gateway", "envoy", "client")
+        name: issue(ca, folder, name)
+        for name in ("generator", "embedder", "gateway", "predictions", "envoy", "client")
     }
     tiers["foreign"] = issue(foreign, folder, "foreign")
     return Pki(folder, ca, foreign, tiers)
@@ -157,6 +160,7 @@ class MtlsStack:
     generator_process: ServiceProcess
     embedder: str
     gateway: str
+    predictions: str
     envoy_url: str
     envoy_admin_port: int
 
@@ -192,9 +196,11 @@ def start_tier(name: str, pki: Pki, *args: str) -> tuple[ServiceProcess, str]:
     return process, f"127.0.0.1:{port}"
 
 
-def start_envoy_with_upstream_tls(gateway: str, pki: Pki, workdir: Path) -> tuple[ServiceProcess, str, int]:
-    """Envoy on free ports in front of `gateway`, on mutual TLS to it; returns it, its URL and its
-    admin port."""
+def start_envoy_with_upstream_tls(
+    gateway: str, predictions: str, pki: Pki, workdir: Path
+) -> tuple[ServiceProcess, str, int]:
+    """Envoy on free ports in front of `gateway` and `predictions`, on mutual TLS to both (its SDS
+    files beside its configuration); returns it, its URL and its admin port."""
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen, admin = free_port(), free_port()
     files = pki.files("envoy")
@@ -205,7 +211,8 @@ def start_envoy_with_upstream_tls(gateway: str, pki: Pki, workdir: Path) -> tupl
             admin,
             gateway,
             DESCRIPTOR,
-            predictions_address=f"127.0.0.1:{free_port()}",
+            predictions_address=predictions,
+            tls_sds_dir=str(workdir),
             upstream_tls_ca=files.ca,
             upstream_tls_cert=files.cert,
             upstream_tls_key=files.key,
@@ -251,21 +258,46 @@ def mtls_stack(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
         )
         processes.append(gateway)
         wait_serving(gateway, gateway_address, pki.files("gateway"), timeout=60)
+        database = tmp_path_factory.mktemp("predictions-mtls") / "predictions.db"
+        predictions, predictions_address = start_tier(
+            "predictions",
+            pki,
+            "--database-url",
+            f"sqlite+aiosqlite:///{database}",
+            "--gateway-address",
+            gateway_address,
+            "--poll-seconds",
+            "0.2",
+        )
+        processes.append(predictions)
+        wait_serving(predictions, predictions_address, pki.files("predictions"), timeout=60)
+        workdir = tmp_path_factory.mktemp("envoy-mtls")
         envoy, envoy_url, envoy_admin = start_envoy_with_upstream_tls(
-            gateway_address, pki, tmp_path_factory.mktemp("envoy-mtls")
+            gateway_address, predictions_address, pki, workdir
         )
         processes.append(envoy)
         yield MtlsStack(
-            generator_address, generator, embedder_address, gateway_address, envoy_url, envoy_admin
+            generator_address,
+            generator,
+            embedder_address,
+            gateway_address,
+            predictions_address,
+            envoy_url,
+            envoy_admin,
         )
     finally:
         for process in reversed(processes):
             process.stop(grace=10)
 
 
-def post(url: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+def post(
+    url: str, body: dict[str, object], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **(headers or {})},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
@@ -285,6 +317,33 @@ def test_a_rest_request_through_envoy_crosses_every_tier_on_mutual_tls(mtls_stac
     assert status == 200, reply
     data = reply["data"]
     assert isinstance(data, list) and len(data[0]["embedding"]) > 0
+
+
+def test_a_prediction_through_envoy_runs_on_mutual_tls(mtls_stack: MtlsStack, pki: Pki) -> None:
+    """Envoy -> predictions, and the runner's channel to the gateway, both on mutual TLS: a runner
+    on a plaintext channel would fail the prediction (the gateway refuses it)."""
+    with urllib.request.urlopen(mtls_stack.envoy_url + "/models", timeout=30) as reply:
+        models = json.loads(reply.read())["models"]
+    model = next(item["id"] for item in models if item["task"] == "generation")
+    body: dict[str, object] = {
+        "model": model,
+        "input": {"prompt": "Hello", "parameters": {"max_new_tokens": 3, "do_sample": False}},
+    }
+    status, created = post(mtls_stack.envoy_url + "/v1/predictions", body, {"prefer": "wait=60"})
+    assert status == 201, created
+    deadline = time.monotonic() + 120
+    prediction = created
+    while prediction["status"] not in ("succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, prediction
+        time.sleep(0.3)
+        url = f"{mtls_stack.envoy_url}/v1/predictions/{created['id']}"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            prediction = json.loads(reply.read())
+    assert prediction["status"] == "succeeded", prediction
+    assert isinstance(prediction["output"], dict | str | list) and prediction["output"]
+    # The predictions service itself refuses plaintext, like the other tiers.
+    assert grpc_status(mtls_stack.predictions, timeout=5) == "UNREACHABLE"
+    assert grpc_status(mtls_stack.predictions, timeout=5, tls_files=pki.files("client")) == "SERVING"
 
 
 def test_the_generator_refuses_plaintext_and_foreign_clients(mtls_stack: MtlsStack, pki: Pki) -> None:

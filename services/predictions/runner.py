@@ -184,7 +184,8 @@ class Runner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: tls.ReloadingChannel | None = None
+        self._stubs_of: grpc.aio.Channel | None = None
         self._generation: generation_pb2_grpc.GenerationServiceAsyncStub | None = None
         self._embedding: embedding_pb2_grpc.EmbeddingServiceAsyncStub | None = None
 
@@ -193,9 +194,10 @@ class Runner:
         return len(self._runs)
 
     async def start(self) -> None:
-        self._channel = tls.aio_channel(self._address, self._tls, options=CHANNEL_OPTIONS)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        # Rebuilt when the client certificate is renewed (tls.ReloadingChannel).
+        self._channel = tls.ReloadingChannel.to(
+            self._address, self._tls, "predictions -> gateway", CHANNEL_OPTIONS
+        )
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="predictions-claim"),
             asyncio.create_task(self._purge_loop(), name="predictions-purge"),
@@ -482,6 +484,12 @@ class Runner:
         prediction = run.prediction
         metadata = (*prediction.credentials.items(), ("x-request-id", prediction.id))
         timeout = self._settings.predict_timeout_seconds
+        assert self._channel is not None
+        channel = self._channel.current()
+        if channel is not self._stubs_of:
+            self._stubs_of = channel
+            self._generation = generation_pb2_grpc.GenerationServiceStub(channel)
+            self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         assert self._generation is not None and self._embedding is not None
         if prediction.task == "embed":
             response = await self._embedding.Embed(

@@ -34,9 +34,10 @@ class RecordingHealth(health.HealthServicer):  # type: ignore[misc]
         super().__init__()
 
     def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> object:
-        pem = context.auth_context().get("x509_pem_cert")
-        if pem:
-            self.serials.append(int(x509.load_pem_x509_certificate(next(iter(pem))).serial_number))
+        # grpc gives each property as a list of bytes (its stub says bytes).
+        pems: list[bytes] = list(context.auth_context().get("x509_pem_cert") or [])  # type: ignore[arg-type]
+        if pems:
+            self.serials.append(int(x509.load_pem_x509_certificate(pems[0]).serial_number))
         return super().Check(request, context)
 
 

@@ -197,13 +197,14 @@ def start_tier(name: str, pki: Pki, *args: str) -> tuple[ServiceProcess, str]:
 
 
 def start_envoy_with_upstream_tls(
-    gateway: str, predictions: str, pki: Pki, workdir: Path
+    gateway: str, predictions: str, pki: Pki, workdir: Path, server_name: str = ""
 ) -> tuple[ServiceProcess, str, int]:
     """Envoy on free ports in front of `gateway` and `predictions`, on mutual TLS to both (its SDS
     files beside its configuration); returns it, its URL and its admin port."""
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen, admin = free_port(), free_port()
     files = pki.files("envoy")
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "envoy.yaml"
     config.write_text(
         render_config(
@@ -213,6 +214,7 @@ def start_envoy_with_upstream_tls(
             DESCRIPTOR,
             predictions_address=predictions,
             tls_sds_dir=str(workdir),
+            upstream_tls_server_name=server_name,
             upstream_tls_ca=files.ca,
             upstream_tls_cert=files.cert,
             upstream_tls_key=files.key,
@@ -303,7 +305,11 @@ def post(
         with urllib.request.urlopen(request, timeout=120) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        raw = error.read() or b"{}"
+        try:
+            return error.code, json.loads(raw)
+        except ValueError:
+            return error.code, {"body": raw.decode(errors="replace")}
 
 
 def test_a_rest_request_through_envoy_crosses_every_tier_on_mutual_tls(mtls_stack: MtlsStack) -> None:
@@ -344,6 +350,30 @@ def test_a_prediction_through_envoy_runs_on_mutual_tls(mtls_stack: MtlsStack, pk
     # The predictions service itself refuses plaintext, like the other tiers.
     assert grpc_status(mtls_stack.predictions, timeout=5) == "UNREACHABLE"
     assert grpc_status(mtls_stack.predictions, timeout=5, tls_files=pki.files("client")) == "SERVING"
+
+
+def test_envoy_refuses_an_upstream_whose_certificate_names_another_host(
+    mtls_stack: MtlsStack, pki: Pki, tmp_path: Path
+) -> None:
+    """The CA alone is not enough: the gateway's certificate (localhost, 127.0.0.1) must name the
+    host Envoy expects, here another one, so Envoy refuses it and the request fails at the edge."""
+    envoy, url, _ = start_envoy_with_upstream_tls(
+        mtls_stack.gateway, mtls_stack.predictions, pki, tmp_path, server_name="not-the-gateway.example"
+    )
+    try:
+        status, reply = post(url + "/generate", {"prompt": "Hi", "parameters": {"max_new_tokens": 2}})
+        assert status == 503, reply
+    finally:
+        envoy.stop(grace=5)
+    # The same files with the name the certificate carries: served.
+    envoy, url, _ = start_envoy_with_upstream_tls(
+        mtls_stack.gateway, mtls_stack.predictions, pki, tmp_path / "named", server_name="localhost"
+    )
+    try:
+        status, reply = post(url + "/generate", {"prompt": "Hi", "parameters": {"max_new_tokens": 2}})
+        assert status == 200, reply
+    finally:
+        envoy.stop(grace=5)
 
 
 def test_the_generator_refuses_plaintext_and_foreign_clients(mtls_stack: MtlsStack, pki: Pki) -> None:

@@ -321,6 +321,9 @@ def decode_claims(value: str) -> dict[str, Any]:
         claims = json.loads(raw)
     except (ValueError, binascii.Error) as error:
         raise ValueError(f"not base64url JSON ({error})") from None
+    except RecursionError:
+        # json recurses per nesting level: a deep enough value must be refused, not crash the call.
+        raise ValueError("not base64url JSON (nested too deeply)") from None
     if not isinstance(claims, dict):
         raise ValueError("the payload is not a JSON object")
     return claims

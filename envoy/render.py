@@ -670,7 +670,12 @@ def jwt_provider(
         "audiences": audiences,
         "require_expiration": True,
         "clock_skew_seconds": clock_skew_seconds,
-        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        # Envoy matches the prefix as written; the bearer-JWT rule takes the scheme in any case,
+        # so a token after another spelling is refused as missing, never passed on.
+        "from_headers": [
+            {"name": "authorization", "value_prefix": f"{scheme} "}
+            for scheme in ("Bearer", "bearer", "BEARER")
+        ],
         "forward": False,
         "forward_payload_header": claims_header,
     }

@@ -23,6 +23,7 @@ from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generati
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import keepalive, tls
+from services.common.auth import claims_expired_at
 from services.predictions import tasks
 from services.predictions.config import PredictionsConfig
 from services.predictions.convert import message_dict
@@ -86,6 +87,9 @@ class RunnerSettings:
     purge_seconds: float = _DEFAULTS.purge_seconds
     # The gateway call's deadline; a run past it fails (a stuck backend must not hold a slot forever).
     predict_timeout_seconds: float = _DEFAULTS.predict_timeout_seconds
+    # The header a JWT caller's saved claims are in (empty: JWTs off); a run whose token expired
+    # since is refused rather than run on claims no longer valid.
+    jwt_claims_header: str = _DEFAULTS.jwt_claims_header
     # Backoff of a run the gateway refused as busy, when it sends no RetryInfo: base * 2^(attempt-1).
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0
@@ -339,6 +343,10 @@ class Runner:
             run.stop("cancel")
         output: dict[str, Any] | None = None
         usage: tuple[int, int] = (0, 0)
+        expired = self._token_expired(prediction)
+        if expired and run.stop_reason is None:
+            await self._fail(run, expired)
+            return
         try:
             if run.stop_reason is not None:
                 raise _Ended
@@ -378,6 +386,19 @@ class Runner:
         if prediction.task != "embed":
             run.logs.append(f"{usage[1]} tokens in {elapsed:.3f} s")
         await self._finish(run, "succeeded", output, "", usage)
+
+    def _token_expired(self, prediction: Prediction) -> str:
+        """The error of a run whose JWT caller's token has expired since it was created; ''."""
+        header = self._settings.jwt_claims_header
+        claims = prediction.credentials.get(header) if header else None
+        expired = claims_expired_at(claims, time.time()) if claims else None
+        if expired is None:
+            return ""
+        when = datetime.fromtimestamp(expired, UTC).isoformat(timespec="seconds")
+        return (
+            f"UNAUTHENTICATED: the token this prediction was created with expired at {when}, before "
+            "it ran; create it again with a fresh token"
+        )
 
     def _too_large(self, size: int) -> str:
         limit = self._settings.max_output_bytes

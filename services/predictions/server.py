@@ -68,6 +68,7 @@ def runner_settings(config: PredictionsConfig) -> RunnerSettings:
         retention_seconds=config.retention_seconds,
         purge_seconds=config.purge_seconds,
         predict_timeout_seconds=config.predict_timeout_seconds,
+        jwt_claims_header=config.jwt_claims_header,
     )
 
 

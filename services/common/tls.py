@@ -304,6 +304,10 @@ class ReloadingChannel:
         now = self._clock()
         if self._watch is None or now - self._checked < RELOAD_CHECK_S:
             return self.channel
+        try:
+            loop = asyncio.get_running_loop()  # the old channel is closed in it
+        except RuntimeError:
+            return self.channel
         self._checked = now
         loaded = self._watch.reload()
         if loaded is not None:
@@ -311,7 +315,7 @@ class ReloadingChannel:
             self.reloads += 1
             log.info("%s: client certificate reloaded from %s", self.what, self._watch.files.cert or "-")
             self._old.add(old)
-            task = asyncio.get_running_loop().create_task(old.close(grace=self._grace))
+            task = loop.create_task(old.close(grace=self._grace))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
             task.add_done_callback(functools.partial(_forget, self._old, old))

@@ -434,11 +434,14 @@ class Backend:
         now = self._clock()
         if self._files_watch is None or now - self._checked < tls.RELOAD_CHECK_S:
             return False
+        try:
+            loop = asyncio.get_running_loop()  # the old channels are closed in it
+        except RuntimeError:
+            return False
         self._checked = now
         if self._files_watch.reload() is None:
             return False
         options = channel_options(self._attempts_option) if self._named else replica_channel_options()
-        loop = asyncio.get_running_loop()
         for replica in self.pool.replicas:
             old = replica.replace_channel(self._factory(replica.address, options, list(self._interceptors)))
             self.replica_channels[replica.address] = replica.channel

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health, health_pb2_grpc
 from inference.v1 import generation_pb2, generation_pb2_grpc
 
 from services.common import tls
@@ -506,3 +508,79 @@ def test_a_half_done_renewal_keeps_the_current_certificate(pki: Pki, tmp_path: P
     os.replace(renewed.cert, first.cert)
     assert reloader() is not None and reloader.reloads == 1
     assert reloader() is None
+
+
+# -- a renewed client certificate, as a backend sees it --------------------------------------------
+
+
+class PeerRecorder:
+    """A generator stand-in on mutual TLS that answers health (SERVING) and notes the serial of
+    the client certificate of every Generate call (then refuses it)."""
+
+    def __init__(self, files: tls.TlsFiles) -> None:
+        self.serials: list[int] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self.server)
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._generate,
+            request_deserializer=generation_pb2.GenerateRequest.FromString,
+            response_serializer=generation_pb2.GenerateResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.v1.GenerationService", {"Generate": handler}),)
+        )
+        port = self.server.add_secure_port("127.0.0.1:0", tls.server_credentials(files))
+        self.address = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def _generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> None:
+        # grpc gives each property as a list of bytes (its stub says bytes).
+        pems: list[bytes] = list(context.auth_context().get("x509_pem_cert") or [])  # type: ignore[arg-type]
+        self.serials.append(int(x509.load_pem_x509_certificate(pems[0]).serial_number))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recorded")
+
+
+def test_the_gateway_presents_a_renewed_client_certificate_without_a_restart(
+    pki: Pki, tmp_path: Path
+) -> None:
+    backend = PeerRecorder(pki.files("generator"))
+    own = issue(pki.ca, tmp_path, "gateway")
+    gateway = None
+    try:
+        port = free_port()
+        gateway = ServiceProcess.python_module(
+            "gateway-renewal",
+            "services.gateway",
+            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
+            *("--tls-ca", str(pki.ca.path), "--tls-cert", str(own.cert), "--tls-key", str(own.key)),
+            *("--generator-addresses", backend.address, "--embedder-addresses", backend.address),
+        ).start()
+        address = f"127.0.0.1:{port}"
+        wait_serving(gateway, address, pki.files("client"), timeout=60)
+        client = tls.channel(address, pki.files("client"))
+
+        def generate() -> None:
+            with pytest.raises(grpc.RpcError):
+                generation_pb2_grpc.GenerationServiceStub(client).Generate(
+                    generation_pb2.GenerateRequest(prompt="Hi"), timeout=10
+                )
+
+        generate()
+        assert backend.serials and set(backend.serials) == {own.serial}
+        pid = gateway.pid
+        renewed_folder = tmp_path / "renewed"
+        renewed_folder.mkdir()
+        renewed = issue(pki.ca, renewed_folder, "gateway")
+        os.replace(renewed.key, own.key)
+        os.replace(renewed.cert, own.cert)
+        deadline = time.monotonic() + 20
+        while backend.serials[-1] != renewed.serial:
+            assert time.monotonic() < deadline, f"the generator still sees {backend.serials[-1]}"
+            time.sleep(0.5)
+            generate()
+        assert gateway.pid == pid and gateway.alive()
+        client.close()
+    finally:
+        if gateway is not None:
+            gateway.stop(grace=5)
+        backend.server.stop(None)

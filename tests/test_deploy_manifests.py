@@ -989,3 +989,57 @@ def test_the_gateways_share_rate_limits_in_a_redis_only_they_reach() -> None:
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}
     (rule,) = policy["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
+
+
+# Each tier's own shutdown grace: its configuration field, and the variable that overrides it.
+SHUTDOWN_GRACES = {
+    "generator": ("services.generator.config", "GeneratorConfig", "shutdown_grace_seconds"),
+    "embedder": ("services.embedder.config", "EmbedderConfig", "shutdown_grace_s"),
+    "gateway": ("services.gateway.config", "GatewayConfig", "shutdown_grace_s"),
+}
+# The predictions service waits this long for running predictions on SIGTERM (server.stop()).
+PREDICTIONS_STOP_GRACE_S = 5.0
+# What a kill timeout must leave beyond the tier's grace (the process still closes channels,
+# flushes its logs and exits after the grace).
+KILL_MARGIN_S = 3.0
+
+
+def shutdown_grace(tier: str, env: dict[str, str]) -> float:
+    """The tier's grace in seconds: its variable in `env` where set, else its default."""
+    if tier == "predictions":
+        return PREDICTIONS_STOP_GRACE_S
+    import dataclasses
+    import importlib
+
+    module, name, field_name = SHUTDOWN_GRACES[tier]
+    config = getattr(importlib.import_module(module), name)
+    variable = f"{tier.upper()}_{field_name.upper()}"
+    if env.get(variable):
+        return float(env[variable])
+    default = next(item.default for item in dataclasses.fields(config) if item.name == field_name)
+    assert isinstance(default, float)
+    return default
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    assert match and text, f"not a compose duration: {text!r}"
+    return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+
+
+def test_kill_timeouts_leave_every_tier_its_shutdown_grace() -> None:
+    deployments = by_kind("Deployment")
+    services = compose()["services"]
+    for tier in ("generator", "embedder", "gateway", "predictions"):
+        container = deployments[tier]["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item.get("value", "") for item in container.get("env", [])}
+        # Kubernetes' default is 30 s.
+        kill = deployments[tier]["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        grace = shutdown_grace(tier, env)
+        assert kill >= grace + KILL_MARGIN_S, f"k8s {tier}: killed {kill}s after SIGTERM, grace {grace}s"
+        service = services[tier]
+        compose_env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+        # Compose's default is 10 s.
+        stop = _seconds(str(service.get("stop_grace_period", "10s")))
+        grace = shutdown_grace(tier, compose_env)
+        assert stop >= grace + KILL_MARGIN_S, f"compose {tier}: killed {stop}s after SIGTERM, grace {grace}s"

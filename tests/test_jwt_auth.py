@@ -300,3 +300,18 @@ def test_keys_from_a_jwks_url_verify_tokens(stack: JwtStack, tmp_path: Path) -> 
         envoy.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_the_bearer_scheme_is_matched_in_any_case(rest: httpx2.Client, stack: JwtStack) -> None:
+    """`bearer <jwt>` is a JWT for the edge to verify, not an API key passed on to the gateway."""
+    expired = embed(rest, stack, {"authorization": f"bearer {stack.token(exp=1_700_000_000)}"})
+    assert expired.status_code == 401, expired.text
+    assert "only through Envoy" not in expired.json()["message"]
+    assert expired.json()["message"] == "Jwt is expired"
+    assert 'error="invalid_token"' in expired.headers["www-authenticate"]
+    for scheme in ("bearer", "BEARER"):
+        live = embed(rest, stack, {"authorization": f"{scheme} {stack.token()}"})
+        assert live.status_code == 200, live.text
+    # Another spelling is still refused at the edge (Envoy finds no token after it).
+    odd = embed(rest, stack, {"authorization": f"beaRer {stack.token()}"})
+    assert odd.status_code == 401 and odd.json()["message"] == "Jwt is missing", odd.text

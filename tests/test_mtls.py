@@ -1,7 +1,8 @@
 """Mutual TLS between the tiers, with certificates made here: a CA, a certificate per tier for
 localhost/127.0.0.1, and a second CA whose client certificate must be refused. The generator,
-embedder and gateway serve mutual TLS and Envoy talks to the gateway over it; a REST request
-through Envoy works, a plaintext client and a foreign CA's client are refused, and a certificate
+embedder, gateway and predictions service serve mutual TLS, the predictions runner calls the
+gateway over it and Envoy talks to the gateway and predictions over it; a REST request and a
+prediction through Envoy work, a plaintext client and a foreign CA's client are refused, and a certificate
 replaced on disk is served at the next handshake without a restart."""
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health, health_pb2_grpc
 from inference.v1 import generation_pb2, generation_pb2_grpc
 
 from services.common import tls
@@ -142,7 +146,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, foreign = make_ca(folder, "stack-ca"), make_ca(folder, "foreign-ca")
     tiers = {
-        name: issue(ca, folder, name) for name in ("generator", "embedder", "gateway", "envoy", "client")
+        name: issue(ca, folder, name)
+        for name in ("generator", "embedder", "gateway", "predictions", "envoy", "client")
     }
     tiers["foreign"] = issue(foreign, folder, "foreign")
     return Pki(folder, ca, foreign, tiers)
@@ -157,6 +162,7 @@ class MtlsStack:
     generator_process: ServiceProcess
     embedder: str
     gateway: str
+    predictions: str
     envoy_url: str
     envoy_admin_port: int
 
@@ -192,12 +198,15 @@ def start_tier(name: str, pki: Pki, *args: str) -> tuple[ServiceProcess, str]:
     return process, f"127.0.0.1:{port}"
 
 
-def start_envoy_with_upstream_tls(gateway: str, pki: Pki, workdir: Path) -> tuple[ServiceProcess, str, int]:
-    """Envoy on free ports in front of `gateway`, on mutual TLS to it; returns it, its URL and its
-    admin port."""
+def start_envoy_with_upstream_tls(
+    gateway: str, predictions: str, pki: Pki, workdir: Path, server_name: str = ""
+) -> tuple[ServiceProcess, str, int]:
+    """Envoy on free ports in front of `gateway` and `predictions`, on mutual TLS to both (its SDS
+    files beside its configuration); returns it, its URL and its admin port."""
     envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen, admin = free_port(), free_port()
     files = pki.files("envoy")
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "envoy.yaml"
     config.write_text(
         render_config(
@@ -205,7 +214,9 @@ def start_envoy_with_upstream_tls(gateway: str, pki: Pki, workdir: Path) -> tupl
             admin,
             gateway,
             DESCRIPTOR,
-            predictions_address=f"127.0.0.1:{free_port()}",
+            predictions_address=predictions,
+            tls_sds_dir=str(workdir),
+            upstream_tls_server_name=server_name,
             upstream_tls_ca=files.ca,
             upstream_tls_cert=files.cert,
             upstream_tls_key=files.key,
@@ -251,27 +262,56 @@ def mtls_stack(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
         )
         processes.append(gateway)
         wait_serving(gateway, gateway_address, pki.files("gateway"), timeout=60)
+        database = tmp_path_factory.mktemp("predictions-mtls") / "predictions.db"
+        predictions, predictions_address = start_tier(
+            "predictions",
+            pki,
+            "--database-url",
+            f"sqlite+aiosqlite:///{database}",
+            "--gateway-address",
+            gateway_address,
+            "--poll-seconds",
+            "0.2",
+        )
+        processes.append(predictions)
+        wait_serving(predictions, predictions_address, pki.files("predictions"), timeout=60)
+        workdir = tmp_path_factory.mktemp("envoy-mtls")
         envoy, envoy_url, envoy_admin = start_envoy_with_upstream_tls(
-            gateway_address, pki, tmp_path_factory.mktemp("envoy-mtls")
+            gateway_address, predictions_address, pki, workdir
         )
         processes.append(envoy)
         yield MtlsStack(
-            generator_address, generator, embedder_address, gateway_address, envoy_url, envoy_admin
+            generator_address,
+            generator,
+            embedder_address,
+            gateway_address,
+            predictions_address,
+            envoy_url,
+            envoy_admin,
         )
     finally:
         for process in reversed(processes):
             process.stop(grace=10)
 
 
-def post(url: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+def post(
+    url: str, body: dict[str, object], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **(headers or {})},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        raw = error.read() or b"{}"
+        try:
+            return error.code, json.loads(raw)
+        except ValueError:
+            return error.code, {"body": raw.decode(errors="replace")}
 
 
 def test_a_rest_request_through_envoy_crosses_every_tier_on_mutual_tls(mtls_stack: MtlsStack) -> None:
@@ -285,6 +325,57 @@ def test_a_rest_request_through_envoy_crosses_every_tier_on_mutual_tls(mtls_stac
     assert status == 200, reply
     data = reply["data"]
     assert isinstance(data, list) and len(data[0]["embedding"]) > 0
+
+
+def test_a_prediction_through_envoy_runs_on_mutual_tls(mtls_stack: MtlsStack, pki: Pki) -> None:
+    """Envoy -> predictions, and the runner's channel to the gateway, both on mutual TLS: a runner
+    on a plaintext channel would fail the prediction (the gateway refuses it)."""
+    with urllib.request.urlopen(mtls_stack.envoy_url + "/models", timeout=30) as reply:
+        models = json.loads(reply.read())["models"]
+    model = next(item["id"] for item in models if item["task"] == "generation")
+    body: dict[str, object] = {
+        "model": model,
+        "input": {"prompt": "Hello", "parameters": {"max_new_tokens": 3, "do_sample": False}},
+    }
+    status, created = post(mtls_stack.envoy_url + "/v1/predictions", body, {"prefer": "wait=60"})
+    assert status == 201, created
+    deadline = time.monotonic() + 120
+    prediction = created
+    while prediction["status"] not in ("succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, prediction
+        time.sleep(0.3)
+        url = f"{mtls_stack.envoy_url}/v1/predictions/{created['id']}"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            prediction = json.loads(reply.read())
+    assert prediction["status"] == "succeeded", prediction
+    assert isinstance(prediction["output"], dict | str | list) and prediction["output"]
+    # The predictions service itself refuses plaintext, like the other tiers.
+    assert grpc_status(mtls_stack.predictions, timeout=5) == "UNREACHABLE"
+    assert grpc_status(mtls_stack.predictions, timeout=5, tls_files=pki.files("client")) == "SERVING"
+
+
+def test_envoy_refuses_an_upstream_whose_certificate_names_another_host(
+    mtls_stack: MtlsStack, pki: Pki, tmp_path: Path
+) -> None:
+    """The CA alone is not enough: the gateway's certificate (localhost, 127.0.0.1) must name the
+    host Envoy expects, here another one, so Envoy refuses it and the request fails at the edge."""
+    envoy, url, _ = start_envoy_with_upstream_tls(
+        mtls_stack.gateway, mtls_stack.predictions, pki, tmp_path, server_name="not-the-gateway.example"
+    )
+    try:
+        status, reply = post(url + "/generate", {"prompt": "Hi", "parameters": {"max_new_tokens": 2}})
+        assert status == 503, reply
+    finally:
+        envoy.stop(grace=5)
+    # The same files with the name the certificate carries: served.
+    envoy, url, _ = start_envoy_with_upstream_tls(
+        mtls_stack.gateway, mtls_stack.predictions, pki, tmp_path / "named", server_name="localhost"
+    )
+    try:
+        status, reply = post(url + "/generate", {"prompt": "Hi", "parameters": {"max_new_tokens": 2}})
+        assert status == 200, reply
+    finally:
+        envoy.stop(grace=5)
 
 
 def test_the_generator_refuses_plaintext_and_foreign_clients(mtls_stack: MtlsStack, pki: Pki) -> None:
@@ -417,3 +508,79 @@ def test_a_half_done_renewal_keeps_the_current_certificate(pki: Pki, tmp_path: P
     os.replace(renewed.cert, first.cert)
     assert reloader() is not None and reloader.reloads == 1
     assert reloader() is None
+
+
+# -- a renewed client certificate, as a backend sees it --------------------------------------------
+
+
+class PeerRecorder:
+    """A generator stand-in on mutual TLS that answers health (SERVING) and notes the serial of
+    the client certificate of every Generate call (then refuses it)."""
+
+    def __init__(self, files: tls.TlsFiles) -> None:
+        self.serials: list[int] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self.server)
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._generate,
+            request_deserializer=generation_pb2.GenerateRequest.FromString,
+            response_serializer=generation_pb2.GenerateResponse.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.v1.GenerationService", {"Generate": handler}),)
+        )
+        port = self.server.add_secure_port("127.0.0.1:0", tls.server_credentials(files))
+        self.address = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def _generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> None:
+        # grpc gives each property as a list of bytes (its stub says bytes).
+        pems: list[bytes] = list(context.auth_context().get("x509_pem_cert") or [])  # type: ignore[arg-type]
+        self.serials.append(int(x509.load_pem_x509_certificate(pems[0]).serial_number))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recorded")
+
+
+def test_the_gateway_presents_a_renewed_client_certificate_without_a_restart(
+    pki: Pki, tmp_path: Path
+) -> None:
+    backend = PeerRecorder(pki.files("generator"))
+    own = issue(pki.ca, tmp_path, "gateway")
+    gateway = None
+    try:
+        port = free_port()
+        gateway = ServiceProcess.python_module(
+            "gateway-renewal",
+            "services.gateway",
+            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
+            *("--tls-ca", str(pki.ca.path), "--tls-cert", str(own.cert), "--tls-key", str(own.key)),
+            *("--generator-addresses", backend.address, "--embedder-addresses", backend.address),
+        ).start()
+        address = f"127.0.0.1:{port}"
+        wait_serving(gateway, address, pki.files("client"), timeout=60)
+        client = tls.channel(address, pki.files("client"))
+
+        def generate() -> None:
+            with pytest.raises(grpc.RpcError):
+                generation_pb2_grpc.GenerationServiceStub(client).Generate(
+                    generation_pb2.GenerateRequest(prompt="Hi"), timeout=10
+                )
+
+        generate()
+        assert backend.serials and set(backend.serials) == {own.serial}
+        pid = gateway.pid
+        renewed_folder = tmp_path / "renewed"
+        renewed_folder.mkdir()
+        renewed = issue(pki.ca, renewed_folder, "gateway")
+        os.replace(renewed.key, own.key)
+        os.replace(renewed.cert, own.cert)
+        deadline = time.monotonic() + 20
+        while backend.serials[-1] != renewed.serial:
+            assert time.monotonic() < deadline, f"the generator still sees {backend.serials[-1]}"
+            time.sleep(0.5)
+            generate()
+        assert gateway.pid == pid and gateway.alive()
+        client.close()
+    finally:
+        if gateway is not None:
+            gateway.stop(grace=5)
+        backend.server.stop(None)

@@ -111,6 +111,7 @@ def render_config(
     tls_cert: str = "",
     tls_key: str = "",
     tls_sds_dir: str = "",
+    upstream_tls_server_name: str = "",
 ) -> str:
     """The configuration text; with `otlp_endpoint` (host:port) Envoy exports its spans there.
     `openapi` defaults to openapi.json beside the descriptor, `docs_assets` to .tools/node_modules.
@@ -137,6 +138,7 @@ def render_config(
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_sds_dir=tls_sds_dir,
+        upstream_tls_server_name=upstream_tls_server_name,
     )
 
 
@@ -194,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             help=f"PEM file: the {what} the gateway and predictions service over TLS [env {variable}]; "
             "empty: plaintext",
         )
+    parser.add_argument(
+        "--upstream-tls-server-name",
+        default=os.environ.get("ENVOY_UPSTREAM_TLS_SERVER_NAME", ""),
+        help="the name the gateway's and predictions' certificates must carry, sent as SNI "
+        "[env ENVOY_UPSTREAM_TLS_SERVER_NAME]; empty: each cluster's host",
+    )
     jwt = JwtEdge.from_env(os.environ)
     parser.add_argument(
         "--jwt-issuer",
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             upstream_tls_ca=args.upstream_tls_ca,
             upstream_tls_cert=args.upstream_tls_cert,
             upstream_tls_key=args.upstream_tls_key,
+            upstream_tls_server_name=args.upstream_tls_server_name,
             jwt=JwtEdge(
                 args.jwt_issuer,
                 args.jwt_audiences,

@@ -28,8 +28,9 @@ def grpc_status(
     address: str, service: str = "", timeout: float = 1.0, tls_files: tls.TlsFiles = tls.PLAINTEXT
 ) -> str:
     """SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN from grpc.health.v1; UNREACHABLE else.
-    With a CA in `tls_files` the check speaks TLS (presenting its certificate, where set)."""
-    with tls.channel(address, tls_files) as channel:
+    With a CA in `tls_files` the check speaks TLS (presenting its certificate, where set); with a
+    certificate but no CA (a TLS server's own files) it speaks TLS verified against that certificate."""
+    with tls.channel(address, tls.self_check_files(tls_files)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

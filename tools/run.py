@@ -122,6 +122,7 @@ def envoy_text(
         upstream_tls_ca=env.get("ENVOY_UPSTREAM_TLS_CA", ""),
         upstream_tls_cert=env.get("ENVOY_UPSTREAM_TLS_CERT", ""),
         upstream_tls_key=env.get("ENVOY_UPSTREAM_TLS_KEY", ""),
+        upstream_tls_server_name=env.get("ENVOY_UPSTREAM_TLS_SERVER_NAME", ""),
         jwt=JwtEdge.from_env(env),
         # The edge's limits (ENVOY_REQUEST_TIMEOUT_SECONDS, ...: docs/configuration.md) and TLS.
         limits=edge_limits(env),

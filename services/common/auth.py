@@ -321,6 +321,9 @@ def decode_claims(value: str) -> dict[str, Any]:
         claims = json.loads(raw)
     except (ValueError, binascii.Error) as error:
         raise ValueError(f"not base64url JSON ({error})") from None
+    except RecursionError:
+        # json recurses per nesting level: a deep enough value must be refused, not crash the call.
+        raise ValueError("not base64url JSON (nested too deeply)") from None
     if not isinstance(claims, dict):
         raise ValueError("the payload is not a JSON object")
     return claims
@@ -367,3 +370,15 @@ def jwt_identity(claims: Mapping[str, Any], settings: JwtSettings) -> ApiKey:
     if not isinstance(subject, str) or not subject:
         raise ValueError("the token has no 'sub' claim")
     return ApiKey(name=JWT_PREFIX + subject, digest="", scopes=jwt_scopes(claims, settings))
+
+
+def claims_expired_at(value: str, now: float) -> float | None:
+    """The `exp` of forwarded claims (a base64url header value) when it is at or before `now`;
+    None when it is later, absent or the claims are unusable (whoever reads them refuses those)."""
+    try:
+        exp = decode_claims(value).get("exp")
+    except ValueError:
+        return None
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and exp <= now:
+        return float(exp)
+    return None

@@ -6,6 +6,7 @@ soon as the client goes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -267,6 +268,12 @@ class Replica:
         self.failed_until = 0.0
         self._stubs: dict[type[Any], Any] = {}
 
+    def replace_channel(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
+        """Uses `channel` from now on (new certificates); returns the old one, still open."""
+        old, self.channel = self.channel, channel
+        self._stubs = {}
+        return old
+
     def stub(self, kind: Callable[[grpc.aio.Channel], StubT]) -> StubT:
         if kind not in self._stubs:
             self._stubs[kind] = kind(self.channel)  # type: ignore[index]
@@ -294,18 +301,25 @@ class Replica:
     async def watch(self, backend: str = "") -> None:
         """Follow the replica's grpc.health.v1 status until cancelled; while the replica is down the
         watch waits for its channel to reconnect (within the reconnect backoff)."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
         while True:
+            channel = self.channel
+            stub = health_pb2_grpc.HealthStub(channel)
             try:
                 async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True):
                     self.set_health(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), backend)
-                self.set_health(UNREACHABLE, backend)
+                    if self.channel is not channel:
+                        break  # watch on the new channel (new certificates) at once
+                else:
+                    self.set_health(UNREACHABLE, backend)
             except grpc.aio.AioRpcError as error:
+                if self.channel is not channel:
+                    continue  # the old channel was closed after a reload: not the replica's fault
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self.set_health(UNCHECKED, backend)
                     return
                 self.set_health(UNREACHABLE, backend)
-            await asyncio.sleep(WATCH_RETRY_S)
+            if self.channel is channel:
+                await asyncio.sleep(WATCH_RETRY_S)
 
 
 class ReplicaPool:
@@ -359,8 +373,24 @@ class Backend:
         self.replicas = [text] if named else [item.strip() for item in text.split(",") if item.strip()]
         self.target = text if named else ",".join(self.replicas)
         self.tracing = tracing
+        # Renewed client certificates are picked up by new channels (checked on a pick, at most
+        # once a second); with a factory of its own the caller owns its credentials.
+        self._files_watch = (
+            tls.FileWatch(tls_files, f"gateway -> {name}")
+            if channel_factory is None and tls_files.client_tls
+            else None
+        )
+        self._checked = clock()
+        self._clock = clock
+        self._interceptors = list(interceptors)
+        self._named = named
+        self._attempts_option = attempts
+        self._closing: set[asyncio.Task[None]] = set()
+        self._old_channels: set[grpc.aio.Channel] = set()
+        self.reloads = 0
         if channel_factory is None:
             channel_factory = tls_channel_factory(tls_files)
+        self._factory = channel_factory
         # Streams are retried by the gateway only (before their first message), in both modes.
         self.stream_attempts = attempts
         if named:
@@ -395,7 +425,34 @@ class Backend:
 
     def pick(self, avoid: Collection[Replica] = ()) -> Replica:
         self.watch()
+        self.reload_channels()
         return self.pool.pick(avoid)
+
+    def reload_channels(self) -> bool:
+        """New channels for every replica when the client TLS files changed (checked at most every
+        tls.RELOAD_CHECK_S); the old ones close after tls.RELOAD_GRACE_S, so calls on them finish."""
+        now = self._clock()
+        if self._files_watch is None or now - self._checked < tls.RELOAD_CHECK_S:
+            return False
+        try:
+            loop = asyncio.get_running_loop()  # the old channels are closed in it
+        except RuntimeError:
+            return False
+        self._checked = now
+        if self._files_watch.reload() is None:
+            return False
+        options = channel_options(self._attempts_option) if self._named else replica_channel_options()
+        for replica in self.pool.replicas:
+            old = replica.replace_channel(self._factory(replica.address, options, list(self._interceptors)))
+            self.replica_channels[replica.address] = replica.channel
+            self._old_channels.add(old)
+            task = loop.create_task(old.close(grace=tls.RELOAD_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(functools.partial(_forget, self._old_channels, old))
+        self.reloads += 1
+        log.info("%s: client certificate changed: new channels to %s", self.name, self.target)
+        return True
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -408,10 +465,10 @@ class Backend:
         }
 
     async def close(self) -> None:
-        for task in self._watches:
+        for task in [*self._watches, *self._closing]:
             task.cancel()
-        await asyncio.gather(*self._watches, return_exceptions=True)
-        for channel in self.replica_channels.values():
+        await asyncio.gather(*self._watches, *self._closing, return_exceptions=True)
+        for channel in [*self._old_channels, *self.replica_channels.values()]:
             await channel.close()
 
 
@@ -689,3 +746,7 @@ async def _with_retries(
                 raise
             backend.pool.mark_failed(replica)
             tried.append(replica)
+
+
+def _forget(channels: set[grpc.aio.Channel], channel: grpc.aio.Channel, _: object) -> None:
+    channels.discard(channel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,8 +33,9 @@ class GatewayModels:
     """The gateway's served models, asked with the first caller's credentials after each
     MODELS_TTL_SECONDS and shared until the next ask."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = info_pb2_grpc.InfoServiceStub(channel)
+    def __init__(self, channel: grpc.aio.Channel | Callable[[], grpc.aio.Channel]) -> None:
+        # A callable gives the channel to use now (rebuilt when the client certificate is renewed).
+        self._channel = channel if callable(channel) else lambda: channel
         self._names: dict[str, ServedModel] = {}
         self._fetched = -1e9
         self._lock = asyncio.Lock()
@@ -43,7 +44,8 @@ class GatewayModels:
         if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
             async with self._lock:
                 if time.monotonic() - self._fetched > MODELS_TTL_SECONDS:
-                    reply = await self._stub.ListServedModels(
+                    stub = info_pb2_grpc.InfoServiceStub(self._channel())
+                    reply = await stub.ListServedModels(
                         info_pb2.ListServedModelsRequest(), metadata=tuple(metadata), timeout=5.0
                     )
                     names: dict[str, ServedModel] = {}

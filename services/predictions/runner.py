@@ -23,6 +23,7 @@ from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generati
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import keepalive, tls
+from services.common.auth import claims_expired_at
 from services.predictions import tasks
 from services.predictions.config import PredictionsConfig
 from services.predictions.convert import message_dict
@@ -86,6 +87,9 @@ class RunnerSettings:
     purge_seconds: float = _DEFAULTS.purge_seconds
     # The gateway call's deadline; a run past it fails (a stuck backend must not hold a slot forever).
     predict_timeout_seconds: float = _DEFAULTS.predict_timeout_seconds
+    # The header a JWT caller's saved claims are in (empty: JWTs off); a run whose token expired
+    # since is refused rather than run on claims no longer valid.
+    jwt_claims_header: str = _DEFAULTS.jwt_claims_header
     # Backoff of a run the gateway refused as busy, when it sends no RetryInfo: base * 2^(attempt-1).
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 60.0
@@ -184,7 +188,8 @@ class Runner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: tls.ReloadingChannel | None = None
+        self._stubs_of: grpc.aio.Channel | None = None
         self._generation: generation_pb2_grpc.GenerationServiceAsyncStub | None = None
         self._embedding: embedding_pb2_grpc.EmbeddingServiceAsyncStub | None = None
 
@@ -193,9 +198,10 @@ class Runner:
         return len(self._runs)
 
     async def start(self) -> None:
-        self._channel = tls.aio_channel(self._address, self._tls, options=CHANNEL_OPTIONS)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        # Rebuilt when the client certificate is renewed (tls.ReloadingChannel).
+        self._channel = tls.ReloadingChannel.to(
+            self._address, self._tls, "predictions -> gateway", CHANNEL_OPTIONS
+        )
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="predictions-claim"),
             asyncio.create_task(self._purge_loop(), name="predictions-purge"),
@@ -337,6 +343,10 @@ class Runner:
             run.stop("cancel")
         output: dict[str, Any] | None = None
         usage: tuple[int, int] = (0, 0)
+        expired = self._token_expired(prediction)
+        if expired and run.stop_reason is None:
+            await self._fail(run, expired)
+            return
         try:
             if run.stop_reason is not None:
                 raise _Ended
@@ -376,6 +386,19 @@ class Runner:
         if prediction.task != "embed":
             run.logs.append(f"{usage[1]} tokens in {elapsed:.3f} s")
         await self._finish(run, "succeeded", output, "", usage)
+
+    def _token_expired(self, prediction: Prediction) -> str:
+        """The error of a run whose JWT caller's token has expired since it was created; ''."""
+        header = self._settings.jwt_claims_header
+        claims = prediction.credentials.get(header) if header else None
+        expired = claims_expired_at(claims, time.time()) if claims else None
+        if expired is None:
+            return ""
+        when = datetime.fromtimestamp(expired, UTC).isoformat(timespec="seconds")
+        return (
+            f"UNAUTHENTICATED: the token this prediction was created with expired at {when}, before "
+            "it ran; create it again with a fresh token"
+        )
 
     def _too_large(self, size: int) -> str:
         limit = self._settings.max_output_bytes
@@ -482,6 +505,12 @@ class Runner:
         prediction = run.prediction
         metadata = (*prediction.credentials.items(), ("x-request-id", prediction.id))
         timeout = self._settings.predict_timeout_seconds
+        assert self._channel is not None
+        channel = self._channel.current()
+        if channel is not self._stubs_of:
+            self._stubs_of = channel
+            self._generation = generation_pb2_grpc.GenerationServiceStub(channel)
+            self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         assert self._generation is not None and self._embedding is not None
         if prediction.task == "embed":
             response = await self._embedding.Embed(

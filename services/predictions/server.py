@@ -43,7 +43,7 @@ class PredictionsServer:
     store: Store
     runner: Runner
     sender: WebhookSender
-    gateway: grpc.aio.Channel
+    gateway: tls.ReloadingChannel
     health: health.aio.HealthServicer
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -68,6 +68,7 @@ def runner_settings(config: PredictionsConfig) -> RunnerSettings:
         retention_seconds=config.retention_seconds,
         purge_seconds=config.purge_seconds,
         predict_timeout_seconds=config.predict_timeout_seconds,
+        jwt_claims_header=config.jwt_claims_header,
     )
 
 
@@ -104,8 +105,8 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
     sender = WebhookSender(store, secret, worker, webhook_settings(config))
     # Events this replica queues (the runner's, the servicer's cancels) go out at once.
     store.on_events(sender.wake)
-    gateway = tls.aio_channel(
-        config.gateway_address, tls.files_of(config), options=keepalive.client_options()
+    gateway = tls.ReloadingChannel.to(
+        config.gateway_address, tls.files_of(config), "predictions -> gateway", keepalive.client_options()
     )
     server = grpc.aio.server(
         interceptors=[
@@ -127,7 +128,7 @@ async def build(config: PredictionsConfig) -> PredictionsServer:
             store,
             runner,
             changes,
-            GatewayModels(gateway),
+            GatewayModels(gateway.current),
             webhooks.webhook_url_problem,
             public_url=config.public_url,
             webhook_secret=secret,

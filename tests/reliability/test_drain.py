@@ -38,6 +38,9 @@ PROBE_TIMEOUT = 10.0
 PROBE_EVERY = 0.5
 # Generous: the machine is shared, and a slow stream must not be cut off by the grace itself.
 GRACE_S = 60.0
+# The work in flight ends within seconds: a tier that stops much later waited on something else
+# (the gateways' endless health Watch streams held the embedder for its whole grace).
+STOP_WITHIN_S = 25.0
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def check_and_report(
         if code != grpc.StatusCode.OK and not (code == grpc.StatusCode.UNAVAILABLE and retry)
     ]
     assert not wrong, f"{tier}: gRPC calls during the drain ended {wrong[:3]}"
-    assert seconds < GRACE_S + 5, f"{tier} took {seconds:.1f}s to stop"
+    assert seconds < STOP_WITHIN_S, f"{tier} took {seconds:.1f}s to stop (its work ended long before)"
 
 
 def long_stream(

@@ -367,5 +367,6 @@ async def test_a_huge_non_ascii_message_reaches_the_client_with_its_own_code(tex
     async with serving(generator_errors.MAPPING) as served:
         error = await failed_unary(served, huge)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert error.details().startswith(text * 10) and error.details().endswith("\u2026")
+        message = error.details() or ""
+        assert message.startswith(text * 10) and message.endswith("\u2026")
         assert detail(status_of(error), error_details_pb2.BadRequest) == error_details_pb2.BadRequest()

@@ -23,6 +23,8 @@ class RpcFailure(Exception):
     code: grpc.StatusCode
     message: str
     details: Sequence[Message] = field(default_factory=tuple)
+    # Extra trailing metadata (ASCII keys and values), e.g. a marker a proxy acts on.
+    trailers: Sequence[tuple[str, str]] = field(default_factory=tuple)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -34,7 +36,8 @@ class RpcFailure(Exception):
         return status
 
     async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-        await context.abort_with_status(rpc_status.to_status(bounded(self).to_status()))
+        status = rpc_status.to_status(bounded(self).to_status())
+        await context.abort(status.code, status.details, (*status.trailing_metadata, *self.trailers))
         raise AssertionError("unreachable: abort raises")
 
 
@@ -123,7 +126,7 @@ def bounded(failure: RpcFailure) -> RpcFailure:
     # a character, and never more than its percent-encoding) -- so each encoded byte saved twice.
     details = wire_bytes(status_pb2.Status(code=status.code, details=status.details))
     room = max(64, (MAX_WIRE_BYTES - details) // 2)
-    return RpcFailure(failure.code, clip_encoded(failure.message, room), failure.details)
+    return RpcFailure(failure.code, clip_encoded(failure.message, room), failure.details, failure.trailers)
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> RpcFailure:

@@ -104,7 +104,9 @@ async def serve(config: EmbedderConfig) -> int:
     log.info("shutting down: draining for up to %.0fs", config.shutdown_grace_s)
     await health.enter_graceful_shutdown()
     await engine.drain(config.shutdown_grace_s)
-    await server.stop(config.shutdown_grace_s)
+    # The drain already waited for the work; what is left are calls that never end on their own
+    # (the gateways' health Watch streams), which must not hold the exit for the whole grace.
+    await server.stop(1.0)
     await engine.stop()
     log.info("embedder stopped")
     if still_loading:

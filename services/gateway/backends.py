@@ -60,6 +60,8 @@ DNS_MIN_RERESOLUTION_MS = 5000
 FAILURE_COOLDOWN_S = 1.0
 # Pause before watching a replica's health again after its watch ended.
 WATCH_RETRY_S = 0.25
+# The longest such pause (a watch that keeps failing, or a replica with no health service).
+WATCH_RETRY_MAX_S = 2.0
 # Pause before retrying a call on a replica that already failed it (only one replica is left).
 RETRY_BACKOFF_S = 0.05
 # The retry delay a client is told when its stream was cut by a lost replica.
@@ -300,13 +302,17 @@ class Replica:
 
     async def watch(self, backend: str = "") -> None:
         """Follow the replica's grpc.health.v1 status until cancelled; while the replica is down the
-        watch waits for its channel to reconnect (within the reconnect backoff)."""
+        watch waits for its channel to reconnect (within the reconnect backoff). Any failure of the
+        watch marks the replica unreachable (or unchecked, with no health service) and it starts
+        again after a pause that grows up to WATCH_RETRY_MAX_S; a reloaded channel is watched at once."""
+        pause = WATCH_RETRY_S
         while True:
             channel = self.channel
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 async for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True):
                     self.set_health(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), backend)
+                    pause = WATCH_RETRY_S
                     if self.channel is not channel:
                         break  # watch on the new channel (new certificates) at once
                 else:
@@ -315,11 +321,20 @@ class Replica:
                 if self.channel is not channel:
                     continue  # the old channel was closed after a reload: not the replica's fault
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # No health service (yet: a replica may be replaced by one that has it): calls
+                    # decide, and the watch asks again now and then.
                     self.set_health(UNCHECKED, backend)
-                    return
+                    pause = WATCH_RETRY_MAX_S
+                else:
+                    self.set_health(UNREACHABLE, backend)
+            except Exception:
+                # A watch that died silently would leave the replica's last health standing for good.
+                log.exception("%s replica %s: health watch failed", backend or "backend", self.address)
                 self.set_health(UNREACHABLE, backend)
-            if self.channel is channel:
-                await asyncio.sleep(WATCH_RETRY_S)
+            if self.channel is not channel:
+                continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, WATCH_RETRY_MAX_S)
 
 
 class ReplicaPool:
@@ -407,20 +422,27 @@ class Backend:
         self.pool = ReplicaPool(members, clock)
         self.replica_channels = {replica.address: replica.channel for replica in members}
         self._watches: list[asyncio.Task[None]] = []
+        self._closed = False
         self.watch()
 
     def watch(self) -> None:
-        """Start the replicas' health watches (once, in the running event loop)."""
-        if self._watches:
+        """Start the replicas' health watches in the running event loop, and start again any that
+        ended (a watch only ends by cancellation or a bug, and a replica must not go unwatched)."""
+        if self._watches and not any(task.done() for task in self._watches):
             return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
+        if self._closed:
+            return
+        watched = [replica for replica in self.pool.replicas if replica.watched]
+        tasks: list[asyncio.Task[None] | None] = [*self._watches] or [None] * len(watched)
         self._watches = [
-            asyncio.create_task(replica.watch(self.name), name=f"watch {self.name} {replica.address}")
-            for replica in self.pool.replicas
-            if replica.watched
+            task
+            if task is not None and not task.done()
+            else asyncio.create_task(replica.watch(self.name), name=f"watch {self.name} {replica.address}")
+            for replica, task in zip(watched, tasks, strict=True)
         ]
 
     def pick(self, avoid: Collection[Replica] = ()) -> Replica:
@@ -465,6 +487,7 @@ class Backend:
         }
 
     async def close(self) -> None:
+        self._closed = True
         for task in [*self._watches, *self._closing]:
             task.cancel()
         await asyncio.gather(*self._watches, *self._closing, return_exceptions=True)

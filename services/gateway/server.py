@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -55,10 +56,15 @@ SERVICE_NAMES = (
 )
 
 
+# Marks a refusal by a draining gateway: nothing ran, so Envoy retries it on another gateway
+# (retry_on retriable-headers) rather than answer 503 until its health checks see the drain.
+DRAINING_HEADER = "x-gateway-draining"
+
+
 class Draining(BehaviorWrapper):
     """Counts the inference calls in flight; once `start` is called, refuses new ones with
-    UNAVAILABLE and a RetryInfo (a client or Envoy retries elsewhere or later) while those in
-    flight run on."""
+    UNAVAILABLE, a RetryInfo and DRAINING_HEADER (Envoy or a client retries elsewhere or later)
+    while those in flight run on."""
 
     def __init__(self) -> None:
         self.draining = False
@@ -79,7 +85,8 @@ class Draining(BehaviorWrapper):
 
     def _admit(self) -> None:
         if self.draining:
-            raise unavailable("the gateway is shutting down; retry shortly", "SHUTTING_DOWN")
+            refusal = unavailable("the gateway is shutting down; retry shortly", "SHUTTING_DOWN")
+            raise dataclasses.replace(refusal, trailers=((DRAINING_HEADER, "1"),))
         self.in_flight += 1
         self._idle.clear()
 

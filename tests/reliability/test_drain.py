@@ -1,23 +1,32 @@
 """SIGTERM to each tier under load, one at a time, restarting it after: the work in flight
 finishes within the tier's grace, and new work meanwhile is refused at once with 503 and
-Retry-After over REST and UNAVAILABLE with a RetryInfo over gRPC, never a hang or a 500."""
+Retry-After over REST and UNAVAILABLE with a RetryInfo over gRPC, never a hang or a 500. With two
+gateways behind one Envoy, a draining one costs clients nothing: Envoy retries its refusals on
+the other."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import shutil
 import signal
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import httpx
 import pytest
+import yaml
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
 
+from tests.fixtures_gateway import descriptor_for_envoy, render_envoy
 from tests.reliability.figures import report
 from tests.reliability.stack import (
     Outcome,
@@ -29,6 +38,7 @@ from tests.reliability.stack import (
     stream_chat,
     unary_chat,
 )
+from tests.stack import ROOT, ServiceProcess, free_port
 
 IN_FLIGHT = 3
 # Long enough that the streams are still running when the signal arrives.
@@ -38,6 +48,9 @@ PROBE_TIMEOUT = 10.0
 PROBE_EVERY = 0.5
 # Generous: the machine is shared, and a slow stream must not be cut off by the grace itself.
 GRACE_S = 60.0
+# The work in flight ends within seconds: a tier that stops much later waited on something else
+# (the gateways' endless health Watch streams held the embedder for its whole grace).
+STOP_WITHIN_S = 25.0
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +201,7 @@ def check_and_report(
         if code != grpc.StatusCode.OK and not (code == grpc.StatusCode.UNAVAILABLE and retry)
     ]
     assert not wrong, f"{tier}: gRPC calls during the drain ended {wrong[:3]}"
-    assert seconds < GRACE_S + 5, f"{tier} took {seconds:.1f}s to stop"
+    assert seconds < STOP_WITHIN_S, f"{tier} took {seconds:.1f}s to stop (its work ended long before)"
 
 
 def long_stream(
@@ -244,3 +257,143 @@ def test_sigterm_to_the_embedder_finishes_its_requests_and_refuses_new_ones(stac
         check_and_report("embedder", done, probes, grpc_probes, seconds, recovered)
 
     asyncio.run(case())
+
+
+# --- two gateways behind one Envoy ---------------------------------------------------------
+
+PAIR_WORKERS = 4
+# Envoy's health checks see a drain after 2 failures 2 s apart (4-10 s): the load runs past that.
+PAIR_AFTER_SIGNAL_S = 12.0
+
+
+HELD_TOKENS = 48
+
+
+HELD_STREAMS = 3
+
+
+async def long_grpc_stream(stack: Stack, address: str, prompt: str, started: Callable[[], None]) -> int:
+    """A GenerateStream straight to the gateway at `address` (up to HELD_TOKENS, which take
+    seconds): how many messages it got; `started` is called at the first."""
+    request = generation_pb2.GenerateStreamRequest(
+        prompt=prompt, parameters=common_pb2.SamplingParameters(max_new_tokens=HELD_TOKENS)
+    )
+    metadata = (("authorization", f"Bearer {stack.keys['user']}"),)
+    received = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        async for _ in stub.GenerateStream(request, metadata=metadata, timeout=GRACE_S):
+            received += 1
+            if received == 1:
+                started()
+    return received
+
+
+def start_envoy_for(addresses: list[str], workdir: Path) -> tuple[ServiceProcess, str]:
+    """Envoy from envoy/envoy.yaml on free ports with every gateway of `addresses` in its gateway
+    cluster, once it answers /healthz."""
+    listen_port, admin_port = free_port(), free_port()
+    config = yaml.safe_load(render_envoy(listen_port, admin_port, addresses[0], descriptor_for_envoy()))
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "gateway"]
+    cluster["load_assignment"]["endpoints"] = [
+        {
+            "lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+                for host, port in (address.rsplit(":", 1) for address in addresses)
+            ]
+        }
+    ]
+    path = workdir / "envoy-pair.yaml"
+    path.write_text(yaml.safe_dump(config, width=1 << 20, sort_keys=False))
+    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
+    base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
+    process = ServiceProcess(
+        "envoy-pair", [envoy, "-c", str(path), "--base-id", str(base_id), "--log-level", "warn"]
+    ).start()
+    url = f"http://127.0.0.1:{listen_port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if not process.alive() or time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
+        time.sleep(0.1)
+
+
+def test_a_draining_gateway_beside_another_costs_clients_nothing(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Regression: a draining gateway refused at once (503) while Envoy went on sending to it
+    until its health checks failed twice, and did not retry elsewhere (gRPC UNAVAILABLE is no
+    connect failure): its refusals now carry x-gateway-draining, which Envoy retries."""
+    second = dataclasses.replace(stack.gateway, name="gateway-2", port=free_port(), process=None).start()
+    envoy: ServiceProcess | None = None
+    try:
+        envoy, url = start_envoy_for([stack.gateway.address, second.address], tmp_path_factory.mktemp("pair"))
+        pair = dataclasses.replace(stack, url=url)
+
+        async def case() -> tuple[list[Outcome], float]:
+            outcomes: list[Outcome] = []
+            call = short_chat(pair)
+            stop_at: float | None = None
+            async with client_for(pair, connections=16) as client:
+
+                async def worker() -> None:
+                    while stop_at is None or time.monotonic() < stop_at:
+                        outcomes.append(await bounded(call(client)))
+
+                workers = [asyncio.create_task(worker()) for _ in range(PAIR_WORKERS)]
+                # Long streams on the second gateway keep it draining (and refusing) for a while.
+                running = [asyncio.Event() for _ in range(HELD_STREAMS)]
+                held = [
+                    asyncio.create_task(long_grpc_stream(pair, second.address, f"{LONG_TEXT} {n}", event.set))
+                    for n, event in enumerate(running)
+                ]
+                await asyncio.wait_for(asyncio.gather(*(event.wait() for event in running)), 120)
+                # Calls get through before the signal (Envoy's first health checks passed).
+                waited = time.monotonic()
+                while time.monotonic() - waited < 120:
+                    if len(outcomes) >= PAIR_WORKERS:
+                        break
+                    await asyncio.sleep(0.2)
+                before = len(outcomes)
+                assert second.process is not None
+                signalled = time.monotonic()
+                second.process.send_signal(signal.SIGTERM)
+                stop_at = signalled + PAIR_AFTER_SIGNAL_S
+                while time.monotonic() - signalled < GRACE_S + 30:
+                    if not second.process.alive():
+                        break
+                    await asyncio.sleep(0.2)
+                exited = time.monotonic() - signalled
+                stop_at = max(stop_at, time.monotonic() + 2.0)
+                await asyncio.gather(*workers)
+                # Cut off, a stream would raise its status here.
+                await asyncio.gather(*held)
+            assert before > 0, "no call finished before the signal"
+            return outcomes, exited
+
+        outcomes, exited = asyncio.run(case())
+        failed = [(o.status, o.detail[:300]) for o in outcomes if not (o.status == 200 and o.complete)]
+        refused = [detail for status, detail in failed if "shutting down" in detail]
+        report(
+            "drain",
+            tier="gateway of two",
+            calls=len(outcomes),
+            refused_draining=len(refused),
+            failed=len(failed),
+            seconds=exited,
+        )
+        assert not refused, f"{len(refused)} refusals of the draining gateway reached clients: {refused[:2]}"
+        # Not yet zero: at the instant its port closes a few calls in hundreds still fail
+        # (connection failures Envoy does not retry); counted in the figures.
+        assert exited < STOP_WITHIN_S, f"the draining gateway took {exited:.1f}s to stop"
+    finally:
+        if envoy is not None:
+            envoy.stop(grace=5)
+        second.stop(grace=10)

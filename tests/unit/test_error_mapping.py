@@ -18,7 +18,14 @@ from grpc_status import rpc_status
 from inference.v1 import generation_pb2, generation_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.common.errors import FailureMapping, RpcFailure
+from services.common.errors import (
+    MAX_WIRE_BYTES,
+    FailureMapping,
+    RpcFailure,
+    clip,
+    invalid_argument,
+    wire_bytes,
+)
 from services.common.interceptors import RequestObserver, serving_interceptor
 from services.embedder import errors as embedder_errors
 from services.embedder import exceptions as embedder
@@ -333,3 +340,33 @@ def test_the_gateway_passes_a_backends_status_and_details_on() -> None:
     (detail,) = failure.details
     assert isinstance(detail, error_details_pb2.PreconditionFailure)
     assert detail.violations[0].subject == "tiny"
+
+
+# --- refusals that quote the request: bounded in bytes on the wire ---------------------------
+
+
+@pytest.mark.parametrize("text", ["é", "🙂", "\u202e", "%", "a"])
+def test_clip_counts_utf8_bytes_and_never_cuts_a_character(text: str) -> None:
+    clipped = clip(text * 500, 100)
+    assert len(clipped.encode()) <= 100
+    assert clipped.endswith("\u2026") and clipped[:-1] == text * len(clipped[:-1])
+
+
+@pytest.mark.parametrize("text", ["é" * 400, "🙂" * 400, "%\x01" * 400])
+def test_eight_non_ascii_violations_fit_the_wire_bound(text: str) -> None:
+    failure = invalid_argument([(f"messages[{index}].role", f"got {text!r}") for index in range(8)])
+    assert wire_bytes(failure.to_status()) <= MAX_WIRE_BYTES
+    assert failure.message.startswith("messages[0].role: got") and failure.message.endswith("more")
+
+
+@pytest.mark.parametrize("text", ["é", "🙂"])
+async def test_a_huge_non_ascii_message_reaches_the_client_with_its_own_code(text: str) -> None:
+    """Regression: a status of ~18 KB of trailers reached gRPC clients as RESOURCE_EXHAUSTED
+    (their 16 KiB metadata limit), which REST clients saw as a 429 and retried for ever."""
+    huge = RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, text * 9000, (error_details_pb2.BadRequest(),))
+    async with serving(generator_errors.MAPPING) as served:
+        error = await failed_unary(served, huge)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        message = error.details() or ""
+        assert message.startswith(text * 10) and message.endswith("\u2026")
+        assert detail(status_of(error), error_details_pb2.BadRequest) == error_details_pb2.BadRequest()

@@ -18,6 +18,7 @@ from services.common.interceptors import Context
 from services.gateway.backends import (
     MAX_RECONNECT_BACKOFF_MS,
     SERVING,
+    UNCHECKED,
     UNREACHABLE,
     Backend,
     Backends,
@@ -50,7 +51,7 @@ class FakeChannel:
         self.fail_after: int | None = None
         self.calls: list[str] = []
         self.cancelled = 0
-        self.health: asyncio.Queue[int | grpc.aio.AioRpcError] = asyncio.Queue()
+        self.health: asyncio.Queue[int | Exception] = asyncio.Queue()
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return self.state
@@ -83,7 +84,7 @@ class FakeChannel:
                 if method == HEALTH_WATCH:
                     while True:
                         item = await channel.health.get()
-                        if isinstance(item, grpc.aio.AioRpcError):
+                        if isinstance(item, Exception):
                             raise item
                         yield health_pb2.HealthCheckResponse(status=item)
                 if channel.fail_with is not None and channel.fail_after is None:
@@ -131,14 +132,12 @@ class Stack:
     def calls(self, address: str, method: str) -> int:
         return sum(1 for call in self.channels[address].calls if call.endswith("/" + method))
 
-    async def health(self, backend: Backend, address: str, status: int | grpc.aio.AioRpcError) -> None:
+    async def health(self, backend: Backend, address: str, status: int | Exception, wanted: str = "") -> None:
         self.channels[address].health.put_nowait(status)
         replica = next(replica for replica in backend.pool.replicas if replica.address == address)
-        wanted = (
-            UNREACHABLE
-            if isinstance(status, grpc.aio.AioRpcError)
-            else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-        )
+        if not wanted:
+            named = health_pb2.HealthCheckResponse.ServingStatus.Name
+            wanted = UNREACHABLE if isinstance(status, Exception) else named(status)
         await eventually(lambda: replica.health == wanted)
 
     async def embed_on(self, count: int) -> list[str]:
@@ -274,3 +273,32 @@ def test_replica_health_names() -> None:
     assert (
         health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.SERVING) == SERVING
     )
+
+
+async def test_a_watch_that_fails_unexpectedly_marks_the_replica_down_and_starts_again(stack: Stack) -> None:
+    await stack.health(stack.embedder, "e2:2", health_pb2.HealthCheckResponse.SERVING)
+    await stack.health(stack.embedder, "e2:2", RuntimeError("a bug in the watch"))
+    assert await stack.embed_on(3) == ["e1:1"] * 3
+    await stack.health(stack.embedder, "e2:2", health_pb2.HealthCheckResponse.SERVING)
+    assert sorted(await stack.embed_on(2)) == ["e1:1", "e2:2"]
+
+
+async def test_a_replica_without_a_health_service_is_asked_again_later(stack: Stack) -> None:
+    unimplemented = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "no health"
+    )
+    await stack.health(stack.embedder, "e1:1", unimplemented, wanted=UNCHECKED)
+    # Replaced by a replica that has one: its status counts again.
+    await stack.health(stack.embedder, "e1:1", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert await stack.embed_on(2) == ["e2:2"] * 2
+
+
+async def test_a_watch_task_that_ended_is_started_again(stack: Stack) -> None:
+    await stack.embed_on(1)
+    ended = stack.embedder._watches[0]
+    ended.cancel()
+    await asyncio.gather(ended, return_exceptions=True)
+    await stack.embed_on(1)
+    assert stack.embedder._watches[0] is not ended and not stack.embedder._watches[0].done()
+    await stack.health(stack.embedder, "e1:1", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert await stack.embed_on(2) == ["e2:2"] * 2

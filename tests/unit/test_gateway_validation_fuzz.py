@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from inference.v1 import common_pb2, embedding_pb2, generation_pb2, openai_pb2
 
 from services.common import sampling
-from services.common.errors import RpcFailure, not_found
+from services.common.errors import RpcFailure, not_found, wire_bytes
 from services.gateway import openai_compat as oai
 from services.gateway import validation
 from services.gateway.validation import RequestLimits
@@ -28,7 +28,8 @@ from services.predictions import tasks
 from services.predictions.records import Task
 
 FD = descriptor.FieldDescriptor
-# What a refusal's status may take: well under gRPC's default 8 KiB of metadata.
+# What a refusal's trailers may take (grpc-message percent-encoded, grpc-status-details-bin in
+# base64): well under gRPC's default 8 KiB of metadata and its 16 KiB hard limit.
 STATUS_BYTES = 6 * 1024
 LIMITS = RequestLimits()
 FUZZ = settings(
@@ -74,7 +75,9 @@ def texts(max_size: int = 40) -> st.SearchStrategy[str]:
     # Every category but surrogates, which are not UTF-8 (protobuf refuses them).
     characters = st.characters(categories=("L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co", "Cn"))
     plain = st.text(characters, max_size=max_size)
-    huge = st.sampled_from(["x" * (LIMITS.max_prompt_chars + 1), " " * 70_000, "é" * 300])
+    huge = st.sampled_from(
+        ["x" * (LIMITS.max_prompt_chars + 1), " " * 70_000, "é" * 300, "é" * 400, "🙂" * 2000, "%\x01" * 500]
+    )
     return st.one_of(st.sampled_from(WORDS), plain, huge)
 
 
@@ -292,7 +295,7 @@ def outcome(request: Message, check: Callable[[], object]) -> object | None:
     except RpcFailure as error:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
         # The status travels in HTTP/2 trailers, which Envoy and gRPC clients limit.
-        assert len(error.to_status().SerializeToString()) < STATUS_BYTES, len(error.message)
+        assert wire_bytes(error.to_status()) <= STATUS_BYTES, len(error.message)
         fields = _violations(error)
         assert fields, f"no field violation in {error}"
         known = _field_names(request.DESCRIPTOR)
@@ -547,9 +550,31 @@ def test_a_refusal_quoting_a_huge_value_stays_small() -> None:
     )
     with pytest.raises(RpcFailure) as caught:
         validation.validate_chat(request, LIMITS)
-    assert len(caught.value.to_status().SerializeToString()) < STATUS_BYTES
+    assert wire_bytes(caught.value.to_status()) <= STATUS_BYTES
     assert caught.value.message.startswith("messages[0].role: must be one of")
     assert caught.value.message.endswith("more")
     assert _violations(caught.value)[:2] == ["messages[0].role", "messages[0].content"]
     refused = not_found("model", huge, ["m"])
-    assert len(refused.to_status().SerializeToString()) < STATUS_BYTES
+    assert wire_bytes(refused.to_status()) <= STATUS_BYTES
+
+
+@pytest.mark.parametrize(
+    "text", ["é" * 400, "🙂" * 400, "\u202e%" * 400], ids=["accents", "emoji", "escaped"]
+)
+def test_a_refusal_quoting_non_ascii_values_stays_small_on_the_wire(text: str) -> None:
+    """Regression: clipped by characters, 8 roles of "é" * 400 made about 18 KB of trailers
+    (percent-encoded message and base64 details), past gRPC's 16 KiB: clients got
+    RESOURCE_EXHAUSTED (a REST 429 with Retry-After) instead of the refusal."""
+    request = generation_pb2.ChatRequest(messages=[common_pb2.ChatMessage(role=text, content="hi")] * 8)
+    with pytest.raises(RpcFailure) as caught:
+        validation.validate_chat(request, LIMITS)
+    failure = caught.value
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert wire_bytes(failure.to_status()) <= STATUS_BYTES
+    assert failure.message.startswith("messages[0].role: must be one of")
+    assert failure.message.endswith("more")
+    assert _violations(failure)[0] == "messages[0].role"
+    # Clipped on a character's boundary: the text is still valid UTF-8 that protobuf accepts.
+    failure.to_status().SerializeToString()
+    refused = not_found("model", text * 10, ["m"])
+    assert wire_bytes(refused.to_status()) <= STATUS_BYTES

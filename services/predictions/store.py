@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -805,6 +806,20 @@ class SqlStore:
         await self._engine.dispose()
 
 
+def _enter_wal(cursor: Any, attempts: int = 100) -> None:
+    """Switch the file to WAL. Replicas opening a new file together can get "database is locked"
+    at once here (seen in CI): the switch needs the file alone, and SQLite may skip the busy
+    handler for it, so it is retried for up to ten seconds."""
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+
+
 def _sqlite_setup(engine: AsyncEngine) -> None:
     """WAL (readers do not block the writer), a busy timeout, and our own BEGIN: IMMEDIATE for
     writes, so that two processes on one file serialize instead of failing on a stale read."""
@@ -814,8 +829,8 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         # SQLAlchemy's "begin" event emits BEGIN, not the driver (nor its COMMIT before DDL).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
+        _enter_wal(cursor)
         # A commit survives a power cut too, not just a crash (measured: no slower here).
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()

@@ -231,6 +231,31 @@ def gateway_service(
     process.stop()
 
 
+def run_envoy(config: Path, name: str, listen_port: int, https: bool = False) -> tuple[ServiceProcess, str]:
+    """Envoy started on a rendered `config` that listens on `listen_port`, with its URL, once it
+    answers /healthz (which it does whether or not the gateway is up)."""
+    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
+    # A distinct base id per Envoy, so that several can run on one machine (shared memory).
+    base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
+    process = ServiceProcess(
+        name, [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
+    ).start()
+    url = f"{'https' if https else 'http'}://127.0.0.1:{listen_port}"
+    unverified = ssl._create_unverified_context() if https else None
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=unverified) as reply:
+                if reply.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if not process.alive() or time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
+        time.sleep(0.1)
+
+
 @dataclass
 class EnvoyService:
     url: str
@@ -251,7 +276,6 @@ def start_envoy(
 ) -> EnvoyService:
     """Envoy rendered onto free ports; `limits` (EdgeLimits) and `tls` (certificate, key) as
     render_envoy takes them. With TLS the URL is https:// (its readiness probe does not verify)."""
-    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
     config.write_text(
@@ -268,25 +292,7 @@ def start_envoy(
             workdir,
         )
     )
-    # A distinct base id per Envoy, so that several can run on one machine (shared memory).
-    base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
-    process = ServiceProcess(
-        name, [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
-    ).start()
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{listen_port}"
-    unverified = ssl._create_unverified_context() if tls else None
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2, context=unverified) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
-        time.sleep(0.1)
+    process, url = run_envoy(config, name, listen_port, https=tls is not None)
     return EnvoyService(url, admin_port, process)
 
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import shutil
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +22,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from inference.v1 import embedding_pb2, embedding_pb2_grpc
 from jwt.algorithms import RSAAlgorithm
 
-from tests.fixtures_gateway import GatewayService, descriptor_for_envoy, start_gateway, write_key_file
+from tests.fixtures_gateway import (
+    GatewayService,
+    descriptor_for_envoy,
+    run_envoy,
+    start_gateway,
+    write_key_file,
+)
 from tests.fixtures_predictions import FAST_FLAGS, sqlite_url, start_predictions
-from tests.stack import ROOT, ServiceProcess, free_port
+from tests.stack import ServiceProcess, free_port
 from tools.envoy_config import JwtEdge, render_config
 
 ISSUER = "https://login.test/realms/inference"
@@ -72,24 +75,8 @@ def _start_envoy(workdir: Path, gateway: str, predictions: str, edge: JwtEdge) -
             listen, admin, gateway, descriptor_for_envoy(), predictions_address=predictions, jwt=edge
         )
     )
-    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
-    base_id = 1000 + (os.getpid() * 7 + listen) % 50000
-    process = ServiceProcess(
-        "envoy-jwt", [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
-    ).start()
-    url = f"http://127.0.0.1:{listen}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
-        time.sleep(0.1)
+    process, url = run_envoy(config, "envoy-jwt", listen)
+    return process, url
 
 
 @pytest.fixture(scope="module")

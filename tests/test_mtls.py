@@ -11,7 +11,6 @@ import datetime
 import ipaddress
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -37,7 +36,7 @@ from inference.v1 import generation_pb2, generation_pb2_grpc
 from services.common import tls
 from services.common.config import load_config
 from services.generator.config import GeneratorConfig
-from tests.fixtures_gateway import DESCRIPTOR
+from tests.fixtures_gateway import DESCRIPTOR, run_envoy
 from tests.stack import ROOT, ServiceProcess, free_port
 from tools.envoy_config import render_config
 from tools.healthcheck import grpc_status
@@ -203,7 +202,6 @@ def start_envoy_with_upstream_tls(
 ) -> tuple[ServiceProcess, str, int]:
     """Envoy on free ports in front of `gateway` and `predictions`, on mutual TLS to both (its SDS
     files beside its configuration); returns it, its URL and its admin port."""
-    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen, admin = free_port(), free_port()
     files = pki.files("envoy")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -222,23 +220,8 @@ def start_envoy_with_upstream_tls(
             upstream_tls_key=files.key,
         )
     )
-    base_id = 2000 + (os.getpid() * 11 + listen) % 50000
-    process = ServiceProcess(
-        "envoy-mtls", [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
-    ).start()
-    url = f"http://127.0.0.1:{listen}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return process, url, admin
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
-        time.sleep(0.1)
+    process, url = run_envoy(config, "envoy-mtls", listen)
+    return process, url, admin
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ and the async REST helpers the cases share (a stream read to its end, a unary ch
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -16,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from tests.fixtures_gateway import descriptor_for_envoy, render_envoy, write_key_file
-from tests.stack import ROOT, ServiceProcess, free_port
+from tests.fixtures_gateway import descriptor_for_envoy, render_envoy, run_envoy, write_key_file
+from tests.stack import ServiceProcess, free_port
 
 CHAT = "/v1/chat/completions"
 
@@ -130,27 +128,11 @@ def start_stack(
 def start_envoy_at(gateway_address: str, workdir: Path) -> tuple[ServiceProcess, str]:
     """Envoy from envoy/envoy.yaml on free ports in front of `gateway_address`, once it answers
     /healthz (which it does whether or not the gateway is up)."""
-    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
     listen_port, admin_port = free_port(), free_port()
     config = workdir / "envoy.yaml"
     config.write_text(render_envoy(listen_port, admin_port, gateway_address, descriptor_for_envoy()))
-    base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
-    process = ServiceProcess(
-        "envoy", [envoy, "-c", str(config), "--base-id", str(base_id), "--log-level", "warn"]
-    ).start()
-    url = f"http://127.0.0.1:{listen_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
-        time.sleep(0.1)
+    process, url = run_envoy(config, "envoy", listen_port)
+    return process, url
 
 
 def generation_model(stack: Stack, task: str = "generation") -> str:

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import shutil
 import signal
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from inference.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2, generation_pb2_grpc
 
-from tests.fixtures_gateway import descriptor_for_envoy, render_envoy
+from tests.fixtures_gateway import descriptor_for_envoy, render_envoy, run_envoy
 from tests.reliability.figures import report
 from tests.reliability.stack import (
     Outcome,
@@ -38,7 +35,7 @@ from tests.reliability.stack import (
     stream_chat,
     unary_chat,
 )
-from tests.stack import ROOT, ServiceProcess, free_port
+from tests.stack import ServiceProcess, free_port
 
 IN_FLIGHT = 3
 # Long enough that the streams are still running when the signal arrives.
@@ -305,24 +302,8 @@ def start_envoy_for(addresses: list[str], workdir: Path) -> tuple[ServiceProcess
     ]
     path = workdir / "envoy-pair.yaml"
     path.write_text(yaml.safe_dump(config, width=1 << 20, sort_keys=False))
-    envoy = shutil.which("envoy") or str(ROOT / ".venv" / "bin" / "envoy")
-    base_id = 1000 + (os.getpid() * 7 + listen_port) % 50000
-    process = ServiceProcess(
-        "envoy-pair", [envoy, "-c", str(path), "--base-id", str(base_id), "--log-level", "warn"]
-    ).start()
-    url = f"http://127.0.0.1:{listen_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"envoy did not come up:\n{process.log_tail()}")
-        time.sleep(0.1)
+    process, url = run_envoy(path, "envoy-pair", listen_port)
+    return process, url
 
 
 def test_a_draining_gateway_beside_another_costs_clients_nothing(
@@ -390,8 +371,8 @@ def test_a_draining_gateway_beside_another_costs_clients_nothing(
             seconds=exited,
         )
         assert not refused, f"{len(refused)} refusals of the draining gateway reached clients: {refused[:2]}"
-        # Not yet zero: at the instant its port closes a few calls in hundreds still fail
-        # (connection failures Envoy does not retry); counted in the figures.
+        # Other failures (none in runs here since Envoy may retry every refused request, before
+        # that a few in hundreds as the port closed) are counted in the figures, not asserted.
         assert exited < STOP_WITHIN_S, f"the draining gateway took {exited:.1f}s to stop"
     finally:
         if envoy is not None:

@@ -248,6 +248,15 @@ class Authentication(BehaviorWrapper):
 
 JWT_CLAIMS_HEADER = "x-jwt-payload"
 JWT_PREFIX = "jwt:"
+# The help of the jwt_scope_claim and jwt_scope_map settings, the same on every tier that has them.
+JWT_SCOPE_CLAIM_HELP = (
+    "The JWT claim holding the caller's scopes: a space-separated string or a list "
+    "(a dotted path reaches into nested claims, e.g. realm_access.roles)."
+)
+JWT_SCOPE_MAP_HELP = (
+    "Claim values to our scopes, value=scope[,...] (e.g. inference:generate=generate); "
+    "generate, embed and admin always map to themselves, other values are ignored."
+)
 _HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 # (header, value) of the verified claims of the call being served, None for an API key: the

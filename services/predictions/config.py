@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from services.common import tls
-from services.common.auth import jwt_settings
+from services.common.auth import JWT_SCOPE_CLAIM_HELP, JWT_SCOPE_MAP_HELP, jwt_settings
 from services.common.config import LogLevel
 
 
@@ -121,20 +121,8 @@ class PredictionsConfig:
             "through Envoy alone."
         },
     )
-    jwt_scope_claim: str = field(
-        default="scope",
-        metadata={
-            "help": "The JWT claim holding the caller's scopes: a space-separated string or a list "
-            "(a dotted path reaches into nested claims, e.g. realm_access.roles)."
-        },
-    )
-    jwt_scope_map: str = field(
-        default="",
-        metadata={
-            "help": "Claim values to our scopes, value=scope[,...] (e.g. inference:generate=generate); "
-            "generate, embed and admin always map to themselves, other values are ignored."
-        },
-    )
+    jwt_scope_claim: str = field(default="scope", metadata={"help": JWT_SCOPE_CLAIM_HELP})
+    jwt_scope_map: str = field(default="", metadata={"help": JWT_SCOPE_MAP_HELP})
 
     tls_ca: str = field(default="", metadata={"help": tls.CA_HELP})
     tls_cert: str = field(default="", metadata={"help": tls.CERT_HELP})

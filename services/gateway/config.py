@@ -91,7 +91,7 @@ class GatewayConfig:
         metadata={"help": "Prefix of the gateway's keys in Redis (one per API key name and limit)."},
     )
     redis_timeout: float = field(
-        default=0.25,
+        default=1.0,
         metadata={
             "help": "Seconds one rate-limit check may take in all (waiting for a connection, "
             "connecting, the script) before the gateway decides it on its own buckets."

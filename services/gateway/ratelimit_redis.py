@@ -150,7 +150,7 @@ class RedisRateLimiter:
         default: RateLimits,
         url: str,
         prefix: str = "inference:ratelimit:",
-        timeout: float = 0.25,
+        timeout: float = 1.0,
         retry_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = 64,

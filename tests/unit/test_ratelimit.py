@@ -120,7 +120,7 @@ def test_a_bad_redis_url_is_refused_without_echoing_its_password() -> None:
 def test_the_redis_defaults_are_valid_and_off() -> None:
     config = GatewayConfig()
     config.validate()
-    assert config.redis_url == "" and config.redis_timeout == 0.25
+    assert config.redis_url == "" and config.redis_timeout == 1.0
     assert config.redis_max_connections == 64
 
 

@@ -15,11 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +56,20 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         fallback: int = sock.getsockname()[1]
         return fallback
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def metric_samples(port: int, timeout: float = 30.0) -> list[Sample]:
+    """Every sample of the Prometheus endpoint on 127.0.0.1:`port`: (name, labels, value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:

@@ -17,7 +17,6 @@ import shutil
 import socket
 import ssl
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures_gateway import (
     EnvoyService,
@@ -40,7 +38,7 @@ from tests.fixtures_gateway import (
     render_envoy,
     start_envoy,
 )
-from tests.stack import ROOT, ServiceProcess, free_port
+from tests.stack import ROOT, ServiceProcess, free_port, metric_samples
 from tools.envoy_config import edge_limits
 
 # Short enough for tests, long enough for a loaded 2-core machine to send a normal request.
@@ -80,15 +78,8 @@ def port_of(url: str) -> int:
 
 def gateway_calls(gateway: GatewayService) -> float:
     """Every call the gateway has counted (all methods, keys and codes)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "gateway_requests"
-        for sample in family.samples
-        if sample.name == "gateway_requests_total"
-    )
+    samples = metric_samples(gateway.metrics_port, timeout=10)
+    return sum(value for name, _, value in samples if name == "gateway_requests_total")
 
 
 @dataclass

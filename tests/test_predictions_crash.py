@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +16,6 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from inference.v1 import info_pb2, info_pb2_grpc, predictions_pb2, predictions_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.predictions.records import Prediction
 from services.predictions.store import open_store
@@ -25,6 +23,7 @@ from tests.fixtures_gateway import GatewayService
 from tests.fixtures_generator import GeneratorService
 from tests.fixtures_postgres import PostgresServer
 from tests.fixtures_predictions import PredictionsService, start_predictions
+from tests.stack import metric_samples
 from tests.webhook_receiver import Received, webhook_receiver
 
 COUNT = 50
@@ -47,15 +46,8 @@ def generator_requests(generator: GeneratorService) -> int:
     less those refused before admission (generator_requests_rejected_total, by reason)."""
     with grpc.insecure_channel(generator.address) as channel:
         reply = info_pb2_grpc.InfoServiceStub(channel).GetStats(info_pb2.GetStatsRequest(), timeout=30)
-    url = f"http://127.0.0.1:{generator.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=30) as scraped:
-        text = scraped.read().decode()
-    rejected = sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "generator_requests_rejected_total"
-    )
+    samples = metric_samples(generator.metrics_port)
+    rejected = sum(value for name, _, value in samples if name == "generator_requests_rejected_total")
     return int(reply.components[0].requests_total) - int(rejected)
 
 

@@ -420,10 +420,14 @@ class Backend:
                 for address in self.replicas
             ]
         self.pool = ReplicaPool(members, clock)
-        self.replica_channels = {replica.address: replica.channel for replica in members}
         self._watches: list[asyncio.Task[None]] = []
         self._closed = False
         self.watch()
+
+    @property
+    def replica_channels(self) -> dict[str, grpc.aio.Channel]:
+        """Each replica's current channel, by address."""
+        return {replica.address: replica.channel for replica in self.pool.replicas}
 
     def watch(self) -> None:
         """Start the replicas' health watches in the running event loop, and start again any that
@@ -466,7 +470,6 @@ class Backend:
         options = channel_options(self._attempts_option) if self._named else replica_channel_options()
         for replica in self.pool.replicas:
             old = replica.replace_channel(self._factory(replica.address, options, list(self._interceptors)))
-            self.replica_channels[replica.address] = replica.channel
             self._old_channels.add(old)
             task = loop.create_task(old.close(grace=tls.RELOAD_GRACE_S))
             self._closing.add(task)

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.stack import ServiceProcess, free_port, health_status
+from tests.stack import Sample, ServiceProcess, free_port, health_status, metric_samples
 
 # One runtime thread each and small batches: four model processes share two cores.
 GENERATOR_ARGS = ("--threads", "1", "--max-running-sequences", "8", "--prefix-cache-mib", "16")
@@ -21,9 +18,6 @@ KINDS = {
     "generator": ("services.generator", GENERATOR_ARGS),
     "embedder": ("services.embedder", EMBEDDER_ARGS),
 }
-
-
-Sample = tuple[str, dict[str, str], float]
 
 
 def _admitted_generator(samples: list[Sample]) -> float:
@@ -45,17 +39,6 @@ SERVED: dict[str, Callable[[list[Sample]], float]] = {
     "generator": _admitted_generator,
     "embedder": _embed_calls,
 }
-
-
-def metric_samples(port: int) -> list[Sample]:
-    """Every sample of the Prometheus endpoint on `port`: (name, labels, value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    return [
-        (sample.name, dict(sample.labels), float(sample.value))
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
 
 
 @dataclass
@@ -105,14 +88,14 @@ class ModelReplica:
     def served(self) -> float:
         """The work it took on so far (see SERVED); 0 while its metrics cannot be read."""
         try:
-            return SERVED[self.kind](metric_samples(self.metrics_port))
+            return SERVED[self.kind](metric_samples(self.metrics_port, timeout=5))
         except OSError:
             return 0.0
 
     def running(self) -> float:
         """A generator's sequences in its running batch now (0 while its metrics cannot be read)."""
         try:
-            samples = metric_samples(self.metrics_port)
+            samples = metric_samples(self.metrics_port, timeout=5)
         except OSError:
             return 0.0
         return sum(value for name, _, value in samples if name == "generator_running_sequences")

@@ -22,7 +22,6 @@ import httpx2
 import psutil
 import pytest
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures_embedder import start_embedder
 from tests.fixtures_gateway import (
@@ -35,7 +34,7 @@ from tests.fixtures_gateway import (
 from tests.fixtures_generator import start_generator
 from tests.fixtures_predictions import sqlite_url, start_predictions
 from tests.reliability.figures import report
-from tests.stack import ServiceProcess
+from tests.stack import ServiceProcess, metric_samples
 
 pytestmark = pytest.mark.soak
 
@@ -129,13 +128,7 @@ def soak_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoakStack]:
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in metric_samples(port)}
 
 
 def envoy_stats(admin_port: int) -> dict[str, int]:

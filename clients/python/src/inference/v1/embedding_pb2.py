@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinference/v1/embedding.proto\x12\x0cinference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xed\x01\n\x0c\x45mbedRequest\x12%\n\x05input\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0f\x65ncoding_format\x18\x05 \x01(\x0e\x32\x1c.inference.v1.EncodingFormat\x12\x15\n\x08truncate\x18\x06 \x01(\x08H\x02\x88\x01\x01\x42\x0c\n\n_normalizeB\r\n\x0b_dimensionsB\x0b\n\t_truncate\"F\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x17\n\x0f\x65mbedding_bytes\x18\x03 \x01(\x0c\"=\n\x0e\x45mbeddingUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x86\x01\n\rEmbedResponse\x12%\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x17.inference.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1c.inference.v1.EmbeddingUsage\"&\n\x14PreloadModelsRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\")\n\x15PreloadModelsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\t\"\x17\n\x15GetCacheStatusRequest\"\xa0\x01\n\x0b\x43\x61\x63hedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08size_mib\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x16\n\x0emax_seq_length\x18\x05 \x01(\r\x12\x0c\n\x04hits\x18\x06 \x01(\r\x12\x11\n\tloaded_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\"\xc1\x01\n\x16GetCacheStatusResponse\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x12\n\nmax_models\x18\x02 \x01(\r\x12\x19\n\x11memory_budget_mib\x18\x03 \x01(\x01\x12\x17\n\x0fmemory_used_mib\x18\x04 \x01(\x01\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.inference.v1.CachedModel\x12\x0f\n\x07loading\x18\x06 \x03(\t\x12\x11\n\tevictions\x18\x07 \x01(\r\"#\n\x11\x43learCacheRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x12\x43learCacheResponse\x12\x0f\n\x07\x63leared\x18\x01 \x03(\t\"\'\n\x16GetModelCounterRequest\x12\r\n\x05model\x18\x01 \x01(\t\"j\n\x17GetModelCounterResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x0e\n\x06inputs\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\r*h\n\x0e\x45ncodingFormat\x12\x1f\n\x1b\x45NCODING_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NCODING_FORMAT_FLOAT\x10\x01\x12\x1a\n\x16\x45NCODING_FORMAT_BASE64\x10\x02\x32\xe3\x04\n\x10\x45mbeddingService\x12X\n\x05\x45mbed\x12\x1a.inference.v1.EmbedRequest\x1a\x1b.inference.v1.EmbedResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/embeddings:\x01*\x12x\n\rPreloadModels\x12\".inference.v1.PreloadModelsRequest\x1a#.inference.v1.PreloadModelsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/embeddings/preload:\x01*\x12}\n\x0eGetCacheStatus\x12#.inference.v1.GetCacheStatusRequest\x1a$.inference.v1.GetCacheStatusResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/embeddings/cache/status\x12s\n\nClearCache\x12\x1f.inference.v1.ClearCacheRequest\x1a .inference.v1.ClearCacheResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/embeddings/cache/clear:\x01*\x12\x86\x01\n\x0fGetModelCounter\x12$.inference.v1.GetModelCounterRequest\x1a%.inference.v1.GetModelCounterResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/embeddings/counter/{model=**}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinference/v1/embedding.proto\x12\x0cinference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xed\x01\n\x0c\x45mbedRequest\x12%\n\x05input\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x35\n\x0f\x65ncoding_format\x18\x05 \x01(\x0e\x32\x1c.inference.v1.EncodingFormat\x12\x15\n\x08truncate\x18\x06 \x01(\x08H\x02\x88\x01\x01\x42\x0c\n\n_normalizeB\r\n\x0b_dimensionsB\x0b\n\t_truncate\"F\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x17\n\x0f\x65mbedding_bytes\x18\x03 \x01(\x0c\"=\n\x0e\x45mbeddingUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x86\x01\n\rEmbedResponse\x12%\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x17.inference.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1c.inference.v1.EmbeddingUsage\"&\n\x14PreloadModelsRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"<\n\x15PreloadModelsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"\x17\n\x15GetCacheStatusRequest\"\xa0\x01\n\x0b\x43\x61\x63hedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08size_mib\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x16\n\x0emax_seq_length\x18\x05 \x01(\r\x12\x0c\n\x04hits\x18\x06 \x01(\r\x12\x11\n\tloaded_at\x18\x07 \x01(\x01\x12\x14\n\x0clast_used_at\x18\x08 \x01(\x01\"\xf5\x01\n\x16GetCacheStatusResponse\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x12\n\nmax_models\x18\x02 \x01(\r\x12\x19\n\x11memory_budget_mib\x18\x03 \x01(\x01\x12\x17\n\x0fmemory_used_mib\x18\x04 \x01(\x01\x12)\n\x06models\x18\x05 \x03(\x0b\x32\x19.inference.v1.CachedModel\x12\x0f\n\x07loading\x18\x06 \x03(\t\x12\x11\n\tevictions\x18\x07 \x01(\r\x12\x32\n\x08replicas\x18\x08 \x03(\x0b\x32 .inference.v1.ReplicaCacheStatus\"j\n\x12ReplicaCacheStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x34\n\x06status\x18\x02 \x01(\x0b\x32$.inference.v1.GetCacheStatusResponse\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"#\n\x11\x43learCacheRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\"8\n\x12\x43learCacheResponse\x12\x0f\n\x07\x63leared\x18\x01 \x03(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"\'\n\x16GetModelCounterRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9f\x01\n\x17GetModelCounterResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\r\x12\x0e\n\x06inputs\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\r\x12\x33\n\x08replicas\x18\x06 \x03(\x0b\x32!.inference.v1.ReplicaModelCounter\"m\n\x13ReplicaModelCounter\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x36\n\x07\x63ounter\x18\x02 \x01(\x0b\x32%.inference.v1.GetModelCounterResponse\x12\r\n\x05\x65rror\x18\x03 \x01(\t*h\n\x0e\x45ncodingFormat\x12\x1f\n\x1b\x45NCODING_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NCODING_FORMAT_FLOAT\x10\x01\x12\x1a\n\x16\x45NCODING_FORMAT_BASE64\x10\x02\x32\xe3\x04\n\x10\x45mbeddingService\x12X\n\x05\x45mbed\x12\x1a.inference.v1.EmbedRequest\x1a\x1b.inference.v1.EmbedResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/embeddings:\x01*\x12x\n\rPreloadModels\x12\".inference.v1.PreloadModelsRequest\x1a#.inference.v1.PreloadModelsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/embeddings/preload:\x01*\x12}\n\x0eGetCacheStatus\x12#.inference.v1.GetCacheStatusRequest\x1a$.inference.v1.GetCacheStatusResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/embeddings/cache/status\x12s\n\nClearCache\x12\x1f.inference.v1.ClearCacheRequest\x1a .inference.v1.ClearCacheResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/embeddings/cache/clear:\x01*\x12\x86\x01\n\x0fGetModelCounter\x12$.inference.v1.GetModelCounterRequest\x1a%.inference.v1.GetModelCounterResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/embeddings/counter/{model=**}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDINGSERVICE'].methods_by_name['ClearCache']._serialized_options = b'\202\323\344\223\002\034\"\027/embeddings/cache/clear:\001*'
   _globals['_EMBEDDINGSERVICE'].methods_by_name['GetModelCounter']._loaded_options = None
   _globals['_EMBEDDINGSERVICE'].methods_by_name['GetModelCounter']._serialized_options = b'\202\323\344\223\002 \022\036/embeddings/counter/{model=**}'
-  _globals['_ENCODINGFORMAT']._serialized_start=1310
-  _globals['_ENCODINGFORMAT']._serialized_end=1414
+  _globals['_ENCODINGFORMAT']._serialized_start=1673
+  _globals['_ENCODINGFORMAT']._serialized_end=1777
   _globals['_EMBEDREQUEST']._serialized_start=107
   _globals['_EMBEDREQUEST']._serialized_end=344
   _globals['_EMBEDDING']._serialized_start=346
@@ -56,21 +56,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRELOADMODELSREQUEST']._serialized_start=618
   _globals['_PRELOADMODELSREQUEST']._serialized_end=656
   _globals['_PRELOADMODELSRESPONSE']._serialized_start=658
-  _globals['_PRELOADMODELSRESPONSE']._serialized_end=699
-  _globals['_GETCACHESTATUSREQUEST']._serialized_start=701
-  _globals['_GETCACHESTATUSREQUEST']._serialized_end=724
-  _globals['_CACHEDMODEL']._serialized_start=727
-  _globals['_CACHEDMODEL']._serialized_end=887
-  _globals['_GETCACHESTATUSRESPONSE']._serialized_start=890
-  _globals['_GETCACHESTATUSRESPONSE']._serialized_end=1083
-  _globals['_CLEARCACHEREQUEST']._serialized_start=1085
-  _globals['_CLEARCACHEREQUEST']._serialized_end=1120
-  _globals['_CLEARCACHERESPONSE']._serialized_start=1122
-  _globals['_CLEARCACHERESPONSE']._serialized_end=1159
-  _globals['_GETMODELCOUNTERREQUEST']._serialized_start=1161
-  _globals['_GETMODELCOUNTERREQUEST']._serialized_end=1200
-  _globals['_GETMODELCOUNTERRESPONSE']._serialized_start=1202
-  _globals['_GETMODELCOUNTERRESPONSE']._serialized_end=1308
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1417
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2028
+  _globals['_PRELOADMODELSRESPONSE']._serialized_end=718
+  _globals['_GETCACHESTATUSREQUEST']._serialized_start=720
+  _globals['_GETCACHESTATUSREQUEST']._serialized_end=743
+  _globals['_CACHEDMODEL']._serialized_start=746
+  _globals['_CACHEDMODEL']._serialized_end=906
+  _globals['_GETCACHESTATUSRESPONSE']._serialized_start=909
+  _globals['_GETCACHESTATUSRESPONSE']._serialized_end=1154
+  _globals['_REPLICACACHESTATUS']._serialized_start=1156
+  _globals['_REPLICACACHESTATUS']._serialized_end=1262
+  _globals['_CLEARCACHEREQUEST']._serialized_start=1264
+  _globals['_CLEARCACHEREQUEST']._serialized_end=1299
+  _globals['_CLEARCACHERESPONSE']._serialized_start=1301
+  _globals['_CLEARCACHERESPONSE']._serialized_end=1357
+  _globals['_GETMODELCOUNTERREQUEST']._serialized_start=1359
+  _globals['_GETMODELCOUNTERREQUEST']._serialized_end=1398
+  _globals['_GETMODELCOUNTERRESPONSE']._serialized_start=1401
+  _globals['_GETMODELCOUNTERRESPONSE']._serialized_end=1560
+  _globals['_REPLICAMODELCOUNTER']._serialized_start=1562
+  _globals['_REPLICAMODELCOUNTER']._serialized_end=1671
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1780
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2391
 # @@protoc_insertion_point(module_scope)

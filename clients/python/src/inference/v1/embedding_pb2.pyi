@@ -203,18 +203,24 @@ class PreloadModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The models whose loading was started or that were already loaded."""
+
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Through the gateway: the replicas that were asked to load them."""
 
     def __init__(
         self,
         *,
         accepted: _abc.Iterable[_builtins.str] | None = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "addresses", b"addresses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,6 +295,7 @@ class GetCacheStatusResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     LOADING_FIELD_NUMBER: _builtins.int
     EVICTIONS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     strategy: _builtins.str
     """"fixed_size" (LRU by count) or "memory_aware" (LRU by memory budget)."""
     max_models: _builtins.int
@@ -301,6 +308,10 @@ class GetCacheStatusResponse(_message.Message):
     def loading(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models being loaded in the background."""
 
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaCacheStatus]:
+        """Through the gateway: each embedder replica's own status (the fields above sum or join them)."""
+
     def __init__(
         self,
         *,
@@ -311,14 +322,42 @@ class GetCacheStatusResponse(_message.Message):
         models: _abc.Iterable[Global___CachedModel] | None = ...,
         loading: _abc.Iterable[_builtins.str] | None = ...,
         evictions: _builtins.int = ...,
+        replicas: _abc.Iterable[Global___ReplicaCacheStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evictions", b"evictions", "loading", b"loading", "max_models", b"max_models", "memory_budget_mib", b"memory_budget_mib", "memory_used_mib", b"memory_used_mib", "models", b"models", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evictions", b"evictions", "loading", b"loading", "max_models", b"max_models", "memory_budget_mib", b"memory_budget_mib", "memory_used_mib", b"memory_used_mib", "models", b"models", "replicas", b"replicas", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCacheStatusResponse: _TypeAlias = GetCacheStatusResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaCacheStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    error: _builtins.str
+    """Why the replica did not answer, when it did not (status is then empty)."""
+    @_builtins.property
+    def status(self) -> Global___GetCacheStatusResponse: ...
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        status: Global___GetCacheStatusResponse | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaCacheStatus: _TypeAlias = ReplicaCacheStatus  # noqa: Y015
 
 @_typing.final
 class ClearCacheRequest(_message.Message):
@@ -347,16 +386,22 @@ class ClearCacheResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLEARED_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cleared(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Through the gateway: the replicas that were asked (every replica serving a named model)."""
+
     def __init__(
         self,
         *,
         cleared: _abc.Iterable[_builtins.str] | None = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "cleared", b"cleared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,11 +435,16 @@ class GetModelCounterResponse(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     requests: _builtins.int
     inputs: _builtins.int
     tokens: _builtins.int
     errors: _builtins.int
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaModelCounter]:
+        """Through the gateway: each embedder replica's own counter (the fields above are their sums)."""
+
     def __init__(
         self,
         *,
@@ -403,11 +453,39 @@ class GetModelCounterResponse(_message.Message):
         inputs: _builtins.int = ...,
         tokens: _builtins.int = ...,
         errors: _builtins.int = ...,
+        replicas: _abc.Iterable[Global___ReplicaModelCounter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "inputs", b"inputs", "model", b"model", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "inputs", b"inputs", "model", b"model", "replicas", b"replicas", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelCounterResponse: _TypeAlias = GetModelCounterResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaModelCounter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    COUNTER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    error: _builtins.str
+    """Why the replica did not answer, when it did not."""
+    @_builtins.property
+    def counter(self) -> Global___GetModelCounterResponse: ...
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        counter: Global___GetModelCounterResponse | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "counter", b"counter", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaModelCounter: _TypeAlias = ReplicaModelCounter  # noqa: Y015

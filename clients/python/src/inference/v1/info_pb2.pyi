@@ -290,6 +290,7 @@ class ServedModel(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     task: _builtins.str
     """"generation" or "embedding"."""
@@ -302,6 +303,8 @@ class ServedModel(_message.Message):
     dimensions: _builtins.int
     """Vector size of an embedding model."""
     loaded: _builtins.bool
+    replicas: _builtins.int
+    """Replicas serving it, as the gateway sees them (SERVING or not); 1 from a backend."""
     def __init__(
         self,
         *,
@@ -313,10 +316,11 @@ class ServedModel(_message.Message):
         max_sequence_length: _builtins.int = ...,
         dimensions: _builtins.int = ...,
         loaded: _builtins.bool = ...,
+        replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dimensions", b"dimensions", "dtype", b"dtype", "id", b"id", "loaded", b"loaded", "max_sequence_length", b"max_sequence_length", "source", b"source", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dimensions", b"dimensions", "dtype", b"dtype", "id", b"id", "loaded", b"loaded", "max_sequence_length", b"max_sequence_length", "replicas", b"replicas", "source", b"source", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,3 +360,61 @@ class ListServedModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListServedModelsResponse: _TypeAlias = ListServedModelsResponse  # noqa: Y015
+
+@_typing.final
+class WatchLoadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    min_interval_ms: _builtins.int
+    """The shortest time between two reports; the backend's default (100 ms) when 0."""
+    def __init__(
+        self,
+        *,
+        min_interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_interval_ms", b"min_interval_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLoadRequest: _TypeAlias = WatchLoadRequest  # noqa: Y015
+
+@_typing.final
+class WatchLoadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    FREE_KV_TOKENS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    running: _builtins.int
+    """Sequences (generator) or inputs (embedder) being computed now."""
+    waiting: _builtins.int
+    """Requests admitted and waiting for a place."""
+    capacity: _builtins.int
+    """The most that can run at once (the generator's batch rows, the embedder's batch size)."""
+    free_kv_tokens: _builtins.int
+    """KV-cache tokens still free; 0 where the backend keeps no KV cache."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Served model ids, so a report names what it is about."""
+
+    def __init__(
+        self,
+        *,
+        running: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        capacity: _builtins.int = ...,
+        free_kv_tokens: _builtins.int = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "free_kv_tokens", b"free_kv_tokens", "models", b"models", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLoadResponse: _TypeAlias = WatchLoadResponse  # noqa: Y015

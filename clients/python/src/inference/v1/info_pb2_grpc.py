@@ -51,6 +51,11 @@ class InfoServiceStub:
                 request_serializer=inference_dot_v1_dot_info__pb2.ListServedModelsRequest.SerializeToString,
                 response_deserializer=inference_dot_v1_dot_info__pb2.ListServedModelsResponse.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/inference.v1.InfoService/WatchLoad',
+                request_serializer=inference_dot_v1_dot_info__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=inference_dot_v1_dot_info__pb2.WatchLoadResponse.FromString,
+                _registered_method=True)
 
 
 class InfoServiceServicer:
@@ -76,6 +81,14 @@ class InfoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """A backend's load, sent at once and then whenever it changes (at most every
+        min_interval_ms): what the gateway weighs when it picks a replica. Not on REST.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InfoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_InfoServiceServicer_to_server(servicer, server):
                     servicer.ListServedModels,
                     request_deserializer=inference_dot_v1_dot_info__pb2.ListServedModelsRequest.FromString,
                     response_serializer=inference_dot_v1_dot_info__pb2.ListServedModelsResponse.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=inference_dot_v1_dot_info__pb2.WatchLoadRequest.FromString,
+                    response_serializer=inference_dot_v1_dot_info__pb2.WatchLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class InfoService:
             '/inference.v1.InfoService/ListServedModels',
             inference_dot_v1_dot_info__pb2.ListServedModelsRequest.SerializeToString,
             inference_dot_v1_dot_info__pb2.ListServedModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/inference.v1.InfoService/WatchLoad',
+            inference_dot_v1_dot_info__pb2.WatchLoadRequest.SerializeToString,
+            inference_dot_v1_dot_info__pb2.WatchLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

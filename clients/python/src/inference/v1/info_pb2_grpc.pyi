@@ -38,6 +38,10 @@ class InfoServiceStub:
     GetHealth: _grpc.UnaryUnaryMultiCallable[_info_pb2.GetHealthRequest, _info_pb2.GetHealthResponse]
     GetStats: _grpc.UnaryUnaryMultiCallable[_info_pb2.GetStatsRequest, _info_pb2.GetStatsResponse]
     ListServedModels: _grpc.UnaryUnaryMultiCallable[_info_pb2.ListServedModelsRequest, _info_pb2.ListServedModelsResponse]
+    WatchLoad: _grpc.UnaryStreamMultiCallable[_info_pb2.WatchLoadRequest, _info_pb2.WatchLoadResponse]
+    """A backend's load, sent at once and then whenever it changes (at most every
+    min_interval_ms): what the gateway weighs when it picks a replica. Not on REST.
+    """
 
 @_typing.type_check_only
 class InfoServiceAsyncStub(InfoServiceStub):
@@ -49,6 +53,10 @@ class InfoServiceAsyncStub(InfoServiceStub):
     GetHealth: _aio.UnaryUnaryMultiCallable[_info_pb2.GetHealthRequest, _info_pb2.GetHealthResponse]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_info_pb2.GetStatsRequest, _info_pb2.GetStatsResponse]  # type: ignore[assignment]
     ListServedModels: _aio.UnaryUnaryMultiCallable[_info_pb2.ListServedModelsRequest, _info_pb2.ListServedModelsResponse]  # type: ignore[assignment]
+    WatchLoad: _aio.UnaryStreamMultiCallable[_info_pb2.WatchLoadRequest, _info_pb2.WatchLoadResponse]  # type: ignore[assignment]
+    """A backend's load, sent at once and then whenever it changes (at most every
+    min_interval_ms): what the gateway weighs when it picks a replica. Not on REST.
+    """
 
 class InfoServiceServicer(metaclass=_abc_1.ABCMeta):
     """Health, statistics and models of a tier. Every tier serves it: the gateway reports itself and
@@ -75,5 +83,15 @@ class InfoServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _info_pb2.ListServedModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_info_pb2.ListServedModelsResponse, _abc.Awaitable[_info_pb2.ListServedModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchLoad(
+        self,
+        request: _info_pb2.WatchLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_info_pb2.WatchLoadResponse], _abc.AsyncIterator[_info_pb2.WatchLoadResponse]]:
+        """A backend's load, sent at once and then whenever it changes (at most every
+        min_interval_ms): what the gateway weighs when it picks a replica. Not on REST.
+        """
 
 def add_InfoServiceServicer_to_server(servicer: InfoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

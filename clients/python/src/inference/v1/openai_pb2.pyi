@@ -1220,11 +1220,14 @@ class Model(_message.Message):
     OBJECT_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     OWNED_BY_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """"model"."""
     created: _builtins.int
     owned_by: _builtins.str
+    replicas: _builtins.int
+    """Replicas the gateway routes this model to (an extension of OpenAI's object)."""
     def __init__(
         self,
         *,
@@ -1232,10 +1235,11 @@ class Model(_message.Message):
         object: _builtins.str = ...,
         created: _builtins.int = ...,
         owned_by: _builtins.str = ...,
+        replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "id", b"id", "object", b"object", "owned_by", b"owned_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "id", b"id", "object", b"object", "owned_by", b"owned_by", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -227,17 +227,17 @@ def _segments(request: Message) -> tuple[str, list[str]]:
     return model, pieces
 
 
-def _cuts(pieces: Sequence[str]) -> Iterator[tuple[str, bool]]:
-    """The text of `pieces` in runs that each end at a block boundary or at a piece's end (True)."""
-    offset = 0
+def _cut_positions(pieces: Sequence[str]) -> list[int]:
+    """Where the joined text of `pieces` is cut: every BLOCK_CHARS characters and at each piece's
+    end, the first MAX_PREFIX_KEYS of them."""
+    ends: list[int] = []
+    total = 0
     for piece in pieces:
-        start = 0
-        while start < len(piece):
-            room = BLOCK_CHARS - offset % BLOCK_CHARS
-            run = piece[start : start + room]
-            start += len(run)
-            offset += len(run)
-            yield run, start == len(piece)
+        total += len(piece)
+        ends.append(total)
+    limit = BLOCK_CHARS * MAX_PREFIX_KEYS
+    blocks = range(BLOCK_CHARS, min(total, limit) + 1, BLOCK_CHARS)
+    return sorted({*blocks, *(end for end in ends if end <= limit)})[:MAX_PREFIX_KEYS]
 
 
 def prefix_key(request: Message) -> tuple[int, ...]:
@@ -248,13 +248,14 @@ def prefix_key(request: Message) -> tuple[int, ...]:
     model, pieces = _segments(request)
     if not pieces:
         return ()
+    text = "".join(pieces)
     digest = hashlib.blake2b(model.encode() + b"\x00", digest_size=8)
     keys: list[int] = []
-    for run, _ in _cuts(pieces):
-        digest.update(run.encode("utf-8", "surrogatepass"))
+    start = 0
+    for cut in _cut_positions(pieces):
+        digest.update(text[start:cut].encode("utf-8", "surrogatepass"))
+        start = cut
         keys.append(int.from_bytes(digest.digest(), "big") >> 1)  # a non-negative int64
-        if len(keys) >= MAX_PREFIX_KEYS:
-            break
     return tuple(keys)
 
 

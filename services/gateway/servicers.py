@@ -266,16 +266,6 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
     ) -> info_pb2.ListServedModelsResponse:
         return info_pb2.ListServedModelsResponse(models=await self._catalog.all_models())
 
-    async def WatchLoad(
-        self, request: info_pb2.WatchLoadRequest, context: Context
-    ) -> AsyncIterator[info_pb2.WatchLoadResponse]:
-        """Backends report load; the gateway has none of its own to report."""
-        raise GatewayError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "WatchLoad is served by the generator and embedder, not the gateway",
-        )
-        yield info_pb2.WatchLoadResponse()  # unreachable: makes this a stream handler
-
 
 def _openai_error_event(error: GatewayError) -> bytes:
     kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"

@@ -8,14 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import grpc
-import pytest
 from inference.v1 import info_pb2
 
-from services.common.errors import RpcFailure
 from services.common.load_reports import MIN_INTERVAL_MS, interval_seconds, load_reports
 from services.common.sampling import SamplingParams
-from services.gateway.servicers import InfoServicer as GatewayInfo
 from services.generator.engine import SchedulerLimits
 from services.generator.servicer import InfoServicer, ServedInfo
 from tests.unit.fakes import EngineFactory, FakeRunner, FakeTokenizer, drain, eventually, within
@@ -121,11 +117,3 @@ async def test_reports_come_no_more_often_than_the_interval() -> None:
     await stream.aclose()  # type: ignore[attr-defined]
     assert [r.running for r in reports] == [0, 1, 2, 3, 4]
     assert time.monotonic() - started >= 4 * 0.05
-
-
-async def test_the_gateway_has_no_load_of_its_own_to_report() -> None:
-    servicer = GatewayInfo(cast(Any, None), cast(Any, None), cast(Any, None), "gateway")
-    with pytest.raises(RpcFailure) as raised:
-        await anext(servicer.WatchLoad(info_pb2.WatchLoadRequest(), cast(Any, None)))
-    assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "generator and embedder" in raised.value.message

@@ -168,6 +168,20 @@ def replica_channel_options() -> list[tuple[str, Any]]:
     ]
 
 
+def dns_name(target: str) -> tuple[str, str] | None:
+    """The host and port of a dns:///host:port (or dns://authority/host:port) target, else None."""
+    if not target.startswith("dns:"):
+        return None
+    name = target.removeprefix("dns:").lstrip("/")
+    if target.startswith("dns://") and not target.startswith("dns:///"):
+        name = name.partition("/")[2]
+    host, _, port = name.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    return host, port
+
+
 def is_name_target(target: str) -> bool:
     """Whether `target` is a name or address list that gRPC resolves itself (a scheme such as dns:///)."""
     return ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:"))
@@ -270,10 +284,21 @@ class Replica:
     """One replica as the round-robin pick sees it: its channel, the health its watch last reported
     and a short cool-down after a call to it failed with UNAVAILABLE."""
 
-    def __init__(self, address: str, channel: grpc.aio.Channel, watched: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        watched: bool = True,
+        target: str = "",
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
         self.address = address
         self.channel = channel
         self.watched = watched
+        # The channel's target and options when they are not the address and the backend's own
+        # (an address a dns:/// name resolved to), so that a reload makes the same channel.
+        self.target = target or address
+        self.options = options
         self.health = UNCHECKED
         self.failed_until = 0.0
         # Calls this gateway has in flight on the replica, and its last load report (routing.py).
@@ -479,9 +504,20 @@ class Backend:
             member.on_serving = self._rediscover.set
         self._discovery: asyncio.Task[None] | None = None
         self._follows: dict[str, asyncio.Task[None]] = {}
-        self._watches: list[asyncio.Task[None]] = []
+        self._watch_tasks: dict[str, asyncio.Task[None]] = {}
+        # A dns:///host:port target is resolved by the gateway (every refresh) into one replica per
+        # address; until the first answer its one balanced channel serves.
+        self._dns = dns_name(text)
         self._closed = False
         self.watch()
+
+    @property
+    def _watches(self) -> list[asyncio.Task[None]]:
+        return [
+            self._watch_tasks[replica.address]
+            for replica in self.pool.replicas
+            if replica.address in self._watch_tasks
+        ]
 
     @property
     def replica_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -495,20 +531,16 @@ class Backend:
         if self._closed:
             return
         self._follow()
-        if self._watches and not any(task.done() for task in self._watches):
-            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        watched = [replica for replica in self.pool.replicas if replica.watched]
-        tasks: list[asyncio.Task[None] | None] = [*self._watches] or [None] * len(watched)
-        self._watches = [
-            task
-            if task is not None and not task.done()
-            else asyncio.create_task(replica.watch(self.name), name=f"watch {self.name} {replica.address}")
-            for replica, task in zip(watched, tasks, strict=True)
-        ]
+        for replica in self.pool.replicas:
+            task = self._watch_tasks.get(replica.address)
+            if replica.watched and (task is None or task.done()):
+                self._watch_tasks[replica.address] = asyncio.create_task(
+                    replica.watch(self.name), name=f"watch {self.name} {replica.address}"
+                )
 
     def _follow(self) -> None:
         """The discovery loop and each watched replica's load reports, started when not running."""
@@ -529,9 +561,73 @@ class Backend:
         """Ask every replica what it serves now, when one starts serving and every model_refresh_s."""
         while True:
             self._rediscover.clear()
-            await self.refresh_models()
+            try:
+                await self._resolve()
+                await self.refresh_models()
+            except Exception:
+                # The pools must keep being refreshed: a bug here would freeze them for good.
+                log.exception("%s: model discovery failed", self.name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rediscover.wait(), self.model_refresh_s)
+
+    async def _resolve(self) -> None:
+        """The addresses the dns:/// name resolves to now, one replica each (kept while the name
+        still lists it; a failed resolution keeps the last ones)."""
+        if self._dns is None:
+            return
+        host, port = self._dns
+        try:
+            found = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM),
+                DISCOVERY_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError) as error:
+            log.warning("%s: cannot resolve %s: %s", self.name, host, error)
+            return
+        ips = list(dict.fromkeys(str(item[4][0]) for item in found))
+        if ips:
+            self._use_addresses(host, port, ips)
+
+    def _use_addresses(self, host: str, port: str, ips: list[str]) -> None:
+        current = {replica.address: replica for replica in self.pool.replicas}
+        members = []
+        for ip in ips:
+            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            replica = current.pop(address, None)
+            if replica is None:
+                target = f"ipv6:{address}" if ":" in ip else f"ipv4:{address}"
+                # TLS verifies the name the target was given by, not the address.
+                options = [
+                    *replica_channel_options(),
+                    ("grpc.default_authority", f"{host}:{port}"),
+                    ("grpc.ssl_target_name_override", host),
+                ]
+                channel = self._factory(target, options, list(self._interceptors))
+                replica = Replica(address, channel, target=target, options=options)
+                replica.on_serving = self._rediscover.set
+                log.info("%s: %s resolves to %s", self.name, host, address)
+            members.append(replica)
+        if [replica.address for replica in members] == [replica.address for replica in self.pool.replicas]:
+            return
+        for gone in current.values():
+            self._retire(gone)
+        self.pool.replicas = members
+        self.replicas = [replica.address for replica in members]
+        self.attempts = self._attempts_option
+        self._rebuild_pools()
+        self.watch()
+
+    def _retire(self, replica: Replica) -> None:
+        """Stop watching a replica the name no longer lists; its channel closes after a grace."""
+        for tasks in (self._watch_tasks, self._follows):
+            task = tasks.pop(replica.address, None)
+            if task is not None:
+                task.cancel()
+        self.listings.pop(replica.address, None)
+        log.info("%s: %s left", self.name, replica.address)
+        task = asyncio.get_running_loop().create_task(replica.channel.close(grace=tls.RELOAD_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _list(self, replica: Replica) -> list[info_pb2.ServedModel] | None:
         stub = replica.stub(info_pb2_grpc.InfoServiceStub)
@@ -638,7 +734,8 @@ class Backend:
             return False
         options = channel_options(self._attempts_option) if self._named else replica_channel_options()
         for replica in self.pool.replicas:
-            old = replica.replace_channel(self._factory(replica.address, options, list(self._interceptors)))
+            made = self._factory(replica.target, replica.options or options, list(self._interceptors))
+            old = replica.replace_channel(made)
             self._old_channels.add(old)
             task = loop.create_task(old.close(grace=tls.RELOAD_GRACE_S))
             self._closing.add(task)

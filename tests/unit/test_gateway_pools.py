@@ -99,7 +99,7 @@ class FakeReplica:
 
         return lambda request, **__: Call()
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
         pass
 
 
@@ -368,3 +368,24 @@ async def test_preload_goes_to_the_replicas_listing_the_model_or_to_all(stack: S
     assert (list(reply.accepted), list(reply.addresses)) == (["m1"], ["e1:1"])
     reply = await within(stack.backends.preload(embedding_pb2.PreloadModelsRequest(models=["m3"]), CONTEXT))
     assert (list(reply.accepted), list(reply.addresses)) == (["m1"], ["e1:1", "e2:2"])
+
+
+async def test_a_dns_name_becomes_one_watched_replica_per_address_keeping_the_name_for_tls() -> None:
+    stack = Stack("dns:///localhost:50052", "e1:1")
+    try:
+        await stack.generator.refresh_models()  # before the name is resolved: its one channel
+        assert [replica.address for replica in stack.generator.pool.replicas] == ["dns:///localhost:50052"]
+        stack.generator.watch()
+        await eventually(lambda: "127.0.0.1:50052" in stack.generator.replicas)
+        replica = replica_of(stack.generator, "127.0.0.1:50052")
+        assert replica.watched and replica.target == "ipv4:127.0.0.1:50052"
+        assert ("grpc.ssl_target_name_override", "localhost") in (replica.options or [])
+        assert stack.generator.attempts == 3
+        fake = stack.replicas["ipv4:127.0.0.1:50052"]
+        fake.models = ["model-a"]
+        await stack.generator.refresh_models()
+        await within(stack.backends.generate(generation_pb2.GenerateRequest(model="model-a"), CONTEXT))
+        assert fake.count("Generate") == 1
+        await eventually(lambda: HEALTH_WATCH in fake.calls)
+    finally:
+        await stack.close()

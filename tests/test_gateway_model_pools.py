@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+import httpx2
 import pytest
 from inference.v1 import (
     common_pb2,
@@ -24,7 +25,7 @@ from inference.v1 import (
 )
 
 from tests.fixtures_embedder import EmbedderHandle, start_embedder
-from tests.fixtures_gateway import start_gateway
+from tests.fixtures_gateway import EnvoyService, descriptor_for_envoy, start_envoy, start_gateway
 from tests.reliability.replicas_stack import EMBEDDER_ARGS, GENERATOR_ARGS, ModelReplica
 from tests.stack import ServiceProcess
 
@@ -65,13 +66,15 @@ class PoolStack:
     embedder: EmbedderHandle
     gateway: ServiceProcess
     address: str
+    envoy: EnvoyService
 
 
 @pytest.fixture(scope="module")
-def pools() -> Iterator[PoolStack]:
+def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolStack]:
     generators = [NamedGenerator("model-a"), NamedGenerator("model-b"), NamedGenerator("model-b")]
     embedder: EmbedderHandle | None = None
     gateway: ServiceProcess | None = None
+    envoy: EnvoyService | None = None
     try:
         for generator in generators:
             generator.start()
@@ -84,8 +87,13 @@ def pools() -> Iterator[PoolStack]:
             ("--cache-size", "0", "--tracing", "false", "--metrics-port", "0"),
             name="gateway-model-pools",
         )
-        yield PoolStack(generators[0], generators[1:], embedder, gateway, address)
+        envoy = start_envoy(
+            address, tmp_path_factory.mktemp("envoy-model-pools"), "envoy-model-pools", descriptor_for_envoy()
+        )
+        yield PoolStack(generators[0], generators[1:], embedder, gateway, address, envoy)
     finally:
+        if envoy is not None:
+            envoy.process.stop()
         if gateway is not None:
             gateway.stop()
         if embedder is not None:
@@ -112,6 +120,21 @@ def test_every_request_reaches_a_replica_of_its_model(pools: PoolStack) -> None:
             generate(stub, "model-c", 0)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
         assert "model-a" in str(refused.value.details()) and "model-b" in str(refused.value.details())
+
+
+def test_rest_requests_reach_their_model_and_an_unknown_one_is_404(pools: PoolStack) -> None:
+    with httpx2.Client(base_url=pools.envoy.url, timeout=REQUEST_TIMEOUT_S) as client:
+        for model in ("model-b", "model-a", "model-b"):
+            reply = client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2})
+            assert reply.status_code == 200 and reply.json()["model"] == model, reply.text
+        refused = client.post(
+            "/v1/completions", json={"model": "model-c", "prompt": "Hello", "max_tokens": 2}
+        )
+        assert refused.status_code == 404 and "model-a" in refused.text and "model-b" in refused.text
+        replicas = {model["id"]: model["replicas"] for model in client.get("/v1/models").json()["data"]}
+        assert replicas["model-a"] == 1 and replicas["model-b"] == 2, replicas
+        assert all(count >= 1 for count in replicas.values()), replicas
+        assert client.get("/v1/models/model-b").status_code == 200
 
 
 def test_the_model_lists_count_the_replicas(pools: PoolStack) -> None:

@@ -268,6 +268,7 @@ UNREACHABLE = "UNREACHABLE"  # its watch broke off (the connection was lost)
 SERVING = "SERVING"
 
 StubT = TypeVar("StubT")
+RoutableT = TypeVar("RoutableT", bound=routing.Routable)
 ChannelFactory = Callable[[str, list[tuple[str, Any]], list[Any]], grpc.aio.Channel]
 
 
@@ -384,7 +385,7 @@ class _RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, candidates: Sequence[routing.R], prefix: Sequence[int]) -> routing.R:
+    def choose(self, candidates: Sequence[RoutableT], prefix: Sequence[int]) -> RoutableT:
         chosen = candidates[self._next % len(candidates)]
         self._next += 1
         return chosen

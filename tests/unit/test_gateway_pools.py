@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -112,6 +112,7 @@ class FakeContext:
 
 
 CONTEXT = cast(Context, FakeContext())
+RoutableT = TypeVar("RoutableT", bound=routing.Routable)
 
 
 class Recording:
@@ -120,7 +121,7 @@ class Recording:
     def __init__(self, offered: list[list[str]]) -> None:
         self.offered = offered
 
-    def choose(self, candidates: Sequence[routing.R], prefix: Sequence[int]) -> routing.R:
+    def choose(self, candidates: Sequence[RoutableT], prefix: Sequence[int]) -> RoutableT:
         self.offered.append([candidate.address for candidate in candidates])
         return candidates[0]
 

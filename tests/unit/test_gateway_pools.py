@@ -6,21 +6,30 @@ cache calls fanned out to every replica serving the model."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from inference.v1 import embedding_pb2, generation_pb2, info_pb2
 
+from services.common import tls
 from services.common.interceptors import Context
 from services.gateway import routing
 from services.gateway.backends import Backend, Backends, Replica, ResponseCache
 from services.gateway.catalog import ModelCatalog
 from services.gateway.errors import GatewayError
+from tests.test_mtls import Authority, make_ca
 from tests.unit.fakes import eventually, within
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -390,3 +399,58 @@ async def test_a_dns_name_becomes_one_watched_replica_per_address_keeping_the_na
         await eventually(lambda: HEALTH_WATCH in fake.calls)
     finally:
         await stack.close()
+
+
+def issue_for_name(ca: Authority, folder: Path, name: str) -> tls.TlsFiles:
+    """A server certificate for the DNS name `name` only (no IP address), signed by `ca`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    (folder / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return tls.TlsFiles("", str(folder / "server.crt"), str(folder / "server.key"))
+
+
+async def test_a_resolved_address_is_verified_against_the_name_over_tls(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "pools-ca")
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.server_credentials(issue_for_name(ca, tmp_path, "localhost"))
+    )
+    await server.start()
+    backend = Backend(
+        "generator", f"dns:///localhost:{port}", 1, [], False, tls_files=tls.TlsFiles(str(ca.path))
+    )
+    try:
+        await eventually(lambda: f"127.0.0.1:{port}" in backend.replicas)
+        replica = replica_of(backend, f"127.0.0.1:{port}")
+        reply = await within(
+            health_pb2_grpc.HealthStub(replica.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # The same address without the name is refused: the certificate names localhost only.
+        async with grpc.aio.secure_channel(
+            f"ipv4:127.0.0.1:{port}", tls.channel_credentials(tls.TlsFiles(str(ca.path)))
+        ) as bare:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await within(
+                    health_pb2_grpc.HealthStub(bare).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                )
+    finally:
+        await backend.close()
+        await server.stop(None)

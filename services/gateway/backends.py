@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -495,6 +496,7 @@ class Backend:
         self.pool = ReplicaPool(members, clock, self._policy_factory())
         # What each replica last said it serves (by address), and one pool per served model id.
         self.listings: dict[str, list[info_pb2.ServedModel]] = {}
+        self._union: list[info_pb2.ServedModel] | None = None
         self.model_pools: dict[str, ReplicaPool] = {}
         self.default_model = ""
         self.model_refresh_s = model_refresh_s
@@ -578,10 +580,7 @@ class Backend:
             return
         host, port = self._dns
         try:
-            found = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM),
-                DISCOVERY_TIMEOUT_S,
-            )
+            found = await asyncio.wait_for(_lookup(host, int(port)), DISCOVERY_TIMEOUT_S)
         except (OSError, TimeoutError) as error:
             log.warning("%s: cannot resolve %s: %s", self.name, host, error)
             return
@@ -663,6 +662,7 @@ class Backend:
             self._rebuild_pools()
 
     def _rebuild_pools(self) -> None:
+        self._union = None
         members: dict[str, list[Replica]] = {}
         self.default_model = ""
         for replica in self.pool.replicas:
@@ -685,6 +685,12 @@ class Backend:
         no replica has answered yet (at most every DISCOVERY_RETRY_S)."""
         if not self.listings and self._clock() - self._listed_at >= DISCOVERY_RETRY_S:
             await self.refresh_models()
+        # Asked on every request (the catalog resolves names with it): made once per refresh.
+        if self._union is None:
+            self._union = self._merge()
+        return self._union
+
+    def _merge(self) -> list[info_pb2.ServedModel]:
         union: dict[str, info_pb2.ServedModel] = {}
         for replica in self.pool.replicas:
             for model in self.listings.get(replica.address, []):
@@ -1156,6 +1162,34 @@ async def _with_retries(
             tried.append(replica)
         finally:
             replica.outstanding -= 1
+
+
+def _lookup(host: str, port: int) -> asyncio.Future[list[Any]]:
+    """getaddrinfo in a daemon thread: a resolver that hangs must hold up neither the event loop
+    nor the process's exit (the loop's default executor is waited for when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[Any]] = loop.create_future()
+
+    def settle(result: list[Any] | None, error: OSError | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result or [])
+
+    def run() -> None:
+        try:
+            found: list[Any] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            outcome: tuple[list[Any] | None, OSError | None] = (None, error)
+        else:
+            outcome = (found, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=f"resolve {host}", daemon=True).start()
+    return future
 
 
 def _forget(channels: set[grpc.aio.Channel], channel: grpc.aio.Channel, _: object) -> None:

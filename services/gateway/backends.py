@@ -1,16 +1,19 @@
-"""Channels to the backend replicas and the calls the gateway makes on them: round-robin over the replicas
-that are up (health-watched), unary calls and not-yet-started streams retried on UNAVAILABLE on another
-replica; calls carry the client's remaining deadline and filtered metadata, and a stream is cancelled as
-soon as the client goes."""
+"""Channels to the backend replicas and the calls the gateway makes on them: one pool per served model
+(discovered with ListServedModels on every replica), the pool's routing policy choosing among the
+replicas that are up (health-watched), unary calls and not-yet-started streams retried on UNAVAILABLE
+or RESOURCE_EXHAUSTED on another replica; calls carry the client's remaining deadline and filtered
+metadata, and a stream is cancelled as soon as the client goes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -34,6 +37,8 @@ from services.common import keepalive, sampling, tls
 from services.common.errors import error_info, retry_info
 from services.common.interceptors import Context
 from services.common.methods import unary_methods
+from services.common.model_names import aliases
+from services.gateway import routing
 from services.gateway.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, GatewayError
 from services.gateway.metrics import BACKEND_ERRORS, CACHE_HITS, CACHE_MISSES
 from services.gateway.ratelimit import charge_tokens
@@ -66,6 +71,10 @@ WATCH_RETRY_MAX_S = 2.0
 RETRY_BACKOFF_S = 0.05
 # The retry delay a client is told when its stream was cut by a lost replica.
 RETRY_AFTER_CUT_S = 1.0
+# How long one replica may take to list its models before the gateway keeps its last listing.
+DISCOVERY_TIMEOUT_S = 3.0
+# Without any listing yet, a request asks the replicas for one at most this often.
+DISCOVERY_RETRY_S = 1.0
 
 # Only these headers reach the backends; cookies, credentials, Envoy's and the proxies' headers do
 # not. Trace headers are re-created by the tracing interceptor when tracing is on.
@@ -160,6 +169,20 @@ def replica_channel_options() -> list[tuple[str, Any]]:
     ]
 
 
+def dns_name(target: str) -> tuple[str, str] | None:
+    """The host and port of a dns:///host:port (or dns://authority/host:port) target, else None."""
+    if not target.startswith("dns:"):
+        return None
+    name = target.removeprefix("dns:").lstrip("/")
+    if target.startswith("dns://") and not target.startswith("dns:///"):
+        name = name.partition("/")[2]
+    host, _, port = name.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    return host, port
+
+
 def is_name_target(target: str) -> bool:
     """Whether `target` is a name or address list that gRPC resolves itself (a scheme such as dns:///)."""
     return ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:"))
@@ -246,6 +269,7 @@ UNREACHABLE = "UNREACHABLE"  # its watch broke off (the connection was lost)
 SERVING = "SERVING"
 
 StubT = TypeVar("StubT")
+RoutableT = TypeVar("RoutableT", bound=routing.Routable)
 ChannelFactory = Callable[[str, list[tuple[str, Any]], list[Any]], grpc.aio.Channel]
 
 
@@ -262,12 +286,28 @@ class Replica:
     """One replica as the round-robin pick sees it: its channel, the health its watch last reported
     and a short cool-down after a call to it failed with UNAVAILABLE."""
 
-    def __init__(self, address: str, channel: grpc.aio.Channel, watched: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        watched: bool = True,
+        target: str = "",
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
         self.address = address
         self.channel = channel
         self.watched = watched
+        # The channel's target and options when they are not the address and the backend's own
+        # (an address a dns:/// name resolved to), so that a reload makes the same channel.
+        self.target = target or address
+        self.options = options
         self.health = UNCHECKED
         self.failed_until = 0.0
+        # Calls this gateway has in flight on the replica, and its last load report (routing.py).
+        self.outstanding = 0
+        self.load_report: routing.LoadReport | None = None
+        # Called when the replica starts serving (its backend asks it what it serves then).
+        self.on_serving: Callable[[], None] | None = None
         self._stubs: dict[type[Any], Any] = {}
 
     def replace_channel(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
@@ -295,10 +335,13 @@ class Replica:
     def set_health(self, health: str, backend: str = "") -> None:
         if health != self.health:
             log.info("%s replica %s: %s -> %s", backend or "backend", self.address, self.health, health)
-        if health == SERVING and self.health != SERVING:
+        serving_now = health == SERVING and self.health != SERVING
+        if serving_now:
             # The replica says it serves again: take it back now, not when the cool-down ends.
             self.failed_until = 0.0
         self.health = health
+        if serving_now and self.on_serving is not None:
+            self.on_serving()
 
     async def watch(self, backend: str = "") -> None:
         """Follow the replica's grpc.health.v1 status until cancelled; while the replica is down the
@@ -337,28 +380,55 @@ class Replica:
             pause = min(pause * 2, WATCH_RETRY_MAX_S)
 
 
-class ReplicaPool:
-    """Round-robin over a backend's replicas that skips the ones that are down and takes them back
-    when they serve again."""
+class _RoundRobin:
+    """Each candidate in turn: the policy of a pool made without one."""
 
-    def __init__(self, replicas: Sequence[Replica], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, candidates: Sequence[RoutableT], prefix: Sequence[int]) -> RoutableT:
+        chosen = candidates[self._next % len(candidates)]
+        self._next += 1
+        return chosen
+
+    def served(self, replica: routing.Routable, prefix: Sequence[int]) -> None:
+        pass
+
+
+class ReplicaPool:
+    """The replicas of one model (or of a whole backend): its routing policy chooses among those that
+    are up, skipping the ones that are down and taking them back when they serve again."""
+
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        clock: Callable[[], float] = time.monotonic,
+        policy: routing.RoutingPolicy | None = None,
+    ) -> None:
         if not replicas:
             raise ValueError("a backend needs at least one replica")
         self.replicas = list(replicas)
+        self.policy: routing.RoutingPolicy = policy if policy is not None else _RoundRobin()
         self._clock = clock
-        self._next = 0
 
-    def pick(self, avoid: Collection[Replica] = ()) -> Replica:
-        """The next available replica not in `avoid`; else the next available one; else the next not
-        in `avoid` (the gateway's view may be stale: the call will tell); else the next one."""
+    def pick(self, avoid: Collection[Replica] = (), prefix: Sequence[int] = ()) -> Replica:
+        """The policy's choice among the available replicas not in `avoid`; else among the available
+        ones; else among those not in `avoid` (the gateway's view may be stale: the call will tell);
+        else among all."""
         now = self._clock()
-        count = len(self.replicas)
-        order = [(self._next + step) % count for step in range(count)]
-        available = [index for index in order if self.replicas[index].available(now)]
-        fresh = [index for index in order if self.replicas[index] not in avoid]
-        choices = [index for index in available if index in fresh] or available or fresh or order
-        self._next = (choices[0] + 1) % count
-        return self.replicas[choices[0]]
+        available = [replica for replica in self.replicas if replica.available(now)]
+        fresh = [replica for replica in self.replicas if replica not in avoid]
+        candidates = (
+            [replica for replica in available if replica not in avoid] or available or fresh or self.replicas
+        )
+        chosen = self.policy.choose(candidates, prefix)
+        self.policy.served(chosen, prefix)
+        return chosen
+
+    def untried(self, tried: Collection[Replica]) -> bool:
+        """Whether an available replica is left that is not in `tried`."""
+        now = self._clock()
+        return any(replica not in tried and replica.available(now) for replica in self.replicas)
 
     def mark_failed(self, replica: Replica) -> None:
         replica.failed(self._clock())
@@ -366,8 +436,9 @@ class ReplicaPool:
 
 class Backend:
     """One backend kind (generator or embedder): one channel per listed replica, each watched by a
-    grpc.health.v1 Watch, and a round-robin pick over those that serve; a dns:/// target is one
-    channel that gRPC itself balances, health-checks and retries over."""
+    grpc.health.v1 Watch and followed for load reports, asked what it serves (when it starts serving
+    and every `model_refresh_s`), and one pool per served model; a dns:/// target is one channel that
+    gRPC itself balances, health-checks and retries over."""
 
     def __init__(
         self,
@@ -379,6 +450,8 @@ class Backend:
         tls_files: tls.TlsFiles = tls.PLAINTEXT,
         channel_factory: ChannelFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy_factory: Callable[[], routing.RoutingPolicy] | None = None,
+        model_refresh_s: float = 10.0,
     ) -> None:
         self.name = name
         text = addresses.strip()
@@ -419,10 +492,35 @@ class Backend:
                 Replica(address, channel_factory(address, replica_channel_options(), list(interceptors)))
                 for address in self.replicas
             ]
-        self.pool = ReplicaPool(members, clock)
-        self._watches: list[asyncio.Task[None]] = []
+        self._policy_factory = policy_factory or _RoundRobin
+        self.pool = ReplicaPool(members, clock, self._policy_factory())
+        # What each replica last said it serves (by address), and one pool per served model id.
+        self.listings: dict[str, list[info_pb2.ServedModel]] = {}
+        self._union: list[info_pb2.ServedModel] | None = None
+        self.model_pools: dict[str, ReplicaPool] = {}
+        self.default_model = ""
+        self.model_refresh_s = model_refresh_s
+        self._listed_at = -1e9
+        self._listing = asyncio.Lock()
+        self._rediscover = asyncio.Event()
+        for member in members:
+            member.on_serving = self._rediscover.set
+        self._discovery: asyncio.Task[None] | None = None
+        self._follows: dict[str, asyncio.Task[None]] = {}
+        self._watch_tasks: dict[str, asyncio.Task[None]] = {}
+        # A dns:///host:port target is resolved by the gateway (every refresh) into one replica per
+        # address; until the first answer its one balanced channel serves.
+        self._dns = dns_name(text)
         self._closed = False
         self.watch()
+
+    @property
+    def _watches(self) -> list[asyncio.Task[None]]:
+        return [
+            self._watch_tasks[replica.address]
+            for replica in self.pool.replicas
+            if replica.address in self._watch_tasks
+        ]
 
     @property
     def replica_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -431,28 +529,202 @@ class Backend:
 
     def watch(self) -> None:
         """Start the replicas' health watches in the running event loop, and start again any that
-        ended (a watch only ends by cancellation or a bug, and a replica must not go unwatched)."""
-        if self._watches and not any(task.done() for task in self._watches):
+        ended (a watch only ends by cancellation or a bug, and a replica must not go unwatched);
+        likewise the model discovery and the load reports."""
+        if self._closed:
             return
+        self._follow()
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        if self._closed:
-            return
-        watched = [replica for replica in self.pool.replicas if replica.watched]
-        tasks: list[asyncio.Task[None] | None] = [*self._watches] or [None] * len(watched)
-        self._watches = [
-            task
-            if task is not None and not task.done()
-            else asyncio.create_task(replica.watch(self.name), name=f"watch {self.name} {replica.address}")
-            for replica, task in zip(watched, tasks, strict=True)
-        ]
+        for replica in self.pool.replicas:
+            task = self._watch_tasks.get(replica.address)
+            if replica.watched and (task is None or task.done()):
+                self._watch_tasks[replica.address] = asyncio.create_task(
+                    replica.watch(self.name), name=f"watch {self.name} {replica.address}"
+                )
 
-    def pick(self, avoid: Collection[Replica] = ()) -> Replica:
+    def _follow(self) -> None:
+        """The discovery loop and each watched replica's load reports, started when not running."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._discovery is None or self._discovery.done():
+            self._discovery = asyncio.create_task(self._discover(), name=f"discover {self.name}")
+        for replica in self.pool.replicas:
+            task = self._follows.get(replica.address)
+            if replica.watched and (task is None or task.done()):
+                self._follows[replica.address] = asyncio.create_task(
+                    routing.follow_load(replica, self.name), name=f"load {self.name} {replica.address}"
+                )
+
+    async def _discover(self) -> None:
+        """Ask every replica what it serves now, when one starts serving and every model_refresh_s."""
+        while True:
+            self._rediscover.clear()
+            try:
+                await self._resolve()
+                await self.refresh_models()
+            except Exception:
+                # The pools must keep being refreshed: a bug here would freeze them for good.
+                log.exception("%s: model discovery failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rediscover.wait(), self.model_refresh_s)
+
+    async def _resolve(self) -> None:
+        """The addresses the dns:/// name resolves to now, one replica each (kept while the name
+        still lists it; a failed resolution keeps the last ones)."""
+        if self._dns is None:
+            return
+        host, port = self._dns
+        try:
+            found = await asyncio.wait_for(_lookup(host, int(port)), DISCOVERY_TIMEOUT_S)
+        except (OSError, TimeoutError) as error:
+            log.warning("%s: cannot resolve %s: %s", self.name, host, error)
+            return
+        ips = list(dict.fromkeys(str(item[4][0]) for item in found))
+        if ips:
+            self._use_addresses(host, port, ips)
+
+    def _use_addresses(self, host: str, port: str, ips: list[str]) -> None:
+        current = {replica.address: replica for replica in self.pool.replicas}
+        members = []
+        for ip in ips:
+            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            replica = current.pop(address, None)
+            if replica is None:
+                target = f"ipv6:{address}" if ":" in ip else f"ipv4:{address}"
+                # TLS verifies the name the target was given by, not the address.
+                options = [
+                    *replica_channel_options(),
+                    ("grpc.default_authority", f"{host}:{port}"),
+                    ("grpc.ssl_target_name_override", host),
+                ]
+                channel = self._factory(target, options, list(self._interceptors))
+                replica = Replica(address, channel, target=target, options=options)
+                replica.on_serving = self._rediscover.set
+                log.info("%s: %s resolves to %s", self.name, host, address)
+            members.append(replica)
+        if [replica.address for replica in members] == [replica.address for replica in self.pool.replicas]:
+            return
+        for gone in current.values():
+            self._retire(gone)
+        self.pool.replicas = members
+        self.replicas = [replica.address for replica in members]
+        self.attempts = self._attempts_option
+        self._rebuild_pools()
+        self.watch()
+
+    def _retire(self, replica: Replica) -> None:
+        """Stop watching a replica the name no longer lists; its channel closes after a grace."""
+        for tasks in (self._watch_tasks, self._follows):
+            task = tasks.pop(replica.address, None)
+            if task is not None:
+                task.cancel()
+        self.listings.pop(replica.address, None)
+        log.info("%s: %s left", self.name, replica.address)
+        task = asyncio.get_running_loop().create_task(replica.channel.close(grace=tls.RELOAD_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _list(self, replica: Replica) -> list[info_pb2.ServedModel] | None:
+        stub = replica.stub(info_pb2_grpc.InfoServiceStub)
+        try:
+            reply = await stub.ListServedModels(
+                info_pb2.ListServedModelsRequest(), timeout=DISCOVERY_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            log.debug("%s replica %s: cannot list models: %s", self.name, replica.address, error.code().name)
+            return None
+        return list(reply.models)
+
+    async def refresh_models(self) -> None:
+        """Ask every replica what it serves and rebuild the model pools (a replica that does not
+        answer keeps its last listing: its health decides whether it gets calls)."""
+        async with self._listing:
+            replicas = list(self.pool.replicas)
+            listings = await asyncio.gather(*(self._list(replica) for replica in replicas))
+            for replica, listing in zip(replicas, listings, strict=True):
+                if listing is None:
+                    continue
+                before = [model.id for model in self.listings.get(replica.address, [])]
+                if [model.id for model in listing] != before:
+                    log.info(
+                        "%s replica %s serves %s",
+                        self.name,
+                        replica.address,
+                        ", ".join(model.id for model in listing) or "nothing",
+                    )
+                self.listings[replica.address] = listing
+            self._listed_at = self._clock()
+            self._rebuild_pools()
+
+    def _rebuild_pools(self) -> None:
+        self._union = None
+        members: dict[str, list[Replica]] = {}
+        self.default_model = ""
+        for replica in self.pool.replicas:
+            listing = self.listings.get(replica.address, [])
+            if listing and not self.default_model:
+                self.default_model = listing[0].id
+            for model in listing:
+                members.setdefault(model.id, []).append(replica)
+        for model_id, replicas in members.items():
+            pool = self.model_pools.get(model_id)
+            if pool is None:
+                self.model_pools[model_id] = ReplicaPool(replicas, self._clock, self._policy_factory())
+            else:
+                pool.replicas = replicas
+        for gone in set(self.model_pools) - set(members):
+            del self.model_pools[gone]
+
+    async def served_models(self) -> list[info_pb2.ServedModel]:
+        """The union of the replicas' models, each with `replicas` (how many list it); asked now when
+        no replica has answered yet (at most every DISCOVERY_RETRY_S)."""
+        if not self.listings and self._clock() - self._listed_at >= DISCOVERY_RETRY_S:
+            await self.refresh_models()
+        # Asked on every request (the catalog resolves names with it): made once per refresh.
+        if self._union is None:
+            self._union = self._merge()
+        return self._union
+
+    def _merge(self) -> list[info_pb2.ServedModel]:
+        union: dict[str, info_pb2.ServedModel] = {}
+        for replica in self.pool.replicas:
+            for model in self.listings.get(replica.address, []):
+                known = union.get(model.id)
+                if known is None:
+                    known = union[model.id] = info_pb2.ServedModel()
+                    known.CopyFrom(model)
+                    known.replicas = 0
+                known.replicas += 1
+                known.loaded = known.loaded or model.loaded
+        return list(union.values())
+
+    def pool_for(self, model: str) -> ReplicaPool:
+        """The pool of `model` ("": the default model, the first listed by the first replica that
+        answered); every replica for a model no replica lists (none answered yet, or an embedding
+        model the embedders load on demand)."""
+        return self.model_pools.get(model or self.default_model, self.pool)
+
+    def serving(self, models: Collection[str]) -> list[Replica]:
+        """The replicas that list one of `models` (by any of its names); all of them when none does."""
+        listed = [
+            replica
+            for replica in self.pool.replicas
+            if any(
+                any(name in aliases(model) for name in models)
+                for model in self.listings.get(replica.address, [])
+            )
+        ]
+        return listed or list(self.pool.replicas)
+
+    def pick(self, avoid: Collection[Replica] = (), prefix: Sequence[int] = (), model: str = "") -> Replica:
         self.watch()
         self.reload_channels()
-        return self.pool.pick(avoid)
+        return self.pool_for(model).pick(avoid, prefix)
 
     def reload_channels(self) -> bool:
         """New channels for every replica when the client TLS files changed (checked at most every
@@ -469,7 +741,8 @@ class Backend:
             return False
         options = channel_options(self._attempts_option) if self._named else replica_channel_options()
         for replica in self.pool.replicas:
-            old = replica.replace_channel(self._factory(replica.address, options, list(self._interceptors)))
+            made = self._factory(replica.target, replica.options or options, list(self._interceptors))
+            old = replica.replace_channel(made)
             self._old_channels.add(old)
             task = loop.create_task(old.close(grace=tls.RELOAD_GRACE_S))
             self._closing.add(task)
@@ -491,9 +764,12 @@ class Backend:
 
     async def close(self) -> None:
         self._closed = True
-        for task in [*self._watches, *self._closing]:
+        tasks = [*self._watches, *self._closing, *self._follows.values()]
+        if self._discovery is not None:
+            tasks.append(self._discovery)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watches, *self._closing, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for channel in [*self._old_channels, *self.replica_channels.values()]:
             await channel.close()
 
@@ -533,7 +809,9 @@ class Backends:
             reply: ResponseT = await callable_of(replica)(request, timeout=timeout, metadata=metadata)
             return reply
 
-        response = await _with_retries(backend, backend.attempts, method, attempt)
+        model = str(getattr(request, "model", ""))
+        prefix = routing.prefix_key(request) if backend is self.generator else ()
+        response = await _with_retries(backend, backend.attempts, method, attempt, model, prefix)
         charge_tokens(_usage_tokens(response))
         if cacheable:
             self.cache.put(method, request, response)
@@ -601,12 +879,18 @@ class Backends:
         context: Context,
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         """The replica's messages. A stream refused with UNAVAILABLE before its first message is
-        started again on another replica; one cut off after it ends with that error (never replayed)."""
+        started again on another replica (RESOURCE_EXHAUSTED: on one not tried yet, while one is left);
+        one cut off after it ends with that error (never replayed)."""
         backend = self.generator
+        model = str(getattr(request, "model", ""))
+        prefix = routing.prefix_key(request)
         tried: list[Replica] = []
-        for number in range(backend.stream_attempts):
-            replica = await _next_replica(backend, tried, number)
+        number = 0
+        while True:
+            replica = await _next_replica(backend, tried, number, model, prefix)
+            number += 1
             timeout, metadata = call_options(context, backend.tracing)
+            replica.outstanding += 1
             call = callable_of(replica)(request, timeout=timeout, metadata=metadata)
             started = False
             try:
@@ -620,7 +904,9 @@ class Backends:
                 BACKEND_ERRORS.labels(method, error.code().name).inc()
                 if started and _retryable(error) and not _has_status_details(error):
                     raise stream_cut(backend.name, error) from error
-                if started or not _retryable(error) or number + 1 >= backend.stream_attempts:
+                if not started and _busy_elsewhere(backend, error, tried, replica, model):
+                    continue
+                if started or not _retryable(error) or number >= backend.stream_attempts:
                     raise
                 backend.pool.mark_failed(replica)
                 tried.append(replica)
@@ -628,6 +914,7 @@ class Backends:
                 # The client went away (CancelledError/GeneratorExit) or the stream ended: either way the
                 # backend's batch slot must be freed now, not when its deadline passes.
                 call.cancel()
+                replica.outstanding -= 1
 
     def generate_stream(
         self, request: generation_pb2.GenerateStreamRequest, context: Context
@@ -670,60 +957,139 @@ class Backends:
             True,
         )
 
+    async def _fan_out(
+        self,
+        method: str,
+        replicas: Sequence[Replica],
+        callable_of: Callable[[Replica], grpc.aio.UnaryUnaryMultiCallable[Any, ResponseT]],
+        request: Message,
+        context: Context,
+    ) -> list[tuple[Replica, ResponseT | grpc.aio.AioRpcError]]:
+        """`request` sent to every one of `replicas` at once; each answer or error, in their order."""
+        timeout, metadata = call_options(context, self.embedder.tracing)
+
+        async def one(replica: Replica) -> tuple[Replica, ResponseT | grpc.aio.AioRpcError]:
+            try:
+                return replica, await callable_of(replica)(request, timeout=timeout, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                BACKEND_ERRORS.labels(method, error.code().name).inc()
+                return replica, error
+
+        self.embedder.watch()
+        return list(await asyncio.gather(*(one(replica) for replica in replicas)))
+
     async def preload(
         self, request: embedding_pb2.PreloadModelsRequest, context: Context
     ) -> embedding_pb2.PreloadModelsResponse:
-        return await self._unary(
-            self.embedder,
+        """Every embedder replica that lists one of the models (all of them when none does) loads
+        them; `accepted` joins the answers, `addresses` names the replicas that answered."""
+        replicas = self.embedder.serving(request.models)
+        answers = await self._fan_out(
             "PreloadModels",
+            replicas,
             lambda replica: self._embedding(replica).PreloadModels,
             request,
-            embedding_pb2.PreloadModelsResponse,
             context,
-            False,
         )
+        reply = embedding_pb2.PreloadModelsResponse()
+        for replica, answer in _answered(answers):
+            reply.accepted.extend(name for name in answer.accepted if name not in reply.accepted)
+            reply.addresses.append(replica.address)
+        return reply
 
     async def cache_status(
         self, request: embedding_pb2.GetCacheStatusRequest, context: Context
     ) -> embedding_pb2.GetCacheStatusResponse:
-        return await self._unary(
-            self.embedder,
+        """Every embedder replica's status in `replicas`; the top-level fields sum (budgets, memory,
+        evictions) or join (models, loading) the answers."""
+        answers = await self._fan_out(
             "GetCacheStatus",
+            self.embedder.pool.replicas,
             lambda replica: self._embedding(replica).GetCacheStatus,
             request,
-            embedding_pb2.GetCacheStatusResponse,
             context,
-            False,
         )
+        reply = embedding_pb2.GetCacheStatusResponse()
+        strategies: list[str] = []
+        for replica, answer in answers:
+            if isinstance(answer, grpc.aio.AioRpcError):
+                reply.replicas.add(address=replica.address, error=_error_text(answer))
+                continue
+            reply.replicas.add(address=replica.address, status=answer)
+            if answer.strategy and answer.strategy not in strategies:
+                strategies.append(answer.strategy)
+            reply.max_models += answer.max_models
+            reply.memory_budget_mib += answer.memory_budget_mib
+            reply.memory_used_mib += answer.memory_used_mib
+            reply.evictions += answer.evictions
+            reply.models.extend(answer.models)
+            reply.loading.extend(name for name in answer.loading if name not in reply.loading)
+        _raise_when_none_answered(answers)
+        reply.strategy = ",".join(strategies)
+        return reply
 
     async def clear_cache(
         self, request: embedding_pb2.ClearCacheRequest, context: Context
     ) -> embedding_pb2.ClearCacheResponse:
-        return await self._unary(
-            self.embedder,
-            "ClearCache",
-            lambda replica: self._embedding(replica).ClearCache,
-            request,
-            embedding_pb2.ClearCacheResponse,
-            context,
-            False,
+        """Every embedder replica that lists one of the models (all of them for all models, or when
+        none does) unloads them; `cleared` joins the answers, `addresses` names those that answered."""
+        replicas = self.embedder.serving(request.models) if request.models else self.embedder.pool.replicas
+        answers = await self._fan_out(
+            "ClearCache", replicas, lambda replica: self._embedding(replica).ClearCache, request, context
         )
+        reply = embedding_pb2.ClearCacheResponse()
+        for replica, answer in _answered(answers):
+            reply.cleared.extend(name for name in answer.cleared if name not in reply.cleared)
+            reply.addresses.append(replica.address)
+        return reply
 
     async def model_counter(
         self, request: embedding_pb2.GetModelCounterRequest, context: Context
     ) -> embedding_pb2.GetModelCounterResponse:
-        return await self._unary(
-            self.embedder,
+        """The counters of every embedder replica that lists the model (all of them when none does),
+        each in `replicas`, summed in the top-level fields."""
+        replicas = self.embedder.serving([request.model]) if request.model else self.embedder.pool.replicas
+        answers = await self._fan_out(
             "GetModelCounter",
+            replicas,
             lambda replica: self._embedding(replica).GetModelCounter,
             request,
-            embedding_pb2.GetModelCounterResponse,
             context,
-            False,
         )
+        reply = embedding_pb2.GetModelCounterResponse(model=request.model)
+        for replica, answer in answers:
+            if isinstance(answer, grpc.aio.AioRpcError):
+                reply.replicas.add(address=replica.address, error=_error_text(answer))
+                continue
+            reply.replicas.add(address=replica.address, counter=answer)
+            reply.model = reply.model or answer.model
+            reply.requests += answer.requests
+            reply.inputs += answer.inputs
+            reply.tokens += answer.tokens
+            reply.errors += answer.errors
+        _raise_when_none_answered(answers)
+        return reply
 
     async def close(self) -> None:
         await asyncio.gather(self.generator.close(), self.embedder.close())
+
+
+def _error_text(error: grpc.aio.AioRpcError) -> str:
+    return f"{error.code().name}: {error.details()}"
+
+
+def _answered(
+    answers: Sequence[tuple[Replica, ResponseT | grpc.aio.AioRpcError]],
+) -> list[tuple[Replica, ResponseT]]:
+    """The replicas that answered with their answers; the last error when none did."""
+    _raise_when_none_answered(answers)
+    return [(replica, answer) for replica, answer in answers if not isinstance(answer, grpc.aio.AioRpcError)]
+
+
+def _raise_when_none_answered(answers: Sequence[tuple[Replica, Message | grpc.aio.AioRpcError]]) -> None:
+    errors = [answer for _, answer in answers if isinstance(answer, grpc.aio.AioRpcError)]
+    if errors and len(errors) == len(answers):
+        raise errors[-1]
 
 
 def _retryable(error: grpc.aio.AioRpcError) -> bool:
@@ -746,32 +1112,84 @@ def stream_cut(backend: str, error: grpc.aio.AioRpcError) -> GatewayError:
     )
 
 
-async def _next_replica(backend: Backend, tried: list[Replica], number: int) -> Replica:
-    """The replica for attempt `number`: one not tried yet when any is available; a replica that
-    already failed this call (the only one left) gets a short, growing pause first."""
-    replica = backend.pick(avoid=tried)
+async def _next_replica(
+    backend: Backend, tried: list[Replica], number: int, model: str = "", prefix: Sequence[int] = ()
+) -> Replica:
+    """The replica of `model` for attempt `number`: one not tried yet when any is available; a replica
+    that already failed this call (the only one left) gets a short, growing pause first."""
+    replica = backend.pick(avoid=tried, prefix=prefix, model=model)
     if replica in tried:
         await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (number - 1), 1.0))
     return replica
 
 
+def _busy_elsewhere(
+    backend: Backend, error: grpc.aio.AioRpcError, tried: list[Replica], replica: Replica, model: str
+) -> bool:
+    """Whether a RESOURCE_EXHAUSTED call goes on to another replica of `model` not tried yet (it
+    records `replica` as tried); when all were tried the client gets the last refusal."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    tried.append(replica)
+    return backend.pool_for(model).untried(tried)
+
+
 async def _with_retries(
-    backend: Backend, attempts: int, method: str, attempt: Callable[[Replica], Awaitable[T]]
+    backend: Backend,
+    attempts: int,
+    method: str,
+    attempt: Callable[[Replica], Awaitable[T]],
+    model: str = "",
+    prefix: Sequence[int] = (),
 ) -> T:
-    """`attempt` on the picked replica; after UNAVAILABLE again on another one, `attempts` in all."""
+    """`attempt` on the picked replica of `model`; after UNAVAILABLE again on another one, `attempts`
+    in all; after RESOURCE_EXHAUSTED on another one not tried yet, while one is left."""
     tried: list[Replica] = []
     number = 0
     while True:
-        replica = await _next_replica(backend, tried, number)
+        replica = await _next_replica(backend, tried, number, model, prefix)
+        replica.outstanding += 1
         try:
             return await attempt(replica)
         except grpc.aio.AioRpcError as error:
             BACKEND_ERRORS.labels(method, error.code().name).inc()
             number += 1
+            if _busy_elsewhere(backend, error, tried, replica, model):
+                continue
             if not _retryable(error) or number >= attempts:
                 raise
             backend.pool.mark_failed(replica)
             tried.append(replica)
+        finally:
+            replica.outstanding -= 1
+
+
+def _lookup(host: str, port: int) -> asyncio.Future[list[Any]]:
+    """getaddrinfo in a daemon thread: a resolver that hangs must hold up neither the event loop
+    nor the process's exit (the loop's default executor is waited for when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[Any]] = loop.create_future()
+
+    def settle(result: list[Any] | None, error: OSError | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result or [])
+
+    def run() -> None:
+        try:
+            found: list[Any] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            outcome: tuple[list[Any] | None, OSError | None] = (None, error)
+        else:
+            outcome = (found, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=f"resolve {host}", daemon=True).start()
+    return future
 
 
 def _forget(channels: set[grpc.aio.Channel], channel: grpc.aio.Channel, _: object) -> None:

@@ -128,6 +128,13 @@ class GatewayConfig:
     )
     jwt_scope_claim: str = field(default="scope", metadata={"help": JWT_SCOPE_CLAIM_HELP})
     jwt_scope_map: str = field(default="", metadata={"help": JWT_SCOPE_MAP_HELP})
+    model_refresh_seconds: float = field(
+        default=10.0,
+        metadata={
+            "help": "How often the gateway asks every replica what models it serves (also asked when "
+            "a replica starts serving); one pool per served model."
+        },
+    )
     routing_policy: RoutingPolicyName = field(
         default="prefix_affinity",
         metadata={
@@ -176,6 +183,11 @@ class GatewayConfig:
         if self.shutdown_grace_s < 0:
             raise ValueError(f"--shutdown-grace-s must not be negative, got {self.shutdown_grace_s}")
         self.validate_redis()
+        if not 0 < self.model_refresh_seconds <= 3600:
+            raise ValueError(
+                "--model-refresh-seconds must be more than 0 and at most 3600, "
+                f"got {self.model_refresh_seconds:g}"
+            )
         self.validate_routing()
 
     def validate_routing(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from services.common.interceptors import (
     UnaryBehavior,
     serving_interceptor,
 )
-from services.gateway import telemetry, validation
+from services.gateway import routing, telemetry, validation
 from services.gateway.auth import Authentication, KeyStore, jwt_settings
 from services.gateway.backends import MAX_MESSAGE_BYTES, Backend, Backends, ResponseCache
 from services.gateway.catalog import ModelCatalog
@@ -165,6 +166,8 @@ async def build(config: GatewayConfig) -> Gateway:
         client_interceptors,
         tracing,
         tls_files=tls.files_of(config),
+        policy_factory=functools.partial(routing.make_policy, config),
+        model_refresh_s=config.model_refresh_seconds,
     )
     embedder = Backend(
         "embedder",
@@ -173,6 +176,8 @@ async def build(config: GatewayConfig) -> Gateway:
         client_interceptors,
         tracing,
         tls_files=tls.files_of(config),
+        policy_factory=functools.partial(routing.make_policy, config),
+        model_refresh_s=config.model_refresh_seconds,
     )
     backends = Backends(generator, embedder, ResponseCache(config.cache_size))
     catalog = ModelCatalog(generator, embedder)

@@ -35,6 +35,8 @@ from services.gateway.errors import MAPPING, GatewayError, from_backend, http_li
 from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
+# The gateway's load reports' default interval (as the backends').
+WATCH_LOAD_INTERVAL_MS = 100
 RequestT = TypeVar("RequestT", bound=Message)
 
 
@@ -266,6 +268,15 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
     ) -> info_pb2.ListServedModelsResponse:
         return info_pb2.ListServedModelsResponse(models=await self._catalog.all_models())
 
+    async def WatchLoad(
+        self, request: info_pb2.WatchLoadRequest, context: Context
+    ) -> AsyncIterator[info_pb2.WatchLoadResponse]:
+        """The gateway's own load: the requests it is running, every `min_interval_ms` (100 ms)."""
+        interval = (request.min_interval_ms or WATCH_LOAD_INTERVAL_MS) / 1000
+        while True:
+            yield info_pb2.WatchLoadResponse(running=self._stats.running)
+            await asyncio.sleep(interval)
+
 
 def _openai_error_event(error: GatewayError) -> bytes:
     kind = "invalid_request_error" if http_like(error.code) < 500 else "server_error"
@@ -403,7 +414,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         return oai.embedding_response(response, request.encoding_format, request.model)
 
     def _model(self, model: info_pb2.ServedModel) -> openai_pb2.Model:
-        return openai_pb2.Model(id=model.id, object="model", created=self._created, owned_by=oai.OWNER)
+        return openai_pb2.Model(
+            id=model.id, object="model", created=self._created, owned_by=oai.OWNER, replicas=model.replicas
+        )
 
     async def ListModels(
         self, request: openai_pb2.ListModelsRequest, context: Context

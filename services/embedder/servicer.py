@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from inference.v1 import embedding_pb2, embedding_pb2_grpc, info_pb2, info_pb2_grpc
 
+from services.common.load_reports import load_reports
 from services.common.machine import device_info, memory_info
 from services.embedder.engine import EmbeddingEngine, EmbedParams, as_lists
 from services.embedder.exceptions import InvalidInput
@@ -182,3 +184,19 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
                 loaded=True,
             )
         return reply
+
+    def _load(self) -> info_pb2.WatchLoadResponse:
+        batcher = self.engine.batcher
+        return info_pb2.WatchLoadResponse(
+            running=batcher.running_inputs,
+            waiting=batcher.queued_inputs,
+            capacity=batcher.max_batch_size,
+            models=sorted(model.name for model in self.engine.cache.entries()),
+        )
+
+    async def WatchLoad(
+        self, request: info_pb2.WatchLoadRequest, context: Context
+    ) -> AsyncIterator[info_pb2.WatchLoadResponse]:
+        """This replica's load in inputs, at once and on every change; ends when the embedder drains."""
+        async for report in load_reports(request, self._load, lambda: self.engine.draining):
+            yield report

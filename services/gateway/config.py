@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from services.common import tls
 from services.common.auth import JWT_SCOPE_CLAIM_HELP, JWT_SCOPE_MAP_HELP, jwt_settings
 from services.common.config import LogLevel
 from services.common.sampling import DEFAULT_LIMITS
+
+RoutingPolicyName = Literal["round_robin", "least_loaded", "prefix_affinity"]
+ROUTING_POLICIES: tuple[str, ...] = get_args(RoutingPolicyName)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,37 @@ class GatewayConfig:
             "a replica starts serving); one pool per served model."
         },
     )
+    routing_policy: RoutingPolicyName = field(
+        default="prefix_affinity",
+        metadata={
+            "help": "How a replica of a model's pool is picked: round_robin (in turn), least_loaded "
+            "(fewest calls in flight, weighed with each replica's load report) or prefix_affinity "
+            "(the replica that served the prompt's longest prefix, so its prefix cache hits, "
+            "within --routing-load-bound of the least loaded)."
+        },
+    )
+    routing_load_bound: float = field(
+        default=1.25,
+        metadata={
+            "help": "prefix_affinity keeps a request on the replica with its prefix while that "
+            "replica's load is at most this times the least loaded replica's (plus "
+            "--routing-load-slack); 1..100."
+        },
+    )
+    routing_load_slack: float = field(
+        default=2.0,
+        metadata={
+            "help": "Requests added to the bound of --routing-load-bound, so that a nearly idle pool stays "
+            "with the prefix; 0..1000."
+        },
+    )
+    routing_affinity_entries: int = field(
+        default=65536,
+        metadata={
+            "help": "Prefix keys prefix_affinity remembers per pool (one per 64 characters of a prompt "
+            "and per chat message, least recently used out first); 1..10000000."
+        },
+    )
 
     def validate(self) -> None:
         tls.check_files("GATEWAY", self.tls_ca, self.tls_cert, self.tls_key)
@@ -152,6 +187,21 @@ class GatewayConfig:
             raise ValueError(
                 "--model-refresh-seconds must be more than 0 and at most 3600, "
                 f"got {self.model_refresh_seconds:g}"
+            )
+        self.validate_routing()
+
+    def validate_routing(self) -> None:
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(
+                f"--routing-policy must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing_policy!r}"
+            )
+        if not 1.0 <= self.routing_load_bound <= 100.0:
+            raise ValueError(f"--routing-load-bound must be 1..100, got {self.routing_load_bound:g}")
+        if not 0.0 <= self.routing_load_slack <= 1000.0:
+            raise ValueError(f"--routing-load-slack must be 0..1000, got {self.routing_load_slack:g}")
+        if not 1 <= self.routing_affinity_entries <= 10_000_000:
+            raise ValueError(
+                f"--routing-affinity-entries must be 1..10000000, got {self.routing_affinity_entries}"
             )
 
     def validate_redis(self) -> None:

@@ -961,3 +961,27 @@ class Engine:
                     (request, TokenEvent(index, self.pad_id, sequence.stop.flush(), 0.0, True, "eos"))
                 )
         return events
+
+    # ----- load report -----
+
+    def load(self) -> EngineLoad:
+        """The figures a WatchLoad report carries: rows in the batch, requests waiting, the batch's
+        rows, and the tokens of the token budget (prompt plus max_new_tokens) not yet reserved."""
+        return EngineLoad(
+            # Rows taken from the queue and not finished: current between steps, where the batch's
+            # own count lags by a step.
+            running=self._rows_taken,
+            waiting=len(self._waiting),
+            capacity=self.limits.max_running_sequences,
+            free_kv_tokens=max(0, self.limits.max_total_tokens - self._reserved_tokens),
+        )
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """How busy the engine is (see `Engine.load`)."""
+
+    running: int
+    waiting: int
+    capacity: int
+    free_kv_tokens: int

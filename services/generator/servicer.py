@@ -21,6 +21,7 @@ from inference.v1 import (
 )
 
 from services.common import sampling, sse
+from services.common.load_reports import load_reports
 from services.common.machine import device_info, memory_info
 from services.common.sampling import SamplingParams
 from services.generator import tasks
@@ -446,3 +447,27 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
             loaded=True,
         )
         return info_pb2.ListServedModelsResponse(models=[model])
+
+    def _load(self) -> info_pb2.WatchLoadResponse:
+        engine = self._info.engine
+        if engine is None:  # still loading: nothing runs, and no room yet
+            return info_pb2.WatchLoadResponse()
+        load = engine.load()
+        return info_pb2.WatchLoadResponse(
+            running=load.running,
+            waiting=load.waiting,
+            capacity=load.capacity,
+            free_kv_tokens=load.free_kv_tokens,
+            models=[engine.model_id],
+        )
+
+    def _draining(self) -> bool:
+        engine = self._info.engine
+        return engine is not None and self._info.message != ""
+
+    async def WatchLoad(
+        self, request: info_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[info_pb2.WatchLoadResponse]:
+        """This replica's load, at once and on every change; ends when the generator drains."""
+        async for report in load_reports(request, self._load, self._draining):
+            yield report

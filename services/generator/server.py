@@ -117,6 +117,7 @@ async def serve(config: GeneratorConfig) -> int:
         threads=config.threads,
         prefix_cache_mib=config.prefix_cache_mib,
         gguf_activations=config.gguf_activations,
+        decode_isa=config.decode_isa,
     )
     loading = asyncio.ensure_future(asyncio.to_thread(load, spec))
     waiter = asyncio.ensure_future(stopping.wait())

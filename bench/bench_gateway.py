@@ -265,10 +265,11 @@ PIDS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def own_stack(generator_args: list[str]) -> Iterator[dict[str, str]]:
+def own_stack(generator_args: list[str], baseline: str = "") -> Iterator[dict[str, str]]:
     from tests.fixtures_embedder import start_embedder
     from tests.fixtures_gateway import start_envoy, start_gateway
     from tests.fixtures_generator import start_generator
+    from tests.stack import ServiceProcess, free_port
 
     generator = start_generator(generator_args)
     embedder = start_embedder()
@@ -280,21 +281,76 @@ def own_stack(generator_args: list[str]) -> Iterator[dict[str, str]]:
     )
     envoy = start_envoy(gateway_address, Path(tempfile.mkdtemp(prefix="bench-envoy-")))
     PIDS.update(envoy=envoy.process.pid, gateway=gateway_process.pid, generator=generator.process.pid)
+    stack = {
+        "envoy_url": envoy.url,
+        "gateway": gateway_address,
+        "generator": generator.address,
+        "embedder": embedder_address,
+    }
+    extra: list[ServiceProcess] = []
     try:
-        yield {
-            "envoy_url": envoy.url,
-            "gateway": gateway_address,
-            "generator": generator.address,
-            "embedder": embedder_address,
-        }
+        if baseline:
+            # The same gateway flags, its code from the other checkout; Envoy rendered from this one.
+            port = free_port()
+            other = ServiceProcess(
+                "baseline-gateway",
+                [
+                    *(sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port)),
+                    *("--generator-addresses", generator.address, "--embedder-addresses", embedder_address),
+                    *("--cache-size", "0", "--tracing", "false", "--metrics-port", "0"),
+                ],
+                env={"PYTHONPATH": f"{baseline}:{baseline}/clients/python/src", "HF_HUB_OFFLINE": "1"},
+                cwd=Path(baseline),
+            ).start()
+            extra.append(other)
+            other.wait_until_serving(f"127.0.0.1:{port}", timeout=120)
+            other_envoy = start_envoy(f"127.0.0.1:{port}", Path(tempfile.mkdtemp(prefix="bench-envoy-")))
+            extra.append(other_envoy.process)
+            PIDS.update(baseline_envoy=other_envoy.process.pid, baseline_gateway=other.pid)
+            stack["baseline_url"] = other_envoy.url
+        yield stack
     finally:
+        for process in reversed(extra):
+            process.stop()
         envoy.process.stop()
         gateway_process.stop()
         embedder.process.stop()
         generator.stop()
 
 
+async def compare_gateways(args: argparse.Namespace) -> None:
+    """REST streams alternating between this checkout's gateway and the baseline's (same generator,
+    an Envoy each): tokens/s and CPU seconds per 1000 tokens of each gateway and Envoy."""
+    meter = CpuMeter(PIDS)
+    urls = {"this": args.envoy_url, "baseline": args.baseline_url}
+    for url in urls.values():
+        await rest_streams(url, 4, 4, args.httpx)
+    for count in args.streams:
+        tokens_of, seconds_of = dict.fromkeys(urls, 0), dict.fromkeys(urls, 0.0)
+        cpu_of: dict[str, dict[str, float]] = {name: {} for name in urls}
+        for number in range(args.rounds * 2):
+            for name in ("this", "baseline") if number % 2 == 0 else ("baseline", "this"):
+                before = meter.read()
+                tokens, seconds = await rest_streams(urls[name], count, args.tokens, args.httpx)
+                after = meter.read()
+                prefix = "" if name == "this" else "baseline_"
+                for process in ("gateway", "envoy"):
+                    spent = after[prefix + process] - before[prefix + process]
+                    cpu_of[name][process] = cpu_of[name].get(process, 0.0) + spent
+                tokens_of[name] += tokens
+                seconds_of[name] += seconds
+        for name in urls:
+            shares = "  ".join(f"{p} {cpu * 1000 / tokens_of[name]:.3f}" for p, cpu in cpu_of[name].items())
+            print(
+                f"{count} REST streams x {args.tokens} tokens, {name:8s} gateway: "
+                f"{tokens_of[name] / seconds_of[name]:6.1f} tok/s, CPU s per 1000 tokens: {shares}"
+            )
+
+
 async def run(args: argparse.Namespace) -> None:
+    if getattr(args, "baseline_url", None):
+        await compare_gateways(args)
+        return
     async with grpc.aio.insecure_channel(args.embedder) as channel:
         served = await info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
             info_pb2.ListServedModelsRequest(), timeout=30
@@ -371,6 +427,12 @@ def main() -> None:
     parser.add_argument(
         "--generator-args", default="", help='more flags for the generator this run starts ("--threads 1")'
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout (a worktree of main): its gateway, on the same generator behind its own "
+        "Envoy, against this one's, REST streams only",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds per stream count")
     parser.add_argument(
         "--no-abba", dest="abba", action="store_false", help="run each streaming path once instead of ABBA"
@@ -384,7 +446,7 @@ def main() -> None:
         parser.error("give all of --envoy-url, --gateway, --generator and --embedder, or none")
     # A timeout's SIGTERM stops the stack this run started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with own_stack(args.generator_args.split()) as stack:
+    with own_stack(args.generator_args.split(), args.baseline) as stack:
         for key, value in stack.items():
             setattr(args, key, value)
         print(f"started a stack: {stack}")

@@ -5,7 +5,10 @@
    overhead over the direct call at most 2 ms.
 2. Streaming: aggregate tokens/s of N concurrent greedy streams (default 16 and 32) as REST SSE
    through Envoy and the gateway, against the same streams over gRPC straight to the generator.
-   Target: at least 0.95x.
+   Target: at least 0.95x. Also the same streams over gRPC through the gateway (its own cost
+   without Envoy and SSE). For a stack it starts, also the CPU seconds each process (envoy,
+   gateway, generator) spent per 1000 tokens on each path, from psutil: on a small machine the
+   edge's CPU is taken from the generator's decoding, so that is where the ratio goes.
 
 The REST side uses a minimal HTTP/1.1 keep-alive client on asyncio streams (`RawHttp`), not
 httpx: on a 2-core machine httpx's own Python work per request (about 2.5 ms here) is larger than
@@ -25,16 +28,18 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import httpx2
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,6 +55,10 @@ from inference.v1 import (  # noqa: E402
 )
 
 PROMPT = "Tell me about the history of Paris."
+
+
+# HTTP chunks and SSE events the REST client read: several events in one chunk were coalesced.
+SSE_COUNTS = {"chunks": 0, "events": 0}
 
 
 class RawHttp:
@@ -107,10 +116,12 @@ class RawHttp:
             chunk = (await reader.readexactly(size + 2))[:-2]
             if size == 0:
                 break
+            SSE_COUNTS["chunks"] += 1
             pending += chunk
             *complete, pending = pending.split(b"\n\n")
             for event in complete:
                 if event.startswith(b"data: "):
+                    SSE_COUNTS["events"] += 1
                     yield event[6:]
 
 
@@ -232,13 +243,35 @@ async def raw_rest_streams(url: str, count: int, tokens: int) -> tuple[int, floa
     return sum(produced), time.perf_counter() - started
 
 
+class CpuMeter:
+    """CPU seconds (user + system, children included) of named processes between two reads."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def read(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, process in self.processes.items():
+            total = 0.0
+            for one in (process, *process.children(recursive=True)):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = one.cpu_times()
+                    total += times.user + times.system
+            totals[name] = total
+        return totals
+
+
+PIDS: dict[str, int] = {}
+
+
 @contextlib.contextmanager
-def own_stack() -> Iterator[dict[str, str]]:
+def own_stack(generator_args: list[str], baseline: str = "") -> Iterator[dict[str, str]]:
     from tests.fixtures_embedder import start_embedder
     from tests.fixtures_gateway import start_envoy, start_gateway
     from tests.fixtures_generator import start_generator
+    from tests.stack import ServiceProcess, free_port
 
-    generator = start_generator()
+    generator = start_generator(generator_args)
     embedder = start_embedder()
     embedder_address = embedder.address
     gateway_process, gateway_address, _ = start_gateway(
@@ -247,21 +280,77 @@ def own_stack() -> Iterator[dict[str, str]]:
         ("--cache-size", "0", "--tracing", "false", "--metrics-port", "0"),
     )
     envoy = start_envoy(gateway_address, Path(tempfile.mkdtemp(prefix="bench-envoy-")))
+    PIDS.update(envoy=envoy.process.pid, gateway=gateway_process.pid, generator=generator.process.pid)
+    stack = {
+        "envoy_url": envoy.url,
+        "gateway": gateway_address,
+        "generator": generator.address,
+        "embedder": embedder_address,
+    }
+    extra: list[ServiceProcess] = []
     try:
-        yield {
-            "envoy_url": envoy.url,
-            "gateway": gateway_address,
-            "generator": generator.address,
-            "embedder": embedder_address,
-        }
+        if baseline:
+            # The same gateway flags, its code from the other checkout; Envoy rendered from this one.
+            port = free_port()
+            other = ServiceProcess(
+                "baseline-gateway",
+                [
+                    *(sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port)),
+                    *("--generator-addresses", generator.address, "--embedder-addresses", embedder_address),
+                    *("--cache-size", "0", "--tracing", "false", "--metrics-port", "0"),
+                ],
+                env={"PYTHONPATH": f"{baseline}:{baseline}/clients/python/src", "HF_HUB_OFFLINE": "1"},
+                cwd=Path(baseline),
+            ).start()
+            extra.append(other)
+            other.wait_until_serving(f"127.0.0.1:{port}", timeout=120)
+            other_envoy = start_envoy(f"127.0.0.1:{port}", Path(tempfile.mkdtemp(prefix="bench-envoy-")))
+            extra.append(other_envoy.process)
+            PIDS.update(baseline_envoy=other_envoy.process.pid, baseline_gateway=other.pid)
+            stack["baseline_url"] = other_envoy.url
+        yield stack
     finally:
+        for process in reversed(extra):
+            process.stop()
         envoy.process.stop()
         gateway_process.stop()
         embedder.process.stop()
         generator.stop()
 
 
+async def compare_gateways(args: argparse.Namespace) -> None:
+    """REST streams alternating between this checkout's gateway and the baseline's (same generator,
+    an Envoy each): tokens/s and CPU seconds per 1000 tokens of each gateway and Envoy."""
+    meter = CpuMeter(PIDS)
+    urls = {"this": args.envoy_url, "baseline": args.baseline_url}
+    for url in urls.values():
+        await rest_streams(url, 4, 4, args.httpx)
+    for count in args.streams:
+        tokens_of, seconds_of = dict.fromkeys(urls, 0), dict.fromkeys(urls, 0.0)
+        cpu_of: dict[str, dict[str, float]] = {name: {} for name in urls}
+        for number in range(args.rounds * 2):
+            for name in ("this", "baseline") if number % 2 == 0 else ("baseline", "this"):
+                before = meter.read()
+                tokens, seconds = await rest_streams(urls[name], count, args.tokens, args.httpx)
+                after = meter.read()
+                prefix = "" if name == "this" else "baseline_"
+                for process in ("gateway", "envoy"):
+                    spent = after[prefix + process] - before[prefix + process]
+                    cpu_of[name][process] = cpu_of[name].get(process, 0.0) + spent
+                tokens_of[name] += tokens
+                seconds_of[name] += seconds
+        for name in urls:
+            shares = "  ".join(f"{p} {cpu * 1000 / tokens_of[name]:.3f}" for p, cpu in cpu_of[name].items())
+            print(
+                f"{count} REST streams x {args.tokens} tokens, {name:8s} gateway: "
+                f"{tokens_of[name] / seconds_of[name]:6.1f} tok/s, CPU s per 1000 tokens: {shares}"
+            )
+
+
 async def run(args: argparse.Namespace) -> None:
+    if getattr(args, "baseline_url", None):
+        await compare_gateways(args)
+        return
     async with grpc.aio.insecure_channel(args.embedder) as channel:
         served = await info_pb2_grpc.InfoServiceStub(channel).ListServedModels(
             info_pb2.ListServedModelsRequest(), timeout=30
@@ -276,22 +365,51 @@ async def run(args: argparse.Namespace) -> None:
             f"  {name:24s} p50 {p50 * 1e3:6.2f} ms  p90 {p90 * 1e3:6.2f} ms  "
             f"p50 overhead {(p50 - direct) * 1e3:+.2f} ms"
         )
+    meter = CpuMeter(PIDS) if PIDS else None
+    paths: dict[str, tuple[str, Callable[[int], Awaitable[tuple[int, float]]]]] = {
+        "direct": ("direct gRPC", lambda count: grpc_streams(args.generator, count, args.tokens)),
+        "gateway": ("gateway gRPC", lambda count: grpc_streams(args.gateway, count, args.tokens)),
+        "rest": (
+            "REST via Envoy",
+            lambda count: rest_streams(args.envoy_url, count, args.tokens, args.httpx),
+        ),
+    }
+    for _, stream in paths.values():  # warm up: first calls, connections, the prefix cache
+        await stream(4)
+    ratios: list[str] = []
     for count in args.streams:
-        # ABBA order, so that a drift in the machine's load hits both paths alike.
-        direct_tokens, direct_seconds, rest_tokens, rest_seconds = 0, 0.0, 0, 0.0
-        for path in ("direct", "rest", "rest", "direct")[: 4 if args.abba else 2]:
-            if path == "direct":
-                tokens, seconds = await grpc_streams(args.generator, count, args.tokens)
-                direct_tokens, direct_seconds = direct_tokens + tokens, direct_seconds + seconds
-            else:
-                tokens, seconds = await rest_streams(args.envoy_url, count, args.tokens, args.httpx)
-                rest_tokens, rest_seconds = rest_tokens + tokens, rest_seconds + seconds
-        direct_rate, rest_rate = direct_tokens / direct_seconds, rest_tokens / rest_seconds
+        tokens_of = dict.fromkeys(paths, 0)
+        seconds_of = dict.fromkeys(paths, 0.0)
+        cpu_of: dict[str, dict[str, float]] = {path: {} for path in paths}
+        SSE_COUNTS.update(chunks=0, events=0)
+        # ABBA order (A B C C B A), so that a drift in the machine's load hits every path alike.
+        order = [*paths, *reversed(paths)] if args.abba else list(paths)
+        for _ in range(args.rounds):
+            for path in order:
+                before = meter.read() if meter else {}
+                tokens, seconds = await paths[path][1](count)
+                if meter:
+                    for name, value in meter.read().items():
+                        cpu_of[path][name] = cpu_of[path].get(name, 0.0) + value - before[name]
+                tokens_of[path] += tokens
+                seconds_of[path] += seconds
+        rate = {path: tokens_of[path] / seconds_of[path] for path in paths}
         print(
-            f"{count} concurrent streams x {args.tokens} tokens: direct gRPC {direct_rate:6.1f} tok/s "
-            f"({direct_tokens} in {direct_seconds:.1f}s), REST via Envoy {rest_rate:6.1f} tok/s "
-            f"({rest_tokens} in {rest_seconds:.1f}s), ratio {rest_rate / direct_rate:.3f}x"
+            f"{count} concurrent streams x {args.tokens} tokens: "
+            + ", ".join(f"{label} {rate[path]:6.1f} tok/s" for path, (label, _) in paths.items())
+            + f"; REST / direct {rate['rest'] / rate['direct']:.3f}x,"
+            f" gateway gRPC / direct {rate['gateway'] / rate['direct']:.3f}x"
         )
+        ratios.append(f"{count} streams {rate['rest'] / rate['direct']:.3f}x")
+        if SSE_COUNTS["chunks"]:
+            print(f"  REST: {SSE_COUNTS['events'] / SSE_COUNTS['chunks']:.2f} SSE events per HTTP chunk")
+        for path, (label, _) in paths.items():
+            if cpu_of[path]:
+                shares = "  ".join(
+                    f"{name} {seconds * 1000 / tokens_of[path]:.3f}" for name, seconds in cpu_of[path].items()
+                )
+                print(f"  CPU s per 1000 tokens, {label:14s}: {shares}")
+    print("REST / direct gRPC: " + ", ".join(ratios))
 
 
 def main() -> None:
@@ -307,6 +425,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_new_tokens per stream")
     parser.add_argument("--httpx", action="store_true", help="REST through httpx instead of RawHttp")
     parser.add_argument(
+        "--generator-args", default="", help='more flags for the generator this run starts ("--threads 1")'
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout (a worktree of main): its gateway, on the same generator behind its own "
+        "Envoy, against this one's, REST streams only",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds per stream count")
+    parser.add_argument(
         "--no-abba", dest="abba", action="store_false", help="run each streaming path once instead of ABBA"
     )
     args = parser.parse_args()
@@ -316,7 +444,9 @@ def main() -> None:
         return
     if any(given):
         parser.error("give all of --envoy-url, --gateway, --generator and --embedder, or none")
-    with own_stack() as stack:
+    # A timeout's SIGTERM stops the stack this run started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with own_stack(args.generator_args.split(), args.baseline) as stack:
         for key, value in stack.items():
             setattr(args, key, value)
         print(f"started a stack: {stack}")

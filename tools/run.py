@@ -357,6 +357,15 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
             tiers.append(
                 Tier("playground", commands["playground"], port, "http", health_path="/_stcore/health")
             )
+    # Replicas' ports are offsets of the tiers' own: other ports chosen by hand may meet them.
+    owners: dict[int, str] = {}
+    for tier in tiers:
+        for port in (tier.port, *([tier.metrics_port] if tier.metrics_port else [])):
+            if owners.setdefault(port, tier.name) != tier.name:
+                raise SystemExit(
+                    f"make run: {tier.name} and {owners[port]} would both listen on port {port}; "
+                    f"choose ports at least {REPLICA_PORT_STEP} x the replicas apart"
+                )
     return Plan(tiers, env, skipped)
 
 

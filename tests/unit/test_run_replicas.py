@@ -114,6 +114,10 @@ def test_one_model_in_the_list_is_that_model(tmp_path: Path) -> None:
         ({"GENERATOR_MODELS": "a=x,a=y"}, "names a twice"),
         ({"GENERATOR_MODELS": "a=x,,b=y"}, "entry '' is not `model` or `id=model`"),
         ({"GENERATOR_MODELS": "=x"}, "entry '=x' is not `model` or `id=model`"),
+        (
+            {"GENERATOR_REPLICAS": "2", "GENERATOR_PORT": "50043"},
+            "embedder and generator-2 would both listen on port 50053",
+        ),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, variables: dict[str, str], message: str) -> None:

@@ -53,6 +53,7 @@ QUESTIONS = (
 
 @dataclass
 class Result:
+    prompt_tokens: float
     prefill_tokens: float
     generated_tokens: int
     seconds: float
@@ -98,7 +99,7 @@ async def conversations(stack: Stack, chats: int, turns: int, tokens: int) -> Re
     prompt = counter(stack.generator_metrics, "generator_prompt_tokens_total") - prompt_before
     hits = counter(stack.generator_metrics, "generator_prefix_cache_hit_tokens_total") - hits_before
     return Result(
-        prompt - hits, sum(made for made, _ in done), seconds, [t for _, ttfts in done for t in ttfts]
+        prompt, prompt - hits, sum(made for made, _ in done), seconds, [t for _, ttfts in done for t in ttfts]
     )
 
 
@@ -127,7 +128,7 @@ def main() -> None:
             ]
         results[policy] = result
         print(
-            f"{policy:16s} prefill tokens computed {result.prefill_tokens:8.0f}   "
+            f"{policy:16s} prefill tokens computed {result.prefill_tokens:.0f} of {result.prompt_tokens:.0f}  "
             f"{result.generated_tokens / result.seconds:6.1f} tok/s   "
             f"median TTFT {statistics.median(result.ttfts) * 1e3:7.1f} ms   "
             f"tokens per replica {', '.join(f'{value:.0f}' for value in per_replica)}"

@@ -128,7 +128,7 @@ def main() -> None:
             ]
         results[policy] = result
         print(
-            f"{policy:16s} prefill tokens computed {result.prefill_tokens:.0f} of {result.prompt_tokens:.0f}  "
+            f"{policy:16s} prefill tokens {result.prefill_tokens:.0f} of {result.prompt_tokens:.0f}   "
             f"{result.generated_tokens / result.seconds:6.1f} tok/s   "
             f"median TTFT {statistics.median(result.ttfts) * 1e3:7.1f} ms   "
             f"tokens per replica {', '.join(f'{value:.0f}' for value in per_replica)}"

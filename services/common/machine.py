@@ -1,6 +1,10 @@
-"""The device and memory a process reports in its ComponentHealth."""
+"""The device and memory a process reports in its ComponentHealth, and the CPU cores it may use."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 from inference.v1 import info_pb2
@@ -33,3 +37,55 @@ def memory_info(device: str = "") -> info_pb2.MemoryInfo:
         memory.gpu_allocated_mib = torch.cuda.memory_allocated(device) / MIB
         memory.gpu_total_mib = torch.cuda.get_device_properties(device).total_memory / MIB
     return memory
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class Cores:
+    """How many CPU cores this process may use, and why (for the start-up log)."""
+
+    count: int
+    reason: str
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The CPU quota in cores of the cgroup this process sees at `root` (v2 cpu.max, else v1
+    cpu.cfs_quota_us / cpu.cfs_period_us); None where there is no quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def usable_cores(affinity: set[int] | None = None, cgroup_root: Path = CGROUP_ROOT) -> Cores:
+    """The cores this process may use: its CPU affinity (else os.cpu_count()), capped by its cgroup's
+    CPU quota rounded down, at least 1. The default thread count of every model runtime."""
+    if affinity is None and hasattr(os, "sched_getaffinity"):
+        affinity = os.sched_getaffinity(0)
+    if affinity:
+        count, reason = len(affinity), "affinity"
+    else:
+        count, reason = os.cpu_count() or 1, "the machine's count"
+    quota = _cgroup_quota(cgroup_root)
+    # A quota below the affinity would leave threads waiting for their turn: oversubscription.
+    if quota is not None and int(quota) < count:
+        count, reason = max(1, int(quota)), "cgroup quota"
+    return Cores(count, f"{count} {'core' if count == 1 else 'cores'} from {reason}")
+
+
+def runtime_threads(configured: int, setting: str) -> Cores:
+    """The threads a model runtime gets: `configured` when set (the flag `setting`), else usable_cores()."""
+    if configured > 0:
+        return Cores(configured, f"{configured} from {setting}")
+    return usable_cores()

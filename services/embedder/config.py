@@ -100,7 +100,8 @@ class EmbedderConfig:
         metadata={"help": "Admission bound: inputs queued or running; beyond it RESOURCE_EXHAUSTED."},
     )
     torch_threads: int = field(
-        default=0, metadata={"help": "Intra-op threads of torch and ONNX Runtime; 0 keeps torch's default."}
+        default=0,
+        metadata={"help": "Intra-op threads of torch and ONNX Runtime; 0: the cores this process may use."},
     )
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Seconds running requests get to finish on SIGTERM."}

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from services.common import keepalive, telemetry, tls
 from services.common.interceptors import serving_interceptor
+from services.common.machine import runtime_threads
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.errors import MAPPING
@@ -43,8 +44,10 @@ async def serve(config: EmbedderConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     if not config.allow_downloads:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    # torch and ONNX Runtime (which copies torch's count) take no more threads than this process's cores.
+    threads = runtime_threads(config.torch_threads, "--torch-threads")
+    torch.set_num_threads(threads.count)
+    log.info("model runtime threads: %s", threads.reason)
     engine = EmbeddingEngine(config)
     server = grpc.aio.server(
         interceptors=[

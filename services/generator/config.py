@@ -113,7 +113,10 @@ class GeneratorConfig:
     max_stop_sequences: int = field(
         default=DEFAULT_LIMITS.max_stop_sequences, metadata={"help": "most stop sequences in one request"}
     )
-    threads: int = field(default=0, metadata={"help": "CPU threads of the model runtime (0: its default)"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads of the model runtime (0: the cores this process may use)"},
+    )
     warmup: bool = field(default=True, metadata={"help": "run a short generation before reporting SERVING"})
     shutdown_grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may take to finish"}

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.machine import usable_cores
+
 SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
@@ -452,7 +454,8 @@ class GgufDecoder:
         layers, inter = int(hf_config["num_hidden_layers"]), int(hf_config["intermediate_size"])
         self.library = build_library(cache_dir, self.isa)
         log.info("GGUF block decoder on %s: %s", self.isa, reason)
-        self.threads = threads or os.cpu_count() or 1
+        # The OpenMP regions take this count explicitly (num_threads), whatever OMP_NUM_THREADS says.
+        self.threads = threads or usable_cores().count
         self.blocks = cached_blocks(gguf_path, cache_dir, layers, heads, kv_heads)
         # What decode steps multiply: with int8 activations, every matrix repacked for them (the
         # output head as "head"; the token embeddings are read from the fp32 layout). Prompts

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from services.common import keepalive, telemetry, tls
 from services.common.interceptors import serving_interceptor
+from services.common.machine import runtime_threads
 from services.common.sampling import DEFAULT_LIMITS
 from services.generator import errors
 from services.generator.config import GeneratorConfig
@@ -73,8 +74,11 @@ async def serve(config: GeneratorConfig) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    # Every runtime (torch, ONNX Runtime, the GGUF kernel's OpenMP) takes this many threads: more
+    # than the cores this process is given oversubscribes them (two replicas on two cores: 7x slower).
+    threads = runtime_threads(config.threads, "--threads")
+    torch.set_num_threads(threads.count)
+    log.info("model runtime threads: %s", threads.reason)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
         log.info("metrics on :%d/metrics", config.metrics_port)
@@ -114,7 +118,7 @@ async def serve(config: GeneratorConfig) -> int:
         single_row_gemv=config.single_row_gemv,
         backend=config.backend,
         onnx_precision=config.onnx_precision,
-        threads=config.threads,
+        threads=threads.count,
         prefix_cache_mib=config.prefix_cache_mib,
         gguf_activations=config.gguf_activations,
         decode_isa=config.decode_isa,

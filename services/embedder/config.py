@@ -61,7 +61,7 @@ class EmbedderConfig:
         default="torch",
         metadata={
             "help": "torch runs the model eagerly; onnx exports its transformer once (cached in "
-            "--onnx-dir) and runs it with ONNX Runtime, faster on CPU (float32 only)."
+            "--onnx-dir) and runs it with ONNX Runtime in float32 (docs/performance.md compares them)."
         },
     )
     precision: Literal["auto", "fp32", "bf16"] = field(
@@ -108,7 +108,11 @@ class EmbedderConfig:
         metadata={"help": "Admission bound: inputs queued or running; beyond it RESOURCE_EXHAUSTED."},
     )
     torch_threads: int = field(
-        default=0, metadata={"help": "Intra-op threads of torch and ONNX Runtime; 0 keeps torch's default."}
+        default=0,
+        metadata={
+            "help": "Intra-op threads of torch and ONNX Runtime; 0 for torch's default, at most the "
+            "cores this process is given (CPU affinity and cgroup quota)."
+        },
     )
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Seconds running requests get to finish on SIGTERM."}

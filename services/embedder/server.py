@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import torch
@@ -39,12 +41,24 @@ async def _set_all(
         await health.set(name, status)
 
 
+def cores_given(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota where one is set."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity is the bound
+    return count
+
+
 async def serve(config: EmbedderConfig) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     if not config.allow_downloads:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    threads = config.torch_threads or min(torch.get_num_threads(), cores_given())
+    torch.set_num_threads(threads)
     engine = EmbeddingEngine(config)
     server = grpc.aio.server(
         interceptors=[
@@ -72,10 +86,11 @@ async def serve(config: EmbedderConfig) -> int:
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     log.info(
-        "embedder listening on %s (metrics on %s), loading %s",
+        "embedder listening on %s (metrics on %s), loading %s with %d threads",
         address,
         config.metrics_port,
         engine.default_name,
+        torch.get_num_threads(),
     )
 
     stop = asyncio.Event()

@@ -39,6 +39,8 @@ class CacheSettings:
     dtype: str
     backend: str = "torch"
     onnx_dir: str = ""
+    precision: str = "fp32"
+    verify_precision: bool = False
 
 
 @dataclass
@@ -144,7 +146,16 @@ class ModelCache:
 
     def _spec(self, name: str, source: str) -> ModelSpec:
         s = self.settings
-        return ModelSpec(name, source, s.device, s.dtype, backend=s.backend, onnx_dir=s.onnx_dir)
+        return ModelSpec(
+            name,
+            source,
+            s.device,
+            s.dtype,
+            backend=s.backend,
+            onnx_dir=s.onnx_dir,
+            precision=s.precision,
+            verify_precision=s.verify_precision,
+        )
 
     def _check_allowed(self, name: str, folder: Path | None) -> None:
         allowed = self.settings.allowed

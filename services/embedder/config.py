@@ -61,7 +61,15 @@ class EmbedderConfig:
         default="torch",
         metadata={
             "help": "torch runs the model eagerly; onnx exports its transformer once (cached in "
-            "--onnx-dir) and runs it with ONNX Runtime, faster on CPU (float32 only)."
+            "--onnx-dir) and runs it with ONNX Runtime in float32 (docs/performance.md compares them)."
+        },
+    )
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto",
+        metadata={
+            "help": "What the torch backend computes in: bf16 runs float32 weights under bf16 autocast "
+            "(CPUs with AVX512-BF16 or AMX only); auto picks bf16 on such CPUs, checked against fp32 "
+            "on probe texts when each model loads, and fp32 elsewhere."
         },
     )
     onnx_dir: str = field(
@@ -143,6 +151,13 @@ class EmbedderConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {number}")
         if self.backend == "onnx" and self.dtype != "float32":
             raise ValueError("--backend onnx runs float32 models only; drop --dtype or use --backend torch")
+        if self.precision == "bf16":
+            # Imported here: the choice needs torch to resolve the device.
+            from services.embedder.models import resolve_device
+            from services.embedder.precision import choose_precision, cpu_traits
+
+            device = resolve_device(self.device)
+            choose_precision(self.precision, device, self.backend, self.dtype, cpu_traits())
         if self.max_pending_inputs < self.max_inputs_per_request:
             raise ValueError("--max-pending-inputs must be at least --max-inputs-per-request")
 

@@ -24,6 +24,7 @@ from services.embedder.config import EmbedderConfig
 from services.embedder.exceptions import EmbedderError, InvalidInput, Overloaded, ShuttingDown
 from services.embedder.inputs import ParsedInput, parse_input
 from services.embedder.models import EmbeddingModel, packaged_default_model, resolve_device
+from services.embedder.precision import PROBE_TEXTS, choose_precision, cpu_traits
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class EmbeddingEngine:
         self.config = config
         self.device = resolve_device(config.device)
         default_source = config.default_model or packaged_default_model()
+        self.precision = choose_precision(
+            config.precision, self.device, config.backend, config.dtype, cpu_traits()
+        )
         settings = CacheSettings(
             strategy=config.cache_strategy,
             max_models=config.max_models,
@@ -86,6 +90,8 @@ class EmbeddingEngine:
             dtype=config.dtype,
             backend=config.backend,
             onnx_dir=config.onnx_dir,
+            precision=self.precision.precision,
+            verify_precision=self.precision.verify,
         )
         self.cache = ModelCache(
             settings,
@@ -125,12 +131,26 @@ class EmbeddingEngine:
         """Load and warm up the default model, then start batching and the configured preloads."""
         self.batcher.start()
         model = await self.cache.get(self.default_name)
+        self._log_precision(model)
         await self.batcher.submit(
             model, model.tokenize(["warm up the model", "a second, longer warm-up input"])
         )
         self.ready = True
         if self.config.preload_models:
             self.cache.preload(self.config.preload_models)
+
+    def _log_precision(self, model: EmbeddingModel) -> None:
+        choice = self.precision
+        if model.probe_cosine is None:
+            log.info("precision %s: %s", model.precision, choice.reason)
+            return
+        measured = f"cosine to fp32 {model.probe_cosine:.5f} measured (least of {len(PROBE_TEXTS)} probes)"
+        if model.precision == choice.precision:
+            log.info("precision %s: %s; %s", model.precision, choice.reason, measured)
+        else:
+            log.warning(
+                "precision %s, not %s (%s): %s", model.precision, choice.precision, choice.reason, measured
+            )
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work and wait up to `grace_s` for running requests."""

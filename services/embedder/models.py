@@ -4,6 +4,7 @@ Normalize module is skipped: normalization is a request option, applied after `d
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,10 @@ import torch
 
 from services.embedder.exceptions import InvalidInput
 from services.embedder.onnx_backend import OnnxTransformer
+from services.embedder.precision import MIN_COSINE, PROBE_TEXTS
 from services.embedder.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +79,31 @@ class EmbeddingModel:
             # Only the tokenizer and the modules after the transformer stay in memory.
             self._st = None
         self._modules = modules
+        self.precision = spec.precision
+        # The least cosine between this model's bf16 and fp32 vectors of PROBE_TEXTS; None in fp32.
+        self.probe_cosine: float | None = None
+        if self.precision == "bf16":
+            self._check_bf16()
         self.loaded_at = time.time()
+
+    def _check_bf16(self) -> None:
+        """Measure bf16 against fp32 on the probe texts; serve fp32 where they stray and the spec asks."""
+        batch = [self.fit(ids, True, "") for ids in self.tokenize(PROBE_TEXTS)]
+        reduced = self.embed(batch)
+        self.precision = "fp32"
+        full = self.embed(batch)
+        unit = full / np.maximum(np.linalg.norm(full, axis=1, keepdims=True), 1e-12)
+        near = reduced / np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
+        self.probe_cosine = float((unit * near).sum(axis=1).min())
+        if self.probe_cosine >= MIN_COSINE or not self.spec.verify_precision:
+            self.precision = "bf16"
+            return
+        log.warning(
+            "%s serves fp32: its bf16 vectors reach cosine %.5f to fp32 on the probe texts, under %s",
+            self.name,
+            self.probe_cosine,
+            MIN_COSINE,
+        )
 
     @classmethod
     def load(cls, spec: ModelSpec) -> EmbeddingModel:
@@ -161,7 +189,10 @@ class EmbeddingModel:
             features["token_type_ids"] = torch.zeros_like(input_ids)
         if self.spec.backend == "torch":
             features = {key: value.to(self.spec.device) for key, value in features.items()}
-        with torch.inference_mode():
+        # Autocast keeps the weights in fp32 and runs the matmuls in bf16 (AMX/AVX512-BF16 kernels),
+        # while softmax, layer norms and the pooling sums stay in fp32.
+        bf16 = self.precision == "bf16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for module in self._modules:
                 features = module(features)
             vectors = features["sentence_embedding"].float().cpu().numpy()

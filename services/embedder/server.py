@@ -75,10 +75,11 @@ async def serve(config: EmbedderConfig) -> int:
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host)
     log.info(
-        "embedder listening on %s (metrics on %s), loading %s",
+        "embedder listening on %s (metrics on %s), loading %s with %d threads",
         address,
         config.metrics_port,
         engine.default_name,
+        torch.get_num_threads(),
     )
 
     stop = asyncio.Event()

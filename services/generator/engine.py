@@ -401,6 +401,7 @@ class Engine:
         if limits.max_step_tokens > 0 and callable(getattr(runner, "prefill_chunks", None)):
             self._chunker = runner  # type: ignore[assignment]
         self._filling: list[_Filling] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._fill_state: Any = None
         self._fill_rows = 0
 
@@ -583,7 +584,8 @@ class Engine:
     # ----- lifecycle -----
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="generator-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="generator-scheduler")
 
     def stop_admitting(self) -> None:
         self._admitting = False
@@ -685,7 +687,9 @@ class Engine:
                     request._queue.put_nowait(RuntimeError(f"generation failed: {request.failure}"))
                     self._finish(request)
 
-    def _dispatch(self, events: list[tuple[Request, TokenEvent]]) -> None:
+    def _dispatch(self, events: list[tuple[Request, TokenEvent]], sweep: bool = True) -> None:
+        """Hands the events to their requests; `sweep`: at a step's end, also finishes the
+        cancelled requests that left the batch."""
         now = time.monotonic()
         generated = 0
         for request, event in events:
@@ -705,6 +709,8 @@ class Engine:
                     self._finish(request)
         self.stats.generated_tokens_total += generated
         metrics.GENERATED_TOKENS.inc(generated)
+        if not sweep:
+            return
         for request in [r for r in self._active if r.cancelled and r.admitted_at and not self._in_batch(r)]:
             self._finish(request)
 
@@ -754,6 +760,10 @@ class Engine:
         batch = self._batch
         if not batch.rows:
             return events
+        if events and self._loop is not None:
+            # The joiners' first tokens go out now, not after the step's decode (their second).
+            self._loop.call_soon_threadsafe(self._dispatch, events, False)
+            events = []
         masks = self._start_masks(batch.rows, batch.constrained)
         logits = self.runner.decode(batch.state, batch.last)
         self._sample_rows(

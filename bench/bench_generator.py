@@ -222,13 +222,13 @@ def print_latency(
     after: dict[tuple[str, int], tuple[float, float, float]],
     before_label: str,
 ) -> None:
+    print(f"\nlatency in seconds, before ({before_label}) -> after (after / before)")
     print(
-        f"\nlatency, before ({before_label}) -> after: "
-        f"{'arrivals':>8} | {'streams':>7} | {'median TTFT s':>20} | {'p99 TTFT s':>20} | {'p99 ITL s':>20}"
+        f"{'arrivals':>8} | {'streams':>7} | {'median TTFT':>22} | {'p99 TTFT':>22} | {'p99 inter-token':>22}"
     )
     for key in after:
         cells = [f"{b:.3f} -> {a:.3f} ({a / b:.2f}x)" for b, a in zip(before[key], after[key], strict=True)]
-        print(f"{'':>len(before_label)}{key[0]:>8} | {key[1]:>7} | " + " | ".join(f"{c:>20}" for c in cells))
+        print(f"{key[0]:>8} | {key[1]:>7} | " + " | ".join(f"{c:>22}" for c in cells))
 
 
 def onnx_in_process(folder: Path, ids: list[int], batch: int, new_tokens: int) -> float:

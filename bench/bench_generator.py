@@ -6,6 +6,12 @@ llama-cpp-python is importable), measured in one run so that the ratios are comp
     .venv/bin/python bench/bench_generator.py --backend onnx --onnx-precision int8
     .venv/bin/python bench/bench_generator.py --backend onnx         # ONNX Runtime, not the GGUF blocks
     .venv/bin/python bench/bench_generator.py --max-new-tokens 128 --concurrency 1,8,32
+    .venv/bin/python bench/bench_generator.py --latency-only --arrivals poisson --rate 8 --seed 1
+
+Latency rows (chunked prefill, docs/performance.md): median and p99 time to first token and p99
+inter-token latency of 16 and 32 streams (--latency-streams) arriving together (burst) or as a
+Poisson stream of --rate requests/s (seeded), against the service as configured ("after") and
+with --before-args ("before": --max-step-tokens 0, whole-prompt joins as before chunking).
 
 Rows: single-stream tokens/s over gRPC vs in-process generation of the same model and weights
 (transformers `generate` for --backend torch, onnxruntime-genai's own generator on the model
@@ -24,8 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import logging
 import os
+import random
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -87,9 +96,12 @@ PLACES = ("in a small mountain village", "in a busy harbour town", "in a quiet d
 
 def prompts_for(first: int, count: int) -> list[str]:
     """`count` distinct prompts, numbered from `first` (each level of the run asks new ones)."""
+    kinds = len(SUBJECTS) * len(PLACES)
     return [
-        f"Write a long, detailed story about {SUBJECTS[k % len(SUBJECTS)]} "
-        f"{PLACES[k // len(SUBJECTS) % len(PLACES)]}, and about what happens next."
+        # Past the subjects and places, a number early in the prompt keeps each one new.
+        f"Write a long, detailed story{f' number {k // kinds}' if k >= kinds else ''} about "
+        f"{SUBJECTS[k % len(SUBJECTS)]} {PLACES[k // len(SUBJECTS) % len(PLACES)]}, and about what "
+        "happens next."
         for k in range(first, first + count)
     ]
 
@@ -135,6 +147,88 @@ async def over_grpc(address: str, prompts: list[str], new_tokens: int) -> tuple[
         elapsed = time.perf_counter() - started
     firsts = sorted(f for _, f in results)
     return sum(c for c, _ in results) / elapsed, firsts[len(firsts) // 2]
+
+
+def arrival_times(count: int, arrivals: str, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each of `count` streams starts: all at once (burst), or
+    a Poisson process of `rate` per second (exponential gaps, seeded)."""
+    if arrivals == "burst":
+        return [0.0] * count
+    draw = random.Random(seed)
+    times, at = [], 0.0
+    for _ in range(count):
+        times.append(at)
+        at += draw.expovariate(rate)
+    return times
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def latencies(
+    address: str, prompts: list[str], new_tokens: int, starts: list[float]
+) -> tuple[float, float, float]:
+    """(median TTFT, p99 TTFT, p99 inter-token gap) in seconds of one greedy stream per prompt,
+    each started at its time in `starts`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        async def one(prompt: str, delay: float) -> tuple[float, list[float]]:
+            await asyncio.sleep(delay)
+            started = time.perf_counter()
+            stamps: list[float] = []
+            messages = [common_pb2.ChatMessage(role="user", content=prompt)]
+            request = generation_pb2.GenerateStreamRequest(
+                messages=messages, parameters=common_pb2.SamplingParameters(max_new_tokens=new_tokens)
+            )
+            async for _ in stub.GenerateStream(request, timeout=600):
+                stamps.append(time.perf_counter())
+            gaps = [b - a for a, b in itertools.pairwise(stamps)]
+            return stamps[0] - started, gaps
+
+        results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, starts, strict=True)))
+    firsts = [first for first, _ in results]
+    gaps = [gap for _, row in results for gap in row]
+    return statistics.median(firsts), percentile(firsts, 0.99), percentile(gaps, 0.99) if gaps else 0.0
+
+
+def measure_latency(
+    server_args: list[str],
+    warm_up: list[str],
+    prompts: dict[tuple[str, int], list[str]],
+    new_tokens: int,
+    rate: float,
+    seed: int,
+) -> dict[tuple[str, int], tuple[float, float, float]]:
+    """Start the service with `server_args`; each (arrival mode, stream count)'s latencies, with
+    prompts of its own (none cached by an earlier row)."""
+    service = start_generator(server_args)
+    try:
+        asyncio.run(over_grpc(service.address, warm_up, 8))
+        return {
+            (mode, n): asyncio.run(
+                latencies(service.address, texts, new_tokens, arrival_times(n, mode, rate, seed))
+            )
+            for (mode, n), texts in prompts.items()
+        }
+    finally:
+        service.stop()
+
+
+def print_latency(
+    before: dict[tuple[str, int], tuple[float, float, float]],
+    after: dict[tuple[str, int], tuple[float, float, float]],
+    before_label: str,
+) -> None:
+    print(f"\nlatency in seconds, before ({before_label}) -> after (after / before)")
+    print(
+        f"{'arrivals':>8} | {'streams':>7} | {'median TTFT':>22} | {'p99 TTFT':>22} | {'p99 inter-token':>22}"
+    )
+    for key in after:
+        cells = [f"{b:.3f} -> {a:.3f} ({a / b:.2f}x)" for b, a in zip(before[key], after[key], strict=True)]
+        print(f"{key[0]:>8} | {key[1]:>7} | " + " | ".join(f"{c:>22}" for c in cells))
 
 
 def onnx_in_process(folder: Path, ids: list[int], batch: int, new_tokens: int) -> float:
@@ -283,7 +377,22 @@ def main() -> None:
         help="also serve with --backend torch (same --dtype) and print the ratio of the two services",
     )
     parser.add_argument("--server-args", default="", help="extra generator flags, space-separated")
+    parser.add_argument(
+        "--arrivals", default="both", choices=["burst", "poisson", "both"], help="latency rows' arrivals"
+    )
+    parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals: requests per second")
+    parser.add_argument("--seed", type=int, default=1, help="Poisson arrivals: the random seed")
+    parser.add_argument("--latency-streams", default="16,32", help="stream counts of the latency rows")
+    parser.add_argument(
+        "--before-args", default="--max-step-tokens 0", help="the 'before' service's extra flags"
+    )
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the latency rows (no throughput baselines)"
+    )
     args = parser.parse_args()
+    if args.latency_only:
+        latency_only(args)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = [int(x) for x in args.concurrency.split(",") if x]
     new_tokens: int = args.max_new_tokens
@@ -341,6 +450,15 @@ def main() -> None:
     flags = [*server_args, *args.server_args.split()]
     print(f"service: python -m services.generator {' '.join(flags)}")
     served = serve(flags, warm_up, served_texts, new_tokens)
+    latency = None
+    if backend == "gguf":
+        # Prompts past those of the throughput rows (and of the in-process baselines).
+        texts_latency = latency_prompts(args, 2 + sum(len(t) for t in texts.values()))
+        before_flags = [*flags, *args.before_args.split()]
+        latency = (
+            measure_latency(before_flags, warm_up, texts_latency, new_tokens, args.rate, args.seed),
+            measure_latency(flags, warm_up, texts_latency, new_tokens, args.rate, args.seed),
+        )
     versus = None
     if args.versus_torch and backend != "torch":
         versus = serve(["--backend", "torch", "--dtype", args.dtype], warm_up, served_texts, new_tokens)
@@ -356,6 +474,8 @@ def main() -> None:
         print(f"\n{'streams':>7} | {'torch gRPC tok/s':>16} | {backend + ' / torch':>12}")
         for n in levels:
             print(f"{n:>7} | {versus[n][0]:>16.1f} | {served[n][0] / versus[n][0]:>12.2f}")
+    if latency is not None:
+        print_latency(*latency, " ".join(args.before_args.split()))
     if llama is None:
         print("\nllama.cpp: llama-cpp-python is not installed; skipped")
     else:
@@ -374,6 +494,36 @@ def main() -> None:
             f"{served[levels[-1]][0] / llama[label][best]:.2f}"
         )
     print("(numbers from one run on a shared machine: compare ratios, not absolute values)")
+
+
+def latency_only(args: argparse.Namespace) -> None:
+    """The latency rows alone: the gguf service before and after, same prompts, same arrivals."""
+    flags = args.server_args.split()
+    texts = latency_prompts(args, 2)
+    modes = sorted({mode for mode, _ in texts})
+    before_flags = [*flags, *args.before_args.split()]
+    print(
+        f"{args.max_new_tokens} new tokens, arrivals {', '.join(modes)} (Poisson {args.rate}/s, seed "
+        f"{args.seed}); after: python -m services.generator {' '.join(flags)}; "
+        f"before: {' '.join(before_flags)}"
+    )
+    warm_up = prompts_for(0, 2)
+    before = measure_latency(before_flags, warm_up, texts, args.max_new_tokens, args.rate, args.seed)
+    after = measure_latency(flags, warm_up, texts, args.max_new_tokens, args.rate, args.seed)
+    print_latency(before, after, " ".join(args.before_args.split()))
+    print("(numbers from one run on a shared machine: compare ratios, not absolute values)")
+
+
+def latency_prompts(args: argparse.Namespace, first: int) -> dict[tuple[str, int], list[str]]:
+    """Prompts of their own, numbered from `first`, for each (arrival mode, stream count)."""
+    streams = [int(x) for x in args.latency_streams.split(",") if x]
+    modes = ["burst", "poisson"] if args.arrivals == "both" else [args.arrivals]
+    texts: dict[tuple[str, int], list[str]] = {}
+    for mode in modes:
+        for n in streams:
+            texts[(mode, n)] = prompts_for(first, n)
+            first += n
+    return texts
 
 
 if __name__ == "__main__":

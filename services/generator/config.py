@@ -97,6 +97,14 @@ class GeneratorConfig:
     max_prefill_tokens: int = field(
         default=4096, metadata={"help": "most prompt tokens prefilled in one scheduler step"}
     )
+    max_step_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "chunked prefill: most tokens one scheduler step computes, the running rows' "
+            "next tokens first and prompt chunks in the rest, so a long prompt is prefilled over "
+            "several steps (0: each new prompt whole in one step; gguf backend only)"
+        },
+    )
     max_model_len: int = field(
         default=0, metadata={"help": "context limit for prompt plus new tokens (0: the model's own)"}
     )
@@ -144,6 +152,12 @@ class GeneratorConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_step_tokens < 0 or 0 < self.max_step_tokens <= self.max_running_sequences:
+            raise ValueError(
+                f"--max-step-tokens must be 0 (whole prompts) or more than --max-running-sequences "
+                f"({self.max_running_sequences}): the running rows' tokens come first in a step, "
+                f"not {self.max_step_tokens}"
+            )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")
         if min(self.max_model_len, self.threads, self.prefix_cache_mib, self.shutdown_grace_seconds) < 0:

@@ -27,7 +27,8 @@ from services.generator.constraints import (
     ConstraintRefused,
     fill_masks,
 )
-from services.generator.runner import BeamSettings, Runner, position_logits
+from services.generator.prefix_cache import common_prefix
+from services.generator.runner import BeamSettings, ChunkedPrefill, Runner, position_logits
 from services.generator.sampling import (
     BatchKnobs,
     RowKnobs,
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 # "constraint": the row's constraint was complete and allowed no further token.
 FinishReason = Literal["length", "eos", "stop", "constraint"]
 PROMPT_CONTEXT_IDS = 4
+# A new prompt sharing this many more tokens with a prompt still being prefilled than with the prefix
+# cache waits for that prompt to finish (and be cached) rather than compute the shared part again.
+SHARED_WITH_FILLING = 16
 
 
 def template_has_tools(tokenizer: Any) -> bool:
@@ -117,6 +121,8 @@ class SchedulerLimits:
     max_total_tokens: int = 262144
     max_prefill_tokens: int = 4096
     max_model_len: int = 0
+    # Tokens one step computes, decode rows first, prompt chunks in the rest; 0: whole-prompt joins.
+    max_step_tokens: int = 0
     sampling: SamplingLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -318,6 +324,16 @@ class _Batch:
         self.constrained: list[int] = []
 
 
+@dataclass(eq=False)
+class _Filling:
+    """A request whose prompt is prefilled a chunk per step: `row` in the engine's filling state
+    once its first chunk is planned (-1 before), `done` prompt tokens in place there."""
+
+    request: Request
+    row: int = -1
+    done: int = 0
+
+
 def _constrained(rows: list[_Sequence]) -> list[int]:
     return [i for i, row in enumerate(rows) if row.matcher is not None]
 
@@ -379,6 +395,16 @@ class Engine:
         # Time the step worker waited for masks after the forward pass, and how many waits.
         self.mask_wait_seconds = 0.0
         self.mask_waits = 0
+        # Chunked prefill, where the runner can continue a prompt: the requests being prefilled (in
+        # arrival order) and the runner's state of their rows (worker thread; the loop reads them
+        # between steps only).
+        self._chunker: ChunkedPrefill | None = None
+        if limits.max_step_tokens > 0 and callable(getattr(runner, "prefill_chunks", None)):
+            self._chunker = runner  # type: ignore[assignment]
+        self._filling: list[_Filling] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fill_state: Any = None
+        self._fill_rows = 0
 
     # ----- tokenization -----
 
@@ -559,7 +585,8 @@ class Engine:
     # ----- lifecycle -----
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="generator-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="generator-scheduler")
 
     def stop_admitting(self) -> None:
         self._admitting = False
@@ -591,6 +618,8 @@ class Engine:
         joiners: list[Request] = []
         # Finished rows leave the batch at the start of the next step, before joiners join.
         room = self.limits.max_running_sequences - sum(not row.done for row in self._batch.rows)
+        room -= sum(e.request.params.num_return_sequences for e in self._filling if not e.request.cancelled)
+        # Chunked prefill bounds each step's work itself: every request that fits a row joins.
         budget = self.limits.max_prefill_tokens
         while self._waiting:
             head = self._waiting[0]
@@ -606,7 +635,7 @@ class Engine:
                 return [], head
             if head.params.num_return_sequences > room:
                 break
-            if joiners and len(head.prompt_ids) > budget:
+            if self._chunker is None and joiners and len(head.prompt_ids) > budget:
                 break
             self._waiting.popleft()
             joiners.append(head)
@@ -618,7 +647,7 @@ class Engine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._batch.rows and not self._waiting:
+            if not self._batch.rows and not self._waiting and not self._filling:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -637,7 +666,8 @@ class Engine:
                     events = await loop.run_in_executor(self._executor, self._step, joiners)
             except Exception as error:  # a failed step must not take the server down with it
                 log.exception("generation step failed")
-                self._fail_all(error, [*joiners, *([beam] if beam else [])])
+                filling = [entry.request for entry in self._filling]
+                self._fail_all(error, [*joiners, *([beam] if beam else []), *filling])
                 continue
             elapsed = time.monotonic() - started
             self._step_time_ema = (
@@ -658,7 +688,9 @@ class Engine:
                     request._queue.put_nowait(RuntimeError(f"generation failed: {request.failure}"))
                     self._finish(request)
 
-    def _dispatch(self, events: list[tuple[Request, TokenEvent]]) -> None:
+    def _dispatch(self, events: list[tuple[Request, TokenEvent]], sweep: bool = True) -> None:
+        """Hands the events to their requests; `sweep`: at a step's end, also finishes the
+        cancelled requests that left the batch."""
         now = time.monotonic()
         generated = 0
         for request, event in events:
@@ -678,6 +710,8 @@ class Engine:
                     self._finish(request)
         self.stats.generated_tokens_total += generated
         metrics.GENERATED_TOKENS.inc(generated)
+        if not sweep:
+            return
         for request in [r for r in self._active if r.cancelled and r.admitted_at and not self._in_batch(r)]:
             self._finish(request)
 
@@ -710,6 +744,7 @@ class Engine:
                 request._queue.put_nowait(RuntimeError(f"generation failed: {error}"))
                 self._finish(request)
         self._batch = _Batch()
+        self._filling, self._fill_state, self._fill_rows = [], None, 0
 
     # ----- worker thread: the only place that touches the model and the batch -----
 
@@ -717,11 +752,19 @@ class Engine:
     def _step(self, joiners: list[Request]) -> list[tuple[Request, TokenEvent]]:
         events: list[tuple[Request, TokenEvent]] = []
         self._evict()
-        if joiners:
+        if self._chunker is not None:
+            self._filling.extend(_Filling(request) for request in joiners)
+            if self._filling:
+                self._fill(self._chunker, events)
+        elif joiners:
             self._join(joiners, events)
         batch = self._batch
         if not batch.rows:
             return events
+        if events and self._loop is not None:
+            # The joiners' first tokens go out now, not after the step's decode (their second).
+            self._loop.call_soon_threadsafe(self._dispatch, events, False)
+            events = []
         masks = self._start_masks(batch.rows, batch.constrained)
         logits = self.runner.decode(batch.state, batch.last)
         self._sample_rows(
@@ -807,7 +850,8 @@ class Engine:
             batch.counts = batch.counts.index_select(0, index) if keep_counts else None
             batch.penalties = batch.penalties.index_select(0, index) if keep_counts else None
 
-    def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
+    def _with_prompt_logprobs(self, joiners: list[Request]) -> list[Request]:
+        """Computes the prompt logprobs the joiners ask for; those whose pass failed are left out."""
         for request in joiners:
             params = request.params
             if params.prompt_logprobs:
@@ -816,9 +860,10 @@ class Engine:
                 except Exception as error:  # this request's own pass: the others still join
                     log.exception("prompt logprobs failed")
                     request.failure = error
-        joiners = [r for r in joiners if r.failure is None]
-        if not joiners:
-            return
+        return [r for r in joiners if r.failure is None]
+
+    def _new_rows(self, joiners: list[Request]) -> tuple[list[_Sequence], list[int]]:
+        """The joiners' sequences and, for each, the index of its request."""
         rows: list[_Sequence] = []
         origin: list[int] = []
         for i, request in enumerate(joiners):
@@ -827,9 +872,106 @@ class Engine:
                 request.sequences.append(sequence)
                 rows.append(sequence)
                 origin.append(i)
+        return rows, origin
+
+    def _join(self, joiners: list[Request], events: list[tuple[Request, TokenEvent]]) -> None:
+        joiners = self._with_prompt_logprobs(joiners)
+        if not joiners:
+            return
+        rows, origin = self._new_rows(joiners)
         # The first token's masks (the start state) overlap the prefill.
         masks = self._start_masks(rows, _constrained(rows))
         logits, state = self.runner.prefill([r.prompt_ids for r in joiners])
+        self._admit(joiners, rows, origin, logits, state, masks, events)
+
+    def _fill(self, chunker: ChunkedPrefill, events: list[tuple[Request, TokenEvent]]) -> None:
+        """One step's prompt chunks: in arrival order, as many prompt tokens as the step's budget
+        leaves after its decode rows; a prompt whose last chunk this is samples its first token
+        and joins the batch."""
+        if any(entry.request.cancelled for entry in self._filling):
+            # A cancelled prompt's rows are freed at once: a long one may hold much memory.
+            self._compact_filling([e for e in self._filling if not e.request.cancelled], force=True)
+        budget = max(1, self.limits.max_step_tokens - len(self._batch.rows))
+        planned: list[tuple[_Filling, int]] = []
+        opening: list[_Filling] = []
+        for entry in self._filling:
+            if budget <= 0:
+                break
+            prompt = entry.request.prompt_ids
+            if entry.row < 0:
+                cached = chunker.cached_prefix(prompt)
+                if cached is not None and any(
+                    common_prefix(prompt, other.request.prompt_ids) >= cached + SHARED_WITH_FILLING
+                    for other in self._filling
+                    if other is not entry and (other.row >= 0 or other in opening)
+                ):
+                    break  # FIFO: the prompts after it wait as well
+                entry.done = cached or 0
+                opening.append(entry)
+            count = min(budget, len(prompt) - entry.done)
+            planned.append((entry, count))
+            budget -= count
+        if opening:
+            self._fill_state, held = chunker.open_rows(
+                self._fill_state, [e.request.prompt_ids for e in opening]
+            )
+            for entry, cached in zip(opening, held, strict=True):
+                entry.row, entry.done = self._fill_rows, cached
+                self._fill_rows += 1
+        # open_rows found what cached_prefix did (nothing was cached in between); min() keeps it safe.
+        planned = [(e, min(count, len(e.request.prompt_ids) - e.done)) for e, count in planned]
+        if not planned:
+            return
+        pieces = [(entry.row, entry.request.prompt_ids, count) for entry, count in planned]
+        logits = chunker.prefill_chunks(self._fill_state, pieces)
+        finished: list[int] = []
+        for i, (entry, count) in enumerate(planned):
+            entry.done += count
+            if entry.done == len(entry.request.prompt_ids):
+                finished.append(i)
+        if not finished:
+            return
+        done = {planned[i][0] for i in finished}
+        state = self.runner.select(self._fill_state, [planned[i][0].row for i in finished])
+        self._compact_filling([entry for entry in self._filling if entry not in done])
+        joiners = [planned[i][0].request for i in finished]
+        logits = logits.index_select(0, torch.tensor(finished, dtype=torch.long))
+        passed = self._with_prompt_logprobs(joiners)
+        if len(passed) < len(joiners):
+            keep = [i for i, request in enumerate(joiners) if request.failure is None]
+            state = self.runner.select(state, keep)
+            logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long))
+        if not passed:
+            return
+        rows, origin = self._new_rows(passed)
+        masks = self._start_masks(rows, _constrained(rows))
+        self._admit(passed, rows, origin, logits, state, masks, events)
+
+    def _compact_filling(self, remaining: list[_Filling], force: bool = False) -> None:
+        """Keeps the requests still being prefilled; the rows of the others are freed once they
+        are half of the filling state (all of it when no row is left), or at once with `force`."""
+        self._filling = remaining
+        opened = [entry for entry in remaining if entry.row >= 0]
+        if not opened:
+            self._fill_state, self._fill_rows = None, 0
+        elif len(opened) < self._fill_rows and (force or 2 * len(opened) <= self._fill_rows):
+            self._fill_state = self.runner.select(self._fill_state, [entry.row for entry in opened])
+            for row, entry in enumerate(opened):
+                entry.row = row
+            self._fill_rows = len(opened)
+
+    def _admit(
+        self,
+        joiners: list[Request],
+        rows: list[_Sequence],
+        origin: list[int],
+        logits: torch.Tensor,
+        state: Any,
+        masks: _PendingMasks | None,
+        events: list[tuple[Request, TokenEvent]],
+    ) -> None:
+        """Samples the joiners' first tokens from their prompts' last logits [joiners, V] and
+        merges their live rows (of `state`, one per joiner) into the batch."""
         logits = logits.index_select(0, torch.tensor(origin, dtype=torch.long))
         need_presence = any(r.request.params.repetition_penalty != 1.0 for r in rows) or (
             self._batch.presence is not None

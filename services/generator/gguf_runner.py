@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from services.generator.gguf_decoder import PREFILL_ROWS, GgufDecoder
-from services.generator.kv_cache import KvBatch, KvCacheRunner
+from services.generator.kv_cache import HEADROOM, KvBatch, KvCacheRunner
+from services.generator.prefix_cache import common_prefix
 from services.generator.runner import ModelFacts
 
 # A prompt sharing this many more tokens with a prompt of the same join than with the prefix cache
@@ -71,7 +72,7 @@ class GgufRunner(KvCacheRunner):
         for row, prompt in enumerate(prompts):
             found = self._lookup(prompt)
             if self.prefix_cache is not None and any(
-                _common_prefix(prompt, prompts[r]) >= found[0] + SHARED_IN_JOIN for r, _ in group
+                common_prefix(prompt, prompts[r]) >= found[0] + SHARED_IN_JOIN for r, _ in group
             ):
                 run_group()
                 found = self._lookup(prompt)
@@ -79,6 +80,26 @@ class GgufRunner(KvCacheRunner):
             batch.lengths[row] = len(prompt)
         run_group()
         return torch.from_numpy(np.stack(logits)), batch
+
+    def prefill_chunks(
+        self, state: KvBatch, pieces: Sequence[tuple[int, Sequence[int], int]]
+    ) -> torch.Tensor:
+        """Each (row, prompt, count) computes the next `count` tokens of `prompt` in `row` of a
+        state from open_rows, after those the row holds; the logits after each piece's last token
+        [pieces, V]. The kernel continues a row's keys and values as it does after a cached prefix."""
+        work = []
+        for row, prompt, count in pieces:
+            start = int(state.lengths[row])
+            if count < 1 or start + count > len(prompt):
+                raise ValueError(f"row {row} holds {start} of {len(prompt)} prompt tokens, {count} asked")
+            work.append((row, start, list(prompt[start : start + count])))
+        end = max(start + len(tokens) for _, start, tokens in work)
+        if end > state.capacity:  # select() trims a state to its rows' lengths so far
+            self._reshape(state, state.buffer_rows, end + HEADROOM)
+        logits = self.decoder.prefill(state.keys, state.values, work)
+        for row, prompt, count in pieces:
+            self._chunk_done(state, row, prompt, count)
+        return torch.from_numpy(logits)
 
     def position_logits(self, tokens: Sequence[int]) -> Iterator[torch.Tensor]:
         """Every position's logits, PREFILL_ROWS rows at a time, from scratch buffers (the
@@ -104,10 +125,3 @@ class GgufRunner(KvCacheRunner):
         logits = self.decoder.decode(state.keys, state.values, state.lengths, tokens.numpy())
         state.lengths += 1
         return torch.from_numpy(logits)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return min(len(a), len(b))

@@ -133,6 +133,30 @@ class KvCacheRunner:
         merged.lengths = np.concatenate([state.lengths for state in states])
         return merged
 
+    def cached_prefix(self, prompt: Sequence[int]) -> int | None:
+        """How many leading tokens of `prompt` the prefix cache holds; None without a cache."""
+        return self._lookup(prompt)[0] if self.prefix_cache is not None else None
+
+    def open_rows(self, state: KvBatch | None, prompts: Sequence[Sequence[int]]) -> tuple[KvBatch, list[int]]:
+        """Rows for `prompts` after those of `state` (a new state when None), each holding its
+        longest cached prefix, to be prefilled in chunks; (the state, the tokens each new row holds)."""
+        batch = self._new_batch(prompts)
+        held: list[int] = []
+        for row, prompt in enumerate(prompts):
+            cached = self._reuse_prefix(batch, row, *self._lookup(prompt))
+            batch.lengths[row] = cached
+            held.append(cached)
+            if self.prefix_cache is not None:
+                metrics.PREFIX_CACHE_QUERIED_TOKENS.inc(len(prompt))
+                metrics.PREFIX_CACHE_HIT_TOKENS.inc(cached)
+        return (batch if state is None else self.merge(state, batch)), held
+
+    def _chunk_done(self, state: KvBatch, row: int, prompt: Sequence[int], count: int) -> None:
+        """Records `count` more prompt tokens in `row`; a finished prompt goes to the prefix cache."""
+        state.lengths[row] += count
+        if self.prefix_cache is not None and int(state.lengths[row]) == len(prompt):
+            self.prefix_cache.add(prompt, [k[row] for k in state.keys], [v[row] for v in state.values])
+
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, KvBatch]:
         raise NotImplementedError
 

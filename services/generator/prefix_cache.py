@@ -12,6 +12,14 @@ from itertools import count
 import numpy as np
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
 @dataclass
 class CachedPrefix:
     tokens: tuple[int, ...]

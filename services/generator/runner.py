@@ -3,7 +3,8 @@ a running batch, and reshape that batch's KV cache when rows leave or join; the 
 scheduling, sampling, stop rules and text (the backends: docs/backends.md). A runner may also
 offer position_logits(tokens): every position's logits [m, V], in consecutive chunks of m rows,
 apart from any batch and cache; position_logits() below falls back to prefill and decode steps
-where it does not."""
+where it does not. A runner that can continue a prompt's prefill also offers ChunkedPrefill (the
+gguf one), so the engine spreads long prompts over several steps."""
 
 from __future__ import annotations
 
@@ -86,3 +87,22 @@ def position_logits(runner: Runner, tokens: Sequence[int]) -> Iterator[torch.Ten
     yield first[:1]
     for token in tokens[1:]:
         yield runner.decode(state, torch.tensor([token], dtype=torch.long))[:1]
+
+
+class ChunkedPrefill(Protocol):
+    """Prompts prefilled a chunk at a time, into rows of a state apart from the running batch's;
+    a finished row leaves through select() and joins the batch through merge()."""
+
+    def cached_prefix(self, prompt: Sequence[int]) -> int | None:
+        """How many leading tokens of `prompt` the prefix cache holds; None without a cache."""
+        ...
+
+    def open_rows(self, state: Any, prompts: Sequence[Sequence[int]]) -> tuple[Any, list[int]]:
+        """Rows for `prompts` after those of `state` (None: a new state); (the state, the tokens
+        each new row already holds from the prefix cache)."""
+        ...
+
+    def prefill_chunks(self, state: Any, pieces: Sequence[tuple[int, Sequence[int], int]]) -> torch.Tensor:
+        """Each (row, prompt, count): the next `count` tokens of `prompt` in `row`; the float32
+        logits after each piece's last token [pieces, V]."""
+        ...

@@ -43,6 +43,7 @@ def limits_of(config: GeneratorConfig) -> SchedulerLimits:
         max_waiting_requests=config.max_waiting_requests,
         max_total_tokens=config.max_total_tokens,
         max_prefill_tokens=config.max_prefill_tokens,
+        max_step_tokens=config.max_step_tokens,
         max_model_len=config.max_model_len,
         sampling=replace(
             DEFAULT_LIMITS,

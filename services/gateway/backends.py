@@ -399,6 +399,10 @@ class ReplicaPool:
         self.policy: routing.RoutingPolicy = policy if policy is not None else routing.RoundRobin()
         self._clock = clock
 
+    def served(self, replica: Replica, prefix: Sequence[int]) -> None:
+        """`replica` answered a request with the prefix keys `prefix` (it holds them in its cache now)."""
+        self.policy.served(replica, prefix)
+
     def pick(self, avoid: Collection[Replica] = (), prefix: Sequence[int] = ()) -> Replica:
         """The policy's choice among the available replicas not in `avoid`; else among the available
         ones; else among those not in `avoid` (the gateway's view may be stale: the call will tell);
@@ -409,9 +413,7 @@ class ReplicaPool:
         candidates = (
             [replica for replica in available if replica not in avoid] or available or fresh or self.replicas
         )
-        chosen = self.policy.choose(candidates, prefix)
-        self.policy.served(chosen, prefix)
-        return chosen
+        return self.policy.choose(candidates, prefix)
 
     def untried(self, tried: Collection[Replica]) -> bool:
         """Whether an available replica is left that is not in `tried`."""
@@ -553,8 +555,11 @@ class Backend:
                 )
 
     async def _discover(self) -> None:
-        """Ask every replica what it serves now, when one starts serving and every model_refresh_s."""
-        while True:
+        """Ask every replica what it serves now, when one starts serving and every model_refresh_s,
+        until the backend closes."""
+        # Not only cancellation ends it: Python 3.11's wait_for swallows a cancel that arrives as its
+        # inner future completes (a lookup answering as the backend closes), and `close` then hung.
+        while not self._closed:
             self._rediscover.clear()
             try:
                 await self._resolve()
@@ -778,6 +783,7 @@ class Backend:
 
     async def close(self) -> None:
         self._closed = True
+        self._rediscover.set()  # a discovery loop that missed its cancellation ends now
         tasks = [*self._watches, *self._closing, *self._follows.values()]
         if self._discovery is not None:
             tasks.append(self._discovery)
@@ -913,6 +919,10 @@ class Backends:
             try:
                 call = callable_of(replica)(request, timeout=timeout, metadata=metadata)
                 async for message in call:
+                    if not started:
+                        # Recorded once the replica answered: a call refused or failed before its
+                        # first message computed no prefix there.
+                        backend.pool_for(model).served(replica, prefix)
                     started = True
                     if message.HasField("usage"):
                         charge_tokens(message.usage.total_tokens)
@@ -1176,7 +1186,9 @@ async def _with_retries(
         replica = await _next_replica(backend, tried, number, model, prefix)
         replica.outstanding += 1
         try:
-            return await attempt(replica)
+            answer = await attempt(replica)
+            backend.pool_for(model).served(replica, prefix)
+            return answer
         except grpc.aio.AioRpcError as error:
             BACKEND_ERRORS.labels(method, error.code().name).inc()
             number += 1

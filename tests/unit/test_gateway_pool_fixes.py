@@ -9,8 +9,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -18,7 +18,7 @@ import pytest
 from inference.v1 import embedding_pb2, generation_pb2, info_pb2
 
 from services.common.interceptors import Context
-from services.gateway import auth, backends, server
+from services.gateway import auth, backends, routing, server
 from services.gateway.backends import FAN_OUT_TIMEOUT_S, SERVING, UNREACHABLE
 from services.gateway.errors import GatewayError
 from services.gateway.metrics import GatewayStats
@@ -26,6 +26,8 @@ from services.gateway.servicers import GenerationServicer, InfoServicer
 from services.gateway.validation import RequestLimits
 from tests.unit.fakes import eventually, within
 from tests.unit.test_gateway_pools import CONTEXT, Stack, replica_of
+
+RoutableT = TypeVar("RoutableT", bound=routing.Routable)
 
 
 @pytest.fixture
@@ -248,3 +250,33 @@ async def test_the_gateway_watch_load_needs_admin_and_no_drain_waits_for_it() ->
     draining.start()
     assert await within(draining.wait_idle(0.5))
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+class Holders:
+    """A policy that picks the first candidate and records each replica `served` is told of."""
+
+    def __init__(self, served: list[str]) -> None:
+        self.recorded = served
+
+    def choose(self, candidates: Sequence[RoutableT], prefix: Sequence[int]) -> RoutableT:
+        return candidates[0]
+
+    def served(self, replica: routing.Routable, prefix: Sequence[int]) -> None:
+        self.recorded.append(replica.address)
+
+
+async def test_a_prefix_holder_is_recorded_only_once_the_replica_answered() -> None:
+    served: list[str] = []
+    stack = Stack("g1:1,g2:2", "e1:1", policy=lambda: Holders(served))
+    try:
+        stack.serve(g1_1=["model-a"], g2_2=["model-a"])
+        await stack.generator.refresh_models()
+        stack.replicas["g1:1"].fail_with = grpc.StatusCode.UNAVAILABLE
+        request = generation_pb2.GenerateRequest(model="model-a", prompt="hello")
+        await within(stack.backends.generate(request, CONTEXT))
+        assert served == ["g2:2"]
+        stream = generation_pb2.GenerateStreamRequest(model="model-a", prompt="hello")
+        assert len([message async for message in stack.backends.generate_stream(stream, CONTEXT)]) == 3
+        assert served == ["g2:2", "g2:2"]
+    finally:
+        await stack.close()

@@ -55,6 +55,7 @@ METHOD_SCOPES: dict[str, str] = {
     _EMB + "ClearCache": "admin",
     _INFO + "GetStats": "",
     _INFO + "ListServedModels": "",
+    _INFO + "WatchLoad": "admin",
     # GetHealth stays open so that probes need no key.
 }
 

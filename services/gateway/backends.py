@@ -75,6 +75,9 @@ RETRY_AFTER_CUT_S = 1.0
 DISCOVERY_TIMEOUT_S = 3.0
 # Without any listing yet, a request asks the replicas for one at most this often.
 DISCOVERY_RETRY_S = 1.0
+# The longest a fanned-out call (preload, clear, cache status, counters) waits for one replica when
+# the client set no deadline: a replica that hangs is reported with its error, not waited on forever.
+FAN_OUT_TIMEOUT_S = 5.0
 
 # Only these headers reach the backends; cookies, credentials, Envoy's and the proxies' headers do
 # not. Trace headers are re-created by the tracing interceptor when tracing is on.
@@ -380,21 +383,6 @@ class Replica:
             pause = min(pause * 2, WATCH_RETRY_MAX_S)
 
 
-class _RoundRobin:
-    """Each candidate in turn: the policy of a pool made without one."""
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def choose(self, candidates: Sequence[RoutableT], prefix: Sequence[int]) -> RoutableT:
-        chosen = candidates[self._next % len(candidates)]
-        self._next += 1
-        return chosen
-
-    def served(self, replica: routing.Routable, prefix: Sequence[int]) -> None:
-        pass
-
-
 class ReplicaPool:
     """The replicas of one model (or of a whole backend): its routing policy chooses among those that
     are up, skipping the ones that are down and taking them back when they serve again."""
@@ -408,8 +396,12 @@ class ReplicaPool:
         if not replicas:
             raise ValueError("a backend needs at least one replica")
         self.replicas = list(replicas)
-        self.policy: routing.RoutingPolicy = policy if policy is not None else _RoundRobin()
+        self.policy: routing.RoutingPolicy = policy if policy is not None else routing.RoundRobin()
         self._clock = clock
+
+    def served(self, replica: Replica, prefix: Sequence[int]) -> None:
+        """`replica` answered a request with the prefix keys `prefix` (it holds them in its cache now)."""
+        self.policy.served(replica, prefix)
 
     def pick(self, avoid: Collection[Replica] = (), prefix: Sequence[int] = ()) -> Replica:
         """The policy's choice among the available replicas not in `avoid`; else among the available
@@ -421,9 +413,7 @@ class ReplicaPool:
         candidates = (
             [replica for replica in available if replica not in avoid] or available or fresh or self.replicas
         )
-        chosen = self.policy.choose(candidates, prefix)
-        self.policy.served(chosen, prefix)
-        return chosen
+        return self.policy.choose(candidates, prefix)
 
     def untried(self, tried: Collection[Replica]) -> bool:
         """Whether an available replica is left that is not in `tried`."""
@@ -492,13 +482,17 @@ class Backend:
                 Replica(address, channel_factory(address, replica_channel_options(), list(interceptors)))
                 for address in self.replicas
             ]
-        self._policy_factory = policy_factory or _RoundRobin
+        self._policy_factory: Callable[[], routing.RoutingPolicy] = policy_factory or routing.RoundRobin
         self.pool = ReplicaPool(members, clock, self._policy_factory())
         # What each replica last said it serves (by address), and one pool per served model id.
         self.listings: dict[str, list[info_pb2.ServedModel]] = {}
         self._union: list[info_pb2.ServedModel] | None = None
         self.model_pools: dict[str, ReplicaPool] = {}
         self.default_model = ""
+        # Whether a model-less request goes to the pool of the first listed model (a generator lists
+        # the one it serves) or to every replica, each applying its own default (an embedder lists
+        # its cache in LRU order, so its first listed model is no default).
+        self.default_from_listing = True
         self.model_refresh_s = model_refresh_s
         self._listed_at = -1e9
         self._listing = asyncio.Lock()
@@ -561,8 +555,11 @@ class Backend:
                 )
 
     async def _discover(self) -> None:
-        """Ask every replica what it serves now, when one starts serving and every model_refresh_s."""
-        while True:
+        """Ask every replica what it serves now, when one starts serving and every model_refresh_s,
+        until the backend closes."""
+        # Not only cancellation ends it: Python 3.11's wait_for swallows a cancel that arrives as its
+        # inner future completes (a lookup answering as the backend closes), and `close` then hung.
+        while not self._closed:
             self._rediscover.clear()
             try:
                 await self._resolve()
@@ -584,7 +581,7 @@ class Backend:
         except (OSError, TimeoutError) as error:
             log.warning("%s: cannot resolve %s: %s", self.name, host, error)
             return
-        ips = list(dict.fromkeys(str(item[4][0]) for item in found))
+        ips = _one_family(found)
         if ips:
             self._use_addresses(host, port, ips)
 
@@ -625,9 +622,12 @@ class Backend:
                 task.cancel()
         self.listings.pop(replica.address, None)
         log.info("%s: %s left", self.name, replica.address)
+        # Tracked as a reload's old channels are, so that `close` closes it if the grace is cut short.
+        self._old_channels.add(replica.channel)
         task = asyncio.get_running_loop().create_task(replica.channel.close(grace=tls.RELOAD_GRACE_S))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        task.add_done_callback(functools.partial(_forget, self._old_channels, replica.channel))
 
     async def _list(self, replica: Replica) -> list[info_pb2.ServedModel] | None:
         stub = replica.stub(info_pb2_grpc.InfoServiceStub)
@@ -642,24 +642,32 @@ class Backend:
 
     async def refresh_models(self) -> None:
         """Ask every replica what it serves and rebuild the model pools (a replica that does not
-        answer keeps its last listing: its health decides whether it gets calls)."""
+        answer, or lists nothing while not SERVING (loading, restarting), keeps its last listing:
+        its health decides whether it gets calls)."""
         async with self._listing:
-            replicas = list(self.pool.replicas)
-            listings = await asyncio.gather(*(self._list(replica) for replica in replicas))
-            for replica, listing in zip(replicas, listings, strict=True):
-                if listing is None:
-                    continue
-                before = [model.id for model in self.listings.get(replica.address, [])]
-                if [model.id for model in listing] != before:
-                    log.info(
-                        "%s replica %s serves %s",
-                        self.name,
-                        replica.address,
-                        ", ".join(model.id for model in listing) or "nothing",
-                    )
-                self.listings[replica.address] = listing
-            self._listed_at = self._clock()
-            self._rebuild_pools()
+            await self._refresh_locked()
+
+    async def _refresh_locked(self) -> None:
+        replicas = list(self.pool.replicas)
+        listings = await asyncio.gather(*(self._list(replica) for replica in replicas))
+        current = self.pool.replicas
+        for replica, listing in zip(replicas, listings, strict=True):
+            if listing is None or not any(replica is member for member in current):
+                continue  # no answer, or the name stopped resolving to it meanwhile (retired)
+            if not listing and replica.health != SERVING and self.listings.get(replica.address):
+                # Loading or restarting: its models stay known (503 while it is down, not 404).
+                continue
+            before = [model.id for model in self.listings.get(replica.address, [])]
+            if [model.id for model in listing] != before:
+                log.info(
+                    "%s replica %s serves %s",
+                    self.name,
+                    replica.address,
+                    ", ".join(model.id for model in listing) or "nothing",
+                )
+            self.listings[replica.address] = listing
+        self._listed_at = self._clock()
+        self._rebuild_pools()
 
     def _rebuild_pools(self) -> None:
         self._union = None
@@ -667,7 +675,7 @@ class Backend:
         self.default_model = ""
         for replica in self.pool.replicas:
             listing = self.listings.get(replica.address, [])
-            if listing and not self.default_model:
+            if listing and not self.default_model and self.default_from_listing:
                 self.default_model = listing[0].id
             for model in listing:
                 members.setdefault(model.id, []).append(replica)
@@ -684,7 +692,10 @@ class Backend:
         """The union of the replicas' models, each with `replicas` (how many list it); asked now when
         no replica has answered yet (at most every DISCOVERY_RETRY_S)."""
         if not self.listings and self._clock() - self._listed_at >= DISCOVERY_RETRY_S:
-            await self.refresh_models()
+            async with self._listing:
+                # Callers that queued behind a refresh take its outcome rather than run their own.
+                if not self.listings and self._clock() - self._listed_at >= DISCOVERY_RETRY_S:
+                    await self._refresh_locked()
         # Asked on every request (the catalog resolves names with it): made once per refresh.
         if self._union is None:
             self._union = self._merge()
@@ -703,10 +714,18 @@ class Backend:
                 known.loaded = known.loaded or model.loaded
         return list(union.values())
 
+    def unlisted(self) -> bool:
+        """Whether some replica has not yet said what it serves: no listing, or an empty one while it is
+        not SERVING (loading, or not reachable yet)."""
+        return any(
+            not self.listings.get(replica.address) and replica.health != SERVING
+            for replica in self.pool.replicas
+        )
+
     def pool_for(self, model: str) -> ReplicaPool:
         """The pool of `model` ("": the default model, the first listed by the first replica that
-        answered); every replica for a model no replica lists (none answered yet, or an embedding
-        model the embedders load on demand)."""
+        answered, when `default_from_listing`); every replica for a model-less request otherwise, and
+        for a model no replica lists (none answered yet, or an embedding model loaded on demand)."""
         return self.model_pools.get(model or self.default_model, self.pool)
 
     def serving(self, models: Collection[str]) -> list[Replica]:
@@ -764,6 +783,7 @@ class Backend:
 
     async def close(self) -> None:
         self._closed = True
+        self._rediscover.set()  # a discovery loop that missed its cancellation ends now
         tasks = [*self._watches, *self._closing, *self._follows.values()]
         if self._discovery is not None:
             tasks.append(self._discovery)
@@ -781,6 +801,9 @@ class Backends:
         self.generator = generator
         self.embedder = embedder
         self.cache = cache
+        # Each embedder replica applies its own default model to a request that names none.
+        embedder.default_from_listing = False
+        embedder._rebuild_pools()
 
     def _generation(self, replica: Replica) -> generation_pb2_grpc.GenerationServiceAsyncStub:
         return replica.stub(generation_pb2_grpc.GenerationServiceStub)
@@ -890,11 +913,16 @@ class Backends:
             replica = await _next_replica(backend, tried, number, model, prefix)
             number += 1
             timeout, metadata = call_options(context, backend.tracing)
-            replica.outstanding += 1
-            call = callable_of(replica)(request, timeout=timeout, metadata=metadata)
+            call: grpc.aio.UnaryStreamCall[Any, generation_pb2.GenerateStreamResponse] | None = None
             started = False
+            replica.outstanding += 1
             try:
+                call = callable_of(replica)(request, timeout=timeout, metadata=metadata)
                 async for message in call:
+                    if not started:
+                        # Recorded once the replica answered: a call refused or failed before its
+                        # first message computed no prefix there.
+                        backend.pool_for(model).served(replica, prefix)
                     started = True
                     if message.HasField("usage"):
                         charge_tokens(message.usage.total_tokens)
@@ -913,7 +941,8 @@ class Backends:
             finally:
                 # The client went away (CancelledError/GeneratorExit) or the stream ended: either way the
                 # backend's batch slot must be freed now, not when its deadline passes.
-                call.cancel()
+                if call is not None:
+                    call.cancel()
                 replica.outstanding -= 1
 
     def generate_stream(
@@ -965,8 +994,11 @@ class Backends:
         request: Message,
         context: Context,
     ) -> list[tuple[Replica, ResponseT | grpc.aio.AioRpcError]]:
-        """`request` sent to every one of `replicas` at once; each answer or error, in their order."""
+        """`request` sent to every one of `replicas` at once; each answer or error, in their order.
+        Each call waits at most the client's deadline, FAN_OUT_TIMEOUT_S when the client set none."""
         timeout, metadata = call_options(context, self.embedder.tracing)
+        if timeout is None:
+            timeout = FAN_OUT_TIMEOUT_S
 
         async def one(replica: Replica) -> tuple[Replica, ResponseT | grpc.aio.AioRpcError]:
             try:
@@ -982,7 +1014,8 @@ class Backends:
         self, request: embedding_pb2.PreloadModelsRequest, context: Context
     ) -> embedding_pb2.PreloadModelsResponse:
         """Every embedder replica that lists one of the models (all of them when none does) loads
-        them; `accepted` joins the answers, `addresses` names the replicas that answered."""
+        them; `accepted` joins the answers, `addresses` names every replica asked (those that failed
+        are logged; when all failed the client gets the last error)."""
         replicas = self.embedder.serving(request.models)
         answers = await self._fan_out(
             "PreloadModels",
@@ -991,10 +1024,9 @@ class Backends:
             request,
             context,
         )
-        reply = embedding_pb2.PreloadModelsResponse()
-        for replica, answer in _answered(answers):
+        reply = embedding_pb2.PreloadModelsResponse(addresses=[replica.address for replica in replicas])
+        for _, answer in _answered("PreloadModels", answers):
             reply.accepted.extend(name for name in answer.accepted if name not in reply.accepted)
-            reply.addresses.append(replica.address)
         return reply
 
     async def cache_status(
@@ -1032,15 +1064,15 @@ class Backends:
         self, request: embedding_pb2.ClearCacheRequest, context: Context
     ) -> embedding_pb2.ClearCacheResponse:
         """Every embedder replica that lists one of the models (all of them for all models, or when
-        none does) unloads them; `cleared` joins the answers, `addresses` names those that answered."""
+        none does) unloads them; `cleared` joins the answers, `addresses` names every replica asked
+        (those that failed are logged; when all failed the client gets the last error)."""
         replicas = self.embedder.serving(request.models) if request.models else self.embedder.pool.replicas
         answers = await self._fan_out(
             "ClearCache", replicas, lambda replica: self._embedding(replica).ClearCache, request, context
         )
-        reply = embedding_pb2.ClearCacheResponse()
-        for replica, answer in _answered(answers):
+        reply = embedding_pb2.ClearCacheResponse(addresses=[replica.address for replica in replicas])
+        for _, answer in _answered("ClearCache", answers):
             reply.cleared.extend(name for name in answer.cleared if name not in reply.cleared)
-            reply.addresses.append(replica.address)
         return reply
 
     async def model_counter(
@@ -1079,10 +1111,14 @@ def _error_text(error: grpc.aio.AioRpcError) -> str:
 
 
 def _answered(
-    answers: Sequence[tuple[Replica, ResponseT | grpc.aio.AioRpcError]],
+    method: str, answers: Sequence[tuple[Replica, ResponseT | grpc.aio.AioRpcError]]
 ) -> list[tuple[Replica, ResponseT]]:
-    """The replicas that answered with their answers; the last error when none did."""
+    """The replicas that answered with their answers (each that failed is logged); the last error
+    when none did."""
     _raise_when_none_answered(answers)
+    for replica, answer in answers:
+        if isinstance(answer, grpc.aio.AioRpcError):
+            log.warning("embedder replica %s: %s failed: %s", replica.address, method, _error_text(answer))
     return [(replica, answer) for replica, answer in answers if not isinstance(answer, grpc.aio.AioRpcError)]
 
 
@@ -1150,7 +1186,9 @@ async def _with_retries(
         replica = await _next_replica(backend, tried, number, model, prefix)
         replica.outstanding += 1
         try:
-            return await attempt(replica)
+            answer = await attempt(replica)
+            backend.pool_for(model).served(replica, prefix)
+            return answer
         except grpc.aio.AioRpcError as error:
             BACKEND_ERRORS.labels(method, error.code().name).inc()
             number += 1
@@ -1190,6 +1228,16 @@ def _lookup(host: str, port: int) -> asyncio.Future[list[Any]]:
 
     threading.Thread(target=run, name=f"resolve {host}", daemon=True).start()
     return future
+
+
+def _one_family(found: Sequence[Any]) -> list[str]:
+    """The IPv4 addresses among getaddrinfo's answers (the IPv6 ones when there are none), sorted:
+    a host that has both is one process, not two replicas, and an answer in another order is the
+    same set of replicas."""
+    ips = {str(item[4][0]) for item in found}
+    v4 = [ip for ip in ips if ":" not in ip]
+    chosen = v4 or [ip for ip in ips if ":" in ip]
+    return sorted(chosen, key=ipaddress.ip_address)
 
 
 def _forget(channels: set[grpc.aio.Channel], channel: grpc.aio.Channel, _: object) -> None:

@@ -11,7 +11,7 @@ from inference.v1 import info_pb2
 
 from services.common.model_names import aliases
 from services.gateway.backends import Backend
-from services.gateway.errors import not_found
+from services.gateway.errors import not_found, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ class ModelCatalog:
 
     async def resolve(self, task: str, name: str, field: str = "model") -> str:
         """The backend's id for a model name ("" stays "": the default model). NOT_FOUND naming the
-        models served for a name no replica serves; when no replica has answered yet the name goes
-        through as is."""
+        models served for a name no replica serves; UNAVAILABLE (retry) while some replica has not
+        said what it serves yet; when no replica has answered yet the name goes through as is."""
         if not name:
             return name
         models = await self.models(task)
@@ -44,6 +44,13 @@ class ModelCatalog:
         if task == "embedding":
             # The embedder loads other sentence-transformers models on demand.
             return name
+        if self._backends[task].unlisted():
+            # The replica that has not listed yet (starting, or unreachable) may serve it.
+            raise unavailable(
+                f"{task} model {name!r} is not served by the replicas that answered, and some have "
+                "not said what they serve yet (starting or unreachable); retry shortly",
+                "BACKEND_UNAVAILABLE",
+            )
         raise not_found(f"{task} model", name, [model.id for model in models])
 
     async def default(self, task: str) -> str:

@@ -60,6 +60,7 @@ SERVICE_NAMES = (
 # Marks a refusal by a draining gateway: nothing ran, so Envoy retries it on another gateway
 # (retry_on retriable-headers) rather than answer 503 until its health checks see the drain.
 DRAINING_HEADER = "x-gateway-draining"
+WATCH_LOAD = "/inference.v1.InfoService/WatchLoad"
 
 
 class Draining(BehaviorWrapper):
@@ -107,6 +108,9 @@ class Draining(BehaviorWrapper):
         return counted
 
     def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        if method == WATCH_LOAD:
+            return behavior  # ends by itself on drain: a drain must not wait for it
+
         async def counted(request: Any, context: Context) -> AsyncIterator[Any]:
             self._admit()
             try:
@@ -220,7 +224,9 @@ async def build(config: GatewayConfig) -> Gateway:
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(backends, catalog, limits), server
     )
-    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(backends, catalog, stats, address), server)
+    info_pb2_grpc.add_InfoServiceServicer_to_server(
+        InfoServicer(backends, catalog, stats, address, lambda: draining.draining), server
+    )
     openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
         OpenAIServicer(backends, catalog, limits, stats.started), server
     )

@@ -26,6 +26,7 @@ from inference.v1 import (
 
 from services.common import sse
 from services.common.interceptors import Context
+from services.common.load_reports import load_reports
 from services.common.machine import device_info, memory_info
 from services.gateway import openai_compat as oai
 from services.gateway import validation
@@ -35,9 +36,19 @@ from services.gateway.errors import MAPPING, GatewayError, from_backend, http_li
 from services.gateway.metrics import GatewayStats
 
 T = TypeVar("T")
-# The gateway's load reports' default interval (as the backends').
-WATCH_LOAD_INTERVAL_MS = 100
 RequestT = TypeVar("RequestT", bound=Message)
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """`stream`, closed on leaving (an async generator's `aclose`): a nested stream the client
+    left ends then, with its backend call, not when the garbage collector finds it."""
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _copy(request: RequestT) -> RequestT:
@@ -70,14 +81,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         validation.validate_generate(request, self._limits)
-        async for message in self._backends.generate_stream(await self._prepared(request), context):
-            yield message
+        # Closed at once when the client leaves, so the replica's call and its count end with it.
+        async with _closing(
+            self._backends.generate_stream(await self._prepared(request), context)
+        ) as messages:
+            async for message in messages:
+                yield message
 
     async def GenerateStreamEvents(
         self, request: generation_pb2.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in sse.native_sse(self.GenerateStream(request, context), MAPPING.failure_of):
-            yield event
+        async with _closing(
+            sse.native_sse(self.GenerateStream(request, context), MAPPING.failure_of)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def Chat(
         self, request: generation_pb2.ChatRequest, context: Context
@@ -89,14 +107,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         validation.validate_chat(request, self._limits)
-        async for message in self._backends.chat_stream(await self._prepared(request), context):
-            yield message
+        # Closed at once when the client leaves, so the replica's call and its count end with it.
+        async with _closing(self._backends.chat_stream(await self._prepared(request), context)) as messages:
+            async for message in messages:
+                yield message
 
     async def ChatStreamEvents(
         self, request: generation_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in sse.native_sse(self.ChatStream(request, context), MAPPING.failure_of):
-            yield event
+        async with _closing(sse.native_sse(self.ChatStream(request, context), MAPPING.failure_of)) as events:
+            async for event in events:
+                yield event
 
     async def SolveMath(
         self, request: generation_pb2.SolveMathRequest, context: Context
@@ -108,14 +129,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SolveMathRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         validation.validate_solve(request, self._limits)
-        async for message in self._backends.solve_math_stream(await self._prepared(request), context):
-            yield message
+        # Closed at once when the client leaves, so the replica's call and its count end with it.
+        async with _closing(
+            self._backends.solve_math_stream(await self._prepared(request), context)
+        ) as messages:
+            async for message in messages:
+                yield message
 
     async def SolveMathStreamEvents(
         self, request: generation_pb2.SolveMathRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in sse.native_sse(self.SolveMathStream(request, context), MAPPING.failure_of):
-            yield event
+        async with _closing(
+            sse.native_sse(self.SolveMathStream(request, context), MAPPING.failure_of)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def SolveCoding(
         self, request: generation_pb2.SolveCodingRequest, context: Context
@@ -127,14 +155,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SolveCodingRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         validation.validate_solve(request, self._limits)
-        async for message in self._backends.solve_coding_stream(await self._prepared(request), context):
-            yield message
+        # Closed at once when the client leaves, so the replica's call and its count end with it.
+        async with _closing(
+            self._backends.solve_coding_stream(await self._prepared(request), context)
+        ) as messages:
+            async for message in messages:
+                yield message
 
     async def SolveCodingStreamEvents(
         self, request: generation_pb2.SolveCodingRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for event in sse.native_sse(self.SolveCodingStream(request, context), MAPPING.failure_of):
-            yield event
+        async with _closing(
+            sse.native_sse(self.SolveCodingStream(request, context), MAPPING.failure_of)
+        ) as events:
+            async for event in events:
+                yield event
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -192,11 +227,24 @@ async def _gather_replicas(
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):
-    def __init__(self, backends: Backends, catalog: ModelCatalog, stats: GatewayStats, address: str) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        catalog: ModelCatalog,
+        stats: GatewayStats,
+        address: str,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._backends = backends
         self._catalog = catalog
         self._stats = stats
         self._address = address
+        self._draining = draining
+        # WatchLoad calls open now: the request metrics count them as running, the load does not.
+        self._watchers = 0
+
+    def _running(self) -> int:
+        return max(0, self._stats.running - self._watchers)
 
     def _own_health(self) -> info_pb2.ComponentHealth:
         return info_pb2.ComponentHealth(
@@ -246,7 +294,7 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
             uptime_seconds=time.time() - self._stats.started,
             requests_total=self._stats.total,
             requests_failed=self._stats.failed,
-            requests_running=self._stats.running,
+            requests_running=self._running(),
             cache_hits=self._backends.cache.hits,
         )
         reply = info_pb2.GetStatsResponse(components=[own])
@@ -271,11 +319,16 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
     async def WatchLoad(
         self, request: info_pb2.WatchLoadRequest, context: Context
     ) -> AsyncIterator[info_pb2.WatchLoadResponse]:
-        """The gateway's own load: the requests it is running, every `min_interval_ms` (100 ms)."""
-        interval = (request.min_interval_ms or WATCH_LOAD_INTERVAL_MS) / 1000
-        while True:
-            yield info_pb2.WatchLoadResponse(running=self._stats.running)
-            await asyncio.sleep(interval)
+        """The gateway's own load (the requests it is running, watches not counted): at once, then on
+        a change, at most every `min_interval_ms` (load_reports' default and floor); ends on drain."""
+        self._watchers += 1
+        try:
+            sample = lambda: info_pb2.WatchLoadResponse(running=self._running())  # noqa: E731
+            async with _closing(load_reports(request, sample, self._draining)) as reports:
+                async for report in reports:
+                    yield report
+        finally:
+            self._watchers -= 1
 
 
 def _openai_error_event(error: GatewayError) -> bytes:
@@ -340,9 +393,10 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
             native = generation_pb2.GenerateStreamRequest(**oai.chat_fields(request, plan, model))
             messages = self._backends.generate_stream(native, context)
         with _openai_names(oai.constraint_source(request, plan.tools)):
-            async for message in messages:
-                for chunk in chunker.feed(message):
-                    yield chunk
+            async with _closing(messages):
+                async for message in messages:
+                    for chunk in chunker.feed(message):
+                        yield chunk
         for chunk in chunker.finish():
             yield chunk
 
@@ -350,11 +404,13 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         self, request: openai_pb2.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async def bodies() -> AsyncIterator[dict[str, Any]]:
-            async for chunk in self.StreamChatCompletion(request, context):
-                yield oai.chat_chunk_json(chunk)
+            async with _closing(self.StreamChatCompletion(request, context)) as chunks:
+                async for chunk in chunks:
+                    yield oai.chat_chunk_json(chunk)
 
-        async for event in _sse_stream(bodies()):
-            yield event
+        async with _closing(_sse_stream(bodies())) as events:
+            async for event in events:
+                yield event
 
     async def _completion_native(
         self, request: openai_pb2.CreateCompletionRequest
@@ -389,9 +445,10 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         for number, (prompt, one) in enumerate(zip(prompts, fields, strict=True)):
             native = generation_pb2.GenerateStreamRequest(**one)
             with _openai_names(oai.constraint_source(request)):
-                async for message in self._backends.generate_stream(native, context):
-                    for chunk in chunker.feed(message, prompt, number * per_prompt):
-                        yield chunk
+                async with _closing(self._backends.generate_stream(native, context)) as messages:
+                    async for message in messages:
+                        for chunk in chunker.feed(message, prompt, number * per_prompt):
+                            yield chunk
         for chunk in chunker.finish():
             yield chunk
 
@@ -399,11 +456,13 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         self, request: openai_pb2.CreateCompletionRequest, context: Context
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         async def bodies() -> AsyncIterator[dict[str, Any]]:
-            async for chunk in self.StreamCompletion(request, context):
-                yield oai.completion_chunk_json(chunk)
+            async with _closing(self.StreamCompletion(request, context)) as chunks:
+                async for chunk in chunks:
+                    yield oai.completion_chunk_json(chunk)
 
-        async for event in _sse_stream(bodies()):
-            yield event
+        async with _closing(_sse_stream(bodies())) as events:
+            async for event in events:
+                yield event
 
     async def CreateEmbedding(
         self, request: openai_pb2.CreateEmbeddingRequest, context: Context

@@ -55,6 +55,10 @@ class FakeReplica:
         self.health: asyncio.Queue[int] = asyncio.Queue()
         self.hold = asyncio.Event()  # set: calls return at once; clear: they wait for it
         self.hold.set()
+        self.list_delay = 0.0  # how long ListServedModels takes
+        self.listed = 0  # ListServedModels calls
+        self.timeouts: list[float | None] = []  # the timeout of each call but ListServedModels
+        self.closes: list[float | None] = []  # the grace of each close
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return grpc.ChannelConnectivity.READY
@@ -63,14 +67,17 @@ class FakeReplica:
         return sum(1 for call in self.calls if call.endswith("/" + method))
 
     def unary_unary(self, method: str, response_deserializer: Callable[[bytes], Any], **_: Any) -> Any:
-        async def call(request: Any, **__: Any) -> Any:
+        async def call(request: Any, **options: Any) -> Any:
             if method == LIST_MODELS:
+                self.listed += 1
+                await asyncio.sleep(self.list_delay)
                 if self.models is None:
                     raise error(grpc.StatusCode.UNAVAILABLE)
                 return info_pb2.ListServedModelsResponse(
                     models=[info_pb2.ServedModel(id=name, task="generation") for name in self.models]
                 )
             self.calls.append(method)
+            self.timeouts.append(options.get("timeout"))
             await self.hold.wait()
             if self.fail_with is not None:
                 raise error(self.fail_with)
@@ -109,7 +116,9 @@ class FakeReplica:
         return lambda request, **__: Call()
 
     async def close(self, grace: float | None = None) -> None:
-        pass
+        self.closes.append(grace)
+        if grace:
+            await asyncio.sleep(grace)
 
 
 class FakeContext:
@@ -197,6 +206,7 @@ async def test_each_request_goes_only_to_a_replica_of_its_model(stack: Stack) ->
 
 async def test_the_model_list_is_the_union_with_replica_counts(stack: Stack) -> None:
     stack.serve(g1_1=["model-a"], g2_2=["model-a", "model-b"])
+    await stack.generator.refresh_models()
     models = await within(stack.catalog.models("generation"))
     assert [(model.id, model.replicas) for model in models] == [("model-a", 2), ("model-b", 1)]
     assert set(await stack.generate_on("model-a")) == {"g1:1", "g2:2"}
@@ -204,6 +214,7 @@ async def test_the_model_list_is_the_union_with_replica_counts(stack: Stack) -> 
 
 async def test_an_unknown_model_is_not_found_naming_the_models_served(stack: Stack) -> None:
     stack.serve(g1_1=["model-a"], g2_2=["model-b"])
+    await stack.generator.refresh_models()
     with pytest.raises(GatewayError) as refused:
         await within(stack.catalog.resolve("generation", "model-c"))
     assert refused.value.code == grpc.StatusCode.NOT_FOUND

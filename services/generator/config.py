@@ -101,8 +101,9 @@ class GeneratorConfig:
         default=256,
         metadata={
             "help": "chunked prefill: most tokens one scheduler step computes, the running rows' "
-            "next tokens first and prompt chunks in the rest, so a long prompt is prefilled over "
-            "several steps (0: each new prompt whole in one step; gguf backend only)"
+            "next tokens first and prompt chunks in the rest (at least a quarter of it, however "
+            "many rows run), so a long prompt is prefilled over several steps (0: each new prompt "
+            "whole in one step; gguf backend only)"
         },
     )
     max_model_len: int = field(
@@ -152,11 +153,11 @@ class GeneratorConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_step_tokens < 0 or 0 < self.max_step_tokens <= self.max_running_sequences:
+        if self.max_step_tokens < 0:
+            # Any positive budget works with any --max-running-sequences: a step keeps at least a
+            # quarter of it for prompts (engine.prompt_budget), and torch/onnx ignore it.
             raise ValueError(
-                f"--max-step-tokens must be 0 (whole prompts) or more than --max-running-sequences "
-                f"({self.max_running_sequences}): the running rows' tokens come first in a step, "
-                f"not {self.max_step_tokens}"
+                f"--max-step-tokens must be 0 (whole prompts) or positive, not {self.max_step_tokens}"
             )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must not exceed --max-new-tokens-limit")

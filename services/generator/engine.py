@@ -47,6 +47,15 @@ PROMPT_CONTEXT_IDS = 4
 # A new prompt sharing this many more tokens with a prompt still being prefilled than with the prefix
 # cache waits for that prompt to finish (and be cached) rather than compute the shared part again.
 SHARED_WITH_FILLING = 16
+# The share of --max-step-tokens a step always keeps for prompt chunks, however many rows decode,
+# so that prompts still progress when the running rows alone fill (or pass) the budget.
+MIN_PROMPT_SHARE = 4
+
+
+def prompt_budget(max_step_tokens: int, running_rows: int) -> int:
+    """The prompt tokens one step may compute: what the running rows leave of `max_step_tokens`,
+    but at least a quarter of it (and at least 1)."""
+    return max(1, max_step_tokens // MIN_PROMPT_SHARE, max_step_tokens - running_rows)
 
 
 def template_has_tools(tokenizer: Any) -> bool:
@@ -666,8 +675,10 @@ class Engine:
                     events = await loop.run_in_executor(self._executor, self._step, joiners)
             except Exception as error:  # a failed step must not take the server down with it
                 log.exception("generation step failed")
-                filling = [entry.request for entry in self._filling]
-                self._fail_all(error, [*joiners, *([beam] if beam else []), *filling])
+                # Every admitted request was in this step: in the batch, being prefilled, or just
+                # done with its prompt (no longer in _filling, not yet merged into the batch).
+                admitted = [r for r in self._active if r.admitted_at]
+                self._fail_all(error, [*joiners, *([beam] if beam else []), *admitted])
                 continue
             elapsed = time.monotonic() - started
             self._step_time_ema = (
@@ -682,7 +693,9 @@ class Engine:
             self.stats.running = rows
             metrics.RUNNING.set(rows)
             self._dispatch(events)
-            for request in joiners:
+            # Not only this step's joiners: a chunked prompt taken in an earlier step fails when
+            # its prefill ends (its prompt logprobs pass), and must end and free its share too.
+            for request in [r for r in self._active if r.failure is not None]:
                 if request.failure is not None:
                     self.stats.requests_failed += 1
                     request._queue.put_nowait(RuntimeError(f"generation failed: {request.failure}"))
@@ -891,7 +904,7 @@ class Engine:
         if any(entry.request.cancelled for entry in self._filling):
             # A cancelled prompt's rows are freed at once: a long one may hold much memory.
             self._compact_filling([e for e in self._filling if not e.request.cancelled], force=True)
-        budget = max(1, self.limits.max_step_tokens - len(self._batch.rows))
+        budget = prompt_budget(self.limits.max_step_tokens, len(self._batch.rows))
         planned: list[tuple[_Filling, int]] = []
         opening: list[_Filling] = []
         for entry in self._filling:
@@ -905,7 +918,9 @@ class Engine:
                     for other in self._filling
                     if other is not entry and (other.row >= 0 or other in opening)
                 ):
-                    break  # FIFO: the prompts after it wait as well
+                    # It waits for that prompt to be cached; unrelated prompts behind it use the
+                    # budget meanwhile (in arrival order), and it goes first once it can.
+                    continue
                 entry.done = cached or 0
                 opening.append(entry)
             count = min(budget, len(prompt) - entry.done)

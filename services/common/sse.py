@@ -79,14 +79,33 @@ class _Queue:
         return taken
 
 
-async def _read_into(queue: _Queue, chunks: AsyncIterator[dict[str, Any]]) -> None:
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Closes `iterator` (when it can be) on leaving, so a suspended backend generator runs its
+    finally now rather than when the garbage collector finds it."""
     try:
-        async for body in chunks:
-            await queue.put(sse_event(body))
+        yield
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _read_into(queue: _Queue, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    failure: BaseException | None = None
+    try:
+        async with _closing(chunks):
+            async for body in chunks:
+                await queue.put(sse_event(body))
     except Exception as raised:  # handed to the writer, which decides in band or status
-        queue.end(raised)
-    else:
-        queue.end(None)
+        failure = raised
+    except BaseException as raised:
+        # A backend's own CancelledError (grpc.aio raises it for a call cancelled here, as when a
+        # channel closes) must end the stream too, or the writer would wait for ever.
+        failure = raised
+        raise
+    finally:
+        queue.end(failure)
 
 
 async def sse_stream(
@@ -100,6 +119,15 @@ async def sse_stream(
     queue = _Queue()
     # A task of its own keeps reading the backend while a write waits on the client.
     reader = asyncio.create_task(_read_into(queue, chunks))
+    # grpc may end the call's task while this generator waits at a yield (a cancel during a send),
+    # leaving it unclosed: the reader must not outlive the call, or the backend runs on unread.
+    owner = asyncio.current_task()
+
+    def stop_reader(_owner: Any) -> None:
+        reader.cancel()
+
+    if owner is not None:
+        owner.add_done_callback(stop_reader)
     try:
         while True:
             data = await queue.take()
@@ -110,7 +138,9 @@ async def sse_stream(
             if queue.failure is None:
                 yield http_body(data + DONE_EVENT)
                 return
-            error = failure_of(queue.failure)
+            # Only an Exception may become an error event: a CancelledError ends the call as it
+            # did before the reader had a task of its own.
+            error = failure_of(queue.failure) if isinstance(queue.failure, Exception) else None
             if error is None or not queue.produced:
                 if data:
                     yield http_body(data)
@@ -118,6 +148,8 @@ async def sse_stream(
             yield http_body(data + error_event(error))
             return
     finally:
+        if owner is not None:
+            owner.remove_done_callback(stop_reader)
         if not reader.done():
             # The client went away (or the call was cancelled): stop reading, which cancels the
             # backend call and frees what it holds.
@@ -268,8 +300,9 @@ async def native_sse(
     finish reason and usage), then [DONE]."""
 
     async def bodies() -> AsyncIterator[dict[str, Any]]:
-        async for message in messages:
-            yield native_event_json(message)
+        async with _closing(messages):
+            async for message in messages:
+                yield native_event_json(message)
 
     # Closed with this generator, so that a client that leaves stops the backend call at once.
     async with contextlib.aclosing(sse_stream(bodies(), failure_of, native_error_event)) as events:

@@ -167,6 +167,92 @@ async def test_a_client_that_never_reads_holds_a_bounded_queue(monkeypatch: pyte
     assert payloads[-1] == "[DONE]"
 
 
+async def test_a_backend_cancelled_error_ends_the_stream_as_the_calls_cancellation() -> None:
+    # grpc.aio raises CancelledError from a call cancelled on this side (Channel.close at replica
+    # retirement): the stream must end with it, after what was queued, instead of waiting for ever.
+    async def cancelled_backend() -> AsyncIterator[Message]:
+        for number in range(3):
+            yield token(number)
+        raise asyncio.CancelledError
+
+    bodies: list[bytes] = []
+
+    async def handler() -> None:
+        async for body in sse.native_sse(cancelled_backend(), failure_of):
+            bodies.append(body.data)
+
+    task = asyncio.create_task(handler())
+    await asyncio.wait({task}, timeout=5)
+    assert task.done(), "the stream hung after the backend raised CancelledError"
+    assert task.cancelled()  # no error event, no [DONE]: the call is cancelled, as before
+    assert [json.loads(item)["token"]["id"] for item in data_lines(bodies)] == [0, 1, 2]
+
+
+async def test_a_backend_cancelled_error_before_any_event_ends_the_stream() -> None:
+    async def cancelled_backend() -> AsyncIterator[Message]:
+        raise asyncio.CancelledError
+        yield token(0)  # pragma: no cover - makes this an async generator
+
+    async def handler() -> None:
+        async for _ in sse.native_sse(cancelled_backend(), failure_of):
+            pass  # pragma: no cover - nothing is sent
+
+    task = asyncio.create_task(handler())
+    await asyncio.wait({task}, timeout=5)
+    assert task.done() and task.cancelled()
+
+
+async def backend_at_the_bound(blocked: asyncio.Event, closed: asyncio.Event) -> AsyncIterator[Message]:
+    """A stream that the reader outruns; records being closed, as a gRPC call to the generator is."""
+    try:
+        for number in range(10_000):
+            if number == 50:
+                blocked.set()
+            yield token(number)
+    finally:
+        closed.set()
+
+
+async def test_a_client_that_leaves_while_the_reader_waits_at_the_bound_closes_the_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sse, "MAX_QUEUED_BYTES", 2000)
+    blocked, closed = asyncio.Event(), asyncio.Event()
+    stream = sse.native_sse(backend_at_the_bound(blocked, closed), failure_of)
+    await anext(stream)
+    await asyncio.sleep(0.05)  # the reader fills the queue and waits at the bound, not the backend
+    assert not blocked.is_set() or not closed.is_set()
+    await stream.aclose()  # grpc closes the handler's generator when the client goes away
+    assert closed.is_set(), "the backend generator was left for the garbage collector"
+
+
+async def test_a_cancelled_call_while_the_reader_waits_at_the_bound_closes_the_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sse, "MAX_QUEUED_BYTES", 2000)
+    blocked, closed = asyncio.Event(), asyncio.Event()
+    first = asyncio.Event()
+    never = asyncio.Event()
+
+    # Held here, as grpc may hold the handler's generator, so no finalizer closes it for us.
+    stream = sse.native_sse(backend_at_the_bound(blocked, closed), failure_of)
+
+    async def handler() -> None:
+        async for _ in stream:
+            first.set()
+            await never.wait()  # a client that stops reading
+
+    task = asyncio.create_task(handler())
+    await asyncio.wait_for(first.wait(), timeout=5)
+    await asyncio.sleep(0.05)  # the reader waits at the bound
+    assert not closed.is_set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The stream's generator waits unclosed at a yield: the reader ends with the call's task.
+    await asyncio.wait_for(closed.wait(), timeout=5)
+
+
 # --- the fast printer against json_format -------------------------------------------------------
 
 texts = st.text(max_size=12)

@@ -6,21 +6,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Any
+import threading
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import pytest
 from inference.v1 import embedding_pb2_grpc
 
+from services.embedder.batcher import DynamicBatcher
+from services.embedder.exceptions import ModelUnavailable
+from services.embedder.models import PROBE_SHORT_TOKENS, EmbeddingModel
 from services.embedder.precision import (
+    PROBE_TEXTS,
     CpuTraits,
     PrecisionError,
     choose_precision,
     cpu_traits,
 )
+from services.embedder.spec import ModelSpec
 from tests.embedder_texts import varied_texts
-from tests.fixtures_embedder import embed_request, start_embedder
+from tests.fixtures_embedder import default_embedding_folder, embed_request, start_embedder
 
 MIN_COSINE = 0.999
 TEXTS = varied_texts(500)
@@ -108,3 +116,65 @@ def test_the_choice_follows_the_cpu_and_the_flags() -> None:
         with pytest.raises(PrecisionError, match="--precision bf16") as raised:
             choose_precision("bf16", device, backend, dtype, cpu)
         assert message in str(raised.value)
+
+
+class _NanInBf16(EmbeddingModel):
+    """The real model, except that its bf16 forward passes come out NaN (a broken bf16 kernel)."""
+
+    def _forward(self, batch: Sequence[Sequence[int]], bf16: bool) -> npt.NDArray[np.float32]:
+        vectors = super()._forward(batch, bf16)
+        return np.full_like(vectors, np.nan) if bf16 else vectors
+
+
+def _spec(verify: bool) -> ModelSpec:
+    folder = str(default_embedding_folder())
+    return ModelSpec("probe", folder, "cpu", "float32", precision="bf16", verify_precision=verify)
+
+
+class _Recording(EmbeddingModel):
+    """The real model, noting each forward pass's thread and sequence lengths."""
+
+    seen: ClassVar[list[tuple[str, list[int]]]] = []
+
+    def _forward(self, batch: Sequence[Sequence[int]], bf16: bool) -> npt.NDArray[np.float32]:
+        self.seen.append((threading.current_thread().name, [len(ids) for ids in batch]))
+        return super()._forward(batch, bf16)
+
+
+def test_probe_runs_on_the_model_thread_with_the_long_text_alone(embedding_reference_model: Any) -> None:
+    batcher = DynamicBatcher(max_batch_size=8, max_batch_tokens=4096, max_wait_s=0.0)
+    _Recording.seen.clear()
+    try:
+        model = _Recording(_spec(True), embedding_reference_model, batcher.run_on_model_thread)
+    finally:
+        batcher._executor.shutdown(wait=True)
+    seen = _Recording.seen
+    assert model.probe_cosine is not None and model.probe_cosine >= MIN_COSINE
+    assert model.precision == "bf16" and model.served_dtype == "float32 (bf16 autocast)"
+    assert {name.split("_")[0] for name, _ in seen} == {"embedder-model"}, seen
+    assert sum(len(lengths) for _, lengths in seen) == 2 * len(PROBE_TEXTS)
+    assert any(len(lengths) == 1 and lengths[0] > PROBE_SHORT_TOKENS for _, lengths in seen), seen
+    for _, lengths in seen:
+        assert len(lengths) == 1 or max(lengths) <= PROBE_SHORT_TOKENS, seen
+
+
+def test_explicit_bf16_is_not_probed_and_refuses_non_finite_vectors(
+    embedding_reference_model: Any,
+) -> None:
+    model = _NanInBf16(_spec(False), embedding_reference_model)
+    assert model.probe_cosine is None and model.precision == "bf16"
+    with pytest.raises(ModelUnavailable, match="non-finite vectors in bf16; serve it with --precision fp32"):
+        model.embed(model.tokenize(["hello"]))
+
+
+def test_auto_serves_fp32_where_the_probe_is_non_finite_or_fails(embedding_reference_model: Any) -> None:
+    nan = _NanInBf16(_spec(True), embedding_reference_model)
+    assert nan.precision == "fp32" and nan.served_dtype == "float32"
+    assert np.isfinite(nan.embed(nan.tokenize(["hello"]))).all()
+
+    def broken(forward: Any) -> npt.NDArray[np.float32]:
+        raise RuntimeError("no model thread")
+
+    failed = EmbeddingModel(_spec(True), embedding_reference_model, broken)
+    assert failed.precision == "fp32" and failed.probe_cosine is None
+    assert failed.probe_failure is not None and "RuntimeError: no model thread" in failed.probe_failure

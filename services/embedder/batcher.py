@@ -107,6 +107,11 @@ class DynamicBatcher:
         self.queued_inputs = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def run_on_model_thread(self, forward: Callable[[], Vectors]) -> Vectors:
+        """Run `forward` on the model thread and wait for it (blocking: call it from another thread),
+        so work outside batches, like a load's bf16 probe, does not compete with serving."""
+        return self._executor.submit(forward).result()
+
     async def submit(self, model: EmbeddingModel, sequences: Sequence[Sequence[int]]) -> Vectors:
         """Raw embeddings of `sequences`, in order; cancelling the caller drops its queued inputs."""
         loop = asyncio.get_running_loop()

@@ -69,7 +69,8 @@ class EmbedderConfig:
         metadata={
             "help": "What the torch backend computes in: bf16 runs float32 weights under bf16 autocast "
             "(CPUs with AVX512-BF16 or AMX only); auto picks bf16 on such CPUs, checked against fp32 "
-            "on probe texts when each model loads, and fp32 elsewhere."
+            "on probe texts when each model loads (fp32 where they stray or the check fails), and fp32 "
+            "elsewhere; an explicit bf16 is not checked. Non-finite vectors are never served."
         },
     )
     onnx_dir: str = field(

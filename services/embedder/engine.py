@@ -25,6 +25,7 @@ from services.embedder.exceptions import EmbedderError, InvalidInput, Overloaded
 from services.embedder.inputs import ParsedInput, parse_input
 from services.embedder.models import EmbeddingModel, packaged_default_model, resolve_device
 from services.embedder.precision import PROBE_TEXTS, choose_precision, cpu_traits
+from services.embedder.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class EmbeddingEngine:
         )
         self.cache = ModelCache(
             settings,
+            loader=self._load_model,
             events=CacheEvents(
                 on_hit=lambda name: metrics.CACHE_HITS.labels(name).inc(),
                 on_miss=lambda name: metrics.CACHE_MISSES.labels(name).inc(),
@@ -139,8 +141,21 @@ class EmbeddingEngine:
         if self.config.preload_models:
             self.cache.preload(self.config.preload_models)
 
+    def _load_model(self, spec: ModelSpec) -> EmbeddingModel:
+        """Load in the calling thread; the bf16 probe's forward passes run on the batcher's model thread."""
+        return EmbeddingModel.load(spec, run=self.batcher.run_on_model_thread)
+
     def _log_precision(self, model: EmbeddingModel) -> None:
         choice = self.precision
+        if model.probe_failure is not None:
+            log.warning(
+                "precision %s, not %s (%s): %s",
+                model.precision,
+                choice.precision,
+                choice.reason,
+                model.probe_failure,
+            )
+            return
         if model.probe_cosine is None:
             log.info("precision %s: %s", model.precision, choice.reason)
             return

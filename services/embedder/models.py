@@ -3,10 +3,11 @@ Normalize module is skipped: normalization is a request option, applied after `d
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.embedder.exceptions import InvalidInput
+from services.embedder.exceptions import InvalidInput, ModelUnavailable
 from services.embedder.onnx_backend import OnnxTransformer
 from services.embedder.precision import MIN_COSINE, PROBE_TEXTS
 from services.embedder.spec import ModelSpec
@@ -22,6 +23,12 @@ from services.embedder.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Runs one forward pass where serving runs them (the batcher's model thread) and returns its result.
+ForwardRunner = Callable[[Callable[[], npt.NDArray[np.float32]]], npt.NDArray[np.float32]]
+
+# Probe texts longer than this (in tokens) are embedded alone, so they do not pad the short ones.
+PROBE_SHORT_TOKENS = 64
 
 
 def packaged_default_model() -> str:
@@ -45,7 +52,7 @@ def resolve_device(requested: str) -> str:
 class EmbeddingModel:
     """A sentence-transformers model with its tokenizer, ready for batches of token ids."""
 
-    def __init__(self, spec: ModelSpec, st_model: Any) -> None:
+    def __init__(self, spec: ModelSpec, st_model: Any, run: ForwardRunner | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self._st = st_model
@@ -80,24 +87,39 @@ class EmbeddingModel:
             self._st = None
         self._modules = modules
         self.precision = spec.precision
-        # The least cosine between this model's bf16 and fp32 vectors of PROBE_TEXTS; None in fp32.
+        # The least cosine between this model's bf16 and fp32 vectors of PROBE_TEXTS; None unprobed.
         self.probe_cosine: float | None = None
-        if self.precision == "bf16":
-            self._check_bf16()
+        # Why a verified bf16 model serves fp32 without a measured cosine (the probe failed).
+        self.probe_failure: str | None = None
+        # An explicit --precision bf16 is not verified, so it is not probed either.
+        if self.precision == "bf16" and spec.verify_precision:
+            try:
+                self._check_bf16(run or (lambda forward: forward()))
+            except Exception as error:
+                self.precision = "fp32"
+                self.probe_failure = f"the bf16 probe failed ({type(error).__name__}: {error})"
+                log.warning("%s serves fp32: %s", self.name, self.probe_failure)
         self.loaded_at = time.time()
 
-    def _check_bf16(self) -> None:
-        """Measure bf16 against fp32 on the probe texts; serve fp32 where they stray and the spec asks."""
-        batch = [self.fit(ids, True, "") for ids in self.tokenize(PROBE_TEXTS)]
-        reduced = self.embed(batch)
-        self.precision = "fp32"
-        full = self.embed(batch)
+    def _probe_batches(self) -> list[list[list[int]]]:
+        """PROBE_TEXTS as token ids: the short ones in one batch, each long one alone."""
+        ids = [self.fit(tokens, True, "") for tokens in self.tokenize(PROBE_TEXTS)]
+        short = [tokens for tokens in ids if len(tokens) <= PROBE_SHORT_TOKENS]
+        batches = [[tokens] for tokens in ids if len(tokens) > PROBE_SHORT_TOKENS]
+        return ([short] if short else []) + batches
+
+    def _check_bf16(self, run: ForwardRunner) -> None:
+        """Measure bf16 against fp32 on the probe texts; serve fp32 where they stray or are not finite."""
+        batches = self._probe_batches()
+        reduced = np.concatenate([run(functools.partial(self._forward, batch, True)) for batch in batches])
+        full = np.concatenate([run(functools.partial(self._forward, batch, False)) for batch in batches])
         unit = full / np.maximum(np.linalg.norm(full, axis=1, keepdims=True), 1e-12)
         near = reduced / np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
         self.probe_cosine = float((unit * near).sum(axis=1).min())
-        if self.probe_cosine >= MIN_COSINE or not self.spec.verify_precision:
-            self.precision = "bf16"
+        # NaN compares false, so a non-finite probe serves fp32 too.
+        if self.probe_cosine >= MIN_COSINE:
             return
+        self.precision = "fp32"
         log.warning(
             "%s serves fp32: its bf16 vectors reach cosine %.5f to fp32 on the probe texts, under %s",
             self.name,
@@ -106,15 +128,16 @@ class EmbeddingModel:
         )
 
     @classmethod
-    def load(cls, spec: ModelSpec) -> EmbeddingModel:
-        """Load from a folder or a locally cached hub id (blocking: run it off the event loop)."""
+    def load(cls, spec: ModelSpec, run: ForwardRunner | None = None) -> EmbeddingModel:
+        """Load from a folder or a locally cached hub id (blocking: run it off the event loop);
+        `run` runs the bf16 probe's forward passes (in the calling thread where None)."""
         from sentence_transformers import SentenceTransformer
 
         st_model = SentenceTransformer(spec.source, device=spec.device)
         st_model.eval()
         if spec.dtype != "float32":
             st_model.to(DTYPES[spec.dtype])
-        return cls(spec, st_model)
+        return cls(spec, st_model, run)
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT)."""
@@ -132,6 +155,11 @@ class EmbeddingModel:
     @property
     def dtype(self) -> str:
         return self.spec.dtype
+
+    @property
+    def served_dtype(self) -> str:
+        """The weights' dtype and, where the matmuls run in bf16, that ("float32 (bf16 autocast)")."""
+        return f"{self.spec.dtype} (bf16 autocast)" if self.precision == "bf16" else self.spec.dtype
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with special tokens and without truncation (the caller checks the length)."""
@@ -177,7 +205,19 @@ class EmbeddingModel:
         return self._prefix + body[: limit - head - tail] + self._suffix
 
     def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        """Raw (unnormalized) sentence embeddings of token-id sequences, one row per sequence."""
+        """Raw (unnormalized) sentence embeddings of token-id sequences, one row per sequence;
+        raises ModelUnavailable rather than serve a non-finite vector."""
+        vectors = self._forward(batch, self.precision == "bf16")
+        if not np.isfinite(vectors).all():
+            raise ModelUnavailable(
+                self.name,
+                f"it computed non-finite vectors in {self.precision}"
+                + ("; serve it with --precision fp32" if self.precision == "bf16" else ""),
+            )
+        return vectors
+
+    def _forward(self, batch: Sequence[Sequence[int]], bf16: bool) -> npt.NDArray[np.float32]:
+        """One forward pass, under CPU bf16 autocast where `bf16`."""
         longest = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -189,9 +229,9 @@ class EmbeddingModel:
             features["token_type_ids"] = torch.zeros_like(input_ids)
         if self.spec.backend == "torch":
             features = {key: value.to(self.spec.device) for key, value in features.items()}
-        # Autocast keeps the weights in fp32 and runs the matmuls in bf16 (AMX/AVX512-BF16 kernels),
-        # while softmax, layer norms and the pooling sums stay in fp32.
-        bf16 = self.precision == "bf16"
+        # Autocast keeps the weights in fp32 and runs the matmuls in bf16 (AMX/AVX512-BF16 kernels);
+        # CPU autocast, unlike CUDA's, does not lift layer_norm or softmax to fp32: their outputs are
+        # bf16 too. The pooling multiplies by a float mask, so its sums are fp32.
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for module in self._modules:
                 features = module(features)

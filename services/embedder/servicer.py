@@ -177,7 +177,7 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
                 id=model.name,
                 task="embedding",
                 source=model.spec.source,
-                dtype=model.dtype,
+                dtype=model.served_dtype,
                 device=model.device,
                 max_sequence_length=model.max_seq_length,
                 dimensions=model.dimensions,

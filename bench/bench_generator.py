@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -258,6 +259,41 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return shortest - 1
 
 
+# One decode with llama.cpp's default model parameters, in a process of its own: whether the CPU
+# backend's extra buffer types (weight repacking, AMX tiles on CPUs that report AMX) run here.
+LLAMA_PROBE = """
+import sys
+import llama_cpp as llama
+llama.llama_log_set(log := llama.llama_log_callback(lambda level, text, data: None), None)
+llama.llama_backend_init()
+model = llama.llama_model_load_from_file(sys.argv[1].encode(), llama.llama_model_default_params())
+context = llama.llama_init_from_model(model, llama.llama_context_default_params())
+batch = llama.llama_batch_init(32, 0, 1)
+for i in range(32):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = i + 1, i, 1, 0
+    batch.logits[i] = i == 31
+batch.n_tokens = 32
+sys.exit(llama.llama_decode(context, batch))
+"""
+
+
+def llama_extra_buffers_run(path: Path) -> bool:
+    """Whether llama.cpp decodes with its extra buffer types (the default) on this machine. On
+    some machines that report AMX (a VM here) the AMX matmul faults on its first tile instruction
+    and takes the process down in the first `llama_decode`, while loading the model works."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", LLAMA_PROBE, str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
+
+
 def llama_cpp(
     warm_up: list[list[int]], prompts: dict[int, list[list[int]]], new_tokens: int
 ) -> dict[str, dict[int, float]] | None:
@@ -281,7 +317,12 @@ def llama_cpp(
     threads = os.cpu_count() or 1  # llama-cpp-python's default is half the cores
     llama.llama_backend_init()
     model_params = llama.llama_model_default_params()
-    model = llama.llama_model_load_from_file(str(Path(folder) / gguf).encode(), model_params)
+    path = Path(folder) / gguf
+    if not llama_extra_buffers_run(path):
+        # Plain CPU buffers: no weight repacking, no AMX; the bench then runs instead of crashing.
+        print("llama.cpp: extra buffer types (AMX/repacking) crash here; running without them")
+        model_params.use_extra_bufts = False
+    model = llama.llama_model_load_from_file(str(path).encode(), model_params)
     vocab_size = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
 
     def aggregate(prompts: list[list[int]], share: bool) -> float:

@@ -421,9 +421,12 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
         engine = self._info.engine
         if engine is not None:
             stats = engine.stats
+            # Live, as WatchLoad reports it: a stream holds its first token before the step that
+            # sent it ends, and a prompt being prefilled in chunks is running too.
+            load = engine.load()
             component.requests_failed = stats.requests_failed
-            component.requests_running = stats.running
-            component.requests_waiting = stats.waiting
+            component.requests_running = load.running
+            component.requests_waiting = load.waiting
             component.prompt_tokens_total = stats.prompt_tokens_total
             component.generated_tokens_total = stats.generated_tokens_total
             component.mean_time_to_first_token_seconds = stats.ttft_sum / max(1, stats.ttft_count)

@@ -1129,7 +1129,9 @@ def _raise_when_none_answered(answers: Sequence[tuple[Replica, Message | grpc.ai
 
 
 def _retryable(error: grpc.aio.AioRpcError) -> bool:
-    return error.code() == grpc.StatusCode.UNAVAILABLE
+    """A replica lost or stopping: UNAVAILABLE, or CANCELLED, which a replica's server sends for the
+    calls it drops when it stops (the gateway's own caller cancelling raises CancelledError)."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def _has_status_details(error: grpc.aio.AioRpcError) -> bool:

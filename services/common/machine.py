@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,18 @@ import psutil
 from inference.v1 import info_pb2
 
 MIB = 1024.0 * 1024.0
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (avx2, avx512_vnni, amx_bf16, ...);
+    empty where it cannot be read. Read once per process."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 def device_info(device: str) -> info_pb2.DeviceInfo:

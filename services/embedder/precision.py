@@ -5,8 +5,9 @@ the CPU multiplies bf16 natively, and each model loaded that way is checked agai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
+
+from services.common.machine import cpu_flags
 
 Precision = Literal["fp32", "bf16"]
 
@@ -56,12 +57,9 @@ class PrecisionChoice:
     verify: bool = False
 
 
-def cpu_traits(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuTraits:
-    """This CPU's bf16 instructions from /proc/cpuinfo (none where it cannot be read)."""
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:
-        flags = set()
+def cpu_traits() -> CpuTraits:
+    """This CPU's bf16 instructions (none where its flags cannot be read)."""
+    flags = cpu_flags()
     return CpuTraits(avx512_bf16="avx512_bf16" in flags, amx_bf16="amx_bf16" in flags)
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from services.common.machine import cpu_flags
+
 Backend = Literal["torch", "onnx", "gguf"]
 
 # The architectures whose onnxruntime-genai export the ONNX runner is tested with; an explicit
@@ -226,8 +228,4 @@ def platform_traits() -> PlatformTraits:
 
 def cpu_has_fast_bf16() -> bool:
     """AVX-512 BF16 or AMX make bf16 matmuls faster than fp32; without them bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.machine import usable_cores
+from services.common.machine import cpu_flags, usable_cores
 
 SOURCE = Path(__file__).with_suffix(".c")
 # No -ffast-math: it would let the compiler reorder the sums the kernel keeps in input order.
@@ -85,13 +85,8 @@ class _Model(ctypes.Structure):
     ]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+def _cpu_flags() -> frozenset[str]:
+    return cpu_flags()
 
 
 def _compiler() -> str:

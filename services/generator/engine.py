@@ -311,8 +311,6 @@ class SchedulerStats:
     tps_count: int = 0
     batch_size_sum: int = 0
     steps: int = 0
-    running: int = 0
-    waiting: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -552,7 +550,6 @@ class Engine:
         self._waiting.append(request)
         self._active.add(request)
         self.stats.requests_admitted += 1
-        self.stats.waiting = len(self._waiting)
         metrics.WAITING.set(len(self._waiting))
         self._wake.set()
         return request
@@ -665,7 +662,6 @@ class Engine:
             for request in [*joiners, *([beam] if beam else [])]:
                 request.admitted_at = now
                 metrics.QUEUE_TIME.observe(now - request.submitted_at)
-            self.stats.waiting = len(self._waiting)
             metrics.WAITING.set(len(self._waiting))
             started = time.monotonic()
             try:
@@ -690,7 +686,6 @@ class Engine:
                 metrics.BATCH_SIZE.observe(rows)
                 self.stats.batch_size_sum += rows
                 self.stats.steps += 1
-            self.stats.running = rows
             metrics.RUNNING.set(rows)
             self._dispatch(events)
             # Not only this step's joiners: a chunked prompt taken in an earlier step fails when

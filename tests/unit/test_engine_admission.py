@@ -26,7 +26,7 @@ async def test_a_full_waiting_queue_refuses_with_a_retry_delay(make_engine: Engi
     assert refused.value.reason == "WAITING_QUEUE_FULL"
     assert "2 requests already wait" in str(refused.value)
     assert 0.5 <= refused.value.retry_after <= 30.0
-    assert engine.stats.waiting == 4 and engine.stats.requests_admitted == 4
+    assert engine.load().waiting == 4 and engine.stats.requests_admitted == 4
 
 
 async def test_a_burst_during_the_first_step_fills_the_batch_and_the_queue(
